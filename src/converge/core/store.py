@@ -1,0 +1,164 @@
+"""The ``Store`` contract: an async key-value store with TTLs and atomic put-if-absent."""
+
+from __future__ import annotations
+
+import builtins
+import math
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any, ClassVar
+
+from converge import _sync
+from converge.errors import UsageError
+
+__all__ = ["Store", "validate_key", "validate_prefix", "validate_ttl"]
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a usable store key, else raise.
+
+    Raises:
+        UsageError: If ``key`` is not a non-empty ``str``.
+    """
+    if not isinstance(key, str):
+        raise UsageError(f"store keys must be str, not {type(key).__name__}")
+    if not key:
+        raise UsageError("store keys must not be empty")
+    return key
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is a ``str`` (empty allowed), else raise ``UsageError``."""
+    if not isinstance(prefix, str):
+        raise UsageError(f"list() prefix must be str, not {type(prefix).__name__}")
+    return prefix
+
+
+def validate_ttl(ttl: object) -> float | None:
+    """Return ``ttl`` as seconds (or None) if it is a positive finite number.
+
+    Raises:
+        UsageError: For zero, negative, NaN, infinite or non-numeric values.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise UsageError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise UsageError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+class Store(ABC):
+    """An async key-value store.
+
+    Backends implement the ``a``-prefixed coroutines; the synchronous methods the seed
+    documents (``get``, ``put``, ...) are shims over them (see ``converge._sync``), which a
+    backend may override with a direct call where that is cheaper.
+
+    Values are arbitrary Python objects for pickle-based backends, JSON-compatible values
+    for JSON ones. A key with an expired TTL reads as absent.
+
+    Attributes:
+        atomic_put_if_absent: True when :meth:`aput_if_absent` is atomic.
+        supports_locking: True when the backend can coordinate several processes.
+    """
+
+    atomic_put_if_absent: ClassVar[bool] = False
+    supports_locking: ClassVar[bool] = False
+
+    # -- the async contract ------------------------------------------------------------
+
+    @abstractmethod
+    async def aget(self, key: str) -> Any | None:
+        """Return the value stored under ``key``, or None if absent or expired."""
+
+    @abstractmethod
+    async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``, replacing any previous value.
+
+        Args:
+            key: Non-empty string.
+            value: The value.
+            ttl: Seconds until the key expires; None keeps it until deleted.
+        """
+
+    @abstractmethod
+    async def adelete(self, key: str) -> None:
+        """Delete ``key``; deleting an absent key is not an error."""
+
+    @abstractmethod
+    async def alist(self, prefix: str = "") -> builtins.list[str]:
+        """Return the live keys that start with ``prefix``, sorted."""
+
+    async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent (or expired).
+
+        Returns:
+            True if stored, False if the key existed. This default is not atomic;
+            backends with ``atomic_put_if_absent = True`` override it.
+        """
+        if await self.aget(key) is not None:
+            return False
+        await self.aput(key, value, ttl=ttl)
+        return True
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release the backend's resources. Idempotent."""
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the documented sync surface ---------------------------------------------------
+
+    def _async_name(self, method: str) -> str:
+        return f"{type(self).__name__}.{method}"
+
+    def get(self, key: str) -> Any | None:
+        """Retrieve a value (sync form of :meth:`aget`)."""
+        return _sync.run(self.aget, key, async_name=self._async_name("aget"))
+
+    def put(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store a value (sync form of :meth:`aput`)."""
+        _sync.run(self.aput, key, value, ttl=ttl, async_name=self._async_name("aput"))
+
+    def delete(self, key: str) -> None:
+        """Delete a value (sync form of :meth:`adelete`)."""
+        _sync.run(self.adelete, key, async_name=self._async_name("adelete"))
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """List keys starting with prefix (sync form of :meth:`alist`)."""
+        return _sync.run(self.alist, prefix, async_name=self._async_name("alist"))
+
+    def put_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        """Store value only if key is absent (sync form of :meth:`aput_if_absent`).
+
+        Returns:
+            True if stored, False if key existed.
+        """
+        return _sync.run(
+            self.aput_if_absent, key, value, ttl=ttl, async_name=self._async_name("aput_if_absent")
+        )
+
+    def close(self) -> None:
+        """Release resources (sync form of :meth:`aclose`)."""
+        _sync.run(self.aclose, async_name=self._async_name("aclose"))
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""The Store contract: one suite every backend runs, sync and async, on asyncio and trio.
+
+A backend's test module subclasses :class:`StoreContract` and provides a ``store``
+fixture yielding a fresh, empty store::
+
+    class TestMemoryStore(StoreContract):
+        @pytest.fixture
+        def store(self) -> Iterator[Store]:
+            yield MemoryStore()
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from converge.core.store import Store
+from converge.errors import SyncInEventLoopError, UsageError
+
+pytestmark = pytest.mark.anyio
+
+VALUES: list[Any] = [
+    "text",
+    "ünïcode ✓",
+    0,
+    -17,
+    3.5,
+    True,
+    [1, "two", None],
+    {"nested": {"list": [1, 2, 3], "flag": False}},
+]
+
+TTL_SHORT = 0.3
+TTL_WAIT = 0.8
+
+
+class StoreContract:
+    """Behaviour every :class:`Store` backend must show."""
+
+    # -- async surface -----------------------------------------------------------------
+
+    async def test_get_of_absent_key_is_none(self, store: Store) -> None:
+        assert await store.aget("missing") is None
+
+    @pytest.mark.parametrize("value", VALUES)
+    async def test_put_then_get_round_trips_value(self, store: Store, value: Any) -> None:
+        await store.aput("k", value)
+        assert await store.aget("k") == value
+
+    async def test_put_replaces_previous_value(self, store: Store) -> None:
+        await store.aput("k", "old")
+        await store.aput("k", "new")
+        assert await store.aget("k") == "new"
+
+    async def test_delete_removes_key_and_tolerates_absent(self, store: Store) -> None:
+        await store.aput("k", 1)
+        await store.adelete("k")
+        await store.adelete("k")
+        assert await store.aget("k") is None
+        assert await store.alist() == []
+
+    async def test_list_filters_by_prefix_and_sorts(self, store: Store) -> None:
+        for key in ["b/2", "a/1", "b/1", "bb", "c"]:
+            await store.aput(key, key)
+        assert await store.alist("b/") == ["b/1", "b/2"]
+        assert await store.alist("b") == ["b/1", "b/2", "bb"]
+        assert await store.alist() == ["a/1", "b/1", "b/2", "bb", "c"]
+        assert await store.alist("zzz") == []
+
+    async def test_keys_with_awkward_characters_round_trip(self, store: Store) -> None:
+        keys = ["a/b/../c", "..", "with space", "ünï/ʞ", "x" * 300, "CON", "semi;colon%25"]
+        for i, key in enumerate(keys):
+            await store.aput(key, i)
+        for i, key in enumerate(keys):
+            assert await store.aget(key) == i
+        assert await store.alist() == sorted(keys)
+
+    async def test_put_if_absent_stores_only_once(self, store: Store) -> None:
+        assert await store.aput_if_absent("k", "first") is True
+        assert await store.aput_if_absent("k", "second") is False
+        assert await store.aget("k") == "first"
+
+    async def test_put_if_absent_has_exactly_one_winner_among_tasks(self, store: Store) -> None:
+        wins: list[int] = []
+
+        async def claim(i: int) -> None:
+            if await store.aput_if_absent("claim", i):
+                wins.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(claim, i)
+        assert len(wins) == 1
+        assert await store.aget("claim") == wins[0]
+
+    async def test_ttl_expires_key(self, store: Store) -> None:
+        await store.aput("short", 1, ttl=TTL_SHORT)
+        await store.aput("long", 2, ttl=60)
+        await store.aput("forever", 3)
+        assert await store.aget("short") == 1
+        await anyio.sleep(TTL_WAIT)
+        assert await store.aget("short") is None
+        assert await store.aget("long") == 2
+        assert await store.aget("forever") == 3
+        assert await store.alist() == ["forever", "long"]
+
+    async def test_put_if_absent_succeeds_after_ttl_expiry(self, store: Store) -> None:
+        assert await store.aput_if_absent("k", "a", ttl=TTL_SHORT) is True
+        assert await store.aput_if_absent("k", "b", ttl=TTL_SHORT) is False
+        await anyio.sleep(TTL_WAIT)
+        assert await store.aput_if_absent("k", "c") is True
+        assert await store.aget("k") == "c"
+
+    async def test_put_without_ttl_clears_previous_ttl(self, store: Store) -> None:
+        await store.aput("k", 1, ttl=TTL_SHORT)
+        await store.aput("k", 2)
+        await anyio.sleep(TTL_WAIT)
+        assert await store.aget("k") == 2
+
+    @pytest.mark.parametrize("key", [None, 1, b"bytes", ""])
+    async def test_invalid_key_raises_usage_error(self, store: Store, key: Any) -> None:
+        with pytest.raises(UsageError):
+            await store.aput(key, 1)
+        with pytest.raises(UsageError):
+            await store.aget(key)
+
+    @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "5"])
+    async def test_invalid_ttl_raises_usage_error(self, store: Store, ttl: Any) -> None:
+        with pytest.raises(UsageError):
+            await store.aput("k", 1, ttl=ttl)
+        with pytest.raises(UsageError):
+            await store.aput_if_absent("k", 1, ttl=ttl)
+        assert await store.aget("k") is None
+
+    async def test_async_context_manager_closes(self, store: Store) -> None:
+        async with store as same:
+            await same.aput("k", 1)
+            assert await same.aget("k") == 1
+
+    # -- sync surface ------------------------------------------------------------------
+
+    def test_sync_surface_round_trips(self, store: Store) -> None:
+        store.put("k", {"v": 1})
+        assert store.get("k") == {"v": 1}
+        assert store.put_if_absent("k", 2) is False
+        assert store.put_if_absent("k2", 2) is True
+        assert store.list("k") == ["k", "k2"]
+        store.delete("k")
+        assert store.get("k") is None
+        store.put("t", 1, ttl=60)
+        assert store.get("t") == 1
+
+    def test_sync_surface_from_many_threads(self, store: Store) -> None:
+        errors: list[BaseException] = []
+        wins: list[int] = []
+
+        def work(i: int) -> None:
+            try:
+                store.put(f"t/{i}", i)
+                assert store.get(f"t/{i}") == i
+                if store.put_if_absent("race", i):
+                    wins.append(i)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(wins) == 1
+        assert store.list("t/") == sorted(f"t/{i}" for i in range(8))
+
+    async def test_sync_surface_from_worker_thread(self, store: Store) -> None:
+        def work() -> Any:
+            store.put("w", "from worker")
+            return store.get("w")
+
+        assert await anyio.to_thread.run_sync(work) == "from worker"
+        assert await store.aget("w") == "from worker"
+
+    async def test_sync_call_on_event_loop_never_hangs(self, store: Store) -> None:
+        # In-memory backends may simply do the work; every other backend must refuse
+        # with an error that names the coroutine to await.
+        with anyio.fail_after(5):
+            try:
+                store.put("loop", 1)
+            except SyncInEventLoopError as exc:
+                assert "aput" in str(exc)
+            else:
+                assert await store.aget("loop") == 1
