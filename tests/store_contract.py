@@ -193,3 +193,43 @@ class StoreContract:
                 assert "aput" in str(exc)
             else:
                 assert await store.aget("loop") == 1
+
+    # -- atomic read-modify-write ------------------------------------------------------
+
+    async def test_update_reads_and_writes_several_keys(self, store: Store) -> None:
+        await store.aput("a", 1)
+
+        def move(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            return {"a": None, "b": current["a"] + 1}, "moved"
+
+        assert await store.aupdate(["a", "b"], move) == "moved"
+        assert await store.aget("a") is None
+        assert await store.aget("b") == 2
+
+    async def test_update_is_atomic_among_concurrent_tasks(self, store: Store) -> None:
+        def bump(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+            return {"n": (current["n"] or 0) + 1}, None
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(25):
+                tg.start_soon(store.aupdate, ["n"], bump)
+        assert await store.aget("n") == 25
+
+    async def test_update_rejects_changes_to_unread_keys(self, store: Store) -> None:
+        with pytest.raises(UsageError):
+            await store.aupdate(["a"], lambda cur: ({"other": 1}, None))
+        assert await store.aget("other") is None
+
+    def test_sync_update_from_threads_is_atomic(self, store: Store) -> None:
+        def bump(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+            return {"n": (current["n"] or 0) + 1}, None
+
+        threads = [
+            threading.Thread(target=lambda: [store.update(["n"], bump) for _ in range(5)])
+            for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.get("n") == 20

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -32,12 +32,12 @@ import anyio.from_thread
 import anyio.lowlevel
 import sniffio
 
-from converge.errors import ClosedError, SyncInEventLoopError
-
 # anyio marks its own worker threads with an event-loop token in this thread-local; it is
 # the only way to tell "worker thread of a running loop" from "plain thread" without
 # attempting a call. Read-only use.
 from anyio._core._eventloop import threadlocals as _anyio_threadlocals
+
+from converge.errors import ClosedError, SyncInEventLoopError
 
 __all__ = [
     "LoopLocal",
@@ -82,9 +82,7 @@ def check_sync_allowed(async_name: str) -> None:
         )
 
 
-def run(
-    func: Callable[..., Awaitable[T]], *args: Any, async_name: str, **kwargs: Any
-) -> T:
+def run(func: Callable[..., Awaitable[T]], *args: Any, async_name: str, **kwargs: Any) -> T:
     """Run a coroutine function to completion from synchronous code.
 
     From an anyio worker thread the coroutine runs on that thread's event loop (so it
@@ -108,7 +106,7 @@ def run(
 
 def _as_coroutine(
     func: Callable[..., Awaitable[T]], kwargs: dict[str, Any]
-) -> Callable[..., Any]:
+) -> Callable[..., Coroutine[Any, Any, T]]:
     async def call(*args: Any) -> T:
         return await func(*args, **kwargs)
 
@@ -145,7 +143,8 @@ class Portal:
             ClosedError: After :meth:`close`.
         """
         check_sync_allowed(async_name)
-        return self._get().call(_as_coroutine(func, kwargs), *args)
+        result: T = self._get().call(_as_coroutine(func, kwargs), *args)
+        return result
 
     def _get(self) -> anyio.from_thread.BlockingPortal:
         with self._lock:

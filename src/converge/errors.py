@@ -243,9 +243,7 @@ class ProviderError(LLMError):
         status_code: HTTP status, when the provider answered.
     """
 
-    def __init__(
-        self, message: str, *, provider: str = "", status_code: int | None = None
-    ) -> None:
+    def __init__(self, message: str, *, provider: str = "", status_code: int | None = None) -> None:
         super().__init__(message)
         self.provider = provider
         self.status_code = status_code

@@ -5,13 +5,23 @@ from __future__ import annotations
 import builtins
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+import anyio
 
 from converge import _sync
 from converge.errors import UsageError
 
-__all__ = ["Store", "validate_key", "validate_prefix", "validate_ttl"]
+__all__ = ["Store", "UpdateFn", "check_changes", "validate_key", "validate_prefix", "validate_ttl"]
+
+R = TypeVar("R")
+
+#: ``fn(current) -> (changes, result)`` for :meth:`Store.aupdate`: ``current`` maps each
+#: requested key to its value (None if absent); ``changes`` maps keys to new values
+#: (None deletes); ``result`` is handed back to the caller.
+UpdateFn = Callable[[dict[str, Any | None]], tuple[Mapping[str, Any | None], R]]
 
 
 def validate_key(key: object) -> str:
@@ -49,6 +59,15 @@ def validate_ttl(ttl: object) -> float | None:
     return float(ttl)
 
 
+def check_changes(keys: Sequence[str], changes: Mapping[str, Any]) -> None:
+    """Raise ``UsageError`` unless ``changes`` is a mapping over a subset of ``keys``."""
+    if not isinstance(changes, Mapping):
+        raise UsageError("an update function must return (changes_mapping, result)")
+    stray = set(changes) - set(keys)
+    if stray:
+        raise UsageError(f"update function changed keys it did not read: {sorted(stray)}")
+
+
 class Store(ABC):
     """An async key-value store.
 
@@ -61,11 +80,15 @@ class Store(ABC):
 
     Attributes:
         atomic_put_if_absent: True when :meth:`aput_if_absent` is atomic.
-        supports_locking: True when the backend can coordinate several processes.
+        supports_locking: True when the backend can coordinate several processes:
+            :meth:`aupdate` is then atomic across every process sharing the store
+            (for FileStore, when constructed with ``locking=True``).
     """
 
     atomic_put_if_absent: ClassVar[bool] = False
     supports_locking: ClassVar[bool] = False
+
+    _update_lock: _sync.LoopLocal[anyio.Lock] | None = None
 
     # -- the async contract ------------------------------------------------------------
 
@@ -102,6 +125,47 @@ class Store(ABC):
             return False
         await self.aput(key, value, ttl=ttl)
         return True
+
+    async def aupdate(
+        self,
+        keys: Sequence[str],
+        fn: UpdateFn[R],
+        *,
+        ttl: float | None = None,
+    ) -> R:
+        """Atomically read ``keys``, let ``fn`` compute changes, and write them.
+
+        ``fn`` must be pure and quick: backends may run it in a worker thread, or run it
+        again when an optimistic transaction conflicts. Backends make the read-compute-write
+        atomic against every other writer of the store, across processes when
+        :attr:`supports_locking` is true; this generic fallback only serialises
+        :meth:`aupdate` calls made on one event loop.
+
+        Args:
+            keys: The keys ``fn`` reads; ``fn`` may only change these.
+            fn: ``fn(current) -> (changes, result)``; see :data:`UpdateFn`.
+            ttl: TTL applied to every key written.
+
+        Returns:
+            The ``result`` part of ``fn``'s return value.
+
+        Raises:
+            UsageError: For invalid keys, or when ``fn`` changes a key it did not read.
+        """
+        names = [validate_key(k) for k in keys]
+        validate_ttl(ttl)
+        if self._update_lock is None:
+            self._update_lock = _sync.LoopLocal(anyio.Lock)
+        async with self._update_lock.get():
+            current = {k: await self.aget(k) for k in names}
+            changes, result = fn(current)
+            check_changes(names, changes)
+            for key, value in changes.items():
+                if value is None:
+                    await self.adelete(key)
+                else:
+                    await self.aput(key, value, ttl=ttl)
+        return result
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the backend's resources. Idempotent."""
@@ -147,6 +211,13 @@ class Store(ABC):
         return _sync.run(
             self.aput_if_absent, key, value, ttl=ttl, async_name=self._async_name("aput_if_absent")
         )
+
+    def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
+        """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
+        result: R = _sync.run(
+            self.aupdate, keys, fn, ttl=ttl, async_name=self._async_name("aupdate")
+        )
+        return result
 
     def close(self) -> None:
         """Release resources (sync form of :meth:`aclose`)."""

@@ -1,0 +1,73 @@
+"""The ``Agent`` base class."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from converge import _sync
+from converge.core.identity import Identity
+from converge.errors import UsageError
+
+if TYPE_CHECKING:
+    from converge.core.decisions import Decision
+    from converge.core.message import Message
+    from converge.core.task import Task
+    from converge.core.tools import ToolRegistry
+
+__all__ = ["Agent"]
+
+
+class Agent:
+    """An agent: an identity plus a ``decide`` policy.
+
+    Subclasses override :meth:`adecide` (for policies that do I/O, such as calling a
+    model) or :meth:`decide` (for pure, fast policies); the other form is derived.
+
+    Args:
+        identity: The agent's cryptographic identity.
+        tool_registry: Tools the runtime may invoke on this agent's behalf.
+        name: A readable name; defaults to the identity fingerprint's first 12 hex digits.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        tool_registry: ToolRegistry | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise UsageError("identity must be a converge.core.identity.Identity")
+        self.identity = identity
+        self.tool_registry = tool_registry
+        self.name = name or identity.fingerprint[:12]
+
+    @property
+    def id(self) -> str:
+        """The agent's id on the bus: its identity fingerprint."""
+        return self.identity.fingerprint
+
+    async def adecide(
+        self, messages: list[Message], tasks: list[Task], **kwargs: Any
+    ) -> list[Decision]:
+        """Return the decisions for this batch of messages and tasks.
+
+        The default runs :meth:`decide` (which must then not block).
+        """
+        if type(self).decide is Agent.decide:
+            return []
+        return self.decide(messages, tasks, **kwargs)
+
+    def decide(self, messages: list[Message], tasks: list[Task], **kwargs: Any) -> list[Decision]:
+        """Synchronous form of :meth:`adecide`, for scripts.
+
+        In async code, ``await agent.adecide(...)`` instead.
+        """
+        if type(self).adecide is Agent.adecide:
+            return []
+        return _sync.run(
+            self.adecide, messages, tasks, async_name=f"{type(self).__name__}.adecide", **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
