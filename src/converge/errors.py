@@ -42,7 +42,8 @@ ConvergeError
 ├── RateLimitError
 │   └── RateLimitTimeoutError (TimeoutError)   acquire gave up; carries .retry_after
 ├── RuntimeBusError
-│   └── AgentFailedError                       an agent raised; carries .agent_id
+│   ├── AgentFailedError                       an agent raised; carries .agent_id
+│   └── BusFullError                           a receiver's inbox is full (no-wait publish)
 └── WebhookError
     ├── WebhookSecurityError (ValueError)      inbound request rejected; carries .status
     │   └── DuplicateEventError                replayed event id
@@ -55,6 +56,7 @@ from __future__ import annotations
 __all__ = [
     "AgentFailedError",
     "BudgetExceededError",
+    "BusFullError",
     "ClosedError",
     "ConfigurationError",
     "ConvergeError",
@@ -321,6 +323,10 @@ class AgentFailedError(RuntimeBusError):
     def __init__(self, message: str, *, agent_id: str) -> None:
         super().__init__(message)
         self.agent_id = agent_id
+
+
+class BusFullError(RuntimeBusError):
+    """A publish that may not wait found a receiver's inbox full; nothing was delivered."""
 
 
 # -- webhooks --------------------------------------------------------------------------
