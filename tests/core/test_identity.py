@@ -1,0 +1,69 @@
+"""Identity: Ed25519 keys, fingerprints, encrypted save/load."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from converge.core import Identity
+from converge.errors import IdentityError, UsageError, WrongPasswordError
+
+
+def test_sign_and_verify() -> None:
+    ident = Identity()
+    sig = ident.sign(b"data")
+    assert len(sig) == 64
+    assert ident.verify(b"data", sig)
+    assert not ident.verify(b"other", sig)
+    assert not Identity().verify(b"data", sig)
+    assert not ident.verify(b"data", b"garbage")
+
+
+def test_fingerprint_is_stable_and_unique() -> None:
+    a, b = Identity(), Identity()
+    assert len(a.fingerprint) == 64
+    assert a.fingerprint == a.fingerprint
+    assert a.fingerprint != b.fingerprint
+
+
+def test_save_and_load_round_trip_with_owner_only_file(tmp_path: Path) -> None:
+    ident = Identity()
+    path = tmp_path / "agent.pem"
+    ident.save(path, "s3cret")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert b"ENCRYPTED" in path.read_bytes()
+    loaded = Identity.load(path, "s3cret")
+    assert loaded.fingerprint == ident.fingerprint
+    assert ident.verify(b"x", loaded.sign(b"x"))
+
+
+def test_wrong_password_raises_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.pem"
+    Identity().save(path, "right")
+    with pytest.raises(WrongPasswordError):
+        Identity.load(path, "wrong")
+
+
+def test_damaged_file_raises_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.pem"
+    path.write_bytes(b"not a key at all")
+    with pytest.raises(WrongPasswordError):
+        Identity.load(path, "pw")
+
+
+def test_missing_file_raises_identity_error(tmp_path: Path) -> None:
+    with pytest.raises(IdentityError):
+        Identity.load(tmp_path / "absent.pem", "pw")
+
+
+def test_empty_password_is_refused() -> None:
+    with pytest.raises(UsageError):
+        Identity().to_pem("")
+
+
+def test_non_bytes_to_sign_is_refused() -> None:
+    with pytest.raises(UsageError):
+        Identity().sign("text")  # type: ignore[arg-type]
