@@ -20,7 +20,7 @@ class AsyncAgent(Agent):
     async def adecide(
         self, messages: list[Message], tasks: list[Task], **kwargs: Any
     ) -> list[Decision]:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return [InvokeTool("echo", {"n": len(tasks)})]
 
 
@@ -49,7 +49,8 @@ def test_sync_decide_of_async_agent_from_script() -> None:
 async def test_adecide_of_sync_agent() -> None:
     msg = Message(sender="a")
     [decision] = await SyncAgent(Identity()).adecide([msg, msg], [])
-    assert isinstance(decision, InvokeTool) and decision.params == {"n": 2}
+    assert isinstance(decision, InvokeTool)
+    assert decision.params == {"n": 2}
 
 
 @pytest.mark.anyio

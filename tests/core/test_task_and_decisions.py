@@ -22,7 +22,9 @@ def test_task_moves_through_states_immutably() -> None:
     task = Task(objective="sum", inputs={"a": 1})
     done = task.with_state("completed", result=3)
     assert task.state is TaskState.PENDING
-    assert done.state is TaskState.COMPLETED and done.result == 3 and done.id == task.id
+    assert done.state is TaskState.COMPLETED
+    assert done.result == 3
+    assert done.id == task.id
     assert Task.from_dict(done.to_dict()) == done
 
 

@@ -36,7 +36,7 @@ def search(query: str, limit: int = 5, tags: list[str] | None = None) -> list[st
 @registry.tool(name="convert")
 async def convert_units(value: float, unit: Literal["m", "ft"]) -> float:
     """Convert a length."""
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     return value * 3.28084 if unit == "m" else value / 3.28084
 
 

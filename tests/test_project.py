@@ -1,0 +1,68 @@
+"""Project hygiene: packaging metadata, lint and types."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def all_requirements() -> list[Requirement]:
+    project = PYPROJECT["project"]
+    specs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        specs.extend(extra)
+    return [Requirement(s) for s in specs]
+
+
+def test_compromised_mistralai_release_is_never_admitted() -> None:
+    mistral = [r for r in all_requirements() if r.name == "mistralai"]
+    assert mistral, "the llm extras must depend on mistralai"
+    for req in mistral:
+        assert not req.specifier.contains("2.4.6", prereleases=True), str(req)
+
+
+def test_core_install_stays_light() -> None:
+    names = {Requirement(s).name for s in PYPROJECT["project"]["dependencies"]}
+    assert names <= {"anyio", "cryptography", "httpx", "sniffio"}
+
+
+def test_extras_named_as_documented() -> None:
+    extras = set(PYPROJECT["project"]["optional-dependencies"])
+    assert {
+        "llm",
+        "llm-openai",
+        "llm-anthropic",
+        "llm-mistral",
+        "redis",
+        "server",
+        "trio",
+        "docs",
+        "dev",
+    } <= extras
+
+
+def test_package_is_typed() -> None:
+    assert (ROOT / "src" / "converge" / "py.typed").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ruff", "check", "src", "tests", "benchmarks"],
+        ["mypy", "src"],
+    ],
+    ids=["ruff", "mypy-strict"],
+)
+def test_static_checks_are_clean(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
