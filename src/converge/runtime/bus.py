@@ -1,0 +1,455 @@
+"""The in-process message bus: hooks around publishing, bounded inboxes with backpressure."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from converge.core.hooks import MessageHook
+from converge.core.message import Message, Topic
+from converge.core.metrics import MetricsCollector
+from converge.errors import BusFullError, ClosedError, UsageError
+
+__all__ = ["MessageBus", "Subscription"]
+
+_log = logging.getLogger("converge.runtime")
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_pattern(pattern: object) -> str:
+    if not isinstance(pattern, str):
+        raise UsageError(f"topic patterns are strings, not {type(pattern).__name__}")
+    base = pattern[:-2] if pattern.endswith((".*", ".#")) else pattern
+    try:
+        Topic(base)
+    except UsageError:
+        raise UsageError(
+            f"invalid topic pattern {pattern!r}: a topic name, optionally ending in "
+            "'.*' (one more segment) or '.#' (any further segments)"
+        ) from None
+    return pattern
+
+
+class _Putter:
+    """A publisher waiting for inbox space; a receiver hands its message in."""
+
+    __slots__ = ("done", "event", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.event = anyio.Event()
+        self.done = False
+
+
+class Subscription:
+    """A bounded inbox of messages addressed to a recipient and/or published on topics.
+
+    Created by :meth:`MessageBus.subscribe`. Iterate it (``async for message in sub``),
+    or call :meth:`receive` / :meth:`receive_nowait`. :meth:`close` (or leaving
+    ``async with sub:``) unsubscribes: nothing new arrives, what is already queued can
+    still be received, then iteration ends. Publishers waiting for space in a full inbox
+    are served first come, first served. A subscription belongs to one event loop.
+
+    Attributes:
+        recipient: The recipient id it receives, or None.
+        topics: The topic patterns it receives.
+        inbox_size: How many messages it queues before publishers wait.
+    """
+
+    def __init__(
+        self, bus: MessageBus, recipient: str | None, topics: tuple[str, ...], inbox_size: int
+    ) -> None:
+        self._bus = bus
+        self.recipient = recipient
+        self.topics = topics
+        self.inbox_size = inbox_size
+        self._queue: deque[Message] = deque()
+        self._getters: deque[anyio.Event] = deque()
+        self._putters: deque[_Putter] = deque()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Subscription(recipient={self.recipient!r}, topics={self.topics!r}, "
+            f"queued={len(self._queue)}, closed={self._closed})"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (or the bus closed)."""
+        return self._closed
+
+    def __len__(self) -> int:
+        """Messages queued and not yet received."""
+        return len(self._queue)
+
+    def matches(self, message: Message) -> bool:
+        """True if ``message`` is addressed to this recipient or on one of these topics."""
+        if self.recipient is not None and message.recipient == self.recipient:
+            return True
+        return any(t.matches(p) for t in message.topics for p in self.topics)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def receive_nowait(self) -> Message:
+        """Return the oldest queued message without waiting.
+
+        Raises:
+            anyio.WouldBlock: If the inbox is empty.
+            anyio.EndOfStream: If it is empty and closed.
+        """
+        if self._queue:
+            message = self._queue.popleft()
+            if self._putters:
+                # hand the freed slot to the longest-waiting publisher
+                putter = self._putters.popleft()
+                self._queue.append(putter.message)
+                putter.done = True
+                putter.event.set()
+            return message
+        if self._closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
+
+    async def receive(self) -> Message:
+        """Wait for the next message.
+
+        Raises:
+            anyio.EndOfStream: When the subscription is closed and drained.
+        """
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                pass
+            event = anyio.Event()
+            self._getters.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                try:
+                    self._getters.remove(event)
+                except ValueError:
+                    # woken, then cancelled: pass the wake-up on
+                    self._wake_getter()
+                raise
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    # -- delivering (used by the bus) ---------------------------------------------------
+
+    def _full(self) -> bool:
+        return len(self._queue) >= self.inbox_size
+
+    def _wake_getter(self) -> None:
+        if self._getters and self._queue:
+            self._getters.popleft().set()
+
+    def _put_nowait(self, message: Message) -> bool:
+        if self._closed:
+            return False
+        self._queue.append(message)
+        self._wake_getter()
+        return True
+
+    async def _put(self, message: Message) -> bool:
+        if self._closed:
+            return False
+        if not self._putters and not self._full():
+            return self._put_nowait(message)
+        putter = _Putter(message)
+        self._putters.append(putter)
+        try:
+            await putter.event.wait()
+        except BaseException:
+            if not putter.done:
+                self._putters.remove(putter)
+            raise
+        return putter.done
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unsubscribe. Idempotent; queued messages stay receivable."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bus._remove(self)
+        while self._putters:
+            self._putters.popleft().event.set()  # done stays False: not delivered
+        while self._getters:
+            self._getters.popleft().set()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MessageBus:
+    """An in-process message bus applying :class:`~converge.core.hooks.MessageHook` s.
+
+    Publishing runs every hook's ``apre_send`` in order (a hook returning None drops the
+    message), finds the matching subscriptions, runs every hook's ``apost_receive`` for
+    each receiver (None drops it for that receiver) and queues it in each inbox. A hook
+    that raises gets ``on_error(stage, error, context)`` and the message is dropped (for
+    every receiver at ``"pre_send"``, for that receiver at ``"post_receive"``); the bus
+    keeps working.
+
+    Inboxes are bounded: a publish waits for space (backpressure: a slow consumer slows
+    its senders instead of growing memory), or with ``wait=False`` refuses with
+    :class:`~converge.errors.BusFullError`. The bus belongs to one event loop; it is
+    not thread-safe.
+
+    Metrics (on ``metrics``): ``bus_messages_published_total``,
+    ``bus_messages_delivered_total``, ``bus_messages_dropped_total{stage}``,
+    ``bus_hook_errors_total{stage}``, ``bus_full_total``.
+
+    Args:
+        hooks: Middleware applied to every message, in order.
+        inbox_size: Default capacity of a subscription's inbox.
+        metrics: Where to count; a private collector (``bus.metrics``) when None.
+
+    Raises:
+        UsageError: For a hook that is not a MessageHook or an inbox size below 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        hooks: Sequence[MessageHook] = (),
+        inbox_size: int = 100,
+        metrics: MetricsCollector | None = None,
+    ) -> None:
+        if isinstance(hooks, MessageHook) or not isinstance(hooks, Sequence):
+            raise UsageError("hooks must be a sequence of MessageHook")
+        for hook in hooks:
+            if not isinstance(hook, MessageHook):
+                raise UsageError(f"hooks must be MessageHook instances, not {hook!r}")
+        if metrics is not None and not isinstance(metrics, MetricsCollector):
+            raise UsageError("metrics must be a MetricsCollector or None")
+        self.hooks: tuple[MessageHook, ...] = tuple(hooks)
+        self.inbox_size = _check_size("inbox_size", inbox_size)
+        self.metrics = metrics if metrics is not None else MetricsCollector()
+        # insertion-ordered sets of subscriptions
+        self._by_recipient: dict[str, dict[Subscription, None]] = {}
+        self._by_topic: dict[Subscription, None] = {}
+        self._closed = False
+
+    # -- subscribing -------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        recipient: str | None = None,
+        *,
+        topics: Sequence[str] = (),
+        inbox_size: int | None = None,
+    ) -> Subscription:
+        """Open an inbox for messages addressed to ``recipient`` and/or on ``topics``.
+
+        Args:
+            recipient: A recipient id (``message.recipient``), or None.
+            topics: Topic patterns: a name (``"orders"``), ``"orders.*"`` (one more
+                segment) or ``"orders.#"`` (the name and anything below it).
+            inbox_size: Capacity of this inbox; the bus default when None.
+
+        Raises:
+            UsageError: For neither a recipient nor topics, an empty recipient, an invalid
+                pattern or inbox size.
+            ClosedError: If the bus is closed.
+        """
+        if recipient is not None and (not isinstance(recipient, str) or not recipient):
+            raise UsageError("recipient must be a non-empty string or None")
+        if isinstance(topics, str) or not isinstance(topics, Sequence):
+            raise UsageError("topics must be a sequence of topic patterns, not a string")
+        patterns = tuple(dict.fromkeys(_check_pattern(p) for p in topics))
+        if recipient is None and not patterns:
+            raise UsageError("subscribe to a recipient, to topics, or to both")
+        size = self.inbox_size if inbox_size is None else _check_size("inbox_size", inbox_size)
+        if self._closed:
+            raise ClosedError("the message bus is closed")
+        sub = Subscription(self, recipient, patterns, size)
+        if recipient is not None:
+            self._by_recipient.setdefault(recipient, {})[sub] = None
+        if patterns:
+            self._by_topic[sub] = None
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.recipient is not None:
+            subs = self._by_recipient.get(sub.recipient)
+            if subs is not None:
+                subs.pop(sub, None)
+                if not subs:
+                    del self._by_recipient[sub.recipient]
+        self._by_topic.pop(sub, None)
+
+    def _match(self, message: Message) -> list[Subscription]:
+        found: dict[Subscription, None] = {}
+        if message.recipient is not None:
+            found.update(self._by_recipient.get(message.recipient, {}))
+        if message.topics:
+            for sub in self._by_topic:
+                if sub not in found and sub.matches(message):
+                    found[sub] = None
+        return list(found)
+
+    def has_subscribers(self, message: Message) -> bool:
+        """True if at least one open subscription matches ``message`` (hooks aside)."""
+        if not isinstance(message, Message):
+            raise UsageError(f"expected a converge Message, got {type(message).__name__}")
+        return bool(self._match(message))
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _hook_failed(
+        self, hook: MessageHook, stage: str, error: Exception, context: dict[str, Any]
+    ) -> None:
+        self.metrics.inc("bus_hook_errors_total", labels={"stage": stage})
+        self.metrics.inc("bus_messages_dropped_total", labels={"stage": stage})
+        try:
+            hook.on_error(stage, error, context)
+        except Exception:
+            _log.exception("%r.on_error raised while handling %r", hook, error)
+
+    async def _post_receive(self, message: Message, sub: Subscription) -> Message | None:
+        current: Message | None = message
+        for hook in self.hooks:
+            try:
+                current = await hook.apost_receive(current)  # type: ignore[arg-type]
+                if current is not None and not isinstance(current, Message):
+                    raise UsageError(f"{hook!r}.apost_receive returned {current!r}")
+            except Exception as exc:
+                context = {"message": message, "subscription": sub, "bus": self}
+                self._hook_failed(hook, "post_receive", exc, context)
+                return None
+            if current is None:
+                self.metrics.inc("bus_messages_dropped_total", labels={"stage": "post_receive"})
+                return None
+        return current
+
+    async def publish(self, message: Message, *, wait: bool = True) -> int:
+        """Run the hooks and deliver ``message`` to every matching subscription.
+
+        Args:
+            message: The message.
+            wait: True waits for space in full inboxes (backpressure). False never
+                waits: if any matching inbox is full it raises and delivers to none.
+
+        Returns:
+            How many receivers got the message (0 when a hook dropped it or nobody
+            subscribes).
+
+        Raises:
+            BusFullError: With ``wait=False``, when a matching inbox is full; nothing
+                was delivered.
+            UsageError: For a non-Message or a non-bool ``wait``.
+            ClosedError: If the bus is closed.
+        """
+        if not isinstance(message, Message):
+            raise UsageError(f"expected a converge Message, got {type(message).__name__}")
+        if not isinstance(wait, bool):
+            raise UsageError("wait must be True or False")
+        if self._closed:
+            raise ClosedError("the message bus is closed")
+        await anyio.lowlevel.checkpoint()
+        metrics = self.metrics
+        metrics.inc("bus_messages_published_total")
+        current: Message | None = message
+        for hook in self.hooks:
+            try:
+                current = await hook.apre_send(current)  # type: ignore[arg-type]
+                if current is not None and not isinstance(current, Message):
+                    raise UsageError(f"{hook!r}.apre_send returned {current!r}")
+            except Exception as exc:
+                self._hook_failed(hook, "pre_send", exc, {"message": message, "bus": self})
+                return 0
+            if current is None:
+                metrics.inc("bus_messages_dropped_total", labels={"stage": "pre_send"})
+                return 0
+        assert current is not None
+        targets = self._match(current)
+        if not wait and any(sub._full() for sub in targets):
+            raise self._full_error(current)
+        delivered = 0
+        if wait:
+            for sub in targets:
+                final = await self._post_receive(current, sub) if self.hooks else current
+                if final is not None and await sub._put(final):
+                    delivered += 1
+        else:
+            finals = []
+            for sub in targets:
+                final = await self._post_receive(current, sub) if self.hooks else current
+                if final is not None:
+                    finals.append((sub, final))
+            # no await from this check to the last delivery: all or none
+            if any(sub._full() for sub, _ in finals):
+                raise self._full_error(current)
+            for sub, final in finals:
+                delivered += sub._put_nowait(final)
+        if delivered:
+            metrics.inc("bus_messages_delivered_total", delivered)
+        return delivered
+
+    def _full_error(self, message: Message) -> BusFullError:
+        self.metrics.inc("bus_full_total")
+        return BusFullError(
+            f"an inbox matching message {message.id} is full; nothing was delivered "
+            "(publish with wait=True to wait for space)"
+        )
+
+    # -- closing -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the bus and every subscription (queued messages stay receivable)."""
+        self._closed = True
+        subs = {s: None for group in self._by_recipient.values() for s in group}
+        subs.update(self._by_topic)
+        for sub in subs:
+            sub.close()
+
+    async def aclose(self) -> None:
+        """Async form of :meth:`close`."""
+        self.close()
+
+    async def __aenter__(self) -> MessageBus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
