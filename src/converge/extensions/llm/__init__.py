@@ -1,0 +1,1 @@
+"""LLM extension: provider abstraction and LLM-driven agent."""

@@ -1,0 +1,157 @@
+"""The one place where SDK and transport exceptions become ``converge.errors`` Provider*.
+
+Every provider call site hands its exception to :func:`classify` (through the provider's
+``_classify``); the result says which converge error to raise (always ``from`` the
+original) and whether the retry policy may try again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from converge.errors import (
+    ProviderAuthError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRateLimitError,
+    ProviderResponseError,
+    ProviderTimeoutError,
+)
+from converge.extensions.llm._retry import Failure, parse_retry_after
+
+__all__ = ["bad_response", "classify_mistral", "classify_stainless", "from_status"]
+
+_DETAIL_CAP = 300
+
+
+def _detail(body: Any) -> str:
+    """A short human reason from an error body (JSON dict or text)."""
+    if isinstance(body, str | bytes):
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError):
+            text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+            return text.strip()[:_DETAIL_CAP]
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            message = inner.get("message") or inner.get("detail")
+            if isinstance(message, str):
+                return message[:_DETAIL_CAP]
+        for key in ("message", "detail"):
+            if isinstance(body.get(key), str):
+                return str(body[key])[:_DETAIL_CAP]
+    return ""
+
+
+def from_status(
+    provider: str, status: int, headers: Mapping[str, str], body: Any, now: float
+) -> Failure:
+    """Classify an HTTP error answer.
+
+    Args:
+        provider: Provider name for the error.
+        status: HTTP status code.
+        headers: Response headers (``Retry-After`` is read from them).
+        body: The parsed or raw error body, for the message.
+        now: Epoch seconds, for ``Retry-After`` HTTP dates.
+    """
+    detail = _detail(body)
+    message = f"{provider}: HTTP {status}" + (f": {detail}" if detail else "")
+    retry_after = parse_retry_after(headers, now)
+    if status in (401, 403):
+        hint = " (check the API key and its permissions)"
+        return Failure(ProviderAuthError(message + hint, provider=provider, status_code=status), False)
+    if status == 429:
+        error: ProviderError = ProviderRateLimitError(
+            message, provider=provider, status_code=status, retry_after=retry_after
+        )
+        return Failure(error, True, retry_after)
+    if status == 408:
+        error = ProviderTimeoutError(message, provider=provider, status_code=status)
+        return Failure(error, True, retry_after)
+    retryable = status == 409 or status >= 500
+    error = ProviderResponseError(message, provider=provider, status_code=status)
+    return Failure(error, retryable, retry_after if retryable else None)
+
+
+def bad_response(provider: str, reason: str, status: int | None = 200) -> ProviderResponseError:
+    """The error for a 2xx answer whose body is not what the API promises."""
+    return ProviderResponseError(
+        f"{provider}: malformed response: {reason}", provider=provider, status_code=status
+    )
+
+
+def _transport(exc: Exception, provider: str) -> Failure | None:
+    """Timeouts, connection failures and undecodable bodies, whatever the SDK."""
+    if isinstance(exc, json.JSONDecodeError):
+        return Failure(bad_response(provider, f"body is not JSON ({exc})"), False)
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - every supported SDK depends on httpx2
+        return None
+    if isinstance(exc, httpx2.TimeoutException):
+        error: ProviderError = ProviderTimeoutError(
+            f"{provider}: request timed out ({type(exc).__name__})", provider=provider
+        )
+        return Failure(error, True)
+    if isinstance(exc, httpx2.TransportError):
+        error = ProviderConnectionError(
+            f"{provider}: connection failed: {exc or type(exc).__name__}", provider=provider
+        )
+        return Failure(error, True)
+    return None
+
+
+def classify_stainless(exc: Exception, sdk: ModuleType, provider: str, now: float) -> Failure | None:
+    """Classify an exception from the ``openai`` or ``anthropic`` SDK (same error tree).
+
+    Args:
+        exc: The exception raised by the SDK call.
+        sdk: The imported SDK module (``openai`` or ``anthropic``).
+        provider: Provider name for the error.
+        now: Epoch seconds, for ``Retry-After`` HTTP dates.
+    """
+    if isinstance(exc, sdk.APIStatusError):
+        return from_status(provider, exc.status_code, exc.response.headers, exc.body, now)
+    if isinstance(exc, sdk.APITimeoutError):
+        error: ProviderError = ProviderTimeoutError(
+            f"{provider}: request timed out", provider=provider
+        )
+        return Failure(error, True)
+    if isinstance(exc, sdk.APIConnectionError):
+        cause = exc.__cause__ or exc
+        error = ProviderConnectionError(
+            f"{provider}: connection failed: {cause or type(cause).__name__}", provider=provider
+        )
+        return Failure(error, True)
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return Failure(bad_response(provider, str(exc), exc.status_code), False)
+    if isinstance(exc, sdk.APIError):
+        # e.g. an error event inside an SSE stream
+        return Failure(bad_response(provider, _detail(exc.body) or str(exc), None), False)
+    return _transport(exc, provider)
+
+
+def classify_mistral(exc: Exception, errors: ModuleType, provider: str, now: float) -> Failure | None:
+    """Classify an exception from the ``mistralai`` SDK.
+
+    Args:
+        exc: The exception raised by the SDK call.
+        errors: The SDK's ``mistralai.client.errors`` module.
+        provider: Provider name for the error.
+        now: Epoch seconds, for ``Retry-After`` HTTP dates.
+    """
+    if isinstance(exc, errors.ResponseValidationError):
+        return Failure(bad_response(provider, str(exc)[:_DETAIL_CAP], exc.status_code), False)
+    if isinstance(exc, errors.MistralError):
+        if 200 <= exc.status_code < 300:  # e.g. an unexpected content type
+            return Failure(bad_response(provider, str(exc)[:_DETAIL_CAP], exc.status_code), False)
+        return from_status(provider, exc.status_code, exc.headers, exc.body, now)
+    if isinstance(exc, errors.NoResponseError):
+        error = ProviderConnectionError(f"{provider}: no response received", provider=provider)
+        return Failure(error, True)
+    return _transport(exc, provider)

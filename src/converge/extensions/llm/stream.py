@@ -1,0 +1,92 @@
+""":class:`ChatStream`: the async iterator of text deltas a provider's ``chat_stream`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from types import TracebackType
+
+from converge.extensions.llm.protocol import Usage
+
+__all__ = ["ChatStream"]
+
+
+class ChatStream:
+    """Text deltas of one streaming call, as they arrive.
+
+    Iterate with ``async for``; after the last delta, :attr:`usage` holds the call's token
+    usage (when the provider reported it) and :attr:`text` the whole reply. Use it as an
+    async context manager (or call :meth:`aclose`) to release the connection when
+    stopping early::
+
+        async with provider.chat_stream(messages) as stream:
+            async for delta in stream:
+                print(delta, end="")
+        print(stream.usage)
+
+    Args:
+        source: Builds the delta generator; it receives this stream so it can report usage
+            through :meth:`finish`.
+    """
+
+    def __init__(self, source: Callable[[ChatStream], AsyncGenerator[str, None]]) -> None:
+        self.usage: Usage | None = None
+        self._parts: list[str] = []
+        self._done = False
+        self._on_finish: list[Callable[[Usage], None]] = []
+        self._gen = source(self)
+
+    @property
+    def text(self) -> str:
+        """Every delta received so far, joined."""
+        return "".join(self._parts)
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended (fully read or closed)."""
+        return self._done
+
+    def finish(self, usage: Usage) -> None:
+        """Record the call's usage; called by the provider when the stream ends."""
+        self.usage = usage
+        for callback in self._on_finish:
+            callback(usage)
+
+    def on_finish(self, callback: Callable[[Usage], None]) -> None:
+        """Call ``callback(usage)`` when the provider reports the usage."""
+        self._on_finish.append(callback)
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            delta = await self._gen.__anext__()
+        except BaseException:
+            self._done = True
+            raise
+        self._parts.append(delta)
+        return delta
+
+    async def acollect(self) -> str:
+        """Read the rest of the stream and return the whole reply text."""
+        async for _ in self:
+            pass
+        return self.text
+
+    async def aclose(self) -> None:
+        """Stop the stream early and release its connection (idempotent)."""
+        self._done = True
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
