@@ -1,0 +1,61 @@
+"""Connectors extension: strict webhook ingress, durable egress, gateway and ASGI app.
+
+* Inbound: :class:`WebhookConnector` verifies requests with :class:`WebhookSecurity`
+  for :class:`ProviderProfile` schemes (generic HMAC, Standard Webhooks/Svix, Stripe,
+  GitHub, Slack), deduplicates event ids, and hands events on as messages or tasks.
+* Outbound: actions are persisted in an outbox and delivered by a dispatcher with
+  retries (:class:`WebhookRetryPolicy`), a :class:`CircuitBreaker` per target, and
+  dead letters.
+* Serving: :class:`WebhookGateway` and its ASGI app (:class:`GatewayApp`), or
+  ``converge gateway --config FILE.toml``.
+"""
+
+from __future__ import annotations
+
+from converge.errors import DeliveryError, DuplicateEventError, WebhookSecurityError
+from converge.extensions.connectors.asgi import GatewayApp
+from converge.extensions.connectors.breaker import CircuitBreaker
+from converge.extensions.connectors.connector import (
+    INBOUND_TOPIC,
+    OutboundRequest,
+    OutboundResponse,
+    OutboundSender,
+    WebhookConnector,
+)
+from converge.extensions.connectors.gateway import WebhookGateway
+from converge.extensions.connectors.models import (
+    InboundWebhookEvent,
+    OutboundTarget,
+    OutboundWebhookAction,
+    ProviderProfile,
+    WebhookSecurityPolicy,
+)
+from converge.extensions.connectors.outbox import DeadLetter, OutboxRecord
+from converge.extensions.connectors.retry import WebhookRetryPolicy
+from converge.extensions.connectors.schemes import sign_webhook
+from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
+
+__all__ = [
+    "INBOUND_TOPIC",
+    "CircuitBreaker",
+    "DeadLetter",
+    "DeliveryError",
+    "DuplicateEventError",
+    "GatewayApp",
+    "InboundWebhookEvent",
+    "OutboundRequest",
+    "OutboundResponse",
+    "OutboundSender",
+    "OutboundTarget",
+    "OutboundWebhookAction",
+    "OutboxRecord",
+    "ProviderProfile",
+    "VerifiedWebhook",
+    "WebhookConnector",
+    "WebhookGateway",
+    "WebhookRetryPolicy",
+    "WebhookSecurity",
+    "WebhookSecurityError",
+    "WebhookSecurityPolicy",
+    "sign_webhook",
+]

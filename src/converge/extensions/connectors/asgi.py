@@ -1,0 +1,312 @@
+"""A pure ASGI app for WebhookGateway: ``(scope, receive, send)``, no framework."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from converge.errors import ConfigurationError, WebhookSecurityError
+from converge.extensions.connectors.security import parse_json_object
+
+if TYPE_CHECKING:
+    from converge.extensions.connectors.gateway import WebhookGateway
+
+__all__ = ["GatewayApp"]
+
+_log = logging.getLogger("converge.connectors")
+
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+
+_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds between restarts of a dispatcher that crashed.
+_RESTART_DELAY_SEC = 1.0
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class GatewayApp:
+    """Serves a :class:`~.gateway.WebhookGateway` over ASGI 3.
+
+    Routes:
+
+    * ``POST /webhook/{provider}``: inbound webhooks. The checks that need no body run
+      first; the body is then read as a stream and reading stops past
+      ``max_payload_bytes`` (413).
+    * ``POST /outbound``: queue an outbound action; needs ``Authorization: Bearer
+      <outbound_token>`` and only reaches configured targets.
+    * ``GET /healthz``, ``GET /readyz`` (503 when the store or a required dispatcher is
+      not working), ``GET /metrics`` (Prometheus text).
+
+    Every answer is JSON (``/metrics`` aside). The ASGI lifespan runs the outbound
+    dispatcher (restarted if it ever crashes) when ``run_dispatcher`` is true. Mounted
+    inside another app, whose lifespan does not reach mounted apps, run
+    ``connector.run_outbound_dispatcher()`` from that app's lifespan instead.
+
+    Args:
+        gateway: The gateway to serve.
+        run_dispatcher: Run the outbound dispatcher during the ASGI lifespan.
+        poll_interval_sec: The dispatcher's store rescan interval.
+        client_cert_header: Name of a header set by a TLS-terminating proxy that you
+            trust (e.g. nginx's ``$ssl_client_verify``): a client certificate counts as
+            presented when its value is ``SUCCESS``. Servers that report TLS client
+            certificates through the ASGI ``tls`` extension need no header.
+
+    Raises:
+        ConfigurationError: For invalid arguments.
+    """
+
+    def __init__(
+        self,
+        gateway: WebhookGateway,
+        *,
+        run_dispatcher: bool = True,
+        poll_interval_sec: float = 0.1,
+        client_cert_header: str | None = None,
+    ) -> None:
+        from converge.extensions.connectors.gateway import WebhookGateway
+
+        if not isinstance(gateway, WebhookGateway):
+            raise ConfigurationError("GatewayApp needs a WebhookGateway")
+        if (
+            isinstance(poll_interval_sec, bool)
+            or not isinstance(poll_interval_sec, int | float)
+            or not math.isfinite(poll_interval_sec)
+            or poll_interval_sec <= 0
+        ):
+            raise ConfigurationError("poll_interval_sec must be a positive number")
+        if client_cert_header is not None and (
+            not isinstance(client_cert_header, str) or not client_cert_header
+        ):
+            raise ConfigurationError("client_cert_header must be a header name or None")
+        self.gateway = gateway
+        self.run_dispatcher = bool(run_dispatcher)
+        self.poll_interval_sec = float(poll_interval_sec)
+        self._cert_header = client_cert_header.lower() if client_cert_header else None
+        self._limit = gateway.connector.security.policy.max_payload_bytes
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        """The ASGI 3 entry point."""
+        kind = scope.get("type")
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    # -- lifespan --------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        connector = self.gateway.connector
+        while not connector.closed:
+            try:
+                await connector.run_outbound_dispatcher(poll_interval_sec=self.poll_interval_sec)
+                return
+            except Exception:
+                _log.exception("the outbound dispatcher crashed; restarting")
+                await anyio.sleep(_RESTART_DELAY_SEC)
+
+    async def _lifespan(self, receive: _Receive, send: _Send) -> None:
+        started = False
+        try:
+            message = await receive()
+            if message["type"] != "lifespan.startup":
+                return
+            async with anyio.create_task_group() as tg:
+                if self.run_dispatcher:
+                    tg.start_soon(self._supervise)
+                await self.gateway.acheck_ready()
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+                self.gateway.connector.stop_dispatcher()
+            await send({"type": "lifespan.shutdown.complete"})
+        except Exception as exc:
+            kind = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": kind, "message": type(exc).__name__})
+            raise
+
+    # -- http ------------------------------------------------------------------------
+
+    async def _http(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        started = False
+
+        async def tracked_send(message: _Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._route(scope, receive, tracked_send)
+        except _Disconnected:
+            return
+        except Exception:
+            _log.exception("gateway request failed")
+            if not started:
+                await self._respond(
+                    send,
+                    500,
+                    {"content-type": "application/json"},
+                    _json({"status": "error", "reason": "internal_error"}),
+                )
+
+    async def _route(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        path: str = scope.get("path", "/")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root) and path != root:
+            path = path[len(root) :]
+        method: str = scope.get("method", "GET")
+        if path.startswith("/webhook/"):
+            await self._webhook(path[len("/webhook/") :], method, scope, receive, send)
+            return
+        if path == "/outbound":
+            await self._outbound(method, scope, receive, send)
+            return
+        if path in ("/healthz", "/readyz", "/metrics"):
+            if method not in ("GET", "HEAD"):
+                await self._reply(
+                    send,
+                    405,
+                    {"status": "rejected", "reason": "method_not_allowed"},
+                    {"allow": "GET, HEAD"},
+                )
+                return
+            await self._probe(path, send, head=method == "HEAD")
+            return
+        await self._reply(send, 404, {"status": "rejected", "reason": "not_found"})
+
+    async def _probe(self, path: str, send: _Send, *, head: bool) -> None:
+        gateway = self.gateway
+        if path == "/healthz":
+            status = 200 if gateway.is_healthy() else 503
+            body, ctype = gateway.health_payload(), "application/json"
+        elif path == "/readyz":
+            status = 200 if await gateway.acheck_ready() else 503
+            body, ctype = gateway.ready_payload(), "application/json"
+        else:
+            status, body, ctype = 200, gateway.metrics_payload(), _PROMETHEUS
+        headers = {"content-type": ctype, "cache-control": "no-store"}
+        await self._respond(send, status, headers, b"" if head else body, length=len(body))
+
+    async def _webhook(
+        self, provider: str, method: str, scope: _Scope, receive: _Receive, send: _Send
+    ) -> None:
+        connector = self.gateway.connector
+        headers = self._headers(scope)
+        client = scope.get("client")
+        remote = client[0] if client else None
+        cert = self._client_cert(scope, headers)
+        refusal = connector.precheck_inbound(
+            provider, method=method, headers=headers, remote_addr=remote, client_cert_present=cert
+        )
+        if refusal is not None:
+            await self._respond(send, *refusal)
+            return
+        body = await self._read_body(receive)
+        status, out_headers, data = await connector.accept_inbound_http(
+            provider,
+            method=method,
+            headers=headers,
+            raw_body=body,
+            remote_addr=remote,
+            client_cert_present=cert,
+        )
+        await self._respond(send, status, out_headers, data)
+
+    async def _outbound(self, method: str, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if method != "POST":
+            await self._reply(
+                send, 405, {"status": "rejected", "reason": "method_not_allowed"}, {"allow": "POST"}
+            )
+            return
+        headers = self._headers(scope)
+        refusal = self.gateway.authorize_outbound(headers.get("authorization"))
+        if refusal is not None:
+            status, body = refusal
+            extra = {"www-authenticate": "Bearer"} if status == 401 else {}
+            await self._respond(send, status, {"content-type": "application/json", **extra}, body)
+            return
+        media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            await self._reply(send, 415, {"status": "rejected", "reason": "unsupported_media_type"})
+            return
+        body = await self._read_body(receive)
+        if len(body) > self._limit:
+            await self._reply(send, 413, {"status": "rejected", "reason": "payload_too_large"})
+            return
+        try:
+            payload = parse_json_object(body)
+        except WebhookSecurityError as exc:
+            await self._reply(send, exc.status, {"status": "rejected", "reason": exc.reason})
+            return
+        status, data = await self.gateway.handle_outbound_payload(payload)
+        await self._respond(send, status, {"content-type": "application/json"}, data)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    @staticmethod
+    def _headers(scope: _Scope) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", ()):
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
+
+    def _client_cert(self, scope: _Scope, headers: dict[str, str]) -> bool:
+        tls = (scope.get("extensions") or {}).get("tls") or {}
+        if tls.get("client_cert_chain"):
+            return True
+        if self._cert_header is not None:
+            return headers.get(self._cert_header, "").strip() == "SUCCESS"
+        return False
+
+    async def _read_body(self, receive: _Receive) -> bytes:
+        """Read the body; stop once it is past the limit (the caller answers 413)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._limit or not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reply(
+        self, send: _Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        await self._respond(
+            send, status, {"content-type": "application/json", **(headers or {})}, _json(body)
+        )
+
+    @staticmethod
+    async def _respond(
+        send: _Send,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        length: int | None = None,
+    ) -> None:
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"content-length", str(len(body) if length is None else length).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,315 @@
+"""The outbound dispatcher: an anyio task group draining the outbox."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.lowlevel
+
+from converge.core.metrics import MetricsCollector
+from converge.errors import StoreError, UsageError
+from converge.extensions.connectors.breaker import CircuitBreaker
+from converge.extensions.connectors.outbox import Outbox, OutboxRecord
+from converge.extensions.connectors.retry import Verdict, WebhookRetryPolicy
+from converge.extensions.connectors.schedule import DispatchSchedule
+
+__all__ = ["AttemptResult", "OutboundDispatcher"]
+
+_log = logging.getLogger("converge.connectors")
+
+# Extra lease time past the request timeout: bookkeeping after the response.
+_LEASE_MARGIN_SEC = 5.0
+_BREAKER_STATE = {"closed": 0, "open": 1, "half_open": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """The outcome of one delivery attempt.
+
+    Attributes:
+        verdict: ``"delivered"``, ``"retry"`` or ``"dead"``.
+        status: HTTP status, or None when no answer came.
+        retry_after: Seconds the target asked to wait (429/503 ``Retry-After``).
+        error: Short description of the failure (empty on success).
+        breaker_failure: Whether the outcome counts against the target's breaker.
+    """
+
+    verdict: Verdict
+    status: int | None = None
+    retry_after: float | None = None
+    error: str = ""
+    breaker_failure: bool = field(default=False)
+
+
+class OutboundDispatcher:
+    """Delivers the outbox's actions with limits, retries, leases and breakers.
+
+    One per connector; :meth:`run` is the task, :meth:`stop` asks it to finish.
+
+    Args:
+        outbox: Where pending actions live.
+        attempt: Makes one delivery attempt of a record.
+        retry_policy: Backoff and attempt limits.
+        breaker_for: The circuit breaker of a target.
+        metrics: Where counters and gauges go.
+        clock: Unix seconds.
+        max_in_flight: Attempts in flight at most, over all targets.
+        target_limit: Attempts in flight at most for one target.
+    """
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        attempt: Callable[[OutboxRecord], Awaitable[AttemptResult]],
+        retry_policy: WebhookRetryPolicy,
+        breaker_for: Callable[[str], CircuitBreaker],
+        metrics: MetricsCollector,
+        clock: Callable[[], float],
+        max_in_flight: int,
+        target_limit: Callable[[str], int],
+    ) -> None:
+        self._outbox = outbox
+        self._attempt = attempt
+        self._policy = retry_policy
+        self._breaker_for = breaker_for
+        self._metrics = metrics
+        self._clock = clock
+        self._max_in_flight = max_in_flight
+        self._target_limit = target_limit
+        self._schedule = DispatchSchedule(max_in_flight=max_in_flight, target_limit=target_limit)
+        self._owner = uuid.uuid4().hex
+        self._wake: anyio.Event | None = None
+        self._token: object | None = None
+        self._running = False
+        self._stopping = False
+        self.store_ok = True
+        self.failed: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` is active."""
+        return self._running
+
+    @property
+    def backlog(self) -> int:
+        """Actions this dispatcher knows to be pending (waiting, ready or in flight)."""
+        return len(self._schedule)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return once in-flight attempts finish."""
+        self._stopping = True
+        self._poke()
+
+    def _poke(self) -> None:
+        # anyio events are loop-bound: set it only from the dispatcher's own loop; other
+        # threads rely on the poll interval.
+        if self._wake is None or self._token is None:
+            return
+        try:
+            same_loop = anyio.lowlevel.current_token() is self._token
+        except RuntimeError:
+            return
+        if same_loop:
+            self._wake.set()
+
+    def notify(self, record: OutboxRecord) -> None:
+        """A record was just persisted in this process: schedule it without a poll."""
+        if self._running:
+            self._schedule.add(record.id, record.action.target, record.due)
+            self._gauges()
+            self._poke()
+
+    def _gauges(self) -> None:
+        self._metrics.gauge(
+            "webhook_outbound_backlog", len(self._schedule), help="Outbound actions pending."
+        )
+        self._metrics.gauge(
+            "webhook_outbound_in_flight", self._schedule.running, help="Attempts in flight."
+        )
+
+    async def run(self, poll_interval_sec: float) -> None:
+        """Deliver until :meth:`stop`; rescans the store every ``poll_interval_sec``.
+
+        Raises:
+            UsageError: If already running, or for a bad interval.
+        """
+        if (
+            isinstance(poll_interval_sec, bool)
+            or not isinstance(poll_interval_sec, int | float)
+            or not math.isfinite(poll_interval_sec)
+            or poll_interval_sec <= 0
+        ):
+            raise UsageError("poll_interval_sec must be a positive finite number")
+        if self._running:
+            raise UsageError("the outbound dispatcher is already running")
+        self._running, self._stopping, self.failed = True, False, None
+        self._token = anyio.lowlevel.current_token()
+        self._schedule = DispatchSchedule(
+            max_in_flight=self._max_in_flight, target_limit=self._target_limit
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await self._scan()
+                last_scan = anyio.current_time()
+                while not self._stopping:
+                    self._wake = anyio.Event()
+                    now = self._clock()
+                    for action_id, target in self._schedule.take(now):
+                        tg.start_soon(self._work, action_id, target)
+                    if anyio.current_time() - last_scan >= poll_interval_sec:
+                        await self._scan()
+                        last_scan = anyio.current_time()
+                    self._gauges()
+                    if self._stopping:
+                        break
+                    due = self._schedule.next_due()
+                    timeout = poll_interval_sec
+                    if due is not None:
+                        timeout = min(timeout, max(0.0, due - self._clock()))
+                    with anyio.move_on_after(timeout):
+                        await self._wake.wait()
+        except BaseException as exc:
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                self.failed = exc
+            raise
+        finally:
+            self._running = False
+            self._wake = self._token = None
+
+    async def _scan(self) -> None:
+        try:
+            ids = await self._outbox.pending_ids()
+            for action_id in ids:
+                if action_id in self._schedule:
+                    continue
+                record = await self._outbox.get(action_id)
+                if record is None:
+                    continue
+                due = record.due
+                if record.lease_owner not in (None, self._owner) and record.lease_until:
+                    due = max(due, record.lease_until)
+                self._schedule.add(record.id, record.action.target, due)
+        except StoreError as exc:
+            self._store_failed(exc)
+        else:
+            self.store_ok = True
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.store_ok:
+            _log.warning("outbox store failed: %s", exc)
+        self.store_ok = False
+
+    async def _work(self, action_id: str, target: str) -> None:
+        breaker = self._breaker_for(target)
+        leased = False
+        try:
+            if breaker.state == "open":
+                self._defer(action_id, target, breaker.retry_at())
+                return
+            now = self._clock()
+            lease = await self._outbox.lease(
+                action_id, self._owner, now + self._policy.request_timeout_sec + _LEASE_MARGIN_SEC
+            )
+            if lease is None:
+                self._schedule.finish(action_id)
+                return
+            if isinstance(lease, float):
+                self._defer(action_id, target, lease)
+                return
+            leased = True
+            record = lease
+            deadline = record.action.deadline
+            if deadline is not None and now >= deadline:
+                await self._bury(record, "deadline passed", record.last_status, record.attempts)
+                leased = False
+                return
+            if not breaker.allow_request():
+                await self._outbox.release(action_id, self._owner)
+                leased = False
+                self._defer(action_id, target, breaker.retry_at())
+                return
+            was_open = breaker.is_open
+            result = await self._attempt(record)
+            if result.breaker_failure:
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+            self._metrics.gauge(
+                "webhook_breaker_state",
+                _BREAKER_STATE[breaker.state],
+                labels={"target": target},
+                help="Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
+            )
+            await self._settle(record, result)
+            leased = False
+            if was_open and not breaker.is_open:
+                self._schedule.hurry(target, self._clock())
+        except StoreError as exc:
+            self._store_failed(exc)
+            # The lease runs out and the action is attempted again: at least once.
+            self._defer(action_id, target, self._clock() + 1.0)
+        except anyio.get_cancelled_exc_class():
+            if leased:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                    await self._outbox.release(action_id, self._owner)
+            raise
+        except Exception:  # a bug must not kill the dispatcher; the lease runs out
+            _log.exception("outbound attempt of %s failed unexpectedly", action_id)
+            self._defer(action_id, target, self._clock() + 1.0)
+        finally:
+            self._schedule.finish(action_id)
+            self._gauges()
+            if self._wake is not None:
+                self._wake.set()
+
+    def _defer(self, action_id: str, target: str, due: float) -> None:
+        self._schedule.finish(action_id)
+        self._schedule.add(action_id, target, due)
+
+    async def _settle(self, record: OutboxRecord, result: AttemptResult) -> None:
+        target = record.action.target
+        labels = {"target": target}
+        attempts = record.attempts + 1
+        if result.verdict == "delivered":
+            await self._outbox.complete(record.id)
+            self._metrics.inc("webhook_outbound_sent_total", labels=labels, help="Delivered.")
+            self.store_ok = True
+            return
+        if result.verdict == "dead":
+            await self._bury(record, result.error, result.status, attempts)
+            return
+        if attempts >= self._policy.max_attempts:
+            await self._bury(record, f"max attempts; last: {result.error}", result.status, attempts)
+            return
+        delay = self._policy.compute_delay(attempts)
+        if result.retry_after is not None:
+            delay = max(delay, result.retry_after)
+        due = self._clock() + delay
+        deadline = record.action.deadline
+        if deadline is not None and due > deadline:
+            await self._bury(record, f"deadline; last: {result.error}", result.status, attempts)
+            return
+        await self._outbox.reschedule(record, due=due, error=result.error, status=result.status)
+        self._metrics.inc(
+            "webhook_outbound_retried_total", labels=labels, help="Retries scheduled."
+        )
+        self._defer(record.id, target, due)
+        self.store_ok = True
+
+    async def _bury(
+        self, record: OutboxRecord, reason: str, status: int | None, attempts: int
+    ) -> None:
+        await self._outbox.bury(record, reason=reason, status=status, attempts=attempts)
+        kind = reason.split(";", 1)[0].split(" ", 1)[0]
+        self._metrics.inc(
+            "webhook_outbound_dead_lettered_total",
+            labels={"target": record.action.target, "reason": kind},
+            help="Actions given up (dead letters).",
+        )
+        _log.warning("outbound action %s dead-lettered: %s", record.id, reason)

@@ -1,0 +1,210 @@
+"""WebhookGateway: the HTTP-facing facade (health, readiness, metrics, outbound relay)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from converge.errors import ConfigurationError, StoreError, UsageError
+from converge.extensions.connectors.connector import WebhookConnector
+from converge.extensions.connectors.models import OutboundWebhookAction
+
+if TYPE_CHECKING:
+    from converge.extensions.connectors.asgi import GatewayApp
+
+__all__ = ["WebhookGateway"]
+
+_MIN_TOKEN_LENGTH = 16
+
+
+def _dump(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class WebhookGateway:
+    """HTTP-oriented facade around WebhookConnector.
+
+    Serve it with :meth:`asgi_app` (mountable in any Starlette/FastAPI app) or with
+    ``converge gateway --config FILE.toml``.
+
+    Args:
+        connector: The connector doing the work.
+        outbound_token: Bearer token that ``POST /outbound`` requires (at least 16
+            characters). Without one, ``/outbound`` is disabled: an unguarded relay
+            would let anyone send requests from your network.
+        require_dispatcher: Whether readiness needs the outbound dispatcher running;
+            by default, when the connector has targets.
+
+    Raises:
+        ConfigurationError: For a bad connector or token.
+    """
+
+    def __init__(
+        self,
+        connector: WebhookConnector,
+        *,
+        outbound_token: str | None = None,
+        require_dispatcher: bool | None = None,
+    ) -> None:
+        if not isinstance(connector, WebhookConnector):
+            raise ConfigurationError("WebhookGateway needs a WebhookConnector")
+        if outbound_token is not None and (
+            not isinstance(outbound_token, str) or len(outbound_token) < _MIN_TOKEN_LENGTH
+        ):
+            raise ConfigurationError(
+                f"outbound_token must be a string of at least {_MIN_TOKEN_LENGTH} characters"
+            )
+        if require_dispatcher is not None and not isinstance(require_dispatcher, bool):
+            raise ConfigurationError("require_dispatcher must be a bool or None")
+        self.connector = connector
+        self._token = outbound_token.encode() if outbound_token else None
+        self._require_dispatcher = (
+            bool(connector.targets) if require_dispatcher is None else require_dispatcher
+        )
+        self._store_ok = True
+
+    # -- health ----------------------------------------------------------------------
+
+    def is_healthy(self) -> bool:
+        """True while the connector is open (the process is alive and serving)."""
+        return not self.connector.closed
+
+    def is_ready(self) -> bool:
+        """True when the store worked at the last check and the dispatcher runs (if needed).
+
+        :meth:`acheck_ready` refreshes the store check; the ASGI app calls it on each
+        ``GET /readyz``.
+        """
+        if not self.is_healthy() or not self._store_ok:
+            return False
+        dispatcher = self.connector.dispatcher
+        if not dispatcher.store_ok:
+            return False
+        return dispatcher.running or not self._require_dispatcher
+
+    async def acheck_ready(self) -> bool:
+        """Probe the store with a write and a read, then return :meth:`is_ready`."""
+        key = f"converge:webhook:{self.connector.connector_id}:ready"
+        try:
+            await self.connector.store.aput(key, 1, ttl=60)
+            self._store_ok = await self.connector.store.aget(key) == 1
+        except (StoreError, OSError):
+            self._store_ok = False
+        return self.is_ready()
+
+    def health_payload(self) -> bytes:
+        """JSON body of ``GET /healthz``."""
+        return _dump({"status": "ok" if self.is_healthy() else "closed"})
+
+    def ready_payload(self) -> bytes:
+        """JSON body of ``GET /readyz``: overall status plus the store and dispatcher."""
+        dispatcher = self.connector.dispatcher
+        return _dump(
+            {
+                "status": "ready" if self.is_ready() else "not_ready",
+                "store": self._store_ok and dispatcher.store_ok,
+                "dispatcher": dispatcher.running,
+                "dispatcher_required": self._require_dispatcher,
+            }
+        )
+
+    def metrics_payload(self) -> bytes:
+        """Prometheus text exposition of the connector's metrics."""
+        return self.connector.metrics.format_prometheus().encode()
+
+    # -- inbound ---------------------------------------------------------------------
+
+    async def handle_post(
+        self,
+        provider: str,
+        *,
+        headers: dict[str, str],
+        body: bytes,
+        remote_addr: str | None = None,
+        client_cert_present: bool = False,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Handle ``POST /webhook/{provider}`` (see ``WebhookConnector.accept_inbound_http``)."""
+        return await self.connector.accept_inbound_http(
+            provider,
+            method="POST",
+            headers=headers,
+            raw_body=body,
+            remote_addr=remote_addr,
+            client_cert_present=client_cert_present,
+        )
+
+    # -- outbound --------------------------------------------------------------------
+
+    @property
+    def outbound_enabled(self) -> bool:
+        """True when an outbound token is configured."""
+        return self._token is not None
+
+    def authorize_outbound(self, authorization: str | None) -> tuple[int, bytes] | None:
+        """Check an ``Authorization`` header for ``/outbound``; return a refusal or None.
+
+        Returns:
+            None if authorized; ``(403, body)`` when ``/outbound`` is disabled;
+            ``(401, body)`` for a missing or wrong bearer token (compared in constant time).
+        """
+        if self._token is None:
+            return 403, _dump({"status": "rejected", "reason": "outbound_disabled"})
+        scheme, _, presented = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode("utf-8", "replace"), self._token
+        ):
+            return 401, _dump({"status": "rejected", "reason": "unauthorized"})
+        return None
+
+    async def handle_outbound_payload(self, payload: dict[str, Any]) -> tuple[int, bytes]:
+        """Queue an outbound action described by a ``POST /outbound`` JSON body.
+
+        The body is ``{"target": name, "body": {...}}`` plus optional ``url`` (the
+        target's URL or a path below it), ``method``, ``headers``, ``idempotency_key``
+        and ``deadline``. Only configured targets are reachable. Authorization is the
+        caller's job (:meth:`authorize_outbound`).
+
+        Returns:
+            ``(202, {"status":"queued","id":...})``; 400 for a malformed action or an
+            unknown target; 403 for a URL outside the target; 503 if the store failed.
+        """
+        if not isinstance(payload, dict):
+            return 400, _dump({"status": "rejected", "reason": "not_an_object"})
+        name = payload.get("target")
+        target = self.connector.targets.get(name) if isinstance(name, str) else None
+        if target is None:
+            return 400, _dump({"status": "rejected", "reason": "unknown_target"})
+        fields = dict(payload)
+        url = fields.setdefault("url", target.url)
+        if not isinstance(url, str) or not target.allows(url):
+            return 403, _dump({"status": "rejected", "reason": "url_not_allowed"})
+        try:
+            action = OutboundWebhookAction.from_dict(fields)
+        except UsageError:
+            return 400, _dump({"status": "rejected", "reason": "invalid_action"})
+        try:
+            record = await self.connector.enqueue(action)
+        except StoreError:
+            return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
+        return 202, _dump({"status": "queued", "id": record.id})
+
+    # -- serving ---------------------------------------------------------------------
+
+    def asgi_app(
+        self,
+        *,
+        run_dispatcher: bool = True,
+        poll_interval_sec: float = 0.1,
+        client_cert_header: str | None = None,
+    ) -> GatewayApp:
+        """A pure ASGI app serving this gateway (see :class:`~.asgi.GatewayApp`)."""
+        from converge.extensions.connectors.asgi import GatewayApp
+
+        return GatewayApp(
+            self,
+            run_dispatcher=run_dispatcher,
+            poll_interval_sec=poll_interval_sec,
+            client_cert_header=client_cert_header,
+        )

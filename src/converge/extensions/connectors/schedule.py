@@ -1,0 +1,147 @@
+"""Which outbound actions may start now: due times plus concurrency limits (sans-I/O)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+
+from converge.errors import UsageError
+
+__all__ = ["DispatchSchedule"]
+
+
+class DispatchSchedule:
+    """Due times and concurrency limits for the dispatcher, with no clock and no I/O.
+
+    An action is *waiting* (due at some time), *ready* (due, held back by a limit) or
+    *running*. :meth:`take` starts every ready action the global and per-target limits
+    allow, taking targets in turn so one busy target cannot starve the others. A waiting
+    action holds no worker: it is a heap entry.
+
+    Args:
+        max_in_flight: Running actions at most, over all targets.
+        target_limit: Running actions at most for one target.
+    """
+
+    def __init__(self, *, max_in_flight: int, target_limit: Callable[[str], int]) -> None:
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+            raise UsageError("max_in_flight must be an integer >= 1")
+        if max_in_flight < 1:
+            raise UsageError("max_in_flight must be an integer >= 1")
+        self._max = max_in_flight
+        self._limit = target_limit
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._waiting: dict[str, tuple[float, int, str]] = {}  # id -> (due, seq, target)
+        self._ready: dict[str, deque[str]] = {}
+        self._ready_ids: set[str] = set()
+        self._running: dict[str, str] = {}  # id -> target
+        self._per_target: dict[str, int] = {}
+        self._turn: deque[str] = deque()
+
+    def __len__(self) -> int:
+        """Actions known: waiting, ready or running."""
+        return len(self._waiting) + len(self._ready_ids) + len(self._running)
+
+    def __contains__(self, action_id: object) -> bool:
+        return (
+            action_id in self._waiting
+            or action_id in self._ready_ids
+            or (action_id in self._running)
+        )
+
+    @property
+    def running(self) -> int:
+        """Actions started and not yet finished."""
+        return len(self._running)
+
+    def add(self, action_id: str, target: str, due: float) -> None:
+        """Make ``action_id`` due at ``due``; a known waiting action is moved to ``due``.
+
+        Ready or running actions are left alone (they are on their way already).
+        """
+        if action_id in self._running or action_id in self._ready_ids:
+            return
+        entry = (due, next(self._seq), target)
+        self._waiting[action_id] = entry
+        heapq.heappush(self._heap, (entry[0], entry[1], action_id))
+
+    def discard(self, action_id: str) -> None:
+        """Forget a waiting or ready action (running ones finish normally)."""
+        self._waiting.pop(action_id, None)
+        if action_id in self._ready_ids:
+            self._ready_ids.discard(action_id)
+            for queue in self._ready.values():
+                if action_id in queue:
+                    queue.remove(action_id)
+                    break
+
+    def hurry(self, target: str, now: float) -> None:
+        """Make every waiting action of ``target`` due at ``now`` (circuit closed again)."""
+        for action_id, (due, _, name) in list(self._waiting.items()):
+            if name == target and due > now:
+                self.add(action_id, target, now)
+
+    def next_due(self) -> float | None:
+        """Earliest due time of a waiting action, or None."""
+        while self._heap:
+            due, seq, action_id = self._heap[0]
+            entry = self._waiting.get(action_id)
+            if entry is not None and entry[1] == seq:
+                return due
+            heapq.heappop(self._heap)  # stale entry
+        return None
+
+    def take(self, now: float) -> list[tuple[str, str]]:
+        """Start what may start at ``now``.
+
+        Returns:
+            ``(action_id, target)`` pairs now counted as running; call :meth:`finish`
+            for each when its attempt is over.
+        """
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, action_id = heapq.heappop(self._heap)
+            entry = self._waiting.get(action_id)
+            if entry is None or entry[1] != seq:
+                continue
+            del self._waiting[action_id]
+            target = entry[2]
+            queue = self._ready.get(target)
+            if queue is None:
+                queue = self._ready[target] = deque()
+                self._turn.append(target)
+            queue.append(action_id)
+            self._ready_ids.add(action_id)
+        started: list[tuple[str, str]] = []
+        idle = 0
+        while self._turn and len(self._running) < self._max and idle < len(self._turn):
+            target = self._turn[0]
+            self._turn.rotate(-1)
+            queue = self._ready[target]
+            if not queue:
+                del self._ready[target]
+                self._turn.remove(target)
+                idle = 0
+                continue
+            if self._per_target.get(target, 0) >= self._limit(target):
+                idle += 1
+                continue
+            idle = 0
+            action_id = queue.popleft()
+            self._ready_ids.discard(action_id)
+            self._running[action_id] = target
+            self._per_target[target] = self._per_target.get(target, 0) + 1
+            started.append((action_id, target))
+        return started
+
+    def finish(self, action_id: str) -> None:
+        """An attempt is over; its slot is free. Re-:meth:`add` it to try again."""
+        target = self._running.pop(action_id, None)
+        if target is not None:
+            left = self._per_target[target] - 1
+            if left:
+                self._per_target[target] = left
+            else:
+                del self._per_target[target]

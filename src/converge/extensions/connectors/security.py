@@ -1,0 +1,467 @@
+"""Inbound verification: the checks every webhook request passes, cheapest first."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from converge import _sync
+from converge.core.store import Store
+from converge.errors import (
+    ConfigurationError,
+    DuplicateEventError,
+    UsageError,
+    WebhookSecurityError,
+)
+from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
+from converge.extensions.connectors.schemes import (
+    decode_secret,
+    parse_signed_parts,
+    parse_timestamp,
+    signature_matches,
+)
+
+__all__ = ["MAX_JSON_DEPTH", "VerifiedWebhook", "WebhookSecurity", "parse_json_object"]
+
+#: Deepest JSON nesting an inbound payload may have.
+MAX_JSON_DEPTH = 32
+
+_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+_PAYLOAD_ID_FIELD = {"stripe": "id", "slack": "event_id"}
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _reject(status: int, reason: str, message: str) -> WebhookSecurityError:
+    return WebhookSecurityError(message, status=status, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedWebhook:
+    """A request that passed every check except replay defence.
+
+    Attributes:
+        profile: The provider's profile.
+        payload: The parsed JSON object.
+        event_id: The sender's event id.
+        timestamp: The signed timestamp, or the receive time when the scheme has none.
+        headers: The request headers, lower-cased, without credentials.
+        challenge: Slack's ``url_verification`` challenge, to echo instead of emitting an
+            event; None otherwise.
+    """
+
+    profile: ProviderProfile
+    payload: dict[str, Any]
+    event_id: str
+    timestamp: float
+    headers: dict[str, str]
+    challenge: str | None = None
+
+
+def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(headers, Mapping):
+        raise UsageError("headers must be a mapping of str to str")
+    out = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UsageError("header names and values must be str")
+        out[key.lower()] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e999" parses to inf
+        raise ValueError("numbers must be finite")
+    return value
+
+
+def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Parse ``raw_body`` as a UTF-8 JSON object nested at most ``max_depth`` deep.
+
+    Raises:
+        WebhookSecurityError: 400 ``malformed_json``, ``not_an_object`` or ``too_deep``.
+    """
+    try:
+        value = json.loads(
+            raw_body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except RecursionError as exc:
+        raise _reject(400, "too_deep", "the JSON body is nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _reject(400, "malformed_json", "the body is not UTF-8 JSON") from exc
+    if not isinstance(value, dict):
+        raise _reject(400, "not_an_object", "the JSON body must be an object")
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise _reject(400, "too_deep", f"the JSON body is nested deeper than {max_depth}")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return value
+
+
+class WebhookSecurity:
+    """Verifies inbound webhook requests for a set of provider profiles.
+
+    Checks run in an order that does no work for strangers: IP allowlist and mTLS,
+    provider, method, media type, size, required headers, timestamp (inside the skew
+    window), signature (constant time, any configured secret), then JSON parsing,
+    required fields and event id. Replay defence claims the event id with the store's
+    atomic ``aput_if_absent`` and a TTL of :attr:`WebhookSecurityPolicy.replay_ttl_sec`.
+
+    Args:
+        policy: Limits and switches.
+        provider_profiles: Profiles by name (each key must equal its profile's name).
+        secrets: Secret values by ``secret_ref``. A value may be a string or a sequence
+            of strings (rotation: any one verifying is enough).
+        store: Where idempotency claims live; a ``MemoryStore`` when None. Share one
+            store between replicas to deduplicate across them.
+        clock: Wall-clock time in Unix seconds (injectable for tests).
+        key_prefix: Prefix of the store keys this object writes.
+
+    Raises:
+        ConfigurationError: For a profile without a usable secret, or mismatched names.
+    """
+
+    def __init__(
+        self,
+        policy: WebhookSecurityPolicy,
+        provider_profiles: dict[str, ProviderProfile],
+        secrets: Mapping[str, str | Sequence[str]],
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+        key_prefix: str = "converge:webhook",
+    ) -> None:
+        if not isinstance(policy, WebhookSecurityPolicy):
+            raise ConfigurationError("policy must be a WebhookSecurityPolicy")
+        if not isinstance(provider_profiles, Mapping):
+            raise ConfigurationError("provider_profiles must map names to ProviderProfile")
+        if not isinstance(secrets, Mapping):
+            raise ConfigurationError("secrets must map secret_ref to secret value(s)")
+        if store is not None and not isinstance(store, Store):
+            raise ConfigurationError("store must be a converge Store")
+        if not callable(clock):
+            raise ConfigurationError("clock must be a callable returning Unix seconds")
+        self.policy = policy
+        self.profiles: dict[str, ProviderProfile] = {}
+        self._keys: dict[str, tuple[bytes, ...]] = {}
+        for name, profile in provider_profiles.items():
+            if not isinstance(profile, ProviderProfile):
+                raise ConfigurationError(f"provider {name!r} is not a ProviderProfile")
+            if name != profile.name:
+                raise ConfigurationError(
+                    f"provider key {name!r} differs from its profile's name {profile.name!r}"
+                )
+            values = secrets.get(profile.secret_ref)
+            if values is None:
+                raise ConfigurationError(
+                    f"provider {name!r} refers to secret {profile.secret_ref!r}, "
+                    "which is not in secrets"
+                )
+            if isinstance(values, str):
+                values = (values,)
+            if not values:
+                raise ConfigurationError(f"secret {profile.secret_ref!r} has no value")
+            self._keys[name] = tuple(decode_secret(profile.scheme, v) for v in values)
+            self.profiles[name] = profile
+        self._networks: tuple[_IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in policy.ip_allowlist
+        )
+        if store is None:
+            from converge.extensions.storage import MemoryStore
+
+            store = MemoryStore()
+        self.store = store
+        self._clock = clock
+        self._prefix = key_prefix
+
+    # -- sans-I/O checks ---------------------------------------------------------------
+
+    def _ip_allowed(self, remote_addr: str | None) -> bool:
+        if not self._networks:
+            return True
+        if not isinstance(remote_addr, str):
+            return False
+        try:
+            addr = ipaddress.ip_address(remote_addr.strip("[]"))
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self._networks)
+
+    def check_request(
+        self,
+        provider: str,
+        *,
+        method: str,
+        headers: Mapping[str, str],
+        remote_addr: str | None = None,
+        client_cert_present: bool = False,
+    ) -> ProviderProfile:
+        """The checks that need no body: IP and mTLS, provider, method, media type, size.
+
+        The ASGI app runs these before reading the body, so a stranger costs nothing.
+
+        Args:
+            provider: Provider name from the URL.
+            method: HTTP method.
+            headers: Request headers (any case); a ``Content-Length`` above the limit is
+                refused here.
+            remote_addr: Peer IP address (no port), for the allowlist.
+            client_cert_present: Whether a verified client certificate was presented.
+
+        Returns:
+            The provider's profile.
+
+        Raises:
+            WebhookSecurityError: 403 ``ip_not_allowed`` / ``mtls_required``, 404
+                ``unknown_provider``, 405 ``method_not_allowed``, 415
+                ``unsupported_media_type``, 413 ``payload_too_large``, 400
+                ``bad_content_length``.
+            UsageError: If an argument has the wrong type.
+        """
+        return self._check_request(
+            provider, method, _lower_headers(headers), remote_addr, client_cert_present
+        )
+
+    def _check_request(
+        self,
+        provider: str,
+        method: str,
+        headers: dict[str, str],
+        remote_addr: str | None,
+        client_cert_present: bool,
+    ) -> ProviderProfile:
+        if not isinstance(provider, str) or not isinstance(method, str):
+            raise UsageError("provider and method must be str")
+        if not self._ip_allowed(remote_addr):
+            raise _reject(403, "ip_not_allowed", "the client address is not allowed")
+        if self.policy.require_mtls and client_cert_present is not True:
+            raise _reject(403, "mtls_required", "a verified client certificate is required")
+        profile = self.profiles.get(provider)
+        if profile is None:
+            raise _reject(404, "unknown_provider", "no such webhook provider")
+        if method.upper() != "POST":
+            raise _reject(405, "method_not_allowed", "webhooks are delivered with POST")
+        content_type = headers.get("content-type")
+        media = content_type.split(";", 1)[0].strip().lower() if content_type else ""
+        if media not in self.policy.allowed_content_types:
+            raise _reject(
+                415,
+                "unsupported_media_type",
+                f"content type must be one of {list(self.policy.allowed_content_types)}",
+            )
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isascii() or not declared.isdigit() or len(declared) > 18:
+                raise _reject(400, "bad_content_length", "Content-Length is not a number")
+            if int(declared) > self.policy.max_payload_bytes:
+                raise _reject(413, "payload_too_large", self._too_large())
+        return profile
+
+    def _too_large(self) -> str:
+        return f"the body exceeds {self.policy.max_payload_bytes} bytes"
+
+    def verify(
+        self,
+        provider: str,
+        *,
+        method: str,
+        headers: Mapping[str, str],
+        raw_body: bytes,
+        remote_addr: str | None = None,
+        client_cert_present: bool = False,
+    ) -> VerifiedWebhook:
+        """Run every check except replay defence (pure: no store, no I/O).
+
+        Args:
+            provider: Provider name from the URL.
+            method: HTTP method.
+            headers: Request headers (any case).
+            raw_body: The exact body bytes.
+            remote_addr: Peer IP address (no port).
+            client_cert_present: Whether a verified client certificate was presented.
+
+        Returns:
+            The verified request.
+
+        Raises:
+            WebhookSecurityError: With the HTTP status and reason of the first failed
+                check (see :meth:`check_request`; then 413, 400 ``missing_header`` /
+                ``bad_timestamp``, 401 ``missing_signature`` / ``stale_timestamp`` /
+                ``bad_signature``, 400 ``malformed_json`` / ``not_an_object`` /
+                ``too_deep`` / ``missing_field`` / ``missing_event_id`` /
+                ``bad_event_id``).
+            UsageError: If an argument has the wrong type.
+        """
+        if not isinstance(raw_body, bytes | bytearray | memoryview):
+            raise UsageError(f"raw_body must be bytes, not {type(raw_body).__name__}")
+        lowered = _lower_headers(headers)
+        profile = self._check_request(provider, method, lowered, remote_addr, client_cert_present)
+        body = bytes(raw_body)
+        if len(body) > self.policy.max_payload_bytes:
+            raise _reject(413, "payload_too_large", self._too_large())
+        parts = parse_signed_parts(profile, lowered)
+        scheme = profile.canonical_scheme
+        now = self._clock()
+        if parts.timestamp is None and scheme == "hmac" and self.policy.strict_mode:
+            raise _reject(
+                400, "missing_header", f"required header {profile.timestamp_header} is missing"
+            )
+        timestamp = now
+        if parts.timestamp is not None:
+            timestamp = parse_timestamp(parts.timestamp)
+            if abs(now - timestamp) > self.policy.timestamp_skew_limit_sec:
+                raise _reject(
+                    401,
+                    "stale_timestamp",
+                    f"the timestamp is more than {self.policy.timestamp_skew_limit_sec} s "
+                    "from the receiver's clock",
+                )
+        algorithm = profile.signature_algorithm
+        if not parts.signatures or not signature_matches(
+            self._keys[profile.name], parts, body, algorithm
+        ):
+            raise _reject(401, "bad_signature", "the signature does not verify")
+        payload = parse_json_object(body)
+        if scheme == "slack" and payload.get("type") == "url_verification":
+            challenge = payload.get("challenge")
+            if not isinstance(challenge, str) or not 0 < len(challenge) <= 256:
+                raise _reject(400, "missing_field", "url_verification needs a challenge")
+            return VerifiedWebhook(
+                profile, payload, "url_verification", timestamp, _safe(lowered), challenge
+            )
+        for name in profile.required_payload_fields:
+            if name not in payload:
+                raise _reject(400, "missing_field", f"the payload lacks the field {name!r}")
+        event_id = self._event_id(profile, parts.event_id, payload, body)
+        return VerifiedWebhook(profile, payload, event_id, timestamp, _safe(lowered))
+
+    def _event_id(
+        self,
+        profile: ProviderProfile,
+        from_header: str | None,
+        payload: dict[str, Any],
+        body: bytes,
+    ) -> str:
+        value: Any = from_header
+        if value is None:
+            field_name = _PAYLOAD_ID_FIELD.get(profile.canonical_scheme, profile.event_id_field)
+            value = payload.get(field_name)
+        if value is None:
+            if self.policy.strict_mode:
+                raise _reject(400, "missing_event_id", "the request carries no event id")
+            return "sha256:" + hashlib.sha256(body).hexdigest()
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _EVENT_ID_RE.match(value):
+            raise _reject(400, "bad_event_id", "the event id must be 1-256 printable characters")
+        return value
+
+    # -- replay defence ----------------------------------------------------------------
+
+    def _claim_key(self, provider: str, event_id: str) -> str:
+        digest = hashlib.sha256(event_id.encode()).hexdigest()[:40]
+        return f"{self._prefix}:seen:{provider}:{digest}"
+
+    async def aclaim(self, verified: VerifiedWebhook) -> str:
+        """Claim ``verified``'s event id atomically; return a token for :meth:`arelease`.
+
+        Raises:
+            DuplicateEventError: The id was claimed inside the idempotency window.
+            StoreError: The store failed.
+        """
+        token = uuid.uuid4().hex
+        record = {"event_id": verified.event_id, "at": self._clock(), "token": token}
+        key = self._claim_key(verified.profile.name, verified.event_id)
+        if not await self.store.aput_if_absent(key, record, ttl=self.policy.replay_ttl_sec):
+            raise DuplicateEventError("this event id was already accepted")
+        return token
+
+    async def arelease(self, verified: VerifiedWebhook, token: str) -> None:
+        """Drop the claim made with ``token`` (only that one), so a retry can succeed."""
+        key = self._claim_key(verified.profile.name, verified.event_id)
+
+        def release(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+            value = current.get(key)
+            if isinstance(value, Mapping) and value.get("token") == token:
+                return {key: None}, None
+            return {}, None
+
+        await self.store.aupdate([key], release)
+
+    async def avalidate_and_extract(
+        self,
+        provider: str,
+        *,
+        method: str,
+        headers: dict[str, str],
+        raw_body: bytes,
+        remote_addr: str | None = None,
+        client_cert_present: bool = False,
+    ) -> tuple[ProviderProfile, dict[str, Any], str, float]:
+        """Verify a request and claim its event id.
+
+        Returns:
+            ``(profile, payload, event_id, timestamp)``.
+
+        Raises:
+            WebhookSecurityError: For a rejected request (see :meth:`verify`).
+            DuplicateEventError: For a replayed event id (a WebhookSecurityError with
+                ``status == 200``).
+            StoreError: The store failed.
+        """
+        verified = self.verify(
+            provider,
+            method=method,
+            headers=headers,
+            raw_body=raw_body,
+            remote_addr=remote_addr,
+            client_cert_present=client_cert_present,
+        )
+        if verified.challenge is None:
+            await self.aclaim(verified)
+        return verified.profile, verified.payload, verified.event_id, verified.timestamp
+
+    def validate_and_extract(
+        self,
+        provider: str,
+        *,
+        method: str,
+        headers: dict[str, str],
+        raw_body: bytes,
+        remote_addr: str | None = None,
+        client_cert_present: bool = False,
+    ) -> tuple[ProviderProfile, dict[str, Any], str, float]:
+        """Sync form of :meth:`avalidate_and_extract` (not on an event-loop thread)."""
+        return _sync.run(
+            self.avalidate_and_extract,
+            provider,
+            method=method,
+            headers=headers,
+            raw_body=raw_body,
+            remote_addr=remote_addr,
+            client_cert_present=client_cert_present,
+            async_name="WebhookSecurity.avalidate_and_extract",
+        )
+
+
+def _safe(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k not in _CREDENTIAL_HEADERS}
