@@ -1,0 +1,79 @@
+"""Memory stays bounded however many distinct senders and topics pass through."""
+
+from __future__ import annotations
+
+import sys
+import tracemalloc
+
+import pytest
+from rl_helpers import VirtualClock, msg, relabel
+
+from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
+
+MiB = 1024 * 1024
+
+
+def run_distinct(limiter: RateLimiter, clock: VirtualClock, start: int, n: int, kind: str) -> int:
+    message = msg("seed", "seed")
+    admitted = 0
+    allow = limiter.allow_message
+    for i in range(start, start + n):
+        relabel(message, **{kind: f"k{i}"})
+        admitted += allow(message, direction="ingress")
+        clock.now += 100_000  # 0.1 ms per message: a bucket is full again 10 ms later
+    return admitted
+
+
+def limiter_for(kind: str, clock: VirtualClock) -> RateLimiter:
+    config = TokenBucketConfig(5, 100)
+    return RateLimiter(**{f"{kind}_config": config}, clock=clock)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "n"), [("sender", 200_000), ("topic", 100_000)])
+def test_traced_memory_does_not_grow_with_distinct_keys(kind: str, n: int) -> None:
+    clock = VirtualClock()
+    limiter = limiter_for(kind, clock)
+    run_distinct(limiter, clock, 0, 10_000, kind)  # warm up: caches, first sweeps
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        admitted = run_distinct(limiter, clock, 10_000, n, kind)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert admitted == n  # every key is new, so every message is admitted
+    # Keeping every bucket would cost ~100 bytes per key (> 10 MiB here).
+    assert peak - before < 1 * MiB
+
+
+def deep_size(obj: object, seen: set[int] | None = None) -> int:
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        size += sum(deep_size(v, seen) for v in obj)
+    elif hasattr(obj, "__slots__"):
+        size += sum(deep_size(getattr(obj, s), seen) for s in obj.__slots__ if hasattr(obj, s))
+    return size
+
+
+def test_a_million_distinct_senders_leave_the_limiter_small() -> None:
+    # tracemalloc makes a million calls too slow for the suite; measure the state itself.
+    clock = VirtualClock()
+    limiter = limiter_for("sender", clock)
+    assert run_distinct(limiter, clock, 0, 1_000_000, "sender") == 1_000_000
+    assert deep_size(vars(limiter) if hasattr(limiter, "__dict__") else limiter) < 1 * MiB
+
+
+def test_buckets_that_still_hold_information_are_kept() -> None:
+    # A drained bucket is not full, so the sweep must not forget it.
+    clock = VirtualClock()
+    limiter = RateLimiter(sender_config=TokenBucketConfig(1, 0.001), clock=clock)
+    hog = msg("hog")
+    assert limiter.allow_message(hog, direction="egress")
+    run_distinct(limiter, clock, 0, 20_000, "sender")  # many sweeps happen meanwhile
+    assert not limiter.allow_message(hog, direction="egress")
