@@ -40,6 +40,9 @@ TTL_WAIT = 0.8
 class StoreContract:
     """Behaviour every :class:`Store` backend must show."""
 
+    # Inherited by subclasses in other modules (a module-level pytestmark is not).
+    pytestmark = pytest.mark.anyio
+
     # -- async surface -----------------------------------------------------------------
 
     async def test_get_of_absent_key_is_none(self, store: Store) -> None:

@@ -1,0 +1,472 @@
+"""RedisStore: a Store on a Redis server, shared by processes on many machines.
+
+Built on `coredis <https://coredis.readthedocs.io>`_, which runs on anyio, so the same
+store works under asyncio and trio. Install it with ``pip install "converge[redis]"``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import math
+import os
+import random
+import re
+import threading
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Final, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+
+from converge._sync import LoopLocal, Portal, check_sync_allowed
+from converge.core.store import (
+    Store,
+    UpdateFn,
+    check_changes,
+    validate_key,
+    validate_prefix,
+    validate_ttl,
+)
+from converge.errors import (
+    ClosedError,
+    MissingDependencyError,
+    StoreCorruptedError,
+    StoreError,
+    StoreUnavailableError,
+    UsageError,
+)
+from converge.extensions.storage._codec import (
+    SerializerName,
+    check_keys,
+    check_timeout,
+    get_serializer,
+    key_bytes,
+    key_from_bytes,
+)
+
+try:
+    import coredis
+    import coredis.exceptions
+except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
+    raise MissingDependencyError(
+        "RedisStore needs the coredis client: pip install 'converge[redis]'"
+    ) from exc
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_Client = coredis.Redis[bytes]
+_GLOB_SPECIAL: Final = re.compile(rb"([\\*?\[\]])")
+_SCAN_COUNT: Final = 1000
+_UPDATE_ATTEMPTS: Final = 100
+
+
+class _LoopClient:
+    """One event loop's client, and how many ``async with`` scopes hold its pool open."""
+
+    __slots__ = ("client", "depth")
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.depth = 0
+
+
+def _leaves(exc: BaseException) -> builtins.list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+class RedisStore(Store):
+    """A Store on a Redis server (via coredis, on asyncio and trio).
+
+    * ``put_if_absent`` is ``SET key value NX PX ttl``: one atomic command, so at most one
+      caller wins across every process and machine sharing the server.
+    * TTLs are Redis expiries (``PX``, milliseconds, server clock).
+    * ``list(prefix)`` is a ``SCAN`` with ``MATCH`` on the glob-escaped prefix, sorted.
+    * ``namespace`` is prepended to every key, so several stores (or applications) share
+      one database without seeing each other's keys.
+
+    Connections: coredis keeps connections in tasks of a task group, so a pool lives
+    inside an ``async with`` scope. Enter the store once, in a task that outlives its use,
+    and every task on that event loop shares one pool::
+
+        async with RedisStore("redis://localhost:6379/0") as store:
+            await store.aput("k", "v")
+
+    Used without ``async with``, each async call opens (and closes) its own connection:
+    correct, but a round trip slower. The sync methods run on an event loop owned by the
+    store (a :class:`converge._sync.Portal`) that keeps one pool open until :meth:`close`.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
+            ``unix:///path/to/socket``.
+        namespace: Prefix added to every key in Redis (for example ``"myapp:"``).
+        serializer: ``"pickle"`` or ``"json"`` (the safe choice if others can write to
+            the server).
+        connect_timeout: Seconds to wait for a connection.
+        timeout: Seconds to wait for any one reply.
+
+    Raises:
+        UsageError: For an invalid argument or URL.
+    """
+
+    atomic_put_if_absent = True
+    supports_locking = True
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        namespace: str = "",
+        serializer: SerializerName = "pickle",
+        connect_timeout: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError(f"url must be a redis://, rediss:// or unix:// URL, not {url!r}")
+        if not isinstance(namespace, str):
+            raise UsageError(f"namespace must be str, not {type(namespace).__name__}")
+        self._url = url
+        self._namespace = key_bytes(namespace)
+        self._serializer = get_serializer(serializer)
+        self._connect_timeout = check_timeout(connect_timeout, "connect_timeout")
+        self._timeout = check_timeout(timeout, "timeout")
+        try:
+            self._new_client()  # validates the URL; connects nothing
+        except (ValueError, TypeError, coredis.exceptions.RedisError) as exc:
+            raise UsageError(f"invalid Redis URL {self._safe_url}: {exc}") from exc
+        self._clients: LoopLocal[_LoopClient] = LoopLocal(lambda: _LoopClient(self._new_client()))
+        self._portal = Portal()
+        self._keeper_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self._keeper_pid = 0
+        self._keeper_stop: anyio.Event | None = None
+        self._closed = False
+
+    @property
+    def namespace(self) -> str:
+        """The prefix added to every key in Redis."""
+        return key_from_bytes(self._namespace)
+
+    @property
+    def serializer(self) -> SerializerName:
+        """``"pickle"`` or ``"json"``."""
+        return self._serializer.name
+
+    @property
+    def _safe_url(self) -> str:
+        parts = urllib.parse.urlsplit(self._url)
+        if parts.password is None:
+            return repr(self._url)
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return repr(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._safe_url}, namespace={self.namespace!r})"
+
+    # -- connections -------------------------------------------------------------------
+
+    def _new_client(self) -> _Client:
+        return coredis.Redis.from_url(
+            self._url,
+            decode_responses=False,
+            connect_timeout=self._connect_timeout,
+            stream_timeout=self._timeout,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self!r} was closed")
+
+    def _map_error(self, exc: BaseException) -> BaseException | None:
+        for leaf in _leaves(exc):
+            if isinstance(
+                leaf, coredis.exceptions.ConnectionError | OSError | TimeoutError
+            ) and not isinstance(leaf, StoreError):
+                return StoreUnavailableError(
+                    f"Redis at {self._safe_url} is unreachable or not answering: {leaf}"
+                )
+            if isinstance(leaf, coredis.exceptions.RedisError):
+                return StoreError(f"Redis at {self._safe_url} failed: {leaf}")
+        return None
+
+    async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
+        """Run ``op`` with this loop's pooled client, or a connection of its own."""
+        self._check_open()
+        holder = self._clients.get()
+        try:
+            if holder.depth > 0:
+                return await op(holder.client)
+            async with self._new_client() as client:
+                return await op(client)
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def __aenter__(self) -> RedisStore:
+        """Open a connection pool shared by every task on this event loop."""
+        self._check_open()
+        holder = self._clients.get()
+        if holder.depth == 0:
+            try:
+                await holder.client.__aenter__()
+            except Exception as exc:
+                mapped = self._map_error(exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+        holder.depth += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close this loop's pool and, when leaving the outermost scope, the store."""
+        holder = self._clients.get()
+        holder.depth -= 1
+        if holder.depth > 0:
+            return
+        try:
+            await holder.client.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
+
+    # -- the sync side: a portal whose loop keeps one pool open --------------------------
+
+    async def _hold_pool(self, ready: threading.Event) -> None:
+        holder = self._clients.get()
+        stop = self._keeper_stop = anyio.Event()
+        async with holder.client:
+            holder.depth += 1
+            try:
+                ready.set()
+                await stop.wait()
+            finally:
+                holder.depth -= 1
+
+    def _ensure_keeper(self) -> None:
+        with self._keeper_lock:
+            self._check_open()
+            alive = self._keeper is not None and self._keeper.is_alive()
+            if alive and self._keeper_pid == os.getpid():
+                return
+            ready = threading.Event()
+            failure: builtins.list[BaseException] = []
+
+            def keep() -> None:
+                try:
+                    self._portal.call(self._hold_pool, ready, async_name="RedisStore")
+                except BaseException as exc:  # reported to the waiting caller
+                    failure.append(exc)
+                finally:
+                    ready.set()
+
+            thread = threading.Thread(target=keep, name="converge-redis-pool", daemon=True)
+            thread.start()
+            ready.wait()
+            if failure:
+                raise failure[0]
+            self._keeper, self._keeper_pid = thread, os.getpid()
+
+    def _stop_keeper(self) -> None:
+        with self._keeper_lock:
+            thread, self._keeper = self._keeper, None
+            stop, self._keeper_stop = self._keeper_stop, None
+            same_process = self._keeper_pid == os.getpid()
+        if thread is not None and stop is not None and same_process and thread.is_alive():
+            with contextlib.suppress(ClosedError):
+                self._portal.call(_set_event, stop, async_name="RedisStore.aclose")
+            thread.join(timeout=self._timeout)
+        self._portal.close()
+
+    def _sync(self, method: str, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        check_sync_allowed(f"RedisStore.{method}")
+        self._ensure_keeper()
+        return self._portal.call(func, *args, async_name=f"RedisStore.{method}", **kwargs)
+
+    # -- values ------------------------------------------------------------------------
+
+    def _redis_key(self, key: str) -> bytes:
+        return self._namespace + key_bytes(key)
+
+    def _encode(self, key: str, value: Any) -> bytes:
+        return bytes([self._serializer.tag]) + self._serializer.dumps(key, value)
+
+    def _decode(self, key: str, blob: object) -> Any:
+        if not isinstance(blob, bytes) or not blob:
+            raise StoreCorruptedError(key, "stored value is not a tagged blob")
+        return self._serializer.loads(key, blob[0], memoryview(blob)[1:])
+
+    # -- async surface -----------------------------------------------------------------
+
+    async def aget(self, key: str) -> Any | None:
+        """Return the value under ``key``, or None if absent or expired."""
+        name = self._redis_key(validate_key(key))
+        blob = await self._call(lambda c: c.get(name))
+        return None if blob is None else self._decode(key, blob)
+
+    async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` (``SET``, with ``PX`` for a TTL)."""
+        name = self._redis_key(validate_key(key))
+        px = _milliseconds(validate_ttl(ttl))
+        blob = self._encode(key, value)
+        await self._call(lambda c: c.set(name, blob, px=px))
+
+    async def adelete(self, key: str) -> None:
+        """Delete ``key``; deleting an absent key is not an error."""
+        name = self._redis_key(validate_key(key))
+        await self._call(lambda c: c.delete([name]))
+
+    async def alist(self, prefix: str = "") -> builtins.list[str]:
+        """Return the live keys starting with ``prefix``, sorted (``SCAN MATCH``)."""
+        raw_prefix = self._namespace + key_bytes(validate_prefix(prefix))
+        pattern = _GLOB_SPECIAL.sub(rb"\\\1", raw_prefix) + b"*"
+
+        async def scan(client: _Client) -> set[bytes]:
+            found: set[bytes] = set()  # SCAN may return a key more than once
+            cursor: int | None = 0
+            while True:
+                cursor, batch = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                found.update(batch)
+                if not cursor:
+                    return found
+
+        strip = len(self._namespace)
+        keys: builtins.list[str] = []
+        for raw in await self._call(scan):
+            try:
+                keys.append(key_from_bytes(raw[strip:]))
+            except UnicodeDecodeError:
+                continue  # not a key this store wrote
+        keys.sort()
+        return keys
+
+    async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent (``SET NX PX``); atomic."""
+        name = self._redis_key(validate_key(key))
+        px = _milliseconds(validate_ttl(ttl))
+        blob = self._encode(key, value)
+        stored = await self._call(
+            lambda c: c.set(name, blob, condition=coredis.PureToken.NX, px=px)
+        )
+        return bool(stored)
+
+    async def aupdate(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
+        """Atomically read ``keys``, let ``fn`` compute changes, and write them.
+
+        An optimistic transaction: ``WATCH`` the keys, read them, run ``fn``, then write
+        in ``MULTI``/``EXEC``; if another client changed a key meanwhile, Redis rejects
+        the ``EXEC`` and the whole step runs again (so ``fn`` may run more than once).
+        Atomic across every client of the server.
+
+        Returns:
+            The ``result`` part of ``fn``'s return value.
+
+        Raises:
+            StoreError: If the keys stayed contended for 100 attempts.
+        """
+        names = check_keys(keys)
+        px = _milliseconds(validate_ttl(ttl))
+        redis_keys = [self._redis_key(key) for key in names]
+
+        async def transaction(client: _Client) -> tuple[bool, R | None]:
+            try:
+                async with client.pipeline(transaction=True) as pipe, pipe.watch(*redis_keys):
+                    # Reads after WATCH, on any connection, are covered by the watch.
+                    blobs = await client.mget(redis_keys) if redis_keys else ()
+                    current = {
+                        key: None if blob is None else self._decode(key, blob)
+                        for key, blob in zip(names, blobs, strict=True)
+                    }
+                    changes, result = fn(current)
+                    check_changes(names, changes)
+                    for key, value in changes.items():
+                        name = self._redis_key(key)
+                        if value is None:
+                            pipe.delete([name])
+                        else:
+                            pipe.set(name, self._encode(key, value), px=px)
+            except coredis.exceptions.WatchError:
+                return False, None  # a watched key changed: EXEC was refused
+            return True, result
+
+        for attempt in range(_UPDATE_ATTEMPTS):
+            done, result = await self._call(transaction)
+            if done:
+                return cast(R, result)
+            await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+        raise StoreError(
+            f"update of {names!r} on Redis at {self._safe_url} lost to concurrent writers "
+            f"{_UPDATE_ATTEMPTS} times in a row"
+        )
+
+    async def aclose(self) -> None:
+        """Close the sync side's pool and loop; later calls raise ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keeper is not None:
+            await anyio.to_thread.run_sync(self._stop_keeper)
+        else:
+            self._portal.close()
+
+    # -- sync surface ------------------------------------------------------------------
+
+    def get(self, key: str) -> Any | None:
+        """Retrieve a value."""
+        return self._sync("aget", self.aget, validate_key(key))
+
+    def put(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store a value."""
+        self._sync("aput", self.aput, validate_key(key), value, ttl=validate_ttl(ttl))
+
+    def delete(self, key: str) -> None:
+        """Delete a value."""
+        self._sync("adelete", self.adelete, validate_key(key))
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """List keys starting with prefix."""
+        return self._sync("alist", self.alist, validate_prefix(prefix))
+
+    def put_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        """Store value only if key is absent; atomic (``SET NX``).
+
+        Returns:
+            True if stored, False if key existed.
+        """
+        return self._sync(
+            "aput_if_absent", self.aput_if_absent, validate_key(key), value, ttl=validate_ttl(ttl)
+        )
+
+    def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
+        """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
+        result: R = self._sync("aupdate", self.aupdate, check_keys(keys), fn, ttl=validate_ttl(ttl))
+        return result
+
+    def close(self) -> None:
+        """Close the sync side's pool and loop; later calls raise ClosedError."""
+        if self._closed:
+            return
+        if self._keeper is not None:
+            check_sync_allowed("RedisStore.aclose")
+        self._closed = True
+        self._stop_keeper()
+
+
+def _milliseconds(ttl: float | None) -> int | None:
+    return None if ttl is None else max(1, math.ceil(ttl * 1000))
+
+
+async def _set_event(event: anyio.Event) -> None:
+    event.set()

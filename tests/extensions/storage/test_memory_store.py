@@ -1,0 +1,137 @@
+"""MemoryStore: the Store contract, no thread hop, fake-clock TTLs, expired entries freed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from store_contract import StoreContract
+
+from converge.errors import ClosedError, UsageError
+from converge.extensions.storage import MemoryStore
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestMemoryStoreContract(StoreContract):
+    @pytest.fixture
+    def store(self) -> Iterator[MemoryStore]:
+        store = MemoryStore()
+        yield store
+        store.close()
+
+
+def test_seed_flags() -> None:
+    assert MemoryStore.atomic_put_if_absent is True
+    assert MemoryStore.supports_locking is False
+
+
+@pytest.mark.anyio
+async def test_sync_methods_work_on_the_event_loop_thread() -> None:
+    store = MemoryStore()
+    store.put("k", 1)
+    assert store.get("k") == 1
+    assert store.put_if_absent("k", 2) is False
+    assert store.list() == ["k"]
+    store.delete("k")
+    assert await store.aget("k") is None
+
+
+@pytest.mark.anyio
+async def test_async_methods_take_no_thread_hop() -> None:
+    store = MemoryStore()
+    seen: list[int] = []
+    original = anyio.to_thread.run_sync
+
+    async def spy(*args: object, **kwargs: object) -> object:
+        seen.append(1)
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    anyio.to_thread.run_sync = spy  # type: ignore[assignment]
+    try:
+        await store.aput("k", 1)
+        assert await store.aget("k") == 1
+        await store.aput_if_absent("j", 2)
+        await store.alist()
+        await store.adelete("k")
+    finally:
+        anyio.to_thread.run_sync = original
+    assert seen == []
+
+
+def test_values_are_kept_by_reference() -> None:
+    store = MemoryStore()
+    value = {"a": [1]}
+    store.put("k", value)
+    assert store.get("k") is value
+
+
+def test_ttl_follows_the_injected_clock() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    store.put("k", 1, ttl=10)
+    clock.now += 9.999
+    assert store.get("k") == 1
+    clock.now += 0.001
+    assert store.get("k") is None
+    assert store.put_if_absent("k", 2, ttl=5) is True
+
+
+def test_expired_entries_are_freed_without_being_read() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    for i in range(10_000):
+        store.put(f"k{i}", i, ttl=1)
+    clock.now += 2
+    store.put("other", 0)  # any call sweeps
+    assert len(store._data) == 1
+    assert len(store._heap) == 0
+
+
+def test_rewriting_a_ttl_key_keeps_the_expiry_heap_bounded() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    for i in range(10_000):
+        store.put("same", i, ttl=3600)
+    assert len(store._heap) <= 2 * len(store._data) + 65
+    assert store.get("same") == 9_999
+
+
+def test_put_if_absent_has_one_winner_among_threads() -> None:
+    store = MemoryStore()
+    barrier = threading.Barrier(16)
+    wins: list[int] = []
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        if store.put_if_absent("claim", i):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+
+
+def test_closed_store_refuses_calls() -> None:
+    store = MemoryStore()
+    store.put("k", 1)
+    store.close()
+    store.close()
+    with pytest.raises(ClosedError):
+        store.get("k")
+
+
+def test_clock_must_be_callable() -> None:
+    with pytest.raises(UsageError):
+        MemoryStore(clock=5)  # type: ignore[arg-type]
