@@ -1,0 +1,352 @@
+"""The gateway's TOML configuration: parsing, validation, and building the objects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from converge.core.store import Store
+from converge.errors import ConfigurationError
+from converge.extensions.connectors import (
+    OutboundTarget,
+    ProviderProfile,
+    WebhookConnector,
+    WebhookGateway,
+    WebhookRetryPolicy,
+    WebhookSecurityPolicy,
+)
+
+__all__ = [
+    "DEFAULT_STORE",
+    "GatewayConfig",
+    "ProviderConfig",
+    "TargetConfig",
+    "build_gateway",
+    "check_gateway_settings",
+    "load_config",
+    "open_store",
+    "parse_config",
+]
+
+_log = logging.getLogger("converge.gateway")
+
+#: Store used when the config names none: an embedded SQLite file in the working directory.
+DEFAULT_STORE = "sqlite:converge-gateway.sqlite3"
+
+_GATEWAY_KEYS = {
+    "bind",
+    "port",
+    "store",
+    "connector_id",
+    "outbound_token_env",
+    "max_in_flight",
+    "log_level",
+    "log_events",
+    "client_cert_header",
+    "poll_interval_sec",
+}
+_PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
+_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
+_TARGET_KEYS = {"url", "signing_secret", "signing_secret_env", "max_concurrency"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One ``[providers.NAME]`` table, resolved.
+
+    Attributes:
+        profile: The provider profile.
+        secrets: The secret values (several during a rotation).
+        forward_to: Target that receives accepted events, if any.
+    """
+
+    profile: ProviderProfile
+    secrets: tuple[str, ...]
+    forward_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """One ``[targets.NAME]`` table, resolved.
+
+    Attributes:
+        target: The outbound target.
+    """
+
+    target: OutboundTarget
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A whole gateway configuration file, resolved (secrets read from the environment).
+
+    Attributes:
+        bind: Address to listen on.
+        port: TCP port.
+        store: ``"memory"``, ``"file:PATH"`` or ``"sqlite:PATH"``.
+        connector_id: The connector's id (store key prefix, message sender).
+        outbound_token: Bearer token for ``/outbound``; None disables the endpoint.
+        max_in_flight: Outbound attempts in flight at most.
+        log_level: Server log level.
+        log_events: Log accepted events that are not forwarded anywhere.
+        client_cert_header: Trusted proxy header reporting client certificates.
+        poll_interval_sec: Outbox rescan interval.
+        security: Inbound limits.
+        retry: Outbound retry policy.
+        providers: Providers by name.
+        targets: Targets by name.
+        base_dir: Directory relative store paths are resolved against (the cwd).
+    """
+
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    store: str = DEFAULT_STORE
+    connector_id: str = "gateway"
+    outbound_token: str | None = None
+    max_in_flight: int = 64
+    log_level: str = "info"
+    log_events: bool = True
+    client_cert_header: str | None = None
+    poll_interval_sec: float = 0.5
+    security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
+    retry: WebhookRetryPolicy = field(default_factory=WebhookRetryPolicy)
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    targets: dict[str, TargetConfig] = field(default_factory=dict)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{where}[{key}] must be a table")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown keys in [{where}]: {unknown}; allowed: {sorted(allowed)}"
+        )
+
+
+def _secret_values(
+    table: Mapping[str, Any],
+    where: str,
+    env: Mapping[str, str],
+    *,
+    literal: str,
+    env_key: str,
+    warn: bool,
+) -> tuple[str, ...]:
+    """Secrets from the environment variable(s) named by ``env_key``, else the literal."""
+    names = table.get(env_key)
+    if isinstance(names, str):
+        names = [names]
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise ConfigurationError(f"[{where}] {env_key} must be a variable name or a list of them")
+    found = [env[n] for n in names or () if env.get(n)]
+    if found:
+        return tuple(found)
+    value = table.get(literal)
+    if isinstance(value, str):
+        value = [value]
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise ConfigurationError(f"[{where}] {literal} must be a string or a list of strings")
+    if not value:
+        return ()
+    if names and warn:
+        _log.warning(
+            "[%s]: %s is not set; using the literal %s from the config file",
+            where,
+            " / ".join(names),
+            literal,
+        )
+    return tuple(value)
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    warn: bool = True,
+) -> GatewayConfig:
+    """Validate a parsed TOML document and resolve its secrets.
+
+    Args:
+        data: The TOML document as a dict.
+        env: Environment to read secrets from (``os.environ`` by default).
+        base_dir: Directory relative store paths resolve against (the cwd by default).
+        warn: Log a warning when a literal secret stands in for an unset variable.
+
+    Raises:
+        ConfigurationError: For unknown keys, wrong types, missing secrets or
+            references to undefined targets.
+    """
+    env = os.environ if env is None else env
+    _check_keys(data, {"gateway", "security", "retry", "providers", "targets"}, "top level")
+    gateway = _table(data, "gateway", "")
+    _check_keys(gateway, _GATEWAY_KEYS, "gateway")
+    try:
+        security = WebhookSecurityPolicy(**_security_kwargs(_table(data, "security", "")))
+        retry = WebhookRetryPolicy(**_table(data, "retry", ""))
+    except TypeError as exc:
+        raise ConfigurationError(f"[security] or [retry]: {exc}") from exc
+
+    targets: dict[str, TargetConfig] = {}
+    for name, table in _table(data, "targets", "").items():
+        where = f"targets.{name}"
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"[{where}] must be a table")
+        _check_keys(table, _TARGET_KEYS, where)
+        if "url" not in table:
+            raise ConfigurationError(f"[{where}] needs a url")
+        secret = _secret_values(
+            table, where, env, literal="signing_secret", env_key="signing_secret_env", warn=warn
+        )
+        targets[name] = TargetConfig(
+            OutboundTarget(
+                name=name,
+                url=table["url"],
+                signing_secret=secret[0] if secret else None,
+                max_concurrency=table.get("max_concurrency", 16),
+            )
+        )
+
+    providers: dict[str, ProviderConfig] = {}
+    for name, table in _table(data, "providers", "").items():
+        where = f"providers.{name}"
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"[{where}] must be a table")
+        _check_keys(table, _PROVIDER_KEYS, where)
+        secrets = _secret_values(
+            table, where, env, literal="secret", env_key="secret_env", warn=warn
+        )
+        if not secrets:
+            raise ConfigurationError(
+                f"[{where}] has no secret: set the variable named by secret_env, or secret"
+            )
+        forward_to = table.get("forward_to")
+        if forward_to is not None and forward_to not in targets:
+            raise ConfigurationError(f"[{where}] forward_to names an unknown target {forward_to!r}")
+        options = {k: v for k, v in table.items() if k in _PROFILE_KEYS}
+        if "required_payload_fields" in options:
+            options["required_payload_fields"] = tuple(options["required_payload_fields"])
+        profile = ProviderProfile(name=name, secret_ref=name, **options)
+        providers[name] = ProviderConfig(profile, secrets, forward_to)
+
+    token = None
+    token_env = gateway.get("outbound_token_env")
+    if token_env is not None:
+        if not isinstance(token_env, str):
+            raise ConfigurationError("[gateway] outbound_token_env must be a variable name")
+        token = env.get(token_env) or None
+    kwargs = {k: v for k, v in gateway.items() if k != "outbound_token_env"}
+    config = GatewayConfig(
+        **kwargs,
+        outbound_token=token,
+        security=security,
+        retry=retry,
+        providers=providers,
+        targets=targets,
+        base_dir=base_dir or Path.cwd(),
+    )
+    check_gateway_settings(config)
+    return config
+
+
+def _security_kwargs(table: dict[str, Any]) -> dict[str, Any]:
+    out = dict(table)
+    for key in ("allowed_content_types", "ip_allowlist"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def check_gateway_settings(config: GatewayConfig) -> None:
+    """Validate the ``[gateway]`` settings of ``config``.
+
+    Raises:
+        ConfigurationError: For an invalid setting.
+    """
+    if not isinstance(config.bind, str) or not config.bind:
+        raise ConfigurationError("[gateway] bind must be an address")
+    port = config.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError("[gateway] port must be 0-65535")
+    if not isinstance(config.store, str):
+        raise ConfigurationError("[gateway] store must be 'memory', 'file:PATH' or 'sqlite:PATH'")
+    kind, _, path = config.store.partition(":")
+    if kind not in ("memory", "file", "sqlite") or (kind != "memory" and not path):
+        raise ConfigurationError(
+            f"[gateway] store {config.store!r}: use 'memory', 'file:PATH' or 'sqlite:PATH'"
+        )
+    if config.log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
+    if not isinstance(config.log_events, bool):
+        raise ConfigurationError("[gateway] log_events must be true or false")
+
+
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Read and validate a gateway TOML file.
+
+    Raises:
+        ConfigurationError: If the file is missing, not TOML, or invalid.
+    """
+    location = Path(path)
+    try:
+        data = tomllib.loads(location.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {location}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{location} is not valid TOML: {exc}") from exc
+    return parse_config(data, env=env, warn=warn)
+
+
+def open_store(spec: str, base_dir: Path) -> Store:
+    """Open the store a ``store = "..."`` setting names.
+
+    Raises:
+        ConfigurationError: For an unknown kind.
+    """
+    from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
+
+    kind, _, path = spec.partition(":")
+    if kind == "memory":
+        return MemoryStore()
+    location = Path(path).expanduser()
+    if not location.is_absolute():
+        location = base_dir / location
+    if kind == "file":
+        return FileStore(str(location), locking=True)
+    if kind == "sqlite":
+        return SQLiteStore(location, serializer="json")
+    raise ConfigurationError(f"unknown store kind {kind!r}")
+
+
+def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
+    """Build the connector and gateway a configuration describes."""
+    connector = WebhookConnector(
+        provider_profiles={name: p.profile for name, p in config.providers.items()},
+        secrets={name: p.secrets for name, p in config.providers.items()},
+        security_policy=config.security,
+        retry_policy=config.retry,
+        store=store,
+        connector_id=config.connector_id,
+        targets=[t.target for t in config.targets.values()],
+        inbound_routes={n: p.forward_to for n, p in config.providers.items() if p.forward_to},
+        max_in_flight=config.max_in_flight,
+    )
+    return WebhookGateway(connector, outbound_token=config.outbound_token)
