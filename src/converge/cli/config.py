@@ -298,9 +298,9 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
 
 def load_config(
-    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None, warn: bool = True
 ) -> GatewayConfig:
-    """Read and validate a gateway TOML file.
+    """Read and validate a gateway TOML file (see :func:`parse_config`).
 
     Raises:
         ConfigurationError: If the file is missing, not TOML, or invalid.
