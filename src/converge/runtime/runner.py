@@ -457,8 +457,11 @@ async def arun_agents(
     drain_timeout = _check_timeout("drain_timeout", drain_timeout)
     if until is not None and not callable(until):
         raise UsageError("until must be callable or None")
-    if isinstance(messages, Message) or not isinstance(messages, Sequence):
+    if isinstance(messages, str | Message) or not isinstance(messages, Sequence):
         raise UsageError("messages must be a sequence of Message")
+    for message in messages:
+        if not isinstance(message, Message):
+            raise UsageError(f"messages must be Message instances, not {message!r}")
     predicate: Callable[[AgentRunner], bool] = until if until is not None else _idle
     bus = MessageBus(hooks=hooks, inbox_size=inbox_size)
     runner = AgentRunner(
