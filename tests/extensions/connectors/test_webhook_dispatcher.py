@@ -1,0 +1,409 @@
+"""Outbound delivery: persisted before accepted, retried on schedule, never lost."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import standardwebhooks
+from webhook_helpers import HMAC_SECRET, TARGET_SECRET, Receiver, eventually
+
+from converge.core.message import Message
+from converge.core.store import Store
+from converge.errors import UsageError
+from converge.extensions.connectors import (
+    OutboundRequest,
+    OutboundResponse,
+    OutboundTarget,
+    OutboundWebhookAction,
+    ProviderProfile,
+    WebhookConnector,
+    WebhookRetryPolicy,
+)
+from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+FAST = WebhookRetryPolicy(max_attempts=5, base_delay_sec=0.01, max_delay_sec=0.05,
+                          jitter_ratio=0.0, request_timeout_sec=2.0)
+
+
+class FakeClock:
+    """Wall-clock stand-in: time moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sender:
+    """An ``outbound_sender`` scripted per attempt; records every request."""
+
+    def __init__(self, *replies: int | OutboundResponse) -> None:
+        self.replies = list(replies)
+        self.requests: list[OutboundRequest] = []
+        self.default: int | OutboundResponse = 200
+
+    async def __call__(self, request: OutboundRequest) -> int | OutboundResponse:
+        self.requests.append(request)
+        await anyio.lowlevel.checkpoint()
+        return self.replies.pop(0) if self.replies else self.default
+
+
+def make(store: Store | None = None, **kw: Any) -> WebhookConnector:
+    kw.setdefault("retry_policy", FAST)
+    kw.setdefault("targets", [OutboundTarget("app", "http://127.0.0.1:9/hook")])
+    return WebhookConnector(
+        provider_profiles={"p": ProviderProfile("p", "p")},
+        secrets={"p": HMAC_SECRET},
+        store=store or MemoryStore(),
+        **kw,
+    )
+
+
+def action(n: int = 0, **kw: Any) -> OutboundWebhookAction:
+    kw.setdefault("url", "http://127.0.0.1:9/hook")
+    return OutboundWebhookAction(target=kw.pop("target", "app"), method="POST",
+                                 body={"n": n}, **kw)
+
+
+@asynccontextmanager
+async def dispatching(c: WebhookConnector, poll: float = 0.01) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(c.run_outbound_dispatcher, poll_interval_sec=poll))
+        await eventually(lambda: c.dispatcher.running)
+        try:
+            yield
+        finally:
+            c.stop_dispatcher()
+
+
+async def test_an_action_is_persisted_before_submit_returns(any_store: Store) -> None:
+    c = make(any_store)
+    await c.submit_outbound_action(action(1))
+    reopened = make(any_store)
+    (record_id,) = await reopened.outbox.pending_ids()
+    record = await reopened.outbox.get(record_id)
+    assert record is not None and record.action.body == {"n": 1} and record.attempts == 0
+
+
+async def test_a_receiver_that_fails_then_recovers_gets_it_once_with_one_key() -> None:
+    sender = Sender(503, 500, 200)
+    c = make(outbound_sender=sender)
+    async with dispatching(c):
+        await c.submit_outbound_action(action(7))
+        await eventually(lambda: len(sender.requests) == 3)
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    keys = {r.headers["idempotency-key"] for r in sender.requests}
+    assert len(keys) == 1 and [r.attempt for r in sender.requests] == [1, 2, 3]
+    assert await c.apending_count() == 0 and await c.alist_dead_letters() == []
+    assert c.metrics.get("webhook_outbound_retried_total", labels={"target": "app"}) == 2
+    assert c.metrics.get("webhook_outbound_sent_total", labels={"target": "app"}) == 1
+
+
+async def test_a_given_idempotency_key_is_sent_and_deduplicates_submissions() -> None:
+    sender = Sender()
+    c = make(outbound_sender=sender)
+    await c.submit_outbound_action(action(1, idempotency_key="order-42"))
+    await c.submit_outbound_action(action(2, idempotency_key="order-42"))
+    assert await c.apending_count() == 1
+    async with dispatching(c):
+        await eventually(lambda: len(sender.requests) == 1)
+    assert sender.requests[0].headers["idempotency-key"] == "order-42"
+
+
+async def test_retry_after_is_honoured_on_virtual_time() -> None:
+    clock = FakeClock()
+    sender = Sender(OutboundResponse(429, {"Retry-After": "120"}))
+    c = make(outbound_sender=sender, clock=clock)
+    async with dispatching(c):
+        await c.submit_outbound_action(action())
+        await eventually(lambda: len(sender.requests) == 1)
+        await eventually(lambda: c.dispatcher.backlog == 1 and c.dispatcher._schedule.running == 0)
+        (record_id,) = await c.outbox.pending_ids()
+        record = await c.outbox.get(record_id)
+        assert record is not None and record.due == pytest.approx(clock.now + 120)
+        assert (record.attempts, record.last_status) == (1, 429)
+        clock.now += 119
+        await anyio.sleep(0.05)
+        assert len(sender.requests) == 1
+        clock.now += 1
+        await eventually(lambda: len(sender.requests) == 2)
+        await eventually(lambda: c.dispatcher.backlog == 0)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 410, 422])
+async def test_permanent_failures_are_dead_lettered_at_once(status: int) -> None:
+    sender = Sender(status)
+    c = make(outbound_sender=sender)
+    async with dispatching(c):
+        await c.submit_outbound_action(action())
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    (letter,) = await c.alist_dead_letters()
+    assert (letter.attempts, letter.last_status, letter.reason) == (1, status, f"status {status}")
+    assert len(sender.requests) == 1 and await c.apending_count() == 0
+
+
+async def test_dead_letters_are_replayable_with_a_fresh_budget(any_store: Store) -> None:
+    sender = Sender(503, 503)
+    policy = WebhookRetryPolicy(max_attempts=2, base_delay_sec=0.01, max_delay_sec=0.01,
+                                jitter_ratio=0.0)
+    c = make(any_store, outbound_sender=sender, retry_policy=policy)
+    async with dispatching(c):
+        await c.submit_outbound_action(action(3))
+        await eventually(lambda: c.dispatcher.backlog == 0)
+        (letter,) = await c.alist_dead_letters()
+        assert letter.reason.startswith("max attempts") and letter.attempts == 2
+        assert await c.areplay_dead_letter(letter.id)
+        assert not await c.areplay_dead_letter(letter.id)
+        await eventually(lambda: len(sender.requests) == 3)
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert await c.alist_dead_letters() == [] and await c.apending_count() == 0
+    assert c.metrics.get("webhook_outbound_dead_lettered_total",
+                         labels={"target": "app", "reason": "max"}) == 1
+
+
+async def test_a_deadline_ends_retries() -> None:
+    clock = FakeClock()
+    sender = Sender()
+    sender.default = 503
+    policy = WebhookRetryPolicy(base_delay_sec=60, max_delay_sec=60, jitter_ratio=0.0)
+    c = make(outbound_sender=sender, clock=clock, retry_policy=policy)
+    async with dispatching(c):
+        await c.submit_outbound_action(action(deadline=clock.now + 30))
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    (letter,) = await c.alist_dead_letters()
+    assert letter.reason.startswith("deadline") and len(sender.requests) == 1
+
+
+async def test_an_expired_action_is_not_attempted() -> None:
+    clock = FakeClock()
+    sender = Sender()
+    c = make(outbound_sender=sender, clock=clock)
+    await c.submit_outbound_action(action(deadline=clock.now - 1))
+    async with dispatching(c):
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert sender.requests == [] and len(await c.alist_dead_letters()) == 1
+
+
+async def test_an_open_circuit_defers_actions_and_a_probe_releases_them() -> None:
+    clock = FakeClock()
+    sender = Sender()
+    sender.default = 503
+    policy = WebhookRetryPolicy(max_attempts=100, base_delay_sec=1, max_delay_sec=1,
+                                jitter_ratio=0.0)
+    c = make(outbound_sender=sender, clock=clock, retry_policy=policy,
+             breaker_failure_threshold=2, breaker_recovery_timeout_sec=30,
+             targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=1)])
+    async with dispatching(c):
+        for n in range(5):
+            await c.submit_outbound_action(action(n))
+        await eventually(lambda: len(sender.requests) == 2)
+        await eventually(lambda: c.breaker("app").state == "open")
+        clock.now += 5  # retries are due, but the circuit is open: no attempts
+        await anyio.sleep(0.1)
+        assert len(sender.requests) == 2
+        sender.default = 200
+        clock.now += 25  # recovery timeout over: one probe, then the rest
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert c.breaker("app").state == "closed"
+    assert sorted(json.loads(r.content)["n"] for r in sender.requests[2:]) == [0, 1, 2, 3, 4]
+    assert await c.alist_dead_letters() == []
+
+
+async def test_concurrency_limits_hold_per_target_and_overall() -> None:
+    running: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+    total = [0, 0]
+    gate = anyio.Event()
+
+    async def sender(request: OutboundRequest) -> int:
+        target = request.url.rsplit("/", 1)[-1]
+        running[target] += 1
+        total[0] += 1
+        peak[target] = max(peak[target], running[target])
+        total[1] = max(total[1], total[0])
+        await gate.wait()
+        running[target] -= 1
+        total[0] -= 1
+        return 200
+
+    targets = [OutboundTarget("a", "http://127.0.0.1:9/a", max_concurrency=2),
+               OutboundTarget("b", "http://127.0.0.1:9/b", max_concurrency=3)]
+    c = make(outbound_sender=sender, targets=targets, max_in_flight=4)
+    async with dispatching(c):
+        for n in range(6):
+            await c.submit_outbound_action(action(n, target="a", url="http://127.0.0.1:9/a"))
+            await c.submit_outbound_action(action(n, target="b", url="http://127.0.0.1:9/b"))
+        await eventually(lambda: total[0] == 4)
+        await anyio.sleep(0.05)
+        assert peak["a"] <= 2 and peak["b"] <= 3 and total[1] == 4
+        gate.set()
+        await eventually(lambda: c.dispatcher.backlog == 0)
+
+
+async def test_signed_targets_send_standard_webhooks_headers() -> None:
+    sender = Sender()
+    targets = [OutboundTarget("app", "http://127.0.0.1:9/hook", signing_secret=TARGET_SECRET),
+               OutboundTarget("plain", "http://127.0.0.1:9/plain")]
+    c = make(outbound_sender=sender, targets=targets)
+    async with dispatching(c):
+        await c.submit_outbound_action(action(1))
+        await c.submit_outbound_action(action(2, target="plain", url="http://127.0.0.1:9/plain"))
+        await eventually(lambda: len(sender.requests) == 2)
+    signed = next(r for r in sender.requests if r.url.endswith("/hook"))
+    plain = next(r for r in sender.requests if r.url.endswith("/plain"))
+    assert standardwebhooks.Webhook(TARGET_SECRET).verify(signed.content, signed.headers) == {"n": 1}
+    assert signed.headers["webhook-id"] == signed.action_id
+    assert "webhook-signature" not in plain.headers
+
+
+async def test_a_sender_that_raises_counts_as_no_answer() -> None:
+    calls = []
+
+    async def sender(request: OutboundRequest) -> int:
+        calls.append(request)
+        if len(calls) == 1:
+            raise ConnectionResetError("peer went away")
+        return 204
+
+    c = make(outbound_sender=sender)
+    async with dispatching(c):
+        await c.submit_outbound_action(action())
+        await eventually(lambda: len(calls) == 2 and c.dispatcher.backlog == 0)
+    assert await c.alist_dead_letters() == []
+
+
+async def test_actions_submitted_by_another_process_are_found_by_polling(tmp_path: Path) -> None:
+    sender = Sender()
+    store = SQLiteStore(tmp_path / "shared.sqlite3")
+    other = SQLiteStore(tmp_path / "shared.sqlite3")
+    c = make(store, outbound_sender=sender)
+    async with dispatching(c, poll=0.02):
+        await make(other).submit_outbound_action(action(9))
+        await eventually(lambda: len(sender.requests) == 1)
+    await store.aclose()
+    await other.aclose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "file"])
+async def test_a_connector_restarted_mid_flight_loses_nothing(
+    kind: str, tmp_path: Path, receiver: tuple[Receiver, str]
+) -> None:
+    recv, url = receiver
+    recv.delay = 0.02
+
+    def open_store() -> Store:
+        if kind == "sqlite":
+            return SQLiteStore(tmp_path / "outbox.sqlite3")
+        return FileStore(str(tmp_path / "outbox"), locking=True)
+
+    targets = [OutboundTarget("app", f"{url}/events", max_concurrency=4)]
+    first_store = open_store()
+    first = make(first_store, targets=targets)
+    for n in range(30):
+        await first.submit_outbound_action(action(n, url=f"{url}/events"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(first.run_outbound_dispatcher, poll_interval_sec=0.01))
+        await eventually(lambda: len(recv.requests) >= 5)
+        tg.cancel_scope.cancel()  # the process "dies" with attempts in flight
+    await first.aclose()
+    await first_store.aclose()
+    assert len(recv.keys()) < 30
+
+    second_store = open_store()
+    second = make(second_store, targets=targets)
+    async with dispatching(second):
+        await eventually(lambda: len(recv.keys()) == 30, timeout=20)
+        await eventually(lambda: second.dispatcher.backlog == 0)
+    assert await second.apending_count() == 0 and await second.alist_dead_letters() == []
+    bodies = {json.loads(r.body)["n"] for r in recv.delivered()}
+    assert bodies == set(range(30))
+    await second_store.aclose()
+
+
+async def test_redirects_are_not_followed(receiver: tuple[Receiver, str]) -> None:
+    recv, url = receiver
+    recv.status_for = lambda r: 302 if r.path == "/moved" else 200
+    c = make(targets=[OutboundTarget("app", f"{url}/moved")],
+             retry_policy=WebhookRetryPolicy(max_attempts=2, base_delay_sec=0.01,
+                                             max_delay_sec=0.01, jitter_ratio=0))
+    async with dispatching(c):
+        await c.submit_outbound_action(action(url=f"{url}/moved"))
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert [r.path for r in recv.delivered()] == ["/moved", "/moved"]
+    (letter,) = await c.alist_dead_letters()
+    assert letter.last_status == 302
+
+
+async def test_a_slow_receiver_hits_the_per_attempt_timeout(receiver: tuple[Receiver, str]) -> None:
+    recv, url = receiver
+    recv.delay = 1.0
+    policy = WebhookRetryPolicy(max_attempts=1, request_timeout_sec=0.1)
+    c = make(targets=[OutboundTarget("app", f"{url}/slow")], retry_policy=policy)
+    async with dispatching(c):
+        await c.submit_outbound_action(action(url=f"{url}/slow"))
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    (letter,) = await c.alist_dead_letters()
+    assert "timeout" in letter.reason
+
+
+async def test_real_http_delivery_carries_key_and_verifiable_signature(
+    receiver: tuple[Receiver, str],
+) -> None:
+    recv, url = receiver
+    recv.fail_next = 2
+    c = make(targets=[OutboundTarget("app", f"{url}/events", signing_secret=TARGET_SECRET)])
+    async with dispatching(c):
+        await c.submit_outbound_action(action(5, url=f"{url}/events"))
+        await eventually(lambda: len(recv.requests) == 3 and c.dispatcher.backlog == 0)
+    requests = recv.delivered()
+    assert len({r.headers["idempotency-key"] for r in requests}) == 1
+    for r in requests:
+        assert standardwebhooks.Webhook(TARGET_SECRET).verify(r.body, r.headers) == {"n": 5}
+
+
+async def test_submit_outbound_message_maps_target_body_and_key() -> None:
+    sender = Sender()
+    c = make(outbound_sender=sender)
+    explicit = Message(sender="agent", payload={"target": "app", "body": {"x": 1}})
+    whole = Message(sender="agent", recipient="app", payload={"y": 2})
+    await c.submit_outbound_message(explicit)
+    await c.submit_outbound_message(whole)
+    async with dispatching(c):
+        await eventually(lambda: len(sender.requests) == 2)
+    by_key = {r.headers["idempotency-key"]: json.loads(r.content) for r in sender.requests}
+    assert by_key[explicit.id] == {"x": 1}
+    assert by_key[whole.id]["payload"] == {"y": 2} and by_key[whole.id]["id"] == whole.id
+    with pytest.raises(UsageError):
+        await c.submit_outbound_message(Message(sender="a", recipient="nowhere", payload={}))
+    with pytest.raises(UsageError):
+        await c.submit_outbound_message(Message(sender="a", payload={"target": "app", "body": 3}))
+
+
+async def test_dispatch_outbound_action_makes_one_attempt() -> None:
+    sender = Sender(503, 200)
+    c = make(outbound_sender=sender)
+    assert not await c.dispatch_outbound_action(action())
+    assert await c.dispatch_outbound_action(action())
+    assert len(sender.requests) == 2 and await c.apending_count() == 0
+    with pytest.raises(UsageError):
+        await c.dispatch_outbound_action({"target": "app"})  # type: ignore[arg-type]
+
+
+async def test_the_dispatcher_refuses_a_second_run_and_bad_intervals() -> None:
+    c = make(outbound_sender=Sender())
+    with pytest.raises(UsageError):
+        await c.run_outbound_dispatcher(poll_interval_sec=0)
+    async with dispatching(c):
+        with pytest.raises(UsageError):
+            await c.run_outbound_dispatcher()
