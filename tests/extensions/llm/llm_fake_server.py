@@ -147,7 +147,9 @@ class FakeLLMServer:
         out_headers += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
         if reply.events is None:
             out_headers.append((b"content-length", str(len(reply.body)).encode()))
-            await send({"type": "http.response.start", "status": reply.status, "headers": out_headers})
+            await send(
+                {"type": "http.response.start", "status": reply.status, "headers": out_headers}
+            )
             await send({"type": "http.response.body", "body": reply.body})
             return
         await send({"type": "http.response.start", "status": reply.status, "headers": out_headers})
@@ -239,57 +241,126 @@ def _sse(frames: Iterable[tuple[str | None, Any]]) -> Reply:
 
 
 def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-def openai_chat(text: str, *, prompt_tokens: int = 11, completion_tokens: int = 7,
-                headers: Mapping[str, str] | None = None) -> Reply:
+def openai_chat(
+    text: str,
+    *,
+    prompt_tokens: int = 11,
+    completion_tokens: int = 7,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
     """A ``chat.completion`` with one text choice."""
-    return _json({
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": text}}],
-        "usage": _openai_usage(prompt_tokens, completion_tokens),
-    }, headers)
+    return _json(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": _openai_usage(prompt_tokens, completion_tokens),
+        },
+        headers,
+    )
 
 
-def openai_tool_call(name: str, arguments: str, *, prompt_tokens: int = 11,
-                     completion_tokens: int = 7) -> Reply:
+def openai_tool_call(
+    name: str, arguments: str, *, prompt_tokens: int = 11, completion_tokens: int = 7
+) -> Reply:
     """A ``chat.completion`` whose choice is one function tool call."""
-    return _json({
-        "id": "chatcmpl-2", "object": "chat.completion", "created": 1_700_000_000,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
-                     "message": {"role": "assistant", "content": None, "tool_calls": [
-                         {"id": "call_1", "type": "function",
-                          "function": {"name": name, "arguments": arguments}}]}}],
-        "usage": _openai_usage(prompt_tokens, completion_tokens),
-    })
+    return _json(
+        {
+            "id": "chatcmpl-2",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "logprobs": None,
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": name, "arguments": arguments},
+                            }
+                        ],
+                    },
+                }
+            ],
+            "usage": _openai_usage(prompt_tokens, completion_tokens),
+        }
+    )
 
 
-def openai_stream(deltas: Iterable[str], *, prompt_tokens: int = 11,
-                  completion_tokens: int = 7, usage: bool = True) -> Reply:
+def openai_stream(
+    deltas: Iterable[str],
+    *,
+    prompt_tokens: int = 11,
+    completion_tokens: int = 7,
+    usage: bool = True,
+) -> Reply:
     """An SSE stream of ``chat.completion.chunk`` deltas, a usage chunk, then ``[DONE]``."""
-    base = {"id": "chatcmpl-3", "object": "chat.completion.chunk", "created": 1_700_000_000,
-            "model": "gpt-4o-mini"}
+    base = {
+        "id": "chatcmpl-3",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "gpt-4o-mini",
+    }
     frames: list[tuple[str | None, Any]] = [
-        (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}]})]
-    frames += [(None, {**base, "choices": [{"index": 0, "delta": {"content": d},
-                                            "finish_reason": None}]}) for d in deltas]
-    frames.append((None, {**base, "choices": [{"index": 0, "delta": {},
-                                               "finish_reason": "stop"}]}))
+        (
+            None,
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            },
+        )
+    ]
+    frames += [
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
+        for d in deltas
+    ]
+    frames.append((None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     if usage:
-        frames.append((None, {**base, "choices": [],
-                              "usage": _openai_usage(prompt_tokens, completion_tokens)}))
+        frames.append(
+            (
+                None,
+                {**base, "choices": [], "usage": _openai_usage(prompt_tokens, completion_tokens)},
+            )
+        )
     frames.append((None, "[DONE]"))
     return _sse(frames)
 
 
-def openai_error(status: int, message: str = "error", *, type_: str = "invalid_request_error",
-                 headers: Mapping[str, str] | None = None) -> Reply:
+def openai_error(
+    status: int,
+    message: str = "error",
+    *,
+    type_: str = "invalid_request_error",
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
     """An OpenAI-style error body."""
     return error(status, {"error": {"message": message, "type": type_, "code": None}}, headers)
 
@@ -298,20 +369,40 @@ def openai_error(status: int, message: str = "error", *, type_: str = "invalid_r
 
 
 def _anthropic_msg(content: list[dict[str, Any]], stop: str, inp: int, out: int) -> dict[str, Any]:
-    return {"id": "msg_1", "type": "message", "role": "assistant",
-            "model": "claude-sonnet-4-20250514", "content": content, "stop_reason": stop,
-            "stop_sequence": None, "usage": {"input_tokens": inp, "output_tokens": out}}
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-20250514",
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": inp, "output_tokens": out},
+    }
 
 
-def anthropic_message(text: str, *, input_tokens: int = 13, output_tokens: int = 5,
-                      headers: Mapping[str, str] | None = None) -> Reply:
+def anthropic_message(
+    text: str,
+    *,
+    input_tokens: int = 13,
+    output_tokens: int = 5,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
     """A ``message`` with one text block."""
-    return _json(_anthropic_msg([{"type": "text", "text": text}], "end_turn",
-                                input_tokens, output_tokens), headers)
+    return _json(
+        _anthropic_msg([{"type": "text", "text": text}], "end_turn", input_tokens, output_tokens),
+        headers,
+    )
 
 
-def anthropic_tool_use(name: str, tool_input: Any, *, input_tokens: int = 13,
-                       output_tokens: int = 5, preamble: str | None = None) -> Reply:
+def anthropic_tool_use(
+    name: str,
+    tool_input: Any,
+    *,
+    input_tokens: int = 13,
+    output_tokens: int = 5,
+    preamble: str | None = None,
+) -> Reply:
     """A ``message`` whose content is a ``tool_use`` block (after optional text)."""
     blocks: list[dict[str, Any]] = []
     if preamble is not None:
@@ -320,32 +411,53 @@ def anthropic_tool_use(name: str, tool_input: Any, *, input_tokens: int = 13,
     return _json(_anthropic_msg(blocks, "tool_use", input_tokens, output_tokens))
 
 
-def anthropic_stream(deltas: Iterable[str], *, input_tokens: int = 13,
-                     output_tokens: int = 5) -> Reply:
+def anthropic_stream(
+    deltas: Iterable[str], *, input_tokens: int = 13, output_tokens: int = 5
+) -> Reply:
     """The Messages API event stream for one text block."""
     start = _anthropic_msg([], "", input_tokens, 1)
     start["stop_reason"] = None
     frames: list[tuple[str | None, Any]] = [
         ("message_start", {"type": "message_start", "message": start}),
-        ("content_block_start", {"type": "content_block_start", "index": 0,
-                                 "content_block": {"type": "text", "text": ""}}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
         ("ping", {"type": "ping"}),
     ]
-    frames += [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                        "delta": {"type": "text_delta", "text": d}})
-               for d in deltas]
+    frames += [
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}},
+        )
+        for d in deltas
+    ]
     frames += [
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta",
-                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": output_tokens}}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            },
+        ),
         ("message_stop", {"type": "message_stop"}),
     ]
     return _sse(frames)
 
 
-def anthropic_error(status: int, message: str = "error", *, type_: str = "api_error",
-                    headers: Mapping[str, str] | None = None) -> Reply:
+def anthropic_error(
+    status: int,
+    message: str = "error",
+    *,
+    type_: str = "api_error",
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
     """An Anthropic-style error body."""
     return error(status, {"type": "error", "error": {"type": type_, "message": message}}, headers)
 
@@ -353,44 +465,103 @@ def anthropic_error(status: int, message: str = "error", *, type_: str = "api_er
 # -- Mistral -------------------------------------------------------------------------
 
 
-def mistral_chat(text: str, *, prompt_tokens: int = 17, completion_tokens: int = 3,
-                 headers: Mapping[str, str] | None = None) -> Reply:
+def mistral_chat(
+    text: str,
+    *,
+    prompt_tokens: int = 17,
+    completion_tokens: int = 3,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
     """A Mistral ``chat.completion`` with one text choice."""
-    return _json({
-        "id": "cmpl-1", "object": "chat.completion", "created": 1_700_000_000,
-        "model": "mistral-small-latest",
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": text, "tool_calls": None}}],
-        "usage": _openai_usage(prompt_tokens, completion_tokens),
-    }, headers)
+    return _json(
+        {
+            "id": "cmpl-1",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "mistral-small-latest",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text, "tool_calls": None},
+                }
+            ],
+            "usage": _openai_usage(prompt_tokens, completion_tokens),
+        },
+        headers,
+    )
 
 
-def mistral_tool_call(name: str, arguments: str, *, prompt_tokens: int = 17,
-                      completion_tokens: int = 3) -> Reply:
+def mistral_tool_call(
+    name: str, arguments: str, *, prompt_tokens: int = 17, completion_tokens: int = 3
+) -> Reply:
     """A Mistral ``chat.completion`` whose choice is one function tool call."""
-    return _json({
-        "id": "cmpl-2", "object": "chat.completion", "created": 1_700_000_000,
-        "model": "mistral-small-latest",
-        "choices": [{"index": 0, "finish_reason": "tool_calls",
-                     "message": {"role": "assistant", "content": "", "tool_calls": [
-                         {"id": "abc123def", "type": "function",
-                          "function": {"name": name, "arguments": arguments}}]}}],
-        "usage": _openai_usage(prompt_tokens, completion_tokens),
-    })
+    return _json(
+        {
+            "id": "cmpl-2",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "mistral-small-latest",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "id": "abc123def",
+                                "type": "function",
+                                "function": {"name": name, "arguments": arguments},
+                            }
+                        ],
+                    },
+                }
+            ],
+            "usage": _openai_usage(prompt_tokens, completion_tokens),
+        }
+    )
 
 
-def mistral_stream(deltas: Iterable[str], *, prompt_tokens: int = 17,
-                   completion_tokens: int = 3) -> Reply:
+def mistral_stream(
+    deltas: Iterable[str], *, prompt_tokens: int = 17, completion_tokens: int = 3
+) -> Reply:
     """A Mistral SSE stream; the last chunk carries ``finish_reason`` and usage."""
-    base = {"id": "cmpl-3", "object": "chat.completion.chunk", "created": 1_700_000_000,
-            "model": "mistral-small-latest"}
+    base = {
+        "id": "cmpl-3",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "mistral-small-latest",
+    }
     frames: list[tuple[str | None, Any]] = [
-        (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}]})]
-    frames += [(None, {**base, "choices": [{"index": 0, "delta": {"content": d},
-                                            "finish_reason": None}]}) for d in deltas]
-    frames.append((None, {**base, "choices": [{"index": 0, "delta": {"content": ""},
-                                               "finish_reason": "stop"}],
-                          "usage": _openai_usage(prompt_tokens, completion_tokens)}))
+        (
+            None,
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            },
+        )
+    ]
+    frames += [
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
+        for d in deltas
+    ]
+    frames.append(
+        (
+            None,
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}],
+                "usage": _openai_usage(prompt_tokens, completion_tokens),
+            },
+        )
+    )
     frames.append((None, "[DONE]"))
     return _sse(frames)

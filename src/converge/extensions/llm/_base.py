@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import math
 import os
+import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -35,7 +36,7 @@ from converge.extensions.llm._retry import Failure, RetryPolicy, acall_with_retr
 from converge.extensions.llm.protocol import Usage
 from converge.extensions.llm.stream import ChatStream
 
-__all__ = ["SDKProvider", "UsageCounter", "import_sdk", "usage_from"]
+__all__ = ["SDKProvider", "UsageCounter", "import_sdk", "shared_ssl_context", "usage_from"]
 
 C = TypeVar("C")
 
@@ -49,6 +50,25 @@ def import_sdk(module: str, extra: str) -> ModuleType:
             f"the {module!r} package is needed for this provider; "
             f"install it with: pip install 'converge[{extra}]'"
         ) from exc
+
+
+_ssl_lock = threading.Lock()
+_ssl_context: ssl.SSLContext | None = None
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context for every HTTP client the providers create.
+
+    Building a context (loading the trust store) costs tens of milliseconds; httpx
+    recommends sharing one, and it is safe across threads and loops.
+    """
+    global _ssl_context
+    with _ssl_lock:
+        if _ssl_context is None:
+            import httpx2  # every supported SDK's HTTP dependency
+
+            _ssl_context = httpx2.create_ssl_context()
+        return _ssl_context
 
 
 def _count(value: Any) -> int:
@@ -374,9 +394,7 @@ class SDKProvider:
             ``(text, usage)``.
         """
         name = f"{type(self).__name__}.achat_with_usage"
-        return self._sync_portal().call(
-            self.achat_with_usage, messages, async_name=name, **kwargs
-        )
+        return self._sync_portal().call(self.achat_with_usage, messages, async_name=name, **kwargs)
 
     # -- closing -----------------------------------------------------------------------
 

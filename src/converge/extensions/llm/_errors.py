@@ -64,7 +64,9 @@ def from_status(
     retry_after = parse_retry_after(headers, now)
     if status in (401, 403):
         hint = " (check the API key and its permissions)"
-        return Failure(ProviderAuthError(message + hint, provider=provider, status_code=status), False)
+        return Failure(
+            ProviderAuthError(message + hint, provider=provider, status_code=status), False
+        )
     if status == 429:
         error: ProviderError = ProviderRateLimitError(
             message, provider=provider, status_code=status, retry_after=retry_after
@@ -106,7 +108,9 @@ def _transport(exc: Exception, provider: str) -> Failure | None:
     return None
 
 
-def classify_stainless(exc: Exception, sdk: ModuleType, provider: str, now: float) -> Failure | None:
+def classify_stainless(
+    exc: Exception, sdk: ModuleType, provider: str, now: float
+) -> Failure | None:
     """Classify an exception from the ``openai`` or ``anthropic`` SDK (same error tree).
 
     Args:
@@ -136,7 +140,9 @@ def classify_stainless(exc: Exception, sdk: ModuleType, provider: str, now: floa
     return _transport(exc, provider)
 
 
-def classify_mistral(exc: Exception, errors: ModuleType, provider: str, now: float) -> Failure | None:
+def classify_mistral(
+    exc: Exception, errors: ModuleType, provider: str, now: float
+) -> Failure | None:
     """Classify an exception from the ``mistralai`` SDK.
 
     Args:

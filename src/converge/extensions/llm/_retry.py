@@ -61,7 +61,9 @@ class RetryPolicy:
     jitter: float = 0.2
     max_retry_after: float = 60.0
     deadline: float | None = 180.0
-    sleep: Callable[[float], Awaitable[None]] = field(default=anyio.sleep, compare=False, repr=False)
+    sleep: Callable[[float], Awaitable[None]] = field(
+        default=anyio.sleep, compare=False, repr=False
+    )
     clock: Callable[[], float] = field(default=anyio.current_time, compare=False, repr=False)
     random: Callable[[], float] = field(default=random.random, compare=False, repr=False)
     wall_clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
@@ -87,8 +89,8 @@ class RetryPolicy:
 
     def backoff(self, retry: int, rand: float) -> float:
         """Backoff delay before retry number ``retry`` (0-based), given ``rand`` in [0, 1)."""
-        base = min(self.max_delay, self.initial_delay * 2 ** min(retry, 64))
-        return base * (1 - self.jitter * rand)
+        base = min(self.max_delay, self.initial_delay * 2.0 ** min(retry, 64))
+        return float(base * (1 - self.jitter * rand))
 
     def next_delay(
         self,

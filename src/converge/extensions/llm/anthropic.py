@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 from converge.errors import UsageError
-from converge.extensions.llm._base import SDKProvider, UsageCounter, usage_from
+from converge.extensions.llm._base import (
+    SDKProvider,
+    UsageCounter,
+    import_sdk,
+    shared_ssl_context,
+    usage_from,
+)
 from converge.extensions.llm._errors import bad_response, classify_stainless
 from converge.extensions.llm._request import ChatRequest
 from converge.extensions.llm._retry import Failure, RetryPolicy
@@ -76,7 +83,9 @@ class AnthropicProvider(SDKProvider):
     """LLM provider using the Anthropic API (``pip install "converge[llm-anthropic]"``).
 
     System messages are joined into the ``system`` parameter; ``max_tokens`` defaults to
-    1024 (the API requires one) and ``temperature`` is capped at 1.0 (the API's maximum).
+    1024 (the API requires one). ``temperature`` (capped at 1.0) and ``top_p`` are passed
+    only to SDK versions whose Messages API still takes them (anthropic 2.x does not: a
+    :class:`~converge.errors.UsageError` says so).
 
     Args:
         api_key: Anthropic API key. If None, uses the ``ANTHROPIC_API_KEY`` env var.
@@ -119,6 +128,9 @@ class AnthropicProvider(SDKProvider):
             client=client,
             retry_policy=retry_policy,
         )
+        messages = import_sdk("anthropic.resources.messages", self.extra)
+        create = messages.AsyncMessages.create
+        self._sampling = frozenset(inspect.signature(create).parameters) & {"temperature", "top_p"}
 
     def _adopt_client(self, client: Any) -> Any:
         if not isinstance(client, self._sdk.AsyncAnthropic):
@@ -128,7 +140,11 @@ class AnthropicProvider(SDKProvider):
         return client.with_options(max_retries=0, timeout=self.timeout)
 
     def _new_client(self) -> Any:
-        kwargs: dict[str, Any] = {"api_key": self._api_key, "max_retries": 0}
+        kwargs: dict[str, Any] = {
+            "api_key": self._api_key,
+            "max_retries": 0,
+            "http_client": self._sdk.DefaultAsyncHttpxClient(verify=shared_ssl_context()),
+        }
         if self.base_url is not None:
             kwargs["base_url"] = self.base_url
         if self.timeout is not None:
@@ -141,6 +157,12 @@ class AnthropicProvider(SDKProvider):
     def _check_request(self, request: ChatRequest) -> None:
         if not any(m["role"] != "system" for m in request.messages):
             raise UsageError("Anthropic needs at least one user or assistant message")
+        for option in ("temperature", "top_p"):
+            if getattr(request, option) is not None and option not in self._sampling:
+                raise UsageError(
+                    f"this anthropic SDK's Messages API takes no {option!r}; "
+                    "pass it in extra_body if your endpoint accepts it"
+                )
 
     async def _complete(self, client: Any, request: ChatRequest) -> tuple[str, Usage]:
         response = await client.messages.create(**_request_kwargs(request, stream=False))

@@ -17,7 +17,13 @@ import anyio.to_thread
 import sniffio
 
 from converge.errors import UsageError
-from converge.extensions.llm._base import SDKProvider, UsageCounter, import_sdk, usage_from
+from converge.extensions.llm._base import (
+    SDKProvider,
+    UsageCounter,
+    import_sdk,
+    shared_ssl_context,
+    usage_from,
+)
 from converge.extensions.llm._errors import bad_response, classify_mistral
 from converge.extensions.llm._request import ChatRequest
 from converge.extensions.llm._retry import Failure, RetryPolicy
@@ -172,8 +178,8 @@ class MistralProvider(SDKProvider):
     def _new_client(self) -> Any:
         import httpx2  # the SDK's own HTTP dependency
 
-        http = httpx2.Client(follow_redirects=True)
-        ahttp = httpx2.AsyncClient(follow_redirects=True)
+        http = httpx2.Client(follow_redirects=True, verify=shared_ssl_context())
+        ahttp = httpx2.AsyncClient(follow_redirects=True, verify=shared_ssl_context())
         sdk = self._sdk.Mistral(
             api_key=self._api_key,
             server_url=self.base_url,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from converge.errors import UsageError
-from converge.extensions.llm._base import SDKProvider, UsageCounter, usage_from
+from converge.extensions.llm._base import SDKProvider, UsageCounter, shared_ssl_context, usage_from
 from converge.extensions.llm._errors import bad_response, classify_stainless
 from converge.extensions.llm._request import ChatRequest
 from converge.extensions.llm._retry import Failure, RetryPolicy
@@ -128,7 +128,11 @@ class OpenAIProvider(SDKProvider):
         return client.with_options(max_retries=0, timeout=self.timeout)
 
     def _new_client(self) -> Any:
-        kwargs: dict[str, Any] = {"api_key": self._api_key, "max_retries": 0}
+        kwargs: dict[str, Any] = {
+            "api_key": self._api_key,
+            "max_retries": 0,
+            "http_client": self._sdk.DefaultAsyncHttpxClient(verify=shared_ssl_context()),
+        }
         if self.base_url is not None:
             kwargs["base_url"] = self.base_url
         if self.timeout is not None:

@@ -1,0 +1,330 @@
+"""Prompting for, and parsing of, the decision JSON a model answers with (sans-I/O).
+
+The format is the one :mod:`converge.core.decisions` defines: a list of objects whose
+``"type"`` is the decision class name::
+
+    [{"type": "SendMessage", "message": {"recipient": "b", "payload": {"text": "hi"}}},
+     {"type": "InvokeTool", "tool_name": "search", "params": {"q": "x"}},
+     {"type": "UpdateTask", "task_id": "t1", "state": "completed", "result": 42}]
+
+Model output is untrusted. :func:`parse_decisions` tolerates code fences and prose around
+the JSON, accepts ``{"decisions": [...]}`` (the structured-output tool's arguments) and a
+single decision object, and rejects everything else with
+:class:`~converge.errors.DecisionParseError`: oversized output, wrong types, unknown
+tools, invalid tool arguments, a ``SendMessage`` claiming another sender.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from converge.core.decisions import Decision, InvokeTool, decision_from_dict
+from converge.core.message import Message
+from converge.core.task import Task, TaskState
+from converge.core.tools import ToolRegistry
+from converge.errors import DecisionParseError, FormatError, ToolError, UsageError
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "EMIT_DECISIONS_TOOL",
+    "MAX_DECISIONS",
+    "MAX_OUTPUT_CHARS",
+    "decisions_tool",
+    "parse_decisions",
+    "render_turn",
+    "system_prompt",
+]
+
+EMIT_DECISIONS_TOOL = "emit_decisions"
+"""Name of the tool the structured-output path makes the model call."""
+
+MAX_OUTPUT_CHARS = 100_000
+"""Default cap on model output accepted for parsing, in characters."""
+
+MAX_DECISIONS = 64
+"""Default cap on decisions in one answer."""
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an autonomous agent in a multi-agent system. You receive messages from other "
+    "agents and task updates, and you decide what to do next."
+)
+"""The role description used when ``LLMAgent`` gets no ``system_prompt``."""
+
+_FORMAT = """Your agent id is {agent_id}.
+
+Answer with a JSON array of decisions and nothing else: no prose, no code fences.
+Each decision is an object whose "type" names it:
+- {{"type": "SendMessage", "message": {{"recipient": "<agent id or null>", \
+"topics": ["<topic>"], "payload": {{<JSON object>}}, "task_id": "<task id or null>"}}}}
+- {{"type": "UpdateTask", "task_id": "<task id>", \
+"state": "pending|running|completed|failed|cancelled", "result": <JSON value>}}{invoke}
+Answer [] when nothing needs doing."""
+
+_INVOKE = """
+- {"type": "InvokeTool", "tool_name": "<tool name>", "params": {<arguments>}}
+Invoke only the tools listed below, with arguments matching their JSON schema. Tool \
+results come back to you as "tool_observations"."""
+
+_STRUCTURED = """Your agent id is {agent_id}.
+
+Report your decisions by calling the {tool} tool exactly once, with every decision in \
+its "decisions" array (an empty array when nothing needs doing).{invoke}"""
+
+_STRUCTURED_INVOKE = """ To use a tool, add an \
+InvokeTool decision naming it; its result comes back to you as "tool_observations"."""
+
+_FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\r?\n(.*?)```", re.S)
+_MAX_SCAN_STARTS = 32
+_OBSERVATION_CHARS = 8_000
+
+
+def system_prompt(
+    agent_id: str,
+    *,
+    base: str | None = None,
+    tool_registry: ToolRegistry | None = None,
+    structured: bool = False,
+) -> str:
+    """The system prompt: role description, then the decision-format instructions.
+
+    Args:
+        agent_id: The agent's id (filled into ``SendMessage`` senders).
+        base: Role description; :data:`DEFAULT_SYSTEM_PROMPT` when None.
+        tool_registry: Tools the model may invoke. On the fallback (text) path their
+            schemas are listed in the prompt; on the structured path they are part of
+            the :func:`decisions_tool` schema instead.
+        structured: Whether the model answers through the :func:`decisions_tool` tool.
+    """
+    has_tools = tool_registry is not None and len(tool_registry) > 0
+    head = DEFAULT_SYSTEM_PROMPT if base is None else base
+    if structured:
+        invoke = _STRUCTURED_INVOKE if has_tools else ""
+        tail = _STRUCTURED.format(agent_id=agent_id, tool=EMIT_DECISIONS_TOOL, invoke=invoke)
+        return f"{head}\n\n{tail}"
+    text = f"{head}\n\n" + _FORMAT.format(agent_id=agent_id, invoke=_INVOKE if has_tools else "")
+    if has_tools:
+        assert tool_registry is not None
+        text += "\n\nTools:\n" + json.dumps(tool_registry.schemas(), ensure_ascii=False)
+    return text
+
+
+def decisions_tool(tool_registry: ToolRegistry | None = None) -> dict[str, Any]:
+    """The ``emit_decisions`` tool schema (``{"name", "description", "parameters"}``).
+
+    Its one argument, ``decisions``, is an array whose items are ``SendMessage``,
+    ``UpdateTask`` and, per registered tool, an ``InvokeTool`` variant carrying that
+    tool's own parameter schema.
+
+    Args:
+        tool_registry: Tools the model may invoke.
+    """
+    send = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["SendMessage"]},
+            "message": {
+                "type": "object",
+                "properties": {
+                    "recipient": {"type": ["string", "null"]},
+                    "topics": {"type": "array", "items": {"type": "string"}},
+                    "payload": {"type": "object"},
+                    "task_id": {"type": ["string", "null"]},
+                },
+                "required": ["payload"],
+            },
+        },
+        "required": ["type", "message"],
+    }
+    update = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["UpdateTask"]},
+            "task_id": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in TaskState]},
+            "result": {},
+        },
+        "required": ["type", "task_id", "state"],
+    }
+    variants: list[dict[str, Any]] = [send, update]
+    for tool in tool_registry or ():
+        variants.append(
+            {
+                "type": "object",
+                "description": tool.description,
+                "properties": {
+                    "type": {"type": "string", "enum": ["InvokeTool"]},
+                    "tool_name": {"type": "string", "enum": [tool.name]},
+                    "params": tool.parameters,
+                },
+                "required": ["type", "tool_name", "params"],
+            }
+        )
+    return {
+        "name": EMIT_DECISIONS_TOOL,
+        "description": "Emit this turn's decisions (messages to send, task updates, tool calls).",
+        "parameters": {
+            "type": "object",
+            "properties": {"decisions": {"type": "array", "items": {"anyOf": variants}}},
+            "required": ["decisions"],
+        },
+    }
+
+
+def _clip(value: Any) -> Any:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    if len(text) <= _OBSERVATION_CHARS:
+        return value if _is_json(value) else text
+    return text[:_OBSERVATION_CHARS] + "...(truncated)"
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def render_turn(
+    messages: Sequence[Message],
+    tasks: Sequence[Task],
+    tool_observations: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
+    """The user turn: this batch's messages, tasks and tool observations as JSON.
+
+    Args:
+        messages: Incoming messages.
+        tasks: Task updates or assignments.
+        tool_observations: ``{tool_name, params, result}`` (or ``error``) dicts from earlier
+            ``InvokeTool`` decisions; long results are truncated.
+    """
+    doc: dict[str, Any] = {
+        "messages": [
+            {
+                "id": m.id,
+                "sender": m.sender,
+                "recipient": m.recipient,
+                "topics": [t.name for t in m.topics],
+                "payload": m.to_dict()["payload"],
+                "task_id": m.task_id,
+            }
+            for m in messages
+        ],
+        "tasks": [t.to_dict() for t in tasks],
+    }
+    if tool_observations:
+        doc["tool_observations"] = [{k: _clip(v) for k, v in o.items()} for o in tool_observations]
+    return json.dumps(doc, ensure_ascii=False, default=repr)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _decision_shaped(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(item, Mapping) for item in value)
+    return isinstance(value, Mapping) and ("decisions" in value or "type" in value)
+
+
+def _extract(text: str) -> Any:
+    """The first decision-shaped JSON value in ``text``."""
+    try:
+        return _loads(text.strip())
+    except (ValueError, RecursionError):
+        pass
+    for match in _FENCE.finditer(text):
+        try:
+            value = _loads(match.group(1).strip())
+        except (ValueError, RecursionError):
+            continue
+        if _decision_shaped(value):
+            return value
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    starts = 0
+    for match in re.finditer(r"[\[{]", text):
+        starts += 1
+        if starts > _MAX_SCAN_STARTS:
+            break
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except (ValueError, RecursionError):
+            continue
+        if _decision_shaped(value):
+            return value
+    raise DecisionParseError(f"no decision JSON found in the model output: {text[:120]!r}")
+
+
+def parse_decisions(
+    text: Any,
+    *,
+    sender: str,
+    tool_registry: ToolRegistry | None = None,
+    max_chars: int = MAX_OUTPUT_CHARS,
+    max_decisions: int = MAX_DECISIONS,
+) -> list[Decision]:
+    """Parse untrusted model output into decisions; all of them or none.
+
+    Args:
+        text: The model's reply (or the structured tool call's arguments).
+        sender: The agent's id: filled into ``SendMessage`` messages; any other sender
+            the model claims is rejected.
+        tool_registry: ``InvokeTool`` decisions must name a tool registered here, with
+            arguments valid for its schema; without a registry they are rejected.
+        max_chars: Longer output is rejected unread.
+        max_decisions: More decisions than this are rejected.
+
+    Raises:
+        DecisionParseError: If the output is not a valid decision list.
+    """
+    if not isinstance(text, str):
+        raise DecisionParseError(f"model output must be text, not {type(text).__name__}")
+    if len(text) > max_chars:
+        raise DecisionParseError(
+            f"model output is {len(text)} characters, over the {max_chars}-character cap"
+        )
+    value = _extract(text)
+    if isinstance(value, Mapping) and "decisions" in value:
+        value = value["decisions"]
+    elif isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise DecisionParseError(f"decisions must be a JSON array, not {type(value).__name__}")
+    if len(value) > max_decisions:
+        raise DecisionParseError(f"{len(value)} decisions, over the cap of {max_decisions}")
+    decisions = []
+    for i, item in enumerate(value):
+        try:
+            decision = _one(item, sender, tool_registry)
+        except (FormatError, UsageError, ToolError, TypeError, ValueError) as exc:
+            if isinstance(exc, DecisionParseError):
+                raise
+            raise DecisionParseError(f"decision {i} is invalid: {exc}") from exc
+        decisions.append(decision)
+    return decisions
+
+
+def _one(item: Any, sender: str, tool_registry: ToolRegistry | None) -> Decision:
+    if not isinstance(item, Mapping):
+        raise FormatError(f"a decision is a JSON object, not {type(item).__name__}")
+    if item.get("type") == "SendMessage":
+        message = item.get("message")
+        if isinstance(message, Mapping):
+            claimed = message.get("sender")
+            if claimed is not None and claimed != sender:
+                raise FormatError(f"a SendMessage may not claim sender {claimed!r}")
+            if message.get("signature") is not None:
+                raise FormatError("a SendMessage from a model may not carry a signature")
+    decision = decision_from_dict(item, sender=sender)
+    if isinstance(decision, InvokeTool):
+        if tool_registry is None:
+            raise FormatError(f"InvokeTool {decision.tool_name!r}, but no tools are registered")
+        tool_registry.validate(decision.tool_name, decision.params)
+    return decision

@@ -1,0 +1,504 @@
+"""The three providers, on their real SDKs, against the loopback server (asyncio and trio)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import sys
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from llm_fake_server import FakeLLMServer, Reply, closed_port_url, raw
+from llm_helpers import WIRES, FakeTime, Wire
+
+from converge.errors import (
+    ClosedError,
+    ConfigurationError,
+    MissingDependencyError,
+    ProviderAuthError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRateLimitError,
+    ProviderResponseError,
+    ProviderTimeoutError,
+    SyncInEventLoopError,
+    UsageError,
+)
+from converge.extensions.llm import RetryPolicy, Usage
+from converge.extensions.llm._base import SDKProvider
+
+pytestmark = pytest.mark.anyio
+
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello"},
+]
+TOOL = {
+    "name": "emit_decisions",
+    "description": "Emit decisions.",
+    "parameters": {
+        "type": "object",
+        "properties": {"decisions": {"type": "array", "items": {"type": "object"}}},
+        "required": ["decisions"],
+    },
+}
+
+
+# -- happy paths -----------------------------------------------------------------------
+
+
+async def test_achat_returns_reply_text_and_records_usage(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("Hi there"))
+    assert await provider.achat(MESSAGES) == "Hi there"
+    assert provider.last_usage == wire.usage
+    (request,) = server.requests
+    assert request.json["model"] == provider.model
+    assert {"authorization": "Bearer test-key"}.items() <= request.headers.items() or (
+        request.headers.get("x-api-key") == "test-key"
+    )
+
+
+async def test_achat_with_usage_returns_text_and_usage_of_that_call(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("one"))
+    assert await provider.achat_with_usage(MESSAGES) == ("one", wire.usage)
+
+
+async def test_options_reach_the_api(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("ok"))
+    sampling = {"temperature": 0.5, "top_p": 0.9} if wire.name != "anthropic" else {}
+    await provider.achat(MESSAGES, model="other-model", max_tokens=42, stop="END", **sampling)
+    body = server.requests[0].json
+    assert body["model"] == "other-model"
+    assert body["max_tokens"] == 42
+    assert body.get("stop", body.get("stop_sequences")) == ["END"]
+    for key, value in sampling.items():
+        assert body[key] == value
+
+
+async def test_structured_output_returns_tool_arguments_as_json(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    arguments = json.dumps({"decisions": [{"type": "UpdateTask", "task_id": "t"}]})
+    server.push(wire.tool("emit_decisions", arguments))
+    text = await provider.achat(MESSAGES, use_structured_output=True, emit_decisions_tool=TOOL)
+    assert json.loads(text) == json.loads(arguments)
+    body = server.requests[0].json
+    (tool,) = body["tools"]
+    described = tool.get("function", tool)
+    assert described["name"] == "emit_decisions"
+    assert described.get("parameters", described.get("input_schema")) == TOOL["parameters"]
+    assert body["tool_choice"] in (
+        {"type": "function", "function": {"name": "emit_decisions"}},  # OpenAI
+        {"type": "tool", "name": "emit_decisions"},  # Anthropic
+        "any",  # Mistral: must call a tool, and only one is offered
+    )
+
+
+async def test_structured_output_falls_back_to_text_when_model_does_not_call_the_tool(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("[]"))
+    assert (
+        await provider.achat(MESSAGES, use_structured_output=True, emit_decisions_tool=TOOL) == "[]"
+    )
+
+
+async def test_stream_yields_deltas_and_usage_after_the_end(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.stream(["Hel", "lo", " world"]))
+    stream = provider.chat_stream(MESSAGES)
+    assert stream.usage is None
+    deltas = [delta async for delta in stream]
+    assert deltas == ["Hel", "lo", " world"]
+    assert stream.text == "Hello world"
+    assert stream.done
+    assert stream.usage == wire.usage
+    assert provider.last_usage == wire.usage
+
+
+async def test_stream_closed_early_releases_the_connection(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.stream(["a", "b", "c"]), wire.chat("after"))
+    async with provider.chat_stream(MESSAGES) as stream:
+        async for delta in stream:
+            assert delta == "a"
+            break
+    assert stream.done
+    with anyio.fail_after(5):
+        assert await provider.achat(MESSAGES) == "after"
+
+
+async def test_stream_open_is_retried(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    server.push(wire.error(503, "busy", None), wire.stream(["ok"]))
+    assert await provider.chat_stream(MESSAGES).acollect() == "ok"
+    assert len(server.requests) == 2
+    assert fake_time.sleeps == [0.5]
+
+
+# -- retries and typed errors ----------------------------------------------------------
+
+
+async def test_429_with_retry_after_one_second_is_retried_once_after_one_second(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    server.push(wire.error(429, "slow down", {"Retry-After": "1"}), wire.chat("done"))
+    assert await provider.achat(MESSAGES) == "done"
+    assert len(server.requests) == 2
+    assert fake_time.sleeps == [1.0]
+
+
+async def test_retry_after_ms_header_wins_over_retry_after(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    headers = {"retry-after-ms": "250", "retry-after": "9"}
+    server.push(wire.error(429, "slow down", headers), wire.chat("done"))
+    assert await provider.achat(MESSAGES) == "done"
+    assert fake_time.sleeps == [0.25]
+
+
+async def test_retry_after_http_date_is_honoured(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    when = email.utils.formatdate(fake_time.wall + 3, usegmt=True)
+    server.push(wire.error(503, "maintenance", {"Retry-After": when}), wire.chat("back"))
+    assert await provider.achat(MESSAGES) == "back"
+    assert fake_time.sleeps == [3.0]
+
+
+async def test_retry_after_beyond_the_cap_is_not_waited_for(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    server.push(wire.error(429, "quota", {"Retry-After": "3600"}))
+    with pytest.raises(ProviderRateLimitError) as info:
+        await provider.achat(MESSAGES)
+    assert info.value.retry_after == 3600
+    assert info.value.status_code == 429
+    assert info.value.provider == wire.name
+    assert fake_time.sleeps == []
+    assert len(server.requests) == 1
+
+
+async def test_401_raises_auth_error_without_retrying(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    server.push(wire.error(401, "invalid api key", None), wire.chat("never"))
+    with pytest.raises(ProviderAuthError) as info:
+        await provider.achat(MESSAGES)
+    assert info.value.status_code == 401
+    assert info.value.provider == wire.name
+    assert "invalid api key" in str(info.value)
+    assert len(server.requests) == 1
+    assert fake_time.sleeps == []
+
+
+async def test_three_500s_exhaust_the_retry_budget_with_a_typed_error(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    server.push(*[wire.error(500, "boom", None)] * 3, wire.chat("too late"))
+    with pytest.raises(ProviderResponseError) as info:
+        await provider.achat(MESSAGES)
+    assert info.value.status_code == 500
+    assert info.value.provider == wire.name
+    assert "3 attempts" in str(info.value)
+    assert len(server.requests) == 3
+    assert fake_time.sleeps == [0.5, 1.0]  # exponential backoff, jitter switched off
+
+
+async def test_429s_past_the_budget_raise_rate_limit_error(
+    wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    provider = wire.provider(server, retry_policy=fake_time.policy(), max_retries=1)
+    server.push(*[wire.error(429, "slow", {"retry-after": "2"})] * 2)
+    try:
+        with pytest.raises(ProviderRateLimitError) as info:
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert info.value.retry_after == 2
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [408, 409, 502])
+async def test_other_retryable_statuses_are_retried(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, status: int
+) -> None:
+    server.push(wire.error(status, "transient", None), wire.chat("fine"))
+    assert await provider.achat(MESSAGES) == "fine"
+    assert len(server.requests) == 2
+
+
+async def test_400_is_not_retried(provider: SDKProvider, wire: Wire, server: FakeLLMServer) -> None:
+    server.push(wire.error(400, "context too long", None))
+    with pytest.raises(ProviderResponseError) as info:
+        await provider.achat(MESSAGES)
+    assert info.value.status_code == 400
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        raw(200, b"{not json"),
+        raw(200, b"<html>oops</html>", content_type="text/html"),
+        raw(200, b"{}"),
+        raw(200, b'{"choices": "nope", "content": 5}'),
+    ],
+    ids=["truncated-json", "html", "empty-object", "wrong-types"],
+)
+async def test_malformed_body_raises_response_error_without_retrying(
+    provider: SDKProvider, server: FakeLLMServer, reply: Reply
+) -> None:
+    server.push(reply, reply, reply)
+    with pytest.raises(ProviderResponseError):
+        await provider.achat(MESSAGES)
+    assert len(server.requests) == 1
+
+
+async def test_connection_refused_is_retried_then_raises_connection_error(
+    wire: Wire, fake_time: FakeTime
+) -> None:
+    provider = wire.cls(
+        api_key="k", base_url=closed_port_url(), retry_policy=fake_time.policy(max_retries=1)
+    )
+    try:
+        with pytest.raises(ProviderConnectionError) as info:
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert info.value.provider == wire.name
+    assert fake_time.sleeps == [0.5]
+
+
+async def test_slow_answer_raises_timeout_error(wire: Wire, server: FakeLLMServer) -> None:
+    provider = wire.provider(server, timeout=0.2, max_retries=0)
+    server.push(Reply(delay=3.0, body=b"{}"))
+    try:
+        with pytest.raises(ProviderTimeoutError) as info:
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_overall_deadline_bounds_the_whole_call(wire: Wire, server: FakeLLMServer) -> None:
+    provider = wire.provider(server, timeout=None, retry_policy=RetryPolicy(deadline=0.3))
+    server.push(Reply(delay=3.0, body=b"{}"))
+    try:
+        with anyio.fail_after(2.5), pytest.raises(ProviderTimeoutError, match="deadline"):
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+
+
+async def test_no_retry_starts_that_would_end_past_the_deadline(
+    wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    provider = wire.provider(server, retry_policy=fake_time.policy(deadline=1.5))
+    server.push(wire.error(503, "later", {"retry-after": "2"}), wire.chat("unused"))
+    try:
+        with pytest.raises(ProviderResponseError):
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert fake_time.sleeps == []
+    assert len(server.requests) == 1
+
+
+async def test_default_policy_really_sleeps_for_retry_after(server: FakeLLMServer) -> None:
+    wire = WIRES["openai"]
+    provider = wire.provider(server)
+    server.push(wire.error(429, "slow", {"Retry-After": "1"}), wire.chat("done"))
+    start = anyio.current_time()
+    try:
+        assert await provider.achat(MESSAGES) == "done"
+    finally:
+        await provider.aclose()
+    assert anyio.current_time() - start >= 0.95
+    first, second = server.requests
+    assert second.at - first.at >= 0.95
+
+
+# -- configuration and validation ------------------------------------------------------
+
+
+async def test_missing_api_key_fails_before_any_network_call(
+    wire: Wire, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(wire.env_var, raising=False)
+    with pytest.raises(ConfigurationError, match=wire.env_var):
+        wire.cls(base_url=wire.url(server))
+    assert server.requests == []
+
+
+async def test_api_key_is_read_from_the_environment(
+    wire: Wire, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(wire.env_var, "env-key")
+    provider = wire.cls(base_url=wire.url(server))
+    server.push(wire.chat("ok"))
+    try:
+        await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    headers = server.requests[0].headers
+    assert "env-key" in headers.get("authorization", "") + headers.get("x-api-key", "")
+
+
+@pytest.mark.parametrize("module", ["openai", "anthropic", "mistralai.client"])
+async def test_missing_sdk_names_the_extra_to_install(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire = {"openai": WIRES["openai"], "anthropic": WIRES["anthropic"]}.get(
+        module, WIRES["mistral"]
+    )
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingDependencyError, match=f"converge\\[{wire.cls.extra}\\]"):
+        wire.cls(api_key="k")
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs"),
+    [
+        ([], {}),
+        ("hello", {}),
+        ([{"role": "wizard", "content": "x"}], {}),
+        ([{"role": "user", "content": 5}], {}),
+        ([{"role": "user"}], {}),
+        (MESSAGES, {"temperature": "hot"}),
+        (MESSAGES, {"temperature": 7}),
+        (MESSAGES, {"max_tokens": 0}),
+        (MESSAGES, {"top_p": 2}),
+        (MESSAGES, {"stop": [1]}),
+        (MESSAGES, {"model": ""}),
+        (MESSAGES, {"frobnicate": True}),
+        (MESSAGES, {"use_structured_output": True}),
+        (MESSAGES, {"use_structured_output": True, "emit_decisions_tool": {"name": "x"}}),
+        (MESSAGES, {"use_structured_output": "yes"}),
+    ],
+)
+async def test_bad_arguments_raise_usage_error_before_any_network_call(
+    provider: SDKProvider, server: FakeLLMServer, messages: Any, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(UsageError):
+        await provider.achat(messages, **kwargs)
+    with pytest.raises(UsageError):
+        provider.chat_stream(messages, **kwargs)
+    assert server.requests == []
+
+
+async def test_structured_output_is_not_streamed(provider: SDKProvider) -> None:
+    with pytest.raises(UsageError, match="not streamed"):
+        provider.chat_stream(MESSAGES, use_structured_output=True, emit_decisions_tool=TOOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"model": ""},
+        {"base_url": "ftp://example"},
+        {"timeout": 0},
+        {"timeout": float("nan")},
+        {"max_retries": -1},
+        {"retry_policy": "fast"},
+        {"api_key": ""},
+        {"client": object()},
+    ],
+)
+async def test_bad_constructor_arguments_raise_usage_error(
+    wire: Wire, kwargs: dict[str, Any]
+) -> None:
+    kwargs.setdefault("api_key", "k")
+    with pytest.raises(UsageError):
+        wire.cls(**kwargs)
+
+
+async def test_api_key_is_not_in_the_repr(provider: SDKProvider) -> None:
+    assert "test-key" not in repr(provider)
+    assert provider.model in repr(provider)
+
+
+async def test_calls_after_aclose_raise_closed_error(
+    provider: SDKProvider, server: FakeLLMServer
+) -> None:
+    await provider.aclose()
+    await provider.aclose()  # idempotent
+    with pytest.raises(ClosedError):
+        await provider.achat(MESSAGES)
+    assert server.requests == []
+
+
+async def test_max_retries_overrides_the_policy(
+    wire: Wire, server: FakeLLMServer, fake_time: FakeTime
+) -> None:
+    provider = wire.provider(server, retry_policy=fake_time.policy(), max_retries=0)
+    assert provider.retry_policy.max_retries == 0
+    server.push(wire.error(500, "boom", None), wire.chat("unused"))
+    try:
+        with pytest.raises(ProviderError):
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert len(server.requests) == 1
+
+
+async def test_concurrent_calls_each_get_their_own_usage(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.default = wire.chat("same")
+    results: list[tuple[str, Usage]] = []
+
+    async def call() -> None:
+        results.append(await provider.achat_with_usage(MESSAGES))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(call)
+    assert results == [("same", wire.usage)] * 5
+    assert len(server.requests) == 5
+
+
+# -- sync surface ----------------------------------------------------------------------
+
+
+async def test_sync_chat_on_the_event_loop_thread_names_the_coroutine(
+    provider: SDKProvider,
+) -> None:
+    with pytest.raises(SyncInEventLoopError, match=r"achat"):
+        provider.chat(MESSAGES)
+
+
+async def test_sync_chat_works_from_a_worker_thread(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("from a thread"))
+    assert await anyio.to_thread.run_sync(provider.chat, MESSAGES) == "from a thread"
+
+
+@pytest.mark.parametrize("name", sorted(WIRES))
+def test_sync_chat_from_a_script_reuses_one_background_loop(
+    name: str, server: FakeLLMServer
+) -> None:
+    wire = WIRES[name]
+    provider = wire.provider(server)
+    server.push(wire.chat("one"), wire.chat("two"))
+    try:
+        assert provider.chat(MESSAGES) == "one"
+        threads_before = threading.active_count()
+        assert provider.chat_with_usage(MESSAGES) == ("two", wire.usage)
+        assert threading.active_count() == threads_before
+    finally:
+        provider.close()
+    with pytest.raises(ClosedError):
+        provider.chat(MESSAGES)
