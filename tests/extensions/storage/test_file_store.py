@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from store_contract import VALUES, StoreContract
 
 from converge.errors import (
     ClosedError,
@@ -26,6 +25,7 @@ from converge.errors import (
 )
 from converge.extensions.storage import FileStore
 from converge.extensions.storage.file import _key_for, _name_for
+from store_contract import VALUES, StoreContract
 
 pytestmark = pytest.mark.anyio
 
@@ -122,11 +122,14 @@ def test_all_awkward_keys_coexist(store: FileStore) -> None:
 def test_file_names_decode_back_to_the_key(key: str) -> None:
     name = _name_for(key)
     assert len(name) <= 201
-    assert "/" not in name and "\\" not in name and name not in {".", ".."}
+    assert "/" not in name
+    assert "\\" not in name
+    assert name not in {".", ".."}
     if name.startswith("k"):
         assert _key_for(name) == key
     else:
-        assert name.startswith("h") and len(name) == 65
+        assert name.startswith("h")
+        assert len(name) == 65
 
 
 def test_non_canonical_names_are_not_keys() -> None:
@@ -188,8 +191,12 @@ def test_writes_leave_no_temp_files(store: FileStore) -> None:
 
 def test_list_sweeps_temp_files_of_dead_writers(store: FileStore) -> None:
     store.put("k", 1)
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(proc.stdout)
     stale = Path(store.base_path, f".tmp-{dead_pid}-abcdef")
     stale.write_bytes(b"half a value")
@@ -298,7 +305,8 @@ def test_unserializable_values_raise_usage_error_and_write_nothing(tmp_path: Pat
         as_json.put("k", {1, 2})
     with pytest.raises(UsageError):
         as_json.put("k", float("nan"))
-    assert pickled.list() == [] and as_json.list() == []
+    assert pickled.list() == []
+    assert as_json.list() == []
 
 
 @pytest.mark.parametrize(
@@ -399,8 +407,6 @@ def test_update_across_processes_with_locking_is_atomic(tmp_path: Path) -> None:
         "for _ in range(25):\n"
         "    s.update(['n'], lambda c: ({'n': (c['n'] or 0) + 1}, None))\n"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(4)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(4)]
     assert [p.wait() for p in procs] == [0, 0, 0, 0]
     assert FileStore(tmp_path).get("n") == 100

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from store_contract import StoreContract
 
 from converge.errors import ClosedError, UsageError
 from converge.extensions.storage import MemoryStore
+from store_contract import StoreContract
 
 
 class FakeClock:

@@ -14,7 +14,9 @@ import random
 import re
 import threading
 import urllib.parse
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
@@ -64,6 +66,7 @@ _Client = coredis.Redis[bytes]
 _GLOB_SPECIAL: Final = re.compile(rb"([\\*?\[\]])")
 _SCAN_COUNT: Final = 1000
 _UPDATE_ATTEMPTS: Final = 100
+_UPDATE_STRIPES: Final = 64
 
 
 class _LoopClient:
@@ -141,6 +144,9 @@ class RedisStore(Store):
             self._new_client()  # validates the URL; connects nothing
         except (ValueError, TypeError, coredis.exceptions.RedisError) as exc:
             raise UsageError(f"invalid Redis URL {self._safe_url}: {exc}") from exc
+        self._update_locks: LoopLocal[builtins.list[anyio.Lock]] = LoopLocal(
+            lambda: [anyio.Lock() for _ in range(_UPDATE_STRIPES)]
+        )
         self._clients: LoopLocal[_LoopClient] = LoopLocal(lambda: _LoopClient(self._new_client()))
         self._portal = Portal()
         self._keeper_lock = threading.Lock()
@@ -203,8 +209,17 @@ class RedisStore(Store):
         try:
             if holder.depth > 0:
                 return await op(holder.client)
+            failure: Exception | None = None
             async with self._new_client() as client:
-                return await op(client)
+                try:
+                    result = await op(client)
+                except Exception as exc:
+                    # Leave the pool cleanly, so that its task group does not wrap our
+                    # error in an ExceptionGroup, and raise it as is afterwards.
+                    failure = exc
+            if failure is not None:
+                raise failure
+            return result
         except Exception as exc:
             mapped = self._map_error(exc)
             if mapped is None:
@@ -239,6 +254,11 @@ class RedisStore(Store):
             return
         try:
             await holder.client.__aexit__(None, None, None)
+        except Exception as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         finally:
             await self.aclose()
 
@@ -401,11 +421,18 @@ class RedisStore(Store):
                 return False, None  # a watched key changed: EXEC was refused
             return True, result
 
-        for attempt in range(_UPDATE_ATTEMPTS):
-            done, result = await self._call(transaction)
-            if done:
-                return cast(R, result)
-            await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+        stripes = sorted({zlib.crc32(name) % _UPDATE_STRIPES for name in redis_keys})
+        locks = self._update_locks.get()
+        async with AsyncExitStack() as stack:
+            # Updates of the same keys from this process and loop queue up here rather
+            # than fail each other's EXEC; WATCH still guards against other clients.
+            for stripe in stripes:
+                await stack.enter_async_context(locks[stripe])
+            for attempt in range(_UPDATE_ATTEMPTS):
+                done, result = await self._call(transaction)
+                if done:
+                    return cast(R, result)
+                await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
         raise StoreError(
             f"update of {names!r} on Redis at {self._safe_url} lost to concurrent writers "
             f"{_UPDATE_ATTEMPTS} times in a row"

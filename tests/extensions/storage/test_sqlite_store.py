@@ -1,0 +1,216 @@
+"""SQLiteStore: the Store contract, schema and pragmas, range listing, errors, processes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from converge.errors import (
+    ClosedError,
+    StoreCorruptedError,
+    StoreLockTimeoutError,
+    StoreUnavailableError,
+    SyncInEventLoopError,
+    UsageError,
+)
+from converge.extensions.storage import SQLiteStore
+from store_contract import VALUES, StoreContract
+
+pytestmark = pytest.mark.anyio
+
+
+class TestSQLiteStoreContract(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[SQLiteStore]:
+        store = SQLiteStore(str(tmp_path / "kv.db"))
+        yield store
+        store.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "kv.db")
+    yield store
+    store.close()
+
+
+def raw(store: SQLiteStore) -> sqlite3.Connection:
+    return sqlite3.connect(store.path)
+
+
+def test_flags_say_atomic_and_multi_process() -> None:
+    assert SQLiteStore.atomic_put_if_absent is True
+    assert SQLiteStore.supports_locking is True
+
+
+def test_database_uses_wal_and_a_without_rowid_table(store: SQLiteStore) -> None:
+    store.put("k", 1)
+    with raw(store) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'converge_kv'").fetchone()[0]
+    assert "WITHOUT ROWID" in sql
+
+
+def test_list_uses_an_index_range_not_a_scan(store: SQLiteStore) -> None:
+    store.put("a", 1)
+    with raw(store) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT key FROM converge_kv WHERE key >= ? AND key < ?"
+            " AND (expires_at IS NULL OR expires_at > ?) ORDER BY key",
+            (b"a", b"b", 0.0),
+        ).fetchall()
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH" in detail
+    assert "PRIMARY KEY" in detail
+
+
+def test_prefix_listing_handles_high_code_points_and_0xff_bytes(store: SQLiteStore) -> None:
+    keys = ["a", "a\x7f", "a\u00ff", "a\uffff", "a\U0010ffff", "a\U0001f600", "b", "\U0010ffff"]
+    for key in keys:
+        store.put(key, 1)
+    assert store.list("a") == sorted(k for k in keys if k.startswith("a"))
+    assert store.list("\U0010ffff") == ["\U0010ffff"]
+    assert store.list() == sorted(keys)
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_json_serializer_round_trips_json_values(tmp_path: Path, value: Any) -> None:
+    store = SQLiteStore(tmp_path / "j.db", serializer="json")
+    store.put("k", value)
+    assert store.get("k") == value
+
+
+def test_json_store_never_unpickles(tmp_path: Path) -> None:
+    SQLiteStore(tmp_path / "kv.db").put("k", {1, 2})
+    with pytest.raises(StoreCorruptedError, match="never unpickles"):
+        SQLiteStore(tmp_path / "kv.db", serializer="json").get("k")
+
+
+def test_damaged_value_raises_store_corrupted_error_naming_the_key(store: SQLiteStore) -> None:
+    store.put("victim", "v")
+    store.put("bystander", 1)
+    with raw(store) as conn:
+        conn.execute("UPDATE converge_kv SET value = ? WHERE key = ?", (b"P\x80garbage", b"victim"))
+    with pytest.raises(StoreCorruptedError) as info:
+        store.get("victim")
+    assert info.value.key == "victim"
+    assert store.get("bystander") == 1
+
+
+def test_a_file_that_is_not_a_database_raises_store_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database" * 100)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreUnavailableError, match="damaged"):
+        store.get("k")
+
+
+def test_writer_lock_held_too_long_raises_lock_timeout(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kv.db", timeout=0.2)
+    store.put("k", 1)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreLockTimeoutError):
+            store.put("k", 2)
+        assert store.get("k") == 1  # WAL: readers are not blocked by the writer
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_expired_rows_are_purged_as_writes_go_by(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kv.db", durable=False)
+    for i in range(300):
+        store.put(f"t{i}", i, ttl=0.01)
+    threading.Event().wait(0.05)
+    for i in range(300):
+        store.put("live", i)
+    with raw(store) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM converge_kv").fetchone()
+    assert count < 300
+
+
+def test_update_rolls_back_when_the_function_raises(store: SQLiteStore) -> None:
+    store.put("a", 1)
+
+    def boom(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        store.update(["a"], boom)
+    assert store.get("a") == 1
+    assert store.update(["a"], lambda c: ({"a": c["a"] + 1}, "ok")) == "ok"
+    assert store.get("a") == 2
+
+
+def test_memory_database_is_shared_by_every_thread() -> None:
+    store = SQLiteStore(":memory:")
+    thread = threading.Thread(target=store.put, args=("k", "from thread"))
+    thread.start()
+    thread.join()
+    assert store.get("k") == "from thread"
+
+
+def test_forked_child_opens_its_own_connection(store: SQLiteStore) -> None:
+    store.put("parent", 1)
+    code = (
+        "import os, sys\n"
+        "from converge.extensions.storage import SQLiteStore\n"
+        "s = SQLiteStore(sys.argv[1]); s.put('pre', 0)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    s.put('child', s.get('parent')); os._exit(0)\n"
+        "os.waitpid(pid, 0); print(s.get('child'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, store.path], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"path": ""},
+        {"path": 3},
+        {"path": "x", "serializer": "xml"},
+        {"path": "x", "timeout": -1},
+        {"path": "x", "durable": 1},
+    ],
+)
+def test_invalid_arguments_raise_usage_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(UsageError):
+        SQLiteStore(**kwargs)
+
+
+def test_update_rejects_a_single_string_as_keys(store: SQLiteStore) -> None:
+    with pytest.raises(UsageError, match="sequence"):
+        store.update("ab", lambda c: ({}, None))
+
+
+def test_closed_store_refuses_calls(store: SQLiteStore) -> None:
+    store.close()
+    store.close()
+    with pytest.raises(ClosedError):
+        store.get("k")
+
+
+async def test_sync_call_on_event_loop_names_the_coroutine(store: SQLiteStore) -> None:
+    with pytest.raises(SyncInEventLoopError, match=r"SQLiteStore\.aput"):
+        store.put("k", 1)
+
+
+def test_database_file_is_created_with_parent_directory_missing_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "missing" / "kv.db")
+    with pytest.raises(StoreUnavailableError):
+        store.put("k", 1)
+    assert not os.path.exists(tmp_path / "missing")
