@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from converge.extensions.storage.encrypted import EncryptedStore
 from converge.extensions.storage.file import FileStore
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["EncryptedStore", "FileStore", "MemoryStore", "RedisStore", "SQLiteStore"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # RedisStore needs coredis (the "redis" extra); import it only when asked for, so the
     # other backends work without it.
     if name == "RedisStore":

@@ -40,7 +40,8 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.crypto import KEY_SIZE, adecrypt, aencrypt, decrypt, encrypt
+from converge.extensions.crypto import KEY_SIZE as _KEY_SIZE
+from converge.extensions.crypto import adecrypt, aencrypt, decrypt, encrypt
 from converge.extensions.storage._codec import (
     SerializerName,
     check_keys,
@@ -108,9 +109,9 @@ class EncryptedStore(Store):
                 raise UsageError(f"key id {key_id[:40]!r}... is longer than 255 bytes")
             if not isinstance(key, bytes | bytearray | memoryview):
                 raise CryptoTypeError(f"key {key_id!r} must be bytes, not {type(key).__name__}")
-            if len(key) != KEY_SIZE:
+            if len(key) != _KEY_SIZE:
                 raise CryptoValueError(
-                    f"key {key_id!r} must be {KEY_SIZE} bytes for AES-256-GCM, got {len(key)}"
+                    f"key {key_id!r} must be {_KEY_SIZE} bytes for AES-256-GCM, got {len(key)}"
                 )
             checked[key_id] = bytes(key)
         if active_key_id is None:
