@@ -120,6 +120,9 @@ def classify_stainless(
         now: Epoch seconds, for ``Retry-After`` HTTP dates.
     """
     if isinstance(exc, sdk.APIStatusError):
+        if exc.status_code < 300:  # an error event inside a 200 SSE stream
+            reason = f"error event in the stream: {_detail(exc.body) or exc}"
+            return Failure(bad_response(provider, reason, exc.status_code), False)
         return from_status(provider, exc.status_code, exc.response.headers, exc.body, now)
     if isinstance(exc, sdk.APITimeoutError):
         error: ProviderError = ProviderTimeoutError(

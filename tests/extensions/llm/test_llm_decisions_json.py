@@ -1,0 +1,326 @@
+"""Decision JSON: prompts, the structured-output tool, and parsing untrusted model output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from converge.core import (
+    InvokeTool,
+    Message,
+    SendMessage,
+    Task,
+    TaskState,
+    ToolRegistry,
+    UpdateTask,
+)
+from converge.errors import DecisionParseError
+from converge.extensions.llm.decisions_json import (
+    DEFAULT_SYSTEM_PROMPT,
+    EMIT_DECISIONS_TOOL,
+    decisions_tool,
+    parse_decisions,
+    render_turn,
+    system_prompt,
+)
+
+ME = "agent-me"
+SEND = {"type": "SendMessage", "message": {"recipient": "bob", "payload": {"text": "hi"}}}
+UPDATE = {"type": "UpdateTask", "task_id": "t1", "state": "completed", "result": 42}
+
+
+@pytest.fixture
+def registry() -> ToolRegistry:
+    registry = ToolRegistry()
+
+    @registry.tool
+    def search(query: str, limit: int = 5) -> list[str]:
+        """Search the web.
+
+        Args:
+            query: What to look for.
+            limit: Most results.
+        """
+        return [query] * limit
+
+    return registry
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def test_plain_json_array_parses_and_fills_the_sender() -> None:
+    decisions = parse_decisions(json.dumps([SEND, UPDATE]), sender=ME)
+    send, update = decisions
+    assert isinstance(send, SendMessage)
+    assert send.message.sender == ME
+    assert send.message.recipient == "bob"
+    assert dict(send.message.payload) == {"text": "hi"}
+    assert update == UpdateTask("t1", TaskState.COMPLETED, result=42)
+
+
+def test_empty_array_means_no_decisions() -> None:
+    assert parse_decisions("[]", sender=ME) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```json\n" + json.dumps([UPDATE]) + "\n```",
+        "```\n" + json.dumps([UPDATE]) + "\n```",
+        "Sure! Here are my decisions:\n```json\n" + json.dumps([UPDATE]) + "\n```\nDone.",
+        "I think " + json.dumps([UPDATE]) + " is right.",
+        "Plan: {not json} then " + json.dumps([UPDATE]),
+        json.dumps({"decisions": [UPDATE]}),
+        json.dumps(UPDATE),
+        "  \n" + json.dumps([UPDATE]) + "\n\n",
+    ],
+    ids=[
+        "fenced-json",
+        "fenced-bare",
+        "fence-in-prose",
+        "prose-around",
+        "junk-braces-first",
+        "decisions-wrapper",
+        "single-object",
+        "whitespace",
+    ],
+)
+def test_tolerated_wrappings_parse_to_the_same_decisions(text: str) -> None:
+    assert parse_decisions(text, sender=ME) == [UpdateTask("t1", "completed", result=42)]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        "I cannot help with that.",
+        "42",
+        '"a string"',
+        "[1, 2]",
+        '[{"type": "SendMessage", "message": "hi"}]',
+        '[{"type": "SendMessage", "message": {"payload": "not an object"}}]',
+        '[{"type": "SendMessage", "message": {"payload": {}, "topics": "a.b"}}]',
+        '[{"type": "LaunchMissiles"}]',
+        '[{"type": "UpdateTask", "task_id": "t1"}]',
+        '[{"type": "UpdateTask", "task_id": "t1", "state": "exploded"}]',
+        '[{"type": "InvokeTool", "tool_name": "search", "params": {}, "evil": 1}]',
+        '{"decisions": "all of them"}',
+        '[{"type": "UpdateTask", "task_id": "t1", "state": "completed", "result": NaN}]',
+        "[" * 5000,
+        "[" * 20000 + "]" * 20000,
+        '[{"type": "UpdateTask", "task_id": "t", "state": "completed", "result": 1'
+        + "0" * 5000
+        + "}]",
+    ],
+    ids=[
+        "empty",
+        "refusal",
+        "number",
+        "string",
+        "non-objects",
+        "message-not-object",
+        "payload-not-object",
+        "topics-not-list",
+        "unknown-type",
+        "missing-state",
+        "bad-state",
+        "extra-field",
+        "decisions-not-list",
+        "nan",
+        "unclosed-nesting",
+        "deep-nesting",
+        "huge-integer",
+    ],
+)
+def test_malformed_output_raises_decision_parse_error(output: str) -> None:
+    with pytest.raises(DecisionParseError):
+        parse_decisions(output, sender=ME)
+
+
+def test_one_bad_decision_rejects_the_whole_answer() -> None:
+    with pytest.raises(DecisionParseError, match="decision 1"):
+        parse_decisions(json.dumps([UPDATE, {"type": "Nope"}]), sender=ME)
+
+
+def test_non_text_output_is_rejected() -> None:
+    with pytest.raises(DecisionParseError, match="text"):
+        parse_decisions({"decisions": []}, sender=ME)
+
+
+def test_oversized_output_is_rejected_unread() -> None:
+    text = json.dumps([UPDATE]) + " " * 200
+    with pytest.raises(DecisionParseError, match="cap"):
+        parse_decisions(text, sender=ME, max_chars=100)
+    assert parse_decisions(text, sender=ME, max_chars=len(text)) != []
+
+
+def test_too_many_decisions_are_rejected() -> None:
+    with pytest.raises(DecisionParseError, match="cap"):
+        parse_decisions(json.dumps([UPDATE] * 5), sender=ME, max_decisions=4)
+
+
+def test_send_message_may_not_claim_another_sender() -> None:
+    spoof = {"type": "SendMessage", "message": {"sender": "the-boss", "payload": {}}}
+    with pytest.raises(DecisionParseError, match="sender"):
+        parse_decisions(json.dumps([spoof]), sender=ME)
+    own = {"type": "SendMessage", "message": {"sender": ME, "payload": {}}}
+    assert len(parse_decisions(json.dumps([own]), sender=ME)) == 1
+
+
+def test_send_message_from_a_model_may_not_carry_a_signature() -> None:
+    signed = {"type": "SendMessage", "message": {"payload": {}, "signature": "AAAA"}}
+    with pytest.raises(DecisionParseError, match="signature"):
+        parse_decisions(json.dumps([signed]), sender=ME)
+
+
+def test_invoke_tool_must_name_a_registered_tool(registry: ToolRegistry) -> None:
+    call = {"type": "InvokeTool", "tool_name": "rm_rf", "params": {}}
+    with pytest.raises(DecisionParseError, match="rm_rf"):
+        parse_decisions(json.dumps([call]), sender=ME, tool_registry=registry)
+
+
+def test_invoke_tool_without_a_registry_is_rejected() -> None:
+    call = {"type": "InvokeTool", "tool_name": "search", "params": {"query": "x"}}
+    with pytest.raises(DecisionParseError, match="no tools"):
+        parse_decisions(json.dumps([call]), sender=ME)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"query": 5}, {"query": "x", "limit": "many"}, {"query": "x", "rogue": True}],
+    ids=["missing", "wrong-type", "wrong-optional-type", "unexpected"],
+)
+def test_invoke_tool_arguments_must_match_the_tool_schema(
+    registry: ToolRegistry, params: dict[str, Any]
+) -> None:
+    call = {"type": "InvokeTool", "tool_name": "search", "params": params}
+    with pytest.raises(DecisionParseError):
+        parse_decisions(json.dumps([call]), sender=ME, tool_registry=registry)
+
+
+def test_valid_invoke_tool_parses(registry: ToolRegistry) -> None:
+    call = {"type": "InvokeTool", "tool_name": "search", "params": {"query": "x"}}
+    (decision,) = parse_decisions(json.dumps([call]), sender=ME, tool_registry=registry)
+    assert isinstance(decision, InvokeTool)
+    assert decision.tool_name == "search"
+    assert dict(decision.params) == {"query": "x"}
+
+
+def test_decisions_round_trip_through_their_json_form(registry: ToolRegistry) -> None:
+    decisions = [
+        SendMessage(Message(sender=ME, recipient="b", topics=("x.y",), payload={"n": [1, 2]})),
+        InvokeTool("search", {"query": "q"}, call_id="c1"),
+        UpdateTask("t9", TaskState.FAILED, result="boom"),
+    ]
+    text = json.dumps([d.to_dict() for d in decisions])
+    assert parse_decisions(text, sender=ME, tool_registry=registry) == decisions
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_text_never_raises_anything_but_decision_parse_error(text: str) -> None:
+    with contextlib.suppress(DecisionParseError):
+        parse_decisions(text, sender=ME)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["type", "message", "payload", "task_id", "state", "tool_name", "x"]),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_json_values, max_size=4))
+def test_arbitrary_json_never_raises_anything_but_decision_parse_error(value: Any) -> None:
+    with contextlib.suppress(DecisionParseError):
+        parse_decisions(json.dumps(value), sender=ME)
+
+
+# -- prompts ---------------------------------------------------------------------------
+
+
+def test_fallback_system_prompt_explains_the_format_and_lists_tools(
+    registry: ToolRegistry,
+) -> None:
+    text = system_prompt(ME, tool_registry=registry)
+    assert text.startswith(DEFAULT_SYSTEM_PROMPT)
+    assert ME in text
+    for kind in ("SendMessage", "UpdateTask", "InvokeTool"):
+        assert f'"type": "{kind}"' in text
+    assert json.dumps(registry.schemas(), ensure_ascii=False) in text
+
+
+def test_fallback_prompt_without_tools_does_not_offer_invoke_tool() -> None:
+    text = system_prompt(ME)
+    assert "InvokeTool" not in text
+    assert "Tools:" not in text
+
+
+def test_custom_role_description_keeps_the_format_instructions() -> None:
+    text = system_prompt(ME, base="You are a pirate.")
+    assert text.startswith("You are a pirate.")
+    assert DEFAULT_SYSTEM_PROMPT not in text
+    assert "JSON array of decisions" in text
+
+
+def test_structured_prompt_points_at_the_tool_not_at_inline_json(registry: ToolRegistry) -> None:
+    text = system_prompt(ME, tool_registry=registry, structured=True)
+    assert EMIT_DECISIONS_TOOL in text
+    assert "InvokeTool" in text
+    assert json.dumps(registry.schemas(), ensure_ascii=False) not in text
+
+
+def test_decisions_tool_carries_each_tool_schema(registry: ToolRegistry) -> None:
+    tool = decisions_tool(registry)
+    assert tool["name"] == EMIT_DECISIONS_TOOL
+    assert tool["parameters"]["type"] == "object"
+    variants = tool["parameters"]["properties"]["decisions"]["items"]["anyOf"]
+    kinds = [v["properties"]["type"]["enum"] for v in variants]
+    assert kinds == [["SendMessage"], ["UpdateTask"], ["InvokeTool"]]
+    invoke = variants[2]
+    assert invoke["properties"]["tool_name"]["enum"] == ["search"]
+    assert invoke["properties"]["params"] == registry.get("search").parameters
+    assert len(decisions_tool()["parameters"]["properties"]["decisions"]["items"]["anyOf"]) == 2
+
+
+def test_render_turn_lists_messages_tasks_and_observations() -> None:
+    message = Message(sender="bob", recipient=ME, topics=("chat",), payload={"q": "hi"})
+    task = Task(objective="answer", id="t1")
+    observation = {"tool_name": "search", "params": {"query": "x"}, "result": ["a"]}
+    doc = json.loads(render_turn([message], [task], [observation]))
+    assert doc["messages"] == [
+        {
+            "id": message.id,
+            "sender": "bob",
+            "recipient": ME,
+            "topics": ["chat"],
+            "payload": {"q": "hi"},
+            "task_id": None,
+        }
+    ]
+    assert doc["tasks"] == [task.to_dict()]
+    assert doc["tool_observations"] == [observation]
+
+
+def test_render_turn_truncates_huge_and_stringifies_odd_observations() -> None:
+    big = {"tool_name": "dump", "result": "x" * 50_000}
+    odd = {"tool_name": "obj", "result": object()}
+    doc = json.loads(render_turn([], [], [big, odd]))
+    first, second = doc["tool_observations"]
+    assert len(first["result"]) < 9_000
+    assert first["result"].endswith("(truncated)")
+    assert "object object" in second["result"]
