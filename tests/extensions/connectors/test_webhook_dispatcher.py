@@ -31,8 +31,13 @@ from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
-FAST = WebhookRetryPolicy(max_attempts=5, base_delay_sec=0.01, max_delay_sec=0.05,
-                          jitter_ratio=0.0, request_timeout_sec=2.0)
+FAST = WebhookRetryPolicy(
+    max_attempts=5,
+    base_delay_sec=0.01,
+    max_delay_sec=0.05,
+    jitter_ratio=0.0,
+    request_timeout_sec=2.0,
+)
 
 
 class FakeClock:
@@ -72,8 +77,7 @@ def make(store: Store | None = None, **kw: Any) -> WebhookConnector:
 
 def action(n: int = 0, **kw: Any) -> OutboundWebhookAction:
     kw.setdefault("url", "http://127.0.0.1:9/hook")
-    return OutboundWebhookAction(target=kw.pop("target", "app"), method="POST",
-                                 body={"n": n}, **kw)
+    return OutboundWebhookAction(target=kw.pop("target", "app"), method="POST", body={"n": n}, **kw)
 
 
 @asynccontextmanager
@@ -93,7 +97,9 @@ async def test_an_action_is_persisted_before_submit_returns(any_store: Store) ->
     reopened = make(any_store)
     (record_id,) = await reopened.outbox.pending_ids()
     record = await reopened.outbox.get(record_id)
-    assert record is not None and record.action.body == {"n": 1} and record.attempts == 0
+    assert record is not None
+    assert record.action.body == {"n": 1}
+    assert record.attempts == 0
 
 
 async def test_a_receiver_that_fails_then_recovers_gets_it_once_with_one_key() -> None:
@@ -104,8 +110,10 @@ async def test_a_receiver_that_fails_then_recovers_gets_it_once_with_one_key() -
         await eventually(lambda: len(sender.requests) == 3)
         await eventually(lambda: c.dispatcher.backlog == 0)
     keys = {r.headers["idempotency-key"] for r in sender.requests}
-    assert len(keys) == 1 and [r.attempt for r in sender.requests] == [1, 2, 3]
-    assert await c.apending_count() == 0 and await c.alist_dead_letters() == []
+    assert len(keys) == 1
+    assert [r.attempt for r in sender.requests] == [1, 2, 3]
+    assert await c.apending_count() == 0
+    assert await c.alist_dead_letters() == []
     assert c.metrics.get("webhook_outbound_retried_total", labels={"target": "app"}) == 2
     assert c.metrics.get("webhook_outbound_sent_total", labels={"target": "app"}) == 1
 
@@ -131,7 +139,8 @@ async def test_retry_after_is_honoured_on_virtual_time() -> None:
         await eventually(lambda: c.dispatcher.backlog == 1 and c.dispatcher._schedule.running == 0)
         (record_id,) = await c.outbox.pending_ids()
         record = await c.outbox.get(record_id)
-        assert record is not None and record.due == pytest.approx(clock.now + 120)
+        assert record is not None
+        assert record.due == pytest.approx(clock.now + 120)
         assert (record.attempts, record.last_status) == (1, 429)
         clock.now += 119
         await anyio.sleep(0.05)
@@ -150,26 +159,34 @@ async def test_permanent_failures_are_dead_lettered_at_once(status: int) -> None
         await eventually(lambda: c.dispatcher.backlog == 0)
     (letter,) = await c.alist_dead_letters()
     assert (letter.attempts, letter.last_status, letter.reason) == (1, status, f"status {status}")
-    assert len(sender.requests) == 1 and await c.apending_count() == 0
+    assert len(sender.requests) == 1
+    assert await c.apending_count() == 0
 
 
 async def test_dead_letters_are_replayable_with_a_fresh_budget(any_store: Store) -> None:
     sender = Sender(503, 503)
-    policy = WebhookRetryPolicy(max_attempts=2, base_delay_sec=0.01, max_delay_sec=0.01,
-                                jitter_ratio=0.0)
+    policy = WebhookRetryPolicy(
+        max_attempts=2, base_delay_sec=0.01, max_delay_sec=0.01, jitter_ratio=0.0
+    )
     c = make(any_store, outbound_sender=sender, retry_policy=policy)
     async with dispatching(c):
         await c.submit_outbound_action(action(3))
         await eventually(lambda: c.dispatcher.backlog == 0)
         (letter,) = await c.alist_dead_letters()
-        assert letter.reason.startswith("max attempts") and letter.attempts == 2
+        assert letter.reason.startswith("max attempts")
+        assert letter.attempts == 2
         assert await c.areplay_dead_letter(letter.id)
         assert not await c.areplay_dead_letter(letter.id)
         await eventually(lambda: len(sender.requests) == 3)
         await eventually(lambda: c.dispatcher.backlog == 0)
-    assert await c.alist_dead_letters() == [] and await c.apending_count() == 0
-    assert c.metrics.get("webhook_outbound_dead_lettered_total",
-                         labels={"target": "app", "reason": "max"}) == 1
+    assert await c.alist_dead_letters() == []
+    assert await c.apending_count() == 0
+    assert (
+        c.metrics.get(
+            "webhook_outbound_dead_lettered_total", labels={"target": "app", "reason": "max"}
+        )
+        == 1
+    )
 
 
 async def test_a_deadline_ends_retries() -> None:
@@ -182,7 +199,8 @@ async def test_a_deadline_ends_retries() -> None:
         await c.submit_outbound_action(action(deadline=clock.now + 30))
         await eventually(lambda: c.dispatcher.backlog == 0)
     (letter,) = await c.alist_dead_letters()
-    assert letter.reason.startswith("deadline") and len(sender.requests) == 1
+    assert letter.reason.startswith("deadline")
+    assert len(sender.requests) == 1
 
 
 async def test_an_expired_action_is_not_attempted() -> None:
@@ -192,18 +210,25 @@ async def test_an_expired_action_is_not_attempted() -> None:
     await c.submit_outbound_action(action(deadline=clock.now - 1))
     async with dispatching(c):
         await eventually(lambda: c.dispatcher.backlog == 0)
-    assert sender.requests == [] and len(await c.alist_dead_letters()) == 1
+    assert sender.requests == []
+    assert len(await c.alist_dead_letters()) == 1
 
 
 async def test_an_open_circuit_defers_actions_and_a_probe_releases_them() -> None:
     clock = FakeClock()
     sender = Sender()
     sender.default = 503
-    policy = WebhookRetryPolicy(max_attempts=100, base_delay_sec=1, max_delay_sec=1,
-                                jitter_ratio=0.0)
-    c = make(outbound_sender=sender, clock=clock, retry_policy=policy,
-             breaker_failure_threshold=2, breaker_recovery_timeout_sec=30,
-             targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=1)])
+    policy = WebhookRetryPolicy(
+        max_attempts=100, base_delay_sec=1, max_delay_sec=1, jitter_ratio=0.0
+    )
+    c = make(
+        outbound_sender=sender,
+        clock=clock,
+        retry_policy=policy,
+        breaker_failure_threshold=2,
+        breaker_recovery_timeout_sec=30,
+        targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=1)],
+    )
     async with dispatching(c):
         for n in range(5):
             await c.submit_outbound_action(action(n))
@@ -237,8 +262,10 @@ async def test_concurrency_limits_hold_per_target_and_overall() -> None:
         total[0] -= 1
         return 200
 
-    targets = [OutboundTarget("a", "http://127.0.0.1:9/a", max_concurrency=2),
-               OutboundTarget("b", "http://127.0.0.1:9/b", max_concurrency=3)]
+    targets = [
+        OutboundTarget("a", "http://127.0.0.1:9/a", max_concurrency=2),
+        OutboundTarget("b", "http://127.0.0.1:9/b", max_concurrency=3),
+    ]
     c = make(outbound_sender=sender, targets=targets, max_in_flight=4)
     async with dispatching(c):
         for n in range(6):
@@ -246,15 +273,19 @@ async def test_concurrency_limits_hold_per_target_and_overall() -> None:
             await c.submit_outbound_action(action(n, target="b", url="http://127.0.0.1:9/b"))
         await eventually(lambda: total[0] == 4)
         await anyio.sleep(0.05)
-        assert peak["a"] <= 2 and peak["b"] <= 3 and total[1] == 4
+        assert peak["a"] <= 2
+        assert peak["b"] <= 3
+        assert total[1] == 4
         gate.set()
         await eventually(lambda: c.dispatcher.backlog == 0)
 
 
 async def test_signed_targets_send_standard_webhooks_headers() -> None:
     sender = Sender()
-    targets = [OutboundTarget("app", "http://127.0.0.1:9/hook", signing_secret=TARGET_SECRET),
-               OutboundTarget("plain", "http://127.0.0.1:9/plain")]
+    targets = [
+        OutboundTarget("app", "http://127.0.0.1:9/hook", signing_secret=TARGET_SECRET),
+        OutboundTarget("plain", "http://127.0.0.1:9/plain"),
+    ]
     c = make(outbound_sender=sender, targets=targets)
     async with dispatching(c):
         await c.submit_outbound_action(action(1))
@@ -262,7 +293,9 @@ async def test_signed_targets_send_standard_webhooks_headers() -> None:
         await eventually(lambda: len(sender.requests) == 2)
     signed = next(r for r in sender.requests if r.url.endswith("/hook"))
     plain = next(r for r in sender.requests if r.url.endswith("/plain"))
-    assert standardwebhooks.Webhook(TARGET_SECRET).verify(signed.content, signed.headers) == {"n": 1}
+    assert standardwebhooks.Webhook(TARGET_SECRET).verify(signed.content, signed.headers) == {
+        "n": 1
+    }
     assert signed.headers["webhook-id"] == signed.action_id
     assert "webhook-signature" not in plain.headers
 
@@ -323,9 +356,10 @@ async def test_a_connector_restarted_mid_flight_loses_nothing(
     second_store = open_store()
     second = make(second_store, targets=targets)
     async with dispatching(second):
-        await eventually(lambda: len(recv.keys()) == 30, timeout=20)
+        await eventually(lambda: len(recv.keys()) == 30, within=20)
         await eventually(lambda: second.dispatcher.backlog == 0)
-    assert await second.apending_count() == 0 and await second.alist_dead_letters() == []
+    assert await second.apending_count() == 0
+    assert await second.alist_dead_letters() == []
     bodies = {json.loads(r.body)["n"] for r in recv.delivered()}
     assert bodies == set(range(30))
     await second_store.aclose()
@@ -334,9 +368,12 @@ async def test_a_connector_restarted_mid_flight_loses_nothing(
 async def test_redirects_are_not_followed(receiver: tuple[Receiver, str]) -> None:
     recv, url = receiver
     recv.status_for = lambda r: 302 if r.path == "/moved" else 200
-    c = make(targets=[OutboundTarget("app", f"{url}/moved")],
-             retry_policy=WebhookRetryPolicy(max_attempts=2, base_delay_sec=0.01,
-                                             max_delay_sec=0.01, jitter_ratio=0))
+    c = make(
+        targets=[OutboundTarget("app", f"{url}/moved")],
+        retry_policy=WebhookRetryPolicy(
+            max_attempts=2, base_delay_sec=0.01, max_delay_sec=0.01, jitter_ratio=0
+        ),
+    )
     async with dispatching(c):
         await c.submit_outbound_action(action(url=f"{url}/moved"))
         await eventually(lambda: c.dispatcher.backlog == 0)
@@ -383,7 +420,8 @@ async def test_submit_outbound_message_maps_target_body_and_key() -> None:
         await eventually(lambda: len(sender.requests) == 2)
     by_key = {r.headers["idempotency-key"]: json.loads(r.content) for r in sender.requests}
     assert by_key[explicit.id] == {"x": 1}
-    assert by_key[whole.id]["payload"] == {"y": 2} and by_key[whole.id]["id"] == whole.id
+    assert by_key[whole.id]["payload"] == {"y": 2}
+    assert by_key[whole.id]["id"] == whole.id
     with pytest.raises(UsageError):
         await c.submit_outbound_message(Message(sender="a", recipient="nowhere", payload={}))
     with pytest.raises(UsageError):
@@ -395,7 +433,8 @@ async def test_dispatch_outbound_action_makes_one_attempt() -> None:
     c = make(outbound_sender=sender)
     assert not await c.dispatch_outbound_action(action())
     assert await c.dispatch_outbound_action(action())
-    assert len(sender.requests) == 2 and await c.apending_count() == 0
+    assert len(sender.requests) == 2
+    assert await c.apending_count() == 0
     with pytest.raises(UsageError):
         await c.dispatch_outbound_action({"target": "app"})  # type: ignore[arg-type]
 

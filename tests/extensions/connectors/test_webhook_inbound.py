@@ -42,8 +42,12 @@ PROFILES = {
     "github": ProviderProfile("github", "github", scheme="github"),
     "slack": ProviderProfile("slack", "slack", scheme="slack"),
 }
-SECRETS = {"shop": HMAC_SECRET, "stripe": STRIPE_SECRET, "github": GITHUB_SECRET,
-           "slack": SLACK_SECRET}
+SECRETS = {
+    "shop": HMAC_SECRET,
+    "stripe": STRIPE_SECRET,
+    "github": GITHUB_SECRET,
+    "slack": SLACK_SECRET,
+}
 
 
 def connector(**kw: Any) -> WebhookConnector:
@@ -51,11 +55,13 @@ def connector(**kw: Any) -> WebhookConnector:
     return WebhookConnector(provider_profiles=PROFILES, secrets=SECRETS, **kw)
 
 
-async def post(c: WebhookConnector, provider: str, body: bytes,
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], dict[str, Any]]:
+async def post(
+    c: WebhookConnector, provider: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], dict[str, Any]]:
     headers = headers if headers is not None else hmac_request(body)
-    status, out, data = await c.accept_inbound_http(provider, method="POST", headers=headers,
-                                                    raw_body=body)
+    status, out, data = await c.accept_inbound_http(
+        provider, method="POST", headers=headers, raw_body=body
+    )
     return status, out, json.loads(data)
 
 
@@ -64,15 +70,18 @@ async def test_an_accepted_event_becomes_a_message_on_the_inbound_topic() -> Non
     body = event_body(subject="order.paid", source="shop-eu", amount=12.5)
     headers = {**hmac_request(body), "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
     status, out, data = await post(c, "shop", body, headers)
-    assert status == 202 and out["content-type"] == "application/json"
+    assert status == 202
+    assert out["content-type"] == "application/json"
     assert data["status"] == "accepted"
     message = await c.receive_inbound()
     assert isinstance(message, Message)
     assert [t.name for t in message.topics] == [INBOUND_TOPIC]
     event = message.to_dict()["payload"]
-    assert event["provider"] == "shop" and event["event_id"] == data["event_id"]
+    assert event["provider"] == "shop"
+    assert event["event_id"] == data["event_id"]
     assert (event["subject"], event["source"]) == ("order.paid", "shop-eu")
-    assert event["payload"]["amount"] == 12.5 and event["trace_id"] == "a" * 32
+    assert event["payload"]["amount"] == 12.5
+    assert event["trace_id"] == "a" * 32
     assert message.sender == "webhook-connector"
 
 
@@ -127,7 +136,8 @@ async def test_task_profiles_emit_tasks() -> None:
     assert (await post(c, "jobs", body))[0] == 202
     task = await c.receive_inbound()
     assert isinstance(task, Task)
-    assert task.inputs["subject"] == "reindex" and "reindex" in task.objective
+    assert task.inputs["subject"] == "reindex"
+    assert "reindex" in task.objective
 
 
 async def test_events_go_to_an_attached_bus() -> None:
@@ -199,7 +209,10 @@ async def test_a_failing_store_answers_503_without_exception_text() -> None:
     c = connector(store=BrokenStore())
     status, out, data = await post(c, "shop", event_body())
     assert (status, data, out["retry-after"]) == (
-        503, {"status": "unavailable", "reason": "store_unavailable"}, "1")
+        503,
+        {"status": "unavailable", "reason": "store_unavailable"},
+        "1",
+    )
 
 
 async def test_rejections_are_json_with_a_reason_and_counted() -> None:
@@ -207,15 +220,24 @@ async def test_rejections_are_json_with_a_reason_and_counted() -> None:
     body = event_body()
     status, out, data = await post(c, "shop", body, {**hmac_request(body, secret="x")})
     assert (status, data) == (401, {"status": "rejected", "reason": "bad_signature"})
-    status, out, data = await c.accept_inbound_http(
-        "shop", method="GET", headers={}, raw_body=b"")  # type: ignore[assignment]
-    assert status == 405 and out["allow"] == "POST"
+    status, out, data = await c.accept_inbound_http("shop", method="GET", headers={}, raw_body=b"")  # type: ignore[assignment]
+    assert status == 405
+    assert out["allow"] == "POST"
     status, _, _ = await post(c, "who?" * 30, body)
     assert status == 404
-    assert c.metrics.get("webhook_inbound_rejected_total",
-                         labels={"provider": "shop", "reason": "bad_signature"}) == 1
-    assert c.metrics.get("webhook_inbound_rejected_total",
-                         labels={"provider": "_unknown", "reason": "unknown_provider"}) == 1
+    assert (
+        c.metrics.get(
+            "webhook_inbound_rejected_total", labels={"provider": "shop", "reason": "bad_signature"}
+        )
+        == 1
+    )
+    assert (
+        c.metrics.get(
+            "webhook_inbound_rejected_total",
+            labels={"provider": "_unknown", "reason": "unknown_provider"},
+        )
+        == 1
+    )
 
 
 async def test_preset_subjects_come_from_the_senders_event_type() -> None:
@@ -224,8 +246,9 @@ async def test_preset_subjects_come_from_the_senders_event_type() -> None:
     assert (await post(c, "stripe", stripe, stripe_request(stripe)))[0] == 202
     github = json.dumps({"ref": "main"}).encode()
     assert (await post(c, "github", github, github_request(github)))[0] == 202
-    slack = json.dumps({"type": "event_callback", "event_id": "Ev1",
-                        "event": {"type": "app_mention"}}).encode()
+    slack = json.dumps(
+        {"type": "event_callback", "event_id": "Ev1", "event": {"type": "app_mention"}}
+    ).encode()
     assert (await post(c, "slack", slack, slack_request(slack)))[0] == 202
     subjects = [(await c.receive_inbound()).to_dict()["payload"]["subject"] for _ in range(3)]
     assert subjects == ["invoice.paid", "push", "app_mention"]

@@ -37,7 +37,10 @@ def test_seed_defaults_are_kept() -> None:
     )
     policy = WebhookSecurityPolicy()
     assert (policy.timestamp_skew_limit_sec, policy.idempotency_ttl_sec) == (300, 3600)
-    assert (policy.max_payload_bytes, policy.allowed_content_types) == (1048576, ("application/json",))
+    assert (policy.max_payload_bytes, policy.allowed_content_types) == (
+        1048576,
+        ("application/json",),
+    )
     assert (policy.require_mtls, policy.ip_allowlist, policy.strict_mode) == (False, (), True)
     retry = WebhookRetryPolicy()
     assert (retry.max_attempts, retry.base_delay_sec, retry.max_delay_sec) == (5, 0.25, 10.0)
@@ -106,7 +109,10 @@ def test_invalid_policies_are_refused(kwargs: dict[str, object]) -> None:
 
 
 def test_replay_ttl_covers_the_whole_skew_window() -> None:
-    assert WebhookSecurityPolicy(timestamp_skew_limit_sec=300, idempotency_ttl_sec=60).replay_ttl_sec == 600
+    assert (
+        WebhookSecurityPolicy(timestamp_skew_limit_sec=300, idempotency_ttl_sec=60).replay_ttl_sec
+        == 600
+    )
     assert WebhookSecurityPolicy().replay_ttl_sec == 3600
 
 

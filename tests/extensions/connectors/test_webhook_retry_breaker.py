@@ -39,7 +39,8 @@ def test_jitter_spreads_by_the_ratio_and_never_exceeds_the_cap() -> None:
     assert policy.compute_delay(5, rand=lambda: 0.999999) == 10.0
     assert policy.compute_delay(5, rand=lambda: 0.0) == pytest.approx(8.0)
     samples = {policy.compute_delay(2) for _ in range(200)}
-    assert len(samples) > 100 and all(1.6 <= d <= 2.4 for d in samples)
+    assert len(samples) > 100
+    assert all(1.6 <= d <= 2.4 for d in samples)
 
 
 @pytest.mark.parametrize("attempt", [0, -1, 1.5, True, "1"])
@@ -51,11 +52,26 @@ def test_compute_delay_refuses_bad_attempt_numbers(attempt: object) -> None:
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [
-        (200, "delivered"), (201, "delivered"), (204, "delivered"),
-        (400, "dead"), (401, "dead"), (403, "dead"), (404, "dead"), (405, "dead"),
-        (410, "dead"), (422, "dead"),
-        (301, "retry"), (302, "retry"), (307, "retry"), (408, "retry"), (409, "retry"),
-        (429, "retry"), (500, "retry"), (502, "retry"), (503, "retry"), (504, "retry"),
+        (200, "delivered"),
+        (201, "delivered"),
+        (204, "delivered"),
+        (400, "dead"),
+        (401, "dead"),
+        (403, "dead"),
+        (404, "dead"),
+        (405, "dead"),
+        (410, "dead"),
+        (422, "dead"),
+        (301, "retry"),
+        (302, "retry"),
+        (307, "retry"),
+        (408, "retry"),
+        (409, "retry"),
+        (429, "retry"),
+        (500, "retry"),
+        (502, "retry"),
+        (503, "retry"),
+        (504, "retry"),
     ],
 )
 def test_statuses_are_classified(status: int, verdict: str) -> None:
@@ -63,9 +79,12 @@ def test_statuses_are_classified(status: int, verdict: str) -> None:
 
 
 def test_only_signs_of_an_unwell_target_count_against_the_breaker() -> None:
-    assert counts_as_breaker_failure(None) and counts_as_breaker_failure(503)
-    assert counts_as_breaker_failure(429) and counts_as_breaker_failure(408)
-    assert not counts_as_breaker_failure(404) and not counts_as_breaker_failure(200)
+    assert counts_as_breaker_failure(None)
+    assert counts_as_breaker_failure(503)
+    assert counts_as_breaker_failure(429)
+    assert counts_as_breaker_failure(408)
+    assert not counts_as_breaker_failure(404)
+    assert not counts_as_breaker_failure(200)
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
@@ -94,9 +113,11 @@ def test_breaker_opens_after_threshold_consecutive_failures() -> None:
     breaker.record_success()  # resets the streak
     breaker.record_failure()
     breaker.record_failure()
-    assert breaker.allow_request() and not breaker.is_open
+    assert breaker.allow_request()
+    assert not breaker.is_open
     breaker.record_failure()
-    assert breaker.is_open and breaker.state == "open"
+    assert breaker.is_open
+    assert breaker.state == "open"
     assert not breaker.allow_request()
     assert breaker.retry_at() == 1030.0
 
@@ -110,9 +131,12 @@ def test_half_open_admits_exactly_one_probe() -> None:
     clock.now += 0.1
     assert breaker.state == "half_open"
     assert breaker.allow_request()
-    assert not breaker.allow_request() and not breaker.allow_request()
+    assert not breaker.allow_request()
+    assert not breaker.allow_request()
     breaker.record_success()
-    assert breaker.state == "closed" and breaker.allow_request() and breaker.allow_request()
+    assert breaker.state == "closed"
+    assert breaker.allow_request()
+    assert breaker.allow_request()
 
 
 def test_a_failed_probe_reopens_for_another_timeout() -> None:
@@ -122,7 +146,8 @@ def test_a_failed_probe_reopens_for_another_timeout() -> None:
     clock.now += 10
     assert breaker.allow_request()
     breaker.record_failure()
-    assert breaker.state == "open" and not breaker.allow_request()
+    assert breaker.state == "open"
+    assert not breaker.allow_request()
     clock.now += 10
     assert breaker.allow_request()
 
@@ -141,8 +166,12 @@ def test_a_lost_probe_is_replaced_after_the_timeout() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"failure_threshold": 0}, {"failure_threshold": 1.5}, {"recovery_timeout_sec": -1},
-     {"recovery_timeout_sec": float("nan")}],
+    [
+        {"failure_threshold": 0},
+        {"failure_threshold": 1.5},
+        {"recovery_timeout_sec": -1},
+        {"recovery_timeout_sec": float("nan")},
+    ],
 )
 def test_breaker_refuses_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):

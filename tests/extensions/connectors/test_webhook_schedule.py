@@ -12,9 +12,11 @@ def schedule(global_max: int = 10, per_target: int = 10) -> DispatchSchedule:
 def test_nothing_starts_before_it_is_due() -> None:
     s = schedule()
     s.add("a", "t", 5.0)
-    assert s.take(4.9) == [] and s.next_due() == 5.0
+    assert s.take(4.9) == []
+    assert s.next_due() == 5.0
     assert s.take(5.0) == [("a", "t")]
-    assert s.next_due() is None and s.running == 1
+    assert s.next_due() is None
+    assert s.running == 1
 
 
 def test_the_global_limit_holds_and_a_finish_frees_a_slot() -> None:
@@ -51,7 +53,8 @@ def test_re_adding_moves_a_waiting_action_and_ignores_running_ones() -> None:
     s = schedule()
     s.add("a", "t", 10)
     s.add("a", "t", 3)
-    assert s.next_due() == 3 and len(s) == 1
+    assert s.next_due() == 3
+    assert len(s) == 1
     assert s.take(3) == [("a", "t")]
     s.add("a", "t", 100)  # running: left alone
     assert s.next_due() is None
@@ -77,4 +80,6 @@ def test_discard_forgets_waiting_and_ready_actions() -> None:
     s.discard("b")
     s.discard("c")
     s.finish("a")
-    assert s.take(100) == [] and len(s) == 0 and "b" not in s
+    assert s.take(100) == []
+    assert len(s) == 0
+    assert "b" not in s

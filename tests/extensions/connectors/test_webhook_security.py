@@ -45,8 +45,13 @@ PROFILES = {
     "github": ProviderProfile("github", "github", scheme="github"),
     "slack": ProviderProfile("slack", "slack", scheme="slack"),
 }
-SECRETS = {"gen": HMAC_SECRET, "sw": SW_SECRET, "stripe": STRIPE_SECRET,
-           "github": GITHUB_SECRET, "slack": SLACK_SECRET}
+SECRETS = {
+    "gen": HMAC_SECRET,
+    "sw": SW_SECRET,
+    "stripe": STRIPE_SECRET,
+    "github": GITHUB_SECRET,
+    "slack": SLACK_SECRET,
+}
 
 
 def security(**policy: object) -> WebhookSecurity:
@@ -59,11 +64,13 @@ def security(**policy: object) -> WebhookSecurity:
     )
 
 
-def rejected(sec: WebhookSecurity, provider: str, headers: dict[str, str], body: bytes,
-             **kw: object) -> tuple[int, str]:
+def rejected(
+    sec: WebhookSecurity, provider: str, headers: dict[str, str], body: bytes, **kw: object
+) -> tuple[int, str]:
     with pytest.raises(WebhookSecurityError) as info:
-        sec.verify(provider, method=str(kw.pop("method", "POST")), headers=headers,
-                   raw_body=body, **kw)  # type: ignore[arg-type]
+        sec.verify(
+            provider, method=str(kw.pop("method", "POST")), headers=headers, raw_body=body, **kw
+        )  # type: ignore[arg-type]
     return info.value.status, info.value.reason
 
 
@@ -79,8 +86,14 @@ def test_every_scheme_accepts_a_correctly_signed_request() -> None:
         "github": github_request(body, delivery="gh-1"),
         "slack": slack_request(body, ts=ts),
     }
-    ids = {"gen": "e-1", "ts": "e-1", "sw": "msg_1", "stripe": "evt_1", "github": "gh-1",
-           "slack": "e-1"}
+    ids = {
+        "gen": "e-1",
+        "ts": "e-1",
+        "sw": "msg_1",
+        "stripe": "evt_1",
+        "github": "gh-1",
+        "slack": "e-1",
+    }
     for provider, headers in cases.items():
         verified = sec.verify(provider, method="POST", headers=headers, raw_body=body)
         assert verified.event_id == ids[provider], provider
@@ -92,19 +105,31 @@ def test_signature_with_the_wrong_secret_is_401() -> None:
     body = event_body()
     sec = security()
     assert rejected(sec, "gen", hmac_request(body, ts=int(NOW), secret="nope"), body) == (
-        401, "bad_signature")
+        401,
+        "bad_signature",
+    )
     assert rejected(sec, "stripe", stripe_request(body, ts=int(NOW), secret="nope"), body) == (
-        401, "bad_signature")
+        401,
+        "bad_signature",
+    )
 
 
 def test_a_rotated_secret_accepts_old_and_new_values() -> None:
-    sec = WebhookSecurity(WebhookSecurityPolicy(), {"gen": PROFILES["gen"]},
-                          {"gen": ["new-secret", "old-secret"]}, store=MemoryStore(),
-                          clock=lambda: NOW)
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(),
+        {"gen": PROFILES["gen"]},
+        {"gen": ["new-secret", "old-secret"]},
+        store=MemoryStore(),
+        clock=lambda: NOW,
+    )
     for secret in ("new-secret", "old-secret"):
         body = event_body()
-        assert sec.verify("gen", method="POST", raw_body=body,
-                          headers=hmac_request(body, ts=int(NOW), secret=secret))
+        assert sec.verify(
+            "gen",
+            method="POST",
+            raw_body=body,
+            headers=hmac_request(body, ts=int(NOW), secret=secret),
+        )
     body = event_body()
     assert rejected(sec, "gen", hmac_request(body, ts=int(NOW), secret="retired"), body)[0] == 401
 
@@ -119,8 +144,9 @@ def test_timestamps_outside_the_skew_window_are_401(offset: int) -> None:
 @pytest.mark.parametrize("offset", [-300, 0, 300])
 def test_timestamps_inside_the_skew_window_pass(offset: int) -> None:
     body = event_body()
-    security().verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW) + offset),
-                      raw_body=body)
+    security().verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW) + offset), raw_body=body
+    )
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e9", "garbage", "", "17e8"])
@@ -143,8 +169,9 @@ def test_loose_mode_derives_a_missing_event_id_from_the_body() -> None:
     body = json.dumps({"subject": "s"}).encode()
     headers = hmac_request(body, ts=int(NOW))
     assert rejected(security(), "gen", headers, body) == (400, "missing_event_id")
-    verified = security(strict_mode=False).verify("gen", method="POST", headers=headers,
-                                                  raw_body=body)
+    verified = security(strict_mode=False).verify(
+        "gen", method="POST", headers=headers, raw_body=body
+    )
     assert verified.event_id.startswith("sha256:")
 
 
@@ -241,7 +268,9 @@ def test_checks_run_cheapest_first() -> None:
     # Media type beats size.
     assert rejected(sec, "gen", {"content-type": "text/plain"}, b"x" * 5000, **inside)[0] == 415
     # Size beats a missing signature.
-    assert rejected(sec, "gen", {"content-type": "application/json"}, b"x" * 5000, **inside)[0] == 413
+    assert (
+        rejected(sec, "gen", {"content-type": "application/json"}, b"x" * 5000, **inside)[0] == 413
+    )
     # A missing signature beats a bad timestamp and bad JSON.
     headers = {"content-type": "application/json", "x-webhook-timestamp": "nan"}
     assert rejected(sec, "gen", headers, b"[", **inside) == (401, "missing_signature")
@@ -255,7 +284,9 @@ def test_checks_run_cheapest_first() -> None:
     assert rejected(sec, "gen", signed, b"{not json", **inside) == (401, "bad_signature")
     # Malformed JSON (signed) beats missing fields.
     bad = b"{not json"
-    assert rejected(sec, "gen", hmac_request(bad, ts=int(NOW)), bad, **inside)[1] == "malformed_json"
+    assert (
+        rejected(sec, "gen", hmac_request(bad, ts=int(NOW)), bad, **inside)[1] == "malformed_json"
+    )
 
 
 @pytest.mark.parametrize(
@@ -286,8 +317,9 @@ def test_signed_but_malformed_payloads_are_400(body: bytes, reason: str) -> None
 
 def test_integer_event_ids_are_accepted_as_text() -> None:
     body = b'{"event_id": 42, "subject": "s"}'
-    verified = security().verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW)),
-                                 raw_body=body)
+    verified = security().verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body
+    )
     assert verified.event_id == "42"
 
 
@@ -295,14 +327,16 @@ def test_credentials_are_not_kept_in_event_headers() -> None:
     body = event_body()
     headers = {**hmac_request(body, ts=int(NOW)), "Authorization": "Bearer x", "Cookie": "c=1"}
     verified = security().verify("gen", method="POST", headers=headers, raw_body=body)
-    assert "authorization" not in verified.headers and "cookie" not in verified.headers
+    assert "authorization" not in verified.headers
+    assert "cookie" not in verified.headers
     assert verified.headers["x-webhook-timestamp"] == str(int(NOW))
 
 
 def test_slack_url_verification_returns_the_challenge_without_an_event_id() -> None:
     body = json.dumps({"token": "t", "challenge": "abc123", "type": "url_verification"}).encode()
-    verified = security().verify("slack", method="POST", headers=slack_request(body, ts=int(NOW)),
-                                 raw_body=body)
+    verified = security().verify(
+        "slack", method="POST", headers=slack_request(body, ts=int(NOW)), raw_body=body
+    )
     assert verified.challenge == "abc123"
 
 
@@ -328,30 +362,34 @@ def test_wrongly_typed_arguments_raise_usage_errors() -> None:
         sec.verify("gen", method="POST", headers={}, raw_body="text")  # type: ignore[arg-type]
 
 
-
 @pytest.mark.anyio
 async def test_an_event_id_is_claimed_once_per_window(any_store: Store) -> None:
-    sec = WebhookSecurity(WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store,
-                          clock=lambda: NOW)
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store, clock=lambda: NOW
+    )
     body = event_body()
     headers = hmac_request(body, ts=int(NOW))
     profile, payload, event_id, ts = await sec.avalidate_and_extract(
-        "gen", method="POST", headers=headers, raw_body=body)
+        "gen", method="POST", headers=headers, raw_body=body
+    )
     assert (profile.name, payload["event_id"], event_id, ts) == ("gen", event_id, event_id, NOW)
     with pytest.raises(DuplicateEventError) as info:
         await sec.avalidate_and_extract("gen", method="POST", headers=headers, raw_body=body)
-    assert isinstance(info.value, WebhookSecurityError) and info.value.status == 200
+    assert isinstance(info.value, WebhookSecurityError)
+    assert info.value.status == 200
 
 
 @pytest.mark.anyio
 async def test_releasing_a_claim_lets_the_retry_through_but_only_with_its_token(
     any_store: Store,
 ) -> None:
-    sec = WebhookSecurity(WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store,
-                          clock=lambda: NOW)
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store, clock=lambda: NOW
+    )
     body = event_body()
-    verified = sec.verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW)),
-                          raw_body=body)
+    verified = sec.verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body
+    )
     token = await sec.aclaim(verified)
     await sec.arelease(verified, "someone-else")
     with pytest.raises(DuplicateEventError):
@@ -364,11 +402,17 @@ async def test_releasing_a_claim_lets_the_retry_through_but_only_with_its_token(
 async def test_claims_expire_after_the_replay_ttl() -> None:
     clock = [0.0]
     store = MemoryStore(clock=lambda: clock[0])
-    sec = WebhookSecurity(WebhookSecurityPolicy(timestamp_skew_limit_sec=10, idempotency_ttl_sec=5),
-                          PROFILES, SECRETS, store=store, clock=lambda: NOW)
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(timestamp_skew_limit_sec=10, idempotency_ttl_sec=5),
+        PROFILES,
+        SECRETS,
+        store=store,
+        clock=lambda: NOW,
+    )
     body = event_body()
-    verified = sec.verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW)),
-                          raw_body=body)
+    verified = sec.verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body
+    )
     await sec.aclaim(verified)
     clock[0] = 19.0  # the TTL is 2 x skew = 20 s, not the 5 s idempotency TTL
     with pytest.raises(DuplicateEventError):
@@ -381,15 +425,19 @@ async def test_claims_expire_after_the_replay_ttl() -> None:
 async def test_the_sync_form_refuses_to_run_on_the_event_loop() -> None:
     body = event_body()
     with pytest.raises(SyncInEventLoopError, match="avalidate_and_extract"):
-        security().validate_and_extract("gen", method="POST", raw_body=body,
-                                        headers=hmac_request(body, ts=int(NOW)))
+        security().validate_and_extract(
+            "gen", method="POST", raw_body=body, headers=hmac_request(body, ts=int(NOW))
+        )
 
 
 def test_the_sync_form_works_from_plain_code_and_threads() -> None:
     sec = security()
     body = event_body()
     headers = hmac_request(body, ts=int(NOW))
-    assert sec.validate_and_extract("gen", method="POST", headers=headers, raw_body=body)[0].name == "gen"
+    assert (
+        sec.validate_and_extract("gen", method="POST", headers=headers, raw_body=body)[0].name
+        == "gen"
+    )
     errors: list[BaseException] = []
 
     def again() -> None:
@@ -401,4 +449,5 @@ def test_the_sync_form_works_from_plain_code_and_threads() -> None:
     thread = threading.Thread(target=again)
     thread.start()
     thread.join()
-    assert len(errors) == 1 and isinstance(errors[0], DuplicateEventError)
+    assert len(errors) == 1
+    assert isinstance(errors[0], DuplicateEventError)

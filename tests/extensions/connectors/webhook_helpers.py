@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -40,8 +41,9 @@ def now() -> int:
     return int(time.time())
 
 
-def sw_request(body: bytes, *, msg_id: str | None = None, ts: int | None = None,
-               secret: str = SW_SECRET) -> dict[str, str]:
+def sw_request(
+    body: bytes, *, msg_id: str | None = None, ts: int | None = None, secret: str = SW_SECRET
+) -> dict[str, str]:
     """Headers signed by the reference ``standardwebhooks`` package."""
     msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
     when = datetime.fromtimestamp(now() if ts is None else ts, tz=UTC)
@@ -54,8 +56,13 @@ def sw_request(body: bytes, *, msg_id: str | None = None, ts: int | None = None,
     }
 
 
-def stripe_request(body: bytes, *, ts: int | None = None, secret: str = STRIPE_SECRET,
-                   extra_signatures: tuple[str, ...] = ()) -> dict[str, str]:
+def stripe_request(
+    body: bytes,
+    *,
+    ts: int | None = None,
+    secret: str = STRIPE_SECRET,
+    extra_signatures: tuple[str, ...] = (),
+) -> dict[str, str]:
     """``Stripe-Signature: t=...,v1=...`` as Stripe documents it: HMAC-SHA256 of "{t}.{body}"."""
     t = now() if ts is None else ts
     sig = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
@@ -63,8 +70,9 @@ def stripe_request(body: bytes, *, ts: int | None = None, secret: str = STRIPE_S
     return {"content-type": "application/json", "stripe-signature": ",".join(parts)}
 
 
-def github_request(body: bytes, *, delivery: str | None = None,
-                   secret: str = GITHUB_SECRET) -> dict[str, str]:
+def github_request(
+    body: bytes, *, delivery: str | None = None, secret: str = GITHUB_SECRET
+) -> dict[str, str]:
     """``X-Hub-Signature-256: sha256=<hex>`` over the raw body; id in X-GitHub-Delivery."""
     sig = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {
@@ -75,7 +83,9 @@ def github_request(body: bytes, *, delivery: str | None = None,
     }
 
 
-def slack_request(body: bytes, *, ts: int | None = None, secret: str = SLACK_SECRET) -> dict[str, str]:
+def slack_request(
+    body: bytes, *, ts: int | None = None, secret: str = SLACK_SECRET
+) -> dict[str, str]:
     """``X-Slack-Signature: v0=<hex>`` over "v0:{ts}:{body}"."""
     t = now() if ts is None else ts
     sig = hmac.new(secret.encode(), f"v0:{t}:".encode() + body, hashlib.sha256).hexdigest()
@@ -86,8 +96,9 @@ def slack_request(body: bytes, *, ts: int | None = None, secret: str = SLACK_SEC
     }
 
 
-def hmac_request(body: bytes, *, ts: int | None = None, secret: str = HMAC_SECRET,
-                 timestamp_body: bool = False) -> dict[str, str]:
+def hmac_request(
+    body: bytes, *, ts: int | None = None, secret: str = HMAC_SECRET, timestamp_body: bool = False
+) -> dict[str, str]:
     """The generic scheme: hex HMAC in X-Webhook-Signature, time in X-Webhook-Timestamp."""
     t = now() if ts is None else ts
     prefix = f"{t}.".encode() if timestamp_body else b""
@@ -110,6 +121,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    status: int = 0
 
 
 class Receiver:
@@ -151,6 +163,7 @@ class Receiver:
                 status = self.fail_status
             elif self.status_for is not None:
                 status = self.status_for(record) or 200
+            record.status = status
         out = [(b"content-type", b"application/json")]
         if status != 200 and self.retry_after is not None:
             out.append((b"retry-after", self.retry_after.encode()))
@@ -158,7 +171,7 @@ class Receiver:
         await send({"type": "http.response.body", "body": b"{}"})
 
     def delivered(self) -> list[Recorded]:
-        """Requests answered 2xx are not tracked separately: the last one per key wins."""
+        """Every request received (``status`` says how it was answered)."""
         with self.lock:
             return list(self.requests)
 
@@ -229,11 +242,14 @@ class ServerThread:
         config.accesslog = None
 
         async def shutdown() -> None:
-            while not self._stop.is_set():
+            # A threading.Event set by the test thread: nothing trio can await.
+            while not self._stop.is_set():  # noqa: ASYNC110
                 await trio.sleep(0.02)
 
         try:
-            trio.run(hypercorn.trio.serve, self.app, config, shutdown)  # type: ignore[arg-type]
+            trio.run(
+                functools.partial(hypercorn.trio.serve, self.app, config, shutdown_trigger=shutdown)
+            )
         except BaseException as exc:  # reported to the test thread
             self._failure.append(exc)
 
@@ -245,8 +261,9 @@ class ServerThread:
             self._thread.join(timeout=10)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (polling) until ``predicate()`` is true; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait (polling) until ``predicate()`` is true; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        # Polling on purpose: the state lives on another thread's loop, no event to await.
+        while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.01)

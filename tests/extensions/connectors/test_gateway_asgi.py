@@ -1,0 +1,306 @@
+"""The gateway's ASGI app, in process: routes, streaming limits, relay guard, probes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from webhook_helpers import HMAC_SECRET, TOKEN, event_body, eventually, hmac_request
+
+from converge.errors import ConfigurationError, StoreUnavailableError
+from converge.extensions.connectors import (
+    GatewayApp,
+    OutboundTarget,
+    ProviderProfile,
+    WebhookConnector,
+    WebhookGateway,
+    WebhookSecurityPolicy,
+)
+from converge.extensions.storage import MemoryStore
+
+pytestmark = pytest.mark.anyio
+
+TARGET = OutboundTarget("crm", "http://127.0.0.1:9/crm")
+
+
+def gateway(*, token: str | None = TOKEN, store: Any = None, **policy: Any) -> WebhookGateway:
+    connector = WebhookConnector(
+        provider_profiles={"shop": ProviderProfile("shop", "shop")},
+        secrets={"shop": HMAC_SECRET},
+        security_policy=WebhookSecurityPolicy(**policy),
+        store=store or MemoryStore(),
+        targets=[TARGET],
+    )
+    return WebhookGateway(connector, outbound_token=token)
+
+
+@asynccontextmanager
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        yield http
+
+
+async def test_a_signed_webhook_is_accepted_over_asgi() -> None:
+    gw = gateway()
+    body = event_body()
+    async with client(gw.asgi_app()) as http:
+        response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert response.status_code == 202
+        assert response.json()["event_id"] == json.loads(body)["event_id"]
+        again = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert again.status_code == 200
+        assert again.json()["status"] == "duplicate"
+        forged = await http.post(
+            "/webhook/shop", content=body, headers=hmac_request(body, secret="guess")
+        )
+        assert forged.status_code == 401
+        assert forged.json()["reason"] == "bad_signature"
+
+
+async def test_unknown_routes_and_methods_are_json_errors() -> None:
+    async with client(gateway().asgi_app()) as http:
+        missing = await http.get("/nope")
+        assert missing.status_code == 404
+        assert missing.json()["reason"] == "not_found"
+        wrong = await http.get("/webhook/shop")
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "POST"
+        unknown = await http.post(
+            "/webhook/ghost", content=b"{}", headers={"content-type": "application/json"}
+        )
+        assert unknown.status_code == 404
+        assert unknown.json()["reason"] == "unknown_provider"
+        probe = await http.post("/healthz")
+        assert probe.status_code == 405
+
+
+class Upload:
+    """An ASGI receive() streaming a large body in chunks; counts what was read."""
+
+    def __init__(self, chunks: int, size: int = 65536) -> None:
+        self.left = chunks
+        self.size = size
+        self.read = 0
+
+    async def __call__(self) -> dict[str, Any]:
+        self.read += 1
+        self.left -= 1
+        return {"type": "http.request", "body": b"x" * self.size, "more_body": self.left > 0}
+
+
+async def call(
+    app: GatewayApp,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    receive: Any,
+    client: tuple[str, int] = ("127.0.0.1", 1),
+) -> tuple[int, dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": headers,
+        "client": client,
+        "root_path": "",
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+async def test_the_body_is_cut_off_past_the_limit_without_reading_it_all() -> None:
+    app = gateway(max_payload_bytes=100_000).asgi_app()
+    upload = Upload(chunks=200)  # 13 MB offered
+    status, body = await call(
+        app, "/webhook/shop", [(b"content-type", b"application/json")], upload
+    )
+    assert (status, body["reason"]) == (413, "payload_too_large")
+    assert upload.read == 2  # 128 KiB read, then it stopped
+
+
+async def test_a_declared_oversize_body_or_stranger_is_refused_before_reading() -> None:
+    app = gateway(max_payload_bytes=1000, ip_allowlist=("127.0.0.0/8",)).asgi_app()
+    upload = Upload(chunks=1)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"5000")]
+    assert (await call(app, "/webhook/shop", headers, upload))[0] == 413
+    status, _ = await call(app, "/webhook/shop", headers, upload, client=("8.8.8.8", 1))
+    assert status == 403
+    assert upload.read == 0
+
+
+async def test_outbound_is_disabled_without_a_token() -> None:
+    async with client(gateway(token=None).asgi_app()) as http:
+        response = await http.post(
+            "/outbound",
+            json={"target": "crm", "body": {}},
+            headers={"authorization": f"Bearer {TOKEN}"},
+        )
+        assert response.status_code == 403
+        assert response.json()["reason"] == "outbound_disabled"
+
+
+async def test_outbound_requires_the_bearer_token_and_a_configured_target() -> None:
+    gw = gateway()
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    async with client(gw.asgi_app()) as http:
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong-token-000000"},
+            {"authorization": TOKEN},
+            {"authorization": f"Basic {TOKEN}"},
+        ):
+            refused = await http.post(
+                "/outbound", json={"target": "crm", "body": {}}, headers=headers
+            )
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+        unknown = await http.post("/outbound", json={"target": "evil", "body": {}}, headers=auth)
+        assert (unknown.status_code, unknown.json()["reason"]) == (400, "unknown_target")
+        for url in (
+            "http://169.254.169.254/latest",
+            "http://127.0.0.1:9/crmX",
+            "http://127.0.0.1:9/crm/../admin",
+        ):
+            outside = await http.post(
+                "/outbound", headers=auth, json={"target": "crm", "url": url, "body": {}}
+            )
+            assert (outside.status_code, outside.json()["reason"]) == (403, "url_not_allowed")
+        bad = await http.post("/outbound", headers=auth, json={"target": "crm", "body": []})
+        assert (bad.status_code, bad.json()["reason"]) == (400, "invalid_action")
+        text = await http.post(
+            "/outbound", headers={**auth, "content-type": "text/plain"}, content=b"{}"
+        )
+        assert text.status_code == 415
+        broken = await http.post(
+            "/outbound", headers={**auth, "content-type": "application/json"}, content=b"{"
+        )
+        assert broken.status_code == 400
+        ok = await http.post(
+            "/outbound",
+            headers=auth,
+            json={
+                "target": "crm",
+                "url": "http://127.0.0.1:9/crm/orders",
+                "body": {"order": 1},
+                "idempotency_key": "o-1",
+            },
+        )
+        assert ok.status_code == 202
+        assert ok.json()["status"] == "queued"
+    record = await gw.connector.outbox.get(ok.json()["id"])
+    assert record is not None
+    assert record.action.body == {"order": 1}
+    assert record.action.url == "http://127.0.0.1:9/crm/orders"
+
+
+async def test_outbound_refuses_oversize_bodies() -> None:
+    gw = gateway(max_payload_bytes=50)
+    async with client(gw.asgi_app()) as http:
+        big = await http.post(
+            "/outbound",
+            headers={"authorization": f"Bearer {TOKEN}"},
+            json={"target": "crm", "body": {"x": "y" * 100}},
+        )
+        assert big.status_code == 413
+
+
+async def test_health_readiness_and_metrics() -> None:
+    gw = gateway()
+    async with client(gw.asgi_app()) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        not_ready = await http.get("/readyz")  # targets configured, dispatcher not running
+        assert not_ready.status_code == 503
+        assert not_ready.json()["dispatcher"] is False
+        body = event_body()
+        await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        await http.post("/webhook/shop", content=b"{}", headers=hmac_request(b"{}", secret="x"))
+        metrics = await http.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        head = await http.head("/metrics")
+        assert head.content == b""
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    accepted = families["webhook_inbound_accepted"].samples
+    assert [(s.labels, s.value) for s in accepted] == [({"provider": "shop"}, 1.0)]
+    rejected = families["webhook_inbound_rejected"].samples
+    assert rejected[0].labels == {"provider": "shop", "reason": "bad_signature"}
+
+
+async def test_readiness_follows_the_dispatcher_and_the_store() -> None:
+    gw = gateway()
+    app = gw.asgi_app()
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(gw.connector.run_outbound_dispatcher)
+        await eventually(lambda: gw.connector.dispatcher.running)
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "ready"
+        gw.connector.stop_dispatcher()
+
+    class Down(MemoryStore):
+        async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+            raise StoreUnavailableError("down")
+
+    broken = WebhookGateway(gateway(store=Down()).connector, require_dispatcher=False)
+    async with client(broken.asgi_app()) as http:
+        response = await http.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["store"] is False
+
+
+async def test_the_lifespan_runs_and_stops_the_dispatcher() -> None:
+    gw = gateway()
+    app = gw.asgi_app()
+    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    app_outbox, from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, {"type": "lifespan"}, app_inbox.receive, app_outbox.send)
+        await to_app.send({"type": "lifespan.startup"})
+        assert (await from_app.receive())["type"] == "lifespan.startup.complete"
+        await eventually(lambda: gw.connector.dispatcher.running)
+        assert gw.is_ready()
+        await to_app.send({"type": "lifespan.shutdown"})
+        assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
+    assert not gw.connector.dispatcher.running
+
+
+async def test_the_app_mounts_inside_starlette() -> None:
+    gw = gateway()
+    outer = Starlette(routes=[Mount("/hooks", app=gw.asgi_app(run_dispatcher=False))])
+    body = event_body()
+    async with client(outer) as http:
+        response = await http.post("/hooks/webhook/shop", content=body, headers=hmac_request(body))
+        assert response.status_code == 202
+        assert (await http.get("/hooks/healthz")).status_code == 200
+
+
+async def test_a_proxy_client_certificate_header_counts_only_when_configured() -> None:
+    gw = gateway(require_mtls=True)
+    body = event_body()
+    headers = {**hmac_request(body), "x-ssl-client-verify": "SUCCESS"}
+    async with client(gw.asgi_app()) as http:
+        assert (await http.post("/webhook/shop", content=body, headers=headers)).status_code == 403
+    async with client(gw.asgi_app(client_cert_header="X-SSL-Client-Verify")) as http:
+        assert (await http.post("/webhook/shop", content=body, headers=headers)).status_code == 202
+
+
+def test_bad_gateway_settings_are_refused() -> None:
+    connector = gateway().connector
+    with pytest.raises(ConfigurationError):
+        WebhookGateway(connector, outbound_token="short")
+    with pytest.raises(ConfigurationError):
+        WebhookGateway("connector")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        GatewayApp(WebhookGateway(connector), poll_interval_sec=0)
