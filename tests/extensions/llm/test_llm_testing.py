@@ -1,0 +1,146 @@
+"""The no-network providers shipped for users' tests, and the package surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+
+from converge.errors import ProviderRateLimitError, UsageError
+from converge.extensions.llm import ChatStream, LLMProvider, Usage
+from converge.extensions.llm.testing import FunctionProvider, ProviderCall, ScriptedProvider
+
+pytestmark = pytest.mark.anyio
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+async def test_scripted_provider_replays_replies_in_order() -> None:
+    provider = ScriptedProvider(["one", ("two", Usage(5, 6))])
+    assert await provider.achat(MESSAGES) == "one"
+    assert await provider.achat_with_usage(MESSAGES) == ("two", Usage(5, 6))
+    assert provider.remaining == 0
+    assert [c.messages for c in provider.calls] == [tuple(MESSAGES)] * 2
+
+
+async def test_scripted_provider_raises_scripted_exceptions() -> None:
+    failure = ProviderRateLimitError("slow", provider="test", retry_after=1)
+    provider = ScriptedProvider([failure, "after"])
+    with pytest.raises(ProviderRateLimitError):
+        await provider.achat(MESSAGES)
+    assert await provider.achat(MESSAGES) == "after"
+
+
+async def test_running_out_of_replies_is_a_clear_usage_error() -> None:
+    provider = ScriptedProvider(["only"])
+    await provider.achat(MESSAGES)
+    with pytest.raises(UsageError, match="ran out of replies after 1 call"):
+        await provider.achat(MESSAGES)
+
+
+def test_scripted_provider_rejects_odd_script_items() -> None:
+    with pytest.raises(UsageError):
+        ScriptedProvider([42])  # type: ignore[list-item]
+
+
+async def test_usage_is_estimated_when_not_scripted() -> None:
+    provider = ScriptedProvider(["a reply of some length"])
+    _, usage = await provider.achat_with_usage(MESSAGES)
+    assert usage.input_tokens > 0
+    assert usage.output_tokens > 0
+    assert provider.last_usage == usage
+
+
+async def test_function_provider_gets_messages_and_options() -> None:
+    seen: list[tuple[Any, dict[str, Any]]] = []
+
+    def reply(messages: list[dict[str, str]], **kwargs: Any) -> str:
+        seen.append((messages, kwargs))
+        return "echo: " + messages[-1]["content"]
+
+    provider = FunctionProvider(reply)
+    assert await provider.achat(MESSAGES, temperature=0) == "echo: hello there"
+    assert seen == [(MESSAGES, {"temperature": 0})]
+    assert provider.calls == [ProviderCall(tuple(MESSAGES), {"temperature": 0})]
+
+
+async def test_function_provider_accepts_async_functions() -> None:
+    async def reply(messages: list[dict[str, str]], **kwargs: Any) -> str:
+        await anyio.lowlevel.checkpoint()
+        return "async"
+
+    assert await FunctionProvider(reply).achat(MESSAGES) == "async"
+
+
+def test_function_provider_sync_surface_calls_sync_functions_directly() -> None:
+    provider = FunctionProvider(lambda messages, **kw: "sync")
+    assert provider.chat(MESSAGES) == "sync"
+    assert provider.chat_with_usage(MESSAGES)[0] == "sync"
+
+
+def test_function_provider_sync_surface_runs_async_functions() -> None:
+    async def reply(messages: list[dict[str, str]], **kwargs: Any) -> str:
+        return "ran"
+
+    assert FunctionProvider(reply).chat(MESSAGES) == "ran"
+
+
+async def test_sync_function_is_callable_on_the_event_loop_thread() -> None:
+    assert FunctionProvider(lambda messages, **kw: "in-memory").chat(MESSAGES) == "in-memory"
+
+
+async def test_messages_are_validated_like_the_real_providers() -> None:
+    provider = ScriptedProvider(["unused"])
+    with pytest.raises(UsageError):
+        await provider.achat([{"role": "robot", "content": "x"}])
+    assert provider.remaining == 1
+
+
+async def test_non_text_reply_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="not str"):
+        await FunctionProvider(lambda messages, **kw: 42).achat(MESSAGES)
+
+
+async def test_stream_yields_word_deltas_then_usage() -> None:
+    provider = ScriptedProvider([("Hello brave new world", Usage(1, 4))])
+    stream = provider.chat_stream(MESSAGES)
+    assert isinstance(stream, ChatStream)
+    deltas = [d async for d in stream]
+    assert deltas == ["Hello", " brave", " new", " world"]
+    assert stream.usage == Usage(1, 4)
+
+
+async def test_stream_finish_callbacks_receive_the_usage() -> None:
+    seen: list[Usage] = []
+    stream = ScriptedProvider([("x", Usage(2, 3))]).chat_stream(MESSAGES)
+    stream.on_finish(seen.append)
+    assert await stream.acollect() == "x"
+    assert seen == [Usage(2, 3)]
+
+
+def test_test_providers_satisfy_the_provider_protocol() -> None:
+    assert isinstance(ScriptedProvider([]), LLMProvider)
+    assert isinstance(FunctionProvider(lambda m, **k: ""), LLMProvider)
+
+
+def test_usage_validates_and_adds() -> None:
+    assert Usage(1, 2) + Usage(3, 4) == Usage(4, 6)
+    assert Usage(1, 2).total_tokens == 3
+    with pytest.raises(UsageError):
+        Usage(-1, 0)
+    with pytest.raises(UsageError):
+        Usage(1.5, 0)  # type: ignore[arg-type]
+
+
+def test_importing_the_extension_imports_no_sdk() -> None:
+    code = (
+        "import sys, converge.extensions.llm, converge.extensions.llm.testing;"
+        "print([m for m in ('openai', 'anthropic', 'mistralai', 'httpx2') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
