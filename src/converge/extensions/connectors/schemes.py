@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from converge.errors import ConfigurationError, UsageError, WebhookSecurityError
-from converge.extensions.connectors.models import SCHEMES, ProviderProfile
+from converge.extensions.connectors.models import SCHEMES as _SCHEMES
+from converge.extensions.connectors.models import ProviderProfile
 
 __all__ = [
     "SignedParts",
@@ -240,8 +241,8 @@ def decode_secret(scheme: str, secret: str) -> bytes:
         ConfigurationError: For an empty secret or a Standard Webhooks secret that is
             not base64.
     """
-    if scheme not in SCHEMES:
-        raise ConfigurationError(f"unknown scheme {scheme!r}; one of {SCHEMES}")
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(f"unknown scheme {scheme!r}; one of {_SCHEMES}")
     if not isinstance(secret, str) or not secret:
         raise ConfigurationError("a webhook secret must be a non-empty string")
     if scheme in ("standard-webhooks", "svix"):
@@ -311,8 +312,8 @@ def sign_webhook(
         ConfigurationError: For an unusable secret.
     """
     if isinstance(profile, str):
-        if profile not in SCHEMES:
-            raise UsageError(f"unknown scheme {profile!r}; one of {SCHEMES}")
+        if profile not in _SCHEMES:
+            raise UsageError(f"unknown scheme {profile!r}; one of {_SCHEMES}")
         profile = ProviderProfile(name="sign", secret_ref="sign", scheme=profile)
     if not isinstance(profile, ProviderProfile):
         raise UsageError("profile must be a ProviderProfile or a scheme name")

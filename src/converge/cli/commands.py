@@ -1,0 +1,199 @@
+"""Argument parsing and the commands behind ``converge`` (see :mod:`converge.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from converge.errors import ConfigurationError, MissingDependencyError, UsageError
+
+if TYPE_CHECKING:
+    from converge.extensions.connectors import ProviderProfile
+
+__all__ = ["main"]
+
+_SCHEMES = ("hmac", "standard-webhooks", "svix", "stripe", "github", "slack")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="converge", description="converge: webhook gateway and tools."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gateway = commands.add_parser("gateway", help="serve the webhook gateway")
+    gateway.add_argument("--config", required=True, type=Path, help="gateway TOML file")
+    gateway.add_argument("--host", help="override [gateway] bind")
+    gateway.add_argument("--port", type=int, help="override [gateway] port")
+    gateway.add_argument("--store", help="override [gateway] store (memory, file:P, sqlite:P)")
+    gateway.add_argument(
+        "--check", action="store_true", help="validate the config, print a summary, exit"
+    )
+
+    webhook = commands.add_parser("webhook", help="sign or send test webhook requests")
+    actions = webhook.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sign = actions.add_parser("sign", help="print a signed request's headers")
+    send = actions.add_parser("send", help="send a signed request and print the answer")
+    send.add_argument("url", nargs="?", help="where to POST (default: from --config)")
+    for sub in (sign, send):
+        source = sub.add_argument_group("sender (a provider from a gateway config, or flags)")
+        source.add_argument("--config", type=Path, help="gateway TOML file")
+        source.add_argument("--provider", help="provider name in the config")
+        source.add_argument("--scheme", choices=_SCHEMES, help="signature scheme")
+        source.add_argument("--secret", help="shared secret")
+        source.add_argument("--secret-env", help="environment variable holding the secret")
+        source.add_argument("--signature-header", default="X-Webhook-Signature")
+        source.add_argument("--timestamp-header", default="X-Webhook-Timestamp")
+        source.add_argument("--event-id-field", default="event_id")
+        source.add_argument("--algorithm", default="sha256", help="hmac scheme digest")
+        source.add_argument(
+            "--canonicalization", default="raw_body", choices=("raw_body", "timestamp_body")
+        )
+        body = sub.add_argument_group("request")
+        body.add_argument("--data", help="JSON object body (default: a fresh test event)")
+        body.add_argument("--data-file", type=Path, help="read the body from a file")
+        body.add_argument("--timestamp", type=int, help="Unix seconds (default: now)")
+        body.add_argument("--id", dest="event_id", help="header event id (webhook-id, ...)")
+    sign.add_argument("--format", choices=("headers", "json", "curl"), default="headers")
+    sign.add_argument("--url", help="URL for --format curl")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    return parser
+
+
+def _sender(args: argparse.Namespace) -> tuple[ProviderProfile, str, str | None]:
+    from converge.cli.config import load_config
+    from converge.cli.webhook import resolve_target
+
+    if args.config is not None:
+        config = load_config(args.config, warn=False)
+        provider = args.provider
+        if not provider:
+            if len(config.providers) != 1:
+                raise UsageError("--provider is required: the config has several providers")
+            provider = next(iter(config.providers))
+        return resolve_target(config, provider)
+    if not args.scheme:
+        raise UsageError("give --config (and --provider) or --scheme with --secret")
+    secret = args.secret
+    if args.secret_env:
+        secret = os.environ.get(args.secret_env, "")
+        if not secret:
+            raise UsageError(f"environment variable {args.secret_env} is not set")
+    if not isinstance(secret, str) or not secret:
+        raise UsageError("--secret or --secret-env is required with --scheme")
+    from converge.extensions.connectors import ProviderProfile
+
+    profile = ProviderProfile(
+        name="cli",
+        secret_ref="cli",
+        signature_header=args.signature_header,
+        timestamp_header=args.timestamp_header,
+        event_id_field=args.event_id_field,
+        signature_algorithm=args.algorithm,
+        canonicalization=args.canonicalization,
+        scheme=args.scheme,
+    )
+    return profile, secret, None
+
+
+def _body(args: argparse.Namespace) -> bytes | None:
+    if args.data is not None and args.data_file is not None:
+        raise UsageError("give --data or --data-file, not both")
+    if args.data is not None:
+        return str(args.data).encode()
+    if args.data_file is not None:
+        try:
+            return Path(args.data_file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.data_file}: {exc.strerror}") from exc
+    return None
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    from converge.cli.webhook import sign_request
+
+    profile, secret, config_url = _sender(args)
+    request = sign_request(
+        profile, secret, body=_body(args), timestamp=args.timestamp, event_id=args.event_id
+    )
+    if args.action == "sign":
+        if args.format == "json":
+            print(json.dumps(request.to_dict(), indent=2))
+        elif args.format == "curl":
+            url = args.url or config_url
+            if not url:
+                raise UsageError("--format curl needs --url (or --config)")
+            print(request.curl(url))
+        else:
+            for name, value in request.headers.items():
+                print(f"{name}: {value}")
+        return 0
+    url = args.url or config_url
+    if not url:
+        raise UsageError("give the URL to send to (or --config)")
+    import httpx
+
+    try:
+        response = httpx.post(
+            url, headers=request.headers, content=request.body, timeout=args.timeout
+        )
+    except httpx.HTTPError as exc:
+        print(f"error: could not reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"HTTP {response.status_code}")
+    print(response.text)
+    return 0 if response.is_success else 1
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from converge.cli.config import load_config
+    from converge.cli.serve import serve, summary
+
+    config = load_config(args.config)
+    overrides = {
+        key: value
+        for key, value in (("bind", args.host), ("port", args.port), ("store", args.store))
+        if value is not None
+    }
+    if overrides:
+        from converge.cli.config import check_gateway_settings
+
+        config = dataclasses.replace(config, **overrides)
+        check_gateway_settings(config)
+    if args.check:
+        from converge.cli.serve import make_app
+
+        make_app(config)  # builds every object, so their validation runs too
+        print(summary(config))
+        return 0
+    level = getattr(logging, config.log_level.upper())
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    serve(config)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``converge`` command line.
+
+    Args:
+        argv: Arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        The exit status.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "gateway":
+            return _gateway(args)
+        return _webhook(args)
+    except (ConfigurationError, UsageError, MissingDependencyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
