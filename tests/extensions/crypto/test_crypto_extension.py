@@ -21,6 +21,7 @@ from converge.errors import (
     DecryptionError,
 )
 from converge.extensions.crypto import (
+    CHUNK_SIZE,
     INLINE_LIMIT,
     adecrypt,
     aderive_key,
@@ -177,7 +178,7 @@ def test_non_bytes_arguments_are_type_errors(call: Any, args: tuple[Any, ...]) -
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("size", [0, 1000, INLINE_LIMIT, INLINE_LIMIT + 1, 3 * INLINE_LIMIT + 7])
+@pytest.mark.parametrize("size", [0, 1000, INLINE_LIMIT, INLINE_LIMIT + 1, INLINE_LIMIT + 3 * CHUNK_SIZE + 7])
 async def test_async_twins_interoperate_with_the_sync_functions(size: int) -> None:
     plaintext = secure_random_bytes(size)
     blob = await aencrypt(plaintext, KEY, b"aad")
@@ -188,14 +189,14 @@ async def test_async_twins_interoperate_with_the_sync_functions(size: int) -> No
 
 @pytest.mark.anyio
 async def test_async_decrypt_of_a_large_tampered_blob_is_rejected() -> None:
-    blob = bytearray(await aencrypt(bytes(3 * INLINE_LIMIT), KEY))
+    blob = bytearray(await aencrypt(bytes(INLINE_LIMIT + 3 * CHUNK_SIZE), KEY))
     blob[INLINE_LIMIT] ^= 0x80
     with pytest.raises(DecryptionError):
         await adecrypt(bytes(blob), KEY)
     with pytest.raises(DecryptionError):
         await adecrypt(bytes(blob[:20]), KEY)
     with pytest.raises(DecryptionError):
-        await adecrypt(encrypt(bytes(3 * INLINE_LIMIT), KEY), KEY, b"unexpected aad")
+        await adecrypt(encrypt(bytes(INLINE_LIMIT + 1), KEY), KEY, b"unexpected aad")
 
 
 @pytest.mark.anyio
@@ -212,7 +213,7 @@ async def test_large_async_encryption_lets_other_tasks_run() -> None:
         tg.start_soon(ticker)
         await anyio.lowlevel.checkpoint()
         before = ticks
-        await aencrypt(bytes(16 * INLINE_LIMIT), KEY)
+        await aencrypt(bytes(INLINE_LIMIT + 16 * CHUNK_SIZE), KEY)
         during = ticks - before
         tg.cancel_scope.cancel()
     assert during >= 8  # one chance per chunk at least

@@ -24,6 +24,7 @@ plaintext.
 from __future__ import annotations
 
 from converge.extensions.crypto._impl import (
+    CHUNK_SIZE,
     INLINE_LIMIT,
     KEY_SIZE,
     NONCE_SIZE,
@@ -38,6 +39,7 @@ from converge.extensions.crypto._impl import (
 )
 
 __all__ = [
+    "CHUNK_SIZE",
     "INLINE_LIMIT",
     "KEY_SIZE",
     "NONCE_SIZE",
