@@ -213,7 +213,8 @@ async def test_bus_keeps_working_after_a_hook_and_its_on_error_raise() -> None:
 
 async def test_hook_returning_a_non_message_is_treated_as_a_hook_error() -> None:
     class Bad(MessageHook):
-        errors: list[Exception] = []
+        def __init__(self) -> None:
+            self.errors: list[Exception] = []
 
         def pre_send(self, message: Message) -> Any:
             return {"not": "a message"}
@@ -396,7 +397,8 @@ async def test_subscription_context_manager_unsubscribes() -> None:
 async def test_closed_bus_refuses_publish_and_subscribe() -> None:
     async with MessageBus() as bus:
         sub = bus.subscribe("a")
-    assert bus.closed and sub.closed
+    assert bus.closed
+    assert sub.closed
     with pytest.raises(ClosedError):
         await bus.publish(msg("a"))
     with pytest.raises(ClosedError):

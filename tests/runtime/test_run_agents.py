@@ -48,16 +48,17 @@ def test_run_agents_from_a_script_runs_until_the_system_is_idle() -> None:
     task = Task(objective="count to six")
     result = run_agents([a, b], messages=[start(a)], tasks=[task], timeout=10)
     assert isinstance(result, RunResult)
-    assert not result.timed_out and result.errors == ()
-    assert a.seen == [0, 2, 4, 6] and b.seen == [1, 3, 5]
-    assert result.tasks[0].state is TaskState.COMPLETED and result.tasks[0].result == 6
+    assert not result.timed_out
+    assert result.errors == ()
+    assert a.seen == [0, 2, 4, 6]
+    assert b.seen == [1, 3, 5]
+    assert result.tasks[0].state is TaskState.COMPLETED
+    assert result.tasks[0].result == 6
 
 
 def test_run_agents_stops_when_until_holds() -> None:
     a, b = pair(limit=None)  # would bounce forever
-    result = run_agents(
-        [a, b], messages=[start(a)], until=lambda r: len(a.seen) >= 5, timeout=10
-    )
+    result = run_agents([a, b], messages=[start(a)], until=lambda r: len(a.seen) >= 5, timeout=10)
     assert not result.timed_out
     assert 5 <= len(a.seen) <= 7  # stopped promptly, in-flight work drained
 

@@ -41,7 +41,9 @@ def to(agent: Agent, sender: str = "user", **payload: Any) -> Message:
     return Message(sender=sender, recipient=agent.id, payload=payload)
 
 
-async def run_until_idle(bus: MessageBus, agents: list[Agent], *msgs: Message, **kw: Any) -> AgentRunner:
+async def run_until_idle(
+    bus: MessageBus, agents: list[Agent], *msgs: Message, **kw: Any
+) -> AgentRunner:
     async with AgentRunner(bus, agents, **kw) as runner:
         for m in msgs:
             await bus.publish(m)
@@ -180,7 +182,8 @@ async def test_update_task_changes_the_shared_task_set_seen_by_every_agent() -> 
     [final] = runner.tasks
     assert (final.state, final.result) == (TaskState.COMPLETED, "done")
     # every agent is called once at start with the tasks and no messages
-    assert watcher.calls[0]["messages"] == [] and watcher.calls[0]["tasks"] == [task]
+    assert watcher.calls[0]["messages"] == []
+    assert watcher.calls[0]["tasks"] == [task]
     assert watcher.calls[-1]["tasks"][0].state is TaskState.COMPLETED
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import anyio
 import anyio.lowlevel
 
@@ -71,3 +74,40 @@ class GatedSleep:
     def open(self) -> None:
         if self._gate is not None:
             self._gate.set()
+
+
+def hammer(kind: str, path: str, start_at: float, duration: float, results: Any) -> None:
+    """Child process: call ``allow_message`` in a loop on a shared store; report counts.
+
+    Puts ``(admitted, calls, first_ns, last_ns)``, or ``("error", text)`` if it failed.
+    """
+    try:
+        results.put(_hammer(kind, path, start_at, duration))
+    except BaseException as exc:
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _hammer(kind: str, path: str, start_at: float, duration: float) -> tuple[int, int, int, int]:
+    from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
+    from converge.extensions.storage import FileStore, SQLiteStore
+
+    store = FileStore(path, locking=True) if kind == "file" else SQLiteStore(path)
+    limiter = RateLimiter(
+        store=store,
+        global_config=TokenBucketConfig(5, 20),
+        sender_config=TokenBucketConfig(1000, 1000),
+        topic_config=TokenBucketConfig(1000, 1000),
+    )
+    message = Message(sender="hammer", topics=("shared",))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    first = time.time_ns()
+    end = first + int(duration * SECOND)
+    admitted = calls = 0
+    try:
+        while time.time_ns() < end:
+            admitted += limiter.allow_message(message, direction="egress")
+            calls += 1
+    finally:
+        store.close()
+    return admitted, calls, first, time.time_ns()

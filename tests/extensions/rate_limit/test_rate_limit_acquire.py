@@ -151,11 +151,11 @@ async def test_long_schedule_on_virtual_time_never_exceeds_the_rate() -> None:
     assert elapsed == pytest.approx((3000 - 15) / 90, rel=0.01)
 
 
-@pytest.mark.parametrize("timeout", [-1, math.nan, "1", True])
-async def test_invalid_timeout_is_a_usage_error(timeout: object) -> None:
+@pytest.mark.parametrize("bad", [-1, math.nan, "1", True])
+async def test_invalid_timeout_is_a_usage_error(bad: object) -> None:
     lim = limiter(VirtualClock())
     with pytest.raises(UsageError, match="timeout"):
-        await lim.acquire_message(msg(), direction="egress", timeout=timeout)  # type: ignore[arg-type]
+        await lim.acquire_message(msg(), direction="egress", timeout=bad)  # type: ignore[arg-type]
 
 
 async def test_acquire_with_the_real_clock_and_sleep_admits() -> None:

@@ -36,7 +36,9 @@ SECOND = 1_000_000_000
         (True, 1),
     ],
 )
-def test_invalid_config_is_rejected_with_configuration_error(capacity: object, rate: object) -> None:
+def test_invalid_config_is_rejected_with_configuration_error(
+    capacity: object, rate: object
+) -> None:
     with pytest.raises(ConfigurationError):
         TokenBucketConfig(capacity, rate)  # type: ignore[arg-type]
 
