@@ -211,21 +211,12 @@ class GatewayApp:
         client = scope.get("client")
         remote = client[0] if client else None
         cert = self._client_cert(scope, headers)
-        refusal = connector.precheck_inbound(
-            provider, method=method, headers=headers, remote_addr=remote, client_cert_present=cert
-        )
-        if refusal is not None:
-            await self._respond(send, *refusal)
+        checked = connector._precheck(provider, method, headers, remote, cert)
+        if isinstance(checked, tuple):
+            await self._respond(send, *checked)
             return
         body = await self._read_body(receive)
-        status, out_headers, data = await connector.accept_inbound_http(
-            provider,
-            method=method,
-            headers=headers,
-            raw_body=body,
-            remote_addr=remote,
-            client_cert_present=cert,
-        )
+        status, out_headers, data = await connector._accept_checked(checked, headers, body)
         await self._respond(send, status, out_headers, data)
 
     async def _outbound(self, method: str, scope: _Scope, receive: _Receive, send: _Send) -> None:

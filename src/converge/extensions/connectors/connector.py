@@ -421,6 +421,38 @@ class WebhookConnector:
             )
         except WebhookSecurityError as exc:
             return self.rejection(provider, exc)
+        return await self._admit(provider, verified)
+
+    def _precheck(
+        self,
+        provider: str,
+        method: str,
+        lowered: dict[str, str],
+        remote_addr: str | None,
+        client_cert_present: bool,
+    ) -> ProviderProfile | tuple[int, dict[str, str], bytes]:
+        # For the ASGI app: lower-cased headers, the body not read yet.
+        try:
+            return self.security._check_request(
+                provider, method, lowered, remote_addr, client_cert_present
+            )
+        except WebhookSecurityError as exc:
+            return self.rejection(provider, exc)
+
+    async def _accept_checked(
+        self, profile: ProviderProfile, lowered: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        # For the ASGI app, after _precheck() passed: the body checks, claim, hand-on.
+        self._check_open()
+        try:
+            verified = self.security._verify_body(profile, lowered, body)
+        except WebhookSecurityError as exc:
+            return self.rejection(profile.name, exc)
+        return await self._admit(profile.name, verified)
+
+    async def _admit(
+        self, provider: str, verified: VerifiedWebhook
+    ) -> tuple[int, dict[str, str], bytes]:
         if verified.challenge is not None:
             return _json_response(200, {"challenge": verified.challenge})
         labels = {"provider": provider}

@@ -36,7 +36,6 @@ __all__ = [
 # Several signatures per header are allowed (secret rotation); more than this is abuse.
 _MAX_SIGNATURES = 16
 _TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?$")
-_HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +71,11 @@ def _hex(values: Iterable[str], size: int) -> tuple[bytes, ...]:
     out = []
     for value in values:
         value = value.strip()
-        if len(value) == 2 * size and _HEX_RE.match(value):
-            out.append(bytes.fromhex(value))
+        if len(value) == 2 * size and value.isascii() and value.isalnum():
+            try:
+                out.append(bytes.fromhex(value))
+            except ValueError:
+                continue
         if len(out) >= _MAX_SIGNATURES:
             break
     return tuple(out)
@@ -134,9 +136,10 @@ def _parse_hmac(profile: ProviderProfile, headers: Mapping[str, str]) -> SignedP
     if profile.canonicalization == "timestamp_body" and timestamp is not None:
         prefix = timestamp.encode("latin-1", "replace") + b"."
     label = profile.signature_algorithm + "="
+    tokens = re.split(r"[,\s]+", raw) if ("," in raw or " " in raw) else [raw]
     values = []
-    for token in re.split(r"[,\s]+", raw):
-        if token.lower().startswith(label):
+    for token in tokens:
+        if token[: len(label)].lower() == label:
             token = token[len(label) :]
         values.append(token)
     size = _digest_size(profile.signature_algorithm)
@@ -260,8 +263,10 @@ def decode_secret(scheme: str, secret: str) -> bytes:
 
 
 def compute_signature(key: bytes, prefix: bytes, body: bytes, algorithm: str = "sha256") -> bytes:
-    """HMAC of ``prefix + body`` without concatenating them."""
-    mac = hmac.new(key, prefix, algorithm)
+    """HMAC of ``prefix + body``."""
+    if len(body) <= 65536:
+        return hmac.digest(key, prefix + body, algorithm)  # one C call
+    mac = hmac.new(key, prefix, algorithm)  # large bodies: no concatenated copy
     mac.update(body)
     return mac.digest()
 

@@ -6,9 +6,9 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +89,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     """Parse ``raw_body`` as a UTF-8 JSON object nested at most ``max_depth`` deep.
 
@@ -96,15 +99,15 @@ def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[
         WebhookSecurityError: 400 ``malformed_json``, ``not_an_object`` or ``too_deep``.
     """
     try:
-        value = json.loads(
-            raw_body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
+        value = _DECODER.decode(raw_body.decode("utf-8"))
     except RecursionError as exc:
         raise _reject(400, "too_deep", "the JSON body is nested too deeply") from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise _reject(400, "malformed_json", "the body is not UTF-8 JSON") from exc
     if not isinstance(value, dict):
         raise _reject(400, "not_an_object", "the JSON body must be an object")
+    if raw_body.count(b"{") + raw_body.count(b"[") <= max_depth:
+        return value  # cannot be nested deeper than the brackets it contains
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
@@ -315,7 +318,12 @@ class WebhookSecurity:
             raise UsageError(f"raw_body must be bytes, not {type(raw_body).__name__}")
         lowered = _lower_headers(headers)
         profile = self._check_request(provider, method, lowered, remote_addr, client_cert_present)
-        body = bytes(raw_body)
+        return self._verify_body(profile, lowered, bytes(raw_body))
+
+    def _verify_body(
+        self, profile: ProviderProfile, lowered: dict[str, str], body: bytes
+    ) -> VerifiedWebhook:
+        # The checks after check_request(); ``lowered`` has lower-case names only.
         if len(body) > self.policy.max_payload_bytes:
             raise _reject(413, "payload_too_large", self._too_large())
         parts = parse_signed_parts(profile, lowered)
@@ -388,7 +396,7 @@ class WebhookSecurity:
             DuplicateEventError: The id was claimed inside the idempotency window.
             StoreError: The store failed.
         """
-        token = uuid.uuid4().hex
+        token = os.urandom(8).hex()
         record = {"event_id": verified.event_id, "at": self._clock(), "token": token}
         key = self._claim_key(verified.profile.name, verified.event_id)
         if not await self.store.aput_if_absent(key, record, ttl=self.policy.replay_ttl_sec):

@@ -1,0 +1,294 @@
+"""Benchmark the webhook gateway: verified requests/s and latency under uvicorn.
+
+Each implementation runs in its own uvicorn process (same settings: one worker, h11,
+no access log) on 127.0.0.1; this process is the load generator: keep-alive connections
+sending pre-signed, unique requests (generic HMAC over ``"{ts}." + body``) and timing
+each answer. Implementations:
+
+* ``converge``: :class:`~converge.extensions.connectors.GatewayApp` with a MemoryStore:
+  every check (media type, size, timestamp, signature, JSON, event id), the atomic
+  idempotency claim, and the hand-off of a ``Message`` to the inbound queue (drained).
+* ``converge-sqlite``: the same with the CLI's embedded default store (SQLite file,
+  ``durable=True``: a synced write per accepted event). Informational.
+* ``starlette``: a bare Starlette endpoint doing only the HMAC check, then 202.
+
+Warm-up, then the best of several rounds per implementation (rounds alternate between
+implementations). One JSON line per case and implementation (``ops_per_s``, ``p50_ms``,
+``p99_ms``), then a table of ratios on stderr.
+
+Usage: ``python benchmarks/gateway.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+SECRET = "bench-secret"
+IMPLS = ("converge", "converge-sqlite", "starlette")
+CONCURRENCY = 32
+
+
+# -- servers (run in child processes) -------------------------------------------------
+
+
+def converge_app(store_kind: str) -> Any:
+    from converge.extensions.connectors import (
+        GatewayApp,
+        ProviderProfile,
+        WebhookConnector,
+        WebhookGateway,
+    )
+    from converge.extensions.storage import MemoryStore, SQLiteStore
+
+    store: Any = MemoryStore()
+    if store_kind == "sqlite":
+        store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "bench.sqlite3"))
+    connector = WebhookConnector(
+        provider_profiles={
+            "bench": ProviderProfile("bench", "bench", canonicalization="timestamp_body")
+        },
+        secrets={"bench": SECRET},
+        store=store,
+    )
+    app = GatewayApp(WebhookGateway(connector), run_dispatcher=False)
+
+    async def drained(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def drain() -> None:
+            # A consumer that keeps up: take everything queued at each wake-up.
+            stream = connector.inbound_events
+            async for _ in stream:
+                while True:
+                    try:
+                        stream.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            await app(scope, receive, send)
+            tg.cancel_scope.cancel()
+
+    return drained
+
+
+def starlette_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    key = SECRET.encode()
+
+    async def webhook(request: Request) -> JSONResponse:
+        body = await request.body()
+        ts = request.headers.get("x-webhook-timestamp", "")
+        sent = request.headers.get("x-webhook-signature", "").removeprefix("sha256=")
+        mac = hmac.new(key, ts.encode() + b".", hashlib.sha256)
+        mac.update(body)
+        if not hmac.compare_digest(mac.hexdigest(), sent):
+            return JSONResponse({"status": "rejected"}, status_code=401)
+        return JSONResponse({"status": "accepted"}, status_code=202)
+
+    return Starlette(routes=[Route("/webhook/bench", webhook, methods=["POST"])])
+
+
+def serve(impl: str, port: int) -> None:
+    import uvicorn
+
+    app = (
+        starlette_app() if impl == "starlette" else converge_app(impl.partition("-")[2] or "memory")
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        http="h11",
+        loop="asyncio",
+    )
+
+
+# -- load generator -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_servers(impls: tuple[str, ...]) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    """Start one server process per implementation (in parallel); wait until they listen."""
+    servers = {}
+    for impl in impls:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", impl, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+        )
+        servers[impl] = (process, port)
+    deadline = time.monotonic() + 30
+    for impl, (process, port) in servers.items():
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    for other, _ in servers.values():
+                        other.kill()
+                    raise RuntimeError(f"{impl} server did not start") from None
+                time.sleep(0.05)
+    return servers
+
+
+def signed_request(port: int) -> bytes:
+    body = json.dumps(
+        {
+            "event_id": uuid.uuid4().hex,
+            "subject": "order.paid",
+            "data": {"amount": 1299, "currency": "eur", "items": [1, 2, 3]},
+        }
+    ).encode()
+    ts = str(int(time.time()))
+    mac = hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    head = (
+        f"POST /webhook/bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Webhook-Timestamp: {ts}\r\nX-Webhook-Signature: sha256={mac}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_response(stream: Any, buffer: bytearray) -> int:
+    while b"\r\n\r\n" not in buffer:
+        buffer.extend(await stream.receive())
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        rest += await stream.receive()
+    buffer[:] = rest[length:]
+    return status
+
+
+async def load(port: int, requests: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    """Send every request over ``concurrency`` keep-alive connections."""
+    latencies: list[float] = []
+    queue = list(reversed(requests))
+    bad: list[int] = []
+
+    async def worker() -> None:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            buffer = bytearray()
+            while queue:
+                request = queue.pop()
+                start = time.perf_counter()
+                await stream.send(request)
+                status = await read_response(stream, buffer)
+                latencies.append(time.perf_counter() - start)
+                if status != 202:
+                    bad.append(status)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    elapsed = time.perf_counter() - start
+    if bad:
+        raise RuntimeError(f"unexpected statuses: {sorted(set(bad))}")
+    return len(requests) / elapsed, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    per_round = 600 if quick else 10_000
+    rounds = 2 if quick else 5
+    warmup = 100 if quick else 1000
+    servers = start_servers(IMPLS)
+    best: dict[str, tuple[float, list[float]]] = {}
+    try:
+        for impl, (_, port) in servers.items():  # warm-up
+            anyio.run(load, port, [signed_request(port) for _ in range(warmup)], CONCURRENCY)
+        for _ in range(rounds):
+            for impl, (_, port) in servers.items():
+                batch = [signed_request(port) for _ in range(per_round)]
+                result = anyio.run(load, port, batch, CONCURRENCY)
+                if impl not in best or result[0] > best[impl][0]:
+                    best[impl] = result
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=10)
+    rows = []
+    case = f"verified_webhook_c{CONCURRENCY}"
+    for impl in IMPLS:
+        ops, latencies = best[impl]
+        row = {
+            "case": case,
+            "impl": impl,
+            "ops_per_s": round(ops, 1),
+            "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+            "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> None:
+    peer = next(r for r in rows if r["impl"] == "starlette")
+    print(
+        f"\n{'case':<24}{'impl':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs starlette':>14}",
+        file=sys.stderr,
+    )
+    for row in rows:
+        ratio = row["ops_per_s"] / peer["ops_per_s"]
+        print(
+            f"{row['case']:<24}{row['impl']:<18}{row['ops_per_s']:>10.0f}"
+            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{ratio:>13.2f}x",
+            file=sys.stderr,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    table(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()
