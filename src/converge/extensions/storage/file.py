@@ -80,6 +80,7 @@ _STRIPES: Final = 64
 _TMP_PREFIX: Final = ".tmp-"
 _LOCK_DIR: Final = ".locks"
 _PEEK: Final = 512
+_FIRST_READ: Final = 64 * 1024
 # A temp file is a crash leftover when its writer is gone and it is older than this.
 _TMP_GRACE: Final = 10.0
 # ... or, whoever wrote it, when it is older than this.
@@ -137,19 +138,8 @@ def _key_for(name: str) -> str | None:
 class _Parsed(NamedTuple):
     expires_at: float
     tag: int
-    key: str
+    raw_key: bytes
     payload: memoryview
-
-
-class _Identity(NamedTuple):
-    dev: int
-    ino: int
-    mtime_ns: int
-    size: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Identity:
-        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _parse(key: str | None, blob: bytes, *, full: bool = True) -> _Parsed:
@@ -158,8 +148,9 @@ def _parse(key: str | None, blob: bytes, *, full: bool = True) -> _Parsed:
     With ``full=False`` only the header and key are checked (``blob`` may be a prefix).
     """
     label = key if key is not None else "<unknown>"
-    if len(blob) < _HEADER.size + (_CRC.size if full else 0):
-        raise StoreCorruptedError(label, f"file is truncated ({len(blob)} bytes)")
+    size = len(blob)
+    if size < _HEADER.size + (_CRC.size if full else 0):
+        raise StoreCorruptedError(label, f"file is truncated ({size} bytes)")
     magic, version, tag, expires_at, key_len = _HEADER.unpack_from(blob)
     if magic != _MAGIC:
         raise StoreCorruptedError(label, "not a converge FileStore file (bad magic)")
@@ -167,26 +158,21 @@ def _parse(key: str | None, blob: bytes, *, full: bool = True) -> _Parsed:
         raise StoreCorruptedError(label, f"unsupported file format version {version}")
     view = memoryview(blob)
     key_end = _HEADER.size + key_len
-    if full:
-        body_end = len(blob) - _CRC.size
-        if key_end > body_end:
-            raise StoreCorruptedError(label, "file is truncated")
-        (crc,) = _CRC.unpack_from(blob, body_end)
-        if zlib.crc32(view[:body_end]) != crc:
-            raise StoreCorruptedError(label, "checksum mismatch (damaged or truncated file)")
-    else:
-        body_end = len(blob)
-        if key_end > body_end:
-            raise StoreCorruptedError(label, "file is truncated")
-    try:
-        stored_key = key_from_bytes(bytes(view[_HEADER.size : key_end]))
-    except UnicodeDecodeError:
-        raise StoreCorruptedError(label, "stored key is not valid UTF-8") from None
-    if key is not None and stored_key != key:
-        raise StoreCorruptedError(key, f"file holds key {stored_key!r} instead")
+    body_end = size - _CRC.size if full else size
+    if key_end > body_end:
+        raise StoreCorruptedError(label, "file is truncated")
+    if full and zlib.crc32(view[:body_end]) != _CRC.unpack_from(blob, body_end)[0]:
+        raise StoreCorruptedError(label, "checksum mismatch (damaged or truncated file)")
+    raw_key = blob[_HEADER.size : key_end]
+    if key is not None and raw_key != key_bytes(key):
+        try:
+            other = repr(key_from_bytes(raw_key))
+        except UnicodeDecodeError:
+            other = "another key"
+        raise StoreCorruptedError(key, f"file holds key {other} instead")
     if expires_at != expires_at or expires_at < 0:  # NaN or negative
         raise StoreCorruptedError(label, "invalid expiry time")
-    return _Parsed(expires_at, tag, stored_key, view[key_end:body_end])
+    return _Parsed(expires_at, tag, raw_key, view[key_end:body_end])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -401,7 +387,7 @@ class FileStore(Store):
         if self._closed:
             raise ClosedError(f"{self!r} was closed")
 
-    def _read(self, key: str | None, path: str, limit: int = -1) -> tuple[bytes, _Identity] | None:
+    def _read(self, key: str | None, path: str, limit: int = -1) -> bytes | None:
         """Read a whole file (or its first ``limit`` bytes); None if it does not exist."""
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_BINARY)
@@ -410,20 +396,17 @@ class FileStore(Store):
         except OSError as exc:
             raise self._read_error(key, exc) from exc
         try:
-            st = os.fstat(fd)
-            size = st.st_size if limit < 0 else min(limit, st.st_size)
-            data = os.read(fd, size)
-            if len(data) < size:  # huge file, or a short read: keep going
-                parts = [data]
-                got = len(data)
-                while got < size:
-                    chunk = os.read(fd, size - got)
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                    got += len(chunk)
-                data = b"".join(parts)
-            return data, _Identity.of(st)
+            if limit >= 0:
+                return os.read(fd, limit)
+            # Most values fit the first read; no fstat needed to size it.
+            data = os.read(fd, _FIRST_READ)
+            if len(data) < _FIRST_READ:
+                return data
+            parts = [data]
+            size = os.fstat(fd).st_size
+            while chunk := os.read(fd, max(size - len(data), _FIRST_READ)):
+                parts.append(chunk)
+            return b"".join(parts)
         except OSError as exc:
             raise self._read_error(key, exc) from exc
         finally:
@@ -490,15 +473,25 @@ class FileStore(Store):
         crc = zlib.crc32(payload, zlib.crc32(raw_key, zlib.crc32(header)))
         return header, raw_key, payload, _CRC.pack(crc)
 
-    def _remove_if_same(self, name: str, identity: _Identity) -> None:
-        """Best-effort removal of an expired file, only if it is still the one we read."""
+    def _remove_if_expired(self, name: str) -> None:
+        """Best-effort removal of an expired file, if it still is expired under its lock.
+
+        Writers hold the same lock (across processes with ``locking=True``), so a value
+        written since we read the expired one is seen here and kept.
+        """
         path = os.path.join(self._dir, name)
         try:
             with self._locked(name, blocking=False) as held:
-                if held and _Identity.of(os.stat(path)) == identity:
+                if not held:
+                    return  # busy: a later reader retries
+                head = self._read(None, path, _PEEK)
+                if head is None:
+                    return
+                expires_at = _parse(None, head, full=False).expires_at
+                if expires_at and expires_at <= time.time():
                     os.unlink(path)
-        except OSError:
-            pass  # busy, gone already, or not ours to remove: a later reader retries
+        except (OSError, StoreCorruptedError):
+            pass  # gone already, or not ours to remove
 
     # -- the blocking core (sync methods call it directly, async ones in a thread) -------
 
@@ -508,10 +501,9 @@ class FileStore(Store):
         got = self._read(key, os.path.join(self._dir, name))
         if got is None:
             return None
-        blob, identity = got
-        parsed = _parse(key, blob)
+        parsed = _parse(key, got)
         if parsed.expires_at and parsed.expires_at <= time.time():
-            self._remove_if_same(name, identity)
+            self._remove_if_expired(name)
             return None
         return self._serializer.loads(key, parsed.tag, parsed.payload)
 
@@ -531,7 +523,7 @@ class FileStore(Store):
             got = self._read(key, path)
             if got is None:
                 return self._write(path, parts, exclusive=True)
-            expires_at = _parse(key, got[0]).expires_at
+            expires_at = _parse(key, got).expires_at
             if not expires_at or expires_at > time.time():
                 return False
             # Expired: replace it. Every writer holds this stripe lock (across processes
@@ -601,27 +593,30 @@ class FileStore(Store):
         """The key of file ``name`` if it is live (or unreadable but named), else None."""
         path = os.path.join(self._dir, name)
         try:
-            got = self._read(key, path, _PEEK)
-            if got is None:
+            head = self._read(key, path, _PEEK)
+            if head is None:
                 return None
-            head, identity = got
             key_len = _HEADER.unpack_from(head)[4] if len(head) >= _HEADER.size else 0
             if _HEADER.size + key_len > len(head):  # a long key: read the whole header
-                got = self._read(key, path, _HEADER.size + key_len)
-                if got is None:
+                head = self._read(key, path, _HEADER.size + key_len)
+                if head is None:
                     return None
-                head, identity = got
             parsed = _parse(key, head, full=False)
         except StoreCorruptedError:
             # A damaged file under a readable name is listed, so that get() reports it
             # and delete() can remove it; a damaged hashed file cannot be named.
             return key
         if parsed.expires_at and parsed.expires_at <= now:
-            self._remove_if_same(name, identity)
+            self._remove_if_expired(name)
             return None
-        if key is None and _name_for(parsed.key) != name:
-            return None  # a file that does not belong under this name
-        return parsed.key
+        if key is not None:
+            return key
+        try:
+            stored = key_from_bytes(parsed.raw_key)
+        except UnicodeDecodeError:
+            return None
+        # A hashed file must belong under its name (not copied from elsewhere).
+        return stored if _name_for(stored) == name else None
 
     def _sweep_temp(self, name: str) -> None:
         path = os.path.join(self._dir, name)

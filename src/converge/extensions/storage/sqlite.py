@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar
@@ -79,6 +80,19 @@ _PURGE: Final = (
 _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
 
 
+_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_INHERITED: builtins.list[sqlite3.Connection] = []
+
+
+def _reset_in_child() -> None:
+    for store in list(_STORES):
+        store._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
+
+
 class SQLiteStore(Store):
     """A Store in a SQLite database (stdlib ``sqlite3``), driven off the event loop.
 
@@ -138,7 +152,7 @@ class SQLiteStore(Store):
         self._durable = check_bool(durable, "durable")
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._pid = 0
+        _STORES.add(self)
         self._writes = 0
         self._closed = False
 
@@ -172,18 +186,21 @@ class SQLiteStore(Store):
             raise
         return conn
 
+    def _conn_locked(self) -> sqlite3.Connection:
+        """The connection, opened on first use; the caller holds ``self._lock``."""
+        conn = self._conn
+        if conn is None:
+            if self._closed:
+                raise ClosedError(f"{self!r} was closed")
+            conn = self._conn = self._connect()
+        return conn
+
     @contextmanager
     def _connection(self, key: str | None = None) -> Iterator[sqlite3.Connection]:
         """Hold the lock and the (lazily opened) connection; map sqlite3 errors."""
         with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self!r} was closed")
             try:
-                if self._conn is None or self._pid != os.getpid():
-                    # A connection must never cross fork(); the parent's stays untouched.
-                    self._conn = self._connect()
-                    self._pid = os.getpid()
-                yield self._conn
+                yield self._conn_locked()
             except sqlite3.Error as exc:
                 raise self._map_error(exc, key) from exc
 
@@ -220,16 +237,27 @@ class SQLiteStore(Store):
 
     # -- the blocking core -------------------------------------------------------------
 
+    # get and put are the hot paths, so they skip the context manager of the others.
+
     def _get(self, key: str) -> Any | None:
-        with self._connection(key) as conn:
-            row = conn.execute(_GET, (key_bytes(key), time.time())).fetchone()
+        args = (key_bytes(key), time.time())
+        with self._lock:
+            try:
+                conn = self._conn or self._conn_locked()
+                row = conn.execute(_GET, args).fetchone()
+            except sqlite3.Error as exc:
+                raise self._map_error(exc, key) from exc
         return None if row is None else self._decode(key, row[0])
 
     def _put(self, key: str, value: Any, ttl: float | None) -> None:
         blob = self._encode(key, value)
-        with self._connection(key) as conn:
+        with self._lock:
             expires_at = None if ttl is None else time.time() + ttl
-            self._write(conn, _PUT, (key_bytes(key), blob, expires_at))
+            try:
+                conn = self._conn or self._conn_locked()
+                self._write(conn, _PUT, (key_bytes(key), blob, expires_at))
+            except sqlite3.Error as exc:
+                raise self._map_error(exc, key) from exc
 
     def _put_if_absent(self, key: str, value: Any, ttl: float | None) -> bool:
         blob = self._encode(key, value)
@@ -291,8 +319,17 @@ class SQLiteStore(Store):
         with self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
-            if conn is not None and self._pid == os.getpid():
+            if conn is not None:
                 conn.close()
+
+    def _forget_after_fork(self) -> None:
+        # A connection must never cross fork(): the child opens its own on first use
+        # and leaves the parent's untouched (not even closed, which could disturb the
+        # parent's locks), so it is parked where it is never collected.
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
 
     # -- sync surface ------------------------------------------------------------------
 
