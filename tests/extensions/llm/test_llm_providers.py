@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import json
 import sys
-import threading
 from typing import Any
 
 import anyio
@@ -487,18 +486,16 @@ async def test_sync_chat_works_from_a_worker_thread(
 
 
 @pytest.mark.parametrize("name", sorted(WIRES))
-def test_sync_chat_from_a_script_reuses_one_background_loop(
-    name: str, server: FakeLLMServer
-) -> None:
+def test_sync_chat_from_a_script_reuses_one_connection(name: str, server: FakeLLMServer) -> None:
     wire = WIRES[name]
     provider = wire.provider(server)
     server.push(wire.chat("one"), wire.chat("two"))
     try:
         assert provider.chat(MESSAGES) == "one"
-        threads_before = threading.active_count()
         assert provider.chat_with_usage(MESSAGES) == ("two", wire.usage)
-        assert threading.active_count() == threads_before
     finally:
         provider.close()
+    first, second = server.requests
+    assert first.client == second.client  # same loop, same pooled connection
     with pytest.raises(ClosedError):
         provider.chat(MESSAGES)

@@ -398,7 +398,13 @@ class SDKProvider:
 
     # -- closing -----------------------------------------------------------------------
 
-    async def _close_loop_client(self) -> None:
+    async def arelease_loop(self) -> None:
+        """Close the client this provider made for the running loop; the provider stays
+        usable (a later call on this loop makes a new client).
+
+        For owners of an event loop that is about to end (a portal, a test's loop), so
+        the connection pool does not outlive it.
+        """
         if self._client is None:
             slot = self._clients.get()
             if slot.value is not None:
@@ -410,7 +416,7 @@ class SDKProvider:
             portal, self._portal = self._portal, None
         if portal is not None:
             try:
-                portal.call(self._close_loop_client, async_name="aclose")
+                portal.call(self.arelease_loop, async_name="aclose")
             finally:
                 portal.close()
 
@@ -422,7 +428,7 @@ class SDKProvider:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            await self._close_loop_client()
+            await self.arelease_loop()
             if self._portal is not None:
                 await anyio.to_thread.run_sync(self._stop_portal)
 

@@ -22,7 +22,9 @@ from converge.core.task import Task
 from converge.core.tools import ToolRegistry
 from converge.errors import DecisionParseError, UsageError
 from converge.extensions.llm.decisions_json import (
-    MAX_OUTPUT_CHARS,
+    MAX_OUTPUT_CHARS as _MAX_OUTPUT_CHARS,
+)
+from converge.extensions.llm.decisions_json import (
     decisions_tool,
     parse_decisions,
     render_turn,
@@ -90,7 +92,7 @@ class LLMAgent(Agent):
         memory: Any = None,
         few_shot_examples: list[tuple[str, str]] | None = None,
         name: str | None = None,
-        max_output_chars: int = MAX_OUTPUT_CHARS,
+        max_output_chars: int = _MAX_OUTPUT_CHARS,
     ) -> None:
         if tool_registry is not None and not isinstance(tool_registry, ToolRegistry):
             raise UsageError("tool_registry must be a converge.core.ToolRegistry")
@@ -331,8 +333,19 @@ class LLMAgent(Agent):
         return portal.call(func, *args, async_name=async_name, **kwargs)
 
     def close(self) -> None:
-        """Stop the background loop :meth:`decide` uses (it restarts on the next call)."""
+        """Stop the background loop :meth:`decide` uses (it restarts on the next call).
+
+        The provider's connections on that loop are closed first (when the provider
+        offers ``arelease_loop``, as converge's providers do); the provider itself stays
+        usable.
+        """
         with self._portal_lock:
             portal, self._portal = self._portal, None
-        if portal is not None:
+        if portal is None:
+            return
+        try:
+            release = getattr(self.provider, "arelease_loop", None)
+            if callable(release):
+                portal.call(release, async_name="LLMAgent.close")
+        finally:
             portal.close()
