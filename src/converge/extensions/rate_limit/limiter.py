@@ -200,7 +200,13 @@ class RateLimiter:
                 :meth:`aallow_message` there).
             StoreError: If the store fails or holds a corrupt bucket.
         """
-        lane = self._lane(message, direction)
+        # _lane() inlined: this is the hot path
+        try:
+            lane = self._lanes[direction]
+        except (KeyError, TypeError):
+            lane = self._lane(message, direction)  # raises the UsageError
+        if not isinstance(message, Message):
+            self._lane(message, direction)
         if self.store is not None:
             return self._store_call(lane, message, 0, "aallow_message")[1] is not None
         return self._allow_local(lane, message)
@@ -211,7 +217,12 @@ class RateLimiter:
         In memory this completes without a thread hop or store round trip; with a store it
         is one ``aupdate``.
         """
-        lane = self._lane(message, direction)
+        try:
+            lane = self._lanes[direction]
+        except (KeyError, TypeError):
+            lane = self._lane(message, direction)  # raises the UsageError
+        if not isinstance(message, Message):
+            self._lane(message, direction)
         if self.store is not None:
             return (await self._astore_reserve(lane, message, 0))[1] is not None
         return self._allow_local(lane, message)
