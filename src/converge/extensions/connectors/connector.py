@@ -722,7 +722,10 @@ class WebhookConnector:
         return OutboundResponse(response.status_code, response.headers)
 
     async def _attempt(self, record: OutboxRecord) -> AttemptResult:
-        request = self.build_request(record)
+        try:
+            request = self.build_request(record)
+        except (TypeError, ValueError) as exc:  # a stored action that no longer encodes
+            return AttemptResult("dead", error=f"unsendable action: {type(exc).__name__}")
         labels = {"target": record.action.target}
         started = anyio.current_time()
         try:

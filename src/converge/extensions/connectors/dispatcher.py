@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge.core.metrics import MetricsCollector
 from converge.errors import StoreError, UsageError
@@ -25,6 +26,8 @@ _log = logging.getLogger("converge.connectors")
 # Extra lease time past the request timeout: bookkeeping after the response.
 _LEASE_MARGIN_SEC = 5.0
 _BREAKER_STATE = {"closed": 0, "open": 1, "half_open": 2}
+# Rescans of the store that find nothing back off up to this many poll intervals.
+_MAX_SCAN_BACKOFF = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +88,13 @@ class OutboundDispatcher:
         self._schedule = DispatchSchedule(max_in_flight=max_in_flight, target_limit=target_limit)
         self._owner = uuid.uuid4().hex
         self._wake: anyio.Event | None = None
+        self._work_send: MemoryObjectSendStream[tuple[str, str]] | None = None
         self._token: object | None = None
         self._running = False
         self._stopping = False
         self.store_ok = True
         self.failed: BaseException | None = None
+        self._breaker_seen: set[str] = set()
 
     @property
     def running(self) -> bool:
@@ -104,26 +109,36 @@ class OutboundDispatcher:
     def stop(self) -> None:
         """Ask :meth:`run` to return once in-flight attempts finish."""
         self._stopping = True
-        self._poke()
-
-    def _poke(self) -> None:
-        # anyio events are loop-bound: set it only from the dispatcher's own loop; other
-        # threads rely on the poll interval.
-        if self._wake is None or self._token is None:
-            return
-        try:
-            same_loop = anyio.lowlevel.current_token() is self._token
-        except RuntimeError:
-            return
-        if same_loop:
+        if self._on_loop():
+            assert self._wake is not None
             self._wake.set()
+
+    def _on_loop(self) -> bool:
+        # Loop-bound state (the schedule, events, the work stream) is touched only from
+        # the dispatcher's own loop; other threads rely on the store rescan.
+        if self._token is None:
+            return False
+        try:
+            return anyio.lowlevel.current_token().native_token is self._token
+        except RuntimeError:
+            return False
 
     def notify(self, record: OutboxRecord) -> None:
         """A record was just persisted in this process: schedule it without a poll."""
-        if self._running:
+        if self._running and self._on_loop():
             self._schedule.add(record.id, record.action.target, record.due)
-            self._gauges()
-            self._poke()
+            self._hand_out()
+            if self._wake is not None:
+                self._wake.set()  # it may be due later than the loop's next wake-up
+
+    def _hand_out(self) -> None:
+        """Give every action that may start now to an idle worker."""
+        if self._work_send is None:
+            return
+        for item in self._schedule.take(self._clock()):
+            # Never blocks: the buffer holds max_in_flight items, and the schedule never
+            # has more than that running (buffered items count as running).
+            self._work_send.send_nowait(item)
 
     def _gauges(self) -> None:
         self._metrics.gauge(
@@ -134,7 +149,12 @@ class OutboundDispatcher:
         )
 
     async def run(self, poll_interval_sec: float) -> None:
-        """Deliver until :meth:`stop`; rescans the store every ``poll_interval_sec``.
+        """Deliver until :meth:`stop`; rescans the store for other processes' actions.
+
+        ``max_in_flight`` worker tasks take actions as they become due; a worker that
+        finishes hands out the next ready actions itself, and this loop only wakes for
+        due times, rescans and stopping. Rescans run every ``poll_interval_sec`` while
+        they find new actions and back off (up to 16 intervals) while they find none.
 
         Raises:
             UsageError: If already running, or for a bad interval.
@@ -149,40 +169,64 @@ class OutboundDispatcher:
         if self._running:
             raise UsageError("the outbound dispatcher is already running")
         self._running, self._stopping, self.failed = True, False, None
-        self._token = anyio.lowlevel.current_token()
+        self._token = anyio.lowlevel.current_token().native_token
+        self._wake = anyio.Event()
         self._schedule = DispatchSchedule(
             max_in_flight=self._max_in_flight, target_limit=self._target_limit
         )
+        send, receive = anyio.create_memory_object_stream[tuple[str, str]](self._max_in_flight)
+        self._work_send = send
         try:
-            async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg, receive:
+                for _ in range(self._max_in_flight):
+                    tg.start_soon(self._worker, receive.clone())
                 await self._scan()
                 last_scan = anyio.current_time()
+                scan_every = poll_interval_sec
                 while not self._stopping:
                     self._wake = anyio.Event()
-                    now = self._clock()
-                    for action_id, target in self._schedule.take(now):
-                        tg.start_soon(self._work, action_id, target)
-                    if anyio.current_time() - last_scan >= poll_interval_sec:
-                        await self._scan()
+                    self._hand_out()
+                    if anyio.current_time() - last_scan >= scan_every:
+                        # A rescan costs O(pending); it only finds actions that other
+                        # processes submitted, so back off while it finds none.
+                        found = await self._scan()
                         last_scan = anyio.current_time()
+                        if found:
+                            scan_every = poll_interval_sec
+                            self._hand_out()
+                        else:
+                            scan_every = min(scan_every * 2, poll_interval_sec * _MAX_SCAN_BACKOFF)
                     self._gauges()
                     if self._stopping:
                         break
                     due = self._schedule.next_due()
-                    timeout = poll_interval_sec
+                    timeout = min(
+                        scan_every, max(0.0, last_scan + scan_every - anyio.current_time())
+                    )
                     if due is not None:
                         timeout = min(timeout, max(0.0, due - self._clock()))
-                    with anyio.move_on_after(timeout):
+                    with anyio.move_on_after(max(timeout, 0.001)):
                         await self._wake.wait()
+                send.close()  # workers finish what they hold, then exit
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
                 self.failed = exc
             raise
         finally:
+            send.close()
+            self._work_send = None
             self._running = False
             self._wake = self._token = None
+            self._gauges()
 
-    async def _scan(self) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[tuple[str, str]]) -> None:
+        async with receive:
+            async for action_id, target in receive:
+                await self._work(action_id, target)
+
+    async def _scan(self) -> int:
+        """Schedule pending actions this dispatcher does not know yet; return how many."""
+        found = 0
         try:
             ids = await self._outbox.pending_ids()
             for action_id in ids:
@@ -195,10 +239,12 @@ class OutboundDispatcher:
                 if record.lease_owner not in (None, self._owner) and record.lease_until:
                     due = max(due, record.lease_until)
                 self._schedule.add(record.id, record.action.target, due)
+                found += 1
         except StoreError as exc:
             self._store_failed(exc)
         else:
             self.store_ok = True
+        return found
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
@@ -240,12 +286,14 @@ class OutboundDispatcher:
                 breaker.record_failure()
             else:
                 breaker.record_success()
-            self._metrics.gauge(
-                "webhook_breaker_state",
-                _BREAKER_STATE[breaker.state],
-                labels={"target": target},
-                help="Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
-            )
+            if was_open or breaker.is_open or target not in self._breaker_seen:
+                self._breaker_seen.add(target)
+                self._metrics.gauge(
+                    "webhook_breaker_state",
+                    _BREAKER_STATE[breaker.state],
+                    labels={"target": target},
+                    help="Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
+                )
             await self._settle(record, result)
             leased = False
             if was_open and not breaker.is_open:
@@ -264,13 +312,14 @@ class OutboundDispatcher:
             self._defer(action_id, target, self._clock() + 1.0)
         finally:
             self._schedule.finish(action_id)
-            self._gauges()
-            if self._wake is not None:
-                self._wake.set()
+            if not self._stopping:
+                self._hand_out()
 
     def _defer(self, action_id: str, target: str, due: float) -> None:
         self._schedule.finish(action_id)
         self._schedule.add(action_id, target, due)
+        if self._wake is not None:
+            self._wake.set()  # the loop recomputes its next wake-up
 
     async def _settle(self, record: OutboxRecord, result: AttemptResult) -> None:
         target = record.action.target

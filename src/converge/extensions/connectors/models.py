@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -333,17 +334,26 @@ class InboundWebhookEvent:
             raise UsageError(f"inbound event is missing {exc.args[0]!r}") from exc
 
 
+@functools.lru_cache(maxsize=4096)
+def _url_problem(url: str) -> str | None:
+    # Parsing a URL costs more than the rest of an action's checks; targets repeat.
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return f"url {url!r} is not a URL"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"url must be an absolute http(s) URL, got {url!r}"
+    if parsed.userinfo:
+        return "url must not embed credentials"
+    return None
+
+
 def _check_url(owner: str, url: object) -> str:
     if not isinstance(url, str) or not url:
         raise UsageError(f"{owner}.url must be a non-empty string")
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise UsageError(f"{owner}.url {url!r} is not a URL") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"{owner}.url must be an absolute http(s) URL, got {url!r}")
-    if parsed.userinfo:
-        raise UsageError(f"{owner}.url must not embed credentials")
+    problem = _url_problem(url)
+    if problem is not None:
+        raise UsageError(f"{owner}.{problem}")
     return url
 
 

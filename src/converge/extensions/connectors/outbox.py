@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import uuid
@@ -21,6 +22,32 @@ def action_id(action: OutboundWebhookAction) -> str:
     if action.idempotency_key is None:
         return uuid.uuid4().hex
     return hashlib.sha256(action.idempotency_key.encode()).hexdigest()[:32]
+
+
+def _stored_action(data: Any) -> OutboundWebhookAction:
+    """Rebuild an action this module stored: it was validated on submit, so only the
+    shape is checked here (a full re-validation would dominate the dispatch cost). A
+    body that no longer serializes is caught when the request is built."""
+    if not isinstance(data, Mapping):
+        raise UsageError("stored action is not a mapping")
+    action = object.__new__(OutboundWebhookAction)
+    for name, kind in _ACTION_FIELDS:
+        value = data.get(name)
+        if not isinstance(value, kind):
+            raise UsageError(f"stored action field {name!r} is malformed")
+        object.__setattr__(action, name, value)
+    return action
+
+
+_ACTION_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("target", str),
+    ("method", str),
+    ("url", str),
+    ("body", dict),
+    ("headers", dict),
+    ("idempotency_key", (str, type(None))),
+    ("deadline", (int, float, type(None))),
+)
 
 
 def _num(value: Any) -> float | None:
@@ -90,7 +117,7 @@ class OutboxRecord:
         status = data.get("last_status")
         return cls(
             id=str(data["id"]),
-            action=OutboundWebhookAction.from_dict(data["action"]),
+            action=_stored_action(data["action"]),
             attempts=attempts,
             due=_num(data.get("due")) or 0.0,
             created=_num(data.get("created")) or 0.0,
@@ -150,7 +177,7 @@ class DeadLetter:
         status = data.get("last_status")
         return cls(
             id=str(data["id"]),
-            action=OutboundWebhookAction.from_dict(data["action"]),
+            action=_stored_action(data["action"]),
             attempts=int(data.get("attempts", 0)),
             reason=str(data.get("reason", "")),
             last_status=status if isinstance(status, int) else None,
@@ -238,9 +265,8 @@ class Outbox:
                 and record.lease_until > now
             ):
                 return {}, record.lease_until
-            data = record.to_dict()
-            data.update(lease_owner=owner, lease_until=until)
-            return {key: data}, OutboxRecord.from_dict(data)
+            leased = dataclasses.replace(record, lease_owner=owner, lease_until=until)
+            return {key: leased.to_dict()}, leased
 
         return await self.store.aupdate([key], take)
 
