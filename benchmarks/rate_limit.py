@@ -191,8 +191,8 @@ def memory_case(n: int, n_peers: int) -> dict[str, tuple[int, float, int]]:
     The peers keep a bucket per sender forever, so their memory is linear in the
     senders and a smaller ``n_peers`` keeps the run short; converge runs all ``n``.
     """
-    names = [f"sender-{i}" for i in range(max(n, n_peers))]
-    peer_names = names[:n_peers]
+    names = [f"sender-{i}" for i in range(n)]
+    peer_names = names[:n_peers]  # sliced here: a copy inside the traced run would count
 
     def run_converge() -> None:
         limiter = RateLimiter(sender_config=TokenBucketConfig(5, 100))
@@ -200,7 +200,7 @@ def memory_case(n: int, n_peers: int) -> dict[str, tuple[int, float, int]]:
         # than deciding on them
         message = Message(sender="x")
         allow = limiter.allow_message
-        for name in names[:n]:
+        for name in names:
             object.__setattr__(message, "sender", name)
             allow(message, direction="ingress")
 

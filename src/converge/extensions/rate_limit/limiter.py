@@ -19,7 +19,8 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.rate_limit.bucket import NEVER, BucketParams, TokenBucketConfig, reserve
+from converge.extensions.rate_limit.bucket import NEVER as _NEVER
+from converge.extensions.rate_limit.bucket import BucketParams, TokenBucketConfig, reserve
 
 __all__ = ["DIRECTIONS", "RateLimiter"]
 
@@ -84,7 +85,7 @@ def _timeout_ns(timeout: object) -> int | None:
 
 
 def _seconds(wait: int) -> float:
-    return math.inf if wait == NEVER else wait / _NS
+    return math.inf if wait == _NEVER else wait / _NS
 
 
 class RateLimiter:
@@ -477,7 +478,7 @@ class RateLimiter:
             wait, taken = await self.store.aupdate(
                 keys, self._update_fn(keys, params, bound), ttl=self._ttl(bound)
             )
-            if taken is not None or max_wait is not None or wait == NEVER:
+            if taken is not None or max_wait is not None or wait == _NEVER:
                 break
             bound = max(2 * wait, wait + _NS)
         if taken is None:
@@ -518,7 +519,7 @@ def _stored_tat(key: str, value: object) -> int:
 
 
 def _timeout_error(wait: int, timeout: float | None) -> RateLimitTimeoutError:
-    if wait == NEVER:
+    if wait == _NEVER:
         return RateLimitTimeoutError(
             "this message can never be admitted: a bucket's capacity is below one token "
             "or it is drained and does not refill",
