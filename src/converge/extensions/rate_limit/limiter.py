@@ -327,6 +327,10 @@ class RateLimiter:
                 return wait, None
             for (table, key), tat in zip(refs, new, strict=True):
                 table[key] = tat
+            if len(lane.senders) > lane.limits[0]:
+                lane.limits[0] = _sweep(lane.senders, now)
+            if len(lane.topics) > lane.limits[1]:
+                lane.limits[1] = _sweep(lane.topics, now)
             return wait, list(zip(refs, tats, new, strict=True))
 
     def _release_local(self, taken: list[tuple[_Ref, int, int]]) -> None:
