@@ -128,8 +128,8 @@ class OutboundDispatcher:
         if self._running and self._on_loop():
             self._schedule.add(record.id, record.action.target, record.due)
             self._hand_out()
-            if self._wake is not None:
-                self._wake.set()  # it may be due later than the loop's next wake-up
+            if self._wake is not None and record.due > self._clock():
+                self._wake.set()  # due later: the loop recomputes its next wake-up
 
     def _hand_out(self) -> None:
         """Give every action that may start now to an idle worker."""
