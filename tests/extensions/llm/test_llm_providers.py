@@ -110,6 +110,15 @@ async def test_structured_output_falls_back_to_text_when_model_does_not_call_the
     )
 
 
+async def test_structured_flag_without_a_tool_is_a_plain_call(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(wire.chat("plain"), wire.chat("plain too"))
+    assert await provider.achat(MESSAGES, use_structured_output=True) == "plain"
+    assert await provider.achat(MESSAGES, emit_decisions_tool=TOOL) == "plain too"
+    assert all("tools" not in r.json for r in server.requests)
+
+
 async def test_stream_yields_deltas_and_usage_after_the_end(
     provider: SDKProvider, wire: Wire, server: FakeLLMServer
 ) -> None:
@@ -382,7 +391,6 @@ async def test_missing_sdk_names_the_extra_to_install(
         (MESSAGES, {"stop": [1]}),
         (MESSAGES, {"model": ""}),
         (MESSAGES, {"frobnicate": True}),
-        (MESSAGES, {"use_structured_output": True}),
         (MESSAGES, {"use_structured_output": True, "emit_decisions_tool": {"name": "x"}}),
         (MESSAGES, {"use_structured_output": "yes"}),
     ],

@@ -156,11 +156,12 @@ def build_request(
     structured = kwargs.get("use_structured_output", False)
     if not isinstance(structured, bool):
         raise UsageError("use_structured_output must be a bool")
-    tool = None
-    if structured:
-        if kwargs.get("emit_decisions_tool") is None:
-            raise UsageError("use_structured_output=True needs emit_decisions_tool=<tool schema>")
-        tool = _tool(kwargs["emit_decisions_tool"])
+    # As the seed documents: native tool calling when use_structured_output=True AND a
+    # tool is given; a tool given alone is still validated, then unused.
+    raw_tool = kwargs.get("emit_decisions_tool")
+    tool = _tool(raw_tool) if raw_tool is not None else None
+    if not structured:
+        tool = None
     extra_body = kwargs.get("extra_body")
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise UsageError("extra_body must be a dict")
