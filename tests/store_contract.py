@@ -34,7 +34,7 @@ VALUES: list[Any] = [
 ]
 
 TTL_SHORT = 0.3
-TTL_WAIT = 0.8
+TTL_WAIT = 0.5  # only needs to exceed TTL_SHORT; the 0.3 s margin is before the sleep
 
 
 class StoreContract:
@@ -80,6 +80,21 @@ class StoreContract:
         for i, key in enumerate(keys):
             assert await store.aget(key) == i
         assert await store.alist() == sorted(keys)
+
+    async def test_list_prefix_is_literal_not_a_pattern(self, store: Store) -> None:
+        # Backends that list with SCAN MATCH, LIKE or GLOB must escape the prefix.
+        keys = ["a*b", "a?c", "a%d", "a_e", "a[x]", "a\\y", "ab", "aXc", "a.f"]
+        for key in keys:
+            await store.aput(key, key)
+        for prefix in ["a*", "a?", "a%", "a_", "a[", "a\\", "a."]:
+            assert await store.alist(prefix) == [k for k in sorted(keys) if k.startswith(prefix)]
+
+    async def test_list_sorts_by_code_point_like_python(self, store: Store) -> None:
+        keys = ["a", "a\x7f", "a\u00e9", "a\uffff", "a\U0001f600", "A", "\U0010ffff", "a b"]
+        for key in keys:
+            await store.aput(key, 1)
+        assert await store.alist() == sorted(keys)
+        assert await store.alist("a") == sorted(k for k in keys if k.startswith("a"))
 
     async def test_put_if_absent_stores_only_once(self, store: Store) -> None:
         assert await store.aput_if_absent("k", "first") is True

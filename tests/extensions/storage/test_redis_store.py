@@ -136,17 +136,6 @@ async def test_namespaces_isolate_stores(redis_url: str) -> None:
     assert await one.alist() == ["shared"]
 
 
-async def test_glob_characters_in_prefixes_match_literally(store: RedisStore) -> None:
-    keys = ["a*b", "a?c", "a[x]", "a\\d", "axb", "aXc", "ax]"]
-    for key in keys:
-        await store.aput(key, 1)
-    assert await store.alist("a*") == ["a*b"]
-    assert await store.alist("a?") == ["a?c"]
-    assert await store.alist("a[") == ["a[x]"]
-    assert await store.alist("a\\") == ["a\\d"]
-    assert await store.alist("a") == sorted(keys)
-
-
 async def test_unreachable_server_raises_store_unavailable(redis_url: str) -> None:
     store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", connect_timeout=0.5)
     with pytest.raises(StoreUnavailableError, match="unreachable"):

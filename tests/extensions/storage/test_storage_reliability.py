@@ -36,8 +36,8 @@ def test_writer_killed_at_random_moments_never_leaves_a_torn_or_lost_value(
 ) -> None:
     result = run_helper("kill", backend, str(tmp_path), str(KILLS), "20260101")
     assert result["kills"] == KILLS
-    # The writer got far enough, often enough, for the checks to mean something.
-    assert result["acknowledged_writes"] > KILLS
+    # Each kill came after at least one acknowledged put, within about two more.
+    assert result["acknowledged_writes"] >= KILLS
     assert result["checked"] > KILLS
 
 
