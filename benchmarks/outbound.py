@@ -1,0 +1,193 @@
+"""Benchmark outbound delivery: deliveries/s to a local receiver, converge vs raw httpx.
+
+A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
+127.0.0.1. In this process, at concurrency 1, 16 and 64:
+
+* ``converge``: submit N actions to a :class:`WebhookConnector` (MemoryStore outbox)
+  and run its dispatcher until all are delivered: persistence, leases, Idempotency-Key,
+  breaker, retries bookkeeping and metrics included. Timed from the first submit to the
+  last delivery.
+* ``httpx``: the same N POSTs (same body and ``Idempotency-Key`` header) with one
+  ``httpx.AsyncClient`` and as many worker tasks as the concurrency: what you would
+  write without an outbox.
+
+Both use the same connection limits and run on asyncio. Warm-up, then the best of
+several rounds (alternating). One JSON line per case and implementation, then a table
+of ratios on stderr.
+
+Usage: ``python benchmarks/outbound.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import anyio
+import httpx
+
+from converge.extensions.connectors import (
+    OutboundTarget,
+    OutboundWebhookAction,
+    WebhookConnector,
+    WebhookRetryPolicy,
+)
+from converge.extensions.storage import MemoryStore
+
+CONCURRENCY = (1, 16, 64)
+BODY = {"type": "invoice.paid", "data": {"invoice": "in_123", "amount": 1299, "currency": "eur"}}
+
+
+async def receiver(scope: Any, receive: Any, send: Any) -> None:
+    """The outside service: reads the request, answers 200."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            kind = message["type"].rsplit(".", 1)[-1]
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def serve(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(receiver, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="on", http="h11", loop="asyncio", backlog=2048)
+
+
+def start_receiver() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port)],
+                               stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, f"http://127.0.0.1:{port}/events"
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("receiver did not start") from None
+            time.sleep(0.05)
+
+
+async def converge_round(url: str, n: int, concurrency: int) -> float:
+    connector = WebhookConnector(
+        provider_profiles={},
+        secrets={},
+        store=MemoryStore(),
+        targets=[OutboundTarget("app", url, max_concurrency=concurrency)],
+        max_in_flight=concurrency,
+        retry_policy=WebhookRetryPolicy(request_timeout_sec=30),
+    )
+    delivered = anyio.Event()
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connector.run_outbound_dispatcher)
+        for _ in range(n):
+            await connector.submit_outbound_action(
+                OutboundWebhookAction("app", "POST", url, BODY, idempotency_key=uuid.uuid4().hex)
+            )
+
+        async def watch() -> None:
+            while connector.metrics.get("webhook_outbound_sent_total", labels={"target": "app"}) < n:
+                await anyio.sleep(0.001)
+            delivered.set()
+
+        tg.start_soon(watch)
+        await delivered.wait()
+        elapsed = time.perf_counter() - start
+        connector.stop_dispatcher()
+    await connector.aclose()
+    if await connector.alist_dead_letters():
+        raise RuntimeError("deliveries failed")
+    return n / elapsed
+
+
+async def httpx_round(url: str, n: int, concurrency: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    content = json.dumps(BODY, separators=(",", ":")).encode()
+    left = [n]
+    failures: list[int] = []
+    async with httpx.AsyncClient(limits=limits, follow_redirects=False, timeout=30) as client:
+
+        async def worker() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                headers = {"content-type": "application/json",
+                           "idempotency-key": uuid.uuid4().hex}
+                response = await client.post(url, content=content, headers=headers)
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+        elapsed = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"deliveries failed: {set(failures)}")
+    return n / elapsed
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    process, url = start_receiver()
+    rows: list[dict[str, Any]] = []
+    rounds = 2 if quick else 5
+    try:
+        for concurrency in CONCURRENCY:
+            n = (150 if concurrency == 1 else 600) if quick else (1000 if concurrency == 1 else 5000)
+            impls = {"converge": converge_round, "httpx": httpx_round}
+            for fn in impls.values():  # warm-up
+                anyio.run(fn, url, max(20, n // 10), concurrency)
+            best = dict.fromkeys(impls, 0.0)
+            for _ in range(rounds):
+                for name, fn in impls.items():
+                    best[name] = max(best[name], anyio.run(fn, url, n, concurrency))
+            for name, ops in best.items():
+                row = {"case": f"deliveries_c{concurrency}", "impl": name,
+                       "ops_per_s": round(ops, 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'case':<18}{'converge/s':>12}{'httpx/s':>10}{'ratio':>8}", file=sys.stderr)
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "converge")
+        peer = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "httpx")
+        print(f"{case:<18}{ours:>12.0f}{peer:>10.0f}{ours / peer:>7.2f}x", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    table(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()
