@@ -19,7 +19,7 @@ from converge.core import (
     ToolRegistry,
     UpdateTask,
 )
-from converge.errors import DecisionParseError
+from converge.errors import DecisionParseError, UsageError
 from converge.extensions.llm.decisions_json import (
     DEFAULT_SYSTEM_PROMPT,
     EMIT_DECISIONS_TOOL,
@@ -324,3 +324,23 @@ def test_render_turn_truncates_huge_and_stringifies_odd_observations() -> None:
     assert len(first["result"]) < 9_000
     assert first["result"].endswith("(truncated)")
     assert "object object" in second["result"]
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs"),
+    [
+        (parse_decisions, {"text": "[]", "sender": ""}),
+        (parse_decisions, {"text": "[]", "sender": ME, "tool_registry": "tools"}),
+        (parse_decisions, {"text": "[]", "sender": ME, "max_chars": 0}),
+        (parse_decisions, {"text": "[]", "sender": ME, "max_decisions": True}),
+        (system_prompt, {"agent_id": ""}),
+        (system_prompt, {"agent_id": ME, "base": 5}),
+        (decisions_tool, {"tool_registry": ["search"]}),
+        (render_turn, {"messages": ["hi"], "tasks": []}),
+        (render_turn, {"messages": [], "tasks": [{"objective": "x"}]}),
+        (render_turn, {"messages": [], "tasks": [], "tool_observations": ["x"]}),
+    ],
+)
+def test_invalid_arguments_raise_usage_error(call: Any, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(UsageError):
+        call(**kwargs)

@@ -144,3 +144,20 @@ def test_importing_the_extension_imports_no_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+async def test_chat_stream_validates_messages_before_streaming() -> None:
+    provider = ScriptedProvider(["unused"])
+    with pytest.raises(UsageError):
+        provider.chat_stream([{"role": "user"}])
+    assert provider.remaining == 1
+
+
+def test_chat_stream_arguments_are_validated() -> None:
+    with pytest.raises(UsageError):
+        ChatStream("not callable")  # type: ignore[arg-type]
+    stream = ScriptedProvider(["x"]).chat_stream(MESSAGES)
+    with pytest.raises(UsageError):
+        stream.on_finish(42)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        stream.finish({"input_tokens": 1})  # type: ignore[arg-type]

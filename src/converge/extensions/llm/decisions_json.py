@@ -81,6 +81,11 @@ _MAX_SCAN_STARTS = 32
 _OBSERVATION_CHARS = 8_000
 
 
+def _check_registry(tool_registry: Any) -> None:
+    if tool_registry is not None and not isinstance(tool_registry, ToolRegistry):
+        raise UsageError("tool_registry must be a ToolRegistry or None")
+
+
 def system_prompt(
     agent_id: str,
     *,
@@ -98,6 +103,11 @@ def system_prompt(
             the :func:`decisions_tool` schema instead.
         structured: Whether the model answers through the :func:`decisions_tool` tool.
     """
+    if not isinstance(agent_id, str) or not agent_id:
+        raise UsageError("agent_id must be a non-empty string")
+    if base is not None and not isinstance(base, str):
+        raise UsageError("base must be a string or None")
+    _check_registry(tool_registry)
     has_tools = tool_registry is not None and len(tool_registry) > 0
     head = DEFAULT_SYSTEM_PROMPT if base is None else base
     if structured:
@@ -121,6 +131,7 @@ def decisions_tool(tool_registry: ToolRegistry | None = None) -> dict[str, Any]:
     Args:
         tool_registry: Tools the model may invoke.
     """
+    _check_registry(tool_registry)
     send = {
         "type": "object",
         "properties": {
@@ -201,6 +212,15 @@ def render_turn(
         tool_observations: ``{tool_name, params, result}`` (or ``error``) dicts from earlier
             ``InvokeTool`` decisions; long results are truncated.
     """
+    if not isinstance(messages, list | tuple) or not all(isinstance(m, Message) for m in messages):
+        raise UsageError("messages must be a list of Message")
+    if not isinstance(tasks, list | tuple) or not all(isinstance(t, Task) for t in tasks):
+        raise UsageError("tasks must be a list of Task")
+    if tool_observations is not None and (
+        not isinstance(tool_observations, list | tuple)
+        or not all(isinstance(o, Mapping) for o in tool_observations)
+    ):
+        raise UsageError("tool_observations must be a list of dicts or None")
     doc: dict[str, Any] = {
         "messages": [
             {
@@ -283,7 +303,14 @@ def parse_decisions(
 
     Raises:
         DecisionParseError: If the output is not a valid decision list.
+        UsageError: For invalid arguments other than ``text``.
     """
+    if not isinstance(sender, str) or not sender:
+        raise UsageError("sender must be a non-empty string")
+    _check_registry(tool_registry)
+    for name, bound in (("max_chars", max_chars), ("max_decisions", max_decisions)):
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+            raise UsageError(f"{name} must be a positive integer")
     if not isinstance(text, str):
         raise DecisionParseError(f"model output must be text, not {type(text).__name__}")
     if len(text) > max_chars:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 
+from converge.errors import UsageError
 from converge.extensions.llm.protocol import Usage
 
 __all__ = ["ChatStream"]
@@ -29,6 +30,8 @@ class ChatStream:
     """
 
     def __init__(self, source: Callable[[ChatStream], AsyncGenerator[str, None]]) -> None:
+        if not callable(source):
+            raise UsageError("source must be a callable returning an async generator")
         self.usage: Usage | None = None
         self._parts: list[str] = []
         self._done = False
@@ -47,12 +50,16 @@ class ChatStream:
 
     def finish(self, usage: Usage) -> None:
         """Record the call's usage; called by the provider when the stream ends."""
+        if not isinstance(usage, Usage):
+            raise UsageError("usage must be a Usage")
         self.usage = usage
         for callback in self._on_finish:
             callback(usage)
 
     def on_finish(self, callback: Callable[[Usage], None]) -> None:
         """Call ``callback(usage)`` when the provider reports the usage."""
+        if not callable(callback):
+            raise UsageError("callback must be callable")
         self._on_finish.append(callback)
 
     def __aiter__(self) -> ChatStream:

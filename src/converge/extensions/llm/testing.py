@@ -173,6 +173,8 @@ class FunctionProvider:
             A :class:`~converge.extensions.llm.ChatStream`.
         """
 
+        build_request(messages, {}, default_model="test")  # fail here, like real providers
+
         async def deltas(out: ChatStream) -> AsyncGenerator[str, None]:
             text, usage = await self.achat_with_usage(messages, **kwargs)
             for match in _CHUNK.finditer(text):
