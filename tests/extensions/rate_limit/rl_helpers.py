@@ -76,18 +76,19 @@ class GatedSleep:
             self._gate.set()
 
 
-def hammer(kind: str, path: str, start_at: float, duration: float, results: Any) -> None:
+def hammer(kind: str, path: str, start: Any, duration: float, results: Any) -> None:
     """Child process: call ``allow_message`` in a loop on a shared store; report counts.
 
-    Puts ``(admitted, calls, first_ns, last_ns)``, or ``("error", text)`` if it failed.
+    Waits on the ``start`` barrier (so that all children hammer together), then puts
+    ``(admitted, calls, first_ns, last_ns)``, or ``("error", text)`` if it failed.
     """
     try:
-        results.put(_hammer(kind, path, start_at, duration))
+        results.put(_hammer(kind, path, start, duration))
     except BaseException as exc:
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _hammer(kind: str, path: str, start_at: float, duration: float) -> tuple[int, int, int, int]:
+def _hammer(kind: str, path: str, start: Any, duration: float) -> tuple[int, int, int, int]:
     from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
     from converge.extensions.storage import FileStore, SQLiteStore
 
@@ -99,8 +100,7 @@ def _hammer(kind: str, path: str, start_at: float, duration: float) -> tuple[int
         topic_config=TokenBucketConfig(1000, 1000),
     )
     message = Message(sender="hammer", topics=("shared",))
-    while time.time() < start_at:
-        time.sleep(0.001)
+    start.wait(timeout=60)
     first = time.time_ns()
     end = first + int(duration * SECOND)
     admitted = calls = 0

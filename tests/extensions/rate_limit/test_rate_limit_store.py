@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ def test_store_backed_limiter_decides_exactly_like_the_in_memory_one(store: Stor
     clock = VirtualClock()
     memory = RateLimiter(**CONFIGS, clock=clock)  # type: ignore[arg-type]
     shared = RateLimiter(store=store, **CONFIGS, clock=clock)  # type: ignore[arg-type]
-    for sender, topics, direction, gap in script(seed=7, n=120):
+    for sender, topics, direction, gap in script(seed=7, n=80):
         clock.advance(gap)
         message = msg(sender, *topics)
         expected_wait = memory.retry_after(message, direction=direction)
@@ -198,13 +197,11 @@ def test_four_processes_sharing_a_store_admit_no_more_than_the_bucket(
     path = str(tmp_path / ("files" if kind == "file" else "rl.db"))
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    start_at = time.time() + 1.5  # every child has imported converge by then
-    procs = [
-        ctx.Process(target=hammer, args=(kind, path, start_at, 1.0, results)) for _ in range(4)
-    ]
+    start = ctx.Barrier(4)  # the children start hammering together
+    procs = [ctx.Process(target=hammer, args=(kind, path, start, 0.7, results)) for _ in range(4)]
     for p in procs:
         p.start()
-    reports = [results.get(timeout=60) for _ in procs]
+    reports = [results.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     assert [r for r in reports if r[0] == "error"] == []
