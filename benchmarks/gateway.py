@@ -235,7 +235,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     servers = start_servers(IMPLS)
     best: dict[str, tuple[float, list[float]]] = {}
     try:
-        for impl, (_, port) in servers.items():  # warm-up
+        for _impl, (_, port) in servers.items():  # warm-up
             anyio.run(load, port, [signed_request(port) for _ in range(warmup)], CONCURRENCY)
         for _ in range(rounds):
             for impl, (_, port) in servers.items():
