@@ -1,0 +1,63 @@
+"""Every benchmark script runs with ``--quick`` and prints well-formed result lines.
+
+Benchmarks are scripts, not tests (see ``benchmarks/``), but they must never rot: each
+one prints one JSON object per case and implementation, with ``case``, ``impl`` and a
+positive ``ops_per_s`` (crypto adds ``mb_per_s``), and measures converge against at
+least one peer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def result_lines(stdout: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in stdout.splitlines():
+        if line.lstrip().startswith("{"):
+            rows.append(json.loads(line))
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
+def test_benchmark_runs_quick_and_prints_json_lines(script: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = result_lines(proc.stdout)
+    assert rows, f"{script.name} printed no JSON result lines"
+    for row in rows:
+        assert isinstance(row.get("case"), str), row
+        assert isinstance(row.get("impl"), str), row
+        assert row["case"], row
+        assert row["impl"], row
+        rate = row.get("ops_per_s")
+        assert isinstance(rate, int | float), row
+        assert math.isfinite(rate), row
+        assert rate > 0, row
+        if "mb_per_s" in row:
+            assert row["mb_per_s"] >= 0, row
+    if script.stem == "crypto":  # throughput cases report MB/s too
+        assert all("mb_per_s" in row for row in rows if "crypt" in row["case"]), rows
+    impls = {row["impl"] for row in rows}
+    assert "converge" in impls, f"{script.name} never measures converge"
+    assert impls - {"converge"}, f"{script.name} measures no peer"
