@@ -304,3 +304,13 @@ def test_bad_gateway_settings_are_refused() -> None:
         WebhookGateway("connector")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         GatewayApp(WebhookGateway(connector), poll_interval_sec=0)
+
+
+async def test_a_closed_gateway_answers_503_not_500() -> None:
+    gw = gateway()
+    await gw.connector.aclose()
+    body = event_body()
+    async with client(gw.asgi_app()) as http:
+        response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert (response.status_code, response.json()["reason"]) == (503, "closed")
+        assert (await http.get("/healthz")).status_code == 503

@@ -23,7 +23,7 @@ from webhook_helpers import (
 from converge.core.message import Message
 from converge.core.store import Store
 from converge.core.task import Task
-from converge.errors import StoreUnavailableError, UsageError
+from converge.errors import ClosedError, StoreUnavailableError, UsageError
 from converge.extensions.connectors import (
     INBOUND_TOPIC,
     OutboundTarget,
@@ -270,3 +270,20 @@ async def test_programming_errors_raise_usage_errors() -> None:
         await c.accept_inbound_http("shop", method="POST", headers={}, raw_body="x")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         c.attach_bus(object())  # type: ignore[arg-type]
+
+
+async def test_large_bodies_are_verified_off_the_loop_with_the_same_result() -> None:
+    c = connector()
+    body = event_body(blob="x" * 200_000)
+    assert (await post(c, "shop", body))[0] == 202
+    forged = event_body(blob="y" * 200_000)
+    status, _, data = await post(c, "shop", forged, hmac_request(forged, secret="nope"))
+    assert (status, data["reason"]) == (401, "bad_signature")
+
+
+async def test_a_closed_connector_refuses_to_work() -> None:
+    c = connector()
+    await c.aclose()
+    await c.aclose()  # idempotent
+    with pytest.raises(ClosedError):
+        await post(c, "shop", event_body())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from converge.errors import ConfigurationError, WebhookSecurityError
+from converge.errors import ClosedError, ConfigurationError, WebhookSecurityError
 from converge.extensions.connectors.security import parse_json_object
 
 if TYPE_CHECKING:
@@ -155,6 +155,10 @@ class GatewayApp:
             await self._route(scope, receive, tracked_send)
         except _Disconnected:
             return
+        except ClosedError:
+            if not started:
+                body = _json({"status": "unavailable", "reason": "closed"})
+                await self._respond(send, 503, {"content-type": "application/json"}, body)
         except Exception:
             _log.exception("gateway request failed")
             if not started:
