@@ -446,3 +446,27 @@ async def test_the_dispatcher_refuses_a_second_run_and_bad_intervals() -> None:
     async with dispatching(c):
         with pytest.raises(UsageError):
             await c.run_outbound_dispatcher()
+
+
+async def test_submitting_while_the_dispatcher_stops_keeps_the_action_for_the_next_run() -> None:
+    gate = anyio.Event()
+    sent: list[OutboundRequest] = []
+
+    async def sender(request: OutboundRequest) -> int:
+        sent.append(request)
+        await gate.wait()
+        return 200
+
+    c = make(outbound_sender=sender)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(c.run_outbound_dispatcher)
+        await eventually(lambda: c.dispatcher.running)
+        await c.submit_outbound_action(action(1))
+        await eventually(lambda: len(sent) == 1)
+        c.stop_dispatcher()  # waits for the attempt in flight
+        await c.submit_outbound_action(action(2))
+        gate.set()
+    assert await c.apending_count() == 1
+    async with dispatching(c):
+        await eventually(lambda: len(sent) == 2)
+    assert json.loads(sent[1].content) == {"n": 2}

@@ -133,7 +133,7 @@ class OutboundDispatcher:
 
     def _hand_out(self) -> None:
         """Give every action that may start now to an idle worker."""
-        if self._work_send is None:
+        if self._work_send is None or self._stopping:
             return
         for item in self._schedule.take(self._clock()):
             # Never blocks: the buffer holds max_in_flight items, and the schedule never
@@ -255,10 +255,11 @@ class OutboundDispatcher:
         breaker = self._breaker_for(target)
         leased = False
         try:
-            if breaker.state == "open":
+            now = self._clock()
+            if breaker.is_open and breaker.retry_at() > now:
+                # Open, or half-open with the probe out: wait without touching the store.
                 self._defer(action_id, target, breaker.retry_at())
                 return
-            now = self._clock()
             lease = await self._outbox.lease(
                 action_id, self._owner, now + self._policy.request_timeout_sec + _LEASE_MARGIN_SEC
             )
