@@ -178,7 +178,9 @@ def test_non_bytes_arguments_are_type_errors(call: Any, args: tuple[Any, ...]) -
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("size", [0, 1000, INLINE_LIMIT, INLINE_LIMIT + 1, INLINE_LIMIT + 3 * CHUNK_SIZE + 7])
+@pytest.mark.parametrize(
+    "size", [0, 1000, INLINE_LIMIT, INLINE_LIMIT + 1, INLINE_LIMIT + 3 * CHUNK_SIZE + 7]
+)
 async def test_async_twins_interoperate_with_the_sync_functions(size: int) -> None:
     plaintext = secure_random_bytes(size)
     blob = await aencrypt(plaintext, KEY, b"aad")

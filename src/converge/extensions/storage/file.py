@@ -413,8 +413,9 @@ class FileStore(Store):
             os.close(fd)
 
     def _read_error(self, key: str | None, exc: OSError) -> StoreError:
-        if key is not None and exc.errno in _UNREADABLE:
-            return StoreCorruptedError(key, f"file is unreadable ({exc.strerror})")
+        if exc.errno in _UNREADABLE:
+            label = key if key is not None else "<unknown>"
+            return StoreCorruptedError(label, f"file is unreadable ({exc.strerror})")
         return StoreError(exc.errno, f"cannot read from {self._dir!r}: {exc.strerror}")
 
     def _write(self, path: str, parts: tuple[bytes, ...], *, exclusive: bool) -> bool:

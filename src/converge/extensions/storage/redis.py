@@ -398,13 +398,18 @@ class RedisStore(Store):
         """
         names = check_keys(keys)
         px = _milliseconds(validate_ttl(ttl))
+        if not names:  # nothing to read or write; WATCH needs at least one key
+            self._check_open()
+            no_changes, outcome = fn({})
+            check_changes(names, no_changes)
+            return outcome
         redis_keys = [self._redis_key(key) for key in names]
 
         async def transaction(client: _Client) -> tuple[bool, R | None]:
             try:
                 async with client.pipeline(transaction=True) as pipe, pipe.watch(*redis_keys):
                     # Reads after WATCH, on any connection, are covered by the watch.
-                    blobs = await client.mget(redis_keys) if redis_keys else ()
+                    blobs = await client.mget(redis_keys)
                     current = {
                         key: None if blob is None else self._decode(key, blob)
                         for key, blob in zip(names, blobs, strict=True)
