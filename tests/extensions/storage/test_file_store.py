@@ -319,8 +319,10 @@ def test_unserializable_values_raise_usage_error_and_write_nothing(tmp_path: Pat
         {"base_path": "x", "lock_timeout": 0},
     ],
 )
-def test_invalid_arguments_raise_usage_error(kwargs: dict[str, Any], tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_invalid_arguments_raise_usage_error(
+    kwargs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError):
         FileStore(**kwargs)
 

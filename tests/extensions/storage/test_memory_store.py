@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -46,25 +47,23 @@ async def test_sync_methods_work_on_the_event_loop_thread() -> None:
 
 
 @pytest.mark.anyio
-async def test_async_methods_take_no_thread_hop() -> None:
+async def test_async_methods_take_no_thread_hop(monkeypatch: pytest.MonkeyPatch) -> None:
     store = MemoryStore()
-    seen: list[int] = []
+    hops: list[object] = []
     original = anyio.to_thread.run_sync
 
-    async def spy(*args: object, **kwargs: object) -> object:
-        seen.append(1)
-        return await original(*args, **kwargs)  # type: ignore[arg-type]
+    async def counting_run_sync(*args: Any, **kwargs: Any) -> Any:
+        hops.append(args[0])
+        return await original(*args, **kwargs)
 
-    anyio.to_thread.run_sync = spy  # type: ignore[assignment]
-    try:
-        await store.aput("k", 1)
-        assert await store.aget("k") == 1
-        await store.aput_if_absent("j", 2)
-        await store.alist()
-        await store.adelete("k")
-    finally:
-        anyio.to_thread.run_sync = original
-    assert seen == []
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+    await store.aput("k", 1)
+    assert await store.aget("k") == 1
+    await store.aput_if_absent("j", 2)
+    await store.alist()
+    await store.aupdate(["k"], lambda current: ({"k": 2}, None))
+    await store.adelete("k")
+    assert hops == []
 
 
 def test_values_are_kept_by_reference() -> None:
