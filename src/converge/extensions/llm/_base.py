@@ -334,8 +334,9 @@ class SDKProvider:
             provider=self.provider_name,
         )
         counter = UsageCounter()
+        events = self._events(stream)
         try:
-            async for event in self._events(stream):
+            async for event in events:
                 try:
                     delta = self._delta(event, counter)
                 except (AttributeError, TypeError, ValueError) as exc:
@@ -349,6 +350,9 @@ class SDKProvider:
             raise failure.error from exc
         finally:
             with anyio.CancelScope(shield=True):
+                close_events = getattr(events, "aclose", None)
+                if close_events is not None:  # do not leave it to the garbage collector
+                    await close_events()
                 await self._close_stream(stream)
         usage = counter.usage()
         self.last_usage = usage

@@ -152,6 +152,9 @@ class LLMAgent(Agent):
             messages: Incoming messages.
             tasks: Task updates or assignments.
             tool_observations: Results of earlier ``InvokeTool`` decisions.
+
+        Raises:
+            UsageError: For arguments of the wrong type.
         """
         prompt = [
             {
@@ -216,20 +219,6 @@ class LLMAgent(Agent):
         usage = getattr(provider, "last_usage", None)
         return text, usage if isinstance(usage, Usage) else None
 
-    @staticmethod
-    def _check_inputs(messages: Any, tasks: Any, tool_observations: Any) -> None:
-        if not isinstance(messages, list | tuple) or not all(
-            isinstance(m, Message) for m in messages
-        ):
-            raise UsageError("messages must be a list of converge.core.Message")
-        if not isinstance(tasks, list | tuple) or not all(isinstance(t, Task) for t in tasks):
-            raise UsageError("tasks must be a list of converge.core.Task")
-        if tool_observations is not None and (
-            not isinstance(tool_observations, list | tuple)
-            or not all(isinstance(o, Mapping) for o in tool_observations)
-        ):
-            raise UsageError("tool_observations must be a list of dicts or None")
-
     async def adecide(
         self,
         messages: list[Message],
@@ -254,7 +243,6 @@ class LLMAgent(Agent):
             UsageError: For arguments of the wrong type.
             ProviderError: When the provider call fails (after ``on_decide_error``).
         """
-        self._check_inputs(messages, tasks, tool_observations)
         prompt = self.build_prompt(messages, tasks, tool_observations)
         try:
             text, usage = await self._ask(prompt)
