@@ -120,7 +120,7 @@ def agent_for(provider: Any) -> tuple[LLMAgent, list[dict[str, str]], dict[str, 
 def run(quick: bool) -> list[dict[str, Any]]:
     fake = load_fake_server()
     server = fake.FakeLLMServer().start()
-    seconds, repeats = (0.1, 2) if quick else (1.0, 7)
+    seconds, repeats = (0.05, 1) if quick else (1.0, 7)
     rows: list[dict[str, Any]] = []
 
     def emit(case: str, rates: dict[str, float]) -> None:
