@@ -7,6 +7,8 @@ on stderr. Peers, measured in the same run, taking turns with converge:
   only: aiofiles fails under trio).
 * ``stdlib``: a plain blocking ``open().read()``; and for durable writes the bare floor,
   temp file + write + fsync + ``os.replace`` + fsync of the directory.
+* ``stdlib+to_thread``: the same inside one ``anyio.to_thread.run_sync`` hop, the floor
+  for any async version that does not block the loop.
 * ``diskcache``: ``diskcache.Cache`` get/set, with the same SQLite synchronous setting as
   the SQLiteStore it races.
 * ``dict``: a plain dict, the floor for MemoryStore.
@@ -100,6 +102,15 @@ def as_async(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
     return call
 
 
+def in_thread(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """The floor for any async version of ``fn``: one worker-thread hop around it."""
+
+    async def call() -> object:
+        return await anyio.to_thread.run_sync(fn)
+
+    return call
+
+
 # -- peers ------------------------------------------------------------------------------
 
 
@@ -157,6 +168,7 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
                 "converge": partial(store.aget, "key"),
                 "aiofiles": partial(aiofiles_read, raw_path),
                 "stdlib": as_async(partial(stdlib_read, raw_path)),
+                "stdlib+to_thread": in_thread(partial(stdlib_read, raw_path)),
             },
             ops,
             repeats,
@@ -193,6 +205,7 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
             {
                 "converge": async_writer(store.aput),
                 "stdlib": as_async(writer(partial(bare_durable_write, bare_dir))),
+                "stdlib+to_thread": in_thread(writer(partial(bare_durable_write, bare_dir))),
             },
             ops,
             repeats,
@@ -285,7 +298,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             if impl == "converge" or ours is None:
                 continue
             print(
-                f"{case:<26}{impl:<12}{ours:>14,.0f}{rate:>14,.0f}{ours / rate:>7.2f}x",
+                f"{case:<26}{impl:<18}{ours:>14,.0f}{rate:>14,.0f}{ours / rate:>7.2f}x",
                 file=sys.stderr,
             )
 
