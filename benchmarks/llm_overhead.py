@@ -15,9 +15,10 @@ the client-side cost. Cases:
 asyncio for all; ``[trio]`` rows for OpenAI (its SDK runs on trio) and Mistral (whose SDK
 is asyncio-only, so both sides use its sync client in a worker thread there).
 
-Prints one JSON object per line (``case``, ``impl``, ``ops_per_s``) and a table of ratios
-and added milliseconds per call on stderr. Usage: ``python benchmarks/llm_overhead.py
-[--quick]``
+Prints one JSON object per line (``case``, ``impl``, ``ops_per_s`` = 1 / median call
+latency) and a table of ratios and added milliseconds per call on stderr.
+
+Usage: ``python benchmarks/llm_overhead.py [--quick]``
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -76,9 +78,11 @@ def compare(
     seconds: float,
     repeats: int,
 ) -> dict[str, float]:
-    """Calls per second of each implementation on one event loop: warm up (which also
-    sizes a run to about ``seconds``), then the best of ``repeats`` timed runs, the
-    implementations taking turns so that noise hits them alike."""
+    """Calls per second of each implementation on one event loop, from the median call
+    latency: after a warm-up (which also sizes the run to about ``seconds`` per
+    implementation and repeat), single calls alternate between the implementations (in
+    turn-swapping order) so that background load hits them alike; the median of all
+    calls resists the outliers such load causes."""
 
     async def main() -> dict[str, float]:
         impls, cleanup = await make()
@@ -89,15 +93,16 @@ def compare(
                     start = time.perf_counter()
                     await fn()
                     per_call = max(per_call, time.perf_counter() - start)
-            ops = max(5, int(seconds / per_call))
-            best = dict.fromkeys(impls, float("inf"))
-            for _ in range(repeats):
-                for name, fn in impls.items():
+            ops = max(5, int(seconds / per_call)) * repeats
+            samples: dict[str, list[float]] = {name: [] for name in impls}
+            order = list(impls.items())
+            for _ in range(ops):
+                order.reverse()
+                for name, fn in order:
                     start = time.perf_counter()
-                    for _ in range(ops):
-                        await fn()
-                    best[name] = min(best[name], time.perf_counter() - start)
-            return {name: ops / elapsed for name, elapsed in best.items()}
+                    await fn()
+                    samples[name].append(time.perf_counter() - start)
+            return {name: 1 / statistics.median(times) for name, times in samples.items()}
         finally:
             await cleanup()
 
@@ -120,7 +125,7 @@ def agent_for(provider: Any) -> tuple[LLMAgent, list[dict[str, str]], dict[str, 
 def run(quick: bool) -> list[dict[str, Any]]:
     fake = load_fake_server()
     server = fake.FakeLLMServer().start()
-    seconds, repeats = (0.05, 1) if quick else (1.0, 7)
+    seconds, repeats = (0.05, 1) if quick else (1.0, 5)
     rows: list[dict[str, Any]] = []
 
     def emit(case: str, rates: dict[str, float]) -> None:
