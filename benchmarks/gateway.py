@@ -229,8 +229,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    per_round = 600 if quick else 10_000
-    rounds = 2 if quick else 5
+    per_round = 600 if quick else 5000
+    rounds = 2 if quick else 3
     warmup = 100 if quick else 1000
     servers = start_servers(IMPLS)
     best: dict[str, tuple[float, list[float]]] = {}

@@ -472,4 +472,7 @@ class WebhookSecurity:
 
 
 def _safe(headers: dict[str, str]) -> dict[str, str]:
+    # ``headers`` is always a dict this module made; copy it only to drop credentials.
+    if _CREDENTIAL_HEADERS.isdisjoint(headers):
+        return headers
     return {k: v for k, v in headers.items() if k not in _CREDENTIAL_HEADERS}
