@@ -165,10 +165,10 @@ async def httpx_round(url: str, n: int, concurrency: int) -> float:
 def run(quick: bool) -> list[dict[str, Any]]:
     process, url = start_receiver()
     rows: list[dict[str, Any]] = []
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 3
     try:
         for concurrency in CONCURRENCY:
-            n = (30 if concurrency == 1 else 80) if quick else (1000 if concurrency == 1 else 4000)
+            n = (30 if concurrency == 1 else 80) if quick else (500 if concurrency == 1 else 2000)
             impls = {"converge": converge_round, "httpx": httpx_round}
             for fn in impls.values():  # warm-up
                 anyio.run(fn, url, max(20, n // 10), concurrency)

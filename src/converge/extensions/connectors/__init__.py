@@ -15,13 +15,7 @@ from __future__ import annotations
 from converge.errors import DeliveryError, DuplicateEventError, WebhookSecurityError
 from converge.extensions.connectors.asgi import GatewayApp
 from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.connector import (
-    INBOUND_TOPIC,
-    OutboundRequest,
-    OutboundResponse,
-    OutboundSender,
-    WebhookConnector,
-)
+from converge.extensions.connectors.connector import INBOUND_TOPIC, WebhookConnector
 from converge.extensions.connectors.gateway import WebhookGateway
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
@@ -34,6 +28,11 @@ from converge.extensions.connectors.outbox import DeadLetter, OutboxRecord
 from converge.extensions.connectors.retry import WebhookRetryPolicy
 from converge.extensions.connectors.schemes import sign_webhook
 from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
+from converge.extensions.connectors.transport import (
+    OutboundRequest,
+    OutboundResponse,
+    OutboundSender,
+)
 
 __all__ = [
     "INBOUND_TOPIC",

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
-import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from converge import _sync
 from converge.core.message import Message, Topic
 from converge.core.metrics import MetricsCollector
 from converge.core.store import Store
@@ -33,7 +29,7 @@ from converge.errors import (
     WebhookSecurityError,
 )
 from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.dispatcher import AttemptResult, OutboundDispatcher
+from converge.extensions.connectors.dispatcher import OutboundDispatcher
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
@@ -42,34 +38,25 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
-from converge.extensions.connectors.retry import (
-    WebhookRetryPolicy,
-    classify_status,
-    counts_as_breaker_failure,
-    parse_retry_after,
-)
-from converge.extensions.connectors.schemes import compute_signature, decode_secret
+from converge.extensions.connectors.retry import WebhookRetryPolicy
+from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
     VerifiedWebhook,
     WebhookSecurity,
     _lower_headers,
 )
+from converge.extensions.connectors.transport import (
+    OutboundSender,
+    OutboundTransport,
+)
 
-__all__ = [
-    "INBOUND_TOPIC",
-    "InboundBus",
-    "OutboundRequest",
-    "OutboundResponse",
-    "OutboundSender",
-    "WebhookConnector",
-]
+__all__ = ["INBOUND_TOPIC", "InboundBus", "WebhookConnector"]
 
 _log = logging.getLogger("converge.connectors")
 
 #: Topic of the messages accepted inbound events become.
 INBOUND_TOPIC = "bridge.webhook.inbound"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_USER_AGENT = "converge-webhook/0.1"
 # Bodies larger than this are verified in a worker thread (about 0.1 ms of work inline).
 _INLINE_VERIFY_BYTES = 64 * 1024
 # Seconds a sender is asked to wait when the consumer is full or the store is down.
@@ -84,55 +71,6 @@ class InboundBus(Protocol):
 
     async def publish(self, message: Message, *, wait: bool = True) -> int:
         """Deliver ``message``; with ``wait=False`` raise BusFullError rather than wait."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundRequest:
-    """One outbound HTTP attempt, as handed to an ``outbound_sender``.
-
-    Attributes:
-        method: HTTP method.
-        url: Absolute URL.
-        headers: Every header to send (signature and ``Idempotency-Key`` included).
-        content: The exact body bytes.
-        timeout: Seconds the attempt may take.
-        action_id: The outbox id of the action.
-        attempt: Attempt number, from 1.
-    """
-
-    method: str
-    url: str
-    headers: dict[str, str]
-    content: bytes
-    timeout: float
-    action_id: str
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundResponse:
-    """What an ``outbound_sender`` reports back.
-
-    Attributes:
-        status_code: The HTTP status.
-        headers: Response headers (``Retry-After`` is honoured on 429 and 503).
-    """
-
-    status_code: int
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-#: ``async def sender(request: OutboundRequest) -> OutboundResponse | int``: replaces the
-#: HTTP send (for tests, or another transport). Raising means "no answer" and is retried.
-OutboundSender = Callable[[OutboundRequest], Awaitable["OutboundResponse | int"]]
-
-
-class _ClientBox:
-    # One per event loop: the loop's HTTP client, created on first send.
-    __slots__ = ("client",)
-
-    def __init__(self) -> None:
-        self.client: httpx.AsyncClient | None = None
 
 
 class _Unavailable(Exception):
@@ -261,11 +199,18 @@ class WebhookConnector:
             key_prefix=prefix,
         )
         self.targets = self._targets(targets)
-        self._signing_keys = {
-            name: decode_secret("standard-webhooks", t.signing_secret)
-            for name, t in self.targets.items()
-            if t.signing_secret is not None
-        }
+        self.transport = OutboundTransport(
+            retry_policy=self.retry_policy,
+            signing_keys={
+                name: decode_secret("standard-webhooks", t.signing_secret)
+                for name, t in self.targets.items()
+                if t.signing_secret is not None
+            },
+            sender=outbound_sender,
+            clock=clock,
+            metrics=self.metrics,
+            max_connections=max_in_flight,
+        )
         self._routes = dict(inbound_routes or {})
         for provider, target in self._routes.items():
             if provider not in self.security.profiles:
@@ -273,7 +218,6 @@ class WebhookConnector:
             if target not in self.targets:
                 raise ConfigurationError(f"inbound_routes names unknown target {target!r}")
         self._bus = bus
-        self._sender = outbound_sender
         send, receive = anyio.create_memory_object_stream[Message | Task](inbound_queue_size)
         self._inbound_send: MemoryObjectSendStream[Message | Task] = send
         self._inbound_receive: MemoryObjectReceiveStream[Message | Task] = receive
@@ -281,14 +225,13 @@ class WebhookConnector:
         self._breaker_timeout = breaker_recovery_timeout_sec
         CircuitBreaker(breaker_failure_threshold, breaker_recovery_timeout_sec)  # validates
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._clients: _sync.LoopLocal[_ClientBox] = _sync.LoopLocal(_ClientBox)
         self._max_in_flight = max_in_flight
         self.outbox = Outbox(
             store, prefix=prefix, clock=clock, dead_letter_ttl_sec=float(dead_letter_ttl_sec)
         )
         self.dispatcher = OutboundDispatcher(
             outbox=self.outbox,
-            attempt=self._attempt,
+            attempt=self.transport.attempt,
             retry_policy=self.retry_policy,
             breaker_for=self.breaker,
             metrics=self.metrics,
@@ -677,98 +620,6 @@ class WebhookConnector:
         """
         await self.submit_outbound_action(self.action_from_message(message))
 
-    def _new_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(
-            max_connections=self._max_in_flight, max_keepalive_connections=self._max_in_flight
-        )
-        return httpx.AsyncClient(
-            follow_redirects=False, limits=limits, timeout=self.retry_policy.request_timeout_sec
-        )
-
-    def build_request(self, record: OutboxRecord) -> OutboundRequest:
-        """The request one attempt of ``record`` sends (signed when its target has a secret)."""
-        action = record.action
-        content = action.body_bytes()
-        headers = {
-            "content-type": "application/json",
-            "user-agent": _USER_AGENT,
-            **action.headers,
-            "idempotency-key": record.idempotency_key,
-        }
-        key = self._signing_keys.get(action.target)
-        if key is not None:
-            ts = str(int(self._clock()))
-            signature = compute_signature(key, f"{record.id}.{ts}.".encode(), content)
-            headers["webhook-id"] = record.id
-            headers["webhook-timestamp"] = ts
-            headers["webhook-signature"] = "v1," + base64.b64encode(signature).decode()
-        return OutboundRequest(
-            method=action.method,
-            url=action.url,
-            headers=headers,
-            content=content,
-            timeout=self.retry_policy.request_timeout_sec,
-            action_id=record.id,
-            attempt=record.attempts + 1,
-        )
-
-    async def _send(self, request: OutboundRequest) -> OutboundResponse:
-        if self._sender is not None:
-            answer = await self._sender(request)
-            if isinstance(answer, int) and not isinstance(answer, bool):
-                return OutboundResponse(answer)
-            if not isinstance(answer, OutboundResponse):
-                raise TypeError("outbound_sender must return OutboundResponse or int")
-            return answer
-        box = self._clients.get()
-        if box.client is None:
-            box.client = self._new_client()
-        response = await box.client.request(
-            request.method, request.url, headers=request.headers, content=request.content
-        )
-        return OutboundResponse(response.status_code, response.headers)
-
-    async def _attempt(self, record: OutboxRecord) -> AttemptResult:
-        try:
-            request = self.build_request(record)
-        except (TypeError, ValueError) as exc:  # a stored action that no longer encodes
-            return AttemptResult("dead", error=f"unsendable action: {type(exc).__name__}")
-        labels = {"target": record.action.target}
-        started = anyio.current_time()
-        try:
-            with anyio.fail_after(request.timeout):
-                response = await self._send(request)
-        except TimeoutError:
-            return AttemptResult("retry", error="timeout", breaker_failure=True)
-        except (httpx.HTTPError, OSError) as exc:
-            return AttemptResult("retry", error=type(exc).__name__, breaker_failure=True)
-        except Exception as exc:  # an outbound_sender may raise anything: no answer
-            return AttemptResult(
-                "retry", error=f"sender: {type(exc).__name__}", breaker_failure=True
-            )
-        finally:
-            self.metrics.observe(
-                "webhook_outbound_attempt_seconds",
-                anyio.current_time() - started,
-                labels=labels,
-                help="Duration of outbound attempts.",
-            )
-        status = response.status_code
-        retry_after = None
-        if status in (429, 503):
-            retry_after = parse_retry_after(
-                _header(response.headers, "retry-after"), now=self._clock()
-            )
-        verdict = classify_status(status)
-        error = "" if verdict == "delivered" else f"status {status}"
-        return AttemptResult(
-            verdict,
-            status=status,
-            retry_after=retry_after,
-            error=error,
-            breaker_failure=counts_as_breaker_failure(status),
-        )
-
     async def dispatch_outbound_action(self, action: OutboundWebhookAction) -> bool:
         """Make one delivery attempt of ``action`` now, bypassing the outbox.
 
@@ -786,7 +637,7 @@ class WebhookConnector:
             raise UsageError("dispatch_outbound_action takes an OutboundWebhookAction")
         now = self._clock()
         record = OutboxRecord(id=action_id(action), action=action, due=now, created=now)
-        result = await self._attempt(record)
+        result = await self.transport.attempt(record)
         return result.verdict == "delivered"
 
     async def run_outbound_dispatcher(self, *, poll_interval_sec: float = 0.1) -> None:
@@ -805,7 +656,7 @@ class WebhookConnector:
             await self.dispatcher.run(poll_interval_sec)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._close_client()
+                await self.transport.aclose()
 
     def stop_dispatcher(self) -> None:
         """Ask the running dispatcher to finish its in-flight attempts and return.
@@ -854,12 +705,6 @@ class WebhookConnector:
         if self._closed:
             raise ClosedError("this WebhookConnector was closed")
 
-    async def _close_client(self) -> None:
-        box = self._clients.get()
-        client, box.client = box.client, None
-        if client is not None:
-            await client.aclose()
-
     async def aclose(self) -> None:
         """Stop the dispatcher, close the HTTP client and the inbound queue. Idempotent.
 
@@ -870,13 +715,4 @@ class WebhookConnector:
         self._closed = True
         self.dispatcher.stop()
         self._inbound_send.close()
-        await self._close_client()
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        for key, candidate in headers.items():
-            if key.lower() == name:
-                return candidate
-    return value
+        await self.transport.aclose()

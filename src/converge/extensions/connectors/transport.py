@@ -1,0 +1,216 @@
+"""The outbound transport: builds, signs and sends one attempt, and classifies it."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from converge import _sync
+from converge.core.metrics import MetricsCollector
+from converge.extensions.connectors.dispatcher import AttemptResult
+from converge.extensions.connectors.outbox import OutboxRecord
+from converge.extensions.connectors.retry import (
+    WebhookRetryPolicy,
+    classify_status,
+    counts_as_breaker_failure,
+    parse_retry_after,
+)
+from converge.extensions.connectors.schemes import compute_signature
+
+__all__ = ["OutboundRequest", "OutboundResponse", "OutboundSender", "OutboundTransport"]
+
+_USER_AGENT = "converge-webhook/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRequest:
+    """One outbound HTTP attempt, as handed to an ``outbound_sender``.
+
+    Attributes:
+        method: HTTP method.
+        url: Absolute URL.
+        headers: Every header to send (signature and ``Idempotency-Key`` included).
+        content: The exact body bytes.
+        timeout: Seconds the attempt may take.
+        action_id: The outbox id of the action.
+        attempt: Attempt number, from 1.
+    """
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+    timeout: float
+    action_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundResponse:
+    """What an ``outbound_sender`` reports back.
+
+    Attributes:
+        status_code: The HTTP status.
+        headers: Response headers (``Retry-After`` is honoured on 429 and 503).
+    """
+
+    status_code: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: ``async def sender(request: OutboundRequest) -> OutboundResponse | int``: replaces the
+#: HTTP send (for tests, or another transport). Raising means "no answer" and is retried.
+OutboundSender = Callable[[OutboundRequest], Awaitable["OutboundResponse | int"]]
+
+
+class _ClientBox:
+    # One per event loop: the loop's HTTP client, created on first send.
+    __slots__ = ("client",)
+
+    def __init__(self) -> None:
+        self.client: httpx.AsyncClient | None = None
+
+
+class OutboundTransport:
+    """Sends outbound attempts: over HTTP (one ``httpx.AsyncClient`` per event loop,
+    redirects not followed), or through an ``outbound_sender``.
+
+    Args:
+        retry_policy: Supplies ``request_timeout_sec``, the limit of each attempt.
+        signing_keys: Standard Webhooks key bytes by target name.
+        sender: Replaces the HTTP send when given.
+        clock: Unix seconds (signature timestamps, HTTP-date ``Retry-After``).
+        metrics: Where attempt durations go.
+        max_connections: Size of each HTTP connection pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry_policy: WebhookRetryPolicy,
+        signing_keys: Mapping[str, bytes],
+        sender: OutboundSender | None,
+        clock: Callable[[], float],
+        metrics: MetricsCollector,
+        max_connections: int,
+    ) -> None:
+        self._policy = retry_policy
+        self._signing_keys = dict(signing_keys)
+        self._sender = sender
+        self._clock = clock
+        self._metrics = metrics
+        self._max_connections = max_connections
+        self._clients: _sync.LoopLocal[_ClientBox] = _sync.LoopLocal(_ClientBox)
+
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(
+            max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+        )
+        return httpx.AsyncClient(
+            follow_redirects=False, limits=limits, timeout=self._policy.request_timeout_sec
+        )
+
+    def build_request(self, record: OutboxRecord) -> OutboundRequest:
+        """The request one attempt of ``record`` sends (signed when its target has a secret)."""
+        action = record.action
+        content = action.body_bytes()
+        headers = {
+            "content-type": "application/json",
+            "user-agent": _USER_AGENT,
+            **action.headers,
+            "idempotency-key": record.idempotency_key,
+        }
+        key = self._signing_keys.get(action.target)
+        if key is not None:
+            ts = str(int(self._clock()))
+            signature = compute_signature(key, f"{record.id}.{ts}.".encode(), content)
+            headers["webhook-id"] = record.id
+            headers["webhook-timestamp"] = ts
+            headers["webhook-signature"] = "v1," + base64.b64encode(signature).decode()
+        return OutboundRequest(
+            method=action.method,
+            url=action.url,
+            headers=headers,
+            content=content,
+            timeout=self._policy.request_timeout_sec,
+            action_id=record.id,
+            attempt=record.attempts + 1,
+        )
+
+    async def _send(self, request: OutboundRequest) -> OutboundResponse:
+        if self._sender is not None:
+            answer = await self._sender(request)
+            if isinstance(answer, int) and not isinstance(answer, bool):
+                return OutboundResponse(answer)
+            if not isinstance(answer, OutboundResponse):
+                raise TypeError("outbound_sender must return OutboundResponse or int")
+            return answer
+        box = self._clients.get()
+        if box.client is None:
+            box.client = self._new_client()
+        response = await box.client.request(
+            request.method, request.url, headers=request.headers, content=request.content
+        )
+        return OutboundResponse(response.status_code, response.headers)
+
+    async def attempt(self, record: OutboxRecord) -> AttemptResult:
+        """Make one delivery attempt of ``record`` and classify the outcome."""
+        try:
+            request = self.build_request(record)
+        except (TypeError, ValueError) as exc:  # a stored action that no longer encodes
+            return AttemptResult("dead", error=f"unsendable action: {type(exc).__name__}")
+        labels = {"target": record.action.target}
+        started = anyio.current_time()
+        try:
+            with anyio.fail_after(request.timeout):
+                response = await self._send(request)
+        except TimeoutError:
+            return AttemptResult("retry", error="timeout", breaker_failure=True)
+        except (httpx.HTTPError, OSError) as exc:
+            return AttemptResult("retry", error=type(exc).__name__, breaker_failure=True)
+        except Exception as exc:  # an outbound_sender may raise anything: no answer
+            return AttemptResult(
+                "retry", error=f"sender: {type(exc).__name__}", breaker_failure=True
+            )
+        finally:
+            self._metrics.observe(
+                "webhook_outbound_attempt_seconds",
+                anyio.current_time() - started,
+                labels=labels,
+                help="Duration of outbound attempts.",
+            )
+        status = response.status_code
+        retry_after = None
+        if status in (429, 503):
+            retry_after = parse_retry_after(
+                _header(response.headers, "retry-after"), now=self._clock()
+            )
+        verdict = classify_status(status)
+        error = "" if verdict == "delivered" else f"status {status}"
+        return AttemptResult(
+            verdict,
+            status=status,
+            retry_after=retry_after,
+            error=error,
+            breaker_failure=counts_as_breaker_failure(status),
+        )
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP client (a new one is made on the next send)."""
+        box = self._clients.get()
+        client, box.client = box.client, None
+        if client is not None:
+            await client.aclose()
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        for key, candidate in headers.items():
+            if key.lower() == name:
+                return candidate
+    return value
