@@ -56,6 +56,7 @@ _log = logging.getLogger("converge.connectors")
 
 #: Topic of the messages accepted inbound events become.
 INBOUND_TOPIC = "bridge.webhook.inbound"
+_INBOUND_TOPICS = (Topic(INBOUND_TOPIC),)
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Bodies larger than this are verified in a worker thread (about 0.1 ms of work inline).
 _INLINE_VERIFY_BYTES = 64 * 1024
@@ -425,7 +426,9 @@ class WebhookConnector:
             await self._release(verified, token)
             raise
         self.metrics.inc("webhook_inbound_accepted_total", labels=labels, help="Events accepted.")
-        return _json_response(202, {"status": "accepted", "event_id": verified.event_id})
+        # The hot path: the event id is printable ASCII, so this is the JSON encoding.
+        body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
+        return 202, {"content-type": "application/json"}, body + b"}"
 
     async def _release(self, verified: VerifiedWebhook, token: str) -> None:
         # Shielded: a cancelled request must still free its claim, or the sender's retry
@@ -501,7 +504,7 @@ class WebhookConnector:
         else:
             item = Message(
                 sender=self.connector_id,
-                topics=(Topic(INBOUND_TOPIC),),
+                topics=_INBOUND_TOPICS,
                 payload=event.to_dict(),
                 id=uid,
             )
@@ -511,7 +514,7 @@ class WebhookConnector:
             if isinstance(item, Task):
                 message = Message(
                     sender=self.connector_id,
-                    topics=(Topic(INBOUND_TOPIC),),
+                    topics=_INBOUND_TOPICS,
                     payload={"task": item.to_dict()},
                     task_id=item.id,
                     id=uid,
