@@ -135,3 +135,13 @@ def test_malformed_bytes_raise_message_format_error(data: bytes) -> None:
 def test_from_bytes_rejects_non_bytes() -> None:
     with pytest.raises(MessageFormatError):
         Message.from_bytes("text")  # type: ignore[arg-type]
+
+
+def test_absurdly_nested_payload_is_a_format_error() -> None:
+    payload: dict[str, Any] = {}
+    node = payload
+    for _ in range(5000):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(MessageFormatError, match="nested"):
+        Message(sender="a", payload=payload)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Message", "Topic", "canonical_json", "now_ms"]
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_SCALARS = frozenset({str, int, bool, type(None)})
 _FIELDS = ("id", "sender", "recipient", "topics", "payload", "task_id", "timestamp", "signature")
 
 
@@ -84,6 +85,11 @@ class Topic:
 
 
 def _freeze(value: Any) -> Any:
+    kind = type(value)
+    if kind in _SCALARS or kind is float:
+        return value
+    if kind is dict:
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, Mapping):
         return MappingProxyType({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
@@ -119,6 +125,32 @@ def _check_json(value: Any, path: str) -> None:
     raise MessageFormatError(
         f"payload{path} is a {type(value).__name__}; payloads hold JSON values only"
     )
+
+
+def _plain_json(value: Any) -> bool:
+    """Fast check for the common case: plain dict/list/str/int/bool/None/finite float.
+
+    False means "look closer" (an unusual type or a bad value): ``_check_json`` then
+    finds and names the problem.
+    """
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            for k, v in node.items():
+                if type(k) is not str:
+                    return False
+                if type(v) not in _SCALARS:
+                    stack.append(v)
+        elif kind is list or kind is tuple:
+            stack.extend(v for v in node if type(v) not in _SCALARS)
+        elif kind is float:
+            if not math.isfinite(node):
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 def _opt_str(name: str, value: Any) -> str | None:
@@ -178,8 +210,12 @@ class Message:
         object.__setattr__(self, "topics", topics)
         if not isinstance(self.payload, Mapping):
             raise MessageFormatError("payload must be a mapping")
-        _check_json(self.payload, "")
-        object.__setattr__(self, "payload", _freeze(self.payload))
+        try:
+            if not _plain_json(self.payload):
+                _check_json(self.payload, "")
+            object.__setattr__(self, "payload", _freeze(self.payload))
+        except RecursionError as exc:
+            raise MessageFormatError("payload is nested too deeply") from exc
 
     # -- signing -----------------------------------------------------------------------
 
