@@ -9,12 +9,11 @@ Each decision has a JSON form whose ``"type"`` is the class name::
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from converge.core.message import Message
+from converge.core.message import Message, new_id
 from converge.core.task import TaskState
 from converge.errors import FormatError, UsageError
 
@@ -53,7 +52,7 @@ class InvokeTool(Decision):
 
     tool_name: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    call_id: str = field(default_factory=new_id)
     type_name: ClassVar[str] = "InvokeTool"
 
     def __post_init__(self) -> None:

@@ -6,9 +6,9 @@ import base64
 import binascii
 import json
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -22,11 +22,17 @@ from converge.errors import MessageFormatError, UsageError
 if TYPE_CHECKING:
     from converge.core.identity import Identity
 
-__all__ = ["Message", "Topic", "canonical_json", "now_ms"]
+__all__ = ["Message", "Topic", "canonical_json", "new_id", "now_ms"]
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _SCALARS = frozenset({str, int, bool, type(None)})
+_ATOMS = _SCALARS | {float}
 _FIELDS = ("id", "sender", "recipient", "topics", "payload", "task_id", "timestamp", "signature")
+
+
+def new_id() -> str:
+    """128 random bits as 32 hex digits (the shape of ``uuid4().hex``, five times faster)."""
+    return os.urandom(16).hex()
 
 
 def now_ms() -> int:
@@ -86,14 +92,16 @@ class Topic:
 
 def _freeze(value: Any) -> Any:
     kind = type(value)
-    if kind in _SCALARS or kind is float:
-        return value
     if kind is dict:
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+        return MappingProxyType(
+            {k: v if type(v) in _ATOMS else _freeze(v) for k, v in value.items()}
+        )
+    if kind in _ATOMS:
+        return value
     if isinstance(value, Mapping):
         return MappingProxyType({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
+        return tuple(v if type(v) in _ATOMS else _freeze(v) for v in value)
     return value
 
 
@@ -173,7 +181,7 @@ class Message:
         topics: Topics (``Topic`` or ``str``) the message is published on.
         payload: JSON-compatible mapping.
         task_id: Optional task this message belongs to.
-        id: Unique id; a random hex UUID by default.
+        id: Unique id; 128 random bits as hex by default.
         timestamp: Milliseconds since the epoch; now by default.
         signature: Ed25519 signature over :meth:`signing_bytes`, if signed.
 
@@ -186,7 +194,7 @@ class Message:
     topics: tuple[Topic, ...] = ()
     payload: Mapping[str, Any] = field(default_factory=dict)
     task_id: str | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     timestamp: int = field(default_factory=now_ms)
     signature: bytes | None = None
 

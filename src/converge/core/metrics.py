@@ -57,13 +57,30 @@ class _Histogram:
         return out
 
 
+_LABEL_CACHE: dict[tuple[tuple[Any, Any], ...], LabelKey] = {}
+_LABEL_CACHE_SIZE = 4096
+
+
 def _label_key(labels: Mapping[str, Any] | None) -> LabelKey:
     if not labels:
         return ()
+    # Hot paths pass the same few label sets again and again: validate and sort once.
+    try:
+        raw = tuple(labels.items())
+        return _LABEL_CACHE[raw]
+    except (KeyError, TypeError):
+        pass
     for name in labels:
         if not isinstance(name, str) or not _LABEL_RE.match(name) or name.startswith("__"):
             raise UsageError(f"invalid metric label name {name!r}")
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+    key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+    try:
+        if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
+            _LABEL_CACHE.clear()
+        _LABEL_CACHE[raw] = key
+    except TypeError:  # an unhashable label value: fine, just not cached
+        pass
+    return key
 
 
 def _escape(value: str) -> str:

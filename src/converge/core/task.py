@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from converge.core.message import new_id
 from converge.errors import FormatError, UsageError
 
 __all__ = ["Task", "TaskState"]
@@ -32,14 +32,14 @@ class Task:
         inputs: JSON-compatible inputs.
         state: Where the task is in its lifecycle.
         result: The outcome, once completed or failed.
-        id: Unique id; a random hex UUID by default.
+        id: Unique id; 128 random bits as hex by default.
     """
 
     objective: str
     inputs: Mapping[str, Any] = field(default_factory=dict)
     state: TaskState = TaskState.PENDING
     result: Any = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, str):
