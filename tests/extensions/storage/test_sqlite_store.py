@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -214,3 +215,28 @@ def test_database_file_is_created_with_parent_directory_missing_error(tmp_path: 
     with pytest.raises(StoreUnavailableError):
         store.put("k", 1)
     assert not os.path.exists(tmp_path / "missing")
+
+
+def _open_fresh_and_put(path: str, barrier: Any, index: int) -> None:
+    barrier.wait()
+    with SQLiteStore(path) as store:
+        store.put(f"k{index}", index)
+
+
+def test_many_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # Switching a new database to WAL takes a lock SQLite does not wait for; sixteen
+    # processes racing to do it must not see "database is locked".
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        path = str(tmp_path / f"fresh{round_}.db")
+        barrier = ctx.Barrier(16)
+        procs = [
+            ctx.Process(target=_open_fresh_and_put, args=(path, barrier, i)) for i in range(16)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 16
+        with SQLiteStore(path) as store:
+            assert store.list() == sorted(f"k{i}" for i in range(16))

@@ -177,7 +177,10 @@ class SQLiteStore(Store):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Switching to WAL needs a lock SQLite does not wait for (no busy handler):
+            # skip it when another process already did, and retry while it races us.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                self._retry_while_locked(conn, "PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -185,6 +188,19 @@ class SQLiteStore(Store):
             conn.close()
             raise
         return conn
+
+    def _retry_while_locked(self, conn: sqlite3.Connection, sql: str) -> None:
+        deadline = time.monotonic() + self._timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute(sql)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _conn_locked(self) -> sqlite3.Connection:
         """The connection, opened on first use; the caller holds ``self._lock``."""
