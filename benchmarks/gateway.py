@@ -26,15 +26,16 @@ import hashlib
 import hmac
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import anyio
+
+from _bench import Results, arg_parser, best_of_rounds, child_servers, serve_uvicorn, timed_workers
 
 SECRET = "bench-secret"
 IMPLS = ("converge", "converge-sqlite", "starlette")
@@ -110,55 +111,13 @@ def starlette_app() -> Any:
 
 
 def serve(impl: str, port: int) -> None:
-    import uvicorn
-
     app = (
         starlette_app() if impl == "starlette" else converge_app(impl.partition("-")[2] or "memory")
     )
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        http="h11",
-        loop="asyncio",
-    )
+    serve_uvicorn(app, port)
 
 
 # -- load generator -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_servers(impls: tuple[str, ...]) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
-    """Start one server process per implementation (in parallel); wait until they listen."""
-    servers = {}
-    for impl in impls:
-        port = free_port()
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", impl, "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-        )
-        servers[impl] = (process, port)
-    deadline = time.monotonic() + 30
-    for impl, (process, port) in servers.items():
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    for other, _ in servers.values():
-                        other.kill()
-                    raise RuntimeError(f"{impl} server did not start") from None
-                time.sleep(0.05)
-    return servers
 
 
 def signed_request(port: int) -> bytes:
@@ -213,11 +172,7 @@ async def load(port: int, requests: list[bytes], concurrency: int) -> tuple[floa
                 if status != 202:
                     bad.append(status)
 
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
-    elapsed = time.perf_counter() - start
+    elapsed = await timed_workers(worker, concurrency)
     if bad:
         raise RuntimeError(f"unexpected statuses: {sorted(set(bad))}")
     return len(requests) / elapsed, latencies
@@ -228,39 +183,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def measure(port: int, n: int) -> tuple[float, list[float]]:
+    """One round: ``n`` fresh signed requests to the server on ``port``."""
+    return anyio.run(load, port, [signed_request(port) for _ in range(n)], CONCURRENCY)
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     per_round = 600 if quick else 5000
     rounds = 2 if quick else 3
     warmup = 100 if quick else 1000
-    servers = start_servers(IMPLS)
-    best: dict[str, tuple[float, list[float]]] = {}
-    try:
-        for _impl, (_, port) in servers.items():  # warm-up
-            anyio.run(load, port, [signed_request(port) for _ in range(warmup)], CONCURRENCY)
-        for _ in range(rounds):
-            for impl, (_, port) in servers.items():
-                batch = [signed_request(port) for _ in range(per_round)]
-                result = anyio.run(load, port, batch, CONCURRENCY)
-                if impl not in best or result[0] > best[impl][0]:
-                    best[impl] = result
-    finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait(timeout=10)
-    rows = []
+    servers = {impl: ["--serve", impl] for impl in IMPLS}
+    with child_servers(__file__, servers, timeout=30) as ports:
+        best = best_of_rounds(
+            {impl: partial(measure, port) for impl, port in ports.items()},
+            warmup,
+            per_round,
+            rounds,
+            key=lambda result: result[0],
+        )
+    results = Results()
     case = f"verified_webhook_c{CONCURRENCY}"
     for impl in IMPLS:
         ops, latencies = best[impl]
-        row = {
-            "case": case,
-            "impl": impl,
-            "ops_per_s": round(ops, 1),
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
-            "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+        results.add(
+            case,
+            impl,
+            ops,
+            p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
+            p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+        )
+    return results.rows
 
 
 def table(rows: list[dict[str, Any]]) -> None:
@@ -279,8 +231,7 @@ def table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser = arg_parser(__doc__)
     parser.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -23,7 +23,6 @@ Usage: ``python benchmarks/llm_overhead.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import json
@@ -37,6 +36,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from _bench import Column, Results, arg_parser, print_ratio_table
 from converge.core import Identity, Task, ToolRegistry
 from converge.extensions.llm import (
     AnthropicProvider,
@@ -56,16 +56,22 @@ DECISIONS = json.dumps(
 )
 
 
-def load_fake_server() -> Any:
-    """The tests' loopback server module, loaded by path (benchmarks are not a package)."""
-    path = ROOT / "tests" / "extensions" / "llm" / "llm_fake_server.py"
-    spec = importlib.util.spec_from_file_location("llm_fake_server", path)
+def load_test_module(path: Path) -> Any:
+    """A tests' helper module, loaded by path (benchmarks are not a package) and
+    registered under its file name, as the tests import it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["llm_fake_server"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_fake_server() -> Any:
+    """The tests' loopback LLM server module (after ``tests/loopback.py``, which it uses)."""
+    load_test_module(ROOT / "tests" / "loopback.py")
+    return load_test_module(ROOT / "tests" / "extensions" / "llm" / "llm_fake_server.py")
 
 
 Impls = dict[str, Callable[[], Awaitable[object]]]
@@ -126,13 +132,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     fake = load_fake_server()
     server = fake.FakeLLMServer().start()
     seconds, repeats = (0.05, 1) if quick else (1.0, 5)
-    rows: list[dict[str, Any]] = []
-
-    def emit(case: str, rates: dict[str, float]) -> None:
-        for impl, rate in rates.items():
-            row = {"case": case, "impl": impl, "ops_per_s": round(rate, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    results = Results()
+    emit = results.add_rates
 
     try:
         # -- OpenAI ------------------------------------------------------------------
@@ -285,7 +286,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         emit("mistral.achat[trio]", compare(mistral_chat, "trio", seconds, repeats))
     finally:
         server.stop()
-    return rows
+    return results.rows
 
 
 def _backend() -> str:
@@ -294,30 +295,13 @@ def _backend() -> str:
     return sniffio.current_async_library()
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    by_case: dict[str, dict[str, float]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], {})[row["impl"]] = row["ops_per_s"]
-    header = f"\n{'case':<22}{'peer':<11}{'converge/s':>12}{'peer/s':>10}{'ratio':>8}{'added':>12}"
-    print(header, file=sys.stderr)
-    for case, impls in by_case.items():
-        ours = impls.get("converge")
-        for impl, rate in impls.items():
-            if impl == "converge" or ours is None:
-                continue
-            added_ms = 1000 / ours - 1000 / rate
-            print(
-                f"{case:<22}{impl:<11}{ours:>12,.0f}{rate:>10,.0f}{ours / rate:>7.2f}x"
-                f"{added_ms:>+9.3f} ms",
-                file=sys.stderr,
-            )
+# The client-side cost per call: converge's latency minus the bare SDK call's.
+ADDED = Column("added", 12, lambda ours, peer: f"{1000 / ours - 1000 / peer:>+9.3f} ms")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
-    args = parser.parse_args()
-    print_table(run(args.quick))
+    args = arg_parser(__doc__).parse_args()
+    print_ratio_table(run(args.quick), widths=(22, 11, 12, 10), extra=ADDED)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
 import httpx
 
+from _bench import Results, arg_parser, best_of_rounds, child_servers, serve_uvicorn, timed_workers
 from converge.extensions.connectors import (
     OutboundTarget,
     OutboundWebhookAction,
@@ -67,38 +68,7 @@ async def receiver(scope: Any, receive: Any, send: Any) -> None:
 
 
 def serve(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(
-        receiver,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        http="h11",
-        loop="asyncio",
-        backlog=2048,
-    )
-
-
-def start_receiver() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port)], stdout=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process, f"http://127.0.0.1:{port}/events"
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("receiver did not start") from None
-            time.sleep(0.05)
+    serve_uvicorn(receiver, port, backlog=2048)
 
 
 async def converge_round(url: str, n: int, concurrency: int) -> float:
@@ -152,42 +122,33 @@ async def httpx_round(url: str, n: int, concurrency: int) -> float:
                 if response.status_code != 200:
                     failures.append(response.status_code)
 
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(worker)
-        elapsed = time.perf_counter() - start
+        elapsed = await timed_workers(worker, concurrency)
     if failures:
         raise RuntimeError(f"deliveries failed: {set(failures)}")
     return n / elapsed
 
 
+def deliver(
+    round_: Callable[[str, int, int], Awaitable[float]], url: str, concurrency: int, n: int
+) -> float:
+    """One round of ``n`` deliveries (:func:`converge_round` or :func:`httpx_round`)."""
+    return anyio.run(round_, url, n, concurrency)
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
-    process, url = start_receiver()
-    rows: list[dict[str, Any]] = []
+    results = Results()
     rounds = 2 if quick else 3
-    try:
+    with child_servers(__file__, {"receiver": ["--serve"]}, timeout=20) as ports:
+        url = f"http://127.0.0.1:{ports['receiver']}/events"
         for concurrency in CONCURRENCY:
             n = (30 if concurrency == 1 else 80) if quick else (500 if concurrency == 1 else 2000)
-            impls = {"converge": converge_round, "httpx": httpx_round}
-            for fn in impls.values():  # warm-up
-                anyio.run(fn, url, max(20, n // 10), concurrency)
-            best = dict.fromkeys(impls, 0.0)
-            for _ in range(rounds):
-                for name, fn in impls.items():
-                    best[name] = max(best[name], anyio.run(fn, url, n, concurrency))
-            for name, ops in best.items():
-                row = {
-                    "case": f"deliveries_c{concurrency}",
-                    "impl": name,
-                    "ops_per_s": round(ops, 1),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    return rows
+            impls = {
+                "converge": partial(deliver, converge_round, url, concurrency),
+                "httpx": partial(deliver, httpx_round, url, concurrency),
+            }
+            best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=float)
+            results.add_rates(f"deliveries_c{concurrency}", best)
+    return results.rows
 
 
 def table(rows: list[dict[str, Any]]) -> None:
@@ -199,12 +160,12 @@ def table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser = arg_parser(__doc__)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.port)
         return
     table(run(args.quick))
 

@@ -24,9 +24,7 @@ Usage: ``python benchmarks/rate_limit.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 import time
 import tracemalloc
@@ -41,6 +39,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from pyrate_limiter import Duration, InMemoryBucket, Limiter, Rate
 
+from _bench import Results, arg_parser, by_case, print_ratio_table
 from converge.core.message import Message
 from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
 
@@ -232,16 +231,10 @@ def memory_case(n: int, n_peers: int) -> dict[str, tuple[int, float, int]]:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    results = Results()
+    emit = results.add_rates
     repeats = 5 if quick else 9
     seconds = 0.04 if quick else 0.3  # per timed run
-
-    def emit(case: str, rates: dict[str, float], **extra: dict[str, Any]) -> None:
-        for impl, rate in rates.items():
-            row: dict[str, Any] = {"case": case, "impl": impl, "ops_per_s": round(rate, 1)}
-            row.update(extra.get(impl, {}))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
 
     for buckets, label in [(1, "one_bucket"), (3, "three_bucket")]:
         emit(f"{label}.sync", compare(sync_impls(buckets), seconds, repeats))
@@ -250,53 +243,37 @@ def run(quick: bool) -> list[dict[str, Any]]:
         emit(f"{label}.async_trio", compare_async(trio_only, seconds, repeats, backend="trio"))
 
     senders, peer_senders = (10_000, 10_000) if quick else (1_000_000, 200_000)
-    results = memory_case(senders, peer_senders)
+    memory = memory_case(senders, peer_senders)
     emit(
         "memory.distinct_senders",
-        {impl: rate for impl, (_, rate, _) in results.items()},
-        **{
+        {impl: rate for impl, (_, rate, _) in memory.items()},
+        {
             impl: {
                 "senders": n,
                 "peak_bytes": peak,
                 "bytes_per_1M_senders": peak * 10**6 // n,
             }
-            for impl, (n, _, peak) in results.items()
+            for impl, (n, _, peak) in memory.items()
         },
     )
-    return rows
+    return results.rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    by_case: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], {})[row["impl"]] = row
-    print(
-        f"\n{'case':<26}{'peer':<24}{'converge/s':>13}{'peer/s':>13}{'ratio':>8}",
-        file=sys.stderr,
-    )
-    for case, impls in by_case.items():
-        ours = impls.get("converge")
-        for impl, row in impls.items():
-            if impl == "converge" or ours is None:
-                continue
-            ratio = ours["ops_per_s"] / row["ops_per_s"]
-            print(
-                f"{case:<26}{impl:<24}{ours['ops_per_s']:>13,.0f}{row['ops_per_s']:>13,.0f}"
-                f"{ratio:>7.2f}x",
-                file=sys.stderr,
-            )
+    print_ratio_table(rows, widths=(26, 24, 13, 13))
+    cases = by_case(rows)
     # the targets: sync decisions vs aiolimiter's acquire, async >= 0.8x of it
     print("\ntargets (vs aiolimiter acquire, same bucket count)", file=sys.stderr)
     for label in ("one_bucket", "three_bucket"):
-        peer = by_case[f"{label}.async"]["aiolimiter"]["ops_per_s"]
-        sync = by_case[f"{label}.sync"]["converge"]["ops_per_s"]
-        asyn = by_case[f"{label}.async"]["converge"]["ops_per_s"]
+        peer = cases[f"{label}.async"]["aiolimiter"]["ops_per_s"]
+        sync = cases[f"{label}.sync"]["converge"]["ops_per_s"]
+        asyn = cases[f"{label}.async"]["converge"]["ops_per_s"]
         print(
             f"  {label}: allow_message {sync / peer:.2f}x (target 1.0x), "
             f"aallow_message {asyn / peer:.2f}x (target 0.8x)",
             file=sys.stderr,
         )
-    memory = by_case.get("memory.distinct_senders", {})
+    memory = cases.get("memory.distinct_senders", {})
     if memory:
         print("\nmemory per 1M distinct senders (peak traced)", file=sys.stderr)
         for impl, row in memory.items():
@@ -305,9 +282,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
-    args = parser.parse_args()
+    args = arg_parser(__doc__).parse_args()
     print_table(run(args.quick))
 
 

@@ -19,14 +19,10 @@ disk you care about: fsync costs what that disk makes it cost).
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
 import shutil
-import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -35,6 +31,7 @@ import aiofiles
 import anyio
 import diskcache
 
+from _bench import Results, arg_parser, as_async, compare, compare_async, print_ratio_table
 from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
 
 VALUE = os.urandom(1024)
@@ -52,54 +49,6 @@ def writer(put: Callable[[str, bytes], object]) -> Callable[[], object]:
 def async_writer(put: Callable[[str, bytes], Awaitable[object]]) -> Callable[[], Awaitable[object]]:
     values = itertools.cycle(VALUES)
     return lambda: put("key", next(values))
-
-
-def compare(impls: dict[str, Callable[[], object]], ops: int, repeats: int) -> dict[str, float]:
-    """Operations per second of each implementation: warm up, then the best of
-    ``repeats`` timed runs, the implementations taking turns so that background noise
-    hits them alike."""
-    for fn in impls.values():
-        for _ in range(max(1, ops // 10)):
-            fn()
-    best = dict.fromkeys(impls, float("inf"))
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            start = time.perf_counter()
-            for _ in range(ops):
-                fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: ops / seconds for name, seconds in best.items()}
-
-
-def compare_async(
-    impls: dict[str, Callable[[], Awaitable[object]]],
-    ops: int,
-    repeats: int,
-    backend: str = "asyncio",
-) -> dict[str, float]:
-    """:func:`compare` for coroutine functions, all on one event loop."""
-
-    async def main() -> dict[str, float]:
-        for afn in impls.values():
-            for _ in range(max(1, ops // 10)):
-                await afn()
-        best = dict.fromkeys(impls, float("inf"))
-        for _ in range(repeats):
-            for name, afn in impls.items():
-                start = time.perf_counter()
-                for _ in range(ops):
-                    await afn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        return {name: ops / seconds for name, seconds in best.items()}
-
-    return anyio.run(main, backend=backend)
-
-
-def as_async(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
-    async def call() -> object:
-        return fn()
-
-    return call
 
 
 def in_thread(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
@@ -145,14 +94,9 @@ def bare_durable_write(directory: str, name: str, data: bytes) -> None:
 
 
 def run(quick: bool, base: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    results = Results()
+    emit = results.add_rates
     repeats = 3 if quick else 9
-
-    def emit(case: str, rates: dict[str, float]) -> None:
-        for impl, rate in rates.items():
-            row = {"case": case, "impl": impl, "ops_per_s": round(rate, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
 
     # FileStore reads: one thread hop for open + read + verify + decode.
     store = FileStore(os.path.join(base, "file"))
@@ -282,35 +226,16 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
             repeats,
         ),
     )
-    return rows
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    by_case: dict[str, dict[str, float]] = {}
-    for row in rows:
-        by_case.setdefault(row["case"], {})[row["impl"]] = row["ops_per_s"]
-    print(
-        f"\n{'case':<26}{'peer':<12}{'converge/s':>14}{'peer/s':>14}{'ratio':>8}", file=sys.stderr
-    )
-    for case, impls in by_case.items():
-        ours = impls.get("converge")
-        for impl, rate in impls.items():
-            if impl == "converge" or ours is None:
-                continue
-            print(
-                f"{case:<26}{impl:<18}{ours:>14,.0f}{rate:>14,.0f}{ours / rate:>7.2f}x",
-                file=sys.stderr,
-            )
+    return results.rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser = arg_parser(__doc__)
     parser.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="converge-bench-", dir=args.dir)
     try:
-        print_table(run(args.quick, base))
+        print_ratio_table(run(args.quick, base), widths=(26, 18, 14, 14))
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

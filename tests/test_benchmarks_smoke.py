@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+# ``benchmarks/_*.py`` are the scripts' shared helpers, not benchmarks.
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
 
 
 def result_lines(stdout: str) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ from typing import Any
 
 import anyio
 import standardwebhooks
-import uvicorn
+
+from loopback import UvicornThread, loopback_socket, read_request, serve_lifespan
 
 SW_SECRET = "whsec_" + base64.b64encode(b"converge-test-standard-webhooks!").decode()
 STRIPE_SECRET = "whsec_test_stripe_0123456789abcdef"
@@ -139,20 +140,10 @@ class Receiver:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        record = Recorded(scope["method"], scope["path"], headers, b"".join(chunks))
+            await serve_lifespan(receive, send)
+            return
+        headers, body = await read_request(scope, receive)
+        record = Recorded(scope["method"], scope["path"], headers, body)
         if self.delay:
             await anyio.sleep(self.delay)
         status = 200
@@ -188,7 +179,7 @@ class ServerThread:
         self.server = server
         self.url = ""
         self._thread: threading.Thread | None = None
-        self._uvicorn: uvicorn.Server | None = None
+        self._uvicorn: UvicornThread | None = None
         self._stop = threading.Event()
         self._failure: list[BaseException] = []
 
@@ -199,24 +190,13 @@ class ServerThread:
         self.stop()
 
     def start(self) -> ServerThread:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        if self.server == "uvicorn":
+            self._uvicorn = UvicornThread(self.app).start()
+            self.url = self._uvicorn.url
+            return self
+        sock = loopback_socket()
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        if self.server == "uvicorn":
-            config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
-            self._uvicorn = server = uvicorn.Server(config)
-            self._thread = threading.Thread(
-                target=server.run, kwargs={"sockets": [sock]}, daemon=True
-            )
-            self._thread.start()
-            deadline = time.monotonic() + 10
-            while not server.started:
-                if time.monotonic() > deadline or not self._thread.is_alive():
-                    raise RuntimeError("uvicorn did not start")
-                time.sleep(0.005)
-            return self
         self._thread = threading.Thread(target=self._run_hypercorn, args=(sock,), daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -255,7 +235,7 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+            self._uvicorn.stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
+from loopback import UvicornThread, read_request, serve_lifespan
 
 __all__ = [
     "FakeLLMServer",
@@ -92,8 +92,7 @@ class FakeLLMServer:
         self._script: collections.deque[Reply] = collections.deque()
         self.requests: list[Recorded] = []
         self.default: Reply | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._uvicorn: UvicornThread | None = None
         self.url = ""
 
     # -- scripting -------------------------------------------------------------------
@@ -122,24 +121,11 @@ class FakeLLMServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        chunks = []
-        while True:
-            event = await receive()
-            chunks.append(event.get("body", b""))
-            if not event.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            await serve_lifespan(receive, send)
+            return
+        headers, body = await read_request(scope, receive)
         client = tuple(scope["client"]) if scope.get("client") else None
-        recorded = Recorded(
-            scope["method"], scope["path"], headers, b"".join(chunks), time.time(), client
-        )
+        recorded = Recorded(scope["method"], scope["path"], headers, body, time.time(), client)
         with self._lock:
             self.requests.append(recorded)
         reply = self._next()
@@ -164,35 +150,18 @@ class FakeLLMServer:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> FakeLLMServer:
-        """Serve on 127.0.0.1 at a free port, on a daemon thread."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this; without it, Nagle's algorithm plus delayed
-        # ACKs add ~40 ms to every answer written in two parts (headers, then body).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=30
-        )
-        self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="fake-llm-server", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake LLM server did not start")
-            time.sleep(0.005)
-        self.url = f"http://127.0.0.1:{port}"
+        """Serve on 127.0.0.1 at a free port, on a daemon thread (``TCP_NODELAY``: see
+        :func:`loopback.loopback_socket`)."""
+        self._uvicorn = UvicornThread(
+            self, nodelay=True, name="fake LLM server", timeout_keep_alive=30
+        ).start()
+        self.url = self._uvicorn.url
         return self
 
     def stop(self) -> None:
         """Stop serving and join the thread."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
+        if self._uvicorn is not None:
+            self._uvicorn.stop()
 
     @property
     def openai_url(self) -> str:
@@ -244,7 +213,7 @@ def _sse(frames: Iterable[tuple[str | None, Any]]) -> Reply:
     return Reply(status=200, events=encoded, content_type="text/event-stream")
 
 
-# -- OpenAI --------------------------------------------------------------------------
+# -- OpenAI (and the OpenAI-style shapes Mistral shares) ----------------------------
 
 
 def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
@@ -255,81 +224,27 @@ def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def openai_chat(
-    text: str,
-    *,
-    prompt_tokens: int = 11,
-    completion_tokens: int = 7,
-    headers: Mapping[str, str] | None = None,
-) -> Reply:
-    """A ``chat.completion`` with one text choice."""
-    return _json(
-        {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "logprobs": None,
-                    "message": {"role": "assistant", "content": text},
-                }
-            ],
-            "usage": _openai_usage(prompt_tokens, completion_tokens),
-        },
-        headers,
-    )
-
-
-def openai_tool_call(
-    name: str, arguments: str, *, prompt_tokens: int = 11, completion_tokens: int = 7
-) -> Reply:
-    """A ``chat.completion`` whose choice is one function tool call."""
-    return _json(
-        {
-            "id": "chatcmpl-2",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "tool_calls",
-                    "logprobs": None,
-                    "message": {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [
-                            {
-                                "id": "call_1",
-                                "type": "function",
-                                "function": {"name": name, "arguments": arguments},
-                            }
-                        ],
-                    },
-                }
-            ],
-            "usage": _openai_usage(prompt_tokens, completion_tokens),
-        }
-    )
-
-
-def openai_stream(
-    deltas: Iterable[str],
-    *,
-    prompt_tokens: int = 11,
-    completion_tokens: int = 7,
-    usage: bool = True,
-) -> Reply:
-    """An SSE stream of ``chat.completion.chunk`` deltas, a usage chunk, then ``[DONE]``."""
-    base = {
-        "id": "chatcmpl-3",
-        "object": "chat.completion.chunk",
+def _completion(
+    id_: str, model: str, choice: dict[str, Any], prompt: int, completion: int
+) -> dict[str, Any]:
+    """A ``chat.completion`` body with one choice and its usage."""
+    return {
+        "id": id_,
+        "object": "chat.completion",
         "created": 1_700_000_000,
-        "model": "gpt-4o-mini",
+        "model": model,
+        "choices": [choice],
+        "usage": _openai_usage(prompt, completion),
     }
+
+
+def _chunk_base(id_: str, model: str) -> dict[str, Any]:
+    """The fields every ``chat.completion.chunk`` of one stream repeats."""
+    return {"id": id_, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
+
+
+def _text_chunks(base: dict[str, Any], deltas: Iterable[str]) -> list[tuple[str | None, Any]]:
+    """A chunk stream's opening: the assistant role, then one chunk per text delta."""
     frames: list[tuple[str | None, Any]] = [
         (
             None,
@@ -349,6 +264,61 @@ def openai_stream(
         (None, {**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
         for d in deltas
     ]
+    return frames
+
+
+def openai_chat(
+    text: str,
+    *,
+    prompt_tokens: int = 11,
+    completion_tokens: int = 7,
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
+    """A ``chat.completion`` with one text choice."""
+    choice = {
+        "index": 0,
+        "finish_reason": "stop",
+        "logprobs": None,
+        "message": {"role": "assistant", "content": text},
+    }
+    return _json(
+        _completion("chatcmpl-1", "gpt-4o-mini", choice, prompt_tokens, completion_tokens), headers
+    )
+
+
+def openai_tool_call(
+    name: str, arguments: str, *, prompt_tokens: int = 11, completion_tokens: int = 7
+) -> Reply:
+    """A ``chat.completion`` whose choice is one function tool call."""
+    choice = {
+        "index": 0,
+        "finish_reason": "tool_calls",
+        "logprobs": None,
+        "message": {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+            ],
+        },
+    }
+    return _json(_completion("chatcmpl-2", "gpt-4o-mini", choice, prompt_tokens, completion_tokens))
+
+
+def openai_stream(
+    deltas: Iterable[str],
+    *,
+    prompt_tokens: int = 11,
+    completion_tokens: int = 7,
+    usage: bool = True,
+) -> Reply:
+    """An SSE stream of ``chat.completion.chunk`` deltas, a usage chunk, then ``[DONE]``."""
+    base = _chunk_base("chatcmpl-3", "gpt-4o-mini")
+    frames = _text_chunks(base, deltas)
     frames.append((None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     if usage:
         frames.append(
@@ -480,21 +450,13 @@ def mistral_chat(
     headers: Mapping[str, str] | None = None,
 ) -> Reply:
     """A Mistral ``chat.completion`` with one text choice."""
+    choice = {
+        "index": 0,
+        "finish_reason": "stop",
+        "message": {"role": "assistant", "content": text, "tool_calls": None},
+    }
     return _json(
-        {
-            "id": "cmpl-1",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": "mistral-small-latest",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": text, "tool_calls": None},
-                }
-            ],
-            "usage": _openai_usage(prompt_tokens, completion_tokens),
-        },
+        _completion("cmpl-1", "mistral-small-latest", choice, prompt_tokens, completion_tokens),
         headers,
     )
 
@@ -503,31 +465,23 @@ def mistral_tool_call(
     name: str, arguments: str, *, prompt_tokens: int = 17, completion_tokens: int = 3
 ) -> Reply:
     """A Mistral ``chat.completion`` whose choice is one function tool call."""
-    return _json(
-        {
-            "id": "cmpl-2",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": "mistral-small-latest",
-            "choices": [
+    choice = {
+        "index": 0,
+        "finish_reason": "tool_calls",
+        "message": {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
                 {
-                    "index": 0,
-                    "finish_reason": "tool_calls",
-                    "message": {
-                        "role": "assistant",
-                        "content": "",
-                        "tool_calls": [
-                            {
-                                "id": "abc123def",
-                                "type": "function",
-                                "function": {"name": name, "arguments": arguments},
-                            }
-                        ],
-                    },
+                    "id": "abc123def",
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
                 }
             ],
-            "usage": _openai_usage(prompt_tokens, completion_tokens),
-        }
+        },
+    }
+    return _json(
+        _completion("cmpl-2", "mistral-small-latest", choice, prompt_tokens, completion_tokens)
     )
 
 
@@ -535,31 +489,8 @@ def mistral_stream(
     deltas: Iterable[str], *, prompt_tokens: int = 17, completion_tokens: int = 3
 ) -> Reply:
     """A Mistral SSE stream; the last chunk carries ``finish_reason`` and usage."""
-    base = {
-        "id": "cmpl-3",
-        "object": "chat.completion.chunk",
-        "created": 1_700_000_000,
-        "model": "mistral-small-latest",
-    }
-    frames: list[tuple[str | None, Any]] = [
-        (
-            None,
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
-                    }
-                ],
-            },
-        )
-    ]
-    frames += [
-        (None, {**base, "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
-        for d in deltas
-    ]
+    base = _chunk_base("cmpl-3", "mistral-small-latest")
+    frames = _text_chunks(base, deltas)
     frames.append(
         (
             None,
