@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from converge.core import Identity
-from converge.errors import IdentityError, UsageError, WrongPasswordError
+from converge.errors import IdentityError, SyncInEventLoopError, UsageError, WrongPasswordError
 
 
 def test_sign_and_verify() -> None:
@@ -67,3 +67,20 @@ def test_empty_password_is_refused() -> None:
 def test_non_bytes_to_sign_is_refused() -> None:
     with pytest.raises(UsageError):
         Identity().sign("text")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_async_save_and_load_round_trip(tmp_path: Path) -> None:
+    ident = Identity()
+    await ident.asave(tmp_path / "a.pem", "pw")
+    assert (await Identity.aload(tmp_path / "a.pem", "pw")).fingerprint == ident.fingerprint
+    with pytest.raises(WrongPasswordError):
+        await Identity.aload(tmp_path / "a.pem", "nope")
+
+
+@pytest.mark.anyio
+async def test_sync_save_and_load_on_event_loop_name_the_async_forms(tmp_path: Path) -> None:
+    with pytest.raises(SyncInEventLoopError, match="asave"):
+        Identity().save(tmp_path / "a.pem", "pw")
+    with pytest.raises(SyncInEventLoopError, match="aload"):
+        Identity.load(tmp_path / "a.pem", "pw")

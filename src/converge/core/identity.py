@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import anyio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from converge import _sync
 from converge.errors import IdentityError, UsageError, WrongPasswordError
 
 __all__ = ["Identity"]
@@ -101,7 +103,19 @@ class Identity:
         return cls(key)
 
     def save(self, path: str | os.PathLike[str], password: str | bytes) -> None:
-        """Write the encrypted key to ``path`` atomically, readable by the owner only."""
+        """Write the encrypted key to ``path`` atomically, readable by the owner only.
+
+        Raises:
+            SyncInEventLoopError: On an event-loop thread; ``await`` :meth:`asave`.
+        """
+        _sync.check_sync_allowed("Identity.asave")
+        self._save(path, password)
+
+    async def asave(self, path: str | os.PathLike[str], password: str | bytes) -> None:
+        """Async form of :meth:`save` (key encryption and the file write leave the loop)."""
+        await anyio.to_thread.run_sync(self._save, path, password)
+
+    def _save(self, path: str | os.PathLike[str], password: str | bytes) -> None:
         target = Path(path)
         data = self.to_pem(password)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -123,7 +137,18 @@ class Identity:
         Raises:
             WrongPasswordError: If the password is wrong or the file is damaged.
             IdentityError: If the file cannot be read.
+            SyncInEventLoopError: On an event-loop thread; ``await`` :meth:`aload`.
         """
+        _sync.check_sync_allowed("Identity.aload")
+        return cls._load(path, password)
+
+    @classmethod
+    async def aload(cls, path: str | os.PathLike[str], password: str | bytes) -> Identity:
+        """Async form of :meth:`load` (the read and key decryption leave the loop)."""
+        return await anyio.to_thread.run_sync(cls._load, path, password)
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike[str], password: str | bytes) -> Identity:
         try:
             pem = Path(path).read_bytes()
         except OSError as exc:
