@@ -20,8 +20,6 @@ import pytest
 from converge.core.store import Store
 from converge.errors import SyncInEventLoopError, UsageError
 
-pytestmark = pytest.mark.anyio
-
 VALUES: list[Any] = [
     "text",
     "ünïcode ✓",
