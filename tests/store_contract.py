@@ -12,12 +12,13 @@ fixture yielding a fresh, empty store::
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import anyio
 import pytest
 
-from converge.core.store import Store
+from converge.core.store import MAX_TTL, Store, WithTTL
 from converge.errors import SyncInEventLoopError, UsageError
 
 VALUES: list[Any] = [
@@ -143,13 +144,23 @@ class StoreContract:
         with pytest.raises(UsageError):
             await store.aget(key)
 
-    @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "5"])
+    @pytest.mark.parametrize(
+        "ttl", [0, -1, float("nan"), float("inf"), "5", MAX_TTL * 1.01, 9.3e15, 1.7e308, 10**400]
+    )
     async def test_invalid_ttl_raises_usage_error(self, store: Store, ttl: Any) -> None:
         with pytest.raises(UsageError):
             await store.aput("k", 1, ttl=ttl)
         with pytest.raises(UsageError):
             await store.aput_if_absent("k", 1, ttl=ttl)
+        with pytest.raises(UsageError):
+            await store.aupdate(["k"], lambda cur: ({"k": 1}, None), ttl=ttl)
         assert await store.aget("k") is None
+
+    async def test_the_documented_maximum_ttl_is_accepted(self, store: Store) -> None:
+        await store.aput("a", 1, ttl=MAX_TTL)
+        assert await store.aput_if_absent("b", 2, ttl=MAX_TTL) is True
+        await store.aupdate(["c"], lambda cur: ({"c": 3}, None), ttl=MAX_TTL)
+        assert [await store.aget(k) for k in "abc"] == [1, 2, 3]
 
     async def test_async_context_manager_closes(self, store: Store) -> None:
         async with store as same:
@@ -238,6 +249,46 @@ class StoreContract:
         with pytest.raises(UsageError):
             await store.aupdate(["a"], lambda cur: ({"other": 1}, None))
         assert await store.aget("other") is None
+
+    async def test_update_with_ttl_gives_a_key_its_own_ttl(self, store: Store) -> None:
+        def write(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+            return {
+                "short": WithTTL("s", TTL_SHORT),
+                "call": "c",
+                "forever": WithTTL("f", None),
+            }, None
+
+        await store.aupdate(["short", "call", "forever"], write, ttl=60)
+        assert await store.aget("short") == "s"
+        await anyio.sleep(TTL_WAIT)
+        assert await store.aget("short") is None
+        assert await store.aget("call") == "c"
+        assert await store.aget("forever") == "f"
+
+        def rewrite(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+            return {"call": WithTTL("c2", 60), "forever": "f2"}, None
+
+        # The call's ttl applies to plain values, WithTTL's to its own.
+        await store.aupdate(["call", "forever"], rewrite, ttl=TTL_SHORT)
+        await anyio.sleep(TTL_WAIT)
+        assert await store.aget("call") == "c2"
+        assert await store.aget("forever") is None
+
+    async def test_invalid_with_ttl_changes_nothing(self, store: Store) -> None:
+        with pytest.raises(UsageError):
+            await store.aupdate(["a", "b"], lambda cur: ({"a": 1, "b": WithTTL(2, 0)}, None))
+        with pytest.raises(UsageError):
+            await store.aupdate(["a"], lambda cur: ({"a": WithTTL(None, 5)}, None))
+        assert await store.aget("a") is None
+        assert await store.aget("b") is None
+
+    async def test_atime_is_the_stores_clock_in_unix_seconds(self, store: Store) -> None:
+        before = time.time()
+        now = await store.atime()
+        assert isinstance(now, float)
+        # A shared server's clock may differ a little from ours; not by minutes.
+        assert before - 60 < now < time.time() + 60
+        assert await store.atime() >= now
 
     def test_sync_update_from_threads_is_atomic(self, store: Store) -> None:
         def bump(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
