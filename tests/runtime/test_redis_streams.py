@@ -41,6 +41,15 @@ async def pending(url: str, stream: str, group: str) -> int:
         return int(summary.pending)
 
 
+async def settles(url: str, stream: str, group: str) -> None:
+    """Wait (5 s at most) until ``group`` has nothing pending on ``stream``."""
+    for _ in range(500):
+        if not await pending(url, stream, group):
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"{group} still has entries pending on {stream}")
+
+
 def work(n: int) -> Message:
     return Message(sender="producer", topics=["work"], payload={"n": n})
 
@@ -60,12 +69,11 @@ async def test_a_message_crosses_to_another_bus_with_its_id_and_is_acked_after_i
         assert await here.publish(sent) == 1  # the stream counts as the one receiver
         with anyio.fail_after(5):
             got = await inbox.receive()
-        assert got.id == sent.id and got.payload == {"n": 1}
+        assert got.id == sent.id
+        assert got.payload == {"n": 1}
         assert await pending(redis_url, importer.stream("work"), "workers") == 1
         await inbox.aack(got)
-        with anyio.fail_after(5):
-            while await pending(redis_url, importer.stream("work"), "workers"):
-                await anyio.sleep(0.01)
+        await settles(redis_url, importer.stream("work"), "workers")
 
 
 async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
@@ -91,9 +99,7 @@ async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
                 again = await second.receive()
             assert again.id == sent.id
             await second.aack(again)
-            with anyio.fail_after(5):
-                while await pending(redis_url, f"{prefix}:work", "workers"):
-                    await anyio.sleep(0.01)
+            await settles(redis_url, f"{prefix}:work", "workers")
 
 
 async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
@@ -123,11 +129,8 @@ async def test_a_dead_lettered_message_is_kept_and_acknowledged(
         with anyio.fail_after(5):
             got = await inbox.receive()
         await inbox.adead_letter(got, "cannot parse")
+        await settles(redis_url, f"{prefix}:work", "w")
         async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
-            with anyio.fail_after(5):
-                while not await client.xlen(f"{prefix}:dead"):
-                    await anyio.sleep(0.01)
-            assert (await client.xpending(f"{prefix}:work", "w")).pending == 0
             dead = await client.xrange(f"{prefix}:dead")
         assert sent.id in dead[0].field_values["m"]
         assert "cannot parse" in dead[0].field_values["m"]
@@ -174,40 +177,44 @@ WORKER = textwrap.dedent(
 )
 
 
-async def test_an_agent_in_another_process_answers_over_redis(
-    redis_url: str, prefix: str, anyio_backend: str
-) -> None:
+@pytest.fixture
+def worker(redis_url: str, prefix: str, anyio_backend: str) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, redis_url, prefix, anyio_backend],
         stdout=subprocess.PIPE,
         env=env,
     )
-    try:
-        bus = MessageBus()
-        answers = bus.subscribe("me", topics=["done"], ack=True)
-        async with RedisStreamsBridge(
-            bus,
-            redis_url,
-            export_topics=["work"],
-            import_topics=["done"],
-            group="requesters",
-            prefix=prefix,
-        ):
-            sent = [work(n) for n in range(5)]
-            for message in sent:  # sent before the worker listens: Redis keeps them
-                await bus.publish(message)
-            assert proc.stdout is not None
-            with anyio.fail_after(15):
-                line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
-            assert line.strip() == b"ready"
-            got = {}
-            with anyio.fail_after(15):
-                while len(got) < 5:
-                    answer = await answers.receive()
-                    got[answer.payload["of"]] = answer.payload["n"]
-                    await answers.aack(answer)
-        assert got == {m.id: m.payload["n"] * 2 for m in sent}
-    finally:
-        proc.kill()
-        proc.wait()
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_an_agent_in_another_process_answers_over_redis(
+    redis_url: str, prefix: str, worker: subprocess.Popen[bytes]
+) -> None:
+    proc = worker
+    bus = MessageBus()
+    answers = bus.subscribe("me", topics=["done"], ack=True)
+    async with RedisStreamsBridge(
+        bus,
+        redis_url,
+        export_topics=["work"],
+        import_topics=["done"],
+        group="requesters",
+        prefix=prefix,
+    ):
+        sent = [work(n) for n in range(5)]
+        for message in sent:  # sent before the worker listens: Redis keeps them
+            await bus.publish(message)
+        assert proc.stdout is not None
+        with anyio.fail_after(15):
+            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
+        assert line.strip() == b"ready"
+        got = {}
+        with anyio.fail_after(15):
+            while len(got) < 5:
+                answer = await answers.receive()
+                got[answer.payload["of"]] = answer.payload["n"]
+                await answers.aack(answer)
+    assert got == {m.id: m.payload["n"] * 2 for m in sent}
