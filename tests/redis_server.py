@@ -1,60 +1,92 @@
-"""A throwaway ``redis-server`` on a free loopback port, for the Redis tests.
+"""A throwaway ``redis-server`` on a free loopback port, for tests and benchmarks.
 
-``CONVERGE_TEST_REDIS_URL`` (set by ``.ci/run``) names a server to use instead.
+``tests/`` is on ``sys.path`` under pytest, so ``from redis_server import RedisServer``;
+benchmarks load it by path. Each server is a real process started with persistence off;
+:meth:`RedisServer.pause` and :meth:`RedisServer.resume` stall it with SIGSTOP/SIGCONT.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
+
+__all__ = ["RedisServer", "free_port", "shared_redis_url"]
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def redis_server(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start ``redis-server`` (no persistence unless ``extra`` asks); yield its URL and
-    process; stop it after."""
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (apt install redis-server) or CONVERGE_TEST_REDIS_URL"
-    port = free_port()
-    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *extra]
-    if "--appendonly" not in extra:
-        args += ["--appendonly", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+class RedisServer:
+    """``redis-server`` on 127.0.0.1 at a free port; a context manager that stops it."""
+
+    def __init__(self, *extra_args: str) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is needed (apt install redis-server)"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        self.proc = subprocess.Popen(
+            [server, *args, "--appendonly", "no", *extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
             except OSError:
-                assert proc.poll() is None, "redis-server exited"
+                assert self.proc.poll() is None, "redis-server exited"
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop the server (resuming it first, so that it can exit)."""
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def shared_redis_url() -> Iterator[str]:
-    """For a session fixture: ``CONVERGE_TEST_REDIS_URL``, else a server of our own."""
+    """For a fixture: ``CONVERGE_TEST_REDIS_URL`` (``.ci/run`` sets it), else a server of
+    our own for the fixture's scope."""
     url = os.environ.get("CONVERGE_TEST_REDIS_URL")
     if url:
         yield url
         return
-    with redis_server() as (url, _proc):
-        yield url
+    with RedisServer() as server:
+        yield server.url
