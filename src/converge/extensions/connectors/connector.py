@@ -57,7 +57,7 @@ _log = logging.getLogger("converge.connectors")
 #: Topic of the messages accepted inbound events become.
 INBOUND_TOPIC = "bridge.webhook.inbound"
 _INBOUND_TOPICS = (Topic(INBOUND_TOPIC),)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 # Bodies larger than this are verified in a worker thread (about 0.1 ms of work inline).
 _INLINE_VERIFY_BYTES = 64 * 1024
 # Seconds a sender is asked to wait when the consumer is full or the store is down.
