@@ -39,8 +39,15 @@ ConvergeError
 │       ├── ProviderTimeoutError (TimeoutError)
 │       ├── ProviderConnectionError (ConnectionError)
 │       └── ProviderResponseError              malformed / unexpected response
+│           ├── ProviderOverloadedError        server overloaded (529, overloaded_error)
+│           ├── ResponseTruncatedError         stopped at the token limit; carries .result
+│           ├── ContentFilteredError           cut by a content filter; carries .result
+│           └── ResponseRefusedError           the model refused; carries .result
 ├── RateLimitError
 │   └── RateLimitTimeoutError (TimeoutError)   acquire gave up; carries .retry_after
+├── QueueError
+│   ├── QueueFullError                         a durable queue holds max_pending records
+│   └── DuplicateRecordError                   a record id or one of its claims exists
 ├── RuntimeBusError
 │   ├── AgentFailedError                       an agent raised; carries .agent_id
 │   └── BusFullError                           a receiver's inbox is full (no-wait publish)
@@ -60,6 +67,7 @@ __all__ = [
     "BusFullError",
     "ClosedError",
     "ConfigurationError",
+    "ContentFilteredError",
     "ConvergeError",
     "CryptoError",
     "CryptoTypeError",
@@ -68,6 +76,7 @@ __all__ = [
     "DecryptionError",
     "DeliveryError",
     "DuplicateEventError",
+    "DuplicateRecordError",
     "FormatError",
     "IdempotencyConflictError",
     "IdentityError",
@@ -78,11 +87,16 @@ __all__ = [
     "ProviderAuthError",
     "ProviderConnectionError",
     "ProviderError",
+    "ProviderOverloadedError",
     "ProviderRateLimitError",
     "ProviderResponseError",
     "ProviderTimeoutError",
+    "QueueError",
+    "QueueFullError",
     "RateLimitError",
     "RateLimitTimeoutError",
+    "ResponseRefusedError",
+    "ResponseTruncatedError",
     "RuntimeBusError",
     "SignatureError",
     "StoreCorruptedError",
@@ -288,6 +302,57 @@ class ProviderResponseError(ProviderError):
     """The provider answered with an error status or a malformed body."""
 
 
+class ProviderOverloadedError(ProviderResponseError):
+    """The provider is overloaded (HTTP 529, or an ``overloaded_error`` event in a stream).
+
+    A 5xx-class condition (``status_code`` is 529 when the server gave no other): retried
+    by the :class:`RetryPolicy <converge.extensions.llm.RetryPolicy>` before any text was
+    streamed, raised as is after.
+    """
+
+
+class _ResultError(ProviderResponseError):
+    """A complete answer that the caller did not ask to accept; carries it as ``.result``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = 200,
+        result: object = None,
+    ) -> None:
+        super().__init__(message, provider=provider, status_code=status_code)
+        self.result = result
+
+
+class ResponseTruncatedError(_ResultError):
+    """The model stopped at the output token limit (``length``, ``max_tokens``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`;
+            pass ``allow_partial=True`` to get it returned instead. Raise ``max_tokens``
+            (or ``max_completion_tokens``) to get the whole answer.
+    """
+
+
+class ContentFilteredError(_ResultError):
+    """The provider's content filter cut or withheld the answer (``content_filter``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`.
+    """
+
+
+class ResponseRefusedError(_ResultError):
+    """The model refused to answer (OpenAI's ``refusal``, Anthropic's ``refusal`` stop).
+
+    Attributes:
+        result: The :class:`ChatResult <converge.extensions.llm.ChatResult>`; its
+            ``text`` holds the refusal message when the provider gave one.
+    """
+
+
 # -- rate limiting ---------------------------------------------------------------------
 
 
@@ -306,6 +371,21 @@ class RateLimitTimeoutError(RateLimitError, TimeoutError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# -- durable queues --------------------------------------------------------------------
+
+
+class QueueError(ConvergeError):
+    """Base of the durable queues' errors (``converge.durable``)."""
+
+
+class QueueFullError(QueueError):
+    """A durable queue already holds ``max_pending`` open records; nothing was added."""
+
+
+class DuplicateRecordError(QueueError):
+    """The record id, or one of the claims written with it, exists; nothing was added."""
 
 
 # -- runtime ---------------------------------------------------------------------------
