@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ _GATEWAY_KEYS = {
     "max_in_flight",
     "log_level",
     "log_events",
+    "log_format",
+    "admin_token_env",
     "client_cert_header",
     "poll_interval_sec",
 }
@@ -94,6 +97,8 @@ class GatewayConfig:
         max_in_flight: Outbound attempts in flight at most.
         log_level: Server log level.
         log_events: Log accepted events that are not forwarded anywhere.
+        log_format: ``"text"`` or ``"json"`` log lines.
+        admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
         client_cert_header: Trusted proxy header reporting client certificates.
         poll_interval_sec: Outbox rescan interval.
         security: Inbound limits.
@@ -111,6 +116,8 @@ class GatewayConfig:
     max_in_flight: int = 64
     log_level: str = "info"
     log_events: bool = True
+    log_format: str = "text"
+    admin_token: str | None = None
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
@@ -214,14 +221,18 @@ def parse_config(
         secret = _secret_values(
             table, where, env, literal="signing_secret", env_key="signing_secret_env", warn=warn
         )
-        targets[name] = TargetConfig(
-            OutboundTarget(
-                name=name,
-                url=table["url"],
-                signing_secret=secret[0] if secret else None,
-                max_concurrency=table.get("max_concurrency", 16),
+        if not secret and table.get("signing_secret_env"):
+            # Named a signing secret: delivering unsigned instead would be a silent downgrade.
+            raise ConfigurationError(_no_secret(where, table, "signing_secret_env"))
+        with _section(where):
+            targets[name] = TargetConfig(
+                OutboundTarget(
+                    name=name,
+                    url=table["url"],
+                    signing_secret=secret[0] if secret else None,
+                    max_concurrency=table.get("max_concurrency", 16),
+                )
             )
-        )
 
     providers: dict[str, ProviderConfig] = {}
     for name, table in _table(data, "providers", "").items():
@@ -233,16 +244,15 @@ def parse_config(
             table, where, env, literal="secret", env_key="secret_env", warn=warn
         )
         if not secrets:
-            raise ConfigurationError(
-                f"[{where}] has no secret: set the variable named by secret_env, or secret"
-            )
+            raise ConfigurationError(_no_secret(where, table, "secret_env"))
         forward_to = table.get("forward_to")
         if forward_to is not None and forward_to not in targets:
             raise ConfigurationError(f"[{where}] forward_to names an unknown target {forward_to!r}")
         options = {k: v for k, v in table.items() if k in _PROFILE_KEYS}
         if "required_payload_fields" in options:
             options["required_payload_fields"] = tuple(options["required_payload_fields"])
-        profile = ProviderProfile(name=name, secret_ref=name, **options)
+        with _section(where):
+            profile = ProviderProfile(name=name, secret_ref=name, **options)
         providers[name] = ProviderConfig(profile, secrets, forward_to)
 
     token = None
@@ -251,7 +261,16 @@ def parse_config(
         if not isinstance(token_env, str):
             raise ConfigurationError("[gateway] outbound_token_env must be a variable name")
         token = env.get(token_env) or None
-    kwargs = {k: v for k, v in gateway.items() if k != "outbound_token_env"}
+    admin_token = None
+    admin_env = gateway.get("admin_token_env")
+    if admin_env is not None:
+        if not isinstance(admin_env, str):
+            raise ConfigurationError("[gateway] admin_token_env must be a variable name")
+        admin_token = env.get(admin_env) or None
+    kwargs = {
+        k: v for k, v in gateway.items() if k not in ("outbound_token_env", "admin_token_env")
+    }
+    kwargs["admin_token"] = admin_token
     config = GatewayConfig(
         **kwargs,
         outbound_token=token,
@@ -263,6 +282,29 @@ def parse_config(
     )
     check_gateway_settings(config)
     return config
+
+
+def _no_secret(where: str, table: Mapping[str, Any], env_key: str) -> str:
+    """The error for a table whose secret is missing: names the section and variables."""
+    literal = env_key.removesuffix("_env")
+    names = table.get(env_key)
+    names = [names] if isinstance(names, str) else list(names or ())
+    if not names:
+        return f'[{where}] has no secret: set {env_key} = "VARIABLE" (or {literal})'
+    unset = " / ".join(names)
+    plural = "s are" if len(names) > 1 else " is"
+    return f"[{where}] has no secret: environment variable{plural} not set: {unset}"
+
+
+@contextmanager
+def _section(where: str) -> Iterator[None]:
+    """Prefix a ConfigurationError raised inside with the ``[section]`` it comes from."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"[{where}] {exc}") from exc
+    except TypeError as exc:  # a value of the wrong type reached a constructor
+        raise ConfigurationError(f"[{where}] {exc}") from exc
 
 
 def _security_kwargs(table: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +337,10 @@ def check_gateway_settings(config: GatewayConfig) -> None:
         raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
     if not isinstance(config.log_events, bool):
         raise ConfigurationError("[gateway] log_events must be true or false")
+    if config.log_format not in ("text", "json"):
+        raise ConfigurationError('[gateway] log_format must be "text" or "json"')
+    if config.admin_token is not None and len(config.admin_token) < 16:
+        raise ConfigurationError("[gateway] the admin token must have 16 characters or more")
 
 
 def load_config(

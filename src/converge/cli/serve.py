@@ -108,6 +108,7 @@ def serve(config: GatewayConfig) -> None:
         host=config.bind,
         port=config.port,
         lifespan="on",
+        log_config=None,  # keep converge's handler (timestamps, text/json) for uvicorn's lines
         log_level=config.log_level,
         access_log=config.log_level == "debug",
     )
