@@ -216,9 +216,7 @@ def _without_assigned(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     data.pop("call_id", None)
     if "message" in data:
-        data["message"] = {
-            k: v for k, v in data["message"].items() if k not in ("id", "timestamp")
-        }
+        data["message"] = {k: v for k, v in data["message"].items() if k not in ("id", "timestamp")}
     return data
 
 
