@@ -44,7 +44,9 @@ from converge.extensions.llm._conversation import (
     user_turn,
 )
 from converge.extensions.llm.decisions_json import (
-    EMIT_DECISIONS_TOOL,
+    EMIT_DECISIONS_TOOL as _EMIT_DECISIONS_TOOL,
+)
+from converge.extensions.llm.decisions_json import (
     decisions_tool,
     parse_decisions,
     system_prompt,
@@ -343,7 +345,7 @@ class LLMAgent(Agent):
             raise cls(message, provider=type(self.provider).__name__, result=result)
         if self.use_structured_output:
             for call in result.tool_calls:
-                if call.name == EMIT_DECISIONS_TOOL:
+                if call.name == _EMIT_DECISIONS_TOOL:
                     text = call.raw_arguments
                     if text is None:
                         text = _json_text(call.arguments)
