@@ -47,12 +47,12 @@ from converge.extensions.llm.decisions_json import (
     EMIT_DECISIONS_TOOL as _EMIT_DECISIONS_TOOL,
 )
 from converge.extensions.llm.decisions_json import (
+    MAX_OUTPUT_CHARS as _MAX_OUTPUT_CHARS,
+)
+from converge.extensions.llm.decisions_json import (
     decisions_tool,
     parse_decisions,
     system_prompt,
-)
-from converge.extensions.llm.decisions_json import (
-    MAX_OUTPUT_CHARS as _MAX_OUTPUT_CHARS,
 )
 from converge.extensions.llm.protocol import ChatResult, Usage
 
