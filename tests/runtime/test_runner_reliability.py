@@ -24,6 +24,7 @@ from converge.core import (
     ToolRegistry,
     UpdateTask,
 )
+from converge.core.events import DecisionsMade, EventEmitter, ProgressEvent, ToolInvoked, ToolResult
 from converge.core.store import Store
 from converge.errors import (
     AgentFailedError,
@@ -461,3 +462,62 @@ async def test_undeliverable_decisions_for_a_json_store_are_reported(tmp_path: P
         await idle(runner)
     assert "JSON" in str(runner.errors[-1].__cause__)
     await store.aclose()
+
+
+# -- progress events (issue 16 point 9, the runner's side) -----------------------------
+
+
+async def test_runner_emits_tool_and_decision_events() -> None:
+    registry = ToolRegistry()
+
+    @registry.tool
+    def add(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    def respond(n: int, messages: list[Message], obs: Any) -> list[Any]:
+        if not obs:
+            return [InvokeTool("add", {"a": 1, "b": 2}, call_id="c1"), InvokeTool("nope")]
+        return []
+
+    events = EventEmitter()
+    seen: list[ProgressEvent] = []
+    events.subscribe(seen.append)
+    agent = Script(respond, registry)
+    bus = MessageBus()
+    async with AgentRunner(bus, [agent], events=events) as runner:
+        await bus.publish(to(agent))
+        await idle(runner)
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds == [
+        "DecisionsMade",
+        "ToolInvoked",
+        "ToolResult",
+        "ToolInvoked",
+        "ToolResult",
+        "DecisionsMade",
+    ]
+    assert all(e.source == agent.id for e in seen)
+    invoked, result, _, failed = seen[1:5]
+    assert isinstance(invoked, ToolInvoked)
+    assert invoked.arguments == {"a": 1, "b": 2}
+    assert invoked.tool_call_id == "c1"
+    assert isinstance(result, ToolResult)
+    assert result.result == 3
+    assert result.error is None
+    assert isinstance(failed, ToolResult)
+    assert failed.error
+    assert isinstance(seen[-1], DecisionsMade)
+    assert seen[-1].decisions == ()
+
+
+async def test_llm_agent_decisions_are_reported_once_on_its_own_emitter() -> None:
+    provider = FunctionProvider(lambda messages, **kw: reply_out())
+    agent = LLMAgent(Identity(), provider, name="llm")
+    seen: list[ProgressEvent] = []
+    agent.events.subscribe(seen.append, types=DecisionsMade)
+    bus = MessageBus()
+    async with AgentRunner(bus, [agent]) as runner:
+        await bus.publish(to(agent))
+        await idle(runner)
+    assert len(seen) == 1

@@ -17,6 +17,7 @@ import anyio.abc
 from converge import _sync
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool, SendMessage, UpdateTask
+from converge.core.events import DecisionsMade, EventEmitter, ToolInvoked, ToolResult
 from converge.core.hooks import MessageHook
 from converge.core.message import Message
 from converge.core.store import Store
@@ -180,6 +181,13 @@ class AgentRunner:
             counted as drops).
         sleep: ``async sleep(seconds)`` used for retry waits; ``anyio.sleep`` when None
             (tests pass a fake one).
+        events: Where progress events go (:mod:`converge.core.events`):
+            :class:`~converge.core.events.ToolInvoked` and
+            :class:`~converge.core.events.ToolResult` for each tool the runner runs,
+            :class:`~converge.core.events.DecisionsMade` for each ``adecide`` step
+            (unless it goes to the agent's own ``events``, where an ``LLMAgent``
+            reports its decisions itself). None: each agent's ``events`` attribute,
+            when it has one.
 
     Raises:
         UsageError: For invalid arguments (no agents, duplicates, bad sizes, ...).
@@ -201,6 +209,7 @@ class AgentRunner:
         record_retention: float = 7 * 24 * 3600,
         max_dead_letters: int = 1000,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        events: EventEmitter | None = None,
     ) -> None:
         if not isinstance(bus, MessageBus):
             raise UsageError("bus must be a MessageBus")
@@ -221,6 +230,9 @@ class AgentRunner:
         if sleep is not None and not callable(sleep):
             raise UsageError("sleep must be an async callable or None")
         self._sleep: Callable[[float], Awaitable[None]] = sleep or anyio.sleep
+        if events is not None and not isinstance(events, EventEmitter):
+            raise UsageError("events must be a converge.core.events.EventEmitter or None")
+        self.events = events
         self._dead: deque[DeadLetter] = deque(
             maxlen=_check_int("max_dead_letters", max_dead_letters, 1)
         )
@@ -546,7 +558,21 @@ class AgentRunner:
             )
         else:
             result = await agent.adecide(list(messages), self.tasks)
-        return self._check_decisions(result)
+        decisions = self._check_decisions(result)
+        emitter = self._emitter(agent)
+        if (
+            emitter is not None
+            and emitter is not getattr(agent, "events", None)
+            and emitter.wants(DecisionsMade)
+        ):
+            emitter.emit(DecisionsMade(source=agent.id, decisions=tuple(decisions)))
+        return decisions
+
+    def _emitter(self, agent: Agent) -> EventEmitter | None:
+        if self.events is not None:
+            return self.events
+        own = getattr(agent, "events", None)
+        return own if isinstance(own, EventEmitter) else None
 
     async def _record(self, agent: Agent, part: _Part, decisions: list[Decision]) -> None:
         if not part.messages:
@@ -609,6 +635,16 @@ class AgentRunner:
             "call_id": decision.call_id,
         }
         self.bus.metrics.inc("runtime_tool_calls_total", labels={"agent": agent.name})
+        emitter = self._emitter(agent)
+        if emitter is not None and emitter.wants(ToolInvoked):
+            emitter.emit(
+                ToolInvoked(
+                    source=agent.id,
+                    tool_name=decision.tool_name,
+                    arguments=dict(decision.params),
+                    tool_call_id=decision.call_id,
+                )
+            )
         try:
             if agent.tool_registry is None:
                 raise UsageError(f"agent {agent.name!r} has no tool registry")
@@ -619,6 +655,17 @@ class AgentRunner:
             # the agent sees the failure and may recover; its loop goes on
             observation["result"] = {"error": str(exc)}
             observation["error"] = str(exc)
+        if emitter is not None and emitter.wants(ToolResult):
+            failed = "error" in observation
+            emitter.emit(
+                ToolResult(
+                    source=agent.id,
+                    tool_name=decision.tool_name,
+                    tool_call_id=decision.call_id,
+                    result=None if failed else observation["result"],
+                    error=observation["error"] if failed else None,
+                )
+            )
         return observation
 
     async def _report(self, agent: Agent, exc: Exception) -> AgentFailedError:
