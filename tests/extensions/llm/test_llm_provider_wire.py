@@ -76,13 +76,15 @@ async def test_openai_stream_asks_for_usage(
     assert body["stream_options"] == {"include_usage": True}
 
 
-async def test_openai_stream_without_usage_chunk_reports_zero_usage(
+async def test_openai_stream_without_usage_chunk_reports_unknown_usage_not_zero(
     openai_provider: OpenAIProvider, server: FakeLLMServer
 ) -> None:
     server.push(openai_stream(["x", "y"], usage=False))
     stream = openai_provider.chat_stream(MESSAGES)
     assert await stream.acollect() == "xy"
-    assert stream.usage == Usage(0, 0)
+    assert stream.usage == Usage(None, None)
+    assert stream.result is not None
+    assert stream.result.stop_reason == "stop"
 
 
 async def test_openai_error_inside_the_stream_raises_response_error(
@@ -247,11 +249,14 @@ async def test_mistral_content_chunks_are_joined(
     assert await mistral_provider.achat(MESSAGES) == "Hello there"
 
 
-async def test_mistral_rejects_options_it_does_not_take(
-    mistral_provider: MistralProvider,
+async def test_mistral_rejects_options_it_does_not_take_naming_itself(
+    mistral_provider: MistralProvider, server: FakeLLMServer
 ) -> None:
-    with pytest.raises(UsageError, match="extra_body"):
-        await mistral_provider.achat(MESSAGES, extra_body={"x": 1})
+    with pytest.raises(UsageError, match="mistral does not take.*thinking"):
+        await mistral_provider.achat(MESSAGES, thinking={"type": "enabled"})
+    with pytest.raises(UsageError, match="unknown option.*frobnicate"):
+        await mistral_provider.achat(MESSAGES, frobnicate=1)
+    assert server.requests == []
 
 
 async def test_mistral_injected_client_is_used_on_both_backends(

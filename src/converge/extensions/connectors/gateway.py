@@ -226,6 +226,8 @@ class WebhookGateway:
             return 409, _dump(body)
         except StoreError:
             return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
+        except UsageError as exc:
+            return _invalid(str(exc))
         return 202, _dump({"status": "queued", "id": record.id})
 
     # -- serving ---------------------------------------------------------------------
