@@ -35,7 +35,14 @@ except ImportError:  # pragma: no cover - the dev extra installs it
     _otel_metrics = None  # type: ignore[assignment]
     _otel_trace = None  # type: ignore[assignment]
 
-__all__ = ["OTEL_AVAILABLE", "CallRecord", "Telemetry", "default_telemetry", "tool_span"]
+__all__ = [
+    "OTEL_AVAILABLE",
+    "CallRecord",
+    "Telemetry",
+    "default_telemetry",
+    "error_type",
+    "tool_span",
+]
 
 #: Whether ``opentelemetry-api`` is importable (spans and OTel metrics are emitted).
 OTEL_AVAILABLE = _otel_trace is not None
