@@ -425,3 +425,37 @@ async def test_text_deltas_from_a_real_sdk_stream(
     (done,) = finished
     assert isinstance(done, CallFinished)
     assert done.usage["input_tokens"] == wire.usage.input_tokens
+
+
+def _cut(reply: Any, wire: Wire) -> Any:
+    """The same reply, stopped at the output token limit."""
+    body = json.loads(reply.body)
+    if wire.name == "anthropic":
+        body["stop_reason"] = "max_tokens"
+    else:
+        body["choices"][0]["finish_reason"] = "length"
+    reply.body = json.dumps(body).encode()
+    return reply
+
+
+async def test_truncated_structured_output_on_a_real_sdk_is_reported_as_truncated(
+    real_provider: Any, wire: Wire, server: FakeLLMServer, registry: ToolRegistry
+) -> None:
+    partial = "{}" if wire.name == "anthropic" else '{"decisions": [{"type": "Upd'
+    server.push(_cut(wire.tool("emit_decisions", partial), wire))
+    errors: list[Exception | str] = []
+    agent = LLMAgent(
+        IDENTITY,
+        real_provider,
+        tool_registry=registry,
+        use_structured_output=True,
+        on_decide_error=errors.append,
+    )
+    assert await agent.adecide([], tasks()) == []
+    (problem,) = errors
+    assert isinstance(problem, ResponseTruncatedError)
+    assert "token limit" in str(problem)
+    assert "unknown decision type" not in str(problem)
+    assert len(server.requests) == 1  # not re-asked
+    assert agent.last_usage is not None
+    assert agent.last_usage.output_tokens is not None

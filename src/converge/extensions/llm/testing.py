@@ -43,12 +43,8 @@ from typing import Any
 
 from converge import _sync
 from converge.core.memory import approximate_tokens
-from converge.errors import (
-    ContentFilteredError,
-    ResponseRefusedError,
-    ResponseTruncatedError,
-    UsageError,
-)
+from converge.errors import UsageError
+from converge.extensions.llm._errors import check_result
 from converge.extensions.llm._request import build_request
 from converge.extensions.llm.protocol import STOP_REASONS, ChatResult, ToolCall, Usage
 from converge.extensions.llm.stream import ChatStream
@@ -57,19 +53,6 @@ __all__ = ["FunctionProvider", "ProviderCall", "ScriptedProvider"]
 
 Reply = str | tuple[str, Usage] | ChatResult
 _CHUNK = re.compile(r"\s*\S+|\s+")
-_ROLES = frozenset({"system", "user", "assistant", "tool"})
-_StopError = ResponseTruncatedError | ContentFilteredError | ResponseRefusedError
-_STOP_ERRORS: dict[str, type[_StopError]] = {
-    "length": ResponseTruncatedError,
-    "content_filter": ContentFilteredError,
-    "refusal": ResponseRefusedError,
-}
-_STOP_MESSAGES = {
-    "length": "the answer was cut off at the output token limit (stop reason 'length'); "
-    "raise max_tokens",
-    "content_filter": "the content filter cut the answer",
-    "refusal": "the model refused to answer",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,78 +75,14 @@ class ProviderCall:
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    if isinstance(content, list | tuple):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
     return ""
 
 
-def _check_parts(i: int, content: list[Any]) -> None:
-    for part in content:
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            continue
-        if kind in ("image", "document") and (
-            isinstance(part.get("url"), str) or isinstance(part.get("data"), str)
-        ):
-            continue
-        raise UsageError(f"messages[{i}]['content'] has an invalid content part: {part!r}")
-
-
-def _check_tool_calls(i: int, calls: Any) -> None:
-    if not isinstance(calls, list) or not all(
-        isinstance(c, Mapping)
-        and isinstance(c.get("id"), str)
-        and isinstance(c.get("name"), str)
-        and isinstance(c.get("arguments"), Mapping)
-        for c in calls
-    ):
-        raise UsageError(
-            f"messages[{i}]['tool_calls'] must be a list of {{'id', 'name', 'arguments'}} dicts"
-        )
-
-
 def _validate(messages: Any) -> tuple[dict[str, Any], ...]:
-    """Check messages like the real providers (contract D shapes); deep copies."""
-    if not isinstance(messages, list | tuple) or not messages:
-        raise UsageError("messages must be a non-empty list of {'role', 'content'} dicts")
-    plain = [
-        {"role": m.get("role"), "content": m.get("content")}
-        for m in messages
-        if isinstance(m, Mapping)
-        and isinstance(m.get("content"), str)
-        and m.get("role")
-        in (
-            "system",
-            "user",
-            "assistant",
-        )
-    ]
-    if len(plain) == len(messages):  # the simple case: the providers' own validation
-        build_request(plain, {}, default_model="test")
-        return tuple(dict(m) for m in plain)
-    called: set[str] = set()
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise UsageError(f"messages[{i}] must be a dict, not {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
-        if role not in _ROLES:
-            raise UsageError(f"messages[{i}]['role'] must be one of {sorted(_ROLES)}, not {role!r}")
-        if role == "assistant" and message.get("tool_calls") is not None:
-            _check_tool_calls(i, message["tool_calls"])
-            called.update(c["id"] for c in message["tool_calls"])
-            if content is not None and not isinstance(content, str):
-                raise UsageError(f"messages[{i}]['content'] must be a string or None")
-        elif role == "tool":
-            if message.get("tool_call_id") not in called:
-                raise UsageError(
-                    f"messages[{i}] is a tool result for a call no earlier assistant message made"
-                )
-            if not isinstance(content, str):
-                raise UsageError(f"messages[{i}]['content'] must be a string")
-        elif isinstance(content, list) and role == "user":
-            _check_parts(i, content)
-        elif not isinstance(content, str):
-            raise UsageError(f"messages[{i}]['content'] must be a string")
+    """Check messages exactly as the real providers do; return deep copies as given."""
+    build_request(messages, {}, default_model="test")
     return tuple(copy.deepcopy(dict(m)) for m in messages)
 
 
@@ -269,11 +188,10 @@ class FunctionProvider:
         return result.text
 
     @staticmethod
-    def _check_stop(result: ChatResult, allow_partial: bool) -> ChatResult:
-        error = _STOP_ERRORS.get(result.stop_reason)
-        if error is None or allow_partial:
-            return result
-        raise error(f"test: {_STOP_MESSAGES[result.stop_reason]}", provider="test", result=result)
+    def _check_stop(result: ChatResult, allow_partial: Any) -> ChatResult:
+        if not isinstance(allow_partial, bool):
+            raise UsageError("allow_partial must be a bool")
+        return check_result(result, "test", allow_partial=allow_partial)
 
     async def _acall(self, messages: Any, kwargs: dict[str, Any]) -> ChatResult:
         validated = self._record(messages, kwargs)
@@ -337,7 +255,8 @@ class FunctionProvider:
         Returns:
             ``(text, usage)``.
         """
-        result = await self._acall(messages, kwargs)
+        allow_partial = kwargs.pop("allow_partial", False)
+        result = self._check_stop(await self._acall(messages, kwargs), allow_partial)
         return self._text(result), result.usage
 
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
@@ -363,7 +282,8 @@ class FunctionProvider:
         Returns:
             ``(text, usage)``.
         """
-        result = self._call(messages, kwargs)
+        allow_partial = kwargs.pop("allow_partial", False)
+        result = self._check_stop(self._call(messages, kwargs), allow_partial)
         return self._text(result), result.usage
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
@@ -380,9 +300,10 @@ class FunctionProvider:
         return text
 
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:
-        """The reply as a stream of word-sized deltas; usage set at the end.
+        """The reply as a stream of word-sized deltas; usage and result set at the end.
 
-        The stream's ``stop_reason`` attribute is set when it ends.
+        Like the real providers, a truncated, filtered or refused reply raises its typed
+        error after the last delta unless ``allow_partial=True``.
 
         Args:
             messages: ``[{"role", "content"}, ...]``.
@@ -392,13 +313,16 @@ class FunctionProvider:
             A :class:`~converge.extensions.llm.ChatStream`.
         """
         _validate(messages)  # fail here, like real providers
+        allow_partial = kwargs.pop("allow_partial", False)
+        if not isinstance(allow_partial, bool):
+            raise UsageError("allow_partial must be a bool")
 
         async def deltas(out: ChatStream) -> AsyncGenerator[str, None]:
             result = await self._acall(messages, kwargs)
             for match in _CHUNK.finditer(result.text):
                 yield match.group()
-            out.stop_reason = result.stop_reason  # type: ignore[attr-defined]
-            out.finish(result.usage)
+            out.finish(result.usage, result)
+            self._check_stop(result, allow_partial)
 
         return ChatStream(deltas)
 
