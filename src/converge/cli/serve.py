@@ -99,7 +99,7 @@ def serve(config: GatewayConfig) -> None:
         import uvicorn
     except ImportError as exc:
         raise MissingDependencyError(
-            'converge gateway needs uvicorn: pip install "converge[server]"'
+            'converge gateway needs uvicorn: pip install -e ".[server]" (from a converge checkout)'
         ) from exc
     _gateway, app = make_app(config)
     print(summary(config), flush=True)
