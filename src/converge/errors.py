@@ -41,6 +41,9 @@ ConvergeError
 │       └── ProviderResponseError              malformed / unexpected response
 ├── RateLimitError
 │   └── RateLimitTimeoutError (TimeoutError)   acquire gave up; carries .retry_after
+├── QueueError
+│   ├── QueueFullError                         a durable queue holds max_pending records
+│   └── DuplicateRecordError                   a record id or one of its claims exists
 ├── RuntimeBusError
 │   ├── AgentFailedError                       an agent raised; carries .agent_id
 │   └── BusFullError                           a receiver's inbox is full (no-wait publish)
@@ -67,6 +70,7 @@ __all__ = [
     "DecryptionError",
     "DeliveryError",
     "DuplicateEventError",
+    "DuplicateRecordError",
     "FormatError",
     "IdentityError",
     "KeyNotFoundError",
@@ -79,6 +83,8 @@ __all__ = [
     "ProviderRateLimitError",
     "ProviderResponseError",
     "ProviderTimeoutError",
+    "QueueError",
+    "QueueFullError",
     "RateLimitError",
     "RateLimitTimeoutError",
     "RuntimeBusError",
@@ -304,6 +310,21 @@ class RateLimitTimeoutError(RateLimitError, TimeoutError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# -- durable queues --------------------------------------------------------------------
+
+
+class QueueError(ConvergeError):
+    """Base of the durable queues' errors (``converge.durable``)."""
+
+
+class QueueFullError(QueueError):
+    """A durable queue already holds ``max_pending`` open records; nothing was added."""
+
+
+class DuplicateRecordError(QueueError):
+    """The record id, or one of the claims written with it, exists; nothing was added."""
 
 
 # -- runtime ---------------------------------------------------------------------------
