@@ -39,6 +39,10 @@ ConvergeError
 │       ├── ProviderTimeoutError (TimeoutError)
 │       ├── ProviderConnectionError (ConnectionError)
 │       └── ProviderResponseError              malformed / unexpected response
+│           ├── ProviderOverloadedError        server overloaded (529, overloaded_error)
+│           ├── ResponseTruncatedError         stopped at the token limit; carries .result
+│           ├── ContentFilteredError           cut by a content filter; carries .result
+│           └── ResponseRefusedError           the model refused; carries .result
 ├── RateLimitError
 │   └── RateLimitTimeoutError (TimeoutError)   acquire gave up; carries .retry_after
 ├── QueueError
@@ -62,6 +66,7 @@ __all__ = [
     "BusFullError",
     "ClosedError",
     "ConfigurationError",
+    "ContentFilteredError",
     "ConvergeError",
     "CryptoError",
     "CryptoTypeError",
@@ -80,6 +85,7 @@ __all__ = [
     "ProviderAuthError",
     "ProviderConnectionError",
     "ProviderError",
+    "ProviderOverloadedError",
     "ProviderRateLimitError",
     "ProviderResponseError",
     "ProviderTimeoutError",
@@ -87,6 +93,8 @@ __all__ = [
     "QueueFullError",
     "RateLimitError",
     "RateLimitTimeoutError",
+    "ResponseRefusedError",
+    "ResponseTruncatedError",
     "RuntimeBusError",
     "SignatureError",
     "StoreCorruptedError",
@@ -290,6 +298,57 @@ class ProviderConnectionError(ProviderError, ConnectionError):
 
 class ProviderResponseError(ProviderError):
     """The provider answered with an error status or a malformed body."""
+
+
+class ProviderOverloadedError(ProviderResponseError):
+    """The provider is overloaded (HTTP 529, or an ``overloaded_error`` event in a stream).
+
+    A 5xx-class condition (``status_code`` is 529 when the server gave no other): retried
+    by the :class:`RetryPolicy <converge.extensions.llm.RetryPolicy>` before any text was
+    streamed, raised as is after.
+    """
+
+
+class _ResultError(ProviderResponseError):
+    """A complete answer that the caller did not ask to accept; carries it as ``.result``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = 200,
+        result: object = None,
+    ) -> None:
+        super().__init__(message, provider=provider, status_code=status_code)
+        self.result = result
+
+
+class ResponseTruncatedError(_ResultError):
+    """The model stopped at the output token limit (``length``, ``max_tokens``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`;
+            pass ``allow_partial=True`` to get it returned instead. Raise ``max_tokens``
+            (or ``max_completion_tokens``) to get the whole answer.
+    """
+
+
+class ContentFilteredError(_ResultError):
+    """The provider's content filter cut or withheld the answer (``content_filter``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`.
+    """
+
+
+class ResponseRefusedError(_ResultError):
+    """The model refused to answer (OpenAI's ``refusal``, Anthropic's ``refusal`` stop).
+
+    Attributes:
+        result: The :class:`ChatResult <converge.extensions.llm.ChatResult>`; its
+            ``text`` holds the refusal message when the provider gave one.
+    """
 
 
 # -- rate limiting ---------------------------------------------------------------------

@@ -14,7 +14,8 @@ From a script: ``run_agents([planner, worker], messages=[...], timeout=30)``.
 
 from __future__ import annotations
 
-from converge.runtime.bus import MessageBus, Subscription
+from converge.runtime.acks import AckListener
+from converge.runtime.bus import MessageBus, Sink, Subscription
 from converge.runtime.runner import (
     AgentErrorHandler,
     AgentRunner,
@@ -24,10 +25,12 @@ from converge.runtime.runner import (
 )
 
 __all__ = [
+    "AckListener",
     "AgentErrorHandler",
     "AgentRunner",
     "MessageBus",
     "RunResult",
+    "Sink",
     "Subscription",
     "arun_agents",
     "run_agents",

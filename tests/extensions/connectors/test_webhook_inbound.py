@@ -204,6 +204,9 @@ class BrokenStore(MemoryStore):
     async def alist(self, prefix: str = "") -> builtins.list[str]:
         raise StoreUnavailableError("backend down")
 
+    async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
+        raise StoreUnavailableError("backend down")
+
 
 async def test_a_failing_store_answers_503_without_exception_text() -> None:
     c = connector(store=BrokenStore())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import pytest
 from webhook_helpers import (
@@ -451,3 +452,44 @@ def test_the_sync_form_works_from_plain_code_and_threads() -> None:
     thread.join()
     assert len(errors) == 1
     assert isinstance(errors[0], DuplicateEventError)
+
+
+@pytest.mark.anyio
+async def test_a_github_request_replayed_with_a_new_delivery_id_is_a_duplicate(
+    any_store: Store,
+) -> None:
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store, clock=lambda: NOW
+    )
+    body = json.dumps({"action": "opened", "number": 1}).encode()
+    headers = github_request(body)
+    assert await sec.avalidate_and_extract("github", method="POST", headers=headers, raw_body=body)
+    for _ in range(3):  # the delivery and event headers are not signed: change them
+        forged = {**headers, "x-github-delivery": f"d-{uuid.uuid4()}", "x-github-event": "x"}
+        with pytest.raises(DuplicateEventError):
+            await sec.avalidate_and_extract("github", method="POST", headers=forged, raw_body=body)
+
+
+@pytest.mark.anyio
+async def test_an_hmac_raw_body_claim_covers_the_signed_bytes_and_releases_whole() -> None:
+    sec = security()
+    body = event_body()
+    first = sec.verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body)
+    keys = sec.claim_keys(first)
+    assert len(set(keys)) == len(keys) == 2
+    assert sec.claim_ttl_sec == WebhookSecurityPolicy().replay_ttl_sec
+    token = await sec.aclaim(first)
+    assert None not in [await sec.store.aget(k) for k in keys]
+    await sec.arelease(first, token)
+    assert [await sec.store.aget(k) for k in keys] == [None, None]
+    # Signed timestamps and header ids covered by the signature need only the id key.
+    ts_body = event_body()
+    signed = sec.verify(
+        "ts",
+        method="POST",
+        headers=hmac_request(ts_body, ts=int(NOW), timestamp_body=True),
+        raw_body=ts_body,
+    )
+    assert len(sec.claim_keys(signed)) == 1
+    sw = sec.verify("sw", method="POST", headers=sw_request(ts_body, ts=int(NOW)), raw_body=ts_body)
+    assert len(sec.claim_keys(sw)) == 1

@@ -22,7 +22,7 @@ from converge.errors import (
 )
 from converge.extensions.crypto import secure_random_bytes
 from converge.extensions.storage import EncryptedStore, FileStore, MemoryStore, SQLiteStore
-from store_contract import StoreContract
+from converge.extensions.storage.testing import StoreContract
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ from converge.errors import (
 )
 from converge.extensions.storage import FileStore
 from converge.extensions.storage.file import _key_for, _name_for
-from store_contract import VALUES, StoreContract
+from converge.extensions.storage.testing import VALUES, StoreContract
 
 pytestmark = pytest.mark.anyio
 

@@ -29,7 +29,7 @@ from converge.errors import (
     UsageError,
 )
 from converge.extensions.storage import RedisStore
-from store_contract import StoreContract
+from converge.extensions.storage.testing import StoreContract
 
 pytestmark = pytest.mark.anyio
 

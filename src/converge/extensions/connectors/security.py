@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from converge import _sync
@@ -57,6 +57,11 @@ class VerifiedWebhook:
         headers: The request headers, lower-cased, without credentials.
         challenge: Slack's ``url_verification`` challenge, to echo instead of emitting an
             event; None otherwise.
+        body: The exact verified body bytes (forward these to pass the sender's bytes on
+            unchanged).
+        body_digest: SHA-256 hex digest of the signed bytes when the scheme's event id is
+            not covered by the signature (GitHub, ``"hmac"`` with ``raw_body``): the
+            replay claim then covers the digest too. None otherwise.
     """
 
     profile: ProviderProfile
@@ -65,6 +70,8 @@ class VerifiedWebhook:
     timestamp: float
     headers: dict[str, str]
     challenge: str | None = None
+    body: bytes = field(default=b"", repr=False)
+    body_digest: str | None = None
 
 
 def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -354,13 +361,20 @@ class WebhookSecurity:
             if not isinstance(challenge, str) or not 0 < len(challenge) <= 256:
                 raise _reject(400, "missing_field", "url_verification needs a challenge")
             return VerifiedWebhook(
-                profile, payload, "url_verification", timestamp, _safe(lowered), challenge
+                profile, payload, "url_verification", timestamp, _safe(lowered), challenge, body
             )
         for name in profile.required_payload_fields:
             if name not in payload:
                 raise _reject(400, "missing_field", f"the payload lacks the field {name!r}")
         event_id = self._event_id(profile, parts.event_id, payload, body)
-        return VerifiedWebhook(profile, payload, event_id, timestamp, _safe(lowered))
+        digest = None
+        if scheme == "github" or (scheme == "hmac" and profile.canonicalization == "raw_body"):
+            # The event id (a header, or re-datable with an unsigned timestamp) is not
+            # what the signature covers: the replay claim covers the signed bytes too.
+            digest = hashlib.sha256(body).hexdigest()
+        return VerifiedWebhook(
+            profile, payload, event_id, timestamp, _safe(lowered), body=body, body_digest=digest
+        )
 
     def _event_id(
         self,
@@ -385,35 +399,80 @@ class WebhookSecurity:
 
     # -- replay defence ----------------------------------------------------------------
 
-    def _claim_key(self, provider: str, event_id: str) -> str:
-        digest = hashlib.sha256(event_id.encode()).hexdigest()[:40]
-        return f"{self._prefix}:seen:{provider}:{digest}"
+    @property
+    def claim_ttl_sec(self) -> int:
+        """Seconds every claim key lives (:attr:`WebhookSecurityPolicy.replay_ttl_sec`)."""
+        return self.policy.replay_ttl_sec
+
+    def claim_keys(self, verified: VerifiedWebhook) -> tuple[str, ...]:
+        """The store keys whose joint absence makes ``verified`` new (pure, no I/O).
+
+        The first key is derived from the event id. For schemes whose event id is not
+        covered by the signature (GitHub, ``"hmac"`` with ``raw_body``) a second key is
+        derived from the digest of the signed bytes, so changing the unsigned id header
+        does not make a captured request new. A Slack ``url_verification`` handshake
+        claims nothing (empty tuple).
+
+        A consumer that writes its own record atomically with the claim (an inbox)
+        writes every one of these keys, with TTL :attr:`claim_ttl_sec`, in one
+        ``Store.aupdate`` that first checks they are all absent; the request is a replay
+        when any of them exists.
+        """
+        if verified.challenge is not None:
+            return ()
+        provider = verified.profile.name
+        digest = hashlib.sha256(verified.event_id.encode()).hexdigest()[:40]
+        first = f"{self._prefix}:seen:{provider}:{digest}"
+        if verified.body_digest is None:
+            return (first,)
+        return first, f"{self._prefix}:seen:{provider}:body:{verified.body_digest[:40]}"
+
+    def claim_record(self, verified: VerifiedWebhook, token: str) -> dict[str, Any]:
+        """The value :meth:`aclaim` stores under each claim key (JSON-compatible)."""
+        return {"event_id": verified.event_id, "at": self._clock(), "token": token}
 
     async def aclaim(self, verified: VerifiedWebhook) -> str:
-        """Claim ``verified``'s event id atomically; return a token for :meth:`arelease`.
+        """Claim every key of :meth:`claim_keys` atomically; return a token for :meth:`arelease`.
 
         Raises:
-            DuplicateEventError: The id was claimed inside the idempotency window.
+            DuplicateEventError: One of the keys was claimed inside the idempotency window.
             StoreError: The store failed.
         """
         token = os.urandom(8).hex()
-        record = {"event_id": verified.event_id, "at": self._clock(), "token": token}
-        key = self._claim_key(verified.profile.name, verified.event_id)
-        if not await self.store.aput_if_absent(key, record, ttl=self.policy.replay_ttl_sec):
-            raise DuplicateEventError("this event id was already accepted")
+        keys = self.claim_keys(verified)
+        if not keys:
+            return token
+        record = self.claim_record(verified, token)
+        ttl = self.claim_ttl_sec
+        if len(keys) == 1:
+            claimed = await self.store.aput_if_absent(keys[0], record, ttl=ttl)
+        else:
+
+            def claim(current: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+                if any(value is not None for value in current.values()):
+                    return {}, False
+                return dict.fromkeys(keys, record), True
+
+            claimed = await self.store.aupdate(keys, claim, ttl=ttl)
+        if not claimed:
+            raise DuplicateEventError("this event was already accepted")
         return token
 
     async def arelease(self, verified: VerifiedWebhook, token: str) -> None:
         """Drop the claim made with ``token`` (only that one), so a retry can succeed."""
-        key = self._claim_key(verified.profile.name, verified.event_id)
+        keys = self.claim_keys(verified)
+        if not keys:
+            return
 
         def release(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
-            value = current.get(key)
-            if isinstance(value, Mapping) and value.get("token") == token:
-                return {key: None}, None
-            return {}, None
+            mine = {
+                key: None
+                for key, value in current.items()
+                if isinstance(value, Mapping) and value.get("token") == token
+            }
+            return mine, None
 
-        await self.store.aupdate([key], release)
+        await self.store.aupdate(keys, release)
 
     async def avalidate_and_extract(
         self,
@@ -444,8 +503,7 @@ class WebhookSecurity:
             remote_addr=remote_addr,
             client_cert_present=client_cert_present,
         )
-        if verified.challenge is None:
-            await self.aclaim(verified)
+        await self.aclaim(verified)
         return verified.profile, verified.payload, verified.event_id, verified.timestamp
 
     def validate_and_extract(

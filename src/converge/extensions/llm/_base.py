@@ -33,7 +33,7 @@ from converge.errors import (
 from converge.extensions.llm._errors import bad_response
 from converge.extensions.llm._request import ChatRequest, build_request
 from converge.extensions.llm._retry import Failure, RetryPolicy, acall_with_retry
-from converge.extensions.llm.protocol import Usage
+from converge.extensions.llm.protocol import ChatResult, Usage
 from converge.extensions.llm.stream import ChatStream
 
 __all__ = ["SDKProvider", "UsageCounter", "import_sdk", "shared_ssl_context", "usage_from"]
@@ -249,6 +249,45 @@ class SDKProvider:
         if self._client is not None:
             return self._client
         return self._clients.get().get()
+
+    async def acomplete(
+        self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
+    ) -> ChatResult:
+        """Send ``messages`` and return everything the call returned.
+
+        Args:
+            messages: As for :meth:`achat`.
+            allow_partial: Return truncated, filtered or refused answers instead of
+                raising.
+            **kwargs: As for :meth:`achat`.
+
+        Returns:
+            The :class:`~converge.extensions.llm.ChatResult`.
+
+        Raises:
+            ResponseTruncatedError: The model hit the output token limit.
+            ContentFilteredError: A content filter cut the answer.
+            ResponseRefusedError: The model refused.
+        """
+        raise NotImplementedError
+
+    def complete(
+        self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
+    ) -> ChatResult:
+        """Synchronous :meth:`acomplete`.
+
+        Args:
+            messages: As for :meth:`achat`.
+            allow_partial: As for :meth:`acomplete`.
+            **kwargs: As for :meth:`achat`.
+
+        Returns:
+            The :class:`~converge.extensions.llm.ChatResult`.
+        """
+        name = f"{type(self).__name__}.acomplete"
+        return self._sync_portal().call(
+            self.acomplete, messages, async_name=name, allow_partial=allow_partial, **kwargs
+        )
 
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Send ``messages`` and return the reply text.

@@ -26,7 +26,9 @@ from typing import Any, Final, TypeVar, cast
 from converge.core.store import (
     Store,
     UpdateFn,
+    WithTTL,
     check_changes,
+    split_change,
     validate_key,
     validate_prefix,
     validate_ttl,
@@ -329,10 +331,15 @@ class EncryptedStore(Store):
             }
             changes, result = fn(current)
             check_changes(names, changes)
-            sealed = {
-                key: None if value is None else self._seal(key, value, ttl)
-                for key, value in changes.items()
-            }
+            sealed: dict[str, Any | None] = {}
+            for key, change in changes.items():
+                value, key_ttl = split_change(change, ttl)
+                if value is None:
+                    sealed[key] = None
+                elif key_ttl == ttl:
+                    sealed[key] = self._seal(key, value, ttl)
+                else:  # the inner store must expire it at the same time
+                    sealed[key] = WithTTL(self._seal(key, value, key_ttl), key_ttl)
             return sealed, result
 
         return sealed_fn
@@ -346,6 +353,10 @@ class EncryptedStore(Store):
         names = check_keys(keys)
         seconds = validate_ttl(ttl)
         return await self._inner.aupdate(names, self._sealing(names, fn, seconds), ttl=seconds)
+
+    async def atime(self) -> float:
+        """The inner store's clock."""
+        return await self._inner.atime()
 
     async def aclose(self) -> None:
         """Close the inner store."""

@@ -42,6 +42,7 @@ from converge.core.store import (
     Store,
     UpdateFn,
     check_changes,
+    split_change,
     validate_key,
     validate_prefix,
     validate_ttl,
@@ -549,10 +550,10 @@ class FileStore(Store):
             changes, result = fn(current)
             check_changes(keys, changes)
             # Encode everything first: a value that does not serialize changes nothing.
-            writes = {
-                key: None if value is None else self._encode(key, value, ttl)
-                for key, value in changes.items()
-            }
+            writes = {}
+            for key, change in changes.items():
+                value, key_ttl = split_change(change, ttl)
+                writes[key] = None if value is None else self._encode(key, value, key_ttl)
             for key, parts in writes.items():
                 path = os.path.join(self._dir, names[key])
                 if parts is not None:

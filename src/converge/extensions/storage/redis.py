@@ -28,6 +28,7 @@ from converge.core.store import (
     Store,
     UpdateFn,
     check_changes,
+    split_change,
     validate_key,
     validate_prefix,
     validate_ttl,
@@ -52,6 +53,7 @@ from converge.extensions.storage._codec import (
 try:
     import coredis
     import coredis.exceptions
+    from coredis.response._callbacks import NoopCallback
 except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
     raise MissingDependencyError(
         "RedisStore needs the coredis client: pip install 'converge[redis]'"
@@ -382,6 +384,26 @@ class RedisStore(Store):
         )
         return bool(stored)
 
+    async def atime(self) -> float:
+        """The Redis server's clock (``TIME``), in Unix seconds.
+
+        Every process sharing the server reads the same clock, so lease ends computed
+        from it hold across hosts whose own clocks disagree.
+        """
+
+        async def server_time(client: _Client) -> Any:
+            # coredis's time() mangles the microseconds; parse the raw reply.
+            return await client.execute_command(
+                client.create_request(b"TIME", callback=NoopCallback())
+            )
+
+        reply = await self._call(server_time)
+        try:
+            seconds, micros = (int(part) for part in reply)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"Redis at {self._safe_url} answered TIME with {reply!r}") from exc
+        return seconds + micros / 1_000_000
+
     async def aupdate(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomically read ``keys``, let ``fn`` compute changes, and write them.
 
@@ -397,7 +419,7 @@ class RedisStore(Store):
             StoreError: If the keys stayed contended for 100 attempts.
         """
         names = check_keys(keys)
-        px = _milliseconds(validate_ttl(ttl))
+        seconds = validate_ttl(ttl)
         if not names:  # nothing to read or write; WATCH needs at least one key
             self._check_open()
             no_changes, outcome = fn({})
@@ -416,12 +438,16 @@ class RedisStore(Store):
                     }
                     changes, result = fn(current)
                     check_changes(names, changes)
-                    for key, value in changes.items():
-                        name = self._redis_key(key)
-                        if value is None:
+                    writes = []
+                    for key, change in changes.items():
+                        value, key_ttl = split_change(change, seconds)
+                        blob = None if value is None else self._encode(key, value)
+                        writes.append((self._redis_key(key), blob, _milliseconds(key_ttl)))
+                    for name, blob, key_px in writes:
+                        if blob is None:
                             pipe.delete([name])
                         else:
-                            pipe.set(name, self._encode(key, value), px=px)
+                            pipe.set(name, blob, px=key_px)
             except coredis.exceptions.WatchError:
                 return False, None  # a watched key changed: EXEC was refused
             return True, result
