@@ -145,3 +145,39 @@ def test_bad_requests_get_4xx_with_a_json_reason(
     response = httpx.request(method, url + path, params=params, headers=auth())
     assert response.status_code == status, response.text
     assert response.json()["reason"] == reason
+
+
+def test_the_session_cookie_is_not_the_token_and_cross_site_forms_are_refused(
+    served: tuple[str, Filled],
+) -> None:
+    url, _ = served
+    assert "Sign in" in httpx.get(f"{url}/admin/").text
+    bad = httpx.post(f"{url}/admin/login", data={"token": "x" * 20})
+    assert bad.status_code == 401
+    assert "set-cookie" not in bad.headers
+    login = httpx.post(f"{url}/admin/login", data={"token": TOKEN})
+    assert login.status_code == 303
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert TOKEN not in cookie
+    session = cookie.split(";", 1)[0]
+    page = httpx.get(f"{url}/admin/?view=deliveries", headers={"cookie": session})
+    assert page.status_code == 200
+    assert 'data-id="dlv_dead"' in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    form = {"id": "dlv_dead", "section": "deliveries", "back": "/admin/?view=deliveries"}
+    evil = httpx.post(
+        f"{url}/admin/replay",
+        data=form,
+        headers={"cookie": session, "origin": "http://evil.example"},
+    )
+    assert evil.status_code == 403
+    assert evil.json()["reason"] == "cross_origin"
+    ok = httpx.post(f"{url}/admin/replay", data=form, headers={"cookie": session, "origin": url})
+    assert ok.status_code == 303
+    assert ok.headers["location"] == "/admin/?view=deliveries&replayed=dlv_dead"
+    api = httpx.get(f"{url}/admin/api/deliveries/dlv_dead", headers={"cookie": session})
+    assert api.json()["status"] == "pending"
+    out = httpx.post(f"{url}/admin/logout", headers={"cookie": session})
+    assert "Max-Age=0" in out.headers["set-cookie"]

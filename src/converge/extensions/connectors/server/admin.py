@@ -427,7 +427,7 @@ class AdminApp:
             "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
             "x-content-type-options": "nosniff",
-            "referrer-policy": "no-referrer",
+            "referrer-policy": "same-origin",
         }
         await self._respond(send, status, headers, html.encode())
 

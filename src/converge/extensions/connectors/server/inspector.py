@@ -57,7 +57,7 @@ background:#eef1f5}
 .badge.dead{background:#fde3e1;color:#a3221a}
 details summary{cursor:pointer;color:var(--muted)}
 ol.attempts{margin:.3rem 0 0;padding-left:1.2rem;font-size:.85rem}
-td.actions form{display:inline}
+td.actions form{display:inline-block;margin:0 .35rem .35rem 0}
 pre{background:#fff;border:1px solid var(--line);border-radius:8px;padding:.75rem;
 overflow:auto;font-size:.85rem}
 .empty{color:var(--muted);padding:1rem 0}
@@ -95,7 +95,7 @@ def _page(title: str, body: str, *, base: str, section: str | None = None) -> st
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="referrer" content="no-referrer">'
+        '<meta name="referrer" content="same-origin">'
         f"<title>{escape(title)} · converge</title><style>{_CSS}</style></head>"
         f"<body><header><h1>converge inspector</h1>{nav}</header><main>{body}</main>"
         "</body></html>\n"
@@ -206,8 +206,10 @@ def render_list(
             if view["status"] == "dead":
                 actions += _action(base, "purge", view, record_section, back)
             last = view.get("last_error") or ""
-            if view.get("last_status_code") is not None:
-                last = f"HTTP {view['last_status_code']} {last}".strip()
+            code = view.get("last_status_code")
+            if code is not None:
+                last = "" if last == f"status {code}" else last
+                last = f"HTTP {code} {last}".strip()
             rows.append(
                 f'<tr class="record" data-id="{escape(str(view["id"]))}">'
                 f'<td class="id" data-label="id"><a href="{escape(detail)}">'
