@@ -110,7 +110,8 @@ def requests_for(provider: str) -> tuple[bytes, dict[str, str], str]:
         body = json.dumps({"id": event_id, "object": "event", "type": "charge.succeeded"}).encode()
         return body, stripe_request(body), event_id
     if provider == "github":
-        body = json.dumps({"action": "opened", "number": 1}).encode()
+        # a fresh body too: the replay claim of an unsigned-id scheme covers the signed bytes
+        body = json.dumps({"action": "opened", "number": 1, "nonce": event_id}).encode()
         return body, github_request(body, delivery=event_id), event_id
     body = json.dumps(
         {"type": "event_callback", "event_id": event_id, "event": {"type": "message"}}
