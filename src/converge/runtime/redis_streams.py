@@ -167,7 +167,9 @@ class RedisStreamsBridge:
             raise MissingDependencyError(
                 "RedisStreamsBridge needs coredis: pip install 'converge[redis]'"
             ) from exc
-        self._client: Any = coredis.Redis.from_url(url, decode_responses=True)
+        self._client: Any = coredis.Redis.from_url(
+            url, decode_components=True, decode_responses=True
+        )
         self._add: Any = None
         # message id -> the stream entries it came from, until the local bus settles it
         self._inflight: dict[str, list[_Entry]] = {}

@@ -485,6 +485,8 @@ class Outbox:
         Raises:
             UsageError: For an unknown status or a bad limit.
         """
+        if status == "acknowledged":  # a durable-queue status no outbound record has
+            return []
         if status is not None and status not in _STATUSES:
             raise UsageError(f"status must be one of {_STATUSES}, got {status!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -534,9 +536,10 @@ class Outbox:
             record = _read(current.get(key))
             if record is None:
                 return {}, None
-            held = record.lease_until is not None and record.lease_until > now
-            if held and record.lease_owner != owner:
-                assert record.lease_until is not None
+            # A held lease excludes everyone, its own holder included: two workers of one
+            # dispatcher handed the same action (a notify racing a rescan) must not both
+            # send it.
+            if record.lease_until is not None and record.lease_until > now:
                 return {}, record.lease_until - now
             leased = dataclasses.replace(
                 record,

@@ -200,6 +200,7 @@ class RedisStore(Store):
     def _new_client(self) -> _Client:
         return coredis.Redis.from_url(
             self._url,
+            decode_components=True,  # a password may be percent-encoded, as URLs require
             decode_responses=False,
             connect_timeout=self._connect_timeout,
             stream_timeout=self._timeout,
