@@ -306,6 +306,8 @@ class Telemetry:
         """This telemetry, reporting to ``collector`` as well (self when it is None)."""
         if collector is None or collector is self.metrics_collector:
             return self
+        if not isinstance(collector, MetricsCollector):
+            raise UsageError("metrics_collector must be a MetricsCollector or None")
         other = Telemetry.__new__(Telemetry)
         other.metrics_collector = collector
         other.capture_content = self.capture_content
@@ -315,8 +317,6 @@ class Telemetry:
         other._duration = self._duration
         other._tokens = self._tokens
         other._retries = self._retries
-        if not isinstance(collector, MetricsCollector):
-            raise UsageError("metrics_collector must be a MetricsCollector or None")
         return other
 
     def start_call(
