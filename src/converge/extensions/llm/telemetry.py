@@ -104,11 +104,13 @@ class CallRecord:
         "span",
     )
 
-    def __init__(self, telemetry: Telemetry, provider: str, model: str, span: Any) -> None:
+    def __init__(
+        self, telemetry: Telemetry, provider: str, model: str, span: Any, label: str
+    ) -> None:
         self._telemetry = telemetry
         self._provider = provider
         self._model = model
-        self._labels = {"provider": provider, "model": model}
+        self._labels = {"provider": label, "model": model}
         self._start = time.perf_counter()
         self._done = False
         self._metering = telemetry._metering()
@@ -245,7 +247,9 @@ class Telemetry:
             ``output``, ``cache_read``, ``cache_write``, ``reasoning``),
             ``llm_call_duration_seconds``; all labelled ``provider`` and ``model``, plus
             ``llm_tool_calls_total{tool}`` / ``llm_tool_errors_total{tool,error_type}``
-            from :meth:`tool_span`.
+            from :meth:`tool_span`. ``provider`` is converge's name (``"mistral"``, as in
+            ``ProviderError.provider``); spans and OpenTelemetry metrics use the semantic
+            conventions' (``"mistral_ai"``).
         capture_content: Record tool-call arguments on tool spans
             (``gen_ai.tool.call.arguments``); off by default, as they may hold
             personal data.
@@ -354,7 +358,7 @@ class Telemetry:
             span = self._tracer.start_span(
                 f"chat {model}", kind=_otel_trace.SpanKind.CLIENT, attributes=attrs
             )
-        return CallRecord(self, name, model, span)
+        return CallRecord(self, name, model, span, provider)
 
     def current(self, record: CallRecord) -> AbstractContextManager[Any]:
         """Make ``record``'s span the current one (so HTTP client spans nest under it)."""
