@@ -53,7 +53,7 @@ _STOP = {
 }
 
 
-def normalise_stop(raw: str | None) -> str:
+def _normalise_stop(raw: str | None) -> str:
     """The Messages API's ``stop_reason`` as a converge stop reason."""
     return _STOP.get(raw or "", "other")
 
@@ -167,7 +167,7 @@ def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     return kwargs
 
 
-def anthropic_usage(usage: Any, counter: UsageCounter) -> None:
+def _anthropic_usage(usage: Any, counter: UsageCounter) -> None:
     """Messages API usage into ``counter`` (cache reads and writes kept apart, added to
     the input count by the counter)."""
     if usage is None:
@@ -187,7 +187,7 @@ def _parse_message(response: Any, provider: str) -> ChatResult:
     if not isinstance(content, list):
         raise bad_response(provider, "the message has no content list")
     counter = UsageCounter(input_excludes_cache=True)
-    anthropic_usage(getattr(response, "usage", None), counter)
+    _anthropic_usage(getattr(response, "usage", None), counter)
     texts = []
     calls = []
     for block in content:
@@ -209,7 +209,7 @@ def _parse_message(response: Any, provider: str) -> ChatResult:
     return ChatResult(
         text="".join(texts),
         usage=counter.usage(),
-        stop_reason=normalise_stop(raw_stop),
+        stop_reason=_normalise_stop(raw_stop),
         raw_stop_reason=raw_stop,
         model=str_or_none(getattr(response, "model", None)),
         response_id=str_or_none(getattr(response, "id", None)),
@@ -323,12 +323,12 @@ class AnthropicProvider(SDKProvider):
         if kind == "message_start":
             message = getattr(event, "message", None)
             state.usage.input_excludes_cache = True
-            anthropic_usage(getattr(message, "usage", None), state.usage)
+            _anthropic_usage(getattr(message, "usage", None), state.usage)
             state.model = getattr(message, "model", None)
             state.response_id = getattr(message, "id", None)
         elif kind == "message_delta":
-            anthropic_usage(getattr(event, "usage", None), state.usage)
-            state.stop(field_of(event, "delta", "stop_reason"), normalise_stop)
+            _anthropic_usage(getattr(event, "usage", None), state.usage)
+            state.stop(field_of(event, "delta", "stop_reason"), _normalise_stop)
         elif kind == "content_block_delta":
             delta = getattr(event, "delta", None)
             if getattr(delta, "type", None) == "text_delta":

@@ -2,7 +2,9 @@
 
 The SDK's async path calls ``asyncio`` directly, so it only runs on asyncio. On trio this
 provider drives the SDK's synchronous client instead, one worker-thread hop per request
-(and per stream event), which keeps the event loop free on both backends.
+(and per stream event), which keeps the event loop free on both backends. Those threads
+come from the provider's own limiter (``thread_limit``), and a cancelled hop abandons its
+thread rather than waiting for the blocked read.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from converge.extensions.llm._errors import bad_response, classify_mistral
 from converge.extensions.llm._request import ChatRequest, data_url
 from converge.extensions.llm._retry import Failure, RetryPolicy
 from converge.extensions.llm.openai import (
-    function_tool,
-    openai_messages,
-    openai_usage,
-    parse_tool_calls,
+    _function_tool,
+    _openai_messages,
+    _openai_usage,
+    _parse_tool_calls,
 )
 from converge.extensions.llm.protocol import ChatResult
 from converge.extensions.llm.telemetry import Telemetry
@@ -84,13 +86,13 @@ def _on_asyncio() -> bool:
     return sniffio.current_async_library() == "asyncio"
 
 
-def normalise_stop(raw: str | None) -> str:
+def _normalise_stop(raw: str | None) -> str:
     """Mistral's ``finish_reason`` as a converge stop reason (``error`` is ``other``)."""
     return _STOP.get(raw or "", "other")
 
 
 def _messages(request: ChatRequest) -> list[dict[str, Any]]:
-    out = openai_messages(request)
+    out = _openai_messages(request)
     for mapped, message in zip(out, request.messages, strict=True):
         if message["role"] == "tool" and message["name"] is not None:
             mapped["name"] = message["name"]
@@ -138,7 +140,7 @@ def _request_kwargs(request: ChatRequest, timeout: float | None) -> dict[str, An
         kwargs["reasoning_effort"] = request.reasoning_effort
     tools = request.all_tools
     if tools:
-        kwargs["tools"] = [function_tool(t) for t in tools]
+        kwargs["tools"] = [_function_tool(t) for t in tools]
         if request.tool is not None:
             kwargs["tool_choice"] = (
                 "any"
@@ -173,7 +175,7 @@ def _text(content: Any) -> str | None:
 
 
 def _mistral_usage(usage: Any, counter: UsageCounter) -> None:
-    openai_usage(usage, counter)  # same counts; cached tokens when the API reports them
+    _openai_usage(usage, counter)  # same counts; cached tokens when the API reports them
     if usage is not None and counter.counts["cache_read_tokens"] is None:
         counter.update(cache_read_tokens=field_of(usage, "num_cached_tokens"))
 
@@ -189,13 +191,13 @@ def _parse_completion(response: Any, provider: str) -> ChatResult:
         raise bad_response(provider, "the first choice has no message")
     counter = UsageCounter()
     _mistral_usage(getattr(response, "usage", None), counter)
-    calls = parse_tool_calls(getattr(message, "tool_calls", None), provider)
+    calls = _parse_tool_calls(getattr(message, "tool_calls", None), provider)
     try:
         text = _text(getattr(message, "content", None))
     except TypeError as exc:
         raise bad_response(provider, str(exc)) from exc
     raw_stop = str_or_none(getattr(choice, "finish_reason", None))
-    stop = normalise_stop(raw_stop)
+    stop = _normalise_stop(raw_stop)
     if calls and stop == "stop":
         stop = "tool_calls"
     return ChatResult(
@@ -392,7 +394,7 @@ class MistralProvider(SDKProvider):
         choices = getattr(data, "choices", None)
         if not choices:
             return None
-        state.stop(getattr(choices[0], "finish_reason", None), normalise_stop)
+        state.stop(getattr(choices[0], "finish_reason", None), _normalise_stop)
         return _text(getattr(getattr(choices[0], "delta", None), "content", None))
 
     async def _close_stream(self, stream: Any) -> None:

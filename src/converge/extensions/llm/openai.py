@@ -17,8 +17,8 @@ from converge.extensions.llm._base import (
     str_or_none,
 )
 from converge.extensions.llm._errors import bad_response, classify_stainless
+from converge.extensions.llm._request import OPTIONS as _ALL_OPTIONS
 from converge.extensions.llm._request import (
-    OPTIONS,
     ChatRequest,
     ToolSpec,
     data_url,
@@ -30,7 +30,7 @@ from converge.extensions.llm.telemetry import Telemetry
 
 __all__ = ["OpenAIProvider", "is_reasoning_model"]
 
-_OPTIONS = frozenset(OPTIONS) - {"thinking"}
+_OPTIONS = frozenset(_ALL_OPTIONS) - {"thinking"}
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 _STOP = {
     "stop": "stop",
@@ -47,7 +47,7 @@ def is_reasoning_model(model: str) -> bool:
     return bool(_REASONING_MODEL.match(model.rsplit("/", 1)[-1]))
 
 
-def normalise_stop(raw: str | None) -> str:
+def _normalise_stop(raw: str | None) -> str:
     """Chat Completions' ``finish_reason`` as a converge stop reason."""
     return _STOP.get(raw or "", "other")
 
@@ -78,7 +78,7 @@ def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
     ]
 
 
-def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
+def _openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
     """The request's messages in the Chat Completions shape (also Mistral's, but for
     content parts)."""
     out: list[dict[str, Any]] = []
@@ -98,7 +98,7 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
     return out
 
 
-def function_tool(tool: ToolSpec) -> dict[str, Any]:
+def _function_tool(tool: ToolSpec) -> dict[str, Any]:
     """A tool in the Chat Completions ``tools`` shape."""
     return {
         "type": "function",
@@ -112,7 +112,7 @@ def function_tool(tool: ToolSpec) -> dict[str, Any]:
 
 def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     """Chat Completions arguments for ``request``."""
-    kwargs: dict[str, Any] = {"model": request.model, "messages": openai_messages(request)}
+    kwargs: dict[str, Any] = {"model": request.model, "messages": _openai_messages(request)}
     if request.temperature is not None:
         kwargs["temperature"] = request.temperature
     if request.max_completion_tokens is not None:
@@ -133,7 +133,7 @@ def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         kwargs["reasoning_effort"] = request.reasoning_effort
     tools = request.all_tools
     if tools:
-        kwargs["tools"] = [function_tool(t) for t in tools]
+        kwargs["tools"] = [_function_tool(t) for t in tools]
         choice = request.tool.name if request.tool is not None else request.tool_choice
         if choice in ("auto", "none", "required"):
             kwargs["tool_choice"] = choice
@@ -151,7 +151,7 @@ def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     return kwargs
 
 
-def openai_usage(usage: Any, counter: UsageCounter) -> None:
+def _openai_usage(usage: Any, counter: UsageCounter) -> None:
     """Chat Completions usage (with its cached / reasoning details) into ``counter``."""
     if usage is None:
         return
@@ -163,7 +163,7 @@ def openai_usage(usage: Any, counter: UsageCounter) -> None:
     )
 
 
-def parse_tool_calls(calls: Any, provider: str) -> tuple[ToolCall, ...]:
+def _parse_tool_calls(calls: Any, provider: str) -> tuple[ToolCall, ...]:
     """Chat Completions ``tool_calls`` (arguments as a JSON string, or an object as
     Mistral may send) as :class:`ToolCall` records."""
     out = []
@@ -206,10 +206,10 @@ def _parse_completion(response: Any, provider: str) -> ChatResult:
     if message is None:
         raise bad_response(provider, "the first choice has no message")
     counter = UsageCounter()
-    openai_usage(getattr(response, "usage", None), counter)
+    _openai_usage(getattr(response, "usage", None), counter)
     raw_stop = str_or_none(getattr(choice, "finish_reason", None))
-    stop = normalise_stop(raw_stop)
-    calls = parse_tool_calls(getattr(message, "tool_calls", None), provider)
+    stop = _normalise_stop(raw_stop)
+    calls = _parse_tool_calls(getattr(message, "tool_calls", None), provider)
     content = getattr(message, "content", None)
     if content is None:
         content = ""
@@ -318,14 +318,14 @@ class OpenAIProvider(SDKProvider):
         return await client.chat.completions.create(**_request_kwargs(request, stream=True))
 
     def _delta(self, event: Any, state: StreamState) -> str | None:
-        openai_usage(getattr(event, "usage", None), state.usage)
+        _openai_usage(getattr(event, "usage", None), state.usage)
         state.model = state.model or getattr(event, "model", None)
         state.response_id = state.response_id or getattr(event, "id", None)
         choices = getattr(event, "choices", None)
         if not choices:
             return None
         choice = choices[0]
-        state.stop(getattr(choice, "finish_reason", None), normalise_stop)
+        state.stop(getattr(choice, "finish_reason", None), _normalise_stop)
         delta = getattr(choice, "delta", None)
         refusal = getattr(delta, "refusal", None)
         if isinstance(refusal, str) and refusal:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from converge.core import MetricsCollector
@@ -35,7 +35,14 @@ except ImportError:  # pragma: no cover - the dev extra installs it
     _otel_metrics = None  # type: ignore[assignment]
     _otel_trace = None  # type: ignore[assignment]
 
-__all__ = ["OTEL_AVAILABLE", "CallRecord", "Telemetry", "default_telemetry", "tool_span"]
+__all__ = [
+    "OTEL_AVAILABLE",
+    "CallRecord",
+    "Telemetry",
+    "default_telemetry",
+    "error_type",
+    "tool_span",
+]
 
 #: Whether ``opentelemetry-api`` is importable (spans and OTel metrics are emitted).
 OTEL_AVAILABLE = _otel_trace is not None
@@ -44,7 +51,35 @@ _SCOPE = "converge.extensions.llm"
 #: ``gen_ai.provider.name`` values of the semantic conventions.
 _PROVIDER_NAMES = {"openai": "openai", "anthropic": "anthropic", "mistral": "mistral_ai"}
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
+_NULL = nullcontext()
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+_global_traces = False
+_global_metrics = False
+
+
+def _traces_configured() -> bool:
+    """Whether a real (SDK) tracer provider was installed globally; until then spans of
+    the global provider are skipped outright (it can only be set once, so True sticks)."""
+    global _global_traces
+    if not _global_traces and _otel_trace is not None:
+        provider = _otel_trace.get_tracer_provider()
+        _global_traces = not isinstance(
+            provider, _otel_trace.ProxyTracerProvider | _otel_trace.NoOpTracerProvider
+        )
+    return _global_traces
+
+
+def _metrics_configured() -> bool:
+    """Like :func:`_traces_configured`, for the global meter provider."""
+    global _global_metrics
+    if not _global_metrics and _otel_metrics is not None:
+        provider = _otel_metrics.get_meter_provider()
+        _global_metrics = not isinstance(provider, _otel_metrics.NoOpMeterProvider) and (
+            type(provider).__name__ != "_ProxyMeterProvider"
+        )
+    return _global_metrics
 
 
 def error_type(exc: BaseException) -> str:
@@ -58,15 +93,27 @@ class CallRecord:
     Call :meth:`retry` for each retry and :meth:`end` exactly once.
     """
 
-    __slots__ = ("_done", "_labels", "_model", "_provider", "_start", "_telemetry", "span")
+    __slots__ = (
+        "_done",
+        "_labels",
+        "_metering",
+        "_model",
+        "_provider",
+        "_start",
+        "_telemetry",
+        "span",
+    )
 
-    def __init__(self, telemetry: Telemetry, provider: str, model: str, span: Any) -> None:
+    def __init__(
+        self, telemetry: Telemetry, provider: str, model: str, span: Any, label: str
+    ) -> None:
         self._telemetry = telemetry
         self._provider = provider
         self._model = model
-        self._labels = {"provider": provider, "model": model}
+        self._labels = {"provider": label, "model": model}
         self._start = time.perf_counter()
         self._done = False
+        self._metering = telemetry._metering()
         #: The OpenTelemetry span (None without OpenTelemetry).
         self.span = span
 
@@ -91,7 +138,7 @@ class CallRecord:
                 labels={**self._labels, "error_type": kind},
                 help="Model call attempts that failed and were retried.",
             )
-        if self._telemetry._retries is not None:
+        if self._metering:
             self._telemetry._retries.add(
                 1, {"gen_ai.provider.name": self._provider, "error.type": kind}
             )
@@ -115,7 +162,7 @@ class CallRecord:
                     span.set_status(_otel_trace.Status(_otel_trace.StatusCode.ERROR, str(error)))
             span.end()
         otel_attrs: dict[str, Any] | None = None
-        if telemetry._duration is not None:
+        if self._metering:
             otel_attrs = {
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": self._provider,
@@ -162,7 +209,7 @@ class CallRecord:
                     labels={**self._labels, "type": token_type},
                     help="Tokens reported by the provider, by type.",
                 )
-            if telemetry._tokens is not None and token_type in ("input", "output"):
+            if self._metering and token_type in ("input", "output"):
                 assert otel_attrs is not None
                 telemetry._tokens.record(count, {**otel_attrs, "gen_ai.token.type": token_type})
 
@@ -200,7 +247,9 @@ class Telemetry:
             ``output``, ``cache_read``, ``cache_write``, ``reasoning``),
             ``llm_call_duration_seconds``; all labelled ``provider`` and ``model``, plus
             ``llm_tool_calls_total{tool}`` / ``llm_tool_errors_total{tool,error_type}``
-            from :meth:`tool_span`.
+            from :meth:`tool_span`. ``provider`` is converge's name (``"mistral"``, as in
+            ``ProviderError.provider``); spans and OpenTelemetry metrics use the semantic
+            conventions' (``"mistral_ai"``).
         capture_content: Record tool-call arguments on tool spans
             (``gen_ai.tool.call.arguments``); off by default, as they may hold
             personal data.
@@ -223,6 +272,8 @@ class Telemetry:
         self.metrics_collector = metrics_collector
         self.capture_content = capture_content
         self._tracer: Any = None
+        self._own_tracer = tracer_provider is not None
+        self._own_meter = meter_provider is not None
         self._duration: Any = None
         self._tokens: Any = None
         self._retries: Any = None
@@ -249,19 +300,27 @@ class Telemetry:
                 "tracer_provider/meter_provider need OpenTelemetry: pip install 'converge[otel]'"
             )
 
+    def _tracing(self) -> bool:
+        return self._tracer is not None and (self._own_tracer or _traces_configured())
+
+    def _metering(self) -> bool:
+        return self._duration is not None and (self._own_meter or _metrics_configured())
+
     def with_collector(self, collector: MetricsCollector | None) -> Telemetry:
         """This telemetry, reporting to ``collector`` as well (self when it is None)."""
         if collector is None or collector is self.metrics_collector:
             return self
+        if not isinstance(collector, MetricsCollector):
+            raise UsageError("metrics_collector must be a MetricsCollector or None")
         other = Telemetry.__new__(Telemetry)
         other.metrics_collector = collector
         other.capture_content = self.capture_content
         other._tracer = self._tracer
+        other._own_tracer = self._own_tracer
+        other._own_meter = self._own_meter
         other._duration = self._duration
         other._tokens = self._tokens
         other._retries = self._retries
-        if not isinstance(collector, MetricsCollector):
-            raise UsageError("metrics_collector must be a MetricsCollector or None")
         return other
 
     def start_call(
@@ -283,7 +342,7 @@ class Telemetry:
         """
         name = _PROVIDER_NAMES.get(provider, provider)
         span = None
-        if self._tracer is not None:
+        if self._tracing():
             attrs: dict[str, Any] = {
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": name,
@@ -299,16 +358,13 @@ class Telemetry:
             span = self._tracer.start_span(
                 f"chat {model}", kind=_otel_trace.SpanKind.CLIENT, attributes=attrs
             )
-        return CallRecord(self, name, model, span)
+        return CallRecord(self, name, model, span, provider)
 
-    @contextmanager
-    def current(self, record: CallRecord) -> Iterator[None]:
+    def current(self, record: CallRecord) -> AbstractContextManager[Any]:
         """Make ``record``'s span the current one (so HTTP client spans nest under it)."""
         if record.span is None:
-            yield
-            return
-        with _otel_trace.use_span(record.span, end_on_exit=False):
-            yield
+            return _NULL
+        return _otel_trace.use_span(record.span, end_on_exit=False)
 
     @contextmanager
     def tool_span(
@@ -336,7 +392,7 @@ class Telemetry:
         labels = {"tool": name}
         if collector is not None:
             collector.inc("llm_tool_calls_total", labels=labels, help="Tool invocations.")
-        if self._tracer is None:
+        if not self._tracing():
             try:
                 yield None
             except BaseException as exc:
