@@ -223,3 +223,16 @@ async def test_a_real_stream_falls_back_when_the_first_api_is_down(
     async with stream:
         assert [d async for d in stream] == ["a", "b"]
     assert stream.usage == WIRES["anthropic"].usage
+
+
+async def test_providers_that_cannot_stream_answer_a_stream_in_one_delta() -> None:
+    class ChatOnly:
+        def chat(self, messages: Any, **kwargs: Any) -> str:
+            return '[{"type": "UpdateTask", "task_id": "t1", "state": "running"}]'
+
+    agent = LLMAgent(Identity(), FallbackProvider([ScriptedProvider([FALLS_BACK[3]]), ChatOnly()]))
+    deltas: list[Any] = []
+    agent.events.subscribe(deltas.append)
+    decisions = await agent.adecide([], [Task(objective="x", id="t1")])
+    assert decisions == [UpdateTask("t1", "running")]
+    assert [type(e).__name__ for e in deltas].count("TextDelta") == 1

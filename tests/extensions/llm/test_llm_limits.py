@@ -241,3 +241,14 @@ def test_invalid_limits_raise_usage_error(kwargs: dict[str, Any]) -> None:
         LimitedProvider(ScriptedProvider([]), **kwargs)
     with pytest.raises(UsageError):
         LimitedProvider(object())
+
+
+async def test_a_provider_that_cannot_stream_streams_its_answer_whole(fake: FakeClock) -> None:
+    class AchatOnly:
+        async def achat(self, messages: Any, **kwargs: Any) -> str:
+            return "all at once"
+
+    shared = limited(AchatOnly(), fake, max_concurrency=1)
+    stream = shared.chat_stream(MESSAGES)
+    assert [d async for d in stream] == ["all at once"]
+    assert stream.usage == Usage(None, None)

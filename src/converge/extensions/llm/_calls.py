@@ -11,15 +11,23 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import anyio.to_thread
 
 from converge.errors import UsageError
+from converge.extensions.llm._errors import check_result
 from converge.extensions.llm.protocol import ChatResult, Usage
+from converge.extensions.llm.stream import ChatStream
 
-__all__ = ["acomplete_with", "complete_with", "pop_allow_partial", "result_text"]
+__all__ = [
+    "acomplete_with",
+    "complete_with",
+    "pop_allow_partial",
+    "result_text",
+    "stream_with",
+]
 
 _UNKNOWN = Usage(None, None)
 
@@ -100,3 +108,22 @@ def result_text(result: ChatResult, kwargs: Mapping[str, Any]) -> str:
                     return call.raw_arguments
                 return json.dumps(call.arguments, allow_nan=False)
     return result.text
+
+
+def stream_with(provider: Any, messages: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``provider.chat_stream(...)``, or, for a provider that cannot stream, a
+    :class:`ChatStream` of its whole answer as one delta (a cut answer raising at the
+    end, as real streams do)."""
+    if callable(getattr(provider, "chat_stream", None)):
+        return provider.chat_stream(messages, **kwargs)
+    options = dict(kwargs)
+    allow_partial = pop_allow_partial(options)
+
+    async def whole(out: ChatStream) -> AsyncGenerator[str, None]:
+        result = await acomplete_with(provider, messages, allow_partial=True, kwargs=options)
+        if result.text:
+            yield result.text
+        out.finish(result.usage, result)
+        check_result(result, type(provider).__name__, allow_partial=allow_partial)
+
+    return ChatStream(whole)

@@ -31,6 +31,7 @@ from converge.extensions.llm._calls import (
     complete_with,
     pop_allow_partial,
     result_text,
+    stream_with,
 )
 from converge.extensions.llm.protocol import ChatResult, Usage
 from converge.extensions.llm.stream import ChatStream
@@ -257,8 +258,8 @@ class FallbackProvider:
         """Stream from the first provider that starts answering.
 
         A provider that fails before its first delta is given up on like in
-        :meth:`acomplete`; providers without ``chat_stream`` are skipped. Usage and
-        result are those of the provider that streamed.
+        :meth:`acomplete`; a provider without ``chat_stream`` answers in one delta.
+        Usage and result are those of the provider that streamed.
 
         Args:
             messages: As for :meth:`acomplete`.
@@ -266,36 +267,21 @@ class FallbackProvider:
 
         Returns:
             A :class:`~converge.extensions.llm.ChatStream`.
-
-        Raises:
-            UsageError: When no provider can stream.
         """
-        streaming = [
-            (i, p)
-            for i, p in enumerate(self.providers)
-            if callable(getattr(p, "chat_stream", None))
-        ]
-        if not streaming:
-            raise UsageError("none of the providers has chat_stream()")
-        return ChatStream(lambda out: self._stream(out, streaming, messages, kwargs))
+        return ChatStream(lambda out: self._stream(out, messages, kwargs))
 
     async def _stream(
-        self,
-        out: ChatStream,
-        streaming: list[tuple[int, Any]],
-        messages: list[dict[str, Any]],
-        kwargs: dict[str, Any],
+        self, out: ChatStream, messages: list[dict[str, Any]], kwargs: dict[str, Any]
     ) -> AsyncGenerator[str, None]:
-        last = streaming[-1][0]
-        for index, provider in streaming:
-            inner = provider.chat_stream(messages, **dict(kwargs))
+        for index, provider in enumerate(self.providers):
+            inner = stream_with(provider, messages, kwargs)
             started = False
             try:
                 async for delta in inner:
                     started = True
                     yield delta
             except Exception as exc:
-                if started or index == last or not self._gave_up(index, exc):
+                if started or not self._gave_up(index, exc):
                     self._finish(out, provider, inner)
                     raise
                 continue

@@ -25,7 +25,12 @@ import anyio
 from converge import _sync
 from converge.core.memory import approximate_tokens
 from converge.errors import RateLimitTimeoutError, UsageError
-from converge.extensions.llm._calls import acomplete_with, pop_allow_partial, result_text
+from converge.extensions.llm._calls import (
+    acomplete_with,
+    pop_allow_partial,
+    result_text,
+    stream_with,
+)
 from converge.extensions.llm.protocol import ChatResult, Usage
 from converge.extensions.llm.stream import ChatStream
 from converge.extensions.rate_limit.bucket import NEVER as _NEVER
@@ -316,17 +321,13 @@ class LimitedProvider:
 
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:
         """The wrapped provider's stream, once the limits admit it; the stream holds a
-        concurrency slot until it ends or is closed.
+        concurrency slot until it ends or is closed. A provider without ``chat_stream``
+        answers in one delta.
 
         Args:
             messages: As for the wrapped provider.
             **kwargs: As for the wrapped provider.
-
-        Raises:
-            UsageError: When the wrapped provider cannot stream.
         """
-        if not callable(getattr(self.provider, "chat_stream", None)):
-            raise UsageError(f"{type(self.provider).__name__} has no chat_stream()")
         return ChatStream(lambda out: self._stream(out, messages, kwargs))
 
     async def _stream(
@@ -339,7 +340,7 @@ class LimitedProvider:
         charged = 0
         try:
             charged = await self._admit(messages, kwargs)
-            inner = self.provider.chat_stream(messages, **kwargs)
+            inner = stream_with(self.provider, messages, kwargs)
             async for delta in inner:
                 yield delta
         finally:
