@@ -231,6 +231,7 @@ async def test_a_turn_emits_started_finished_and_decisions() -> None:
     assert finished.call_id == started.call_id
     assert finished.usage["input_tokens"] == 5
     assert finished.stop_reason == "stop"
+    assert finished.model == "test"
     assert isinstance(failed, CallFailed)
     assert failed.error_type == "DecisionParseError"
     assert failed.final is False

@@ -236,3 +236,17 @@ async def test_providers_that_cannot_stream_answer_a_stream_in_one_delta() -> No
     decisions = await agent.adecide([], [Task(objective="x", id="t1")])
     assert decisions == [UpdateTask("t1", "running")]
     assert [type(e).__name__ for e in deltas].count("TextDelta") == 1
+
+
+async def test_the_agents_call_finished_event_names_the_model_that_answered() -> None:
+    from converge.core.events import CallFinished, CallStarted
+
+    first = ScriptedProvider([FALLS_BACK[0]], model="primary")
+    second = ScriptedProvider(["[]"], model="backup")
+    agent = LLMAgent(Identity(), FallbackProvider([first, second]))
+    seen: list[Any] = []
+    agent.events.subscribe(seen.append, types=(CallStarted, CallFinished))
+    await agent.adecide([], [])
+    started, finished = seen
+    assert started.model == "primary"
+    assert finished.model == "backup"
