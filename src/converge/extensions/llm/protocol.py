@@ -155,9 +155,8 @@ class ChatResult:
                 f"ChatResult.stop_reason must be one of {sorted(STOP_REASONS)}, "
                 f"not {self.stop_reason!r}"
             )
-        if not isinstance(self.tool_calls, tuple) or not all(
-            isinstance(c, ToolCall) for c in self.tool_calls
-        ):
+        calls = self.tool_calls
+        if type(calls) is not tuple or (calls and not all(isinstance(c, ToolCall) for c in calls)):
             raise UsageError("ChatResult.tool_calls must be a tuple of ToolCall")
 
     @property

@@ -55,31 +55,37 @@ _NULL = nullcontext()
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
-_global_traces = False
-_global_metrics = False
+_RECHECK = 1.0  # seconds between looks at whether a global SDK provider was installed
+_global: dict[str, float | bool] = {"traces": False, "metrics": False, "checked": -_RECHECK}
 
 
-def _traces_configured() -> bool:
-    """Whether a real (SDK) tracer provider was installed globally; until then spans of
-    the global provider are skipped outright (it can only be set once, so True sticks)."""
-    global _global_traces
-    if not _global_traces and _otel_trace is not None:
+def _globals_configured() -> tuple[bool, bool]:
+    """Whether real (SDK) tracer / meter providers were installed globally.
+
+    Until then spans and metrics of the global providers are skipped outright. Looking
+    costs microseconds (environment lookups), so it is done at most once a second; once
+    installed a provider cannot be replaced, so True sticks.
+    """
+    traces, metrics = bool(_global["traces"]), bool(_global["metrics"])
+    if traces and metrics:
+        return True, True
+    now = time.monotonic()
+    if now - float(_global["checked"]) < _RECHECK:
+        return traces, metrics
+    _global["checked"] = now
+    if _otel_trace is not None and not traces:
         provider = _otel_trace.get_tracer_provider()
-        _global_traces = not isinstance(
+        traces = not isinstance(
             provider, _otel_trace.ProxyTracerProvider | _otel_trace.NoOpTracerProvider
         )
-    return _global_traces
-
-
-def _metrics_configured() -> bool:
-    """Like :func:`_traces_configured`, for the global meter provider."""
-    global _global_metrics
-    if not _global_metrics and _otel_metrics is not None:
-        provider = _otel_metrics.get_meter_provider()
-        _global_metrics = not isinstance(provider, _otel_metrics.NoOpMeterProvider) and (
-            type(provider).__name__ != "_ProxyMeterProvider"
+        _global["traces"] = traces
+    if _otel_metrics is not None and not metrics:
+        meter_provider = _otel_metrics.get_meter_provider()
+        metrics = not isinstance(meter_provider, _otel_metrics.NoOpMeterProvider) and (
+            type(meter_provider).__name__ != "_ProxyMeterProvider"
         )
-    return _global_metrics
+        _global["metrics"] = metrics
+    return traces, metrics
 
 
 def error_type(exc: BaseException) -> str:
@@ -301,10 +307,10 @@ class Telemetry:
             )
 
     def _tracing(self) -> bool:
-        return self._tracer is not None and (self._own_tracer or _traces_configured())
+        return self._tracer is not None and (self._own_tracer or _globals_configured()[0])
 
     def _metering(self) -> bool:
-        return self._duration is not None and (self._own_meter or _metrics_configured())
+        return self._duration is not None and (self._own_meter or _globals_configured()[1])
 
     def with_collector(self, collector: MetricsCollector | None) -> Telemetry:
         """This telemetry, reporting to ``collector`` as well (self when it is None)."""
