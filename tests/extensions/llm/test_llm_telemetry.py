@@ -116,7 +116,7 @@ async def test_retries_are_span_events_and_counted(
     assert event.attributes["converge.attempt"] == 1
     collector = recorded.telemetry.metrics_collector
     assert collector is not None
-    labels = {"provider": PROVIDER_NAMES[wire.name], "model": provider.model}
+    labels = {"provider": wire.name, "model": provider.model}
     assert (
         collector.get("llm_retries_total", labels={**labels, "error_type": "ProviderResponseError"})
         == 1
@@ -139,7 +139,7 @@ async def test_a_failed_call_records_error_type_on_span_and_counters(
     assert (span.attributes or {})["error.type"] == "ProviderAuthError"
     collector = recorded.telemetry.metrics_collector
     assert collector is not None
-    labels = {"provider": PROVIDER_NAMES[wire.name], "model": provider.model}
+    labels = {"provider": wire.name, "model": provider.model}
     assert (
         collector.get("llm_errors_total", labels={**labels, "error_type": "ProviderAuthError"}) == 1
     )
