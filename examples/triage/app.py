@@ -56,16 +56,25 @@ ADMIN_TOKEN_ENV = "TRIAGE_ADMIN_TOKEN"
 class ThrottledReplies(RateLimitHook):
     """A :class:`RateLimitHook` that makes outbound replies *wait* for a token.
 
-    The plain hook drops a message over the limit; a reply must never be dropped, so
-    here a message on :data:`OUTBOUND_TOPIC` waits (``acquire_message``) until its
-    bucket admits it: the agent's publish, and so the agent, slows down to the rate.
-    Other messages pass untouched.
+    The plain hook drops a message over the limit (egress and ingress); a reply must
+    never be dropped, so here a message on :data:`OUTBOUND_TOPIC` waits
+    (``acquire_message``) until the egress bucket admits it: the agent's publish, and so
+    the agent, slows down to the rate. Every other message passes untouched, in both
+    directions.
     """
 
     async def apre_send(self, message: Message) -> Message | None:
         """Wait for an egress token for a reply; pass anything else."""
         if any(topic.name == OUTBOUND_TOPIC for topic in message.topics):
             await self.rate_limiter.acquire_message(message, direction="egress")
+        return message
+
+    async def apost_receive(self, message: Message) -> Message | None:
+        """Pass every message: inbound events are never dropped (nor throttled) here.
+
+        A hook that drops an inbound event for its only receiver settles it on the
+        bus, and the connector then takes it as handled: never drop on ingress.
+        """
         return message
 
 

@@ -69,13 +69,15 @@ async def asend_issues(
     *,
     concurrency: int = 8,
     retry_sec: float = 0.5,
+    interval_sec: float = 0.0,
     deadline_sec: float = 60.0,
     on_answer: Callable[[int, int], None] | None = None,
 ) -> dict[int, int]:
     """POST ``issues`` webhooks for ``numbers`` to ``url``; resend until each gets a 2xx.
 
     Each issue keeps its ``X-GitHub-Delivery`` across resends, as GitHub's redelivery
-    does. Returns the final status per issue number (0: no answer before the deadline).
+    does. ``interval_sec`` spaces the first sends (a burst spread over time). Returns the
+    final status per issue number (0: no answer before the deadline).
     """
     requests = {n: issue_request(n, secret) for n in numbers}
     status: dict[int, int] = dict.fromkeys(numbers, 0)
@@ -101,4 +103,6 @@ async def asend_issues(
         async with httpx.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
             for number in numbers:
                 tg.start_soon(one, client, number)
+                if interval_sec:
+                    await anyio.sleep(interval_sec)
     return status
