@@ -14,11 +14,13 @@ events and deliveries. Kill the process at any moment and start it again on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets as _secrets
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,10 @@ from typing import Any
 import anyio
 import httpx
 
+from converge.cli.config import masked_store, open_store
 from converge.core.events import EventEmitter
 from converge.core.message import Message
-from converge.errors import ConvergeError
+from converge.errors import ConfigurationError, ConvergeError
 from converge.extensions.connectors import (
     OutboundTarget,
     ProviderProfile,
@@ -40,7 +43,6 @@ from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOP
 from converge.extensions.connectors.logs import configure_logging
 from converge.extensions.connectors.server import AdminApp, EventLog
 from converge.extensions.rate_limit import RateLimiter, RateLimitHook, TokenBucketConfig
-from converge.extensions.storage import SQLiteStore
 from converge.runtime import AgentRunner, MessageBus
 from examples.triage.agent import DEFAULT_RULES, TARGET, build_agent, seed_rules, select_provider
 from examples.triage.hops import HopDisplay, HopTracker, TrackingSender, verified_listener
@@ -48,9 +50,17 @@ from examples.triage.receiver import ChatReceiver
 from examples.triage.secrets import aload_secrets
 from examples.triage.sender import asend_issues
 
-__all__ = ["ADMIN_TOKEN_ENV", "ThrottledReplies", "amain", "main", "parse_args"]
+__all__ = [
+    "ADMIN_TOKEN_ENV",
+    "REDIS_PASSWORD_ENV",
+    "ThrottledReplies",
+    "amain",
+    "main",
+    "parse_args",
+]
 
 ADMIN_TOKEN_ENV = "TRIAGE_ADMIN_TOKEN"
+REDIS_PASSWORD_ENV = "TRIAGE_REDIS_PASSWORD"
 
 
 class ThrottledReplies(RateLimitHook):
@@ -85,6 +95,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="GitHub issues -> verified -> durable inbox -> LLM agent -> signed reply.",
     )
     parser.add_argument("--dir", default="triage-data", help="working directory (SQLite files)")
+    parser.add_argument(
+        "--store",
+        default="sqlite:triage.sqlite3",
+        help="sqlite:PATH (in --dir) or redis://host:port/db (password: $TRIAGE_REDIS_PASSWORD)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("all", "gateway", "agents"),
+        default="all",
+        help="all in one process, or gateway / agent processes linked by Redis Streams",
+    )
+    parser.add_argument(
+        "--claim-idle-sec", type=float, default=10.0, help="Redis: take over a dead agent's work"
+    )
     parser.add_argument("--bind", default="127.0.0.1", help="address to serve on")
     parser.add_argument("--port", type=int, default=8080, help="gateway port (0: a free one)")
     parser.add_argument(
@@ -140,8 +164,6 @@ async def _serve(app: Any, sock: socket.socket, stop: anyio.Event, backend: str)
     class Server(uvicorn.Server):
         # Signals are the app's (one handler for both servers), not uvicorn's.
         def capture_signals(self) -> Any:
-            import contextlib
-
             return contextlib.nullcontext()
 
     server = Server(
@@ -165,6 +187,48 @@ async def _signals(stop: anyio.Event) -> None:
             return
 
 
+def _bridge(
+    bus: MessageBus, url: str | None, role: str, claim_idle_sec: float
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """The Redis Streams link between gateway and agent processes (none for ``all``)."""
+    if role == "all":
+        return contextlib.nullcontext()
+    if url is None:
+        raise ConfigurationError(f"--role {role} needs a redis:// --store shared by the roles")
+    from converge.runtime.redis_streams import RedisStreamsBridge
+
+    if role == "gateway":  # events out to the agents; their replies back into the outbox
+        return RedisStreamsBridge(
+            bus,
+            url,
+            export_topics=[INBOUND_TOPIC],
+            import_topics=[OUTBOUND_TOPIC],
+            group="triage-outbox",
+            claim_idle_sec=claim_idle_sec,
+        )
+    return RedisStreamsBridge(
+        bus,
+        url,
+        export_topics=[OUTBOUND_TOPIC],
+        import_topics=[INBOUND_TOPIC],
+        group="triage-agents",
+        claim_idle_sec=claim_idle_sec,
+    )
+
+
+def _redis_url(spec: str) -> str | None:
+    """The store's Redis URL with the password from the environment, or None."""
+    if not spec.startswith(("redis://", "rediss://")):
+        return None
+    password = os.environ.get(REDIS_PASSWORD_ENV)
+    if not password:
+        return spec
+    parts = urllib.parse.urlsplit(spec)
+    user = urllib.parse.quote(parts.username or "", safe="")
+    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 async def amain(args: argparse.Namespace) -> int:
     """Run the example until interrupted (or done, with ``--exit-when-done``)."""
     configure_logging(args.log_level, args.log_format)
@@ -175,21 +239,28 @@ async def amain(args: argparse.Namespace) -> int:
     events.subscribe(display)
     provider, provider_text = select_provider(model=args.model, delay_sec=args.model_delay)
     admin_token = os.environ.get(ADMIN_TOKEN_ENV) or _secrets.token_urlsafe(24)
+    serving = args.role in ("all", "gateway")
+    deciding = args.role in ("all", "agents")
 
-    gateway_sock = _listen(args.bind, args.port)
-    gateway_url = f"http://{args.bind}:{gateway_sock.getsockname()[1]}"
+    gateway_sock = _listen(args.bind, args.port) if serving else None
+    gateway_url = f"http://{args.bind}:{gateway_sock.getsockname()[1]}" if gateway_sock else ""
     receiver: ChatReceiver | None = None
     receiver_sock: socket.socket | None = None
     if args.receiver_url:
         chat_url = args.receiver_url
-    else:
+    elif serving:
         receiver = ChatReceiver(sealed.chat)
         receiver_sock = _listen(args.bind, args.receiver_port)
         chat_url = f"http://{args.bind}:{receiver_sock.getsockname()[1]}/messages"
+    else:
+        chat_url = "http://127.0.0.1/messages"  # agents post nothing themselves
 
-    store = SQLiteStore(workdir / "triage.sqlite3")
+    redis_url = _redis_url(args.store)
+    store = open_store(args.store, workdir, password=os.environ.get(REDIS_PASSWORD_ENV))
+    # One bucket for the whole deployment when the store is shared (Redis).
     limiter = RateLimiter(
-        global_config=TokenBucketConfig(capacity=args.burst, refill_tokens_per_sec=args.rate)
+        store=store if redis_url else None,
+        global_config=TokenBucketConfig(capacity=args.burst, refill_tokens_per_sec=args.rate),
     )
     bus = MessageBus(hooks=[ThrottledReplies(limiter)])
     stop = anyio.Event()
@@ -220,32 +291,41 @@ async def amain(args: argparse.Namespace) -> int:
         app = HopTracker(core, events)
         agent = build_agent(provider, store, events)
 
-        print("converge triage example", flush=True)
-        print(f"  gateway    POST {gateway_url}/webhook/github  (GitHub issues webhooks)")
-        print(f"  chat       POST {chat_url}  (signed replies)")
-        print(f"  inspector  {gateway_url}/admin/  token: {admin_token}")
-        print(f"  store      SQLite {workdir / 'triage.sqlite3'} (inbox, outbox, decisions)")
+        print(f"converge triage example ({args.role})", flush=True)
+        if serving:
+            print(f"  gateway    POST {gateway_url}/webhook/github  (GitHub issues webhooks)")
+            print(f"  chat       POST {chat_url}  (signed replies)")
+            print(f"  inspector  {gateway_url}/admin/  token: {admin_token}")
+        print(f"  store      {masked_store(args.store)} in {workdir} (inbox, outbox, decisions)")
         print(f"  secrets    sealed in {workdir / 'secrets.sqlite3'}; key: {sealed.key_source}")
-        print(f"  model      {provider_text}")
-        print(f"  replies    at most {args.rate:g}/s, bursts of {args.burst:g} (RateLimitHook)")
+        if deciding:
+            print(f"  model      {provider_text}")
+            print(f"  replies    at most {args.rate:g}/s, bursts of {args.burst:g} (RateLimitHook)")
         print(f"  backend    {args.backend}", flush=True)
         for warning in sealed.warnings:
             print(f"  warning    {warning}", flush=True)
 
+        runner = (
+            AgentRunner(bus, [agent], topics={agent.id: [INBOUND_TOPIC]}, store=store, max_batch=1)
+            if deciding
+            else contextlib.nullcontext()
+        )
         try:
-            async with AgentRunner(
-                bus, [agent], topics={agent.id: [INBOUND_TOPIC]}, store=store, max_batch=1
-            ):
-                connector.attach_bus(bus)
+            async with runner, _bridge(bus, redis_url, args.role, args.claim_idle_sec):
+                if serving:
+                    connector.attach_bus(bus)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_signals, stop)
                     tg.start_soon(display.run)
-                    if args.issues > 0:
+                    if serving and args.issues > 0:
                         tg.start_soon(_demo, args, gateway_url, sealed.github, display, stop)
                     async with anyio.create_task_group() as servers:  # until stop is set
                         if receiver is not None and receiver_sock is not None:
                             servers.start_soon(_serve, receiver, receiver_sock, stop, args.backend)
-                        servers.start_soon(_serve, app, gateway_sock, stop, args.backend)
+                        if gateway_sock is not None:
+                            servers.start_soon(_serve, app, gateway_sock, stop, args.backend)
+                        else:
+                            await stop.wait()
                     tg.cancel_scope.cancel()
                 connector.attach_bus(None)
         finally:
