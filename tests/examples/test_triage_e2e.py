@@ -20,6 +20,8 @@ import pytest
 from examples.triage.sender import asend_issues, issue_request
 from triage_helpers import GITHUB_SECRET, Chat, TriageProcess, free_port
 
+from redis_server import RedisServer
+
 ISSUES = 50
 
 
@@ -123,3 +125,50 @@ def test_wrong_secret_is_rejected_and_gets_no_reply(tmp_path: Path) -> None:
     assert "rejected" in log
     assert "bad_signature" in log
     assert "delivered #8" in log
+
+
+@pytest.mark.slow
+def test_on_redis_a_gateway_and_two_agent_processes_survive_killing_one(tmp_path: Path) -> None:
+    """deploying.md's second setup: agents in their own processes, linked by Redis."""
+    issues = 20
+    with RedisServer() as redis:
+        chat = Chat()
+        port = free_port()
+        gateway = TriageProcess(tmp_path, port, chat.url, store=redis.url, role="gateway")
+        agents = [
+            TriageProcess(tmp_path, 0, chat.url, store=redis.url, role="agents", log=f"-a{n}")
+            for n in (1, 2)
+        ]
+        try:
+            sender = threading.Thread(
+                target=anyio.run,
+                args=(
+                    lambda: asend_issues(
+                        f"{gateway.url}/webhook/github",
+                        GITHUB_SECRET,
+                        list(range(1, issues + 1)),
+                        interval_sec=0.02,
+                    ),
+                ),
+            )
+            sender.start()
+            deadline = time.monotonic() + 20
+            while len(chat.app.messages) < 4:
+                assert time.monotonic() < deadline, gateway.log.read_text()
+                time.sleep(0.005)
+            agents[0].kill()  # its unacknowledged stream entries go to the other one
+            sender.join(timeout=30)
+            deadline = time.monotonic() + 25
+            while len(chat.app.messages) < issues and time.monotonic() < deadline:
+                time.sleep(0.05)
+            by_issue = chat.by_issue()
+            assert sorted(by_issue) == list(range(1, issues + 1)), agents[1].log.read_text()
+            assert all(len(keys) == 1 for keys in by_issue.values()), by_issue
+            print(
+                f"\n[redis] {issues} issues, one of two agent processes killed; receiver: "
+                f"{chat.app.requests} requests, {len(chat.app.messages)} distinct"
+            )
+        finally:
+            for process in [gateway, *agents]:
+                process.stop()
+            chat.stop()

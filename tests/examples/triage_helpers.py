@@ -62,19 +62,31 @@ class Chat:
 
 
 class TriageProcess:
-    """``python -m examples.triage`` on ``port`` with its data in ``workdir``."""
+    """``python -m examples.triage`` on ``port`` with its data in ``workdir``.
+
+    ``role="agents"`` serves no HTTP: it counts as started once it printed its banner.
+    """
 
     def __init__(
-        self, workdir: Path, port: int, chat_url: str, *, backend: str = "asyncio", log: str = ""
+        self,
+        workdir: Path,
+        port: int,
+        chat_url: str,
+        *,
+        backend: str = "asyncio",
+        log: str = "",
+        store: str | None = None,
+        role: str = "all",
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"app{log}.log"
+        data = workdir / f"data{log}" if role == "agents" else workdir / "data"
         command = [
             sys.executable,
             "-m",
             "examples.triage",
             "--dir",
-            str(workdir / "data"),
+            str(data),
             "--port",
             str(port),
             "--receiver-url",
@@ -85,24 +97,33 @@ class TriageProcess:
             "0.02",
             "--lease-sec",
             "2",
+            "--claim-idle-sec",
+            "2",
             "--backend",
             backend,
+            "--role",
+            role,
         ]
+        if store is not None:
+            command += ["--store", store]
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(
             command, cwd=workdir, stdout=self._log_file, stderr=subprocess.STDOUT, env=app_env()
         )
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=0.5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+        while not self._ready(role):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError("the triage app did not start:\n" + self.log.read_text())
             time.sleep(0.05)
+
+    def _ready(self, role: str) -> bool:
+        if role == "agents":
+            return "  backend " in self.log.read_text()
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL (no cleanup of any kind)."""
