@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
@@ -49,6 +50,14 @@ _GATEWAY_KEYS = {
     "log_events",
     "client_cert_header",
     "poll_interval_sec",
+    # server limits (slow and idle clients) and proxies
+    "trusted_proxies",
+    "header_timeout_sec",
+    "body_timeout_sec",
+    "keep_alive_timeout_sec",
+    "max_connections",
+    "backlog",
+    "max_header_bytes",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
 _PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
@@ -94,8 +103,18 @@ class GatewayConfig:
         max_in_flight: Outbound attempts in flight at most.
         log_level: Server log level.
         log_events: Log accepted events that are not forwarded anywhere.
-        client_cert_header: Trusted proxy header reporting client certificates.
+        client_cert_header: Proxy header reporting client certificates (trusted only
+            from ``trusted_proxies``).
         poll_interval_sec: Outbox rescan interval.
+        trusted_proxies: Addresses/CIDR networks of the proxies in front of the gateway:
+            only they may set ``client_cert_header`` and ``X-Forwarded-For``.
+        header_timeout_sec: Seconds for a request's line and headers to arrive in full.
+        body_timeout_sec: Seconds for a request body to arrive in full (else 408).
+        keep_alive_timeout_sec: Seconds an idle keep-alive connection stays open.
+        max_connections: Open connections at most (the longest-waiting idle one is
+            closed for a new one; lowered to fit the open-file limit).
+        backlog: Connections the kernel queues before the server accepts them.
+        max_header_bytes: Largest request line plus headers.
         security: Inbound limits.
         retry: Outbound retry policy.
         providers: Providers by name.
@@ -113,6 +132,13 @@ class GatewayConfig:
     log_events: bool = True
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
+    trusted_proxies: tuple[str, ...] = ()
+    header_timeout_sec: float = 10.0
+    body_timeout_sec: float = 30.0
+    keep_alive_timeout_sec: int = 5
+    max_connections: int = 512
+    backlog: int = 1024
+    max_header_bytes: int = 16384
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
     retry: WebhookRetryPolicy = field(default_factory=WebhookRetryPolicy)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
@@ -252,6 +278,8 @@ def parse_config(
             raise ConfigurationError("[gateway] outbound_token_env must be a variable name")
         token = env.get(token_env) or None
     kwargs = {k: v for k, v in gateway.items() if k != "outbound_token_env"}
+    if isinstance(kwargs.get("trusted_proxies"), list):
+        kwargs["trusted_proxies"] = tuple(kwargs["trusted_proxies"])
     config = GatewayConfig(
         **kwargs,
         outbound_token=token,
@@ -295,6 +323,38 @@ def check_gateway_settings(config: GatewayConfig) -> None:
         raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
     if not isinstance(config.log_events, bool):
         raise ConfigurationError("[gateway] log_events must be true or false")
+    _check_server_limits(config)
+
+
+def _check_server_limits(config: GatewayConfig) -> None:
+    for name in ("header_timeout_sec", "body_timeout_sec"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+            raise ConfigurationError(f"[gateway] {name} must be a number of seconds, 0 < x <= 3600")
+    for name, low, high in (
+        ("keep_alive_timeout_sec", 1, 3600),
+        ("max_connections", 1, 1_000_000),
+        ("backlog", 1, 65535),
+        ("max_header_bytes", 1024, 1_048_576),
+    ):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(f"[gateway] {name} must be an integer from {low} to {high}")
+    proxies = config.trusted_proxies
+    if not isinstance(proxies, tuple) or not all(isinstance(p, str) for p in proxies):
+        raise ConfigurationError("[gateway] trusted_proxies must be a list of addresses/networks")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"[gateway] trusted_proxies: {entry!r} is not an address or CIDR network"
+            ) from exc
+    if config.client_cert_header is not None and not proxies:
+        raise ConfigurationError(
+            "[gateway] client_cert_header is trusted only from trusted_proxies: list the "
+            "addresses of the proxies that set it"
+        )
 
 
 def load_config(
