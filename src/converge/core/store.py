@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import builtins
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import anyio
 
 from converge import _sync
 from converge.errors import UsageError
 
-__all__ = ["Store", "UpdateFn", "check_changes", "validate_key", "validate_prefix", "validate_ttl"]
+__all__ = [
+    "MAX_TTL",
+    "Store",
+    "UpdateFn",
+    "WithTTL",
+    "check_changes",
+    "split_change",
+    "validate_key",
+    "validate_prefix",
+    "validate_ttl",
+]
 
 R = TypeVar("R")
 
+MAX_TTL: Final = 10_000_000_000.0
+"""The longest TTL every backend accepts, in seconds (about 317 years).
+
+One limit for all backends, so a TTL valid on one is valid on all: Redis stores expiries
+as 64-bit milliseconds since the epoch, and beyond this limit file and SQLite expiries
+would lose sub-second precision. Pass ``ttl=None`` for "never expires"."""
+
 #: ``fn(current) -> (changes, result)`` for :meth:`Store.aupdate`: ``current`` maps each
 #: requested key to its value (None if absent); ``changes`` maps keys to new values
-#: (None deletes); ``result`` is handed back to the caller.
+#: (None deletes; :class:`WithTTL` gives one key its own TTL); ``result`` is handed back
+#: to the caller.
 UpdateFn = Callable[[dict[str, Any | None]], tuple[Mapping[str, Any | None], R]]
 
 
@@ -45,18 +65,66 @@ def validate_prefix(prefix: object) -> str:
 
 
 def validate_ttl(ttl: object) -> float | None:
-    """Return ``ttl`` as seconds (or None) if it is a positive finite number.
+    """Return ``ttl`` as seconds (or None) if it is a positive number up to :data:`MAX_TTL`.
+
+    Every backend validates TTLs with this one function, so a TTL accepted by one is
+    accepted by all.
 
     Raises:
-        UsageError: For zero, negative, NaN, infinite or non-numeric values.
+        UsageError: For zero, negative, NaN, infinite, too large or non-numeric values.
     """
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise UsageError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
         raise UsageError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
-    return float(ttl)
+    if seconds > MAX_TTL:
+        raise UsageError(
+            f"ttl must be at most {MAX_TTL:.0f} seconds (about 317 years), got {ttl!r}; "
+            "pass ttl=None for a key that never expires"
+        )
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class WithTTL:
+    """A value in the ``changes`` of an update function, with a TTL of its own.
+
+    ``{"lease": WithTTL(owner, 30), "log": entry}`` writes ``lease`` expiring in 30 s
+    and ``log`` with the TTL of the :meth:`Store.aupdate` call. ``ttl=None`` keeps the
+    key until it is deleted, whatever the call's TTL.
+
+    Attributes:
+        value: The value to store (not None: return None itself to delete a key).
+        ttl: Seconds until the key expires, or None for never.
+
+    Raises:
+        UsageError: If ``value`` is None or ``ttl`` is invalid (see :func:`validate_ttl`).
+    """
+
+    value: Any
+    ttl: float | None
+
+    def __post_init__(self) -> None:
+        if self.value is None:
+            raise UsageError("WithTTL(None, ...) cannot store None; put None itself to delete")
+        object.__setattr__(self, "ttl", validate_ttl(self.ttl))
+
+
+def split_change(value: Any, ttl: float | None) -> tuple[Any, float | None]:
+    """Unwrap one value of an update's ``changes``: ``(value, ttl to write it with)``.
+
+    A :class:`WithTTL` brings its own TTL; any other value (None: delete) gets ``ttl``,
+    the TTL of the update call.
+    """
+    if isinstance(value, WithTTL):
+        return value.value, value.ttl
+    return value, ttl
 
 
 def check_changes(keys: Sequence[str], changes: Mapping[str, Any]) -> None:
@@ -144,7 +212,8 @@ class Store(ABC):
         Args:
             keys: The keys ``fn`` reads; ``fn`` may only change these.
             fn: ``fn(current) -> (changes, result)``; see :data:`UpdateFn`.
-            ttl: TTL applied to every key written.
+            ttl: TTL applied to every key written, except values wrapped in
+                :class:`WithTTL`, which bring their own.
 
         Returns:
             The ``result`` part of ``fn``'s return value.
@@ -160,12 +229,23 @@ class Store(ABC):
             current = {k: await self.aget(k) for k in names}
             changes, result = fn(current)
             check_changes(names, changes)
-            for key, value in changes.items():
+            for key, change in changes.items():
+                value, seconds = split_change(change, ttl)
                 if value is None:
                     await self.adelete(key)
                 else:
-                    await self.aput(key, value, ttl=ttl)
+                    await self.aput(key, value, ttl=seconds)
         return result
+
+    async def atime(self) -> float:
+        """The store's clock, in Unix seconds.
+
+        Processes that share a store compare times they read here (lease ends, for
+        example), so a backend shared across hosts answers with one clock for all of
+        them: :class:`~converge.extensions.storage.RedisStore` asks the server (``TIME``).
+        This default is this host's wall clock, ``time.time()``.
+        """
+        return time.time()
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the backend's resources. Idempotent."""

@@ -11,7 +11,7 @@ import pytest
 
 from converge.errors import ClosedError, UsageError
 from converge.extensions.storage import MemoryStore
-from store_contract import StoreContract
+from converge.extensions.storage.testing import StoreContract
 
 
 class FakeClock:

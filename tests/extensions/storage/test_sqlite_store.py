@@ -23,7 +23,7 @@ from converge.errors import (
     UsageError,
 )
 from converge.extensions.storage import SQLiteStore
-from store_contract import VALUES, StoreContract
+from converge.extensions.storage.testing import VALUES, StoreContract
 
 pytestmark = pytest.mark.anyio
 

@@ -153,6 +153,9 @@ class GatewayApp:
         self.body_timeout_sec = None if body_timeout_sec is None else float(body_timeout_sec)
         self._cert_header = client_cert_header.lower() if client_cert_header else None
         self._limit = gateway.connector.security.policy.max_payload_bytes
+        #: The admin API + inspector (an ASGI app, see ``server.AdminApp``) served under
+        #: ``/admin/``; None (the default) keeps those paths 404.
+        self.admin: Callable[[_Scope, _Receive, _Send], Awaitable[None]] | None = None
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         """The ASGI 3 entry point."""
@@ -264,6 +267,9 @@ class GatewayApp:
                 )
                 return
             await self._probe(path, send, head=method == "HEAD")
+            return
+        if self.admin is not None and (path == "/admin" or path.startswith("/admin/")):
+            await self.admin(scope, receive, send)  # ops: admin API + inspector (server/admin.py)
             return
         await self._reply(send, 404, {"status": "rejected", "reason": "not_found"})
 

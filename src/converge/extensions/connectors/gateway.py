@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from converge.errors import ConfigurationError, StoreError, UsageError
+from converge.errors import ConfigurationError, IdempotencyConflictError, StoreError, UsageError
 from converge.extensions.connectors.connector import WebhookConnector
 from converge.extensions.connectors.models import OutboundWebhookAction
 
@@ -194,10 +194,12 @@ class WebhookGateway:
         caller's job (:meth:`authorize_outbound`).
 
         Returns:
-            ``(202, {"status":"queued","id":...})``; 400 ``invalid_action`` (with a
-            ``detail`` saying what to fix) for a malformed action, e.g. ``headers`` that
-            are not an object of RFC 9110 names and ASCII values, or 400
-            ``unknown_target``; 403 for a URL outside the target; 503 if the store failed.
+            ``(202, {"status":"queued","id":...})`` (the original id when the same action
+            was queued before under its key); 400 ``invalid_action`` (with a ``detail``
+            saying what to fix) for a malformed action, e.g. ``headers`` that are not an
+            object of RFC 9110 names and ASCII values, or 400 ``unknown_target``; 403 for
+            a URL outside the target; 409 when the idempotency key names a different
+            action; 503 if the store failed.
         """
         if not isinstance(payload, dict):
             return 400, _dump({"status": "rejected", "reason": "not_an_object"})
@@ -219,9 +221,12 @@ class WebhookGateway:
             return _invalid(str(exc))
         try:
             record = await self.connector.enqueue(action)
+        except IdempotencyConflictError as exc:
+            body = {"status": "rejected", "reason": "idempotency_conflict", "id": exc.existing_id}
+            return 409, _dump(body)
         except StoreError:
             return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
-        except UsageError as exc:  # e.g. the idempotency key is taken by another action
+        except UsageError as exc:
             return _invalid(str(exc))
         return 202, _dump({"status": "queued", "id": record.id})
 

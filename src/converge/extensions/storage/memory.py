@@ -13,6 +13,7 @@ from converge.core.store import (
     Store,
     UpdateFn,
     check_changes,
+    split_change,
     validate_key,
     validate_prefix,
     validate_ttl,
@@ -152,11 +153,13 @@ class MemoryStore(Store):
                 current[key] = None if entry is None else entry[0]
             changes, result = fn(current)
             check_changes(names, changes)
-            for key, value in changes.items():
+            # Split first: a bad change (WithTTL validates itself) changes nothing.
+            writes = [(key, *split_change(change, seconds)) for key, change in changes.items()]
+            for key, value, key_ttl in writes:
                 if value is None:
                     self._data.pop(key, None)
                 else:
-                    self._store(key, value, seconds, now)
+                    self._store(key, value, key_ttl, now)
         return result
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from converge.core.store import (
     Store,
     UpdateFn,
     check_changes,
+    split_change,
     validate_key,
     validate_prefix,
     validate_ttl,
@@ -299,12 +300,13 @@ class SQLiteStore(Store):
                     current[key] = None if row is None else self._decode(key, row[0])
                 changes, result = fn(current)
                 check_changes(keys, changes)
-                expires_at = None if ttl is None else now + ttl
-                for key, value in changes.items():
+                for key, change in changes.items():
+                    value, key_ttl = split_change(change, ttl)
                     if value is None:
                         conn.execute(_DELETE, (key_bytes(key),))
                     else:
                         blob = self._encode(key, value)
+                        expires_at = None if key_ttl is None else now + key_ttl
                         self._write(conn, _PUT, (key_bytes(key), blob, expires_at))
                 conn.execute("COMMIT")
             except BaseException:
