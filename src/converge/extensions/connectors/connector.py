@@ -611,7 +611,8 @@ class WebhookConnector:
             elif scheme == "slack":
                 inner = payload.get("event")
                 subject = _text(inner.get("type")) if isinstance(inner, dict) else None
-                subject = subject or _text(payload.get("type"))
+                # Events API: event.type; interactivity: type; slash commands: command
+                subject = subject or _text(payload.get("type")) or _text(payload.get("command"))
             elif scheme in ("stripe", "standard-webhooks"):
                 subject = _text(payload.get("type"))
         source = _text(payload.get(profile.source_field)) or profile.name
