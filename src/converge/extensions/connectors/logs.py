@@ -63,7 +63,7 @@ _SECRET_KEY = re.compile(
 _REDACTED = "[redacted]"
 _MAX_VALUE = 200  # characters of one field value in a line
 _MAX_PAYLOAD = 4096  # characters of a DEBUG payload dump
-_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+\Z")
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:

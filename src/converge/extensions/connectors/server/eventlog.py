@@ -38,7 +38,7 @@ __all__ = [
 SECTIONS = ("events", "deliveries", "dead-letters")
 Section = Literal["events", "deliveries", "dead-letters"]
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])\Z")
 _UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DONE_OR_DEAD = ("acknowledged", "delivered", "dead")
 
