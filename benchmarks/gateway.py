@@ -63,30 +63,10 @@ def converge_app(store_kind: str) -> Any:
         },
         secrets={"bench": SECRET},
         store=store,
+        # As the standalone gateway: each event recorded (acknowledged) in the inbox.
+        acknowledge_on_accept=True,
     )
-    app = GatewayApp(WebhookGateway(connector), run_dispatcher=False)
-
-    async def drained(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-
-        async def drain() -> None:
-            # A consumer that keeps up: take everything queued at each wake-up.
-            stream = connector.inbound_events
-            async for _ in stream:
-                while True:
-                    try:
-                        stream.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain)
-            await app(scope, receive, send)
-            tg.cancel_scope.cancel()
-
-    return drained
+    return GatewayApp(WebhookGateway(connector), run_dispatcher=False)
 
 
 def starlette_app() -> Any:
