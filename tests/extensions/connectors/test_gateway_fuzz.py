@@ -652,9 +652,9 @@ def test_a_failing_store_answers_503_with_retry_after_never_500(
     store.plan, store.error = list(plan), error
     setup.gateway._ready_checked = None  # probe the store on this request
     if route == "webhook":
-        body = json.dumps(
-            {"event_id": uuid.uuid4().hex, "subject": "s", "nonce": uuid.uuid4().hex}
-        ).encode()
+        event_id = uuid.uuid4().hex
+        event = {"event_id": event_id, "id": event_id, "subject": "s"}
+        body = json.dumps(event).encode()
         answer = setup.send("POST", f"/webhook/{provider}", sign(provider, body), body)
     elif route == "outbound":
         body = json.dumps({"target": "app", "body": {"n": uuid.uuid4().hex}}).encode()
