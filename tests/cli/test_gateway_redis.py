@@ -202,3 +202,38 @@ def test_three_replicas_on_one_redis_accept_once_deliver_once_and_survive_a_kill
             replica.stop()
         for home in homes:
             print(f"--- {home.name}\n" + (home / "gateway.log").read_text()[-3000:])
+
+
+def test_a_redis_restart_gives_503_with_retry_after_then_recovers_by_itself(
+    tmp_path: Path, sink: tuple[Sink, str]
+) -> None:
+    receiver, receiver_url = sink
+    server = RedisServer("--requirepass", PASSWORD)
+    config = write_config(tmp_path, server, receiver_url)
+    gateway = GatewayProcess(config, tmp_path, env=env())
+    try:
+        body, headers = signed(f"evt_{uuid.uuid4().hex}")
+        assert (
+            httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers).status_code
+            == 202
+        )
+        server.stop()  # Redis goes away mid-run
+        body, headers = signed(f"evt_{uuid.uuid4().hex}")
+        down = httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers, timeout=30)
+        assert down.status_code == 503, down.text
+        assert down.headers["retry-after"]
+        assert down.json()["reason"] == "store_unavailable"
+        assert httpx.get(f"{gateway.url}/readyz").status_code in (200, 503)  # never a 500
+        server = RedisServer("--requirepass", PASSWORD, port=server.port)  # back, empty
+        deadline = time.monotonic() + 20
+        while True:  # the sender's retry, as Standard Webhooks senders do
+            again = httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers)
+            if again.status_code == 202:
+                break
+            assert again.status_code == 503, again.text
+            assert time.monotonic() < deadline, "the gateway did not recover"
+            time.sleep(0.2)
+        wait_for(lambda: len(set(receiver.keys)) == 2, 15, "not every event was delivered")
+    finally:
+        gateway.stop()
+        server.stop()
