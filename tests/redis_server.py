@@ -13,9 +13,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisServer", "free_port", "shared_redis_url"]
 
 
 def free_port() -> int:
@@ -78,3 +79,14 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def shared_redis_url() -> Iterator[str]:
+    """For a fixture: ``CONVERGE_TEST_REDIS_URL`` (``.ci/run`` sets it), else a server of
+    our own for the fixture's scope."""
+    url = os.environ.get("CONVERGE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url

@@ -180,3 +180,53 @@ async def test_loop_local_keeps_one_value_per_loop() -> None:
 
 async def _get_from(local: _sync.LoopLocal[object]) -> object:
     return local.get()
+
+
+def test_run_reuses_one_loop_per_thread_and_closes_it_when_the_thread_ends() -> None:
+    seen: list[object] = []
+
+    def work() -> None:
+        seen.append(_sync.run(which_loop, async_name="which_loop"))
+        seen.append(_sync.run(which_loop, async_name="which_loop"))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen[0] is seen[1]  # no loop built per call
+    assert seen[0] is not _sync.run(which_loop, async_name="which_loop")  # one per thread
+    loop = seen.pop()
+    seen.clear()
+    assert getattr(loop, "is_closed", lambda: True)()  # released with its thread
+
+
+def test_run_from_thread_keeps_errors_and_later_calls_work() -> None:
+    async def boom() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        _sync.run(boom, async_name="boom")
+    assert _sync.run(double, 21, async_name="double") == 42
+
+
+def test_sync_works_without_anyios_private_thread_marker() -> None:
+    # anyio may move its private thread-local: ``import converge`` and the worker-thread
+    # detection must keep working through the public fallback.
+    code = (
+        "import sys, types, anyio, anyio.from_thread, anyio.to_thread\n"
+        "import anyio._core._eventloop as ev\n"
+        "moved = types.ModuleType('moved')\n"
+        "moved.__dict__.update({k: v for k, v in vars(ev).items() if k != 'threadlocals'})\n"
+        "sys.modules['anyio._core._eventloop'] = moved\n"
+        "from converge import _sync\n"
+        "sys.modules['anyio._core._eventloop'] = ev\n"
+        "assert _sync._anyio_threadlocals is None\n"
+        "async def main():\n"
+        "    inner = await anyio.to_thread.run_sync(_sync.in_worker_thread)\n"
+        "    via = await anyio.to_thread.run_sync(\n"
+        "        lambda: _sync.run(anyio.sleep, 0, async_name='s'))\n"
+        "    return inner, _sync.in_worker_thread(), via\n"
+        "print(anyio.run(main), _sync.in_worker_thread(),\n"
+        "      _sync.run(anyio.sleep, 0, async_name='s'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(True, False, None) False None"

@@ -40,15 +40,23 @@ ConvergeError
 │       ├── ProviderTimeoutError (TimeoutError)
 │       ├── ProviderConnectionError (ConnectionError)
 │       └── ProviderResponseError              malformed / unexpected response
+│           ├── ProviderOverloadedError        server overloaded (529, overloaded_error)
+│           ├── ResponseTruncatedError         stopped at the token limit; carries .result
+│           ├── ContentFilteredError           cut by a content filter; carries .result
+│           └── ResponseRefusedError           the model refused; carries .result
 ├── RateLimitError
 │   └── RateLimitTimeoutError (TimeoutError)   acquire gave up; carries .retry_after
+├── QueueError
+│   ├── QueueFullError                         a durable queue holds max_pending records
+│   └── DuplicateRecordError                   a record id or one of its claims exists
 ├── RuntimeBusError
 │   ├── AgentFailedError                       an agent raised; carries .agent_id
 │   └── BusFullError                           a receiver's inbox is full (no-wait publish)
 └── WebhookError
     ├── WebhookSecurityError (ValueError)      inbound request rejected; carries .status
     │   └── DuplicateEventError                replayed event id
-    └── DeliveryError                          outbound delivery failed for good
+    ├── DeliveryError                          outbound delivery failed for good
+    └── IdempotencyConflictError (ValueError)  outbound key reused for another action
 ```
 """
 
@@ -60,6 +68,7 @@ __all__ = [
     "BusFullError",
     "ClosedError",
     "ConfigurationError",
+    "ContentFilteredError",
     "ConvergeError",
     "CryptoError",
     "CryptoTypeError",
@@ -68,7 +77,9 @@ __all__ = [
     "DecryptionError",
     "DeliveryError",
     "DuplicateEventError",
+    "DuplicateRecordError",
     "FormatError",
+    "IdempotencyConflictError",
     "IdentityError",
     "KeyNotFoundError",
     "LLMError",
@@ -77,11 +88,16 @@ __all__ = [
     "ProviderAuthError",
     "ProviderConnectionError",
     "ProviderError",
+    "ProviderOverloadedError",
     "ProviderRateLimitError",
     "ProviderResponseError",
     "ProviderTimeoutError",
+    "QueueError",
+    "QueueFullError",
     "RateLimitError",
     "RateLimitTimeoutError",
+    "ResponseRefusedError",
+    "ResponseTruncatedError",
     "RuntimeBusError",
     "SignatureError",
     "StoreCorruptedError",
@@ -306,6 +322,57 @@ class ProviderResponseError(ProviderError):
     """The provider answered with an error status or a malformed body."""
 
 
+class ProviderOverloadedError(ProviderResponseError):
+    """The provider is overloaded (HTTP 529, or an ``overloaded_error`` event in a stream).
+
+    A 5xx-class condition (``status_code`` is 529 when the server gave no other): retried
+    by the :class:`RetryPolicy <converge.extensions.llm.RetryPolicy>` before any text was
+    streamed, raised as is after.
+    """
+
+
+class _ResultError(ProviderResponseError):
+    """A complete answer that the caller did not ask to accept; carries it as ``.result``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = 200,
+        result: object = None,
+    ) -> None:
+        super().__init__(message, provider=provider, status_code=status_code)
+        self.result = result
+
+
+class ResponseTruncatedError(_ResultError):
+    """The model stopped at the output token limit (``length``, ``max_tokens``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`;
+            pass ``allow_partial=True`` to get it returned instead. Raise ``max_tokens``
+            (or ``max_completion_tokens``) to get the whole answer.
+    """
+
+
+class ContentFilteredError(_ResultError):
+    """The provider's content filter cut or withheld the answer (``content_filter``).
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`.
+    """
+
+
+class ResponseRefusedError(_ResultError):
+    """The model refused to answer (OpenAI's ``refusal``, Anthropic's ``refusal`` stop).
+
+    Attributes:
+        result: The :class:`ChatResult <converge.extensions.llm.ChatResult>`; its
+            ``text`` holds the refusal message when the provider gave one.
+    """
+
+
 # -- rate limiting ---------------------------------------------------------------------
 
 
@@ -324,6 +391,21 @@ class RateLimitTimeoutError(RateLimitError, TimeoutError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# -- durable queues --------------------------------------------------------------------
+
+
+class QueueError(ConvergeError):
+    """Base of the durable queues' errors (``converge.durable``)."""
+
+
+class QueueFullError(QueueError):
+    """A durable queue already holds ``max_pending`` open records; nothing was added."""
+
+
+class DuplicateRecordError(QueueError):
+    """The record id, or one of the claims written with it, exists; nothing was added."""
 
 
 # -- runtime ---------------------------------------------------------------------------
@@ -379,3 +461,19 @@ class DuplicateEventError(WebhookSecurityError):
 
 class DeliveryError(WebhookError):
     """An outbound action could not be delivered (dead-lettered)."""
+
+
+class IdempotencyConflictError(WebhookError, ValueError):
+    """An outbound idempotency key is already taken by a different action.
+
+    Submitting the same action again with its key is fine (it returns the original
+    record); a different action under a key that is still kept is refused, because
+    only one of the two could ever be delivered. The gateway answers ``409``.
+
+    Attributes:
+        existing_id: The outbox id the key already names.
+    """
+
+    def __init__(self, message: str, *, existing_id: str) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id

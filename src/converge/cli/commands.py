@@ -9,9 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from converge.errors import ConfigurationError, MissingDependencyError, UsageError
+from converge.errors import ConfigurationError, MissingDependencyError, StoreError, UsageError
 
 if TYPE_CHECKING:
     from converge.extensions.connectors import ProviderProfile
@@ -21,13 +21,36 @@ __all__ = ["main"]
 _SCHEMES = ("hmac", "standard-webhooks", "svix", "stripe", "github", "slack")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="converge", description="converge: webhook gateway and tools."
+def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with ``description``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    from converge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="converge",
+        description="converge: serve the webhook gateway, sign and send test webhooks, "
+        "inspect and replay events.",
+    )
+    parser.add_argument("--version", action="version", version=f"converge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gateway = commands.add_parser("gateway", help="serve the webhook gateway")
+    gateway = _command(
+        commands,
+        "gateway",
+        "serve the webhook gateway",
+        "Serve the webhook gateway a TOML file describes (uvicorn): verified inbound\n"
+        "webhooks on /webhook/NAME, /outbound, /healthz, /readyz, /metrics and, with an\n"
+        "admin token, /admin/. Stop it with Ctrl-C.",
+    )
     gateway.add_argument("--config", required=True, type=Path, help="gateway TOML file")
     gateway.add_argument("--host", help="override [gateway] bind")
     gateway.add_argument("--port", type=int, help="override [gateway] port")
@@ -36,10 +59,28 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="validate the config, print a summary, exit"
     )
 
-    webhook = commands.add_parser("webhook", help="sign or send test webhook requests")
+    webhook = _command(
+        commands,
+        "webhook",
+        "sign or send test webhook requests",
+        "Make correctly signed test webhook requests, for a provider of a gateway config\n"
+        "(--config, --provider) or for a scheme and secret given as flags.",
+    )
     actions = webhook.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sign = actions.add_parser("sign", help="print a signed request's headers")
-    send = actions.add_parser("send", help="send a signed request and print the answer")
+    sign = _command(
+        actions,
+        "sign",
+        "print a signed request's headers",
+        "Print the headers of a correctly signed request (or the whole request as JSON,\n"
+        "or a curl command line) without sending it.",
+    )
+    send = _command(
+        actions,
+        "send",
+        "send a signed request and print the answer",
+        "Send a correctly signed request and print the HTTP status and the answer.\n"
+        "Exit status 0 on a 2xx answer, 1 otherwise, 2 for bad arguments.",
+    )
     send.add_argument("url", nargs="?", help="where to POST (default: from --config)")
     for sub in (sign, send):
         source = sub.add_argument_group("sender (a provider from a gateway config, or flags)")
@@ -63,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--format", choices=("headers", "json", "curl"), default="headers")
     sign.add_argument("--url", help="URL for --format curl")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+    from converge.cli.events import add_parsers
+
+    add_parsers(commands, _command)
     return parser
 
 
@@ -151,12 +196,41 @@ def _webhook(args: argparse.Namespace) -> int:
     return 0 if response.is_success else 1
 
 
+def _check_bind(host: str, port: int) -> None:
+    """Fail in one line, before the server starts, if ``host:port`` cannot be bound.
+
+    Raises:
+        ConfigurationError: If the address is in use, not local, or not permitted.
+    """
+    import socket
+
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    with socket.socket(family, kind, proto) as sock:
+        # As the server binds: SO_REUSEADDR, so a port in TIME_WAIT is not "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            hint = " (is another gateway running? use --port)" if "in use" in reason else ""
+            raise ConfigurationError(f"cannot listen on {host}:{port}: {reason}{hint}") from exc
+
+
 def _gateway(args: argparse.Namespace) -> int:
     import dataclasses
 
     from converge.cli.config import load_config
     from converge.cli.serve import serve, summary
+    from converge.extensions.connectors.logs import configure_logging
 
+    # Parse quietly once to learn the log settings, then again with warnings shown.
+    config = load_config(args.config, warn=False)
+    configure_logging(config.log_level, "json" if config.log_format == "json" else "text")
     config = load_config(args.config)
     overrides = {
         key: value
@@ -168,14 +242,19 @@ def _gateway(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, **overrides)
         check_gateway_settings(config)
+    if not config.providers:
+        logging.getLogger("converge.gateway").warning(
+            "%s configures no provider: every webhook is rejected (404 unknown_provider); "
+            "add a [providers.NAME] table",
+            args.config,
+        )
     if args.check:
         from converge.cli.serve import make_app
 
         make_app(config)  # builds every object, so their validation runs too
         print(summary(config))
         return 0
-    level = getattr(logging, config.log_level.upper())
-    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    _check_bind(config.bind, config.port)
     serve(config)
     return 0
 
@@ -193,7 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "gateway":
             return _gateway(args)
-        return _webhook(args)
+        if args.command == "webhook":
+            return _webhook(args)
+        from converge.cli.events import run
+
+        return run(args)
     except (ConfigurationError, UsageError, MissingDependencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"error: the store failed: {exc}", file=sys.stderr)
+        return 1

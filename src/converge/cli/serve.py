@@ -7,11 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import anyio
-
 from converge.cli.config import GatewayConfig, build_gateway, open_store
-from converge.core.message import Message
-from converge.core.task import Task
+from converge.durable import Record
 from converge.errors import MissingDependencyError
 from converge.extensions.connectors import GatewayApp, WebhookGateway
 
@@ -25,11 +22,12 @@ _Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class EventLoggingApp:
-    """Wraps a :class:`GatewayApp`; its lifespan also logs accepted, unforwarded events.
+    """Wraps a :class:`GatewayApp` and logs each accepted event that has no route.
 
-    A standalone gateway has no in-process consumer: events of providers without
-    ``forward_to`` are written to the ``converge.gateway`` log as JSON lines, so the
-    queue never fills up.
+    A standalone gateway has no in-process consumer: an event of a provider without
+    ``forward_to`` is recorded in the inbox already acknowledged (the event log is its
+    consumer, see :func:`make_app`), and this wrapper writes it to the
+    ``converge.gateway`` log as a JSON line. Logging never holds an event back.
 
     Args:
         app: The gateway app.
@@ -37,26 +35,22 @@ class EventLoggingApp:
 
     def __init__(self, app: GatewayApp) -> None:
         self.app = app
+        connector = app.gateway.connector
+        self._routed = set(connector.inbound_routes)
+        connector.add_inbound_listener(self._log)
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         """The ASGI 3 entry point."""
-        if scope.get("type") != "lifespan":
-            await self.app(scope, receive, send)
-            return
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._drain)
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                tg.cancel_scope.cancel()
+        await self.app(scope, receive, send)
 
-    async def _drain(self) -> None:
-        async for item in self.app.gateway.connector.inbound_events:
-            record = item.to_dict()
-            kind = "task" if isinstance(item, Task) else "message"
-            if isinstance(item, Message):
-                record = record["payload"]
-            _log.info("accepted %s %s", kind, json.dumps(record, separators=(",", ":")))
+    def _log(self, record: Record) -> None:
+        if record.key in self._routed or not _log.isEnabledFor(logging.INFO):
+            return
+        kind = "task" if record.data.get("emit") == "task" else "message"
+        item = record.data.get("item")
+        if kind == "message" and isinstance(item, dict):
+            item = item.get("payload")
+        _log.info("accepted %s %s", kind, json.dumps(item, separators=(",", ":")))
 
 
 def summary(config: GatewayConfig) -> str:
@@ -78,15 +72,25 @@ def summary(config: GatewayConfig) -> str:
 
 
 def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
-    """Open the store and build the gateway and its (event-logging) ASGI app."""
+    """Open the store and build the gateway and its (event-logging) ASGI app.
+
+    Events of providers without ``forward_to`` have no consumer in a standalone
+    gateway: they are recorded in the inbox already acknowledged (inspectable for the
+    inbox retention), whether or not ``log_events`` also logs them, so the gateway
+    accepts them as fast as the store writes.
+    """
     store = open_store(config.store, config.base_dir)
     gateway = build_gateway(config, store)
+    gateway.connector.acknowledge_on_accept = True
     app: Any = gateway.asgi_app(
         poll_interval_sec=config.poll_interval_sec, client_cert_header=config.client_cert_header
     )
+    core = app
     if config.log_events:
         app = EventLoggingApp(app)
-    return gateway, app
+    from converge.cli.operations import with_operations  # admin API, inspector, log trim
+
+    return gateway, with_operations(app, core, config)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -99,7 +103,7 @@ def serve(config: GatewayConfig) -> None:
         import uvicorn
     except ImportError as exc:
         raise MissingDependencyError(
-            'converge gateway needs uvicorn: pip install "converge[server]"'
+            'converge gateway needs uvicorn: pip install -e ".[server]" (from a converge checkout)'
         ) from exc
     _gateway, app = make_app(config)
     print(summary(config), flush=True)
@@ -108,6 +112,7 @@ def serve(config: GatewayConfig) -> None:
         host=config.bind,
         port=config.port,
         lifespan="on",
+        log_config=None,  # keep converge's handler (timestamps, text/json) for uvicorn's lines
         log_level=config.log_level,
         access_log=config.log_level == "debug",
     )

@@ -97,8 +97,13 @@ def sign_request(
     else:
         try:
             parsed = json.loads(body)
-        except ValueError as exc:
-            raise UsageError("the request body must be JSON") from exc
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"the request body is not valid JSON: {exc.msg} "
+                f"(line {exc.lineno}, column {exc.colno})"
+            ) from exc
+        except ValueError as exc:  # not UTF-8
+            raise UsageError(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(parsed, dict):
             raise UsageError("the request body must be a JSON object")
     headers = {"Content-Type": "application/json"}

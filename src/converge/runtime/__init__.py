@@ -14,20 +14,27 @@ From a script: ``run_agents([planner, worker], messages=[...], timeout=30)``.
 
 from __future__ import annotations
 
-from converge.runtime.bus import MessageBus, Subscription
+from converge.runtime.acks import AckListener
+from converge.runtime.bus import MessageBus, Sink, Subscription
+from converge.runtime.policy import AgentRetry
 from converge.runtime.runner import (
     AgentErrorHandler,
     AgentRunner,
+    DeadLetter,
     RunResult,
     arun_agents,
     run_agents,
 )
 
 __all__ = [
+    "AckListener",
     "AgentErrorHandler",
+    "AgentRetry",
     "AgentRunner",
+    "DeadLetter",
     "MessageBus",
     "RunResult",
+    "Sink",
     "Subscription",
     "arun_agents",
     "run_agents",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -15,8 +15,13 @@ from converge.core.hooks import MessageHook
 from converge.core.message import Message, Topic
 from converge.core.metrics import MetricsCollector
 from converge.errors import BusFullError, ClosedError, UsageError
+from converge.runtime.acks import AckListener, AckTable
 
-__all__ = ["MessageBus", "Subscription"]
+__all__ = ["MessageBus", "Sink", "Subscription"]
+
+#: ``async handler(message)``: a durable hand-off registered with
+#: :meth:`MessageBus.add_sink`; ``publish`` awaits it.
+Sink = Callable[[Message], Awaitable[None]]
 
 _log = logging.getLogger("converge.runtime")
 
@@ -25,6 +30,12 @@ def _check_size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _check_patterns(topics: object) -> tuple[str, ...]:
+    if isinstance(topics, str) or not isinstance(topics, Sequence):
+        raise UsageError("topics must be a sequence of topic patterns, not a string")
+    return tuple(dict.fromkeys(_check_pattern(p) for p in topics))
 
 
 def _check_pattern(pattern: object) -> str:
@@ -61,19 +72,33 @@ class Subscription:
     still be received, then iteration ends. Publishers waiting for space in a full inbox
     are served first come, first served. A subscription belongs to one event loop.
 
+    With ``ack=True`` the receiver acknowledges each message it received, once it is done
+    with it (:meth:`ack`, or :meth:`MessageBus.aack` naming :attr:`consumer`), or gives it
+    up (:meth:`dead_letter`); the bus tells its ack listeners when a message is settled.
+
     Attributes:
         recipient: The recipient id it receives, or None.
         topics: The topic patterns it receives.
         inbox_size: How many messages it queues before publishers wait.
+        ack: True if the receiver acknowledges each message.
+        consumer: The name it acknowledges under (the recipient, else the patterns).
     """
 
     def __init__(
-        self, bus: MessageBus, recipient: str | None, topics: tuple[str, ...], inbox_size: int
+        self,
+        bus: MessageBus,
+        recipient: str | None,
+        topics: tuple[str, ...],
+        inbox_size: int,
+        ack: bool = False,
+        consumer: str | None = None,
     ) -> None:
         self._bus = bus
         self.recipient = recipient
         self.topics = topics
         self.inbox_size = inbox_size
+        self.ack = ack
+        self.consumer = consumer or recipient or ",".join(topics)
         self._queue: deque[Message] = deque()
         self._getters: deque[anyio.Event] = deque()
         self._putters: deque[_Putter] = deque()
@@ -155,6 +180,14 @@ class Subscription:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
+    async def aack(self, message: Message) -> None:
+        """Acknowledge ``message`` (same as ``bus.aack(message, sub.consumer)``)."""
+        await self._bus.aack(message, self.consumer)
+
+    async def adead_letter(self, message: Message, reason: str) -> None:
+        """Give ``message`` up (same as ``bus.adead_letter(message, sub.consumer, reason)``)."""
+        await self._bus.adead_letter(message, self.consumer, reason)
+
     # -- delivering (used by the bus) ---------------------------------------------------
 
     def _full(self) -> bool:
@@ -226,9 +259,18 @@ class MessageBus:
     :class:`~converge.errors.BusFullError`. The bus belongs to one event loop; it is
     not thread-safe.
 
+    Acknowledgements: a subscription opened with ``ack=True`` acknowledges each message
+    (:meth:`aack`) or gives it up (:meth:`adead_letter`); ack listeners
+    (:meth:`add_ack_listener`) hear ``on_settled(message)`` once every acking subscription
+    that received it acknowledged it (or when ``publish`` returns and it reached none),
+    and ``on_dead(message, consumer, reason)`` for each dead letter. Sinks
+    (:meth:`add_sink`) are durable hand-offs: ``publish`` awaits each matching sink's
+    handler before it delivers to subscriptions, and raises what a handler raises.
+
     Metrics (on ``metrics``): ``bus_messages_published_total``,
     ``bus_messages_delivered_total``, ``bus_messages_dropped_total{stage}``,
-    ``bus_hook_errors_total{stage}``, ``bus_full_total``.
+    ``bus_hook_errors_total{stage}``, ``bus_full_total``, ``bus_acks_total``,
+    ``bus_dead_letters_total{consumer}``, ``bus_ack_listener_errors_total``.
 
     Args:
         hooks: Middleware applied to every message, in order.
@@ -259,6 +301,9 @@ class MessageBus:
         # insertion-ordered sets of subscriptions
         self._by_recipient: dict[str, dict[Subscription, None]] = {}
         self._by_topic: dict[Subscription, None] = {}
+        self._sinks: list[tuple[tuple[str, ...], Sink]] = []
+        self._ack_listeners: list[AckListener] = []
+        self._acks = AckTable()
         self._closed = False
 
     # -- subscribing -------------------------------------------------------------------
@@ -269,6 +314,8 @@ class MessageBus:
         *,
         topics: Sequence[str] = (),
         inbox_size: int | None = None,
+        ack: bool = False,
+        consumer: str | None = None,
     ) -> Subscription:
         """Open an inbox for messages addressed to ``recipient`` and/or on ``topics``.
 
@@ -277,6 +324,10 @@ class MessageBus:
             topics: Topic patterns: a name (``"orders"``), ``"orders.*"`` (one more
                 segment) or ``"orders.#"`` (the name and anything below it).
             inbox_size: Capacity of this inbox; the bus default when None.
+            ack: True if the receiver acknowledges each message (:meth:`aack`); the
+                message is settled only once every acking receiver has.
+            consumer: The name it acknowledges under; the recipient, else the topic
+                patterns joined by commas, when None.
 
         Raises:
             UsageError: For neither a recipient nor topics, an empty recipient, an invalid
@@ -285,15 +336,17 @@ class MessageBus:
         """
         if recipient is not None and (not isinstance(recipient, str) or not recipient):
             raise UsageError("recipient must be a non-empty string or None")
-        if isinstance(topics, str) or not isinstance(topics, Sequence):
-            raise UsageError("topics must be a sequence of topic patterns, not a string")
-        patterns = tuple(dict.fromkeys(_check_pattern(p) for p in topics))
+        patterns = _check_patterns(topics)
         if recipient is None and not patterns:
             raise UsageError("subscribe to a recipient, to topics, or to both")
         size = self.inbox_size if inbox_size is None else _check_size("inbox_size", inbox_size)
+        if not isinstance(ack, bool):
+            raise UsageError("ack must be True or False")
+        if consumer is not None and (not isinstance(consumer, str) or not consumer):
+            raise UsageError("consumer must be a non-empty string or None")
         if self._closed:
             raise ClosedError("the message bus is closed")
-        sub = Subscription(self, recipient, patterns, size)
+        sub = Subscription(self, recipient, patterns, size, ack, consumer)
         if recipient is not None:
             self._by_recipient.setdefault(recipient, {})[sub] = None
         if patterns:
@@ -323,7 +376,98 @@ class MessageBus:
         """True if at least one open subscription matches ``message`` (hooks aside)."""
         if not isinstance(message, Message):
             raise UsageError(f"expected a converge Message, got {type(message).__name__}")
-        return bool(self._match(message))
+        return bool(self._match(message)) or bool(self._match_sinks(message))
+
+    # -- sinks and acknowledgements ------------------------------------------------------
+
+    def add_sink(self, topics: str | Sequence[str], handler: Sink) -> None:
+        """Hand every message published on ``topics`` to ``handler``, awaited by ``publish``.
+
+        A sink is a durable hand-off (an outbox, for example): when ``publish`` returns,
+        each matching handler has finished; if one raises, ``publish`` raises that error
+        and delivers to no subscription. Sinks see the message after the ``pre_send``
+        hooks (``post_receive`` hooks are for receivers' inboxes); each counts as one
+        receiver in ``publish``'s result.
+
+        Args:
+            topics: A topic pattern or a sequence of them.
+            handler: ``async handler(message) -> None``.
+
+        Raises:
+            UsageError: For an invalid pattern or a handler that is not callable.
+        """
+        patterns = _check_patterns([topics] if isinstance(topics, str) else topics)
+        if not patterns:
+            raise UsageError("a sink needs at least one topic pattern")
+        if not callable(handler):
+            raise UsageError("a sink handler must be an async callable")
+        self._sinks.append((patterns, handler))
+
+    def remove_sink(self, handler: Sink) -> None:
+        """Remove every registration of ``handler`` (no error if there is none)."""
+        self._sinks = [(p, h) for p, h in self._sinks if h is not handler]
+
+    def _match_sinks(self, message: Message) -> list[Sink]:
+        if not self._sinks or not message.topics:
+            return []
+        return [
+            handler
+            for patterns, handler in self._sinks
+            if any(t.matches(p) for t in message.topics for p in patterns)
+        ]
+
+    def add_ack_listener(self, listener: AckListener) -> None:
+        """Tell ``listener`` when messages are settled (``on_settled``) or dead (``on_dead``).
+
+        Raises:
+            UsageError: If it lacks ``on_settled`` or ``on_dead``.
+        """
+        if not isinstance(listener, AckListener):
+            raise UsageError("an ack listener needs async on_settled() and on_dead()")
+        self._ack_listeners.append(listener)
+
+    def remove_ack_listener(self, listener: AckListener) -> None:
+        """Stop telling ``listener`` (no error if it was not added)."""
+        self._ack_listeners = [x for x in self._ack_listeners if x is not listener]
+
+    @property
+    def unacknowledged(self) -> int:
+        """How many message ids wait for an acknowledgement (or a publish in flight)."""
+        return len(self._acks)
+
+    async def aack(self, message: Message, consumer: str) -> None:
+        """``consumer`` is done with ``message``; settle it once every acking receiver is.
+
+        Acknowledging a message the consumer does not hold (twice, or never received)
+        does nothing.
+        """
+        if not isinstance(message, Message):
+            raise UsageError(f"expected a converge Message, got {type(message).__name__}")
+        self.metrics.inc("bus_acks_total")
+        settled = self._acks.ack(message.id, consumer)
+        if settled is not None:
+            await self._settled(settled)
+
+    async def adead_letter(self, message: Message, consumer: str, reason: str) -> None:
+        """``consumer`` gives ``message`` up: listeners hear ``on_dead``; it never settles."""
+        if not isinstance(message, Message):
+            raise UsageError(f"expected a converge Message, got {type(message).__name__}")
+        self.metrics.inc("bus_dead_letters_total", labels={"consumer": consumer})
+        self._acks.dead(message.id, consumer)
+        for listener in list(self._ack_listeners):
+            try:
+                await listener.on_dead(message, consumer, reason)
+            except Exception:
+                self.metrics.inc("bus_ack_listener_errors_total")
+                _log.exception("%r.on_dead failed for message %s", listener, message.id)
+
+    async def _settled(self, message: Message) -> None:
+        for listener in list(self._ack_listeners):
+            try:
+                await listener.on_settled(message)
+            except Exception:
+                self.metrics.inc("bus_ack_listener_errors_total")
+                _log.exception("%r.on_settled failed for message %s", listener, message.id)
 
     # -- publishing --------------------------------------------------------------------
 
@@ -388,19 +532,49 @@ class MessageBus:
                     raise UsageError(f"{hook!r}.apre_send returned {current!r}")
             except Exception as exc:
                 self._hook_failed(hook, "pre_send", exc, {"message": message, "bus": self})
+                await self._settle_unheld(message)
                 return 0
             if current is None:
                 metrics.inc("bus_messages_dropped_total", labels={"stage": "pre_send"})
+                _log.info("a pre_send hook dropped message %s", message.id)
+                await self._settle_unheld(message)
                 return 0
         assert current is not None
         targets = self._match(current)
         if not wait and any(sub._full() for sub in targets):
             raise self._full_error(current)
+        track = bool(self._ack_listeners) or any(sub.ack for sub in targets)
+        if not track:
+            return await self._deliver(current, targets, wait)
+        acks = self._acks
+        acks.hold(current)
+        failed = True
+        try:
+            delivered = await self._deliver(current, targets, wait)
+            failed = False
+        finally:
+            settled = acks.release(current, failed=failed)
+        if settled is not None:
+            await self._settled(settled)
+        return delivered
+
+    async def _settle_unheld(self, message: Message) -> None:
+        # dropped by a hook: no acking receiver holds it (unless a redelivery does)
+        if self._ack_listeners:
+            self._acks.hold(message)
+            settled = self._acks.release(message)
+            if settled is not None:
+                await self._settled(settled)
+
+    async def _deliver(self, current: Message, targets: list[Subscription], wait: bool) -> int:
         delivered = 0
+        for sink in self._match_sinks(current):
+            await sink(current)
+            delivered += 1
         if wait:
             for sub in targets:
                 final = await self._post_receive(current, sub) if self.hooks else current
-                if final is not None and await sub._put(final):
+                if final is not None and await self._put(sub, final, current):
                     delivered += 1
         else:
             finals = []
@@ -412,10 +586,28 @@ class MessageBus:
             if any(sub._full() for sub, _ in finals):
                 raise self._full_error(current)
             for sub, final in finals:
-                delivered += sub._put_nowait(final)
+                if sub.ack:
+                    self._acks.delivered(current, sub.consumer)
+                if sub._put_nowait(final):
+                    delivered += 1
+                elif sub.ack:
+                    self._acks.ack(current.id, sub.consumer)  # not delivered: undo
         if delivered:
-            metrics.inc("bus_messages_delivered_total", delivered)
+            self.metrics.inc("bus_messages_delivered_total", delivered)
         return delivered
+
+    async def _put(self, sub: Subscription, final: Message, current: Message) -> bool:
+        if not sub.ack:
+            return await sub._put(final)
+        # counted before it is queued: the receiver may ack before this task resumes
+        self._acks.delivered(current, sub.consumer)
+        ok = False
+        try:
+            ok = await sub._put(final)
+        finally:
+            if not ok:
+                self._acks.ack(current.id, sub.consumer)  # not delivered: undo
+        return ok
 
     def _full_error(self, message: Message) -> BusFullError:
         self.metrics.inc("bus_full_total")

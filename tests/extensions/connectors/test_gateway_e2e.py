@@ -110,7 +110,8 @@ def requests_for(provider: str) -> tuple[bytes, dict[str, str], str]:
         body = json.dumps({"id": event_id, "object": "event", "type": "charge.succeeded"}).encode()
         return body, stripe_request(body), event_id
     if provider == "github":
-        body = json.dumps({"action": "opened", "number": 1}).encode()
+        # GitHub replays are refused by body digest too: each event has its own body.
+        body = json.dumps({"action": "opened", "number": 1, "hook_id": event_id}).encode()
         return body, github_request(body, delivery=event_id), event_id
     body = json.dumps(
         {"type": "event_callback", "event_id": event_id, "event": {"type": "message"}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 from typing import Any
 
@@ -92,10 +93,11 @@ async def test_a_duplicate_is_answered_200_and_not_handed_on_again() -> None:
     assert (await post(c, "shop", body, headers))[0] == 202
     status, _, data = await post(c, "shop", body, headers)
     assert (status, data["status"]) == (200, "duplicate")
-    await c.receive_inbound()
-    with pytest.raises(anyio.WouldBlock):
-        c.inbound_events.receive_nowait()
-    assert c.metrics.get("webhook_inbound_duplicates_total", labels={"provider": "shop"}) == 1
+    assert await c.inbox.apending_count() == 1
+    assert await c.aack_inbound(await c.receive_inbound())
+    assert await c.inbox.apending_count() == 0
+    assert (await post(c, "shop", body, headers))[0] == 200  # still a duplicate once done
+    assert c.metrics.get("webhook_inbound_duplicates_total", labels={"provider": "shop"}) == 2
 
 
 async def test_fifty_concurrent_duplicates_yield_exactly_one_acceptance(any_store: Store) -> None:
@@ -111,19 +113,22 @@ async def test_fifty_concurrent_duplicates_yield_exactly_one_acceptance(any_stor
         for _ in range(50):
             tg.start_soon(one)
     assert sorted(statuses) == [200] * 49 + [202]
-    await c.receive_inbound()
-    with pytest.raises(anyio.WouldBlock):
-        c.inbound_events.receive_nowait()
+    assert await c.inbox.apending_count() == 1
+    assert len(await c.inbox.alist()) == 1
 
 
-async def test_a_full_queue_answers_503_and_releases_the_claim() -> None:
-    c = connector(inbound_queue_size=1)
+async def test_a_full_inbox_answers_503_and_stores_nothing(any_store: Store) -> None:
+    c = connector(store=any_store, max_pending=1)
     first, second = event_body(), event_body()
     assert (await post(c, "shop", first))[0] == 202
     headers = hmac_request(second)
     status, out, data = await post(c, "shop", second, headers)
-    assert (status, data["reason"], out["retry-after"]) == (503, "consumer_full", "1")
-    await c.receive_inbound()
+    assert (status, data["reason"], out["retry-after"]) == (503, "inbox_full", "1")
+    assert await c.inbox.apending_count() == 1
+    # Received is not enough: the slot frees when the consumer acknowledges.
+    item = await c.receive_inbound()
+    assert (await post(c, "shop", second, headers))[0] == 503
+    assert await c.aack_inbound(item)
     status, _, _ = await post(c, "shop", second, headers)  # the sender's retry
     assert status == 202
     message = await c.receive_inbound()
@@ -153,18 +158,23 @@ async def test_events_go_to_an_attached_bus() -> None:
         assert carried.task_id == carried.to_dict()["payload"]["task"]["id"]
 
 
-async def test_a_full_bus_inbox_answers_503_and_the_retry_succeeds() -> None:
+async def test_a_full_bus_inbox_keeps_the_event_and_publishes_it_later() -> None:
     async with MessageBus() as bus:
         c = connector()
         c.attach_bus(bus)
         sub = bus.subscribe(topics=["bridge.webhook.#"], inbox_size=1)
         assert (await post(c, "shop", event_body()))[0] == 202
         body = event_body()
-        headers = hmac_request(body)
-        status, _, data = await post(c, "shop", body, headers)
-        assert (status, data["reason"]) == (503, "consumer_full")
+        assert (await post(c, "shop", body))[0] == 202  # stored: accepted
+        assert await c.inbox.apending_count() == 1
         sub.receive_nowait()
-        assert (await post(c, "shop", body, headers))[0] == 202
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(c.run_inbox, poll_interval_sec=0.05))
+            with anyio.fail_after(5):
+                message = await sub.receive()
+            tg.cancel_scope.cancel()
+        assert message.to_dict()["payload"]["event_id"] == json.loads(body)["event_id"]
+        assert await c.inbox.apending_count() == 0
 
 
 async def test_a_bus_without_subscribers_does_not_accept() -> None:
@@ -202,6 +212,9 @@ class BrokenStore(MemoryStore):
         raise StoreUnavailableError("backend down")
 
     async def alist(self, prefix: str = "") -> builtins.list[str]:
+        raise StoreUnavailableError("backend down")
+
+    async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
         raise StoreUnavailableError("backend down")
 
 
@@ -260,8 +273,7 @@ async def test_slack_url_verification_echoes_the_challenge_and_emits_nothing() -
     for _ in range(2):  # Slack may retry: never "duplicate"
         status, _, data = await post(c, "slack", body, slack_request(body))
         assert (status, data) == (200, {"challenge": "xyz"})
-    with pytest.raises(anyio.WouldBlock):
-        c.inbound_events.receive_nowait()
+    assert await c.inbox.alist() == []
 
 
 async def test_programming_errors_raise_usage_errors() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import pytest
 from webhook_helpers import (
@@ -33,6 +34,7 @@ from converge.extensions.connectors import (
     WebhookSecurity,
     WebhookSecurityPolicy,
 )
+from converge.extensions.connectors.security import parse_json_object
 from converge.extensions.storage import MemoryStore
 
 NOW = 1_700_000_000.0
@@ -451,3 +453,70 @@ def test_the_sync_form_works_from_plain_code_and_threads() -> None:
     thread.join()
     assert len(errors) == 1
     assert isinstance(errors[0], DuplicateEventError)
+
+
+@pytest.mark.anyio
+async def test_a_github_request_replayed_with_a_new_delivery_id_is_a_duplicate(
+    any_store: Store,
+) -> None:
+    sec = WebhookSecurity(
+        WebhookSecurityPolicy(), PROFILES, SECRETS, store=any_store, clock=lambda: NOW
+    )
+    body = json.dumps({"action": "opened", "number": 1}).encode()
+    headers = github_request(body)
+    assert await sec.avalidate_and_extract("github", method="POST", headers=headers, raw_body=body)
+    for _ in range(3):  # the delivery and event headers are not signed: change them
+        forged = {**headers, "x-github-delivery": f"d-{uuid.uuid4()}", "x-github-event": "x"}
+        with pytest.raises(DuplicateEventError):
+            await sec.avalidate_and_extract("github", method="POST", headers=forged, raw_body=body)
+
+
+@pytest.mark.anyio
+async def test_an_hmac_raw_body_claim_covers_the_signed_bytes_and_releases_whole() -> None:
+    sec = security()
+    body = event_body()
+    first = sec.verify("gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body)
+    keys = sec.claim_keys(first)
+    assert len(set(keys)) == len(keys) == 2
+    assert sec.claim_ttl_sec == WebhookSecurityPolicy().replay_ttl_sec
+    token = await sec.aclaim(first)
+    assert None not in [await sec.store.aget(k) for k in keys]
+    await sec.arelease(first, token)
+    assert [await sec.store.aget(k) for k in keys] == [None, None]
+    # Signed timestamps and header ids covered by the signature need only the id key.
+    ts_body = event_body()
+    signed = sec.verify(
+        "ts",
+        method="POST",
+        headers=hmac_request(ts_body, ts=int(NOW), timestamp_body=True),
+        raw_body=ts_body,
+    )
+    assert len(sec.claim_keys(signed)) == 1
+    sw = sec.verify("sw", method="POST", headers=sw_request(ts_body, ts=int(NOW)), raw_body=ts_body)
+    assert len(sec.claim_keys(sw)) == 1
+
+
+@pytest.mark.parametrize("event_id", ["evt_1\n", "evt 1", "evt_1\t", "é", "x" * 257])
+def test_a_signed_event_id_must_match_in_full(event_id: str) -> None:
+    body = json.dumps({"event_id": event_id, "subject": "s"}).encode()
+    headers = hmac_request(body, ts=int(NOW))
+    assert rejected(security(), "gen", headers, body) == (400, "bad_event_id")
+
+
+def test_a_lone_surrogate_escape_becomes_u_fffd_and_the_bytes_stay_verified() -> None:
+    body = b'{"event_id": "e-1", "subject": "s\\ud800", "n": {"\\udc00k": ["\\ud83d\\ude00"]}}'
+    verified = security().verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body
+    )
+    assert verified.payload == {"event_id": "e-1", "subject": "s\ufffd", "n": {"\ufffdk": ["😀"]}}
+    assert verified.body == body
+    json.dumps(verified.payload, ensure_ascii=False).encode()  # has a UTF-8 form
+
+
+def test_parse_json_object_can_refuse_lone_surrogates() -> None:
+    assert parse_json_object(b'{"a": "\\\\ud800"}', lone_surrogates="reject") == {"a": "\\ud800"}
+    with pytest.raises(WebhookSecurityError) as info:
+        parse_json_object(b'{"a": "\\ud800"}', lone_surrogates="reject")
+    assert (info.value.status, info.value.reason) == (400, "lone_surrogate")
+    with pytest.raises(UsageError):
+        parse_json_object(b"{}", lone_surrogates="keep")

@@ -2,34 +2,47 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge.core.message import Message, Topic
 from converge.core.metrics import MetricsCollector
 from converge.core.store import Store
 from converge.core.task import Task
+from converge.durable import Attempt, DurableQueue, Record
 from converge.errors import (
     BusFullError,
     ClosedError,
     ConfigurationError,
-    DuplicateEventError,
+    DuplicateRecordError,
+    FormatError,
+    QueueFullError,
     StoreError,
     UsageError,
     WebhookSecurityError,
 )
 from converge.extensions.connectors.breaker import CircuitBreaker
 from converge.extensions.connectors.dispatcher import OutboundDispatcher
+from converge.extensions.connectors.inbox import (
+    INBOUND_TOPIC,
+    Consumer,
+    InboxHolds,
+    event_of,
+    event_uid,
+    forward_key,
+    item_data,
+    item_of,
+    message_of,
+)
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
@@ -38,7 +51,7 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
-from converge.extensions.connectors.retry import WebhookRetryPolicy
+from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
     VerifiedWebhook,
@@ -50,18 +63,22 @@ from converge.extensions.connectors.transport import (
     OutboundTransport,
 )
 
-__all__ = ["INBOUND_TOPIC", "InboundBus", "WebhookConnector"]
+__all__ = ["INBOUND_TOPIC", "OUTBOUND_TOPIC", "InboundBus", "WebhookConnector"]
 
 _log = logging.getLogger("converge.connectors")
 
-#: Topic of the messages accepted inbound events become.
-INBOUND_TOPIC = "bridge.webhook.inbound"
 _INBOUND_TOPICS = (Topic(INBOUND_TOPIC),)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Topic whose messages a bus hands to the outbox (a sink, when the bus supports sinks).
+OUTBOUND_TOPIC = "bridge.webhook.outbound"
+_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 # Bodies larger than this are verified in a worker thread (about 0.1 ms of work inline).
 _INLINE_VERIFY_BYTES = 64 * 1024
-# Seconds a sender is asked to wait when the consumer is full or the store is down.
+# Seconds a sender is asked to wait when the inbox is full or the store is down.
 _RETRY_AFTER = "1"
+# How often a waiting receive_inbound() looks in the store for records to take over.
+_RECEIVE_POLL_SEC = 0.5
+# Records leased per pass of the inbox pump.
+_PUMP_BATCH = 64
 
 
 class InboundBus(Protocol):
@@ -74,10 +91,25 @@ class InboundBus(Protocol):
         """Deliver ``message``; with ``wait=False`` raise BusFullError rather than wait."""
 
 
-class _Unavailable(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class _BusAcks:
+    """The connector's ack listener on a bus: settles or buries inbox records."""
+
+    def __init__(self, connector: WebhookConnector) -> None:
+        self._connector = connector
+
+    async def on_settled(self, message: Message) -> None:
+        """Every acking subscriber is done with ``message``: acknowledge its record."""
+        await self._connector._settle(message.id)
+
+    async def on_dead(self, message: Message, consumer: str, reason: str) -> None:
+        """A subscriber gave ``message`` up: its record becomes an inbound dead letter."""
+        await self._connector._bury(message.id, f"{consumer}: {reason}")
+
+
+def _pump_interval(poll_interval_sec: object) -> float:
+    if isinstance(poll_interval_sec, int | float) and math.isfinite(poll_interval_sec):
+        return max(float(poll_interval_sec), 0.5)
+    return 0.5
 
 
 def _json_response(
@@ -89,10 +121,6 @@ def _json_response(
     return status, out, json.dumps(body, separators=(",", ":")).encode()
 
 
-def _event_uid(provider: str, event_id: str) -> str:
-    return hashlib.sha256(f"{provider}\0{event_id}".encode()).hexdigest()[:32]
-
-
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -101,12 +129,18 @@ class WebhookConnector:
     """Generic webhook bridge with strict inbound verification and reliable outbound dispatch.
 
     **Inbound**: :meth:`accept_inbound_http` verifies a request (see
-    :class:`WebhookSecurity`), claims its event id, and hands the event on: to the
-    target named in ``inbound_routes`` (durably, through the outbox), else to the
-    attached bus as a :class:`~converge.core.message.Message` on
-    :data:`INBOUND_TOPIC`, else to a bounded in-memory queue read with
-    :meth:`receive_inbound`. If it cannot be handed on, its claim is released and the
-    sender is told 503 with ``Retry-After``.
+    :class:`WebhookSecurity`), then writes its replay claims and its record in the
+    durable inbox (:attr:`inbox`) in one atomic store update, before the ``202``. The
+    record stays open until its consumer acknowledges it: the target named in
+    ``inbound_routes`` (the durable forward into the outbox acknowledges it), else
+    the attached bus (its subscribers' acknowledgements, see
+    :meth:`attach_bus`), else whoever calls :meth:`receive_inbound` and
+    :meth:`aack_inbound`. A consumer that dies, or a process restart, leaves the
+    record to be handed out again after ``inbox_lease_sec``, with the same message
+    id. When ``max_pending`` events are open, the sender is told 503 with
+    ``Retry-After`` and nothing is stored. With ``acknowledge_on_accept``, events
+    without a route are recorded already acknowledged (the record is the consumer:
+    the standalone gateway's event log).
 
     **Outbound**: :meth:`submit_outbound_action` persists the action in the outbox
     before returning; :meth:`run_outbound_dispatcher` delivers it with global and
@@ -128,12 +162,21 @@ class WebhookConnector:
         targets: Configured outbound targets (a mapping by name or a sequence).
         inbound_routes: Provider name -> target name: forward accepted events there.
         bus: A message bus to publish accepted events on (see :meth:`attach_bus`).
-        inbound_queue_size: Capacity of the in-memory queue used without a bus.
+        inbound_queue_size: Former name of ``max_pending`` (used when that is None).
         max_in_flight: Outbound attempts in flight at most, over all targets.
         breaker_failure_threshold: Consecutive failures that open a target's circuit.
         breaker_recovery_timeout_sec: Seconds an open circuit waits before a probe.
         dead_letter_ttl_sec: How long dead letters are kept.
-        clock: Unix seconds; injectable for tests.
+        clock: Unix seconds; injectable for tests (the inbox then uses it for its
+            leases instead of the store's clock).
+        max_pending: Most accepted events waiting for their consumer (10,000 by
+            default); beyond it senders get 503 with ``Retry-After``.
+        inbox_lease_sec: How long a consumer has to acknowledge an event before it is
+            handed out again (bus consumers in this process get it extended).
+        inbox_retention_sec: How long acknowledged events stay in the inbox (the
+            event log); the store sweeps them afterwards.
+        acknowledge_on_accept: Record events without a route already acknowledged:
+            no consumer is waited for (the event log is the consumer).
 
     Raises:
         ConfigurationError: For invalid configuration.
@@ -145,7 +188,7 @@ class WebhookConnector:
         provider_profiles: dict[str, ProviderProfile],
         secrets: Mapping[str, str | Sequence[str]],
         security_policy: WebhookSecurityPolicy | None = None,
-        retry_policy: WebhookRetryPolicy | None = None,
+        retry_policy: WebhookRetryPolicy | RetrySchedule | None = None,
         store: Store | None = None,
         metrics_collector: MetricsCollector | None = None,
         connector_id: str = "webhook-connector",
@@ -153,34 +196,49 @@ class WebhookConnector:
         targets: Mapping[str, OutboundTarget] | Sequence[OutboundTarget] | None = None,
         inbound_routes: Mapping[str, str] | None = None,
         bus: InboundBus | None = None,
-        inbound_queue_size: int = 1000,
+        inbound_queue_size: int | None = None,
         max_in_flight: int = 64,
         breaker_failure_threshold: int = 5,
         breaker_recovery_timeout_sec: float = 30.0,
         dead_letter_ttl_sec: float = 7 * 24 * 3600.0,
         clock: Callable[[], float] = time.time,
+        max_pending: int | None = None,
+        inbox_lease_sec: float = 60.0,
+        inbox_retention_sec: float = 7 * 24 * 3600.0,
+        acknowledge_on_accept: bool = False,
     ) -> None:
-        if not isinstance(connector_id, str) or not _ID_RE.match(connector_id):
+        if not isinstance(connector_id, str) or not _ID_RE.fullmatch(connector_id):
             raise ConfigurationError("connector_id must be 1-64 letters, digits, '_', '.', '-'")
-        if retry_policy is not None and not isinstance(retry_policy, WebhookRetryPolicy):
-            raise ConfigurationError("retry_policy must be a WebhookRetryPolicy")
+        if retry_policy is not None and not isinstance(
+            retry_policy, WebhookRetryPolicy | RetrySchedule
+        ):
+            raise ConfigurationError("retry_policy must be a WebhookRetryPolicy or RetrySchedule")
         if metrics_collector is not None and not isinstance(metrics_collector, MetricsCollector):
             raise ConfigurationError("metrics_collector must be a MetricsCollector")
         if outbound_sender is not None and not callable(outbound_sender):
             raise ConfigurationError("outbound_sender must be an async callable")
+        if max_pending is None:
+            max_pending = 10_000 if inbound_queue_size is None else inbound_queue_size
         for name, value in (
-            ("inbound_queue_size", inbound_queue_size),
+            ("max_pending", max_pending),
             ("max_in_flight", max_in_flight),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1")
-        if (
-            isinstance(dead_letter_ttl_sec, bool)
-            or not isinstance(dead_letter_ttl_sec, int | float)
-            or not math.isfinite(dead_letter_ttl_sec)
-            or dead_letter_ttl_sec <= 0
+        for name, seconds in (
+            ("dead_letter_ttl_sec", dead_letter_ttl_sec),
+            ("inbox_lease_sec", inbox_lease_sec),
+            ("inbox_retention_sec", inbox_retention_sec),
         ):
-            raise ConfigurationError("dead_letter_ttl_sec must be a positive number")
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds)
+                or seconds <= 0
+            ):
+                raise ConfigurationError(f"{name} must be a positive number")
+        if not isinstance(acknowledge_on_accept, bool):
+            raise ConfigurationError("acknowledge_on_accept must be a bool")
         if store is None:
             from converge.extensions.storage import MemoryStore
 
@@ -188,7 +246,7 @@ class WebhookConnector:
         self.connector_id = connector_id
         self.store = store
         self.metrics = metrics_collector or MetricsCollector()
-        self.retry_policy = retry_policy or WebhookRetryPolicy()
+        self.retry_policy: WebhookRetryPolicy | RetrySchedule = retry_policy or WebhookRetryPolicy()
         self._clock = clock
         prefix = f"converge:webhook:{connector_id}"
         self.security = WebhookSecurity(
@@ -218,10 +276,28 @@ class WebhookConnector:
                 raise ConfigurationError(f"inbound_routes names unknown provider {provider!r}")
             if target not in self.targets:
                 raise ConfigurationError(f"inbound_routes names unknown target {target!r}")
-        self._bus = bus
-        send, receive = anyio.create_memory_object_stream[Message | Task](inbound_queue_size)
-        self._inbound_send: MemoryObjectSendStream[Message | Task] = send
-        self._inbound_receive: MemoryObjectReceiveStream[Message | Task] = receive
+        #: The durable inbox: every accepted event, open until its consumer is done.
+        self.inbox = DurableQueue(
+            store,
+            prefix=f"{prefix}:inbox",
+            kind="inbound",
+            retention_sec=float(inbox_retention_sec),
+            dead_retention_sec=float(dead_letter_ttl_sec),
+            max_pending=max_pending,
+            clock=None if clock is time.time else clock,
+        )
+        self._holds = InboxHolds(
+            self.inbox,
+            owner=f"{connector_id}:{os.getpid()}:{os.urandom(4).hex()}",
+            lease_sec=float(inbox_lease_sec),
+        )
+        self.acknowledge_on_accept = acknowledge_on_accept
+        self._listeners: list[Callable[[Record], None]] = []
+        self._bus: InboundBus | None = None
+        self._ack_listener = _BusAcks(self)
+        self._pump_running = False
+        if bus is not None:
+            self.attach_bus(bus)
         self._breaker_threshold = breaker_failure_threshold
         self._breaker_timeout = breaker_recovery_timeout_sec
         CircuitBreaker(breaker_failure_threshold, breaker_recovery_timeout_sec)  # validates
@@ -277,18 +353,49 @@ class WebhookConnector:
             )
         return found
 
-    def attach_bus(self, bus: InboundBus | None) -> None:
-        """Publish accepted events on ``bus`` (None: back to the in-memory queue).
+    @property
+    def inbound_routes(self) -> Mapping[str, str]:
+        """Provider name -> target name of the events forwarded to a target."""
+        return dict(self._routes)
 
-        Publishing never waits: when a receiver's inbox is full the sender gets 503 and
-        retries later, and when nobody subscribes the event is not accepted either.
+    def attach_bus(self, bus: InboundBus | None) -> None:
+        """Publish accepted events on ``bus`` (None: back to :meth:`receive_inbound`).
+
+        Publishing never waits: events are in the inbox already, so when a receiver's
+        inbox is full the event waits in the store and is published again later (see
+        :meth:`run_inbox`). A bus with acknowledgements (``add_ack_listener``, as
+        :class:`converge.runtime.MessageBus` has) settles each inbox record when every
+        acking subscriber acknowledged the message, and buries it as a dead letter when
+        one gives it up; a bus without them settles it when ``publish`` delivered it.
+        A bus with sinks (``add_sink``) also gets one on :data:`OUTBOUND_TOPIC` that
+        hands each message to :meth:`submit_outbound_message`. Events are refused
+        (503) while nobody subscribes to :data:`INBOUND_TOPIC`.
         """
         if bus is not None and not (
             callable(getattr(bus, "publish", None))
             and callable(getattr(bus, "has_subscribers", None))
         ):
             raise UsageError("bus must have publish() and has_subscribers()")
+        old = self._bus
+        if old is not None and callable(getattr(old, "remove_ack_listener", None)):
+            old.remove_ack_listener(self._ack_listener)  # type: ignore[attr-defined]
         self._bus = bus
+        if bus is None:
+            return
+        if callable(getattr(bus, "add_ack_listener", None)):
+            bus.add_ack_listener(self._ack_listener)  # type: ignore[attr-defined]
+        if callable(getattr(bus, "add_sink", None)):
+            bus.add_sink(OUTBOUND_TOPIC, self.submit_outbound_message)  # type: ignore[attr-defined]
+
+    def add_inbound_listener(self, listener: Callable[[Record], None]) -> None:
+        """Call ``listener(record)`` for every accepted event, once it is stored.
+
+        Listeners run on the request path: keep them quick (a log line, a counter).
+        An exception in one is logged and does not affect the answer.
+        """
+        if not callable(listener):
+            raise UsageError("an inbound listener must be callable")
+        self._listeners.append(listener)
 
     # -- inbound ----------------------------------------------------------------------
 
@@ -407,40 +514,81 @@ class WebhookConnector:
         if verified.challenge is not None:
             return _json_response(200, {"challenge": verified.challenge})
         labels = {"provider": provider}
+        consumer = self._consumer(provider)
+        uid = event_uid(provider, verified.event_id)
+        item = self._item(verified, uid)
+        if consumer == "bus":
+            bus = self._bus
+            if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
+                return self._unavailable(provider, "no_consumer", None)
+        claims, claim_ttl = self._claims(verified)
         try:
-            token = await self.security.aclaim(verified)
-        except DuplicateEventError:
+            if consumer == "record":
+                record = await self.inbox.aadd(
+                    item_data(item),
+                    id=uid,
+                    key=provider,
+                    status="acknowledged",
+                    claims=claims,
+                    claim_ttl=claim_ttl,
+                )
+            else:
+                record = await self.inbox.aadd(
+                    item_data(item),
+                    id=uid,
+                    key=provider,
+                    status="leased",
+                    lease_owner=self._holds.owner,
+                    lease_sec=self._holds.lease_sec,
+                    claims=claims,
+                    claim_ttl=claim_ttl,
+                )
+        except DuplicateRecordError:
             self.metrics.inc(
                 "webhook_inbound_duplicates_total", labels=labels, help="Replays answered 200."
             )
             return _json_response(200, {"status": "duplicate", "event_id": verified.event_id})
+        except QueueFullError as exc:
+            return self._unavailable(provider, "inbox_full", exc)
         except StoreError as exc:
             return self._unavailable(provider, "store_unavailable", exc)
-        try:
-            await self._hand_on(verified)
-        except (_Unavailable, StoreError) as exc:
-            await self._release(verified, token)
-            reason = exc.reason if isinstance(exc, _Unavailable) else "store_unavailable"
-            return self._unavailable(provider, reason, exc)
-        except BaseException:
-            await self._release(verified, token)
-            raise
+        # Stored: from here on the event is accepted whatever happens to its hand-off.
         self.metrics.inc("webhook_inbound_accepted_total", labels=labels, help="Events accepted.")
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:
+                _log.exception("inbound listener %r failed", listener)
+        if consumer != "record":
+            await self._deliver(record, consumer, item)
         # The hot path: the event id is printable ASCII, so this is the JSON encoding.
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
         return 202, {"content-type": "application/json"}, body + b"}"
 
-    async def _release(self, verified: VerifiedWebhook, token: str) -> None:
-        # Shielded: a cancelled request must still free its claim, or the sender's retry
-        # would be answered "duplicate" and the event lost.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
-            try:
-                await self.security.arelease(verified, token)
-            except StoreError as exc:
-                _log.warning("could not release the claim of %s: %s", verified.event_id, exc)
+    def _claims(self, verified: VerifiedWebhook) -> tuple[dict[str, Any], float]:
+        # The one place that asks WebhookSecurity which keys make an event new.
+        security: Any = self.security
+        claim_keys = getattr(security, "claim_keys", None)
+        if claim_keys is not None:
+            keys = tuple(claim_keys(verified))
+            ttl = float(security.claim_ttl_sec)
+        else:  # before WebhookSecurity.claim_keys (one key per event id)
+            keys = (security._claim_key(verified.profile.name, verified.event_id),)
+            ttl = float(security.policy.replay_ttl_sec)
+        value = {"event_id": verified.event_id, "at": self._clock()}
+        return dict.fromkeys(keys, value), ttl
+
+    def _consumer(self, provider: str) -> Consumer:
+        if provider in self._routes:
+            return "forward"
+        if self.acknowledge_on_accept:
+            return "record"
+        if self._bus is not None:
+            return "bus"
+        return "queue"
 
     def _unavailable(
-        self, provider: str, reason: str, exc: BaseException
+        self, provider: str, reason: str, exc: BaseException | None
     ) -> tuple[int, dict[str, str], bytes]:
         if isinstance(exc, StoreError):
             _log.warning("inbound %s: store failed: %s", provider, exc)
@@ -482,73 +630,252 @@ class WebhookConnector:
             trace_id=trace_id,
         )
 
-    async def _hand_on(self, verified: VerifiedWebhook) -> None:
-        event = self._event(verified)
-        route = self._routes.get(event.provider)
-        if route is not None:
-            target = self.targets[route]
-            action = OutboundWebhookAction(
-                target=target.name,
-                method="POST",
-                url=target.url,
-                body=event.to_dict(),
-                idempotency_key=f"inbound:{event.provider}:{event.event_id}",
-            )
-            await self.submit_outbound_action(action)
-            return
-        uid = _event_uid(event.provider, event.event_id)
-        item: Message | Task
+    def _item(self, verified: VerifiedWebhook, uid: str) -> Message | Task:
+        event = self._event(verified).to_dict()
         if verified.profile.emit_as == "task":
-            objective = f"handle {event.provider} webhook {event.subject}".strip()
-            item = Task(objective=objective, inputs=event.to_dict(), id=uid)
-        else:
-            item = Message(
-                sender=self.connector_id,
-                topics=_INBOUND_TOPICS,
-                payload=event.to_dict(),
-                id=uid,
-            )
-        bus = self._bus
-        if bus is not None:
-            message = item
-            if isinstance(item, Task):
-                message = Message(
-                    sender=self.connector_id,
-                    topics=_INBOUND_TOPICS,
-                    payload={"task": item.to_dict()},
-                    task_id=item.id,
-                    id=uid,
-                )
-            assert isinstance(message, Message)
-            if not bus.has_subscribers(message):
-                raise _Unavailable("no_consumer")
-            try:
-                delivered = await bus.publish(message, wait=False)
-            except BusFullError:
-                raise _Unavailable("consumer_full") from None
-            if not delivered:
-                raise _Unavailable("no_consumer")
-            return
-        try:
-            self._inbound_send.send_nowait(item)
-        except anyio.WouldBlock:
-            raise _Unavailable("consumer_full") from None
+            objective = f"handle {event['provider']} webhook {event['subject']}".strip()
+            return Task(objective=objective, inputs=event, id=uid)
+        return Message(sender=self.connector_id, topics=_INBOUND_TOPICS, payload=event, id=uid)
 
-    @property
-    def inbound_events(self) -> MemoryObjectReceiveStream[Message | Task]:
-        """The bounded queue of accepted events when no bus is attached (``async for``)."""
-        return self._inbound_receive
+    async def _deliver(
+        self, record: Record, consumer: Consumer, item: Message | Task | None = None
+    ) -> None:
+        """Hand a record this process leased to its consumer; never raises StoreError.
+
+        Whatever fails leaves the record open: the lease runs out and it is handed on
+        again (by :meth:`run_inbox` or :meth:`receive_inbound`).
+        """
+        holds = self._holds
+        holds.hold(record, consumer)
+        try:
+            if item is None:
+                item = item_of(record)
+            if consumer == "queue":
+                holds.ready(record)
+            elif consumer == "record":
+                await self._settle(record.id)
+            elif consumer == "forward":
+                await self._forward(record, item)
+            else:
+                await self._publish(record, item)
+        except (FormatError, UsageError) as exc:
+            # It can never be handed on (e.g. a route to a target that is gone).
+            token = holds.drop(record.id)
+            if token is not None:
+                await self.inbox.abury(record.id, token, f"undeliverable: {exc}")
+        except StoreError as exc:
+            _log.warning("inbound event %s stays in the inbox: %s", record.id, exc)
+
+    async def _forward(self, record: Record, item: Message | Task) -> None:
+        target = self.targets[self._routes[record.key]]
+        action = OutboundWebhookAction(
+            target=target.name,
+            method="POST",
+            url=target.url,
+            body=event_of(item),
+            idempotency_key=forward_key(record.id),
+        )
+        await self.enqueue(action, namespace="inbound")
+        await self._settle(record.id)
+
+    async def _publish(self, record: Record, item: Message | Task) -> None:
+        bus = self._bus
+        if bus is None:  # detached meanwhile: to receive_inbound
+            self._holds.hold(record, "queue")
+            self._holds.ready(record)
+            return
+        message = message_of(item, self.connector_id)
+        try:
+            delivered = await bus.publish(message, wait=False)
+        except BusFullError:
+            delivered = 0
+        if not delivered:
+            # Nobody could take it now: due again in a moment, published by run_inbox().
+            token = self._holds.drop(record.id)
+            if token is not None:
+                now = await self.inbox.anow()
+                await self.inbox.arelease(record.id, token, due=now + 1.0)
+            return
+        self.metrics.inc(
+            "webhook_inbound_published_total",
+            labels={"provider": record.key},
+            help="Inbound events published on the bus.",
+        )
+        if not callable(getattr(bus, "add_ack_listener", None)):
+            await self._settle(record.id)  # a bus without acknowledgements: hand-off is all
+
+    async def _settle(self, record_id: str) -> bool:
+        token = self._holds.drop(record_id)
+        if token is None:
+            return False
+        return await self.inbox.aack(record_id, token) is not None
+
+    async def _bury(self, record_id: str, reason: str) -> bool:
+        token = self._holds.drop(record_id)
+        if token is None:
+            return False
+        return await self.inbox.abury(record_id, token, reason) is not None
+
+    async def areceive_inbound(self) -> Message | Task:
+        """Like :meth:`receive_inbound` (the ``a``-prefixed name)."""
+        return await self.receive_inbound()
 
     async def receive_inbound(self) -> Message | Task:
         """Wait for the next accepted event (used when no bus is attached).
+
+        The event stays in the inbox, leased to this process, until
+        :meth:`aack_inbound`; if that does not happen within ``inbox_lease_sec`` (the
+        consumer crashed, the process restarted), it is handed out again, with the same
+        id. Events accepted by another process sharing the store, or left by a
+        previous one, are taken over here too.
 
         Returns:
             A :class:`~converge.core.message.Message` on :data:`INBOUND_TOPIC` whose
             payload is :meth:`InboundWebhookEvent.to_dict`, or a
             :class:`~converge.core.task.Task` with that dict as ``inputs`` for profiles
             with ``emit_as="task"``.
+
+        Raises:
+            ClosedError: If the connector is (or gets) closed.
+            StoreError: If the store failed.
         """
-        return await self._inbound_receive.receive()
+        holds = self._holds
+        while True:
+            self._check_open()
+            record = holds.take()
+            if record is not None:
+                if holds.token(record.id) != record.lease_token:
+                    continue  # taken over meanwhile
+                now = await self.inbox.anow()
+                if (record.lease_until or 0.0) <= now + 1.0:
+                    renewed = await self.inbox.alease_id(
+                        record.id, holds.owner, lease_sec=holds.lease_sec
+                    )
+                    if renewed is None:
+                        holds.drop(record.id)
+                        continue
+                    holds.hold(renewed, "queue")
+                    record = renewed
+                try:
+                    return item_of(record)
+                except FormatError as exc:
+                    await self._bury(record.id, f"unreadable: {exc}")
+                    continue
+            if await self._take_over() == 0:
+                await holds.wait(_RECEIVE_POLL_SEC)
+
+    async def _take_over(self) -> int:
+        """Lease open records nobody holds (left by a dead consumer or process)."""
+        now = await self.inbox.anow()
+        self._holds.expired(now)
+        records = await self.inbox.alease(
+            self._holds.owner,
+            lease_sec=self._holds.lease_sec,
+            limit=_PUMP_BATCH,
+            exclude=self._holds.live(now),
+        )
+        for record in records:
+            if record.key not in self.security.profiles:
+                await self.inbox.abury(record.id, record.lease_token, "unknown provider")
+                continue
+            await self._deliver(record, self._consumer(record.key))
+        if records:
+            self.metrics.inc(
+                "webhook_inbound_redelivered_total",
+                value=len(records),
+                help="Inbox records handed out again after their lease ran out.",
+            )
+        return len(records)
+
+    async def aack_inbound(self, item: Message | Task) -> bool:
+        """Acknowledge an event from :meth:`receive_inbound`: it is done for good.
+
+        Returns:
+            True if acknowledged; False if this process no longer holds it (its lease
+            ran out and it was handed out again, or it was acknowledged already).
+        """
+        if not isinstance(item, Message | Task):
+            raise UsageError("aack_inbound takes the Message or Task receive_inbound returned")
+        return await self._settle(item.id)
+
+    async def arelease_inbound(
+        self, item: Message | Task, *, delay_sec: float = 0.0, error: str | None = None
+    ) -> bool:
+        """Give an event from :meth:`receive_inbound` back, to be received again later.
+
+        Args:
+            item: The event.
+            delay_sec: Seconds before it is handed out again.
+            error: Why (kept in the record's attempts); None counts no attempt.
+
+        Returns:
+            True if released; False if this process no longer holds it.
+        """
+        if not isinstance(item, Message | Task):
+            raise UsageError("arelease_inbound takes the Message or Task receive_inbound returned")
+        if isinstance(delay_sec, bool) or not isinstance(delay_sec, int | float) or delay_sec < 0:
+            raise UsageError("delay_sec must be a number >= 0")
+        token = self._holds.drop(item.id)
+        if token is None:
+            return False
+        now = await self.inbox.anow()
+        attempt = None if error is None else Attempt(at=now, error=error, outcome="released")
+        return await self.inbox.aretry(item.id, token, now + delay_sec, attempt) is not None
+
+    @property
+    def inbound_events(self) -> AsyncIterator[Message | Task]:
+        """``async for item in connector.inbound_events``: :meth:`receive_inbound` in a loop.
+
+        Ends when the connector is closed. Acknowledge each item with :meth:`aack_inbound`.
+        """
+        return self._iterate_inbound()
+
+    async def _iterate_inbound(self) -> AsyncIterator[Message | Task]:
+        while True:
+            try:
+                item = await self.receive_inbound()
+            except ClosedError:
+                return
+            yield item
+
+    async def run_inbox(self, *, poll_interval_sec: float = 1.0) -> None:
+        """Hand on inbox records left unacknowledged, until the connector is closed.
+
+        Every ``poll_interval_sec``: extends the leases of events bus consumers in this
+        process still work on, and leases the open events nobody holds (their
+        consumer died, the process restarted, or a bus was full) and hands them on
+        again: forwards them, publishes them, or queues them for
+        :meth:`receive_inbound`. :meth:`run_outbound_dispatcher` runs this too.
+
+        Raises:
+            UsageError: If the interval is not a positive number.
+        """
+        if (
+            isinstance(poll_interval_sec, bool)
+            or not isinstance(poll_interval_sec, int | float)
+            or not poll_interval_sec > 0
+        ):
+            raise UsageError("poll_interval_sec must be a positive number")
+        self._pump_running = True
+        try:
+            while not self._closed:
+                try:
+                    await self._renew()
+                    await self._take_over()
+                except StoreError as exc:
+                    _log.warning("inbox pump: store failed: %s", exc)
+                await anyio.sleep(poll_interval_sec)
+        finally:
+            self._pump_running = False
+
+    async def _renew(self) -> None:
+        now = await self.inbox.anow()
+        for record_id, token in self._holds.renewable(now):
+            record = await self.inbox.aextend(record_id, token, lease_sec=self._holds.lease_sec)
+            if record is None:
+                self._holds.drop(record_id)
+            else:
+                self._holds.renewed(record)
 
     # -- outbound ---------------------------------------------------------------------
 
@@ -565,16 +892,20 @@ class WebhookConnector:
         """
         await self.enqueue(action)
 
-    async def enqueue(self, action: OutboundWebhookAction) -> OutboxRecord:
+    async def enqueue(
+        self, action: OutboundWebhookAction, *, namespace: str = "api"
+    ) -> OutboxRecord:
         """Like :meth:`submit_outbound_action`, returning the persisted outbox record.
 
-        If an action with the same idempotency key is pending, the returned record
-        describes the new submission's id but nothing new is stored.
+        Idempotency keys are unique per ``namespace`` (``"api"``, ``"agent"``,
+        ``"inbound"``; see :meth:`Outbox.add`): the same action again returns the
+        original record, a different action under a kept key raises
+        :class:`~converge.errors.IdempotencyConflictError`.
         """
         self._check_open()
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
-        record = await self.outbox.add(action)
+        record = await self.outbox.add(action, namespace=namespace)
         self.metrics.inc(
             "webhook_outbound_submitted_total",
             labels={"target": action.target},
@@ -621,7 +952,7 @@ class WebhookConnector:
             UsageError: If the message does not describe a deliverable action.
             StoreError: If the store failed.
         """
-        await self.submit_outbound_action(self.action_from_message(message))
+        await self.enqueue(self.action_from_message(message), namespace="agent")
 
     async def dispatch_outbound_action(self, action: OutboundWebhookAction) -> bool:
         """Make one delivery attempt of ``action`` now, bypassing the outbox.
@@ -649,17 +980,35 @@ class WebhookConnector:
         Loads every pending action from the store first, so a restarted connector
         resumes where the last one stopped. Actions submitted in this process are
         scheduled at once; the store is rescanned every ``poll_interval_sec`` for
-        actions submitted by other processes sharing it.
+        actions submitted by other processes sharing it. Unless :meth:`run_inbox`
+        runs already, it runs alongside (every ``poll_interval_sec``, at least 0.5 s),
+        so inbound events left unacknowledged are handed on again.
 
         Raises:
             UsageError: If the dispatcher is already running or the interval is bad.
         """
         self._check_open()
+        failure: Exception | None = None
         try:
-            await self.dispatcher.run(poll_interval_sec)
+            async with anyio.create_task_group() as tg:
+                if not self._pump_running:
+                    tg.start_soon(self._run_inbox_quietly, _pump_interval(poll_interval_sec))
+                try:
+                    await self.dispatcher.run(poll_interval_sec)
+                except Exception as exc:  # raised below, not wrapped in an exception group
+                    failure = exc
+                tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         finally:
             with anyio.CancelScope(shield=True):
                 await self.transport.aclose()
+
+    async def _run_inbox_quietly(self, poll_interval_sec: float) -> None:
+        try:
+            await self.run_inbox(poll_interval_sec=poll_interval_sec)
+        except Exception:  # the dispatcher must not die with it
+            _log.exception("the inbox pump crashed")
 
     def stop_dispatcher(self) -> None:
         """Ask the running dispatcher to finish its in-flight attempts and return.
@@ -695,7 +1044,7 @@ class WebhookConnector:
 
     async def apending_count(self) -> int:
         """How many actions wait in the outbox (read from the store)."""
-        return len(await self.outbox.pending_ids())
+        return await self.outbox.apending_count()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -709,13 +1058,15 @@ class WebhookConnector:
             raise ClosedError("this WebhookConnector was closed")
 
     async def aclose(self) -> None:
-        """Stop the dispatcher, close the HTTP client and the inbound queue. Idempotent.
+        """Stop the dispatcher and the inbox pump, close the HTTP client. Idempotent.
 
-        The store is the caller's and stays open.
+        Waiting :meth:`receive_inbound` calls raise ClosedError. Events this process
+        held and did not see acknowledged stay in the inbox (handed out again after
+        their lease). The store is the caller's and stays open.
         """
         if self._closed:
             return
         self._closed = True
         self.dispatcher.stop()
-        self._inbound_send.close()
+        self._holds.wake()
         await self.transport.aclose()

@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from converge import _sync
@@ -34,7 +34,7 @@ __all__ = ["MAX_JSON_DEPTH", "VerifiedWebhook", "WebhookSecurity", "parse_json_o
 #: Deepest JSON nesting an inbound payload may have.
 MAX_JSON_DEPTH = 32
 
-_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _PAYLOAD_ID_FIELD = {"stripe": "id", "slack": "event_id"}
 
@@ -57,6 +57,11 @@ class VerifiedWebhook:
         headers: The request headers, lower-cased, without credentials.
         challenge: Slack's ``url_verification`` challenge, to echo instead of emitting an
             event; None otherwise.
+        body: The exact verified body bytes (forward these to pass the sender's bytes on
+            unchanged).
+        body_digest: SHA-256 hex digest of the signed bytes when the scheme's event id is
+            not covered by the signature (GitHub, ``"hmac"`` with ``raw_body``): the
+            replay claim then covers the digest too. None otherwise.
     """
 
     profile: ProviderProfile
@@ -65,6 +70,8 @@ class VerifiedWebhook:
     timestamp: float
     headers: dict[str, str]
     challenge: str | None = None
+    body: bytes = field(default=b"", repr=False)
+    body_digest: str | None = None
 
 
 def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -92,12 +99,24 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+def parse_json_object(
+    raw_body: bytes, max_depth: int = MAX_JSON_DEPTH, *, lone_surrogates: str = "replace"
+) -> dict[str, Any]:
     """Parse ``raw_body`` as a UTF-8 JSON object nested at most ``max_depth`` deep.
 
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text can
+    hold: such a value could be accepted but never stored, logged or sent as UTF-8.
+    With ``lone_surrogates="replace"`` (inbound events) each one becomes U+FFFD in the
+    parsed value (the verified bytes stay as they were); with ``"reject"`` (outbound
+    actions, whose caller can fix them) the body is refused.
+
     Raises:
-        WebhookSecurityError: 400 ``malformed_json``, ``not_an_object`` or ``too_deep``.
+        WebhookSecurityError: 400 ``malformed_json``, ``not_an_object``, ``too_deep`` or
+            (``"reject"``) ``lone_surrogate``.
+        UsageError: For an unknown ``lone_surrogates`` mode.
     """
+    if lone_surrogates not in ("replace", "reject"):
+        raise UsageError("lone_surrogates must be 'replace' or 'reject'")
     try:
         value = _DECODER.decode(raw_body.decode("utf-8"))
     except RecursionError as exc:
@@ -106,15 +125,48 @@ def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[
         raise _reject(400, "malformed_json", "the body is not UTF-8 JSON") from exc
     if not isinstance(value, dict):
         raise _reject(400, "not_an_object", "the JSON body must be an object")
-    if raw_body.count(b"{") + raw_body.count(b"[") <= max_depth:
-        return value  # cannot be nested deeper than the brackets it contains
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            raise _reject(400, "too_deep", f"the JSON body is nested deeper than {max_depth}")
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    if raw_body.count(b"{") + raw_body.count(b"[") > max_depth:
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > max_depth:
+                raise _reject(400, "too_deep", f"the JSON body is nested deeper than {max_depth}")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    # Valid UTF-8 holds no surrogates: only a \\uD800-\\uDFFF escape can make one.
+    if _SURROGATE_ESCAPE_RE.search(raw_body) is not None and _has_surrogate(value):
+        if lone_surrogates == "reject":
+            raise _reject(
+                400, "lone_surrogate", "the JSON holds a lone surrogate escape (no UTF-8 form)"
+            )
+        fixed = _replace_surrogates(value)
+        assert isinstance(fixed, dict)
+        value = fixed
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(value: Any) -> bool:
+    # Depth is bounded by parse_json_object's check (MAX_JSON_DEPTH) before this runs.
+    if isinstance(value, str):
+        return _SURROGATE_RE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
     return value
 
 
@@ -354,13 +406,20 @@ class WebhookSecurity:
             if not isinstance(challenge, str) or not 0 < len(challenge) <= 256:
                 raise _reject(400, "missing_field", "url_verification needs a challenge")
             return VerifiedWebhook(
-                profile, payload, "url_verification", timestamp, _safe(lowered), challenge
+                profile, payload, "url_verification", timestamp, _safe(lowered), challenge, body
             )
         for name in profile.required_payload_fields:
             if name not in payload:
                 raise _reject(400, "missing_field", f"the payload lacks the field {name!r}")
         event_id = self._event_id(profile, parts.event_id, payload, body)
-        return VerifiedWebhook(profile, payload, event_id, timestamp, _safe(lowered))
+        digest = None
+        if scheme == "github" or (scheme == "hmac" and profile.canonicalization == "raw_body"):
+            # The event id (a header, or re-datable with an unsigned timestamp) is not
+            # what the signature covers: the replay claim covers the signed bytes too.
+            digest = hashlib.sha256(body).hexdigest()
+        return VerifiedWebhook(
+            profile, payload, event_id, timestamp, _safe(lowered), body=body, body_digest=digest
+        )
 
     def _event_id(
         self,
@@ -385,35 +444,80 @@ class WebhookSecurity:
 
     # -- replay defence ----------------------------------------------------------------
 
-    def _claim_key(self, provider: str, event_id: str) -> str:
-        digest = hashlib.sha256(event_id.encode()).hexdigest()[:40]
-        return f"{self._prefix}:seen:{provider}:{digest}"
+    @property
+    def claim_ttl_sec(self) -> int:
+        """Seconds every claim key lives (:attr:`WebhookSecurityPolicy.replay_ttl_sec`)."""
+        return self.policy.replay_ttl_sec
+
+    def claim_keys(self, verified: VerifiedWebhook) -> tuple[str, ...]:
+        """The store keys whose joint absence makes ``verified`` new (pure, no I/O).
+
+        The first key is derived from the event id. For schemes whose event id is not
+        covered by the signature (GitHub, ``"hmac"`` with ``raw_body``) a second key is
+        derived from the digest of the signed bytes, so changing the unsigned id header
+        does not make a captured request new. A Slack ``url_verification`` handshake
+        claims nothing (empty tuple).
+
+        A consumer that writes its own record atomically with the claim (an inbox)
+        writes every one of these keys, with TTL :attr:`claim_ttl_sec`, in one
+        ``Store.aupdate`` that first checks they are all absent; the request is a replay
+        when any of them exists.
+        """
+        if verified.challenge is not None:
+            return ()
+        provider = verified.profile.name
+        digest = hashlib.sha256(verified.event_id.encode()).hexdigest()[:40]
+        first = f"{self._prefix}:seen:{provider}:{digest}"
+        if verified.body_digest is None:
+            return (first,)
+        return first, f"{self._prefix}:seen:{provider}:body:{verified.body_digest[:40]}"
+
+    def claim_record(self, verified: VerifiedWebhook, token: str) -> dict[str, Any]:
+        """The value :meth:`aclaim` stores under each claim key (JSON-compatible)."""
+        return {"event_id": verified.event_id, "at": self._clock(), "token": token}
 
     async def aclaim(self, verified: VerifiedWebhook) -> str:
-        """Claim ``verified``'s event id atomically; return a token for :meth:`arelease`.
+        """Claim every key of :meth:`claim_keys` atomically; return a token for :meth:`arelease`.
 
         Raises:
-            DuplicateEventError: The id was claimed inside the idempotency window.
+            DuplicateEventError: One of the keys was claimed inside the idempotency window.
             StoreError: The store failed.
         """
         token = os.urandom(8).hex()
-        record = {"event_id": verified.event_id, "at": self._clock(), "token": token}
-        key = self._claim_key(verified.profile.name, verified.event_id)
-        if not await self.store.aput_if_absent(key, record, ttl=self.policy.replay_ttl_sec):
-            raise DuplicateEventError("this event id was already accepted")
+        keys = self.claim_keys(verified)
+        if not keys:
+            return token
+        record = self.claim_record(verified, token)
+        ttl = self.claim_ttl_sec
+        if len(keys) == 1:
+            claimed = await self.store.aput_if_absent(keys[0], record, ttl=ttl)
+        else:
+
+            def claim(current: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+                if any(value is not None for value in current.values()):
+                    return {}, False
+                return dict.fromkeys(keys, record), True
+
+            claimed = await self.store.aupdate(keys, claim, ttl=ttl)
+        if not claimed:
+            raise DuplicateEventError("this event was already accepted")
         return token
 
     async def arelease(self, verified: VerifiedWebhook, token: str) -> None:
         """Drop the claim made with ``token`` (only that one), so a retry can succeed."""
-        key = self._claim_key(verified.profile.name, verified.event_id)
+        keys = self.claim_keys(verified)
+        if not keys:
+            return
 
         def release(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
-            value = current.get(key)
-            if isinstance(value, Mapping) and value.get("token") == token:
-                return {key: None}, None
-            return {}, None
+            mine = {
+                key: None
+                for key, value in current.items()
+                if isinstance(value, Mapping) and value.get("token") == token
+            }
+            return mine, None
 
-        await self.store.aupdate([key], release)
+        await self.store.aupdate(keys, release)
 
     async def avalidate_and_extract(
         self,
@@ -444,8 +548,7 @@ class WebhookSecurity:
             remote_addr=remote_addr,
             client_cert_present=client_cert_present,
         )
-        if verified.challenge is None:
-            await self.aclaim(verified)
+        await self.aclaim(verified)
         return verified.profile, verified.payload, verified.event_id, verified.timestamp
 
     def validate_and_extract(

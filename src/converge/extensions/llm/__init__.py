@@ -12,25 +12,37 @@ Importing this package imports no SDK: each provider imports its SDK when constr
 
 from __future__ import annotations
 
+from converge.errors import (
+    ContentFilteredError,
+    ProviderOverloadedError,
+    ResponseRefusedError,
+    ResponseTruncatedError,
+)
 from converge.extensions.llm._retry import RetryPolicy
 from converge.extensions.llm.agent import LLMAgent
 from converge.extensions.llm.anthropic import AnthropicProvider
 from converge.extensions.llm.decisions_json import decisions_tool, parse_decisions
 from converge.extensions.llm.mistral import MistralProvider
 from converge.extensions.llm.openai import OpenAIProvider
-from converge.extensions.llm.protocol import LLMProvider, Usage
+from converge.extensions.llm.protocol import ChatResult, LLMProvider, ToolCall, Usage
 from converge.extensions.llm.react import ReActResult, arun_react, run_react
 from converge.extensions.llm.stream import ChatStream
 
 __all__ = [
     "AnthropicProvider",
+    "ChatResult",
     "ChatStream",
+    "ContentFilteredError",
     "LLMAgent",
     "LLMProvider",
     "MistralProvider",
     "OpenAIProvider",
+    "ProviderOverloadedError",
     "ReActResult",
+    "ResponseRefusedError",
+    "ResponseTruncatedError",
     "RetryPolicy",
+    "ToolCall",
     "Usage",
     "arun_react",
     "decisions_tool",

@@ -1,0 +1,361 @@
+"""The sans-I/O core of a durable queue: key layout and state transitions.
+
+Each transition is a pure function ``(current, ...) -> (changes, result)`` in the shape
+of a :meth:`~converge.core.store.Store.aupdate` function: it reads the values of the
+keys it names, takes ``now`` as an argument, and never touches a store or a clock. The
+driver (:class:`~converge.durable.queue.DurableQueue`) runs each one as a single atomic
+store update, so every state change is all-or-nothing and checked against the record's
+fencing token inside the same transaction.
+
+Records live under three key prefixes, one per phase, so that scanning for work never
+reads the retained history::
+
+    {prefix}:open:{id}    pending or leased (no TTL: kept until its consumer is done)
+    {prefix}:done:{id}    acknowledged or delivered (TTL = retention: the store sweeps it)
+    {prefix}:dead:{id}    dead letters (TTL = dead-letter retention)
+    {prefix}:count        how many records are open (kept in the same transactions)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from converge.durable._ttl import WithTTL
+from converge.durable.records import DONE_STATUSES as _DONE
+from converge.durable.records import MAX_ATTEMPTS_KEPT as _KEPT
+from converge.durable.records import OPEN_STATUSES as _OPEN
+from converge.durable.records import Attempt, Record, clip_error
+from converge.errors import FormatError
+
+__all__ = ["Changes", "QueueKeys", "Transitions", "read_record"]
+
+#: The ``changes`` half of an update function's return value.
+Changes = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """Where a queue's records live in the store.
+
+    Attributes:
+        prefix: The queue's key prefix.
+    """
+
+    prefix: str
+
+    @property
+    def count(self) -> str:
+        """Key of the open-record counter."""
+        return f"{self.prefix}:count"
+
+    @property
+    def open_prefix(self) -> str:
+        """Prefix of the open (pending or leased) records."""
+        return f"{self.prefix}:open:"
+
+    @property
+    def done_prefix(self) -> str:
+        """Prefix of the acknowledged or delivered records."""
+        return f"{self.prefix}:done:"
+
+    @property
+    def dead_prefix(self) -> str:
+        """Prefix of the dead letters."""
+        return f"{self.prefix}:dead:"
+
+    def open(self, record_id: str) -> str:
+        """Key of an open record."""
+        return self.open_prefix + record_id
+
+    def done(self, record_id: str) -> str:
+        """Key of a done record."""
+        return self.done_prefix + record_id
+
+    def dead(self, record_id: str) -> str:
+        """Key of a dead letter."""
+        return self.dead_prefix + record_id
+
+    def all(self, record_id: str) -> tuple[str, str, str]:
+        """The three keys a record may live under: open, done, dead."""
+        return self.open(record_id), self.done(record_id), self.dead(record_id)
+
+
+def read_record(value: Any) -> Record | None:
+    """The record stored as ``value``, or None if absent or unreadable."""
+    # An unreadable value reads as "no record": transitions then change nothing.
+    if value is None:
+        return None
+    try:
+        return Record.from_dict(value)
+    except (FormatError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _with_attempt(record: Record, attempt: Attempt | None) -> dict[str, Any]:
+    if attempt is None:
+        return {}
+    kept = (*record.attempts, attempt)[-_KEPT:]
+    return {"attempts": kept, "attempt_count": record.attempt_count + 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Transitions:
+    """The state machine of one queue, as pure update functions.
+
+    Attributes:
+        keys: The key layout.
+        retention_sec: TTL of done records.
+        dead_retention_sec: TTL of dead letters.
+        max_pending: Most open records at once (``aadd`` beyond it is refused).
+        done_status: Status of an acknowledged record (``"acknowledged"`` or
+            ``"delivered"``).
+    """
+
+    keys: QueueKeys
+    retention_sec: float
+    dead_retention_sec: float
+    max_pending: int
+    done_status: str = "acknowledged"
+
+    # -- add ---------------------------------------------------------------------------
+
+    def add_keys(self, record_id: str, claims: Mapping[str, Any]) -> list[str]:
+        """The keys :meth:`add` reads: the record's three, the counter, the claims."""
+        return [*self.keys.all(record_id), self.keys.count, *claims]
+
+    def add(
+        self,
+        current: Mapping[str, Any],
+        record: Record,
+        claims: Mapping[str, Any],
+        claim_ttl: float | None,
+    ) -> tuple[Changes, str]:
+        """Add ``record`` and write ``claims``, unless a claim or the record exists.
+
+        Returns:
+            ``(changes, outcome)``; outcome ``"added"``, ``"duplicate"`` (a claim key
+            or the record id is taken: nothing written) or ``"full"`` (the record is
+            open and ``max_pending`` records are open already: nothing written).
+        """
+        if any(current.get(k) is not None for k in claims):
+            return {}, "duplicate"
+        if any(current.get(k) is not None for k in self.keys.all(record.id)):
+            return {}, "duplicate"
+        changes: Changes = {k: WithTTL(v, claim_ttl) for k, v in claims.items()}
+        if record.status in _OPEN:
+            count = _count(current.get(self.keys.count))
+            if count >= self.max_pending:
+                return {}, "full"
+            changes[self.keys.count] = WithTTL(count + 1, None)
+            changes[self.keys.open(record.id)] = WithTTL(record.to_dict(), None)
+        elif record.status in _DONE:
+            changes[self.keys.done(record.id)] = WithTTL(record.to_dict(), self.retention_sec)
+        else:
+            changes[self.keys.dead(record.id)] = WithTTL(record.to_dict(), self.dead_retention_sec)
+        return changes, "added"
+
+    # -- leases ------------------------------------------------------------------------
+
+    @staticmethod
+    def leasable(record: Record, now: float) -> bool:
+        """True if ``record`` may be leased at ``now`` (due, or its lease ran out)."""
+        if record.status == "pending":
+            return record.due <= now
+        if record.status == "leased":
+            return record.lease_until is None or record.lease_until <= now
+        return False
+
+    def lease(
+        self, current: Mapping[str, Any], record_id: str, owner: str, now: float, until: float
+    ) -> tuple[Changes, Record | None]:
+        """Lease an open record to ``owner`` until ``until`` with a new fencing token.
+
+        Returns:
+            ``(changes, record)``: the leased record, or None when it is not leasable.
+        """
+        key = self.keys.open(record_id)
+        record = read_record(current.get(key))
+        if record is None or not self.leasable(record, now):
+            return {}, None
+        leased = dataclasses.replace(
+            record,
+            status="leased",
+            lease_owner=owner,
+            lease_token=record.lease_token + 1,
+            lease_until=until,
+            updated=now,
+        )
+        return {key: WithTTL(leased.to_dict(), None)}, leased
+
+    def _held(self, current: Mapping[str, Any], record_id: str, token: int) -> Record | None:
+        record = read_record(current.get(self.keys.open(record_id)))
+        if record is None or record.status != "leased" or record.lease_token != token:
+            return None
+        return record
+
+    def extend(
+        self, current: Mapping[str, Any], record_id: str, token: int, now: float, until: float
+    ) -> tuple[Changes, Record | None]:
+        """Move the end of a held lease to ``until`` (None when the token is stale)."""
+        record = self._held(current, record_id, token)
+        if record is None:
+            return {}, None
+        extended = dataclasses.replace(record, lease_until=until, updated=now)
+        return {self.keys.open(record_id): WithTTL(extended.to_dict(), None)}, extended
+
+    def release(
+        self,
+        current: Mapping[str, Any],
+        record_id: str,
+        token: int,
+        now: float,
+        due: float,
+        attempt: Attempt | None = None,
+    ) -> tuple[Changes, Record | None]:
+        """Give a held record back as pending from ``due`` (optionally recording an attempt).
+
+        This is also :meth:`retry`: with an ``attempt``, it counts against the budget.
+        """
+        record = self._held(current, record_id, token)
+        if record is None:
+            return {}, None
+        error = attempt.error if attempt is not None else None
+        pending = dataclasses.replace(
+            record,
+            status="pending",
+            lease_owner=None,
+            lease_until=None,
+            due=due,
+            updated=now,
+            last_error=clip_error(error) if error is not None else record.last_error,
+            **_with_attempt(record, attempt),
+        )
+        return {self.keys.open(record_id): WithTTL(pending.to_dict(), None)}, pending
+
+    def retry(
+        self,
+        current: Mapping[str, Any],
+        record_id: str,
+        token: int,
+        now: float,
+        due: float,
+        attempt: Attempt | None,
+    ) -> tuple[Changes, Record | None]:
+        """Record a failed attempt and make the record due again at ``due``."""
+        return self.release(current, record_id, token, now, due, attempt)
+
+    # -- finishing ---------------------------------------------------------------------
+
+    def close_keys(self, record_id: str) -> list[str]:
+        """The keys :meth:`ack`, :meth:`bury`, :meth:`replay` and :meth:`purge` read."""
+        return [*self.keys.all(record_id), self.keys.count]
+
+    def ack(
+        self,
+        current: Mapping[str, Any],
+        record_id: str,
+        token: int,
+        now: float,
+        attempt: Attempt | None = None,
+    ) -> tuple[Changes, Record | None]:
+        """The consumer is done: move the held record to done (TTL = retention)."""
+        record = self._held(current, record_id, token)
+        if record is None:
+            return {}, None
+        done = dataclasses.replace(
+            record,
+            status=self.done_status,
+            lease_owner=None,
+            lease_until=None,
+            updated=now,
+            **_with_attempt(record, attempt),
+        )
+        return self._move(current, record_id, done, self.keys.done(record_id), -1), done
+
+    def bury(
+        self,
+        current: Mapping[str, Any],
+        record_id: str,
+        token: int,
+        now: float,
+        reason: str,
+        attempt: Attempt | None = None,
+    ) -> tuple[Changes, Record | None]:
+        """Give up on a held record: move it to the dead letters."""
+        record = self._held(current, record_id, token)
+        if record is None:
+            return {}, None
+        dead = dataclasses.replace(
+            record,
+            status="dead",
+            lease_owner=None,
+            lease_until=None,
+            updated=now,
+            last_error=clip_error(reason),
+            **_with_attempt(record, attempt),
+        )
+        return self._move(current, record_id, dead, self.keys.dead(record_id), -1), dead
+
+    def replay(
+        self, current: Mapping[str, Any], record_id: str, now: float
+    ) -> tuple[Changes, Record | None]:
+        """Make a done or dead record pending again, due now, with a fresh budget.
+
+        Replays are operator actions: they are not refused by ``max_pending``.
+        """
+        for key in (self.keys.dead(record_id), self.keys.done(record_id)):
+            record = read_record(current.get(key))
+            if record is None:
+                continue
+            pending = dataclasses.replace(
+                record,
+                status="pending",
+                due=now,
+                updated=now,
+                lease_owner=None,
+                lease_until=None,
+                budget_from=record.attempt_count,
+            )
+            changes = self._move(current, record_id, pending, self.keys.open(record_id), +1)
+            return changes, pending
+        return {}, None
+
+    def purge(self, current: Mapping[str, Any], record_id: str) -> tuple[Changes, Record | None]:
+        """Delete a record wherever it is (the counter follows)."""
+        found: Record | None = None
+        changes: Changes = {}
+        for key in self.keys.all(record_id):
+            if current.get(key) is not None:
+                found = found or read_record(current.get(key))
+                changes[key] = None
+        if current.get(self.keys.open(record_id)) is not None:
+            count = _count(current.get(self.keys.count))
+            changes[self.keys.count] = WithTTL(max(count - 1, 0), None)
+        return changes, found
+
+    def _move(
+        self, current: Mapping[str, Any], record_id: str, record: Record, to: str, delta: int
+    ) -> Changes:
+        ttl: float | None = None
+        if record.status in _DONE:
+            ttl = self.retention_sec
+        elif record.status == "dead":
+            ttl = self.dead_retention_sec
+        changes: Changes = {k: None for k in self.keys.all(record_id) if k != to}
+        changes = {k: v for k, v in changes.items() if current.get(k) is not None}
+        changes[to] = WithTTL(record.to_dict(), ttl)
+        count = _count(current.get(self.keys.count))
+        changes[self.keys.count] = WithTTL(max(count + delta, 0), None)
+        return changes
+
+    @staticmethod
+    def set_count(current: Mapping[str, Any], key: str, value: int) -> tuple[Changes, int]:
+        """Set the open-record counter (repair after a recount)."""
+        return {key: WithTTL(value, None)}, value

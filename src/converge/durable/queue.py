@@ -1,0 +1,491 @@
+"""DurableQueue: the async driver of the durable queue over any :class:`Store`."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from converge.core.store import Store
+from converge.durable import _ttl
+from converge.durable.core import QueueKeys, Transitions, read_record
+from converge.durable.records import STATUSES as _STATUSES
+from converge.durable.records import Attempt, Record
+from converge.errors import (
+    ConfigurationError,
+    DuplicateRecordError,
+    QueueFullError,
+    UsageError,
+)
+
+__all__ = ["DurableQueue"]
+
+_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
+_KIND_RE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
+# How often the offset between this host's clock and the store's clock is refreshed.
+_CLOCK_REFRESH_SEC = 30.0
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds")
+    if value == float("inf"):
+        raise ConfigurationError(f"{name} must be finite")
+    return float(value)
+
+
+def _check_id(record_id: object) -> str:
+    if not isinstance(record_id, str) or not _ID_RE.fullmatch(record_id):
+        raise UsageError("a record id is 1-200 letters, digits, '_', '.', ':' or '-'")
+    return record_id
+
+
+def _check_token(token: object) -> int:
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise UsageError("a lease token is the int lease_token of a leased Record")
+    return token
+
+
+class DurableQueue:
+    """A queue of :class:`Record` items kept in a :class:`Store`, with leases.
+
+    Every state change (add, lease, extend, release, retry, acknowledge, bury, replay,
+    purge) is one atomic :meth:`Store.aupdate`, computed by the sans-I/O
+    :class:`~converge.durable.core.Transitions`; every change made by a lease holder
+    names the lease's fencing token and is refused once another holder took the record
+    over. Done records (acknowledged or delivered) and dead letters are written with a
+    TTL, so the store sweeps them; the number of open records is kept in a counter
+    written by the same transactions, so :meth:`apending_count` and the
+    ``max_pending`` bound cost one read, not a scan.
+
+    Lease times come from the store's clock (``Store.atime``; Redis ``TIME`` for
+    replicas on several hosts), read once every 30 s and applied as an offset to this
+    host's clock; pass ``clock`` to use your own instead (tests).
+
+    The guarantee is at-least-once: a record stays open until its consumer
+    acknowledges it; a lease that runs out makes it available again (same id, same
+    data). With a ``MemoryStore`` nothing survives the process.
+
+    Args:
+        store: Where the records live.
+        prefix: Key prefix of this queue (distinct per queue).
+        kind: What it holds (``"inbound"``, ``"outbound"``, ...).
+        retention_sec: How long done records are kept.
+        max_pending: Most open records at once; :meth:`aadd` beyond it raises
+            :class:`~converge.errors.QueueFullError`.
+        clock: Unix seconds; None uses the store's clock.
+        dead_retention_sec: How long dead letters are kept (``retention_sec`` if None).
+        done_status: Status of acknowledged records: ``"delivered"`` for the
+            ``"outbound"`` kind, else ``"acknowledged"``, unless given.
+
+    Raises:
+        ConfigurationError: For invalid arguments.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        prefix: str,
+        kind: str,
+        retention_sec: float = 7 * 24 * 3600.0,
+        max_pending: int = 10_000,
+        clock: Callable[[], float] | None = None,
+        dead_retention_sec: float | None = None,
+        done_status: str | None = None,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise ConfigurationError("store must be a converge Store")
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigurationError("prefix must be a non-empty string")
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+            raise ConfigurationError("kind must be a short lower-case word like 'inbound'")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigurationError("max_pending must be an integer >= 1")
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a callable returning Unix seconds")
+        if done_status is None:
+            done_status = "delivered" if kind == "outbound" else "acknowledged"
+        if done_status not in ("acknowledged", "delivered"):
+            raise ConfigurationError("done_status must be 'acknowledged' or 'delivered'")
+        retention = _positive("retention_sec", retention_sec)
+        dead = (
+            retention
+            if dead_retention_sec is None
+            else _positive("dead_retention_sec", dead_retention_sec)
+        )
+        self.store = store
+        self.kind = kind
+        self.keys = QueueKeys(prefix)
+        self.max_pending = max_pending
+        self.transitions = Transitions(self.keys, retention, dead, max_pending, done_status)
+        self._clock = clock
+        self._offset = 0.0
+        self._offset_at = -_CLOCK_REFRESH_SEC
+
+    # -- time and ids ------------------------------------------------------------------
+
+    async def anow(self) -> float:
+        """The queue's current time: the store's clock in Unix seconds (or ``clock``)."""
+        if self._clock is not None:
+            return float(self._clock())
+        local = time.time()
+        if local - self._offset_at >= _CLOCK_REFRESH_SEC or local < self._offset_at:
+            remote = await _ttl.store_time(self.store)
+            after = time.time()
+            self._offset = 0.0 if remote is None else remote - (local + after) / 2
+            self._offset_at = local = after
+        return local + self._offset
+
+    @staticmethod
+    def new_id(now: float | None = None) -> str:
+        """A fresh record id: time-ordered (so listings sort by age), then random."""
+        stamp = int((time.time() if now is None else now) * 1_000_000)
+        return f"{stamp:014x}{os.urandom(6).hex()}"
+
+    # -- adding ------------------------------------------------------------------------
+
+    async def aadd(
+        self,
+        data: Mapping[str, Any],
+        *,
+        id: str | None = None,
+        key: str = "",
+        status: str = "pending",
+        lease_owner: str | None = None,
+        lease_sec: float | None = None,
+        due: float | None = None,
+        claims: Mapping[str, Any] | None = None,
+        claim_ttl: float | None = None,
+    ) -> Record:
+        """Add a record, atomically with ``claims`` (e.g. an inbound event's replay claim).
+
+        Args:
+            data: The item, a JSON object.
+            id: The record id; a fresh time-ordered one if None.
+            key: What the record belongs to (provider, target, ...).
+            status: ``"pending"``; ``"leased"`` to hand it to ``lease_owner`` at once
+                (no separate lease write); or a done status to record an item its
+                consumer already handled (kept for the retention, never counted).
+            lease_owner: The holder, with ``status="leased"``.
+            lease_sec: Lease length, with ``status="leased"``.
+            due: When a pending record may first be leased (now if None).
+            claims: Extra keys written in the same transaction; if any exists already
+                the add is a duplicate.
+            claim_ttl: TTL of the ``claims`` keys (None: no expiry).
+
+        Returns:
+            The stored record (``lease_token`` is the token to acknowledge it with).
+
+        Raises:
+            DuplicateRecordError: A claim key or the record id exists: nothing written.
+            QueueFullError: ``max_pending`` records are open: nothing written.
+            UsageError: For invalid arguments.
+            StoreError: The store failed (nothing was added).
+        """
+        if not isinstance(data, Mapping):
+            raise UsageError("record data must be a JSON object (a mapping)")
+        if status not in _STATUSES or status == "dead":
+            raise UsageError(f"a record is added pending, leased or done, not {status!r}")
+        if not isinstance(key, str):
+            raise UsageError("key must be a string")
+        claims = dict(claims or {})
+        now = await self.anow()
+        record_id = _check_id(id) if id is not None else self.new_id(now)
+        token, until, owner = 0, None, None
+        if status == "leased":
+            if not isinstance(lease_owner, str) or not lease_owner:
+                raise UsageError("a leased record needs its lease_owner")
+            until = now + _positive("lease_sec", lease_sec)
+            token, owner = 1, lease_owner
+        record = Record(
+            id=record_id,
+            kind=self.kind,
+            status=status,
+            key=key,
+            data=dict(data),
+            created=now,
+            updated=now,
+            due=now if due is None else float(due),
+            lease_owner=owner,
+            lease_token=token,
+            lease_until=until,
+        )
+        transitions = self.transitions
+
+        def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            return transitions.add(current, record, claims, claim_ttl)
+
+        outcome = await _ttl.aupdate(self.store, transitions.add_keys(record_id, claims), add)
+        if outcome == "duplicate":
+            raise DuplicateRecordError(f"record {record_id!r} or one of its claims exists")
+        if outcome == "full":
+            raise QueueFullError(
+                f"the {self.kind} queue holds {self.max_pending} open records (max_pending)"
+            )
+        return record
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def alease(
+        self,
+        owner: str,
+        *,
+        lease_sec: float = 30.0,
+        limit: int = 1,
+        key: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[Record]:
+        """Lease up to ``limit`` records that are due (or whose lease ran out).
+
+        Scans the open records (not the retained ones), oldest id first; each lease is
+        one atomic update with a new fencing token.
+
+        Args:
+            owner: Who takes the leases.
+            lease_sec: Lease length.
+            limit: Most records to lease.
+            key: Only records of this key (provider, target).
+            exclude: Ids to skip (e.g. those the caller holds already).
+
+        Returns:
+            The leased records (possibly none).
+        """
+        if not isinstance(owner, str) or not owner:
+            raise UsageError("owner must be a non-empty string")
+        seconds = _positive("lease_sec", lease_sec)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UsageError("limit must be an integer >= 1")
+        prefix = self.keys.open_prefix
+        now = await self.anow()
+        leased: list[Record] = []
+        for store_key in await self.store.alist(prefix):
+            record_id = store_key[len(prefix) :]
+            if record_id in exclude:
+                continue
+            # A plain read first: only records worth leasing cost a write transaction.
+            found = read_record(await self.store.aget(store_key))
+            if found is None or not Transitions.leasable(found, now):
+                continue
+            if key is not None and found.key != key:
+                continue
+            record = await self._lease(record_id, owner, now, now + seconds)
+            if record is not None:
+                leased.append(record)
+                if len(leased) >= limit:
+                    break
+        return leased
+
+    async def alease_id(
+        self, record_id: str, owner: str, *, lease_sec: float = 30.0
+    ) -> Record | None:
+        """Lease one record by id (None if it is not open, not due, or held by another)."""
+        _check_id(record_id)
+        if not isinstance(owner, str) or not owner:
+            raise UsageError("owner must be a non-empty string")
+        now = await self.anow()
+        return await self._lease(record_id, owner, now, now + _positive("lease_sec", lease_sec))
+
+    async def _lease(self, record_id: str, owner: str, now: float, until: float) -> Record | None:
+        transitions = self.transitions
+
+        def lease(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.lease(current, record_id, owner, now, until)
+
+        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], lease)
+
+    async def aextend(self, record_id: str, token: int, *, lease_sec: float) -> Record | None:
+        """Extend a held lease to ``lease_sec`` from now (None if the token is stale)."""
+        _check_id(record_id)
+        _check_token(token)
+        now = await self.anow()
+        until = now + _positive("lease_sec", lease_sec)
+        transitions = self.transitions
+
+        def extend(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.extend(current, record_id, token, now, until)
+
+        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], extend)
+
+    async def arelease(
+        self, record_id: str, token: int, *, due: float | None = None
+    ) -> Record | None:
+        """Give a held record back, pending from ``due`` (now), counting no attempt."""
+        return await self.aretry(record_id, token, due, None)
+
+    async def aretry(
+        self, record_id: str, token: int, due: float | None, attempt: Attempt | None
+    ) -> Record | None:
+        """Record a failed ``attempt`` and make the held record pending again at ``due``.
+
+        Returns:
+            The updated record, or None if ``token`` no longer holds it.
+        """
+        _check_id(record_id)
+        _check_token(token)
+        if attempt is not None and not isinstance(attempt, Attempt):
+            raise UsageError("attempt must be an Attempt or None")
+        now = await self.anow()
+        when = now if due is None else float(due)
+        transitions = self.transitions
+
+        def retry(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.retry(current, record_id, token, now, when, attempt)
+
+        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], retry)
+
+    # -- finishing ---------------------------------------------------------------------
+
+    async def aack(
+        self, record_id: str, token: int, *, attempt: Attempt | None = None
+    ) -> Record | None:
+        """The consumer is done with a held record: it becomes acknowledged/delivered.
+
+        It is kept (for the event log) for ``retention_sec``, then swept by the store.
+
+        Returns:
+            The done record, or None if ``token`` no longer holds it (another holder
+            took it over after the lease ran out, or it was purged).
+        """
+        _check_id(record_id)
+        _check_token(token)
+        now = await self.anow()
+        transitions = self.transitions
+
+        def ack(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.ack(current, record_id, token, now, attempt)
+
+        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), ack)
+
+    async def abury(
+        self, record_id: str, token: int, reason: str, attempt: Attempt | None = None
+    ) -> Record | None:
+        """Give up on a held record: it becomes a dead letter (kept, replayable).
+
+        Returns:
+            The dead record, or None if ``token`` no longer holds it.
+        """
+        _check_id(record_id)
+        _check_token(token)
+        if not isinstance(reason, str) or not reason:
+            raise UsageError("reason must be a non-empty string")
+        now = await self.anow()
+        transitions = self.transitions
+
+        def bury(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.bury(current, record_id, token, now, reason, attempt)
+
+        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), bury)
+
+    async def areplay(self, record_id: str) -> Record | None:
+        """Make a dead or done record pending again (due now, a fresh attempt budget).
+
+        Returns:
+            The pending record, or None if there is no such done or dead record.
+        """
+        _check_id(record_id)
+        now = await self.anow()
+        transitions = self.transitions
+
+        def replay(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.replay(current, record_id, now)
+
+        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), replay)
+
+    async def apurge(self, record_id: str) -> Record | None:
+        """Delete a record for good, whatever its status.
+
+        Returns:
+            The deleted record, or None if there was none.
+        """
+        _check_id(record_id)
+        transitions = self.transitions
+
+        def purge(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            return transitions.purge(current, record_id)
+
+        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), purge)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def aget(self, record_id: str) -> Record | None:
+        """The record with this id, wherever it is (None if absent or unreadable)."""
+        _check_id(record_id)
+        for store_key in self.keys.all(record_id):
+            record = read_record(await self.store.aget(store_key))
+            if record is not None:
+                return record
+        return None
+
+    async def alist(
+        self,
+        *,
+        status: str | None = None,
+        key: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Records, newest first, filtered by status, key and creation time.
+
+        This reads every record of the phases asked for: it is for operators (event
+        log, CLI, admin API), not for a per-request path.
+
+        Args:
+            status: Only this status (one of :data:`~converge.durable.STATUSES`).
+            key: Only records of this key (provider, target).
+            since: Only records created at or after this Unix time.
+            limit: Most records returned.
+        """
+        if status is not None and status not in _STATUSES:
+            raise UsageError(f"status must be one of {_STATUSES}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UsageError("limit must be an integer >= 1")
+        prefixes = {
+            None: (self.keys.open_prefix, self.keys.done_prefix, self.keys.dead_prefix),
+            "pending": (self.keys.open_prefix,),
+            "leased": (self.keys.open_prefix,),
+            "acknowledged": (self.keys.done_prefix,),
+            "delivered": (self.keys.done_prefix,),
+            "dead": (self.keys.dead_prefix,),
+        }[status]
+        found: list[Record] = []
+        for prefix in prefixes:
+            for store_key in await self.store.alist(prefix):
+                record = read_record(await self.store.aget(store_key))
+                if record is None:
+                    continue
+                if status is not None and record.status != status:
+                    continue
+                if key is not None and record.key != key:
+                    continue
+                if since is not None and record.created < since:
+                    continue
+                found.append(record)
+        found.sort(key=lambda r: (r.created, r.id), reverse=True)
+        return found[:limit]
+
+    async def aopen_ids(self) -> list[str]:
+        """Ids of every open (pending or leased) record, oldest id first."""
+        prefix = self.keys.open_prefix
+        return [k[len(prefix) :] for k in await self.store.alist(prefix)]
+
+    async def apending_count(self) -> int:
+        """How many records are open (pending or leased): one read of the counter."""
+        value = await self.store.aget(self.keys.count)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    async def arecount(self) -> int:
+        """Recount the open records by listing them and repair the counter (O(open)).
+
+        The counter is exact while every change goes through this class; run this
+        after keys were deleted by hand.
+        """
+        count = len(await self.store.alist(self.keys.open_prefix))
+        key = self.keys.count
+
+        def fix(current: dict[str, Any]) -> tuple[dict[str, Any], int]:
+            return Transitions.set_count(current, key, count)
+
+        return await _ttl.aupdate(self.store, [key], fix)

@@ -1,0 +1,310 @@
+"""DurableQueue on every Store backend (asyncio and trio), and its sans-I/O transitions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from converge.core.store import Store
+from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
+from converge.errors import (
+    ConfigurationError,
+    DuplicateRecordError,
+    FormatError,
+    QueueFullError,
+    UsageError,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def queue(store: Store, **kw: Any) -> DurableQueue:
+    kw.setdefault("prefix", "q")
+    kw.setdefault("kind", "inbound")
+    return DurableQueue(store, **kw)
+
+
+# -- the sans-I/O core ----------------------------------------------------------------
+
+
+def plain(changes: dict[str, Any]) -> dict[str, Any]:
+    """Apply WithTTL wrappers the way a store would: keep the values."""
+    return {k: getattr(v, "value", v) for k, v in changes.items()}
+
+
+def test_transitions_add_lease_ack_keep_the_counter_and_fence_tokens() -> None:
+    keys = QueueKeys("q")
+    t = Transitions(keys, retention_sec=60.0, dead_retention_sec=120.0, max_pending=1)
+    record = Record("r1", "inbound", "pending", "p", {"x": 1}, created=1.0, updated=1.0, due=1.0)
+    state: dict[str, Any] = {}
+    changes, outcome = t.add(state, record, {"claim": "c"}, 30.0)
+    assert outcome == "added"
+    assert changes["claim"].ttl == 30.0
+    assert changes[keys.open("r1")].ttl is None
+    state.update(plain(changes))
+    assert state[keys.count] == 1
+    assert t.add(state, record, {}, None) == ({}, "duplicate")
+    other = Record("r2", "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+    assert t.add(state, other, {"claim": "c"}, None) == ({}, "duplicate")
+    assert t.add(state, other, {}, None) == ({}, "full")
+    assert t.lease(state, "r1", "a", now=0.5, until=10.0) == ({}, None)  # not due yet
+    changes, leased = t.lease(state, "r1", "a", now=2.0, until=10.0)
+    assert leased is not None
+    assert leased.lease_token == 1
+    state.update(plain(changes))
+    assert t.lease(state, "r1", "b", now=5.0, until=20.0) == ({}, None)  # held
+    changes, taken = t.lease(state, "r1", "b", now=11.0, until=20.0)  # ran out
+    assert taken is not None
+    assert taken.lease_token == 2
+    state.update(plain(changes))
+    assert t.ack(state, "r1", 1, now=12.0) == ({}, None)  # the first holder is fenced off
+    changes, done = t.ack(state, "r1", 2, now=12.0)
+    assert done is not None
+    assert done.status == "acknowledged"
+    assert changes[keys.done("r1")].ttl == 60.0
+    assert changes[keys.open("r1")] is None
+    state.update(plain(changes))
+    state = {k: v for k, v in state.items() if v is not None}
+    assert state[keys.count] == 0
+
+
+def test_transitions_keep_a_bounded_attempt_history() -> None:
+    keys = QueueKeys("q")
+    t = Transitions(keys, 60.0, 60.0, 10)
+    record = Record("r", "outbound", "pending", "t", {}, created=0.0, updated=0.0)
+    state = plain(t.add({}, record, {}, None)[0])
+    for i in range(60):
+        changes, leased = t.lease(state, "r", "a", now=float(i), until=i + 1.0)
+        assert leased is not None
+        state.update(plain(changes))
+        attempt = Attempt(at=float(i), status_code=500, error="boom", outcome="retry")
+        changes, _ = t.retry(state, "r", leased.lease_token, float(i), float(i), attempt)
+        state.update(plain(changes))
+    final = Record.from_dict(state[keys.open("r")])
+    assert final.attempt_count == 60
+    assert len(final.attempts) == 50
+    assert final.attempts[-1].at == 59.0
+
+
+def test_records_round_trip_and_reject_malformed_data() -> None:
+    record = Record(
+        "r",
+        "outbound",
+        "dead",
+        "t",
+        {"a": [1]},
+        created=1.0,
+        updated=2.0,
+        attempts=(Attempt(at=1.5, status_code=503, error="x" * 900, latency_ms=3.0),),
+        attempt_count=1,
+        last_error="gone",
+    )
+    assert len(record.attempts[0].error or "") == 500
+    assert Record.from_dict(record.to_dict()) == record
+    for bad in [None, {}, {**record.to_dict(), "status": "lost"}, {**record.to_dict(), "id": 5}]:
+        with pytest.raises(FormatError):
+            Record.from_dict(bad)
+
+
+def test_bad_configuration_is_refused() -> None:
+    from converge.extensions.storage import MemoryStore
+
+    store = MemoryStore()
+    for kw in [
+        {"max_pending": 0},
+        {"retention_sec": -1},
+        {"kind": "Bad Kind"},
+        {"prefix": ""},
+        {"done_status": "dead"},
+    ]:
+        with pytest.raises(ConfigurationError):
+            queue(store, **kw)
+
+
+# -- the driver on every backend ------------------------------------------------------
+
+
+async def test_a_record_is_added_leased_acknowledged_and_kept_for_its_retention(
+    backend: Store,
+) -> None:
+    q = queue(backend, retention_sec=0.4)
+    added = await q.aadd({"n": 1}, key="github")
+    assert added.status == "pending"
+    assert await q.apending_count() == 1
+    assert (await q.aget(added.id)) == added
+    [leased] = await q.alease("worker-1", lease_sec=30)
+    assert (leased.id, leased.status, leased.lease_token) == (added.id, "leased", 1)
+    assert await q.alease("worker-2") == []
+    assert await q.aack(added.id, 99) is None  # a wrong token changes nothing
+    done = await q.aack(added.id, leased.lease_token)
+    assert done is not None
+    assert done.status == "acknowledged"
+    assert await q.apending_count() == 0
+    assert [r.id for r in await q.alist(status="acknowledged")] == [added.id]
+    assert await q.aack(added.id, leased.lease_token) is None  # done already
+    await anyio.sleep(0.7)
+    assert await q.aget(added.id) is None  # swept by the store's TTL
+
+
+async def test_max_pending_refuses_adds_atomically_until_one_is_done(backend: Store) -> None:
+    q = queue(backend, max_pending=5)
+    outcomes: list[str] = []
+
+    async def add(i: int) -> None:
+        try:
+            await q.aadd({"i": i})
+            outcomes.append("added")
+        except QueueFullError:
+            outcomes.append("full")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(12):
+            tg.start_soon(add, i)
+    assert sorted(outcomes) == ["added"] * 5 + ["full"] * 7
+    assert await q.apending_count() == 5
+    assert len(await q.aopen_ids()) == 5
+    [leased] = await q.alease("w")
+    await q.aack(leased.id, leased.lease_token)
+    await q.aadd({"i": "late"})
+    with pytest.raises(QueueFullError):
+        await q.aadd({"i": "too many"})
+    # Done records never count against the bound.
+    await q.aadd({"i": "logged"}, status="acknowledged")
+    assert await q.apending_count() == 5
+
+
+async def test_claims_are_written_with_the_record_and_make_later_adds_duplicates(
+    backend: Store,
+) -> None:
+    q = queue(backend, max_pending=1)
+    await q.aadd({"a": 1}, id="e1", claims={"seen:x": {"at": 1}}, claim_ttl=0.3)
+    assert await backend.aget("seen:x") == {"at": 1}
+    with pytest.raises(DuplicateRecordError):
+        await q.aadd({"a": 2}, id="e2", claims={"seen:x": {"at": 2}})
+    with pytest.raises(DuplicateRecordError):
+        await q.aadd({"a": 3}, id="e1")
+    # A full queue writes neither the record nor its claim.
+    with pytest.raises(QueueFullError):
+        await q.aadd({"a": 4}, id="e4", claims={"seen:y": 1})
+    assert await backend.aget("seen:y") is None
+    assert await q.aget("e4") is None
+    await anyio.sleep(0.6)
+    assert await backend.aget("seen:x") is None  # the claim has its own TTL
+    assert (await q.aget("e1")) is not None  # the open record has none
+
+
+async def test_a_lease_that_runs_out_is_taken_over_and_fences_the_old_holder(
+    backend: Store,
+) -> None:
+    q = queue(backend)
+    added = await q.aadd({"n": 1}, status="leased", lease_owner="dead-process", lease_sec=0.3)
+    assert added.lease_token == 1
+    assert await q.alease("survivor") == []
+    await anyio.sleep(0.5)
+    [taken] = await q.alease("survivor", lease_sec=30)
+    assert (taken.id, taken.lease_token, taken.lease_owner) == (added.id, 2, "survivor")
+    assert await q.aack(added.id, 1) is None
+    assert await q.abury(added.id, 1, "late") is None
+    assert await q.aextend(added.id, 1, lease_sec=5) is None
+    extended = await q.aextend(added.id, 2, lease_sec=60)
+    assert extended is not None
+    assert extended.lease_until is not None
+    assert extended.lease_until > taken.lease_until  # type: ignore[operator]
+    assert (await q.aack(added.id, 2)) is not None
+
+
+async def test_retry_records_attempts_and_waits_for_the_due_time(backend: Store) -> None:
+    q = queue(backend, kind="outbound")
+    added = await q.aadd({"n": 1}, key="target-a")
+    [leased] = await q.alease("w", key="target-a")
+    now = await q.anow()
+    attempt = Attempt(at=now, status_code=503, error="status 503", latency_ms=12.5)
+    retried = await q.aretry(added.id, leased.lease_token, now + 0.4, attempt)
+    assert retried is not None
+    assert (retried.status, retried.attempt_count, retried.last_error) == (
+        "pending",
+        1,
+        "status 503",
+    )
+    assert await q.alease("w") == []
+    await anyio.sleep(0.6)
+    [again] = await q.alease("w", key="target-a")
+    assert again.lease_token == 2
+    assert await q.alease("w", key="target-b") == []
+    ok = Attempt(at=now, status_code=200, outcome="delivered")
+    done = await q.aack(added.id, again.lease_token, attempt=ok)
+    assert done is not None
+    assert done.status == "delivered"
+    assert [a.status_code for a in done.attempts] == [503, 200]
+
+
+async def test_bury_replay_and_purge_move_records_and_keep_the_count(backend: Store) -> None:
+    q = queue(backend, dead_retention_sec=60)
+    first = await q.aadd({"n": 1}, key="p")
+    second = await q.aadd({"n": 2}, key="p")
+    [leased] = await q.alease("w", exclude={second.id})
+    assert leased.id == first.id
+    dead = await q.abury(first.id, leased.lease_token, "max attempts")
+    assert dead is not None
+    assert dead.status == "dead"
+    assert await q.apending_count() == 1
+    assert [r.id for r in await q.alist(status="dead")] == [first.id]
+    replayed = await q.areplay(first.id)
+    assert replayed is not None
+    assert replayed.status == "pending"
+    assert replayed.budget_used == 0
+    assert await q.apending_count() == 2
+    assert await q.areplay(first.id) is None  # it is open, not dead
+    assert await q.areplay("unknown") is None
+    purged = await q.apurge(first.id)
+    assert purged is not None
+    assert purged.id == first.id
+    assert await q.apurge(first.id) is None
+    assert await q.apending_count() == 1
+    assert [r.id for r in await q.alist()] == [second.id]
+    assert await q.alist(key="other") == []
+    assert len(await q.alist(since=second.created)) == 1
+    assert await q.arecount() == 1
+
+
+async def test_concurrent_leases_hand_each_record_to_one_owner(backend: Store) -> None:
+    q = queue(backend)
+    ids = {(await q.aadd({"i": i})).id for i in range(8)}
+    got: list[tuple[str, str]] = []
+
+    async def worker(name: str) -> None:
+        while True:
+            records = await q.alease(name, limit=2)
+            if not records:
+                return
+            got.extend((name, r.id) for r in records)
+
+    async with anyio.create_task_group() as tg:
+        for name in ("a", "b", "c"):
+            tg.start_soon(worker, name)
+    assert sorted(i for _, i in got) == sorted(ids)
+
+
+async def test_lease_times_come_from_the_stores_clock(backend: Store) -> None:
+    q = queue(backend)
+    added = await q.aadd({}, status="leased", lease_owner="me", lease_sec=10)
+    atime = getattr(backend, "atime", None)
+    if atime is not None:
+        assert abs(added.created - await atime()) < 1.0
+    assert added.lease_until == pytest.approx(added.created + 10)
+
+
+async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
+    q = queue(backend)
+    with pytest.raises(UsageError):
+        await q.aadd({}, id="has space")
+    with pytest.raises(UsageError):
+        await q.aadd({}, status="leased")  # no owner
+    with pytest.raises(UsageError):
+        await q.aadd([1])  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        await q.aack("x", "token")  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        await q.alist(status="lost")
