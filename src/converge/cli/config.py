@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
@@ -61,6 +62,14 @@ _GATEWAY_KEYS = {
     "event_log_max",
     "client_cert_header",
     "poll_interval_sec",
+    # server limits (slow and idle clients) and proxies
+    "trusted_proxies",
+    "header_timeout_sec",
+    "body_timeout_sec",
+    "keep_alive_timeout_sec",
+    "max_connections",
+    "backlog",
+    "max_header_bytes",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
 _PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
@@ -120,8 +129,18 @@ class GatewayConfig:
         admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
         event_log_max: Finished records (events, deliveries, dead letters) kept per
             queue at most; older ones are deleted (the retention bounds them in time).
-        client_cert_header: Trusted proxy header reporting client certificates.
+        client_cert_header: Proxy header reporting client certificates (trusted only
+            from ``trusted_proxies``).
         poll_interval_sec: Outbox rescan interval.
+        trusted_proxies: Addresses/CIDR networks of the proxies in front of the gateway:
+            only they may set ``client_cert_header`` and ``X-Forwarded-For``.
+        header_timeout_sec: Seconds for a request's line and headers to arrive in full.
+        body_timeout_sec: Seconds for a request body to arrive in full (else 408).
+        keep_alive_timeout_sec: Seconds an idle keep-alive connection stays open.
+        max_connections: Open connections at most (the longest-waiting idle one is
+            closed for a new one; lowered to fit the open-file limit).
+        backlog: Connections the kernel queues before the server accepts them.
+        max_header_bytes: Largest request line plus headers.
         security: Inbound limits.
         retry: Outbound retries: a :class:`RetrySchedule` (Svix's by default) or a
             :class:`WebhookRetryPolicy` when ``[retry]`` sets its exponential keys.
@@ -148,6 +167,13 @@ class GatewayConfig:
     event_log_max: int = 10_000
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
+    trusted_proxies: tuple[str, ...] = ()
+    header_timeout_sec: float = 10.0
+    body_timeout_sec: float = 30.0
+    keep_alive_timeout_sec: int = 5
+    max_connections: int = 512
+    backlog: int = 1024
+    max_header_bytes: int = 16384
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
     retry: RetryStrategy = field(default_factory=RetrySchedule)
     breaker_failure_threshold: int = 5
@@ -332,6 +358,8 @@ def parse_config(
     }
     kwargs["admin_token"] = admin_token
     kwargs["store_password"] = store_password
+    if isinstance(kwargs.get("trusted_proxies"), list):
+        kwargs["trusted_proxies"] = tuple(kwargs["trusted_proxies"])
     config = GatewayConfig(
         **kwargs,
         outbound_token=token,
@@ -445,6 +473,38 @@ def check_gateway_settings(config: GatewayConfig) -> None:
         raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigurationError("[gateway] the admin token must have 16 characters or more")
+    _check_server_limits(config)
+
+
+def _check_server_limits(config: GatewayConfig) -> None:
+    for name in ("header_timeout_sec", "body_timeout_sec"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+            raise ConfigurationError(f"[gateway] {name} must be a number of seconds, 0 < x <= 3600")
+    for name, low, high in (
+        ("keep_alive_timeout_sec", 1, 3600),
+        ("max_connections", 1, 1_000_000),
+        ("backlog", 1, 65535),
+        ("max_header_bytes", 1024, 1_048_576),
+    ):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(f"[gateway] {name} must be an integer from {low} to {high}")
+    proxies = config.trusted_proxies
+    if not isinstance(proxies, tuple) or not all(isinstance(p, str) for p in proxies):
+        raise ConfigurationError("[gateway] trusted_proxies must be a list of addresses/networks")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"[gateway] trusted_proxies: {entry!r} is not an address or CIDR network"
+            ) from exc
+    if config.client_cert_header is not None and not proxies:
+        raise ConfigurationError(
+            "[gateway] client_cert_header is trusted only from trusted_proxies: list the "
+            "addresses of the proxies that set it"
+        )
 
 
 def load_config(

@@ -110,7 +110,10 @@ def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
     gateway = build_gateway(config, store)
     gateway.connector.acknowledge_on_accept = True
     app: Any = gateway.asgi_app(
-        poll_interval_sec=config.poll_interval_sec, client_cert_header=config.client_cert_header
+        poll_interval_sec=config.poll_interval_sec,
+        client_cert_header=config.client_cert_header,
+        trusted_proxies=config.trusted_proxies,
+        body_timeout_sec=config.body_timeout_sec,
     )
     core = app
     if config.log_events:
@@ -132,8 +135,14 @@ def serve(config: GatewayConfig) -> None:
         raise MissingDependencyError(
             'converge gateway needs uvicorn: pip install -e ".[server]" (from a converge checkout)'
         ) from exc
+    from converge.cli._server import fit_open_files, guarded_protocol, install_repeat_filter
+
     _gateway, app = make_app(config)
     print(summary(config), flush=True)
+    install_repeat_filter()
+    max_connections, backlog = fit_open_files(
+        config.max_connections, config.backlog, reserve=config.max_in_flight
+    )
     uvicorn.run(
         app,
         host=config.bind,
@@ -142,4 +151,13 @@ def serve(config: GatewayConfig) -> None:
         log_config=None,  # keep converge's handler (timestamps, text/json) for uvicorn's lines
         log_level=config.log_level,
         access_log=config.log_level == "debug",
+        # Slow and idle clients: see converge.cli._server. The app reads X-Forwarded-For
+        # itself, from trusted_proxies only.
+        http=guarded_protocol(
+            header_timeout_sec=config.header_timeout_sec, max_connections=max_connections
+        ),
+        timeout_keep_alive=config.keep_alive_timeout_sec,
+        backlog=backlog,
+        h11_max_incomplete_event_size=config.max_header_bytes,
+        proxy_headers=False,
     )
