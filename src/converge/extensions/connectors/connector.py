@@ -745,9 +745,10 @@ class WebhookConnector:
                 if holds.token(record.id) != record.lease_token:
                     continue  # taken over meanwhile
                 now = await self.inbox.anow()
-                if (record.lease_until or 0.0) <= now + 1.0:
-                    renewed = await self.inbox.alease_id(
-                        record.id, holds.owner, lease_sec=holds.lease_sec
+                if (record.lease_until or 0.0) - now < holds.lease_sec / 2:
+                    # Waited in the ready queue: give the consumer a whole lease.
+                    renewed = await self.inbox.aextend(
+                        record.id, record.lease_token, lease_sec=holds.lease_sec
                     )
                     if renewed is None:
                         holds.drop(record.id)
@@ -856,6 +857,10 @@ class WebhookConnector:
             raise UsageError("poll_interval_sec must be a positive number")
         self._pump_running = True
         try:
+            try:
+                await self.inbox.arecount()  # after a crash on a store without atomic updates
+            except StoreError as exc:
+                _log.warning("inbox pump: store failed: %s", exc)
             while not self._closed:
                 try:
                     await self._renew()
