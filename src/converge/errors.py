@@ -20,6 +20,7 @@ ConvergeError
 ├── StoreError (OSError)
 │   ├── StoreCorruptedError                    stored bytes do not decode (names the key)
 │   ├── StoreUnavailableError                  backend unreachable / not working
+│   │   └── StoreOutcomeUnknownError           a write got no answer: applied or not, unknown
 │   └── StoreLockTimeoutError (TimeoutError)   cross-process lock not acquired in time
 ├── CryptoError
 │   ├── CryptoTypeError (TypeError)            non-bytes where bytes are required
@@ -54,7 +55,8 @@ ConvergeError
 └── WebhookError
     ├── WebhookSecurityError (ValueError)      inbound request rejected; carries .status
     │   └── DuplicateEventError                replayed event id
-    └── DeliveryError                          outbound delivery failed for good
+    ├── DeliveryError                          outbound delivery failed for good
+    └── IdempotencyConflictError (ValueError)  outbound key reused for another action
 ```
 """
 
@@ -77,6 +79,7 @@ __all__ = [
     "DuplicateEventError",
     "DuplicateRecordError",
     "FormatError",
+    "IdempotencyConflictError",
     "IdentityError",
     "KeyNotFoundError",
     "LLMError",
@@ -100,6 +103,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreLockTimeoutError",
+    "StoreOutcomeUnknownError",
     "StoreUnavailableError",
     "SyncInEventLoopError",
     "ToolArgumentError",
@@ -185,6 +189,24 @@ class StoreCorruptedError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The storage backend cannot be reached or is not working."""
+
+
+class StoreOutcomeUnknownError(StoreUnavailableError):
+    """A write was sent but no answer came in time: it may or may not have been applied.
+
+    Nothing was retried automatically (retrying a ``put_if_absent`` could report that
+    our own value is someone else's). Read the key to learn the outcome.
+
+    Attributes:
+        key: The key written (the first one, for a multi-key update).
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(
+            f"the write of key {key!r} may or may not have been applied: {reason}; "
+            "read the key to find out"
+        )
+        self.key = key
 
 
 class StoreLockTimeoutError(StoreError, TimeoutError):
@@ -439,3 +461,19 @@ class DuplicateEventError(WebhookSecurityError):
 
 class DeliveryError(WebhookError):
     """An outbound action could not be delivered (dead-lettered)."""
+
+
+class IdempotencyConflictError(WebhookError, ValueError):
+    """An outbound idempotency key is already taken by a different action.
+
+    Submitting the same action again with its key is fine (it returns the original
+    record); a different action under a key that is still kept is refused, because
+    only one of the two could ever be delivered. The gateway answers ``409``.
+
+    Attributes:
+        existing_id: The outbox id the key already names.
+    """
+
+    def __init__(self, message: str, *, existing_id: str) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
