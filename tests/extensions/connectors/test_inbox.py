@@ -35,8 +35,9 @@ from converge.extensions.connectors import (
     WebhookRetryPolicy,
 )
 from converge.extensions.connectors.inbox import event_uid, forward_key
-from converge.extensions.storage import MemoryStore
+from converge.extensions.storage import MemoryStore, RedisStore
 from converge.runtime import MessageBus
+from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio
 
@@ -199,6 +200,33 @@ async def test_a_kill_mid_flood_never_leaves_a_claim_without_its_record(
             assert len(events) <= len(open_ids) <= len(events) + 8
     finally:
         await store.aclose()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    yield from shared_redis_url()
+
+
+async def test_on_redis_a_second_replica_takes_over_what_the_first_left(redis_url: str) -> None:
+    namespace = f"inbox-{uuid.uuid4().hex}"
+    async with (
+        RedisStore(redis_url, namespace=namespace) as first_store,
+        RedisStore(redis_url, namespace=namespace) as second_store,
+    ):
+        first, second = connector(first_store), connector(second_store)
+        body = event_body()
+        headers = hmac_request(body)
+        assert (await post(first, "shop", body, headers))[0] == 202
+        assert (await post(second, "shop", body, headers))[0] == 200  # one claim for both
+        held = await first.receive_inbound()  # ... and the first replica dies with it
+        with anyio.fail_after(10):
+            taken = await second.receive_inbound()
+        assert taken.id == held.id == event_uid("shop", json.loads(body)["event_id"])
+        assert not await first.aack_inbound(held)  # fenced: its lease token is stale
+        assert await second.aack_inbound(taken)
+        record = await second.inbox.aget(taken.id)
+        assert record is not None
+        assert (record.status, record.lease_token) == ("acknowledged", 2)
 
 
 # -- consumers: receive_inbound, bus acknowledgements, forward_to -----------------------
