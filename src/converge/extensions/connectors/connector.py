@@ -651,7 +651,7 @@ class WebhookConnector:
             if item is None:
                 item = item_of(record)
             if consumer == "queue":
-                holds.ready(record)
+                holds.ready(record, item)
             elif consumer == "record":
                 await self._settle(record.id)
             elif consumer == "forward":
@@ -682,7 +682,7 @@ class WebhookConnector:
         bus = self._bus
         if bus is None:  # detached meanwhile: to receive_inbound
             self._holds.hold(record, "queue")
-            self._holds.ready(record)
+            self._holds.ready(record, item)
             return
         message = message_of(item, self.connector_id)
         try:
@@ -742,8 +742,9 @@ class WebhookConnector:
         holds = self._holds
         while True:
             self._check_open()
-            record = holds.take()
-            if record is not None:
+            ready = holds.take()
+            if ready is not None:
+                record, item = ready
                 if holds.token(record.id) != record.lease_token:
                     continue  # taken over meanwhile
                 now = await self.inbox.anow()
@@ -757,6 +758,8 @@ class WebhookConnector:
                         continue
                     holds.hold(renewed, "queue")
                     record = renewed
+                if item is not None:
+                    return item
                 try:
                     return item_of(record)
                 except FormatError as exc:
