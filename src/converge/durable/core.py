@@ -329,6 +329,7 @@ class Transitions:
                 lease_owner=None,
                 lease_until=None,
                 budget_from=record.attempt_count,
+                replays=record.replays + 1,
             )
             changes = self._move(current, record_id, pending, self.keys.open(record_id), +1)
             return changes, pending

@@ -399,3 +399,30 @@ async def test_the_inbox_is_full_at_max_pending_and_a_failed_add_claims_nothing(
     assert len(claimed) == 2
     assert await c.aack_inbound(await c.receive_inbound())
     assert (await post(c, "shop", body, headers))[0] == 202  # the sender's retry
+
+
+async def test_replaying_a_forwarded_event_delivers_it_again_under_a_new_key(
+    receiver: tuple[Receiver, str],
+) -> None:
+    recv, url = receiver
+    c = WebhookConnector(
+        provider_profiles=FORWARD,
+        secrets={"github": GITHUB_SECRET},
+        targets=[OutboundTarget("app", f"{url}/events")],
+        inbound_routes={"github": "app"},
+    )
+    body, headers, delivery = github_event()
+    assert (await post(c, "github", body, headers))[0] == 202
+    uid = event_uid("github", delivery)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: c.run_outbound_dispatcher(poll_interval_sec=0.05))
+        await eventually(lambda: len(recv.delivered()) == 1)
+        replayed = await c.inbox.areplay(uid)  # an operator: "deliver that one again"
+        assert replayed is not None
+        assert replayed.replays == 1
+        await eventually(lambda: len(recv.delivered()) == 2)
+        c.stop_dispatcher()
+    assert recv.keys() == {forward_key(uid), forward_key(uid, 1)}
+    record = await c.inbox.aget(uid)
+    assert record is not None
+    assert record.status == "acknowledged"

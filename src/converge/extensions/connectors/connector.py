@@ -25,6 +25,7 @@ from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
     FormatError,
+    IdempotencyConflictError,
     QueueFullError,
     StoreError,
     UsageError,
@@ -658,13 +659,17 @@ class WebhookConnector:
                 await self._forward(record, item)
             else:
                 await self._publish(record, item)
-        except (FormatError, UsageError) as exc:
-            # It can never be handed on (e.g. a route to a target that is gone).
-            token = holds.drop(record.id)
-            if token is not None:
-                await self.inbox.abury(record.id, token, f"undeliverable: {exc}")
+        except (FormatError, UsageError, IdempotencyConflictError) as exc:
+            # It can never be handed on (e.g. the route's target changed its URL).
+            try:
+                await self._bury(record.id, f"undeliverable: {exc}")
+            except StoreError as store_exc:
+                _log.warning("inbound event %s stays in the inbox: %s", record.id, store_exc)
         except StoreError as exc:
             _log.warning("inbound event %s stays in the inbox: %s", record.id, exc)
+        except Exception:
+            # Accepted and stored: whatever failed, it is handed on again after the lease.
+            _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
     async def _forward(self, record: Record, item: Message | Task) -> None:
         target = self.targets[self._routes[record.key]]
@@ -673,7 +678,7 @@ class WebhookConnector:
             method="POST",
             url=target.url,
             body=event_of(item),
-            idempotency_key=forward_key(record.id),
+            idempotency_key=forward_key(record.id, record.replays),
         )
         await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)

@@ -55,9 +55,13 @@ def event_uid(provider: str, event_id: str) -> str:
     return hashlib.sha256(f"{provider}\0{event_id}".encode()).hexdigest()[:32]
 
 
-def forward_key(uid: str) -> str:
-    """Idempotency key of the outbox action that forwards the event ``uid``."""
-    return f"inbound:{uid}"
+def forward_key(uid: str, replays: int = 0) -> str:
+    """Idempotency key of the outbox action that forwards the event ``uid``.
+
+    The same for every redelivery of the event (the outbox keeps one action), a new
+    one for each operator replay (``replays``), which is meant to deliver again.
+    """
+    return f"inbound:{uid}" if replays == 0 else f"inbound:{uid}:replay-{replays}"
 
 
 def item_data(item: Message | Task) -> dict[str, Any]:
