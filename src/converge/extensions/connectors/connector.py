@@ -522,7 +522,7 @@ class WebhookConnector:
             bus = self._bus
             if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
                 return self._unavailable(provider, "no_consumer", None)
-        claims, claim_ttl = self._claims(verified)
+        claims, claim_ttl = self._claims(verified, uid)
         try:
             if consumer == "record":
                 record = await self.inbox.aadd(
@@ -566,18 +566,12 @@ class WebhookConnector:
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
         return 202, {"content-type": "application/json"}, body + b"}"
 
-    def _claims(self, verified: VerifiedWebhook) -> tuple[dict[str, Any], float]:
-        # The one place that asks WebhookSecurity which keys make an event new.
-        security: Any = self.security
-        claim_keys = getattr(security, "claim_keys", None)
-        if claim_keys is not None:
-            keys = tuple(claim_keys(verified))
-            ttl = float(security.claim_ttl_sec)
-        else:  # before WebhookSecurity.claim_keys (one key per event id)
-            keys = (security._claim_key(verified.profile.name, verified.event_id),)
-            ttl = float(security.policy.replay_ttl_sec)
-        value = {"event_id": verified.event_id, "at": self._clock()}
-        return dict.fromkeys(keys, value), ttl
+    def _claims(self, verified: VerifiedWebhook, uid: str) -> tuple[dict[str, Any], float]:
+        # WebhookSecurity says which keys make an event new (the event id, and the signed
+        # bytes where the id is unsigned); they are written with the inbox record.
+        security = self.security
+        value = security.claim_record(verified, uid)
+        return dict.fromkeys(security.claim_keys(verified), value), float(security.claim_ttl_sec)
 
     def _consumer(self, provider: str) -> Consumer:
         if provider in self._routes:
