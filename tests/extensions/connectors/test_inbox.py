@@ -25,6 +25,7 @@ from webhook_helpers import (
     hmac_request,
 )
 
+from converge.core import Agent, Identity, SendMessage, Task
 from converge.core.message import Message
 from converge.core.store import Store
 from converge.extensions.connectors import (
@@ -34,9 +35,10 @@ from converge.extensions.connectors import (
     WebhookConnector,
     WebhookRetryPolicy,
 )
+from converge.extensions.connectors.connector import OUTBOUND_TOPIC
 from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, RedisStore
-from converge.runtime import MessageBus
+from converge.runtime import AgentRunner, MessageBus
 from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio
@@ -426,3 +428,48 @@ async def test_replaying_a_forwarded_event_delivers_it_again_under_a_new_key(
     record = await c.inbox.aget(uid)
     assert record is not None
     assert record.status == "acknowledged"
+
+
+class Forwarder(Agent):
+    """Answers each inbound event with one outbound message to the target ``app``."""
+
+    def __init__(self) -> None:
+        super().__init__(Identity(), name="forwarder")
+        self.seen: list[str] = []
+
+    async def adecide(self, messages: list[Message], tasks: list[Task], **kw: Any) -> Any:
+        decisions = []
+        for message in messages:
+            self.seen.append(message.id)
+            event = message.to_dict()["payload"]
+            reply = Message(
+                sender=self.id,
+                topics=[OUTBOUND_TOPIC],
+                payload={"target": "app", "body": {"handled": event["event_id"]}},
+            )
+            decisions.append(SendMessage(reply))
+        return decisions
+
+
+async def test_webhook_to_agent_to_outbox_acknowledges_the_inbox_record(
+    receiver: tuple[Receiver, str],
+) -> None:
+    recv, url = receiver
+    async with MessageBus() as bus:
+        agent = Forwarder()
+        c = connector(MemoryStore(), bus=bus, targets=[OutboundTarget("app", f"{url}/events")])
+        async with (
+            AgentRunner(bus, [agent], topics={"forwarder": [INBOUND_TOPIC]}),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(lambda: c.run_outbound_dispatcher(poll_interval_sec=0.05))
+            body = event_body()
+            assert (await post(c, "shop", body, hmac_request(body)))[0] == 202
+            await eventually(lambda: len(recv.delivered()) == 1)
+            c.stop_dispatcher()
+        [delivery] = recv.delivered()
+        assert json.loads(delivery.body) == {"handled": json.loads(body)["event_id"]}
+        [message_id] = agent.seen
+        record = await c.inbox.aget(message_id)
+        assert record is not None
+        assert record.status == "acknowledged"  # acked by the runner after the outbox write
