@@ -416,7 +416,6 @@ def check_gateway_settings(config: GatewayConfig) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ConfigurationError("[breaker] failure_threshold must be an integer >= 1")
 
-
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
     if config.admin_token is not None and len(config.admin_token) < 16:
