@@ -170,9 +170,15 @@ def _run_on_thread_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _close_runner(runner: asyncio.Runner) -> None:
-    # closed from another thread at exit, or its loop still runs: nothing to do
+    # The finalizer may run on any thread, even one whose own loop is running (garbage
+    # collection happens where it happens): there, only close the idle loop's resources.
     with contextlib.suppress(RuntimeError):
-        runner.close()
+        if in_event_loop_thread():
+            loop = runner.get_loop()
+            if not loop.is_running():
+                loop.close()
+        else:
+            runner.close()
 
 
 def _as_coroutine(

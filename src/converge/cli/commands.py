@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converge.errors import ConfigurationError, MissingDependencyError, UsageError
+from converge.errors import ConfigurationError, MissingDependencyError, StoreError, UsageError
 
 if TYPE_CHECKING:
     from converge.extensions.connectors import ProviderProfile
@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--format", choices=("headers", "json", "curl"), default="headers")
     sign.add_argument("--url", help="URL for --format curl")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+    from converge.cli.events import add_parsers
+
+    add_parsers(commands, _command)
     return parser
 
 
@@ -268,7 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "gateway":
             return _gateway(args)
-        return _webhook(args)
+        if args.command == "webhook":
+            return _webhook(args)
+        from converge.cli.events import run
+
+        return run(args)
     except (ConfigurationError, UsageError, MissingDependencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"error: the store failed: {exc}", file=sys.stderr)
+        return 1

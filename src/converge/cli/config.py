@@ -56,6 +56,7 @@ _GATEWAY_KEYS = {
     "log_events",
     "log_format",
     "admin_token_env",
+    "event_log_max",
     "client_cert_header",
     "poll_interval_sec",
 }
@@ -112,6 +113,8 @@ class GatewayConfig:
         log_events: Log accepted events that are not forwarded anywhere.
         log_format: ``"text"`` or ``"json"`` log lines.
         admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
+        event_log_max: Finished records (events, deliveries, dead letters) kept per
+            queue at most; older ones are deleted (the retention bounds them in time).
         client_cert_header: Trusted proxy header reporting client certificates.
         poll_interval_sec: Outbox rescan interval.
         security: Inbound limits.
@@ -136,6 +139,7 @@ class GatewayConfig:
     log_events: bool = True
     log_format: str = "text"
     admin_token: str | None = None
+    event_log_max: int = 10_000
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
@@ -418,6 +422,9 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
+    count = config.event_log_max
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigurationError("[gateway] the admin token must have 16 characters or more")
 

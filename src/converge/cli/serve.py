@@ -85,9 +85,12 @@ def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
     app: Any = gateway.asgi_app(
         poll_interval_sec=config.poll_interval_sec, client_cert_header=config.client_cert_header
     )
+    core = app
     if config.log_events:
         app = EventLoggingApp(app)
-    return gateway, app
+    from converge.cli.operations import with_operations  # admin API, inspector, log trim
+
+    return gateway, with_operations(app, core, config)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -100,7 +103,7 @@ def serve(config: GatewayConfig) -> None:
         import uvicorn
     except ImportError as exc:
         raise MissingDependencyError(
-            'converge gateway needs uvicorn: pip install "converge[server]"'
+            'converge gateway needs uvicorn: pip install -e ".[server]" (from a converge checkout)'
         ) from exc
     _gateway, app = make_app(config)
     print(summary(config), flush=True)

@@ -460,4 +460,11 @@ def configure_logging(
     quiet = logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
+    # uvicorn's own logging config gives its loggers handlers and stops propagation;
+    # their lines must come out in the same format, through the one root handler.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        server_log = logging.getLogger(name)
+        server_log.handlers.clear()
+        server_log.setLevel(logging.NOTSET)
+        server_log.propagate, server_log.disabled = True, False
     return handler

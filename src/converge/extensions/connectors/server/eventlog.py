@@ -1,0 +1,377 @@
+"""The event log: inbound events and outbound deliveries as operators see them.
+
+An :class:`EventLog` reads the connector's durable queues (the inbox's records are the
+*events*, the outbox's are the *deliveries*) and offers what the CLI, the admin API and
+the inspector page show: listings with filters, one record with its attempts (signature
+headers redacted), replay, purge of dead letters, and a bound on how many finished
+records are kept (:meth:`EventLog.atrim`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import anyio
+
+from converge.durable import STATUSES, Record
+from converge.errors import UsageError
+from converge.extensions.connectors.logs import redact_headers
+
+__all__ = [
+    "SECTIONS",
+    "EventLog",
+    "RecordQueue",
+    "Section",
+    "iso_time",
+    "parse_since",
+    "record_view",
+]
+
+#: What an event log lists: inbound events, outbound deliveries, dead letters of both.
+SECTIONS = ("events", "deliveries", "dead-letters")
+Section = Literal["events", "deliveries", "dead-letters"]
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DONE_OR_DEAD = ("acknowledged", "delivered", "dead")
+
+
+class RecordQueue(Protocol):
+    """What the event log needs of a queue (:class:`converge.durable.DurableQueue` fits)."""
+
+    async def aget(self, record_id: str) -> Record | None:
+        """The record with this id, or None."""
+
+    async def alist(
+        self,
+        *,
+        status: str | None = None,
+        key: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Records, newest first."""
+
+    async def areplay(self, record_id: str) -> Record | None:
+        """Make a done or dead record pending again."""
+
+    async def apurge(self, record_id: str) -> Record | None:
+        """Delete a record for good."""
+
+
+def iso_time(unix: float | None) -> str | None:
+    """``2026-01-31T12:00:00.123Z`` for a Unix time (None stays None)."""
+    if unix is None:
+        return None
+    moment = _dt.datetime.fromtimestamp(unix, _dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_since(text: str, *, now: float | None = None) -> float:
+    """A point in time given as ``15m``/``2h``/``7d`` ago, an ISO 8601 time or Unix seconds.
+
+    Args:
+        text: ``"30s"``, ``"15m"``, ``"2h"``, ``"1d"``, ``"1w"``; ``"2026-01-31T12:00"``
+            (UTC unless it names an offset); or ``"1767182400"``.
+        now: The current Unix time (``time.time()`` by default).
+
+    Returns:
+        Unix seconds.
+
+    Raises:
+        UsageError: If ``text`` is none of these.
+    """
+    text = text.strip()
+    relative = _RELATIVE.match(text)
+    if relative:
+        current = time.time() if now is None else now
+        return current - float(relative.group(1)) * _UNIT_SEC[relative.group(2)]
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value) and value >= 0:
+            return value
+    try:
+        moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"cannot read the time {text!r}: use 15m, 2h, 7d, an ISO time "
+            "(2026-01-31T12:00Z) or Unix seconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment.timestamp()
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with every mapping under a ``headers`` key passed through redaction."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key == "headers" and isinstance(item, Mapping):
+                out[key] = redact_headers({str(k): str(v) for k, v in item.items()})
+            else:
+                out[key] = _redacted(item)
+        return out
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def record_view(
+    record: Record, *, section: str | None = None, data: bool = False
+) -> dict[str, Any]:
+    """The JSON form operators see of a record (CLI ``--json``, admin API).
+
+    Args:
+        record: The record.
+        section: ``"events"`` or ``"deliveries"`` (from the record's kind when None).
+        data: Include the record's data, signature and authorization headers redacted.
+
+    Returns:
+        A JSON-compatible dict: id, section, kind, key, status, times (Unix and ISO),
+        attempt count, last error, last status code, every kept attempt.
+    """
+    last = record.attempts[-1] if record.attempts else None
+    view: dict[str, Any] = {
+        "id": record.id,
+        "section": section or ("events" if record.kind == "inbound" else "deliveries"),
+        "kind": record.kind,
+        "key": record.key,
+        "status": record.status,
+        "created": record.created,
+        "created_at": iso_time(record.created),
+        "updated": record.updated,
+        "updated_at": iso_time(record.updated),
+        "attempt_count": record.attempt_count,
+        "last_error": record.last_error,
+        "last_status_code": last.status_code if last else None,
+        "last_latency_ms": last.latency_ms if last else None,
+        "attempts": [
+            {**attempt.to_dict(), "at_iso": iso_time(attempt.at)} for attempt in record.attempts
+        ],
+    }
+    if data:
+        view["data"] = _redacted(record.data)
+    return view
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    section: str
+    record: Record
+
+
+class EventLog:
+    """Listings, lookups, replays and purges over the connector's durable queues.
+
+    Args:
+        events: The inbound queue (the inbox), or None.
+        deliveries: The outbound queue (the outbox), or None.
+        max_records: Finished records (acknowledged, delivered, dead) kept per queue at
+            most; :meth:`atrim` deletes the oldest beyond it. The retention period of
+            the queues bounds them in time as well.
+
+    Raises:
+        UsageError: For invalid arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        events: RecordQueue | None = None,
+        deliveries: RecordQueue | None = None,
+        max_records: int = 10_000,
+    ) -> None:
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+            raise UsageError("max_records must be an integer >= 1")
+        self._queues: dict[str, RecordQueue] = {}
+        if events is not None:
+            self._queues["events"] = events
+        if deliveries is not None:
+            self._queues["deliveries"] = deliveries
+        self.max_records = max_records
+
+    @classmethod
+    def for_connector(cls, connector: Any, *, max_records: int = 10_000) -> EventLog:
+        """The event log of a :class:`~converge.extensions.connectors.WebhookConnector`.
+
+        Uses ``connector.inbox`` for events and ``connector.outbox_queue`` (or
+        ``connector.outbox`` once it is a durable queue) for deliveries, where present.
+        """
+
+        def queue(*names: str) -> RecordQueue | None:
+            for name in names:
+                found = getattr(connector, name, None)
+                if found is not None and all(
+                    callable(getattr(found, m, None)) for m in ("aget", "alist", "areplay")
+                ):
+                    return found  # type: ignore[no-any-return]
+            return None
+
+        return cls(
+            events=queue("inbox"),
+            deliveries=queue("outbox_queue", "outbox"),
+            max_records=max_records,
+        )
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The sections this log can list (``events``, ``deliveries``, ``dead-letters``)."""
+        return (*self._queues, "dead-letters") if self._queues else ()
+
+    def _queue(self, section: str) -> RecordQueue:
+        if section not in SECTIONS:
+            raise UsageError(f"section must be one of {SECTIONS}, not {section!r}")
+        found = self._queues.get(section)
+        if found is None:
+            raise UsageError(f"this gateway keeps no {section} (its connector has no such queue)")
+        return found
+
+    async def alist(
+        self,
+        section: str,
+        *,
+        key: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Records of a section, newest first.
+
+        Args:
+            section: ``"events"``, ``"deliveries"`` or ``"dead-letters"`` (both kinds).
+            key: Only this provider (events) or target (deliveries).
+            status: Only this status.
+            since: Only records created at or after this Unix time.
+            limit: Most records returned.
+
+        Raises:
+            UsageError: For an unknown section or status, or a bad limit.
+        """
+        if status is not None and status not in STATUSES:
+            raise UsageError(f"status must be one of {STATUSES}, not {status!r}")
+        if section == "dead-letters":
+            if status not in (None, "dead"):
+                return []
+            found: list[Record] = []
+            for queue in self._queues.values():
+                found += await queue.alist(status="dead", key=key, since=since, limit=limit)
+            found.sort(key=lambda r: (r.created, r.id), reverse=True)
+            return found[:limit]
+        return await self._queue(section).alist(status=status, key=key, since=since, limit=limit)
+
+    async def _find(self, record_id: str, section: str | None) -> _Found | None:
+        if section is None or section == "dead-letters":
+            names = list(self._queues)
+        else:
+            self._queue(section)  # validates the section
+            names = [section]
+        for name in names:
+            record = await self._queues[name].aget(record_id)
+            if record is not None:
+                if section == "dead-letters" and record.status != "dead":
+                    continue
+                return _Found(name, record)
+        return None
+
+    async def aget(self, record_id: str, section: str | None = None) -> Record | None:
+        """The record with this id (in ``section``, or in any queue when None)."""
+        found = await self._find(record_id, section)
+        return found.record if found else None
+
+    async def areplay(self, record_id: str, section: str | None = None) -> Record | None:
+        """Hand a finished or dead record to its consumer again (pending, due now).
+
+        An event is handed on again (to its bus subscriber or forward target); a
+        delivery is sent again, with a fresh attempt budget.
+
+        Returns:
+            The pending record, or None if there is no such finished or dead record.
+        """
+        found = await self._find(record_id, section)
+        if found is None or found.record.status not in _DONE_OR_DEAD:
+            return None
+        return await self._queues[found.section].areplay(record_id)
+
+    async def areplay_since(
+        self,
+        since: float,
+        *,
+        section: str = "events",
+        key: str | None = None,
+        limit: int = 1000,
+    ) -> list[Record]:
+        """Replay every finished or dead record of ``section`` created since ``since``.
+
+        Returns:
+            The records replayed (oldest first).
+        """
+        records = [
+            r
+            for r in await self.alist(section, key=key, since=since, limit=limit)
+            if r.status in _DONE_OR_DEAD
+        ]
+        replayed = []
+        for record in reversed(records):
+            again = await self.areplay(record.id, None if section == "dead-letters" else section)
+            if again is not None:
+                replayed.append(again)
+        return replayed
+
+    async def apurge_dead(self, record_id: str) -> Record | None:
+        """Delete a dead letter for good (other records are left alone).
+
+        Returns:
+            The deleted dead letter, or None if there is no dead letter with this id.
+        """
+        found = await self._find(record_id, "dead-letters")
+        if found is None:
+            return None
+        return await self._queues[found.section].apurge(record_id)
+
+    async def atrim(self) -> int:
+        """Delete the oldest finished records beyond ``max_records`` in each queue.
+
+        Reads every finished record: run it now and then (:meth:`run_trimmer`), never
+        per request.
+
+        Returns:
+            How many records were deleted.
+        """
+        deleted = 0
+        for queue in self._queues.values():
+            finished: list[Record] = []
+            for status in _DONE_OR_DEAD:
+                finished += await queue.alist(status=status, limit=2**31 - 1)
+            finished.sort(key=lambda r: (r.updated, r.id), reverse=True)
+            for record in finished[self.max_records :]:
+                if await queue.apurge(record.id) is not None:
+                    deleted += 1
+        return deleted
+
+    async def run_trimmer(self, interval_sec: float = 60.0) -> None:
+        """Call :meth:`atrim` every ``interval_sec`` seconds until cancelled.
+
+        A failed trim (say, the store is briefly down) is retried at the next interval.
+        """
+        import logging
+
+        log = logging.getLogger("converge.gateway")
+        while True:
+            try:
+                trimmed = await self.atrim()
+            except Exception as exc:  # a sweep must never take the gateway down
+                log.warning("event log trim failed: %s", exc)
+            else:
+                if trimmed:
+                    log.info("event log: %d old records deleted (max_records)", trimmed)
+            await anyio.sleep(interval_sec)

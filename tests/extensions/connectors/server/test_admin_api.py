@@ -1,0 +1,183 @@
+"""The admin API over real HTTP: off without a token, bearer-only, list/show/replay/purge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from eventlog_helpers import Filled, fill
+
+from converge.extensions.connectors import WebhookConnector, WebhookGateway
+from converge.extensions.connectors.server import AdminApp
+from converge.extensions.storage import MemoryStore, SQLiteStore
+from loopback import UvicornThread
+
+TOKEN = "admin-token-0123456789"
+OUTBOUND = "outbound-token-0123456789"
+
+
+def gateway_app(admin: AdminApp | None):  # type: ignore[no-untyped-def]
+    connector = WebhookConnector(provider_profiles={}, secrets={}, store=MemoryStore())
+    app = WebhookGateway(connector, outbound_token=OUTBOUND).asgi_app(run_dispatcher=False)
+    app.admin = admin
+    return app
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Filled]]:
+    store = SQLiteStore(tmp_path / "log.sqlite3", serializer="json")
+
+    async def make() -> Filled:
+        return await fill(store)
+
+    filled = anyio.run(make)
+    server = UvicornThread(gateway_app(AdminApp(filled.log, token=TOKEN))).start()
+    try:
+        yield server.url, filled
+    finally:
+        server.stop()
+        store.close()
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def test_admin_is_off_without_a_token() -> None:
+    server = UvicornThread(gateway_app(None)).start()
+    try:
+        for path in ("/admin/", "/admin/api/events"):
+            response = httpx.get(server.url + path, headers=auth())
+            assert response.status_code == 404
+            assert response.json() == {"status": "rejected", "reason": "not_found"}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, auth("wrong-token-0123456789"), auth(OUTBOUND), {"authorization": TOKEN}],
+    ids=["none", "wrong", "outbound-token", "not-bearer"],
+)
+def test_the_api_needs_the_admin_bearer_token(
+    served: tuple[str, Filled], headers: dict[str, str]
+) -> None:
+    url, _ = served
+    response = httpx.get(f"{url}/admin/api/events", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["reason"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{url}/admin/api/events/evt_ok/replay", headers=headers).status_code == 401
+
+
+def test_list_with_filters(served: tuple[str, Filled]) -> None:
+    url, _ = served
+    body = httpx.get(f"{url}/admin/api/events", headers=auth()).json()
+    assert body["section"] == "events"
+    assert [r["id"] for r in body["records"]] == ["evt_open", "evt_dead", "evt_ok"]
+    only = httpx.get(
+        f"{url}/admin/api/events",
+        params={"provider": "stripe", "status": "pending"},
+        headers=auth(),
+    ).json()
+    assert [r["id"] for r in only["records"]] == ["evt_open"]
+    dead = httpx.get(f"{url}/admin/api/dead-letters", headers=auth()).json()["records"]
+    assert sorted(r["id"] for r in dead) == ["dlv_dead", "evt_dead"]
+    assert "data" not in dead[0]  # listings leave the payloads out
+    sections = httpx.get(f"{url}/admin/api", headers=auth()).json()
+    assert sections == {"sections": ["events", "deliveries", "dead-letters"]}
+
+
+def test_show_has_attempts_and_redacts_signatures(served: tuple[str, Filled]) -> None:
+    url, _ = served
+    body = httpx.get(f"{url}/admin/api/deliveries/dlv_dead", headers=auth()).json()
+    assert [a["status_code"] for a in body["attempts"]] == [503, 404]
+    assert body["data"] == {"body": {"order": 2}}
+    event = httpx.get(f"{url}/admin/api/events/evt_ok", headers=auth()).json()
+    assert event["data"]["headers"]["webhook-signature"] == "[redacted]"
+
+
+def test_replay_one_and_since(served: tuple[str, Filled]) -> None:
+    url, _ = served
+    response = httpx.post(f"{url}/admin/api/deliveries/dlv_dead/replay", headers=auth())
+    assert response.status_code == 200
+    assert response.json()["record"]["status"] == "pending"
+    again = httpx.post(f"{url}/admin/api/deliveries/dlv_dead/replay", headers=auth())
+    assert again.status_code == 404  # pending now: nothing finished to replay
+    bulk = httpx.post(
+        f"{url}/admin/api/events/replay",
+        params={"since": "1h", "provider": "stripe"},
+        headers=auth(),
+    )
+    assert bulk.json() == {"status": "replayed", "count": 1, "ids": ["evt_ok"]}
+    assert httpx.post(f"{url}/admin/api/events/replay", headers=auth()).status_code == 400
+
+
+def test_purge_a_dead_letter(served: tuple[str, Filled]) -> None:
+    url, _ = served
+    assert httpx.delete(f"{url}/admin/api/dead-letters/evt_ok", headers=auth()).status_code == 404
+    response = httpx.delete(f"{url}/admin/api/dead-letters/evt_dead", headers=auth())
+    assert response.json() == {"status": "purged", "id": "evt_dead"}
+    assert httpx.get(f"{url}/admin/api/events/evt_dead", headers=auth()).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "status", "reason"),
+    [
+        ("GET", "/admin/api/nope", {}, 404, "not_found"),
+        ("GET", "/admin/api/events", {"status": "bogus"}, 400, "bad_status"),
+        ("GET", "/admin/api/events", {"limit": "0"}, 400, "bad_limit"),
+        ("GET", "/admin/api/events", {"limit": "x"}, 400, "bad_limit"),
+        ("GET", "/admin/api/events", {"since": "yesterday"}, 400, "bad_request"),
+        ("POST", "/admin/api/events", {}, 405, "method_not_allowed"),
+        ("GET", "/admin/api/events/evt_ok/replay", {}, 405, "method_not_allowed"),
+        ("GET", "/admin/api/events/evt_ok/x/y", {}, 404, "not_found"),
+        ("GET", "/admin/api/events/no%20such", {}, 400, "bad_request"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_json_reason(
+    served: tuple[str, Filled], method: str, path: str, params: dict, status: int, reason: str
+) -> None:
+    url, _ = served
+    response = httpx.request(method, url + path, params=params, headers=auth())
+    assert response.status_code == status, response.text
+    assert response.json()["reason"] == reason
+
+
+def test_the_session_cookie_is_not_the_token_and_cross_site_forms_are_refused(
+    served: tuple[str, Filled],
+) -> None:
+    url, _ = served
+    assert "Sign in" in httpx.get(f"{url}/admin/").text
+    bad = httpx.post(f"{url}/admin/login", data={"token": "x" * 20})
+    assert bad.status_code == 401
+    assert "set-cookie" not in bad.headers
+    login = httpx.post(f"{url}/admin/login", data={"token": TOKEN})
+    assert login.status_code == 303
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert TOKEN not in cookie
+    session = cookie.split(";", 1)[0]
+    page = httpx.get(f"{url}/admin/?view=deliveries", headers={"cookie": session})
+    assert page.status_code == 200
+    assert 'data-id="dlv_dead"' in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    form = {"id": "dlv_dead", "section": "deliveries", "back": "/admin/?view=deliveries"}
+    evil = httpx.post(
+        f"{url}/admin/replay",
+        data=form,
+        headers={"cookie": session, "origin": "http://evil.example"},
+    )
+    assert evil.status_code == 403
+    assert evil.json()["reason"] == "cross_origin"
+    ok = httpx.post(f"{url}/admin/replay", data=form, headers={"cookie": session, "origin": url})
+    assert ok.status_code == 303
+    assert ok.headers["location"] == "/admin/?view=deliveries&replayed=dlv_dead"
+    api = httpx.get(f"{url}/admin/api/deliveries/dlv_dead", headers={"cookie": session})
+    assert api.json()["status"] == "pending"
+    out = httpx.post(f"{url}/admin/logout", headers={"cookie": session})
+    assert "Max-Age=0" in out.headers["set-cookie"]

@@ -1,0 +1,105 @@
+"""EventLog: listings, lookups, replay, dead-letter purge and the count bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from eventlog_helpers import SIGNED_HEADERS, fill
+
+from converge.errors import UsageError
+from converge.extensions.connectors.server import parse_since, record_view
+from converge.extensions.storage import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    store = SQLiteStore(tmp_path / "log.sqlite3", serializer="json")
+    yield store
+    await store.aclose()
+
+
+async def test_sections_list_newest_first_with_filters(store: SQLiteStore) -> None:
+    filled = await fill(store)
+    log = filled.log
+    assert [r.id for r in await log.alist("events")] == ["evt_open", "evt_dead", "evt_ok"]
+    assert [r.id for r in await log.alist("events", key="stripe")] == ["evt_open", "evt_ok"]
+    assert [r.id for r in await log.alist("events", status="acknowledged")] == ["evt_ok"]
+    assert [r.id for r in await log.alist("deliveries", status="delivered")] == ["dlv_ok"]
+    dead = await log.alist("dead-letters")
+    assert sorted(r.id for r in dead) == ["dlv_dead", "evt_dead"]
+    assert [r.id for r in await log.alist("dead-letters", key="crm")] == ["dlv_dead"]
+    assert await log.alist("events", limit=1) == (await log.alist("events"))[:1]
+    with pytest.raises(UsageError):
+        await log.alist("events", status="nope")
+    with pytest.raises(UsageError):
+        await log.alist("nope")
+
+
+async def test_a_record_view_has_its_attempts_and_redacted_headers(store: SQLiteStore) -> None:
+    filled = await fill(store)
+    record = await filled.log.aget("dlv_dead")
+    assert record is not None
+    view = record_view(record, data=True)
+    assert view["section"] == "deliveries"
+    assert view["status"] == "dead"
+    assert view["attempt_count"] == 2
+    assert [a["status_code"] for a in view["attempts"]] == [503, 404]
+    assert view["attempts"][0]["latency_ms"] == 8.0
+    assert view["created_at"].endswith("Z")
+    event = await filled.log.aget("evt_ok", "events")
+    assert event is not None
+    headers = record_view(event, data=True)["data"]["headers"]
+    assert headers["webhook-signature"] == "[redacted]"
+    assert headers["x-github-event"] == "push"
+    assert SIGNED_HEADERS["webhook-signature"] not in str(record_view(event, data=True))
+
+
+async def test_replay_makes_finished_and_dead_records_pending_again(store: SQLiteStore) -> None:
+    filled = await fill(store)
+    log = filled.log
+    again = await log.areplay("dlv_dead")
+    assert again is not None
+    assert again.status == "pending"
+    assert [r.id for r in await log.alist("dead-letters")] == ["evt_dead"]
+    assert await log.areplay("evt_open") is None  # open: nothing to replay
+    assert await log.areplay("missing") is None
+    assert await log.areplay("evt_ok", "deliveries") is None  # wrong section
+
+
+async def test_replay_since_replays_only_finished_records_of_the_key(store: SQLiteStore) -> None:
+    filled = await fill(store)
+    replayed = await filled.log.areplay_since(0, section="events", key="stripe")
+    assert [r.id for r in replayed] == ["evt_ok"]
+    future = await filled.log.areplay_since(parse_since("0s") + 60, section="events")
+    assert future == []
+
+
+async def test_purge_deletes_dead_letters_only(store: SQLiteStore) -> None:
+    filled = await fill(store)
+    assert await filled.log.apurge_dead("evt_ok") is None
+    assert await filled.log.aget("evt_ok") is not None
+    purged = await filled.log.apurge_dead("evt_dead")
+    assert purged is not None
+    assert await filled.log.aget("evt_dead") is None
+
+
+async def test_trim_keeps_the_newest_finished_records_per_queue(store: SQLiteStore) -> None:
+    filled = await fill(store, max_records=1)
+    assert await filled.log.atrim() == 2  # one of two finished per queue
+    assert len([r for r in await filled.log.alist("events") if not r.is_open]) == 1
+    assert len(await filled.log.alist("deliveries")) == 1
+    assert await filled.log.aget("evt_open") is not None  # open records are never trimmed
+    assert await filled.log.atrim() == 0
+
+
+def test_parse_since_reads_relative_iso_and_unix_times() -> None:
+    assert parse_since("15m", now=1000.0) == 100.0
+    assert parse_since("2h", now=10_000.0) == 2800.0
+    assert parse_since("1767182400") == 1767182400.0
+    assert parse_since("2026-01-01T00:00:00Z") == 1767225600.0
+    assert parse_since("2026-01-01T00:00") == 1767225600.0
+    with pytest.raises(UsageError, match="15m"):
+        parse_since("yesterday")
