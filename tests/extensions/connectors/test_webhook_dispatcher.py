@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from converge.extensions.connectors import (
     OutboundRequest,
     OutboundResponse,
     OutboundTarget,
+    Outbox,
     WebhookGateway,
     WebhookRetryPolicy,
 )
@@ -452,3 +454,14 @@ async def test_outbound_answers_the_original_id_for_a_repeat_and_409_for_a_confl
         "id": first,
     }
     assert await c.apending_count() == 1
+
+
+async def test_a_full_outbox_answers_503_not_500() -> None:
+    c = make(outbound_sender=Sender())
+    c.outbox = Outbox(
+        c.store, prefix="full", clock=time.time, dead_letter_ttl_sec=60, max_pending=1
+    )
+    gateway = WebhookGateway(c, outbound_token="t" * 32)
+    assert (await gateway.handle_outbound_payload({"target": "app", "body": {}}))[0] == 202
+    status, body = await gateway.handle_outbound_payload({"target": "app", "body": {}})
+    assert (status, json.loads(body)["reason"]) == (503, "outbox_full")
