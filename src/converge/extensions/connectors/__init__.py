@@ -29,7 +29,7 @@ from converge.extensions.connectors.models import (
     ProviderProfile,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.outbox import Attempt, DeadLetter, Outbox, OutboxRecord
+from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import sign_webhook
 from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
@@ -41,7 +41,6 @@ from converge.extensions.connectors.transport import (
 
 __all__ = [
     "INBOUND_TOPIC",
-    "Attempt",
     "CircuitBreaker",
     "DeadLetter",
     "DeliveryError",
