@@ -309,3 +309,26 @@ async def test_a_stream_closed_early_ends_its_span_without_an_error(
     assert span.status.status_code != StatusCode.ERROR
     assert "error.type" not in (span.attributes or {})
     await provider.aclose()
+
+
+def test_the_package_imports_and_records_nothing_without_opentelemetry() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the otel extra were not installed\n"
+        "from converge.core import MetricsCollector\n"
+        "from converge.extensions.llm import telemetry\n"
+        "assert not telemetry.OTEL_AVAILABLE\n"
+        "m = MetricsCollector()\n"
+        "t = telemetry.Telemetry(metrics_collector=m)\n"
+        "r = t.start_call(provider='openai', model='x')\n"
+        "assert r.span is None\n"
+        "r.end()\n"
+        "with telemetry.tool_span('t') as span:\n"
+        "    assert span is None\n"
+        "assert m.get('llm_calls_total', labels={'provider': 'openai', 'model': 'x'}) == 1\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
