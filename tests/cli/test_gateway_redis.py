@@ -237,3 +237,50 @@ def test_a_redis_restart_gives_503_with_retry_after_then_recovers_by_itself(
     finally:
         gateway.stop()
         server.stop()
+
+
+def redis_commands(url: str) -> dict[str, int]:
+    """Commands the server ran so far, by name (``INFO commandstats``)."""
+    info = subprocess.run(
+        ["redis-cli", "-u", url, "--no-auth-warning", "info", "commandstats"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts = {}
+    for line in info.splitlines():
+        if line.startswith("cmdstat_"):
+            name, stats = line[len("cmdstat_") :].split(":", 1)
+            counts[name] = int(stats.split(",")[0].split("=")[1])
+    return counts
+
+
+def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        config = write_config(tmp_path, server, "http://127.0.0.1:1")
+        # the accepting path alone: no password, no forward (the record is the event log)
+        text = config.read_text().replace('store_password_env = "TEST_REDIS_PASSWORD"\n', "")
+        config.write_text(text.replace('forward_to = "sink"\n', ""))
+        gateway = GatewayProcess(config, tmp_path)
+        try:
+            with httpx.Client(base_url=gateway.url) as http:
+
+                def accept() -> None:
+                    body, headers = signed(f"evt_{uuid.uuid4().hex}")
+                    assert (
+                        http.post("/webhook/sw", content=body, headers=headers).status_code == 202
+                    )
+
+                accept()  # warm: the script is loaded once per server
+                before = redis_commands(server.url)
+                for _ in range(50):
+                    accept()
+                after = redis_commands(server.url)
+        finally:
+            gateway.stop()
+    # the claim and the inbox record: one read (MGET) and one compare-and-set (EVALSHA)
+    # per event; inside the script the server runs GET/SET, which are no round trips
+    ran = {c: after[c] - before.get(c, 0) for c in after if after[c] - before.get(c, 0)}
+    round_trips = sum(n for c, n in ran.items() if c not in ("get", "set", "del", "info"))
+    assert ran.get("mget") == ran.get("evalsha") == 50, ran
+    assert round_trips - 100 <= 5, ran  # at most a background scan or two besides
