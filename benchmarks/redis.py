@@ -12,10 +12,11 @@ measured in the same run, taking turns with converge:
   implementation: its coredis one fails on coredis 6), one ``hit`` per decision,
   against converge's ``aallow_message`` on one sender bucket (one Lua script on the
   server's clock).
-* ``watch-multi``: converge's limiter on the generic ``aupdate`` path (``WATCH``, read,
-  ``MULTI``/``EXEC``, retried on conflicts; selected by passing a clock), against the
-  Lua script, with 4 processes deciding on one shared bucket at once; ``retries`` counts
-  the transactions that lost to another process and ran again.
+* ``watch-multi``: converge's limiter on the generic ``aupdate`` path (an optimistic
+  transaction: read, then a compare-and-set, retried on conflicts; selected by passing a
+  clock), against the dedicated Lua script, with 4 processes deciding on one shared
+  bucket at once; ``retries`` counts the transactions that lost to another process and
+  ran again.
 
 * ``gateway_1_replica`` / ``gateway_3_replicas``: real ``converge gateway`` processes on
   the one Redis (no ``forward_to``: the record is the event log), fed pre-signed unique
