@@ -7,7 +7,8 @@ each answer. Implementations:
 
 * ``converge``: :class:`~converge.extensions.connectors.GatewayApp` with a MemoryStore:
   every check (media type, size, timestamp, signature, JSON, event id), the atomic
-  idempotency claim, and the hand-off of a ``Message`` to the inbound queue (drained).
+  idempotency claim and the inbox record, written in one atomic update (recorded
+  acknowledged, as the standalone gateway does for events without ``forward_to``).
 * ``converge-sqlite``: the same with the CLI's embedded default store (SQLite file,
   ``durable=True``: a synced write per accepted event). Informational.
 * ``starlette``: a bare Starlette endpoint doing only the HMAC check, then 202.
@@ -63,9 +64,10 @@ def converge_app(store_kind: str) -> Any:
         },
         secrets={"bench": SECRET},
         store=store,
-        # As the standalone gateway: each event recorded (acknowledged) in the inbox.
-        acknowledge_on_accept=True,
     )
+    # As the standalone gateway runs it (cli/serve.py make_app): no forward_to, so the
+    # inbox record, written already acknowledged with the claim, is the consumer.
+    connector.acknowledge_on_accept = True
     return GatewayApp(WebhookGateway(connector), run_dispatcher=False)
 
 
