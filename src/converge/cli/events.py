@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 
-from converge.durable import STATUSES, Record
+from converge.durable import STATUSES as _STATUSES
+from converge.durable import Record
 from converge.errors import UsageError
 
 __all__ = ["add_parsers", "format_table", "run"]
@@ -45,7 +46,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _filters(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument(f"--{key}", dest="key", help=f"only this {key}")
-    parser.add_argument("--status", choices=STATUSES, help="only this status")
+    parser.add_argument("--status", choices=_STATUSES, help="only this status")
     parser.add_argument("--since", help="only records since: 15m, 2h, 7d, an ISO time, Unix s")
     parser.add_argument("--limit", type=int, default=50, help="most records shown (default 50)")
 
@@ -181,7 +182,7 @@ async def _arun(args: argparse.Namespace) -> int:
     if args.store:
         config = dataclasses.replace(config, store=args.store)
         check_gateway_settings(config)
-    store = open_store(config.store, config.base_dir)
+    store = open_store(config.store, config.base_dir, password=config.store_password)
     connector = build_gateway(config, store).connector
     section = args.command
     try:

@@ -203,6 +203,7 @@ class RedisStore(Store):
     def _new_client(self) -> _Client:
         return coredis.Redis.from_url(
             self._url,
+            decode_components=True,  # a password may be percent-encoded, as URLs require
             decode_responses=False,
             connect_timeout=self._connect_timeout,
             stream_timeout=self._timeout,
@@ -493,10 +494,11 @@ class RedisStore(Store):
     async def aupdate(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomically read ``keys``, let ``fn`` compute changes, and write them.
 
-        An optimistic transaction: ``WATCH`` the keys, read them, run ``fn``, then write
-        in ``MULTI``/``EXEC``; if another client changed a key meanwhile, Redis rejects
-        the ``EXEC`` and the whole step runs again (so ``fn`` may run more than once).
-        Atomic across every client of the server.
+        An optimistic transaction in two round trips: ``MGET`` the keys, run ``fn``, then
+        one script applies the changes only if every key still holds what was read (a
+        compare-and-set on the server); if another client changed a key meanwhile, the
+        whole step runs again (so ``fn`` may run more than once). Atomic across every
+        client of the server.
 
         Returns:
             The ``result`` part of ``fn``'s return value.
@@ -518,30 +520,36 @@ class RedisStore(Store):
 
         async def transaction(client: _Client) -> tuple[bool, R | None]:
             committing[0] = False
+            blobs = await client.mget(redis_keys)
+            current = {
+                key: None if blob is None else self._decode(key, blob)
+                for key, blob in zip(names, blobs, strict=True)
+            }
+            changes, result = fn(current)
+            check_changes(names, changes)
+            if not changes:
+                return True, result  # read only: MGET is one atomic snapshot
+            args: list[bytes | str] = []
+            for blob in blobs:
+                args += ("0", "") if blob is None else ("1", blob)
+            for key in names:
+                if key not in changes:
+                    args += ("k", "", "")
+                    continue
+                value, key_ttl = split_change(changes[key], seconds)
+                if value is None:
+                    args += ("d", "", "")
+                else:
+                    px = _milliseconds(key_ttl)
+                    args += ("s", self._encode(key, value), "" if px is None else str(px))
+            committing[0] = True  # from here a timeout leaves the outcome unknown
             try:
-                async with client.pipeline(transaction=True) as pipe, pipe.watch(*redis_keys):
-                    # Reads after WATCH, on any connection, are covered by the watch.
-                    blobs = await client.mget(redis_keys)
-                    current = {
-                        key: None if blob is None else self._decode(key, blob)
-                        for key, blob in zip(names, blobs, strict=True)
-                    }
-                    changes, result = fn(current)
-                    check_changes(names, changes)
-                    writes = []
-                    for key, change in changes.items():
-                        value, key_ttl = split_change(change, seconds)
-                        blob = None if value is None else self._encode(key, value)
-                        writes.append((self._redis_key(key), blob, _milliseconds(key_ttl)))
-                    for name, blob, key_px in writes:
-                        if blob is None:
-                            pipe.delete([name])
-                        else:
-                            pipe.set(name, blob, px=key_px)
-                    committing[0] = bool(writes)  # EXEC goes out as the block closes
-            except coredis.exceptions.WatchError:
+                applied = await client.evalsha(_CAS_SHA, redis_keys, args)
+            except coredis.exceptions.NoScriptError:
+                applied = await client.eval(_CAS_SCRIPT, redis_keys, args)
+            if not applied:
                 self.update_conflicts += 1
-                return False, None  # a watched key changed: EXEC was refused
+                return False, None  # a key changed since it was read: run again
             return True, result
 
         stripes = sorted({zlib.crc32(name) % _UPDATE_STRIPES for name in redis_keys})
@@ -643,6 +651,39 @@ def _refused(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+# aupdate's compare-and-set. KEYS: the keys read. ARGV: per key, whether it existed
+# ("1"/"0") and the value read; then per key an operation ("k" keep, "d" delete, "s" set),
+# the new value and its TTL in milliseconds ("" for none). Returns 1 if applied, 0 if a
+# key no longer holds what was read.
+_CAS_SCRIPT: Final = """
+local n = #KEYS
+for i = 1, n do
+  local current = redis.call('GET', KEYS[i])
+  if ARGV[2 * i - 1] == '0' then
+    if current then return 0 end
+  elseif current ~= ARGV[2 * i] then
+    return 0
+  end
+end
+local base = 2 * n
+for i = 1, n do
+  local op = ARGV[base + 3 * i - 2]
+  if op == 'd' then
+    redis.call('DEL', KEYS[i])
+  elseif op == 's' then
+    local px = ARGV[base + 3 * i]
+    if px == '' then
+      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1])
+    else
+      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1], 'PX', px)
+    end
+  end
+end
+return 1
+"""
+_CAS_SHA: Final = hashlib.sha1(_CAS_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 def _milliseconds(ttl: float | None) -> int | None:

@@ -19,7 +19,8 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from converge.durable import STATUSES, Record
+from converge.durable import STATUSES as _STATUSES
+from converge.durable import Record
 from converge.errors import UsageError
 from converge.extensions.connectors.logs import redact_headers
 
@@ -257,8 +258,8 @@ class EventLog:
         Raises:
             UsageError: For an unknown section or status, or a bad limit.
         """
-        if status is not None and status not in STATUSES:
-            raise UsageError(f"status must be one of {STATUSES}, not {status!r}")
+        if status is not None and status not in _STATUSES:
+            raise UsageError(f"status must be one of {_STATUSES}, not {status!r}")
         if section == "dead-letters":
             if status not in (None, "dead"):
                 return []
