@@ -11,8 +11,18 @@ from pathlib import Path
 
 import httpx
 
+import converge
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
+# Subprocesses import the converge these tests imported, whatever their working directory.
+SRC = str(Path(converge.__file__).resolve().parents[1])
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``converge`` subprocess: this converge first on the path."""
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def free_port() -> int:
@@ -44,7 +54,7 @@ class GatewayProcess:
             cwd=cwd,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=subprocess_env(env),
         )
         deadline = time.monotonic() + 20
         while True:

@@ -43,6 +43,7 @@ from converge.extensions.connectors.inbox import (
     item_of,
     message_of,
 )
+from converge.extensions.connectors.logs import log_accepted, log_rejected
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
@@ -407,6 +408,7 @@ class WebhookConnector:
             labels={"provider": label, "reason": exc.reason},
             help="Inbound requests rejected, by reason.",
         )
+        log_rejected(label, exc.reason, status_code=exc.status)  # ops: rate-limited INFO line
         headers = {"allow": "POST"} if exc.status == 405 else None
         return _json_response(exc.status, {"status": "rejected", "reason": exc.reason}, headers)
 
@@ -494,6 +496,7 @@ class WebhookConnector:
     ) -> tuple[int, dict[str, str], bytes]:
         # For the ASGI app, after _precheck() passed: the body checks, claim, hand-on.
         self._check_open()
+        started = time.perf_counter()
         try:
             if len(body) > _INLINE_VERIFY_BYTES:
                 # Hashing and parsing a large body takes milliseconds: not on the loop.
@@ -504,7 +507,12 @@ class WebhookConnector:
                 verified = self.security._verify_body(profile, lowered, body)
         except WebhookSecurityError as exc:
             return self.rejection(profile.name, exc)
-        return await self._admit(profile.name, verified)
+        answer = await self._admit(profile.name, verified)
+        if answer[0] == 202:  # ops: one INFO line per accepted event, no payload
+            elapsed = (time.perf_counter() - started) * 1000.0
+            forward = self._routes.get(profile.name)
+            log_accepted(profile.name, verified.event_id, latency_ms=elapsed, forwarded_to=forward)
+        return answer
 
     async def _admit(
         self, provider: str, verified: VerifiedWebhook
