@@ -19,8 +19,8 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from converge.durable import STATUSES, Record
-from converge.errors import UsageError
+from converge.durable import STATUSES, Attempt, DurableQueue, Record
+from converge.errors import FormatError, UsageError
 from converge.extensions.connectors.logs import redact_headers
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "EventLog",
     "RecordQueue",
     "Section",
+    "as_record",
     "iso_time",
     "parse_since",
     "record_view",
@@ -164,6 +165,87 @@ def record_view(
     return view
 
 
+def as_record(found: Any, kind: str = "outbound") -> Record:
+    """A :class:`~converge.durable.Record` for a queue item of another shape.
+
+    The outbox keeps its own record class whose ``to_dict()`` has the durable record's
+    fields (``status``, ``key``, ``data``, ``attempts``, ...): it is read through that.
+
+    Raises:
+        UsageError: If ``found`` has no record shape.
+    """
+    if isinstance(found, Record):
+        return found
+    try:
+        data = found.to_dict()
+        attempts = tuple(
+            Attempt(
+                at=float(a.get("at") or 0.0),
+                status_code=a.get("status_code"),
+                error=a.get("error") or None,
+                latency_ms=a.get("latency_ms"),
+                outcome=str(a.get("outcome") or "retry"),
+            )
+            for a in data.get("attempts") or ()
+        )
+        counted = data.get("attempt_count")
+        inner = data.get("data")
+        if not isinstance(counted, int) and isinstance(inner, Mapping):
+            counted = inner.get("counted")
+        return Record(
+            id=str(data["id"]),
+            kind=str(data.get("kind") or kind),
+            status=str(data["status"]),
+            key=str(data.get("key") or ""),
+            data=dict(inner) if isinstance(inner, Mapping) else {},
+            created=float(data.get("created") or 0.0),
+            updated=float(data.get("updated") or data.get("created") or 0.0),
+            attempts=attempts,
+            attempt_count=max(len(attempts), counted if isinstance(counted, int) else 0),
+            lease_owner=data.get("lease_owner"),
+            last_error=data.get("last_error") or None,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, FormatError) as exc:
+        raise UsageError(f"not a queue record: {type(found).__name__}") from exc
+
+
+class _Adapted:
+    """A queue whose items are not :class:`Record` objects, read as records."""
+
+    def __init__(self, queue: Any, kind: str, statuses: tuple[str, ...]) -> None:
+        self._queue = queue
+        self._kind = kind
+        self._statuses = statuses
+
+    async def aget(self, record_id: str) -> Record | None:
+        found = await self._queue.aget(record_id)
+        return None if found is None else as_record(found, self._kind)
+
+    async def alist(
+        self,
+        *,
+        status: str | None = None,
+        key: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        if status is not None and status not in self._statuses:
+            return []
+        found = await self._queue.alist(status=status, key=key, since=since, limit=limit)
+        return [as_record(item, self._kind) for item in found]
+
+    async def areplay(self, record_id: str) -> Record | None:
+        found = await self._queue.areplay(record_id)
+        return None if found is None else as_record(found, self._kind)
+
+    async def apurge(self, record_id: str) -> Record | None:
+        before = await self.aget(record_id)
+        result = await self._queue.apurge(record_id)
+        if result is None or result is False:
+            return None
+        return as_record(result, self._kind) if result is not True else before
+
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     section: str
@@ -211,10 +293,14 @@ class EventLog:
         def queue(*names: str) -> RecordQueue | None:
             for name in names:
                 found = getattr(connector, name, None)
-                if found is not None and all(
+                if found is None or not all(
                     callable(getattr(found, m, None)) for m in ("aget", "alist", "areplay")
                 ):
-                    return found  # type: ignore[no-any-return]
+                    continue
+                if isinstance(found, DurableQueue):
+                    return found
+                # The outbox's own records (same fields, their own class).
+                return _Adapted(found, "outbound", ("pending", "leased", "delivered", "dead"))
             return None
 
         return cls(
