@@ -49,8 +49,8 @@ async def read_request(scope: dict[str, Any], receive: Receive) -> tuple[dict[st
     return headers, b"".join(chunks)
 
 
-def loopback_socket(*, nodelay: bool = False) -> socket.socket:
-    """A TCP socket bound to 127.0.0.1 at a free port (not listening yet).
+def loopback_socket(*, nodelay: bool = False, port: int = 0) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1 at a free port, or at ``port`` (not listening yet).
 
     ``nodelay``: accepted connections inherit ``TCP_NODELAY``; without it, Nagle's
     algorithm plus delayed ACKs add ~40 ms to every answer written in two parts (headers,
@@ -60,7 +60,7 @@ def loopback_socket(*, nodelay: bool = False) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
@@ -69,14 +69,23 @@ class UvicornThread:
 
     ``config`` adds to (or overrides) the uvicorn settings: warning log level, no access
     log, lifespan on. ``name`` names the thread and the error if it does not start.
+    ``port`` serves on that port (a server stopped and started again on its old port
+    plays an outage).
     """
 
     def __init__(
-        self, app: Any, *, nodelay: bool = False, name: str = "uvicorn", **config: Any
+        self,
+        app: Any,
+        *,
+        nodelay: bool = False,
+        name: str = "uvicorn",
+        port: int = 0,
+        **config: Any,
     ) -> None:
         self.app = app
         self.name = name
         self.nodelay = nodelay
+        self.port = port
         self.config = {"log_level": "warning", "access_log": False, "lifespan": "on", **config}
         self.url = ""
         self._server: uvicorn.Server | None = None
@@ -84,7 +93,7 @@ class UvicornThread:
 
     def start(self) -> UvicornThread:
         """Start serving; return once uvicorn has started (RuntimeError after 10 s)."""
-        sock = loopback_socket(nodelay=self.nodelay)
+        sock = loopback_socket(nodelay=self.nodelay, port=self.port)
         port = sock.getsockname()[1]
         self._server = server = uvicorn.Server(uvicorn.Config(self.app, **self.config))
         self._thread = threading.Thread(

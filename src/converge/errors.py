@@ -54,7 +54,8 @@ ConvergeError
 └── WebhookError
     ├── WebhookSecurityError (ValueError)      inbound request rejected; carries .status
     │   └── DuplicateEventError                replayed event id
-    └── DeliveryError                          outbound delivery failed for good
+    ├── DeliveryError                          outbound delivery failed for good
+    └── IdempotencyConflictError (ValueError)  outbound key reused for another action
 ```
 """
 
@@ -77,6 +78,7 @@ __all__ = [
     "DuplicateEventError",
     "DuplicateRecordError",
     "FormatError",
+    "IdempotencyConflictError",
     "IdentityError",
     "KeyNotFoundError",
     "LLMError",
@@ -439,3 +441,19 @@ class DuplicateEventError(WebhookSecurityError):
 
 class DeliveryError(WebhookError):
     """An outbound action could not be delivered (dead-lettered)."""
+
+
+class IdempotencyConflictError(WebhookError, ValueError):
+    """An outbound idempotency key is already taken by a different action.
+
+    Submitting the same action again with its key is fine (it returns the original
+    record); a different action under a key that is still kept is refused, because
+    only one of the two could ever be delivered. The gateway answers ``409``.
+
+    Attributes:
+        existing_id: The outbox id the key already names.
+    """
+
+    def __init__(self, message: str, *, existing_id: str) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id

@@ -9,20 +9,26 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from converge.core.store import Store
 from converge.errors import ConfigurationError
 from converge.extensions.connectors import (
     OutboundTarget,
     ProviderProfile,
+    RetrySchedule,
     WebhookConnector,
     WebhookGateway,
     WebhookRetryPolicy,
     WebhookSecurityPolicy,
 )
+from converge.extensions.connectors.retry import parse_duration
+
+if TYPE_CHECKING:
+    from converge.extensions.connectors.retry import RetryStrategy
 
 __all__ = [
+    "DEFAULT_RETENTION_SEC",
     "DEFAULT_STORE",
     "GatewayConfig",
     "ProviderConfig",
@@ -57,6 +63,13 @@ _GATEWAY_KEYS = {
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
 _PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
 _TARGET_KEYS = {"url", "signing_secret", "signing_secret_env", "max_concurrency"}
+# [retry]: a delay schedule (the default) or the exponential WebhookRetryPolicy.
+_SCHEDULE_KEYS = {"schedule", "jitter_ratio", "request_timeout_sec", "lease_margin_sec"}
+_POLICY_KEYS = {f.name for f in fields(WebhookRetryPolicy)}
+_BREAKER_KEYS = {"failure_threshold", "recovery_timeout_sec"}
+_DEAD_LETTER_KEYS = {"retention_sec"}
+#: How long delivered and dead-lettered actions stay inspectable by default: 7 days.
+DEFAULT_RETENTION_SEC = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +118,12 @@ class GatewayConfig:
         client_cert_header: Trusted proxy header reporting client certificates.
         poll_interval_sec: Outbox rescan interval.
         security: Inbound limits.
-        retry: Outbound retry policy.
+        retry: Outbound retries: a :class:`RetrySchedule` (Svix's by default) or a
+            :class:`WebhookRetryPolicy` when ``[retry]`` sets its exponential keys.
+        breaker_failure_threshold: Consecutive failures that open a target's circuit.
+        breaker_recovery_timeout_sec: Seconds an open circuit waits before a probe.
+        dead_letter_retention_sec: How long dead-lettered and delivered actions stay
+            inspectable.
         providers: Providers by name.
         targets: Targets by name.
         base_dir: Directory relative store paths are resolved against (the cwd).
@@ -125,7 +143,10 @@ class GatewayConfig:
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
-    retry: WebhookRetryPolicy = field(default_factory=WebhookRetryPolicy)
+    retry: RetryStrategy = field(default_factory=RetrySchedule)
+    breaker_failure_threshold: int = 5
+    breaker_recovery_timeout_sec: float = 30.0
+    dead_letter_retention_sec: float = DEFAULT_RETENTION_SEC
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
@@ -205,14 +226,33 @@ def parse_config(
             references to undefined targets.
     """
     env = os.environ if env is None else env
-    _check_keys(data, {"gateway", "security", "retry", "providers", "targets"}, "top level")
+    _check_keys(
+        data,
+        {"gateway", "security", "retry", "breaker", "dead_letters", "providers", "targets"},
+        "top level",
+    )
     gateway = _table(data, "gateway", "")
     _check_keys(gateway, _GATEWAY_KEYS, "gateway")
     try:
         security = WebhookSecurityPolicy(**_security_kwargs(_table(data, "security", "")))
-        retry = WebhookRetryPolicy(**_table(data, "retry", ""))
     except TypeError as exc:
-        raise ConfigurationError(f"[security] or [retry]: {exc}") from exc
+        raise ConfigurationError(f"[security]: {exc}") from exc
+    retry = _retry(_table(data, "retry", ""))
+    breaker = _table(data, "breaker", "")
+    _check_keys(breaker, _BREAKER_KEYS, "breaker")
+    dead_letters = _table(data, "dead_letters", "")
+    _check_keys(dead_letters, _DEAD_LETTER_KEYS, "dead_letters")
+    outbound_kwargs: dict[str, Any] = {}
+    if "failure_threshold" in breaker:
+        outbound_kwargs["breaker_failure_threshold"] = breaker["failure_threshold"]
+    if "recovery_timeout_sec" in breaker:
+        seconds = _duration("breaker", "recovery_timeout_sec", breaker["recovery_timeout_sec"])
+        outbound_kwargs["breaker_recovery_timeout_sec"] = seconds
+    if "retention_sec" in dead_letters:
+        seconds = _duration("dead_letters", "retention_sec", dead_letters["retention_sec"])
+        if seconds <= 0:
+            raise ConfigurationError("[dead_letters] retention_sec must be > 0")
+        outbound_kwargs["dead_letter_retention_sec"] = seconds
 
     targets: dict[str, TargetConfig] = {}
     for name, table in _table(data, "targets", "").items():
@@ -280,12 +320,47 @@ def parse_config(
         outbound_token=token,
         security=security,
         retry=retry,
+        **outbound_kwargs,
         providers=providers,
         targets=targets,
         base_dir=base_dir or Path.cwd(),
     )
     check_gateway_settings(config)
     return config
+
+
+def _duration(section: str, key: str, value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"[{section}] {key}: {exc}") from None
+
+
+def _retry(table: dict[str, Any]) -> RetryStrategy:
+    """The ``[retry]`` table: a delay schedule, or the exponential policy's keys."""
+    exponential = set(table) & (_POLICY_KEYS - _SCHEDULE_KEYS)
+    if exponential:
+        _check_keys(table, _POLICY_KEYS, "retry")
+        try:
+            return WebhookRetryPolicy(**table)
+        except (TypeError, ConfigurationError) as exc:
+            raise ConfigurationError(f"[retry] {exc}") from None
+    _check_keys(table, _SCHEDULE_KEYS, "retry")
+    options = dict(table)
+    if "schedule" in options:
+        schedule = options.pop("schedule")
+        if not isinstance(schedule, list) or not schedule:
+            raise ConfigurationError(
+                "[retry] schedule must be a non-empty list of waits, e.g. ['5s', '5m', '2h']"
+            )
+        options["delays_sec"] = tuple(_duration("retry", "schedule", d) for d in schedule)
+    for key in ("request_timeout_sec", "lease_margin_sec"):
+        if key in options:
+            options[key] = _duration("retry", key, options[key])
+    try:
+        return RetrySchedule(**options)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"[retry] {exc}") from None
 
 
 def _no_secret(where: str, table: Mapping[str, Any], env_key: str) -> str:
@@ -341,6 +416,10 @@ def check_gateway_settings(config: GatewayConfig) -> None:
         raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
     if not isinstance(config.log_events, bool):
         raise ConfigurationError("[gateway] log_events must be true or false")
+    threshold = config.breaker_failure_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ConfigurationError("[breaker] failure_threshold must be an integer >= 1")
+
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
     count = config.event_log_max
@@ -401,5 +480,8 @@ def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
         targets=[t.target for t in config.targets.values()],
         inbound_routes={n: p.forward_to for n, p in config.providers.items() if p.forward_to},
         max_in_flight=config.max_in_flight,
+        breaker_failure_threshold=config.breaker_failure_threshold,
+        breaker_recovery_timeout_sec=config.breaker_recovery_timeout_sec,
+        dead_letter_ttl_sec=config.dead_letter_retention_sec,
     )
     return WebhookGateway(connector, outbound_token=config.outbound_token)

@@ -5,90 +5,27 @@ from __future__ import annotations
 import functools
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 import standardwebhooks
-from webhook_helpers import HMAC_SECRET, TARGET_SECRET, Receiver, eventually
+from outbound_helpers import FakeClock, Sender, action, dispatching, make
+from webhook_helpers import TARGET_SECRET, Receiver, eventually
 
 from converge.core.message import Message
 from converge.core.store import Store
-from converge.errors import UsageError
+from converge.errors import IdempotencyConflictError, UsageError
 from converge.extensions.connectors import (
     OutboundRequest,
     OutboundResponse,
     OutboundTarget,
-    OutboundWebhookAction,
-    ProviderProfile,
-    WebhookConnector,
+    WebhookGateway,
     WebhookRetryPolicy,
 )
-from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
+from converge.extensions.storage import FileStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
-
-FAST = WebhookRetryPolicy(
-    max_attempts=5,
-    base_delay_sec=0.01,
-    max_delay_sec=0.05,
-    jitter_ratio=0.0,
-    request_timeout_sec=2.0,
-)
-
-
-class FakeClock:
-    """Wall-clock stand-in: time moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sender:
-    """An ``outbound_sender`` scripted per attempt; records every request."""
-
-    def __init__(self, *replies: int | OutboundResponse) -> None:
-        self.replies = list(replies)
-        self.requests: list[OutboundRequest] = []
-        self.default: int | OutboundResponse = 200
-
-    async def __call__(self, request: OutboundRequest) -> int | OutboundResponse:
-        self.requests.append(request)
-        await anyio.lowlevel.checkpoint()
-        return self.replies.pop(0) if self.replies else self.default
-
-
-def make(store: Store | None = None, **kw: Any) -> WebhookConnector:
-    kw.setdefault("retry_policy", FAST)
-    kw.setdefault("targets", [OutboundTarget("app", "http://127.0.0.1:9/hook")])
-    return WebhookConnector(
-        provider_profiles={"p": ProviderProfile("p", "p")},
-        secrets={"p": HMAC_SECRET},
-        store=store or MemoryStore(),
-        **kw,
-    )
-
-
-def action(n: int = 0, **kw: Any) -> OutboundWebhookAction:
-    kw.setdefault("url", "http://127.0.0.1:9/hook")
-    return OutboundWebhookAction(target=kw.pop("target", "app"), method="POST", body={"n": n}, **kw)
-
-
-@asynccontextmanager
-async def dispatching(c: WebhookConnector, poll: float = 0.01) -> AsyncIterator[None]:
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(functools.partial(c.run_outbound_dispatcher, poll_interval_sec=poll))
-        await eventually(lambda: c.dispatcher.running)
-        try:
-            yield
-        finally:
-            c.stop_dispatcher()
 
 
 async def test_an_action_is_persisted_before_submit_returns(any_store: Store) -> None:
@@ -121,12 +58,39 @@ async def test_a_receiver_that_fails_then_recovers_gets_it_once_with_one_key() -
 async def test_a_given_idempotency_key_is_sent_and_deduplicates_submissions() -> None:
     sender = Sender()
     c = make(outbound_sender=sender)
-    await c.submit_outbound_action(action(1, idempotency_key="order-42"))
-    await c.submit_outbound_action(action(2, idempotency_key="order-42"))
+    first = await c.enqueue(action(1, idempotency_key="order-42"))
+    again = await c.enqueue(action(1, idempotency_key="order-42"))
+    assert again.id == first.id
+    with pytest.raises(IdempotencyConflictError) as caught:
+        await c.submit_outbound_action(action(2, idempotency_key="order-42"))
+    assert caught.value.existing_id == first.id
     assert await c.apending_count() == 1
     async with dispatching(c):
         await eventually(lambda: len(sender.requests) == 1)
+        await eventually(lambda: c.dispatcher.backlog == 0)
     assert sender.requests[0].headers["idempotency-key"] == "order-42"
+    # Delivered, the key still names the action while it is kept: no second send.
+    assert (await c.enqueue(action(1, idempotency_key="order-42"))).status == "delivered"
+    with pytest.raises(IdempotencyConflictError):
+        await c.enqueue(action(3, idempotency_key="order-42"))
+    assert len(sender.requests) == 1
+
+
+async def test_namespaces_keep_api_agent_and_inbound_keys_apart() -> None:
+    c = make(outbound_sender=Sender())
+    key = "inbound:github:123"
+    records = [
+        await c.enqueue(action(n, idempotency_key=key), namespace=space)
+        for n, space in enumerate(("api", "agent", "inbound"))
+    ]
+    assert len({r.id for r in records}) == 3
+    assert {r.namespace for r in records} == {"api", "agent", "inbound"}
+    assert await c.apending_count() == 3
+    # A token holder pre-claiming the forward's key in "api" does not stop the forward.
+    forward = await c.enqueue(action(2, idempotency_key=key), namespace="inbound")
+    assert forward.id == records[2].id
+    with pytest.raises(UsageError):
+        await c.enqueue(action(4, idempotency_key=key), namespace="other")
 
 
 async def test_retry_after_is_honoured_on_virtual_time() -> None:
@@ -470,3 +434,21 @@ async def test_submitting_while_the_dispatcher_stops_keeps_the_action_for_the_ne
     async with dispatching(c):
         await eventually(lambda: len(sent) == 2)
     assert json.loads(sent[1].content) == {"n": 2}
+
+
+async def test_outbound_answers_the_original_id_for_a_repeat_and_409_for_a_conflict() -> None:
+    c = make(outbound_sender=Sender())
+    gateway = WebhookGateway(c, outbound_token="t" * 32)
+    payload = {"target": "app", "body": {"n": 1}, "idempotency_key": "order-7"}
+    status, body = await gateway.handle_outbound_payload(dict(payload))
+    assert status == 202
+    first = json.loads(body)["id"]
+    assert await gateway.handle_outbound_payload(dict(payload)) == (202, body)
+    status, body = await gateway.handle_outbound_payload({**payload, "body": {"n": 2}})
+    assert status == 409
+    assert json.loads(body) == {
+        "status": "rejected",
+        "reason": "idempotency_conflict",
+        "id": first,
+    }
+    assert await c.apending_count() == 1

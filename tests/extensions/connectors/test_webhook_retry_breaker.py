@@ -7,11 +7,14 @@ import email.utils
 import pytest
 
 from converge.errors import ConfigurationError, UsageError
-from converge.extensions.connectors import CircuitBreaker, WebhookRetryPolicy
+from converge.extensions.connectors import CircuitBreaker, RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.retry import (
+    DEFAULT_LEASE_MARGIN_SEC,
     MAX_RETRY_AFTER_SEC,
     classify_status,
     counts_as_breaker_failure,
+    lease_margin,
+    parse_duration,
     parse_retry_after,
 )
 
@@ -176,3 +179,79 @@ def test_a_lost_probe_is_replaced_after_the_timeout() -> None:
 def test_breaker_refuses_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         CircuitBreaker(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_default_schedule_is_svixs() -> None:
+    schedule = RetrySchedule(jitter_ratio=0)
+    assert schedule.delays_sec == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    assert schedule.max_attempts == 8
+    delays = [schedule.compute_delay(n) for n in range(1, 10)]
+    assert delays == [5, 300, 1800, 7200, 18000, 36000, 36000, 36000, 36000]
+    assert sum(schedule.delays_sec) / 3600 == pytest.approx(27.58, abs=0.01)
+
+
+def test_a_schedule_spreads_each_wait_by_its_jitter() -> None:
+    schedule = RetrySchedule(delays_sec=(10.0, 100.0), jitter_ratio=0.5)
+    assert schedule.compute_delay(1, rand=lambda: 0.0) == 5.0
+    assert schedule.compute_delay(2, rand=lambda: 0.999999) == pytest.approx(150.0, rel=1e-5)
+    with pytest.raises(UsageError):
+        schedule.compute_delay(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"delays_sec": ()},
+        {"delays_sec": "5s"},
+        {"delays_sec": (1, -1)},
+        {"delays_sec": (float("inf"),)},
+        {"jitter_ratio": 2},
+        {"request_timeout_sec": 0},
+        {"lease_margin_sec": 0},
+        {"lease_margin_sec": True},
+    ],
+)
+def test_schedule_refuses_bad_settings(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        RetrySchedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_seed_policy_keeps_its_documented_defaults_and_lease_margin() -> None:
+    assert WebhookRetryPolicy() == WebhookRetryPolicy(5, 0.25, 10.0, 0.2, 5.0)
+    assert lease_margin(WebhookRetryPolicy()) == DEFAULT_LEASE_MARGIN_SEC == 5.0
+    assert lease_margin(RetrySchedule(lease_margin_sec=2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        (5, 5.0),
+        (0.5, 0.5),
+        ("250ms", 0.25),
+        ("5s", 5),
+        ("5m", 300),
+        ("30min", 1800),
+        ("2h", 7200),
+        ("1d", 86400),
+        (" 1.5h ", 5400),
+    ],
+)
+def test_durations_read_seconds_and_units(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "5 x", "-1s", "1h2m", True, -1, float("nan"), None])
+def test_durations_refuse_anything_else(text: object) -> None:
+    with pytest.raises(ConfigurationError):
+        parse_duration(text)
+
+
+def test_cancelling_a_probe_admits_another_at_once() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 10.0, clock=clock)
+    breaker.record_failure()
+    clock.now += 10
+    assert breaker.allow_request()
+    assert not breaker.allow_request()
+    breaker.cancel_probe()
+    assert breaker.allow_request()

@@ -12,7 +12,12 @@
 
 from __future__ import annotations
 
-from converge.errors import DeliveryError, DuplicateEventError, WebhookSecurityError
+from converge.errors import (
+    DeliveryError,
+    DuplicateEventError,
+    IdempotencyConflictError,
+    WebhookSecurityError,
+)
 from converge.extensions.connectors.asgi import GatewayApp
 from converge.extensions.connectors.breaker import CircuitBreaker
 from converge.extensions.connectors.connector import INBOUND_TOPIC, WebhookConnector
@@ -24,8 +29,8 @@ from converge.extensions.connectors.models import (
     ProviderProfile,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.outbox import DeadLetter, OutboxRecord
-from converge.extensions.connectors.retry import WebhookRetryPolicy
+from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord
+from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import sign_webhook
 from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
 from converge.extensions.connectors.transport import (
@@ -41,14 +46,17 @@ __all__ = [
     "DeliveryError",
     "DuplicateEventError",
     "GatewayApp",
+    "IdempotencyConflictError",
     "InboundWebhookEvent",
     "OutboundRequest",
     "OutboundResponse",
     "OutboundSender",
     "OutboundTarget",
     "OutboundWebhookAction",
+    "Outbox",
     "OutboxRecord",
     "ProviderProfile",
+    "RetrySchedule",
     "VerifiedWebhook",
     "WebhookConnector",
     "WebhookGateway",

@@ -95,6 +95,10 @@ class CircuitBreaker:
             start = max(start, self._probe_started_at)
         return start + self.recovery_timeout_sec
 
+    def cancel_probe(self) -> None:
+        """The admitted request was never sent (nothing learnt): admit another probe now."""
+        self._probe_started_at = None
+
     def record_success(self) -> None:
         """A request succeeded: close the circuit."""
         self._failures = 0

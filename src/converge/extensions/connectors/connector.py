@@ -52,7 +52,7 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
-from converge.extensions.connectors.retry import WebhookRetryPolicy
+from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
     VerifiedWebhook,
@@ -189,7 +189,7 @@ class WebhookConnector:
         provider_profiles: dict[str, ProviderProfile],
         secrets: Mapping[str, str | Sequence[str]],
         security_policy: WebhookSecurityPolicy | None = None,
-        retry_policy: WebhookRetryPolicy | None = None,
+        retry_policy: WebhookRetryPolicy | RetrySchedule | None = None,
         store: Store | None = None,
         metrics_collector: MetricsCollector | None = None,
         connector_id: str = "webhook-connector",
@@ -210,8 +210,10 @@ class WebhookConnector:
     ) -> None:
         if not isinstance(connector_id, str) or not _ID_RE.fullmatch(connector_id):
             raise ConfigurationError("connector_id must be 1-64 letters, digits, '_', '.', '-'")
-        if retry_policy is not None and not isinstance(retry_policy, WebhookRetryPolicy):
-            raise ConfigurationError("retry_policy must be a WebhookRetryPolicy")
+        if retry_policy is not None and not isinstance(
+            retry_policy, WebhookRetryPolicy | RetrySchedule
+        ):
+            raise ConfigurationError("retry_policy must be a WebhookRetryPolicy or RetrySchedule")
         if metrics_collector is not None and not isinstance(metrics_collector, MetricsCollector):
             raise ConfigurationError("metrics_collector must be a MetricsCollector")
         if outbound_sender is not None and not callable(outbound_sender):
@@ -245,7 +247,7 @@ class WebhookConnector:
         self.connector_id = connector_id
         self.store = store
         self.metrics = metrics_collector or MetricsCollector()
-        self.retry_policy = retry_policy or WebhookRetryPolicy()
+        self.retry_policy: WebhookRetryPolicy | RetrySchedule = retry_policy or WebhookRetryPolicy()
         self._clock = clock
         prefix = f"converge:webhook:{connector_id}"
         self.security = WebhookSecurity(
@@ -681,7 +683,7 @@ class WebhookConnector:
             body=event_of(item),
             idempotency_key=forward_key(record.id),
         )
-        await self.submit_outbound_action(action)
+        await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)
 
     async def _publish(self, record: Record, item: Message | Task) -> None:
@@ -898,16 +900,20 @@ class WebhookConnector:
         """
         await self.enqueue(action)
 
-    async def enqueue(self, action: OutboundWebhookAction) -> OutboxRecord:
+    async def enqueue(
+        self, action: OutboundWebhookAction, *, namespace: str = "api"
+    ) -> OutboxRecord:
         """Like :meth:`submit_outbound_action`, returning the persisted outbox record.
 
-        If an action with the same idempotency key is pending, the returned record
-        describes the new submission's id but nothing new is stored.
+        Idempotency keys are unique per ``namespace`` (``"api"``, ``"agent"``,
+        ``"inbound"``; see :meth:`Outbox.add`): the same action again returns the
+        original record, a different action under a kept key raises
+        :class:`~converge.errors.IdempotencyConflictError`.
         """
         self._check_open()
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
-        record = await self.outbox.add(action)
+        record = await self.outbox.add(action, namespace=namespace)
         self.metrics.inc(
             "webhook_outbound_submitted_total",
             labels={"target": action.target},
@@ -954,7 +960,7 @@ class WebhookConnector:
             UsageError: If the message does not describe a deliverable action.
             StoreError: If the store failed.
         """
-        await self.submit_outbound_action(self.action_from_message(message))
+        await self.enqueue(self.action_from_message(message), namespace="agent")
 
     async def dispatch_outbound_action(self, action: OutboundWebhookAction) -> bool:
         """Make one delivery attempt of ``action`` now, bypassing the outbox.
@@ -1046,7 +1052,7 @@ class WebhookConnector:
 
     async def apending_count(self) -> int:
         """How many actions wait in the outbox (read from the store)."""
-        return len(await self.outbox.pending_ids())
+        return await self.outbox.apending_count()
 
     # -- lifecycle --------------------------------------------------------------------
 

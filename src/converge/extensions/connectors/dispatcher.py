@@ -13,18 +13,22 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge.core.metrics import MetricsCollector
+from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
 from converge.extensions.connectors.breaker import CircuitBreaker
 from converge.extensions.connectors.outbox import Outbox, OutboxRecord
-from converge.extensions.connectors.retry import Verdict, WebhookRetryPolicy
+from converge.extensions.connectors.retry import (
+    RetrySchedule,
+    Verdict,
+    WebhookRetryPolicy,
+    lease_margin,
+)
 from converge.extensions.connectors.schedule import DispatchSchedule
 
 __all__ = ["AttemptResult", "OutboundDispatcher"]
 
 _log = logging.getLogger("converge.connectors")
 
-# Extra lease time past the request timeout: bookkeeping after the response.
-_LEASE_MARGIN_SEC = 5.0
 _BREAKER_STATE = {"closed": 0, "open": 1, "half_open": 2}
 # Rescans of the store that find nothing back off up to this many poll intervals.
 _MAX_SCAN_BACKOFF = 16
@@ -40,6 +44,9 @@ class AttemptResult:
         retry_after: Seconds the target asked to wait (429/503 ``Retry-After``).
         error: Short description of the failure (empty on success).
         breaker_failure: Whether the outcome counts against the target's breaker.
+        sent: False when no request left (the action can never be sent): the
+            target's breaker learns nothing from it.
+        latency_ms: How long the attempt took, when a request was made.
     """
 
     verdict: Verdict
@@ -47,6 +54,8 @@ class AttemptResult:
     retry_after: float | None = None
     error: str = ""
     breaker_failure: bool = field(default=False)
+    sent: bool = True
+    latency_ms: float | None = None
 
 
 class OutboundDispatcher:
@@ -57,7 +66,8 @@ class OutboundDispatcher:
     Args:
         outbox: Where pending actions live.
         attempt: Makes one delivery attempt of a record.
-        retry_policy: Backoff and attempt limits.
+        retry_policy: Backoff, attempt limits, request timeout and lease margin
+            (a :class:`~.retry.WebhookRetryPolicy` or a :class:`~.retry.RetrySchedule`).
         breaker_for: The circuit breaker of a target.
         metrics: Where counters and gauges go.
         clock: Unix seconds.
@@ -70,7 +80,7 @@ class OutboundDispatcher:
         *,
         outbox: Outbox,
         attempt: Callable[[OutboxRecord], Awaitable[AttemptResult]],
-        retry_policy: WebhookRetryPolicy,
+        retry_policy: WebhookRetryPolicy | RetrySchedule,
         breaker_for: Callable[[str], CircuitBreaker],
         metrics: MetricsCollector,
         clock: Callable[[], float],
@@ -95,6 +105,8 @@ class OutboundDispatcher:
         self.store_ok = True
         self.failed: BaseException | None = None
         self._breaker_seen: set[str] = set()
+        self._store_backlog = 0
+        outbox.listener = self.notify  # replays made by operators are scheduled at once
 
     @property
     def running(self) -> bool:
@@ -103,8 +115,17 @@ class OutboundDispatcher:
 
     @property
     def backlog(self) -> int:
-        """Actions this dispatcher knows to be pending (waiting, ready or in flight)."""
+        """Actions this dispatcher has scheduled (waiting, ready or in flight), locally.
+
+        Replicas sharing a store each schedule what they have seen; the outbox's true
+        size is :meth:`Outbox.apending_count` (the ``webhook_outbound_backlog`` gauge).
+        """
         return len(self._schedule)
+
+    @property
+    def lease_sec(self) -> float:
+        """How long an attempt holds its action: request timeout plus lease margin."""
+        return self._policy.request_timeout_sec + lease_margin(self._policy)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return once in-flight attempts finish."""
@@ -125,11 +146,12 @@ class OutboundDispatcher:
 
     def notify(self, record: OutboxRecord) -> None:
         """A record was just persisted in this process: schedule it without a poll."""
+        if record.status != "pending":
+            return  # an idempotent resubmission of a delivered or dead action
         if self._running and self._on_loop():
-            self._schedule.add(record.id, record.action.target, record.due)
+            # Just made pending here: due now (record.due is on the store's clock).
+            self._schedule.add(record.id, record.action.target, self._clock())
             self._hand_out()
-            if self._wake is not None and record.due > self._clock():
-                self._wake.set()  # due later: the loop recomputes its next wake-up
 
     def _hand_out(self) -> None:
         """Give every action that may start now to an idle worker."""
@@ -142,7 +164,9 @@ class OutboundDispatcher:
 
     def _gauges(self) -> None:
         self._metrics.gauge(
-            "webhook_outbound_backlog", len(self._schedule), help="Outbound actions pending."
+            "webhook_outbound_backlog",
+            self._store_backlog,
+            help="Outbound actions pending in the outbox store (all replicas sharing it).",
         )
         self._metrics.gauge(
             "webhook_outbound_in_flight", self._schedule.running, help="Attempts in flight."
@@ -180,12 +204,18 @@ class OutboundDispatcher:
             async with anyio.create_task_group() as tg, receive:
                 for _ in range(self._max_in_flight):
                     tg.start_soon(self._worker, receive.clone())
+                await self._migrate()
                 await self._scan()
-                last_scan = anyio.current_time()
+                last_scan = last_count = anyio.current_time()
                 scan_every = poll_interval_sec
                 while not self._stopping:
                     self._wake = anyio.Event()
                     self._hand_out()
+                    if anyio.current_time() - last_count >= poll_interval_sec:
+                        # The gauge counts the store's pending records (all replicas):
+                        # one key listing per interval, never the local schedule.
+                        await self._count()
+                        last_count = anyio.current_time()
                     if anyio.current_time() - last_scan >= scan_every:
                         # A rescan costs O(pending); it only finds actions that other
                         # processes submitted, so back off while it finds none.
@@ -201,7 +231,9 @@ class OutboundDispatcher:
                         break
                     due = self._schedule.next_due()
                     timeout = min(
-                        scan_every, max(0.0, last_scan + scan_every - anyio.current_time())
+                        scan_every,
+                        max(0.0, last_scan + scan_every - anyio.current_time()),
+                        max(0.0, last_count + poll_interval_sec - anyio.current_time()),
                     )
                     if due is not None:
                         timeout = min(timeout, max(0.0, due - self._clock()))
@@ -224,21 +256,39 @@ class OutboundDispatcher:
             async for action_id, target in receive:
                 await self._work(action_id, target)
 
+    async def _migrate(self) -> None:
+        try:
+            moved = await self._outbox.amigrate()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
+        if moved:
+            _log.info("moved %d outbound actions into the durable outbox", moved)
+
+    async def _count(self) -> None:
+        try:
+            self._store_backlog = await self._outbox.apending_count()
+        except StoreError as exc:
+            self._store_failed(exc)
+
     async def _scan(self) -> int:
         """Schedule pending actions this dispatcher does not know yet; return how many."""
         found = 0
         try:
             ids = await self._outbox.pending_ids()
+            self._store_backlog = len(ids)
+            store_now = await self._outbox.atime()
             for action_id in ids:
                 if action_id in self._schedule:
                     continue
                 record = await self._outbox.get(action_id)
                 if record is None:
                     continue
-                due = record.due
+                # Record times are on the store's clock; the schedule runs on ours.
+                wait = record.due - store_now
                 if record.lease_owner not in (None, self._owner) and record.lease_until:
-                    due = max(due, record.lease_until)
-                self._schedule.add(record.id, record.action.target, due)
+                    wait = max(wait, record.lease_until - store_now)  # leased elsewhere
+                self._schedule.add(record.id, record.action.target, self._clock() + max(0, wait))
                 found += 1
         except StoreError as exc:
             self._store_failed(exc)
@@ -253,37 +303,44 @@ class OutboundDispatcher:
 
     async def _work(self, action_id: str, target: str) -> None:
         breaker = self._breaker_for(target)
-        leased = False
+        record: OutboxRecord | None = None
         try:
             now = self._clock()
             if breaker.is_open and breaker.retry_at() > now:
                 # Open, or half-open with the probe out: wait without touching the store.
                 self._defer(action_id, target, breaker.retry_at())
                 return
-            lease = await self._outbox.lease(
-                action_id, self._owner, now + self._policy.request_timeout_sec + _LEASE_MARGIN_SEC
-            )
+            started = anyio.current_time()
+            lease = await self._outbox.lease(action_id, self._owner, self.lease_sec)
             if lease is None:
                 self._schedule.finish(action_id)
                 return
             if isinstance(lease, float):
-                self._defer(action_id, target, lease)
+                self._defer(action_id, target, self._clock() + lease)
                 return
-            leased = True
             record = lease
+            if anyio.current_time() - started > lease_margin(self._policy):
+                # The lease write took longer than the margin: too little of the lease
+                # may be left for a whole attempt. Give it back and try again.
+                await self._release(record)
+                record = None
+                self._defer(action_id, target, self._clock())
+                return
             deadline = record.action.deadline
             if deadline is not None and now >= deadline:
-                await self._bury(record, "deadline passed", record.last_status, record.attempts)
-                leased = False
+                await self._bury(record, "deadline passed")
+                record = None
                 return
             if not breaker.allow_request():
-                await self._outbox.release(action_id, self._owner)
-                leased = False
+                await self._release(record)
+                record = None
                 self._defer(action_id, target, breaker.retry_at())
                 return
             was_open = breaker.is_open
             result = await self._attempt(record)
-            if result.breaker_failure:
+            if not result.sent:
+                breaker.cancel_probe()  # nothing was sent: nothing learnt about the target
+            elif result.breaker_failure:
                 breaker.record_failure()
             else:
                 breaker.record_success()
@@ -295,8 +352,11 @@ class OutboundDispatcher:
                     labels={"target": target},
                     help="Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
                 )
-            await self._settle(record, result)
-            leased = False
+            # A failure that leaves the circuit open is the target's outage, not this
+            # action's fault: it does not use up one of the action's attempts.
+            outage = result.verdict == "retry" and result.breaker_failure and breaker.is_open
+            await self._settle(record, result, outage=outage, retry_at=breaker.retry_at())
+            record = None
             if was_open and not breaker.is_open:
                 self._schedule.hurry(target, self._clock())
         except StoreError as exc:
@@ -304,9 +364,9 @@ class OutboundDispatcher:
             # The lease runs out and the action is attempted again: at least once.
             self._defer(action_id, target, self._clock() + 1.0)
         except anyio.get_cancelled_exc_class():
-            if leased:
+            if record is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-                    await self._outbox.release(action_id, self._owner)
+                    await self._release(record)
             raise
         except Exception:  # a bug must not kill the dispatcher; the lease runs out
             _log.exception("outbound attempt of %s failed unexpectedly", action_id)
@@ -316,36 +376,71 @@ class OutboundDispatcher:
             if not self._stopping:
                 self._hand_out()
 
+    async def _release(self, record: OutboxRecord) -> None:
+        if not await self._outbox.release(record):
+            self._lease_lost(record, "release")
+
+    def _lease_lost(self, record: OutboxRecord, step: str) -> None:
+        # Another dispatcher took the action over after our lease ended (a stalled
+        # store write, a paused process): its outcome wins; ours changes nothing.
+        self._metrics.inc(
+            "webhook_outbound_lease_lost_total",
+            labels={"target": record.action.target},
+            help="Transitions refused because another dispatcher had taken the lease over.",
+        )
+        _log.warning("outbound action %s: lease lost before %s", record.id, step)
+
     def _defer(self, action_id: str, target: str, due: float) -> None:
         self._schedule.finish(action_id)
         self._schedule.add(action_id, target, due)
         if self._wake is not None:
             self._wake.set()  # the loop recomputes its next wake-up
 
-    async def _settle(self, record: OutboxRecord, result: AttemptResult) -> None:
+    async def _settle(
+        self, record: OutboxRecord, result: AttemptResult, *, outage: bool, retry_at: float
+    ) -> None:
         target = record.action.target
         labels = {"target": target}
-        attempts = record.attempts + 1
+        now = self._clock()
+        outcome = "outage" if outage else result.verdict
+        attempt = Attempt(
+            at=await self._outbox.atime(),
+            status_code=result.status,
+            error=result.error or None,
+            latency_ms=result.latency_ms,
+            outcome=outcome,
+        )
         if result.verdict == "delivered":
-            await self._outbox.complete(record.id)
+            if await self._outbox.complete(record, attempt):
+                self._store_backlog = max(0, self._store_backlog - 1)
+                self._gauges()
+            else:
+                self._lease_lost(record, "complete")
             self._metrics.inc("webhook_outbound_sent_total", labels=labels, help="Delivered.")
             self.store_ok = True
             return
+        attempts = record.attempts + (0 if outage else 1)
         if result.verdict == "dead":
-            await self._bury(record, result.error, result.status, attempts)
+            await self._bury(record, result.error, attempt)
             return
         if attempts >= self._policy.max_attempts:
-            await self._bury(record, f"max attempts; last: {result.error}", result.status, attempts)
+            await self._bury(record, f"max attempts; last: {result.error}", attempt)
             return
-        delay = self._policy.compute_delay(attempts)
+        # After an outage attempt, the next try is the target's next probe.
+        delay = max(0.0, retry_at - now) if outage else self._policy.compute_delay(attempts)
         if result.retry_after is not None:
             delay = max(delay, result.retry_after)
-        due = self._clock() + delay
+        due = now + delay
         deadline = record.action.deadline
         if deadline is not None and due > deadline:
-            await self._bury(record, f"deadline; last: {result.error}", result.status, attempts)
+            await self._bury(record, f"deadline; last: {result.error}", attempt)
             return
-        await self._outbox.reschedule(record, due=due, error=result.error, status=result.status)
+        moved = await self._outbox.reschedule(
+            record, delay=delay, attempt=attempt, counted=not outage
+        )
+        if moved is None:
+            self._lease_lost(record, "reschedule")
+            return
         self._metrics.inc(
             "webhook_outbound_retried_total", labels=labels, help="Retries scheduled."
         )
@@ -353,10 +448,14 @@ class OutboundDispatcher:
         self.store_ok = True
 
     async def _bury(
-        self, record: OutboxRecord, reason: str, status: int | None, attempts: int
+        self, record: OutboxRecord, reason: str, attempt: Attempt | None = None
     ) -> None:
-        await self._outbox.bury(record, reason=reason, status=status, attempts=attempts)
-        kind = reason.split(";", 1)[0].split(" ", 1)[0]
+        letter = await self._outbox.bury(record, reason=reason, attempt=attempt)
+        if letter is None:
+            self._lease_lost(record, "bury")
+            return
+        self._store_backlog = max(0, self._store_backlog - 1)
+        kind = reason.split(";", 1)[0].split(" ", 1)[0].split(":", 1)[0]
         self._metrics.inc(
             "webhook_outbound_dead_lettered_total",
             labels={"target": record.action.target, "reason": kind},

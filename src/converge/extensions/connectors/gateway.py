@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from converge.errors import ConfigurationError, StoreError, UsageError
+from converge.errors import ConfigurationError, IdempotencyConflictError, StoreError, UsageError
 from converge.extensions.connectors.connector import WebhookConnector
 from converge.extensions.connectors.models import OutboundWebhookAction
 
@@ -167,8 +167,10 @@ class WebhookGateway:
         caller's job (:meth:`authorize_outbound`).
 
         Returns:
-            ``(202, {"status":"queued","id":...})``; 400 for a malformed action or an
-            unknown target; 403 for a URL outside the target; 503 if the store failed.
+            ``(202, {"status":"queued","id":...})`` (the original id when the same action
+            was queued before under its key); 400 for a malformed action or an unknown
+            target; 403 for a URL outside the target; 409 when the idempotency key names
+            a different action; 503 if the store failed.
         """
         if not isinstance(payload, dict):
             return 400, _dump({"status": "rejected", "reason": "not_an_object"})
@@ -186,6 +188,9 @@ class WebhookGateway:
             return 400, _dump({"status": "rejected", "reason": "invalid_action"})
         try:
             record = await self.connector.enqueue(action)
+        except IdempotencyConflictError as exc:
+            body = {"status": "rejected", "reason": "idempotency_conflict", "id": exc.existing_id}
+            return 409, _dump(body)
         except StoreError:
             return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
         return 202, _dump({"status": "queued", "id": record.id})

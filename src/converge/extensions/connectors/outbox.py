@@ -1,27 +1,62 @@
-"""The durable outbox: pending actions and dead letters, as records in a Store."""
+"""The durable outbox: outbound actions as records of a :class:`converge.durable.DurableQueue`.
+
+Each action is one durable-queue record of kind ``"outbound"``: its key is the target,
+its data holds the action and the namespace it was submitted in, and the record keeps
+its status (pending, leased, delivered, dead), its fenced lease (on the store's clock)
+and its latest attempts (time, status code, error, latency, outcome). Delivered and dead
+records are kept, inspectable and replayable, for the retention period, then the store
+sweeps them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
-import uuid
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from converge.core.store import Store
-from converge.errors import UsageError
+from converge.core.store import Store, WithTTL
+from converge.durable import Attempt, DurableQueue, Record
+from converge.errors import DuplicateRecordError, IdempotencyConflictError, UsageError
 from converge.extensions.connectors.models import OutboundWebhookAction
 
-__all__ = ["DeadLetter", "Outbox", "OutboxRecord", "action_id"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "NAMESPACES",
+    "DeadLetter",
+    "Namespace",
+    "Outbox",
+    "OutboxRecord",
+    "action_id",
+]
+
+#: Who submitted an action: its idempotency key is only unique within one of these.
+Namespace = Literal["api", "agent", "inbound"]
+#: Every namespace: ``"api"`` (``POST /outbound`` and direct library calls),
+#: ``"agent"`` (messages of agents), ``"inbound"`` (forwards of accepted webhooks).
+NAMESPACES: tuple[str, ...] = ("api", "agent", "inbound")
+#: Most actions waiting in an outbox at once (``submit`` beyond it raises QueueFullError).
+DEFAULT_MAX_PENDING = 1_000_000
 
 
-def action_id(action: OutboundWebhookAction) -> str:
-    """The outbox id of ``action``: derived from its idempotency key, else random."""
+def action_id(action: OutboundWebhookAction, namespace: str = "api") -> str:
+    """The outbox id of ``action``: derived from its namespace and idempotency key, else
+    random. Equal keys in different namespaces give different ids."""
+    if namespace not in NAMESPACES:
+        raise UsageError(f"namespace must be one of {NAMESPACES}, got {namespace!r}")
     if action.idempotency_key is None:
-        return uuid.uuid4().hex
-    return hashlib.sha256(action.idempotency_key.encode()).hexdigest()[:32]
+        return DurableQueue.new_id()
+    seed = f"{namespace}\0{action.idempotency_key}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+
+def _fingerprint(action: Mapping[str, Any]) -> str:
+    text = json.dumps(action, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _stored_action(data: Any) -> OutboundWebhookAction:
@@ -58,18 +93,24 @@ def _num(value: Any) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
-    """A pending outbound action and its delivery state.
+    """An outbound action and its delivery state (a view of its durable record).
 
     Attributes:
         id: Outbox id (also the ``webhook-id`` of signed requests).
         action: The action to deliver.
-        attempts: Attempts made so far.
-        due: Unix time of the next attempt.
-        created: Unix time the action was accepted.
-        last_error: Short description of the last failure.
+        attempts: Attempts counted against the retry budget since it was accepted or
+            last replayed (attempts during an outage of its target are not counted).
+        due: Unix time (store clock) of the next attempt.
+        created: Unix time it was accepted.
+        last_error: Short description of the last failure (the reason once dead).
         last_status: HTTP status of the last attempt, if it got an answer.
         lease_owner: Dispatcher currently attempting it, if any.
-        lease_until: Unix time its lease ends.
+        lease_until: End of its lease (store clock).
+        lease_token: Fencing token of its latest lease.
+        status: ``"pending"``, ``"leased"``, ``"delivered"`` or ``"dead"``.
+        history: Its latest attempts, oldest first.
+        namespace: Who submitted it (see :data:`NAMESPACES`).
+        updated: Unix time of its last change.
     """
 
     id: str
@@ -81,52 +122,40 @@ class OutboxRecord:
     last_status: int | None = None
     lease_owner: str | None = None
     lease_until: float | None = None
+    lease_token: int = 0
+    status: str = "pending"
+    history: tuple[Attempt, ...] = ()
+    namespace: str = "api"
+    updated: float = 0.0
 
     @property
     def idempotency_key(self) -> str:
         """The ``Idempotency-Key`` sent on every attempt."""
         return self.action.idempotency_key or self.id
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible dict (the stored form)."""
-        return {
-            "v": 1,
-            "id": self.id,
-            "action": self.action.to_dict(),
-            "attempts": self.attempts,
-            "due": self.due,
-            "created": self.created,
-            "last_error": self.last_error,
-            "last_status": self.last_status,
-            "lease_owner": self.lease_owner,
-            "lease_until": self.lease_until,
-        }
-
     @classmethod
-    def from_dict(cls, data: Any) -> OutboxRecord:
-        """Rebuild a record from :meth:`to_dict` output.
+    def of(cls, record: Record) -> OutboxRecord:
+        """The outbox view of a durable ``record``.
 
         Raises:
-            UsageError: If ``data`` is not a record.
+            UsageError: If ``record`` does not hold an outbound action.
         """
-        if not isinstance(data, Mapping) or data.get("v") != 1:
-            raise UsageError("not an outbox record")
-        attempts = data.get("attempts")
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
-            raise UsageError("outbox record has a bad attempt count")
-        status = data.get("last_status")
+        data = record.data
         return cls(
-            id=str(data["id"]),
-            action=_stored_action(data["action"]),
-            attempts=attempts,
-            due=_num(data.get("due")) or 0.0,
-            created=_num(data.get("created")) or 0.0,
-            last_error=data.get("last_error") if isinstance(data.get("last_error"), str) else None,
-            last_status=status if isinstance(status, int) else None,
-            lease_owner=data.get("lease_owner")
-            if isinstance(data.get("lease_owner"), str)
-            else None,
-            lease_until=_num(data.get("lease_until")),
+            id=record.id,
+            action=_stored_action(data.get("action")),
+            attempts=record.budget_used,
+            due=record.due,
+            created=record.created,
+            last_error=record.last_error,
+            last_status=record.attempts[-1].status_code if record.attempts else None,
+            lease_owner=record.lease_owner,
+            lease_until=record.lease_until,
+            lease_token=record.lease_token,
+            status=record.status,
+            history=record.attempts,
+            namespace=str(data.get("namespace") or "api"),
+            updated=record.updated,
         )
 
 
@@ -137,11 +166,12 @@ class DeadLetter:
     Attributes:
         id: Outbox id.
         action: The action.
-        attempts: Attempts made.
+        attempts: Attempts counted against its budget.
         reason: Why it was given up (``"status 404"``, ``"max attempts"``, ...).
         last_status: HTTP status of the last attempt, if any.
         created: Unix time it was accepted.
         dead_at: Unix time it was dead-lettered.
+        history: Its latest attempts, oldest first.
     """
 
     id: str
@@ -151,53 +181,54 @@ class DeadLetter:
     last_status: int | None
     created: float
     dead_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible dict (the stored form)."""
-        return {
-            "v": 1,
-            "id": self.id,
-            "action": self.action.to_dict(),
-            "attempts": self.attempts,
-            "reason": self.reason,
-            "last_status": self.last_status,
-            "created": self.created,
-            "dead_at": self.dead_at,
-        }
+    history: tuple[Attempt, ...] = ()
 
     @classmethod
-    def from_dict(cls, data: Any) -> DeadLetter:
-        """Rebuild a dead letter from :meth:`to_dict` output.
-
-        Raises:
-            UsageError: If ``data`` is not a dead letter.
-        """
-        if not isinstance(data, Mapping) or data.get("v") != 1:
-            raise UsageError("not a dead letter record")
-        status = data.get("last_status")
+    def of(cls, record: OutboxRecord) -> DeadLetter:
+        """The dead letter a ``"dead"`` record describes."""
         return cls(
-            id=str(data["id"]),
-            action=_stored_action(data["action"]),
-            attempts=int(data.get("attempts", 0)),
-            reason=str(data.get("reason", "")),
-            last_status=status if isinstance(status, int) else None,
-            created=_num(data.get("created")) or 0.0,
-            dead_at=_num(data.get("dead_at")) or 0.0,
+            id=record.id,
+            action=record.action,
+            attempts=record.attempts,
+            reason=record.last_error or "",
+            last_status=record.last_status,
+            created=record.created,
+            dead_at=record.updated,
+            history=record.history,
         )
 
 
-class Outbox:
-    """Pending actions and dead letters kept in a :class:`~converge.core.store.Store`.
+def _view(record: Record | None) -> OutboxRecord | None:
+    if record is None:
+        return None
+    try:
+        return OutboxRecord.of(record)
+    except (UsageError, TypeError, ValueError):
+        return None
 
-    Every state change is one atomic store operation (``aput_if_absent`` or
-    ``aupdate``), so replicas sharing a store never lose or double-own an action: a
-    lease marks the dispatcher attempting it until the lease runs out.
+
+class Outbox:
+    """Outbound actions in a durable queue: leased, fenced, inspectable.
+
+    Every state change is one atomic store update of the durable queue, so replicas
+    sharing a store never lose or double-own an action. A lease names its owner, carries
+    a fencing token and ends at a time on the store's clock (``Store.atime``, so hosts
+    with skewed clocks agree on it); completing, rescheduling, burying and releasing
+    name the token and change nothing once another dispatcher took the action over.
+
+    :meth:`aget`, :meth:`alist`, :meth:`areplay` and :meth:`apurge` work on the durable
+    records themselves (:class:`converge.durable.Record`: status, key = target, data
+    with the action, attempts), like the connector's inbox: the event log, the CLI and
+    the admin API use them.
 
     Args:
         store: The store.
-        prefix: Key prefix (``{prefix}:outbox:{id}``, ``{prefix}:dead:{id}``).
-        clock: Unix seconds.
+        prefix: Key prefix; the records live under ``{prefix}:outbound:``.
+        clock: Unix seconds. ``time.time`` (the default) means "the store's clock";
+            any other clock (tests) replaces it.
         dead_letter_ttl_sec: How long dead letters are kept.
+        retention_sec: How long delivered actions are kept (default: as dead letters).
+        max_pending: Most actions waiting at once.
     """
 
     def __init__(
@@ -207,165 +238,281 @@ class Outbox:
         prefix: str,
         clock: Callable[[], float],
         dead_letter_ttl_sec: float,
+        retention_sec: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.store = store
-        self._pending = f"{prefix}:outbox:"
-        self._dead = f"{prefix}:dead:"
-        self._clock = clock
-        self._dead_ttl = dead_letter_ttl_sec
+        self.queue = DurableQueue(
+            store,
+            prefix=f"{prefix}:outbound",
+            kind="outbound",
+            retention_sec=dead_letter_ttl_sec if retention_sec is None else retention_sec,
+            dead_retention_sec=dead_letter_ttl_sec,
+            max_pending=max_pending,
+            clock=None if clock is time.time else clock,
+        )
+        self._legacy_pending = f"{prefix}:outbox:"
+        self._legacy_dead = f"{prefix}:dead:"
+        #: Called with each record made pending here (the dispatcher schedules it).
+        self.listener: Callable[[OutboxRecord], None] | None = None
 
-    def pending_key(self, record_id: str) -> str:
-        """Store key of a pending action."""
-        return self._pending + record_id
+    async def atime(self) -> float:
+        """The outbox's clock: the store's time (see :meth:`DurableQueue.anow`)."""
+        return await self.queue.anow()
 
-    def dead_key(self, record_id: str) -> str:
-        """Store key of a dead letter."""
-        return self._dead + record_id
-
-    async def add(self, action: OutboundWebhookAction) -> OutboxRecord:
-        """Persist ``action`` (a no-op if one with its idempotency key is pending)."""
-        now = self._clock()
-        record = OutboxRecord(id=action_id(action), action=action, due=now, created=now)
-        await self.store.aput_if_absent(self.pending_key(record.id), record.to_dict())
+    def _added(self, record: OutboxRecord) -> OutboxRecord:
+        if self.listener is not None and record.status == "pending":
+            self.listener(record)
         return record
 
-    async def pending_ids(self) -> list[str]:
-        """Ids of every pending action."""
-        keys = await self.store.alist(self._pending)
-        return [k[len(self._pending) :] for k in keys]
+    # -- adding --------------------------------------------------------------------------
 
-    async def get(self, record_id: str) -> OutboxRecord | None:
-        """The pending record, or None if gone (or unreadable)."""
-        data = await self.store.aget(self.pending_key(record_id))
-        if data is None:
-            return None
-        try:
-            return OutboxRecord.from_dict(data)
-        except (UsageError, KeyError, TypeError, ValueError):
-            return None
+    async def add(self, action: OutboundWebhookAction, *, namespace: str = "api") -> OutboxRecord:
+        """Persist ``action``; idempotent per ``(namespace, idempotency_key)``.
 
-    async def lease(self, record_id: str, owner: str, until: float) -> OutboxRecord | float | None:
-        """Take the lease of a pending action.
+        Args:
+            action: The action.
+            namespace: ``"api"`` (``POST /outbound``, library calls), ``"agent"``
+                (agents' messages) or ``"inbound"`` (webhook forwards): a key in one
+                namespace never collides with the same key in another.
 
         Returns:
-            The leased record; the Unix time another owner's lease ends; or None when
-            the action is gone or unreadable.
+            The new pending record; or, when the namespace already holds this key (in
+            any status, while kept) for the same action, that record.
+
+        Raises:
+            IdempotencyConflictError: The key names a different action.
+            QueueFullError: ``max_pending`` actions are waiting already.
+            UsageError: For an unknown namespace.
+            StoreError: The store failed (nothing was added).
         """
-        key = self.pending_key(record_id)
-        now = self._clock()
-
-        def take(current: dict[str, Any]) -> tuple[dict[str, Any], OutboxRecord | float | None]:
+        record_id = action_id(action, namespace)
+        stored = action.to_dict()
+        data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
+        for _ in range(3):
             try:
-                record = OutboxRecord.from_dict(current.get(key))
-            except (UsageError, KeyError, TypeError, ValueError):
-                return {}, None
-            if (
-                record.lease_owner not in (None, owner)
-                and record.lease_until is not None
-                and record.lease_until > now
-            ):
-                return {}, record.lease_until
-            leased = dataclasses.replace(record, lease_owner=owner, lease_until=until)
-            return {key: leased.to_dict()}, leased
-
-        return await self.store.aupdate([key], take)
-
-    async def release(self, record_id: str, owner: str) -> None:
-        """Give up ``owner``'s lease without counting an attempt."""
-        key = self.pending_key(record_id)
-
-        def drop(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
-            data = current.get(key)
-            if isinstance(data, Mapping) and data.get("lease_owner") == owner:
-                return {key: {**data, "lease_owner": None, "lease_until": None}}, None
-            return {}, None
-
-        await self.store.aupdate([key], drop)
-
-    async def complete(self, record_id: str) -> None:
-        """The action was delivered: forget it."""
-        await self.store.adelete(self.pending_key(record_id))
-
-    async def reschedule(
-        self, record: OutboxRecord, *, due: float, error: str, status: int | None
-    ) -> None:
-        """Count a failed attempt and set the next one for ``due`` (lease dropped)."""
-        key = self.pending_key(record.id)
-
-        def update(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
-            data = current.get(key)
-            if not isinstance(data, Mapping):
-                return {}, None  # delivered or dead-lettered meanwhile
-            attempts = data.get("attempts")
-            count = attempts if isinstance(attempts, int) else record.attempts
-            new = {
-                **data,
-                "attempts": max(count, record.attempts + 1),
-                "due": due,
-                "last_error": error,
-                "last_status": status,
-                "lease_owner": None,
-                "lease_until": None,
-            }
-            return {key: new}, None
-
-        await self.store.aupdate([key], update)
-
-    async def bury(
-        self, record: OutboxRecord, *, reason: str, status: int | None, attempts: int
-    ) -> DeadLetter:
-        """Move an action to the dead letters (atomically)."""
-        letter = DeadLetter(
-            id=record.id,
-            action=record.action,
-            attempts=attempts,
-            reason=reason,
-            last_status=status,
-            created=record.created,
-            dead_at=self._clock(),
+                added = await self.queue.aadd(data, id=record_id, key=action.target)
+            except DuplicateRecordError:
+                existing = _view(await self.queue.aget(record_id))
+                if existing is None:
+                    continue  # purged or expired meanwhile: try again
+                if _fingerprint(existing.action.to_dict()) != data["fingerprint"]:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {action.idempotency_key!r} ({namespace}) already "
+                        "names a different action",
+                        existing_id=record_id,
+                    ) from None
+                return existing
+            return OutboxRecord.of(added)
+        raise IdempotencyConflictError(
+            f"idempotency key {action.idempotency_key!r} ({namespace}) is unreadable",
+            existing_id=record_id,
         )
-        pending, dead = self.pending_key(record.id), self.dead_key(record.id)
 
-        def move(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
-            return {pending: None, dead: letter.to_dict()}, None
+    # -- reading -------------------------------------------------------------------------
 
-        await self.store.aupdate([pending, dead], move, ttl=self._dead_ttl)
-        return letter
+    async def pending_ids(self) -> list[str]:
+        """Ids of every pending (or leased) action."""
+        return await self.queue.aopen_ids()
+
+    async def apending_count(self) -> int:
+        """How many actions wait (pending or leased), over every process sharing the
+        store: one read of the queue's counter."""
+        return await self.queue.apending_count()
+
+    async def get(self, record_id: str) -> OutboxRecord | None:
+        """The pending (or leased) action, or None."""
+        found = _view(await self.queue.aget(record_id))
+        return found if found is not None and found.status in ("pending", "leased") else None
+
+    async def aget(self, record_id: str) -> Record | None:
+        """The durable record with this id, in any status (None: unknown or expired)."""
+        return await self.queue.aget(record_id)
+
+    async def alist(
+        self,
+        *,
+        status: str | None = None,
+        key: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Durable records, newest first (see :meth:`DurableQueue.alist`); ``key`` is
+        the target."""
+        return await self.queue.alist(status=status, key=key, since=since, limit=limit)
+
+    async def alist_actions(
+        self, *, status: str | None = None, key: str | None = None, limit: int = 100
+    ) -> list[OutboxRecord]:
+        """Like :meth:`alist`, as :class:`OutboxRecord` views."""
+        found = [_view(r) for r in await self.alist(status=status, key=key, limit=limit)]
+        return [r for r in found if r is not None]
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Every readable dead letter, oldest first."""
-        letters = []
-        for key in await self.store.alist(self._dead):
-            data = await self.store.aget(key)
-            if data is None:
-                continue
-            try:
-                letters.append(DeadLetter.from_dict(data))
-            except (UsageError, KeyError, TypeError, ValueError):
-                continue
-        return sorted(letters, key=lambda d: d.dead_at)
+        records = await self.alist_actions(status="dead", limit=2**62)
+        return sorted((DeadLetter.of(r) for r in records), key=lambda d: d.dead_at)
+
+    # -- leases and transitions ----------------------------------------------------------
+
+    async def lease(
+        self, record_id: str, owner: str, duration: float
+    ) -> OutboxRecord | float | None:
+        """Take the lease of a pending action for ``duration`` seconds (store clock).
+
+        Returns:
+            The leased record (with a new fencing token); the seconds until it may be
+            leased (another owner holds it, or it is not due yet on the store's clock);
+            or None when it is gone or unreadable.
+        """
+        leased = await self.queue.alease_id(record_id, owner, lease_sec=duration)
+        if leased is not None:
+            return _view(leased)
+        found = await self.queue.aget(record_id)
+        if found is None or found.status not in ("pending", "leased"):
+            return None
+        now = await self.queue.anow()
+        until = found.lease_until if found.status == "leased" else found.due
+        return max(0.001, (until or now) - now)
+
+    async def release(self, record: OutboxRecord) -> bool:
+        """Give up the lease of ``record`` without counting an attempt.
+
+        Returns:
+            False if the lease was no longer ours (nothing changed).
+        """
+        return await self.queue.arelease(record.id, record.lease_token) is not None
+
+    async def complete(self, record: OutboxRecord, attempt: Attempt | None = None) -> bool:
+        """The action was delivered: keep it as ``"delivered"`` for the retention period.
+
+        Returns:
+            False if the lease was no longer ours (nothing changed).
+        """
+        return await self.queue.aack(record.id, record.lease_token, attempt=attempt) is not None
+
+    async def reschedule(
+        self,
+        record: OutboxRecord,
+        *,
+        delay: float,
+        attempt: Attempt,
+        counted: bool = True,
+    ) -> OutboxRecord | None:
+        """Record a failed attempt and make the action due again ``delay`` seconds later.
+
+        Args:
+            record: The leased record.
+            delay: Seconds until the next attempt.
+            attempt: The failed attempt (kept in the history).
+            counted: Whether it uses up one of the action's attempts; attempts made
+                while the target's circuit was open do not.
+
+        Returns:
+            The updated record, or None if the lease was no longer ours (nothing changed).
+        """
+        queue = self.queue
+        now = await queue.anow()
+        key = queue.keys.open(record.id)
+
+        def retry(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
+            changes, updated = queue.transitions.retry(
+                current, record.id, record.lease_token, now, now + delay, attempt
+            )
+            if updated is not None and not counted:
+                # Recorded, but the budget starts one attempt later: it is not counted.
+                updated = dataclasses.replace(updated, budget_from=updated.budget_from + 1)
+                changes[key] = WithTTL(updated.to_dict(), None)
+            return changes, updated
+
+        return _view(await self.store.aupdate([key], retry))
+
+    async def bury(
+        self, record: OutboxRecord, *, reason: str, attempt: Attempt | None = None
+    ) -> DeadLetter | None:
+        """Move a leased action to the dead letters (kept for ``dead_letter_ttl_sec``).
+
+        Returns:
+            The dead letter, or None if the lease was no longer ours (nothing changed).
+        """
+        dead = _view(await self.queue.abury(record.id, record.lease_token, reason, attempt))
+        return DeadLetter.of(dead) if dead is not None else None
+
+    async def areplay(self, record_id: str) -> Record | None:
+        """Send a dead or delivered action again: pending, due now, a fresh budget (its
+        attempts are kept).
+
+        Returns:
+            The pending record, or None if there is no such dead or delivered record.
+        """
+        record = await self.queue.areplay(record_id)
+        view = _view(record)
+        if view is not None:
+            self._added(view)
+        return record
 
     async def replay(self, record_id: str) -> OutboxRecord | None:
-        """Move a dead letter back to the pending actions, attempts reset.
+        """Move a dead letter back to the pending actions with a fresh attempt budget.
 
         Returns:
             The new pending record, or None if there is no such dead letter.
         """
-        pending, dead = self.pending_key(record_id), self.dead_key(record_id)
-        now = self._clock()
+        found = await self.queue.aget(record_id)
+        if found is None or found.status != "dead":
+            return None
+        return _view(await self.areplay(record_id))
 
-        def move(current: dict[str, Any]) -> tuple[dict[str, Any], OutboxRecord | None]:
-            try:
-                letter = DeadLetter.from_dict(current.get(dead))
-            except (UsageError, KeyError, TypeError, ValueError):
-                return {}, None
-            record = OutboxRecord(
-                id=letter.id, action=letter.action, due=now, created=letter.created
-            )
-            return {dead: None, pending: record.to_dict()}, record
+    async def apurge(self, record_id: str) -> Record | None:
+        """Delete a record for good, whatever its status.
 
-        return await self.store.aupdate([pending, dead], move)
+        Returns:
+            The deleted record, or None if there was none.
+        """
+        return await self.queue.apurge(record_id)
 
     async def discard(self, record_id: str) -> None:
-        """Delete a dead letter for good."""
-        await self.store.adelete(self.dead_key(record_id))
+        """Delete a dead letter for good (other statuses are left alone)."""
+        found = await self.queue.aget(record_id)
+        if found is not None and found.status == "dead":
+            await self.queue.apurge(record_id)
+
+    # -- upgrade -------------------------------------------------------------------------
+
+    async def amigrate(self) -> int:
+        """Move actions stored by converge before the durable queue into it.
+
+        Earlier versions kept pending actions under ``{prefix}:outbox:{id}`` and dead
+        letters under ``{prefix}:dead:{id}``; each becomes a record with the same id.
+        Idempotent; the dispatcher runs it when it starts.
+
+        Returns:
+            How many actions were moved.
+        """
+        moved = 0
+        for prefix, dead in ((self._legacy_pending, False), (self._legacy_dead, True)):
+            for name in await self.store.alist(prefix):
+                record_id = name[len(prefix) :]
+                if ":" in record_id:
+                    continue  # another layout's key
+                data = await self.store.aget(name)
+                action = data.get("action") if isinstance(data, Mapping) else None
+                try:
+                    parsed = _stored_action(action)
+                except UsageError:
+                    continue
+                stored = parsed.to_dict()
+                body = {"action": stored, "namespace": "api", "fingerprint": _fingerprint(stored)}
+                try:
+                    added = await self.queue.aadd(body, id=record_id, key=parsed.target)
+                except DuplicateRecordError:
+                    added = None
+                if added is not None and dead:
+                    leased = await self.queue.alease_id(record_id, "migration", lease_sec=60)
+                    if leased is not None:
+                        reason = data.get("reason") if isinstance(data, Mapping) else None
+                        await self.queue.abury(
+                            record_id, leased.lease_token, str(reason or "dead letter")
+                        )
+                await self.store.adelete(name)
+                moved += added is not None
+        return moved

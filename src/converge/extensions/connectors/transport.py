@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from converge.core.metrics import MetricsCollector
 from converge.extensions.connectors.dispatcher import AttemptResult
 from converge.extensions.connectors.outbox import OutboxRecord
 from converge.extensions.connectors.retry import (
+    RetrySchedule,
     WebhookRetryPolicy,
     classify_status,
     counts_as_breaker_failure,
@@ -21,9 +23,29 @@ from converge.extensions.connectors.retry import (
 )
 from converge.extensions.connectors.schemes import compute_signature
 
-__all__ = ["OutboundRequest", "OutboundResponse", "OutboundSender", "OutboundTransport"]
+__all__ = [
+    "OutboundRequest",
+    "OutboundResponse",
+    "OutboundSender",
+    "OutboundTransport",
+    "unsendable_reason",
+]
 
 _USER_AGENT = "converge-webhook/0.1"
+# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs (httpx
+# sends str values as ASCII, so obs-text cannot be sent either).
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE_RE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def unsendable_reason(request: OutboundRequest) -> str | None:
+    """Why ``request`` can never be sent (a header RFC 9110 refuses), or None."""
+    for name, value in request.headers.items():
+        if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+            return "invalid header name"
+        if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
+            return f"invalid value of header {name}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +113,7 @@ class OutboundTransport:
     def __init__(
         self,
         *,
-        retry_policy: WebhookRetryPolicy,
+        retry_policy: WebhookRetryPolicy | RetrySchedule,
         signing_keys: Mapping[str, bytes],
         sender: OutboundSender | None,
         clock: Callable[[], float],
@@ -141,40 +163,82 @@ class OutboundTransport:
             attempt=record.attempts + 1,
         )
 
-    async def _send(self, request: OutboundRequest) -> OutboundResponse:
-        if self._sender is not None:
+    def _client(self) -> httpx.AsyncClient:
+        box = self._clients.get()
+        if box.client is None:
+            box.client = self._new_client()
+        return box.client
+
+    async def _send(
+        self, request: OutboundRequest, prepared: httpx.Request | None
+    ) -> OutboundResponse:
+        if prepared is None:
+            assert self._sender is not None
             answer = await self._sender(request)
             if isinstance(answer, int) and not isinstance(answer, bool):
                 return OutboundResponse(answer)
             if not isinstance(answer, OutboundResponse):
                 raise TypeError("outbound_sender must return OutboundResponse or int")
             return answer
-        box = self._clients.get()
-        if box.client is None:
-            box.client = self._new_client()
-        response = await box.client.request(
-            request.method, request.url, headers=request.headers, content=request.content
-        )
+        response = await self._client().send(prepared)
+        await response.aclose()
         return OutboundResponse(response.status_code, response.headers)
 
-    async def attempt(self, record: OutboxRecord) -> AttemptResult:
-        """Make one delivery attempt of ``record`` and classify the outcome."""
+    def _prepare(self, record: OutboxRecord) -> tuple[OutboundRequest, httpx.Request | None]:
+        """Build (and for HTTP, encode) the request; raises _Unsendable if it never can be."""
         try:
             request = self.build_request(record)
-        except (TypeError, ValueError) as exc:  # a stored action that no longer encodes
-            return AttemptResult("dead", error=f"unsendable action: {type(exc).__name__}")
+        except (TypeError, ValueError) as exc:  # e.g. a body with a lone surrogate
+            raise _Unsendable(f"unsendable action: body {type(exc).__name__}") from exc
+        reason = unsendable_reason(request)
+        if reason is not None:
+            raise _Unsendable(f"unsendable action: {reason}")
+        if self._sender is not None:
+            return request, None
+        try:
+            prepared = self._client().build_request(
+                request.method, request.url, headers=request.headers, content=request.content
+            )
+        except (TypeError, ValueError, httpx.InvalidURL) as exc:
+            raise _Unsendable(f"unsendable action: {type(exc).__name__}") from exc
+        return request, prepared
+
+    async def attempt(self, record: OutboxRecord) -> AttemptResult:
+        """Make one delivery attempt of ``record`` and classify the outcome.
+
+        An action that can never be sent (a header RFC 9110 refuses, a body that does not
+        encode) is ``"dead"`` at once with ``sent=False``: nothing reached the target, so
+        its circuit breaker learns nothing from it.
+        """
+        try:
+            request, prepared = self._prepare(record)
+        except _Unsendable as exc:
+            return AttemptResult("dead", error=str(exc), sent=False)
         labels = {"target": record.action.target}
         started = anyio.current_time()
+
+        def took() -> float:
+            return (anyio.current_time() - started) * 1000.0
+
         try:
             with anyio.fail_after(request.timeout):
-                response = await self._send(request)
+                response = await self._send(request, prepared)
         except TimeoutError:
-            return AttemptResult("retry", error="timeout", breaker_failure=True)
+            return AttemptResult("retry", error="timeout", breaker_failure=True, latency_ms=took())
+        except httpx.LocalProtocolError as exc:  # h11 refused to write the request
+            return AttemptResult(
+                "dead", error=f"unsendable action: {exc}"[:200], sent=False, latency_ms=took()
+            )
         except (httpx.HTTPError, OSError) as exc:
-            return AttemptResult("retry", error=type(exc).__name__, breaker_failure=True)
+            return AttemptResult(
+                "retry", error=type(exc).__name__, breaker_failure=True, latency_ms=took()
+            )
         except Exception as exc:  # an outbound_sender may raise anything: no answer
             return AttemptResult(
-                "retry", error=f"sender: {type(exc).__name__}", breaker_failure=True
+                "retry",
+                error=f"sender: {type(exc).__name__}",
+                breaker_failure=True,
+                latency_ms=took(),
             )
         finally:
             self._metrics.observe(
@@ -197,6 +261,7 @@ class OutboundTransport:
             retry_after=retry_after,
             error=error,
             breaker_failure=counts_as_breaker_failure(status),
+            latency_ms=took(),
         )
 
     async def aclose(self) -> None:
@@ -205,6 +270,10 @@ class OutboundTransport:
         client, box.client = box.client, None
         if client is not None:
             await client.aclose()
+
+
+class _Unsendable(Exception):
+    pass
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
