@@ -237,8 +237,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     ],
                     tool_choice={"type": "tool", "name": tool["name"]},
                 )
-                block = next(b for b in response.content if b.type == "tool_use")
-                return json.loads(json.dumps(block.input))
+                # the SDK already decoded the tool input: no JSON round trip for the peer
+                return next(b for b in response.content if b.type == "tool_use").input
 
             async def cleanup() -> None:
                 await provider.aclose()

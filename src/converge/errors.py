@@ -20,6 +20,7 @@ ConvergeError
 ├── StoreError (OSError)
 │   ├── StoreCorruptedError                    stored bytes do not decode (names the key)
 │   ├── StoreUnavailableError                  backend unreachable / not working
+│   │   └── StoreOutcomeUnknownError           a write got no answer: applied or not, unknown
 │   └── StoreLockTimeoutError (TimeoutError)   cross-process lock not acquired in time
 ├── CryptoError
 │   ├── CryptoTypeError (TypeError)            non-bytes where bytes are required
@@ -102,6 +103,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreLockTimeoutError",
+    "StoreOutcomeUnknownError",
     "StoreUnavailableError",
     "SyncInEventLoopError",
     "ToolArgumentError",
@@ -187,6 +189,24 @@ class StoreCorruptedError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The storage backend cannot be reached or is not working."""
+
+
+class StoreOutcomeUnknownError(StoreUnavailableError):
+    """A write was sent but no answer came in time: it may or may not have been applied.
+
+    Nothing was retried automatically (retrying a ``put_if_absent`` could report that
+    our own value is someone else's). Read the key to learn the outcome.
+
+    Attributes:
+        key: The key written (the first one, for a multi-key update).
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(
+            f"the write of key {key!r} may or may not have been applied: {reason}; "
+            "read the key to find out"
+        )
+        self.key = key
 
 
 class StoreLockTimeoutError(StoreError, TimeoutError):

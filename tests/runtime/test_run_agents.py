@@ -8,7 +8,7 @@ import pytest
 
 from converge.core import Agent, Identity, Message, SendMessage, Task, TaskState, UpdateTask
 from converge.errors import SyncInEventLoopError, UsageError
-from converge.runtime import RunResult, arun_agents, run_agents
+from converge.runtime import AgentRetry, RunResult, arun_agents, run_agents
 
 
 class Counter(Agent):
@@ -77,7 +77,13 @@ def test_run_agents_collects_agent_errors() -> None:
 
     broken = Broken(Identity(), name="broken")
     seen: list[Exception] = []
-    result = run_agents([broken], messages=[start(broken)], timeout=10, on_agent_error=seen.append)
+    result = run_agents(
+        [broken],
+        messages=[start(broken)],
+        timeout=10,
+        on_agent_error=seen.append,
+        retry=AgentRetry(max_attempts=2, backoff=0.01),
+    )
     assert [e.agent_id for e in result.errors] == [broken.id]
     assert seen == list(result.errors)
 

@@ -18,10 +18,13 @@ from converge.core import (
     ToolRegistry,
     UpdateTask,
 )
-from converge.errors import AgentFailedError, UsageError
-from converge.runtime import AgentRunner, MessageBus
+from converge.errors import AgentFailedError, BudgetExceededError, UsageError
+from converge.extensions.storage import MemoryStore
+from converge.runtime import AgentRetry, AgentRunner, MessageBus
 
 pytestmark = pytest.mark.anyio
+
+NO_RETRY = AgentRetry(max_attempts=1)
 
 
 class Scripted(Agent):
@@ -161,7 +164,8 @@ async def test_tool_loop_past_max_tool_steps_is_reported() -> None:
     await run_until_idle(
         MessageBus(), [agent], to(agent), max_tool_steps=2, on_agent_error=errors.append
     )
-    assert len(agent.calls) == 3  # the first call plus two follow-ups
+    assert len(agent.calls) == 3  # the first call plus two follow-ups, not retried
+    assert isinstance(errors[0].__cause__, BudgetExceededError)
     assert "max_tool_steps" in str(errors[0])
 
 
@@ -193,9 +197,11 @@ async def test_without_tasks_agents_are_only_called_for_messages() -> None:
     assert agent.calls == []
 
 
-async def test_failing_agent_is_reported_and_the_others_go_on() -> None:
-    def explode(*_: Any) -> list[Any]:
-        raise RuntimeError("kaboom")
+async def test_failing_agent_is_reported_dead_letters_and_goes_on() -> None:
+    def explode(agent: Agent, messages: list[Message], *_: Any) -> list[Any]:
+        if messages[0].payload.get("fail"):
+            raise RuntimeError("kaboom")
+        return []
 
     bad = Scripted("bad", explode)
     good = Scripted("good")
@@ -205,14 +211,17 @@ async def test_failing_agent_is_reported_and_the_others_go_on() -> None:
     async def on_error(error: AgentFailedError) -> None:  # async handlers are awaited
         errors.append(error)
 
-    async with AgentRunner(bus, [bad, good], on_agent_error=on_error) as runner:
-        await bus.publish(to(bad))
+    async with AgentRunner(
+        bus, [bad, good], on_agent_error=on_error, retry=NO_RETRY, max_batch=1
+    ) as runner:
+        failing = to(bad, fail=True)
+        await bus.publish(failing)
         await bus.publish(to(good))
         with anyio.fail_after(5):
             await runner.wait_until(lambda r: r.idle)
-        # the failed agent stopped: it no longer subscribes, the good one still does
-        assert not bus.has_subscribers(to(bad))
-        assert bus.has_subscribers(to(good))
+        # the failing agent goes on with its next message; the others never noticed
+        assert bus.has_subscribers(to(bad))
+        await bus.publish(to(bad))
         await bus.publish(to(good))
         with anyio.fail_after(5):
             await runner.wait_until(lambda r: r.idle)
@@ -221,24 +230,9 @@ async def test_failing_agent_is_reported_and_the_others_go_on() -> None:
     assert isinstance(error.__cause__, RuntimeError)
     assert runner.errors == [error]
     assert bus.metrics.get("runtime_agent_errors_total", labels={"agent": "bad"}) == 1
+    assert [d.message.id for d in runner.dead_letters] == [failing.id]
+    assert len(bad.calls) == 2
     assert len(good.calls) == 2
-
-
-async def test_continue_on_error_keeps_the_failing_agent_running() -> None:
-    def flaky(agent: Agent, messages: list[Message], *_: Any) -> list[Any]:
-        if messages[0].payload.get("fail"):
-            raise RuntimeError("once")
-        return []
-
-    agent = Scripted("flaky", flaky)
-    bus = MessageBus()
-    async with AgentRunner(bus, [agent], continue_on_error=True, max_batch=1) as runner:
-        await bus.publish(to(agent, fail=True))
-        await bus.publish(to(agent))
-        with anyio.fail_after(5):
-            await runner.wait_until(lambda r: r.idle)
-    assert len(agent.calls) == 2
-    assert len(runner.errors) == 1
 
 
 @pytest.mark.parametrize(
@@ -247,13 +241,13 @@ async def test_continue_on_error_keeps_the_failing_agent_running() -> None:
 )
 async def test_agent_returning_something_other_than_decisions_is_reported(bad_result: Any) -> None:
     agent = Scripted("sloppy", lambda *a: bad_result)
-    runner = await run_until_idle(MessageBus(), [agent], to(agent))
+    runner = await run_until_idle(MessageBus(), [agent], to(agent), retry=NO_RETRY)
     assert len(runner.errors) == 1
 
 
 async def test_update_of_an_unknown_task_is_reported() -> None:
     agent = Scripted("lost", lambda *a: [UpdateTask("no-such-task", TaskState.FAILED)])
-    runner = await run_until_idle(MessageBus(), [agent], to(agent))
+    runner = await run_until_idle(MessageBus(), [agent], to(agent), retry=NO_RETRY)
     assert "no-such-task" in str(runner.errors[0])
 
 
@@ -315,6 +309,11 @@ async def test_runner_runs_only_once() -> None:
         ("one", {"topics": {"stranger": ["x"]}}),
         ("one", {"topics": {"one": "not a list"}}),
         ("one", {"on_agent_error": 5}),
+        ("one", {"store": {}}),
+        ("one", {"retry": 3}),
+        ("one", {"sleep": 1}),
+        ("one", {"max_dead_letters": 0}),
+        ("one", {"store": MemoryStore(), "record_retention": 0}),
     ],
 )
 def test_invalid_runner_arguments_are_usage_errors(agents: Any, kwargs: dict[str, Any]) -> None:

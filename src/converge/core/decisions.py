@@ -9,7 +9,7 @@ Each decision has a JSON form whose ``"type"`` is the class name::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +17,15 @@ from converge.core.message import Message, new_id
 from converge.core.task import TaskState
 from converge.errors import FormatError, UsageError
 
-__all__ = ["Decision", "InvokeTool", "SendMessage", "UpdateTask", "decision_from_dict"]
+__all__ = [
+    "Decision",
+    "InvokeTool",
+    "SendMessage",
+    "UpdateTask",
+    "decision_from_dict",
+    "decisions_from_json",
+    "decisions_to_json",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +145,41 @@ def decision_from_dict(data: Mapping[str, Any], *, sender: str | None = None) ->
     except (UsageError, TypeError) as exc:
         raise FormatError(f"invalid {kind} decision: {exc}") from exc
     raise FormatError(f"unknown decision type {kind!r}; one of SendMessage, InvokeTool, UpdateTask")
+
+
+def decisions_to_json(decisions: Iterable[Decision]) -> list[dict[str, Any]]:
+    """The JSON form of ``decisions``, exact enough to execute them again.
+
+    Messages keep their ids, timestamps and signatures and tool calls their call ids, so
+    decisions recorded before execution and read back after a crash produce the same
+    message ids (which receivers and the outbox deduplicate on).
+
+    Raises:
+        UsageError: For something that is not a Decision.
+    """
+    out = []
+    for decision in decisions:
+        if not isinstance(decision, Decision):
+            raise UsageError(f"not a Decision: {decision!r}")
+        out.append(decision.to_dict())
+    return out
+
+
+def decisions_from_json(data: object) -> list[Decision]:
+    """Read back what :func:`decisions_to_json` wrote (ids and call ids unchanged).
+
+    Raises:
+        FormatError: If ``data`` is not a list of decision objects.
+    """
+    if not isinstance(data, list):
+        raise FormatError(f"recorded decisions are a JSON list, not {type(data).__name__}")
+    out: list[Decision] = []
+    for item in data:
+        if isinstance(item, Mapping) and item.get("type") == "SendMessage":
+            raw = item.get("message")
+            if not isinstance(raw, Mapping) or set(item) - {"type", "message"}:
+                raise FormatError("a recorded SendMessage holds exactly one 'message' object")
+            out.append(SendMessage(Message.from_dict(raw)))
+        else:
+            out.append(decision_from_dict(item))
+    return out

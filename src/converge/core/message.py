@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Message", "Topic", "canonical_json", "new_id", "now_ms"]
 
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
 _SCALARS = frozenset({str, int, bool, type(None)})
 _ATOMS = _SCALARS | {float}
 _FIELDS = ("id", "sender", "recipient", "topics", "payload", "task_id", "timestamp", "signature")

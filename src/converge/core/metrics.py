@@ -27,8 +27,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
-_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 LabelKey = tuple[tuple[str, str], ...]
 

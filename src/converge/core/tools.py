@@ -20,7 +20,7 @@ from converge.errors import ToolArgumentError, ToolExecutionError, UnknownToolEr
 __all__ = ["Tool", "ToolRegistry", "schema_for_function"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}\Z")
 _JSON_TYPES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 

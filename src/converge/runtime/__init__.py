@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from converge.runtime.acks import AckListener
 from converge.runtime.bus import MessageBus, Sink, Subscription
+from converge.runtime.policy import AgentRetry
 from converge.runtime.runner import (
     AgentErrorHandler,
     AgentRunner,
+    DeadLetter,
     RunResult,
     arun_agents,
     run_agents,
@@ -27,7 +29,9 @@ from converge.runtime.runner import (
 __all__ = [
     "AckListener",
     "AgentErrorHandler",
+    "AgentRetry",
     "AgentRunner",
+    "DeadLetter",
     "MessageBus",
     "RunResult",
     "Sink",

@@ -286,14 +286,46 @@ async def test_the_app_mounts_inside_starlette() -> None:
         assert (await http.get("/hooks/healthz")).status_code == 200
 
 
-async def test_a_proxy_client_certificate_header_counts_only_when_configured() -> None:
+async def test_a_proxy_client_certificate_header_counts_only_from_trusted_proxies() -> None:
     gw = gateway(require_mtls=True)
     body = event_body()
     headers = {**hmac_request(body), "x-ssl-client-verify": "SUCCESS"}
     async with client(gw.asgi_app()) as http:
         assert (await http.post("/webhook/shop", content=body, headers=headers)).status_code == 403
-    async with client(gw.asgi_app(client_cert_header="X-SSL-Client-Verify")) as http:
+    with pytest.raises(ConfigurationError, match="trusted_proxies"):
+        gw.asgi_app(client_cert_header="X-SSL-Client-Verify")
+    # The peer (10.1.2.3) is not the proxy: the header is the client's own claim.
+    app = gw.asgi_app(client_cert_header="X-SSL-Client-Verify", trusted_proxies=["10.9.0.0/16"])
+    async with client(app) as http:
+        assert (await http.post("/webhook/shop", content=body, headers=headers)).status_code == 403
+    app = gw.asgi_app(client_cert_header="X-SSL-Client-Verify", trusted_proxies=["10.1.2.3"])
+    async with client(app) as http:
         assert (await http.post("/webhook/shop", content=body, headers=headers)).status_code == 202
+
+
+async def test_x_forwarded_for_is_read_only_from_trusted_proxies() -> None:
+    gw = gateway(ip_allowlist=("192.0.2.0/24",))
+    forwarded = {"x-forwarded-for": "192.0.2.7"}
+
+    async def post(app: Any) -> int:
+        body = event_body()
+        async with client(app) as http:
+            response = await http.post(
+                "/webhook/shop", content=body, headers={**hmac_request(body), **forwarded}
+            )
+            return response.status_code
+
+    assert await post(gw.asgi_app()) == 403  # peer 10.1.2.3, the header ignored
+    assert await post(gw.asgi_app(trusted_proxies=["10.0.0.0/8"])) == 202
+    # A client cannot prepend its way in: the rightmost untrusted address counts.
+    forwarded = {"x-forwarded-for": "192.0.2.7, 203.0.113.9"}
+    assert await post(gw.asgi_app(trusted_proxies=["10.0.0.0/8"])) == 403
+    forwarded = {"x-forwarded-for": "203.0.113.9, 192.0.2.7, 10.0.0.5"}
+    assert await post(gw.asgi_app(trusted_proxies=["10.0.0.0/8"])) == 202
+    forwarded = {"x-forwarded-for": "not-an-address"}
+    assert await post(gw.asgi_app(trusted_proxies=["10.0.0.0/8"])) == 403
+    with pytest.raises(ConfigurationError):
+        gw.asgi_app(trusted_proxies=["10.0.0.300"])
 
 
 def test_bad_gateway_settings_are_refused() -> None:
@@ -314,3 +346,153 @@ async def test_a_closed_gateway_answers_503_not_500() -> None:
         response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
         assert (response.status_code, response.json()["reason"]) == (503, "closed")
         assert (await http.get("/healthz")).status_code == 503
+
+
+async def test_outbound_validates_the_whole_body_and_answers_400_with_a_reason() -> None:
+    gw = gateway()
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    async with client(gw.asgi_app()) as http:
+        bad_requests: list[dict[str, Any]] = [
+            {"headers": "ab"},
+            {"headers": 5},
+            {"headers": ["x"]},
+            {"headers": {"X-A": "é"}},
+            {"headers": {"X-A": "a\x01b"}},
+            {"headers": {"X-A": "a\x7fb"}},
+            {"headers": {"X\x01": "v"}},
+            {"idempotency_key": "clé"},
+            {"url": None},
+            {"url": 5},
+            {"method": ["POST"]},
+            {"deadline": "soon"},
+        ]
+        for extra in bad_requests:
+            response = await http.post(
+                "/outbound", headers=auth, json={"target": "crm", "body": {}, **extra}
+            )
+            assert response.status_code == 400, extra
+            answer = response.json()
+            assert answer["reason"] == "invalid_action", extra
+            assert answer["detail"], extra
+        # A lone surrogate can never be sent as UTF-8: refused, not queued.
+        surrogate = await http.post(
+            "/outbound",
+            headers={**auth, "content-type": "application/json"},
+            content=b'{"target": "crm", "body": {"text": "\\ud800"}}',
+        )
+        assert (surrogate.status_code, surrogate.json()["reason"]) == (400, "lone_surrogate")
+        pair = await http.post(
+            "/outbound",
+            headers={**auth, "content-type": "application/json"},
+            content=b'{"target": "crm", "body": {"text": "\\ud83d\\ude00"}}',
+        )
+        assert pair.status_code == 202
+    assert await gw.connector.apending_count() == 1
+
+
+async def test_a_signed_body_with_a_lone_surrogate_is_accepted_and_delivered(
+    receiver: tuple[Any, str],
+) -> None:
+    recv, url = receiver
+    connector = WebhookConnector(
+        provider_profiles={"shop": ProviderProfile("shop", "shop")},
+        secrets={"shop": HMAC_SECRET},
+        targets=[OutboundTarget("app", f"{url}/events")],
+        inbound_routes={"shop": "app"},
+    )
+    body = b'{"event_id": "evt_surrogate", "subject": "s", "text": "a\\ud800b"}'
+    async with (
+        client(WebhookGateway(connector).asgi_app()) as http,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(connector.run_outbound_dispatcher)
+        response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert response.status_code == 202
+        await eventually(lambda: len(recv.delivered()) == 1)
+        connector.stop_dispatcher()
+    forwarded = json.loads(recv.delivered()[0].body)
+    assert forwarded["payload"]["text"] == "a\ufffdb"
+    assert await connector.alist_dead_letters() == []
+
+
+class DownStore(MemoryStore):
+    """Every operation fails the way a lost backend does."""
+
+    async def aget(self, key: str) -> Any:
+        raise StoreUnavailableError("down")
+
+    async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        raise StoreUnavailableError("down")
+
+    async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        raise StoreUnavailableError("down")
+
+    async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
+        raise StoreUnavailableError("down")
+
+    async def alist(self, prefix: str = "") -> list[str]:
+        raise StoreUnavailableError("down")
+
+
+async def test_a_failing_store_answers_503_with_retry_after_on_every_route() -> None:
+    gw = gateway(store=DownStore())
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    async with client(gw.asgi_app()) as http:
+        body = event_body()
+        hook = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert hook.status_code == 503
+        assert hook.headers["retry-after"]
+        assert hook.json()["reason"] == "store_unavailable"
+        out = await http.post("/outbound", headers=auth, json={"target": "crm", "body": {}})
+        assert (out.status_code, out.json()["reason"]) == (503, "store_unavailable")
+        assert (await http.get("/readyz")).status_code == 503
+
+
+async def test_store_errors_escaping_the_connector_become_503_not_500() -> None:
+    gw = gateway()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailableError("lost")
+
+    gw.connector._accept_checked = broken  # type: ignore[method-assign]
+    async with client(gw.asgi_app()) as http:
+        body = event_body()
+        response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+    assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+
+
+async def test_readyz_probes_the_store_at_most_once_per_interval() -> None:
+    writes = []
+
+    class Counting(MemoryStore):
+        async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+            writes.append(key)
+            await super().aput(key, value, ttl=ttl)
+
+    gw = WebhookGateway(gateway(store=Counting()).connector, require_dispatcher=False)
+    async with client(gw.asgi_app()) as http:
+        for _ in range(50):
+            assert (await http.get("/readyz")).status_code == 200
+    assert len(writes) == 1
+    fresh = WebhookGateway(gw.connector, require_dispatcher=False, ready_check_interval_sec=0)
+    await fresh.acheck_ready()
+    await fresh.acheck_ready()
+    assert len(writes) == 3
+
+
+async def test_a_body_slower_than_the_body_timeout_is_answered_408() -> None:
+    app = gateway().asgi_app(body_timeout_sec=0.2)
+    calls = 0
+
+    async def trickle() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await anyio.sleep(30)  # the rest of the body never comes
+        return {"type": "http.request", "body": b'{"event_id"', "more_body": True}
+
+    with anyio.fail_after(5):
+        status, body = await call(
+            app, "/webhook/shop", [(b"content-type", b"application/json")], trickle
+        )
+    assert (status, body["reason"]) == (408, "body_timeout")

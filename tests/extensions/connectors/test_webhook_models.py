@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -157,6 +158,20 @@ def test_action_normalises_method_and_round_trips() -> None:
         {"headers": {"bad header": "v"}},
         {"idempotency_key": ""},
         {"idempotency_key": "k" * 256},
+        {"idempotency_key": "clé"},
+        {"idempotency_key": "k\x7f"},
+        {"headers": {"X-A": "é"}},
+        {"headers": {"X-A": "a\x01b"}},
+        {"headers": {"X-A": "a\x7fb"}},
+        {"headers": {"X-A": " leading"}},
+        {"headers": {"X-A": "x" * 8193}},
+        {"headers": {"X-É": "v"}},
+        {"headers": {"X-A\n": "v"}},
+        {"headers": {f"X-{i}": "v" for i in range(65)}},
+        {"headers": "ab"},
+        {"headers": ["x"]},
+        {"body": {"x": "\ud800"}},
+        {"body": {"\udfff": 1}},
         {"deadline": float("inf")},
         {"deadline": "tomorrow"},
     ],
@@ -174,6 +189,51 @@ def test_action_from_dict_refuses_unknown_and_missing_fields() -> None:
         OutboundWebhookAction.from_dict({"target": "t", "body": {}})
     with pytest.raises(UsageError):
         OutboundWebhookAction.from_dict([])  # type: ignore[arg-type]
+    for headers in ("ab", 5, ["x"], True):
+        with pytest.raises(UsageError, match="headers"):
+            OutboundWebhookAction.from_dict(
+                {"target": "t", "url": "http://h/", "body": {}, "headers": headers}
+            )
+
+
+def test_valid_header_values_and_keys_pass() -> None:
+    action = OutboundWebhookAction(
+        "t",
+        "POST",
+        "http://h/x",
+        {"text": "\u00e9\U0001f600"},
+        headers={"X-A": "a b\tc", "X-Empty": "", "X-Max": "x" * 8192},
+        idempotency_key="order 42/1",
+    )
+    assert action.body_bytes().decode() == '{"text":"\u00e9\U0001f600"}'
+
+
+@pytest.mark.parametrize(
+    ("make", "value"),
+    [
+        (lambda v: ProviderProfile(v, "s"), "acme\n"),
+        (lambda v: ProviderProfile("a", "s", signature_header=v), "X-Sig\n"),
+        (lambda v: OutboundTarget(v, "http://h/"), "crm\n"),
+        (lambda v: OutboundWebhookAction(v, "POST", "http://h/", {}), "t\n"),
+        (lambda v: OutboundWebhookAction("t", "POST", "http://h/", {}, {v: "1"}), "X-A\n"),
+    ],
+)
+def test_every_pattern_is_a_full_match_a_final_newline_is_refused(
+    make: Callable[[str], object], value: str
+) -> None:
+    make(value.rstrip("\n"))  # fine without the newline
+    with pytest.raises(UsageError):  # ConfigurationError is a UsageError
+        make(value)
+
+
+def test_core_name_patterns_refuse_a_final_newline() -> None:
+    from converge.core.message import Topic
+    from converge.core.metrics import MetricsCollector
+
+    with pytest.raises(UsageError):
+        Topic("bridge.webhook\n")
+    with pytest.raises(UsageError):
+        MetricsCollector().inc("requests_total\n")
 
 
 def test_target_allows_its_url_and_paths_below_only() -> None:
@@ -191,6 +251,12 @@ def test_target_allows_its_url_and_paths_below_only() -> None:
         "https://crm.example/hooks/../admin",
         "https://crm.example/hooks/%2e%2e/admin",
         "https://crm.example/hooks/x%2F..%2F..%2Fadmin",
+        "https://crm.example/hooks/..;/admin",
+        "https://crm.example/hooks/x;jsessionid=1",
+        "https://crm.example/hooks/x%3B/admin",
+        "https://crm.example/hooks/x\\..\\..\\admin",
+        "https://crm.example/hooks/x%5C..%5Cadmin",
+        "https://crm.example/hooks/a%00b",
         "not a url",
     ]:
         assert not t.allows(url), url

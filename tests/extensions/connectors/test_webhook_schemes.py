@@ -179,7 +179,8 @@ def test_missing_signature_header_is_401_and_other_headers_400() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["nan", "NaN", "inf", "-1", "+5", "1e9", " 5", "5 ", "0x10", "1_000", "", "1.", "١٢"]
+    "text",
+    ["nan", "NaN", "inf", "-1", "+5", "1e9", " 5", "5 ", "0x10", "1_000", "", "1.", "١٢", "5\n"],
 )
 def test_timestamps_other_than_plain_digits_are_rejected(text: str) -> None:
     with pytest.raises(WebhookSecurityError) as info:

@@ -34,6 +34,7 @@ from converge.extensions.connectors import (
     WebhookSecurity,
     WebhookSecurityPolicy,
 )
+from converge.extensions.connectors.security import parse_json_object
 from converge.extensions.storage import MemoryStore
 
 NOW = 1_700_000_000.0
@@ -493,3 +494,29 @@ async def test_an_hmac_raw_body_claim_covers_the_signed_bytes_and_releases_whole
     assert len(sec.claim_keys(signed)) == 1
     sw = sec.verify("sw", method="POST", headers=sw_request(ts_body, ts=int(NOW)), raw_body=ts_body)
     assert len(sec.claim_keys(sw)) == 1
+
+
+@pytest.mark.parametrize("event_id", ["evt_1\n", "evt 1", "evt_1\t", "é", "x" * 257])
+def test_a_signed_event_id_must_match_in_full(event_id: str) -> None:
+    body = json.dumps({"event_id": event_id, "subject": "s"}).encode()
+    headers = hmac_request(body, ts=int(NOW))
+    assert rejected(security(), "gen", headers, body) == (400, "bad_event_id")
+
+
+def test_a_lone_surrogate_escape_becomes_u_fffd_and_the_bytes_stay_verified() -> None:
+    body = b'{"event_id": "e-1", "subject": "s\\ud800", "n": {"\\udc00k": ["\\ud83d\\ude00"]}}'
+    verified = security().verify(
+        "gen", method="POST", headers=hmac_request(body, ts=int(NOW)), raw_body=body
+    )
+    assert verified.payload == {"event_id": "e-1", "subject": "s\ufffd", "n": {"\ufffdk": ["😀"]}}
+    assert verified.body == body
+    json.dumps(verified.payload, ensure_ascii=False).encode()  # has a UTF-8 form
+
+
+def test_parse_json_object_can_refuse_lone_surrogates() -> None:
+    assert parse_json_object(b'{"a": "\\\\ud800"}', lone_surrogates="reject") == {"a": "\\ud800"}
+    with pytest.raises(WebhookSecurityError) as info:
+        parse_json_object(b'{"a": "\\ud800"}', lone_surrogates="reject")
+    assert (info.value.status, info.value.reason) == (400, "lone_surrogate")
+    with pytest.raises(UsageError):
+        parse_json_object(b"{}", lone_surrogates="keep")

@@ -54,7 +54,8 @@ class Reply:
         status: HTTP status.
         body: Raw body (ignored when ``events`` is set).
         headers: Extra response headers.
-        events: SSE frames, already encoded (``b"data: ...\\n\\n"``), sent one by one.
+        events: SSE frames, already encoded (``b"data: ...\\n\\n"``), sent one by one; a
+            number in the list is a pause of that many seconds before the next frame.
         content_type: The ``content-type`` header.
         delay: Seconds to wait before answering (for timeout tests).
     """
@@ -62,7 +63,7 @@ class Reply:
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
-    events: list[bytes] | None = None
+    events: list[bytes | float] | None = None
     content_type: str = "application/json"
     delay: float = 0.0
 
@@ -144,6 +145,11 @@ class FakeLLMServer:
             return
         await send({"type": "http.response.start", "status": reply.status, "headers": out_headers})
         for frame in reply.events:
+            if isinstance(frame, float | int):
+                import asyncio
+
+                await asyncio.sleep(frame)
+                continue
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
@@ -205,7 +211,7 @@ def _json(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> 
 
 
 def _sse(frames: Iterable[tuple[str | None, Any]]) -> Reply:
-    encoded = []
+    encoded: list[bytes | float] = []
     for event, data in frames:
         payload = data if isinstance(data, str) else json.dumps(data)
         head = f"event: {event}\n" if event else ""
@@ -216,26 +222,38 @@ def _sse(frames: Iterable[tuple[str | None, Any]]) -> Reply:
 # -- OpenAI (and the OpenAI-style shapes Mistral shares) ----------------------------
 
 
-def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
+def _openai_usage(
+    prompt: int, completion: int, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        **(extra or {}),
     }
 
 
 def _completion(
-    id_: str, model: str, choice: dict[str, Any], prompt: int, completion: int
+    id_: str,
+    model: str,
+    choice: dict[str, Any],
+    prompt: int,
+    completion: int,
+    usage: Mapping[str, Any] | bool = True,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` body with one choice and its usage."""
-    return {
+    """A ``chat.completion`` body with one choice and its usage (``usage=False``: none;
+    a mapping: extra usage fields such as ``prompt_tokens_details``)."""
+    body: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion",
         "created": 1_700_000_000,
         "model": model,
         "choices": [choice],
-        "usage": _openai_usage(prompt, completion),
     }
+    if usage is not False:
+        extra = usage if isinstance(usage, Mapping) else None
+        body["usage"] = _openai_usage(prompt, completion, extra)
+    return body
 
 
 def _chunk_base(id_: str, model: str) -> dict[str, Any]:
@@ -268,31 +286,38 @@ def _text_chunks(base: dict[str, Any], deltas: Iterable[str]) -> list[tuple[str 
 
 
 def openai_chat(
-    text: str,
+    text: str | None,
     *,
     prompt_tokens: int = 11,
     completion_tokens: int = 7,
     headers: Mapping[str, str] | None = None,
+    finish_reason: str = "stop",
+    refusal: str | None = None,
+    usage: Mapping[str, Any] | bool = True,
 ) -> Reply:
-    """A ``chat.completion`` with one text choice."""
-    choice = {
-        "index": 0,
-        "finish_reason": "stop",
-        "logprobs": None,
-        "message": {"role": "assistant", "content": text},
-    }
+    """A ``chat.completion`` with one text choice (``usage``: see :func:`_completion`)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if refusal is not None:
+        message["refusal"] = refusal
+    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None, "message": message}
     return _json(
-        _completion("chatcmpl-1", "gpt-4o-mini", choice, prompt_tokens, completion_tokens), headers
+        _completion("chatcmpl-1", "gpt-4o-mini", choice, prompt_tokens, completion_tokens, usage),
+        headers,
     )
 
 
 def openai_tool_call(
-    name: str, arguments: str, *, prompt_tokens: int = 11, completion_tokens: int = 7
+    name: str,
+    arguments: str,
+    *,
+    prompt_tokens: int = 11,
+    completion_tokens: int = 7,
+    finish_reason: str = "tool_calls",
 ) -> Reply:
     """A ``chat.completion`` whose choice is one function tool call."""
     choice = {
         "index": 0,
-        "finish_reason": "tool_calls",
+        "finish_reason": finish_reason,
         "logprobs": None,
         "message": {
             "role": "assistant",
@@ -315,11 +340,13 @@ def openai_stream(
     prompt_tokens: int = 11,
     completion_tokens: int = 7,
     usage: bool = True,
+    finish_reason: str = "stop",
 ) -> Reply:
     """An SSE stream of ``chat.completion.chunk`` deltas, a usage chunk, then ``[DONE]``."""
     base = _chunk_base("chatcmpl-3", "gpt-4o-mini")
     frames = _text_chunks(base, deltas)
-    frames.append((None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    finish = {"index": 0, "delta": {}, "finish_reason": finish_reason}
+    frames.append((None, {**base, "choices": [finish]}))
     if usage:
         frames.append(
             (
@@ -345,7 +372,13 @@ def openai_error(
 # -- Anthropic -----------------------------------------------------------------------
 
 
-def _anthropic_msg(content: list[dict[str, Any]], stop: str, inp: int, out: int) -> dict[str, Any]:
+def _anthropic_msg(
+    content: list[dict[str, Any]],
+    stop: str,
+    inp: int,
+    out: int,
+    usage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "id": "msg_1",
         "type": "message",
@@ -354,7 +387,7 @@ def _anthropic_msg(content: list[dict[str, Any]], stop: str, inp: int, out: int)
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": {"input_tokens": inp, "output_tokens": out},
+        "usage": {"input_tokens": inp, "output_tokens": out, **(usage or {})},
     }
 
 
@@ -364,12 +397,12 @@ def anthropic_message(
     input_tokens: int = 13,
     output_tokens: int = 5,
     headers: Mapping[str, str] | None = None,
+    stop_reason: str = "end_turn",
+    usage: Mapping[str, Any] | None = None,
 ) -> Reply:
-    """A ``message`` with one text block."""
-    return _json(
-        _anthropic_msg([{"type": "text", "text": text}], "end_turn", input_tokens, output_tokens),
-        headers,
-    )
+    """A ``message`` with one text block (``usage``: extra usage fields)."""
+    blocks = [{"type": "text", "text": text}] if text else []
+    return _json(_anthropic_msg(blocks, stop_reason, input_tokens, output_tokens, usage), headers)
 
 
 def anthropic_tool_use(
@@ -389,10 +422,16 @@ def anthropic_tool_use(
 
 
 def anthropic_stream(
-    deltas: Iterable[str], *, input_tokens: int = 13, output_tokens: int = 5
+    deltas: Iterable[str],
+    *,
+    input_tokens: int = 13,
+    output_tokens: int = 5,
+    stop_reason: str = "end_turn",
+    usage: Mapping[str, Any] | None = None,
 ) -> Reply:
-    """The Messages API event stream for one text block."""
-    start = _anthropic_msg([], "", input_tokens, 1)
+    """The Messages API event stream for one text block (``usage``: extra fields of the
+    ``message_start`` usage, e.g. cache counts)."""
+    start = _anthropic_msg([], "", input_tokens, 1, usage)
     start["stop_reason"] = None
     frames: list[tuple[str | None, Any]] = [
         ("message_start", {"type": "message_start", "message": start}),
@@ -419,7 +458,7 @@ def anthropic_stream(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                 "usage": {"output_tokens": output_tokens},
             },
         ),
@@ -448,17 +487,19 @@ def mistral_chat(
     prompt_tokens: int = 17,
     completion_tokens: int = 3,
     headers: Mapping[str, str] | None = None,
+    finish_reason: str = "stop",
+    usage: Mapping[str, Any] | bool = True,
 ) -> Reply:
     """A Mistral ``chat.completion`` with one text choice."""
     choice = {
         "index": 0,
-        "finish_reason": "stop",
+        "finish_reason": finish_reason,
         "message": {"role": "assistant", "content": text, "tool_calls": None},
     }
-    return _json(
-        _completion("cmpl-1", "mistral-small-latest", choice, prompt_tokens, completion_tokens),
-        headers,
+    body = _completion(
+        "cmpl-1", "mistral-small-latest", choice, prompt_tokens, completion_tokens, usage
     )
+    return _json(body, headers)
 
 
 def mistral_tool_call(
@@ -486,7 +527,11 @@ def mistral_tool_call(
 
 
 def mistral_stream(
-    deltas: Iterable[str], *, prompt_tokens: int = 17, completion_tokens: int = 3
+    deltas: Iterable[str],
+    *,
+    prompt_tokens: int = 17,
+    completion_tokens: int = 3,
+    finish_reason: str = "stop",
 ) -> Reply:
     """A Mistral SSE stream; the last chunk carries ``finish_reason`` and usage."""
     base = _chunk_base("cmpl-3", "mistral-small-latest")
@@ -496,7 +541,7 @@ def mistral_stream(
             None,
             {
                 **base,
-                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": finish_reason}],
                 "usage": _openai_usage(prompt_tokens, completion_tokens),
             },
         )

@@ -192,12 +192,14 @@ async def test_structured_path_sends_the_decisions_tool(registry: ToolRegistry) 
     assert kwargs["emit_decisions_tool"] == decisions_tool(registry)
 
 
-async def test_tool_observations_are_sent_to_the_model() -> None:
+async def test_tool_observations_are_sent_as_native_tool_messages() -> None:
     provider = ScriptedProvider(["[]"])
-    observation = {"tool_name": "add", "params": {"a": 1, "b": 2}, "result": 3}
+    observation = {"tool_name": "add", "params": {"a": 1, "b": 2}, "call_id": "c1", "result": 3}
     await LLMAgent(IDENTITY, provider).adecide(inbox(), tasks(), tool_observations=[observation])
-    turn = json.loads(provider.calls[0].messages[-1]["content"])
-    assert turn["tool_observations"] == [observation]
+    *_, turn, call, result = provider.calls[0].messages
+    assert "tool_observations" not in json.loads(turn["content"])
+    assert call["tool_calls"] == [{"id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}}]
+    assert result == {"role": "tool", "tool_call_id": "c1", "name": "add", "content": "3"}
 
 
 async def test_usage_of_each_call_is_kept_and_totalled() -> None:
@@ -241,14 +243,14 @@ async def test_untrusted_output_yields_no_decisions_and_reports_the_error(
     memory = ShortTermMemory()
     agent = LLMAgent(
         IDENTITY,
-        ScriptedProvider([output]),
+        ScriptedProvider([output, output]),
         tool_registry=registry,
         on_decide_error=errors.append,
         memory=memory,
     )
     assert await agent.adecide(inbox(), tasks()) == []
-    (error,) = errors
-    assert isinstance(error, DecisionParseError)
+    assert len(errors) == 2  # the answer, then the re-asked one
+    assert all(isinstance(e, DecisionParseError) for e in errors)
     assert memory.get_messages()[-1] == {"role": "assistant", "content": "[]"}
 
 
@@ -267,7 +269,9 @@ async def test_a_failing_error_callback_does_not_escape(caplog: pytest.LogCaptur
     def explode(problem: Exception | str) -> None:
         raise RuntimeError("callback bug")
 
-    agent = LLMAgent(IDENTITY, ScriptedProvider(["nonsense"]), on_decide_error=explode)
+    agent = LLMAgent(
+        IDENTITY, ScriptedProvider(["nonsense"]), on_decide_error=explode, max_reasks=0
+    )
     assert await agent.adecide([], []) == []
     assert "on_decide_error raised" in caplog.text
 

@@ -212,14 +212,78 @@ def test_valid_invoke_tool_parses(registry: ToolRegistry) -> None:
     assert dict(decision.params) == {"query": "x"}
 
 
-def test_decisions_round_trip_through_their_json_form(registry: ToolRegistry) -> None:
+def _without_assigned(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    data.pop("call_id", None)
+    if "message" in data:
+        data["message"] = {k: v for k, v in data["message"].items() if k not in ("id", "timestamp")}
+    return data
+
+
+def test_decisions_round_trip_except_the_ids_converge_assigns(registry: ToolRegistry) -> None:
     decisions = [
         SendMessage(Message(sender=ME, recipient="b", topics=("x.y",), payload={"n": [1, 2]})),
         InvokeTool("search", {"query": "q"}, call_id="c1"),
         UpdateTask("t9", TaskState.FAILED, result="boom"),
     ]
     text = json.dumps([d.to_dict() for d in decisions])
-    assert parse_decisions(text, sender=ME, tool_registry=registry) == decisions
+    parsed = parse_decisions(text, sender=ME, tool_registry=registry)
+    assert [_without_assigned(d.to_dict()) for d in parsed] == [
+        _without_assigned(d.to_dict()) for d in decisions
+    ]
+
+
+def test_model_supplied_message_ids_and_timestamps_are_replaced(registry: ToolRegistry) -> None:
+    # A model imitating its history repeats an id: the two messages must stay distinct.
+    old = Message(sender=ME, recipient="b", payload={"n": 1}, timestamp=1)
+    echo = dict(old.to_dict(), signature=None)
+    answer = json.dumps(
+        [
+            {"type": "SendMessage", "message": echo},
+            {"type": "SendMessage", "message": {**echo, "payload": {"n": 2}}},
+            {"type": "InvokeTool", "tool_name": "search", "params": {"query": "q"}, "call_id": "c"},
+            {"type": "InvokeTool", "tool_name": "search", "params": {"query": "q"}, "call_id": "c"},
+        ]
+    )
+    first, second, call1, call2 = parse_decisions(answer, sender=ME, tool_registry=registry)
+    assert isinstance(first, SendMessage)
+    assert isinstance(second, SendMessage)
+    assert len({old.id, first.message.id, second.message.id}) == 3
+    assert first.message.timestamp > 1
+    assert isinstance(call1, InvokeTool)
+    assert isinstance(call2, InvokeTool)
+    assert len({"c", call1.call_id, call2.call_id}) == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The format is a list such as [] when idle. My answer: " + json.dumps([UPDATE]),
+        "Empty would be `[]`, but here: " + json.dumps({"decisions": [UPDATE]}),
+        "Options: {} or [] -> " + json.dumps([UPDATE]) + " (and [] otherwise)",
+        "```json\n[]\n```\nActually:\n```json\n" + json.dumps([UPDATE]) + "\n```",
+        '[] then [{"nested": [[]]}] then ' + json.dumps([UPDATE]),
+    ],
+    ids=["prose-empty-first", "wrapper-after", "both-sides", "fences", "nested-empty"],
+)
+def test_an_empty_list_in_prose_does_not_hide_the_real_answer(text: str) -> None:
+    assert parse_decisions(text, sender=ME) == [UpdateTask("t1", "completed", result=42)]
+
+
+def test_an_empty_list_followed_by_broken_decision_json_is_an_error() -> None:
+    text = 'Nothing yet: []. Final: [{"type": "UpdateTask", "task_id": "t1", "state": }]'
+    with pytest.raises(DecisionParseError, match="empty decision list"):
+        parse_decisions(text, sender=ME)
+
+
+def test_an_empty_answer_in_prose_still_means_no_decisions() -> None:
+    assert parse_decisions("Nothing needs doing, so: []", sender=ME) == []
+    assert parse_decisions("```json\n[]\n```", sender=ME) == []
+
+
+def test_decisions_nested_in_the_answer_are_not_separate_candidates() -> None:
+    text = "Answer: " + json.dumps([UPDATE, SEND]) + " done"
+    assert len(parse_decisions(text, sender=ME)) == 2
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from converge.core import Agent, Identity, InvokeTool, SendMessage, Task, ToolRegistry, UpdateTask
+from converge.core.events import EventEmitter, ProgressEvent, ToolInvoked, ToolResult
 from converge.errors import BudgetExceededError, SyncInEventLoopError, UsageError
 from converge.extensions.llm import LLMAgent, ReActResult, Usage, arun_react, run_react
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
@@ -51,13 +52,11 @@ def task() -> list[Task]:
 
 
 async def test_loop_runs_tools_and_feeds_observations_back(registry: ToolRegistry) -> None:
-    seen: list[Any] = []
+    seen: list[list[dict[str, Any]]] = []
 
-    def reply(messages: list[dict[str, str]], **kwargs: Any) -> str:
-        turn = json.loads(messages[-1]["content"])
-        observations = turn.get("tool_observations", [])
-        seen.append(observations)
-        if not observations:
+    def reply(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        seen.append(messages)
+        if messages[-1]["role"] != "tool":
             return invoke("add", a=2, b=3)
         return FINAL
 
@@ -65,12 +64,26 @@ async def test_loop_runs_tools_and_feeds_observations_back(registry: ToolRegistr
     result = await arun_react(agent, [], task())
     assert isinstance(result, ReActResult)
     assert result.steps == 2
-    assert seen[0] == []
-    (observation,) = seen[1]
-    assert observation["tool_name"] == "add"
-    assert observation["params"] == {"a": 2, "b": 3}
+    (observation,) = result.observations
     assert observation["result"] == 5
-    assert result.observations[0]["result"] == 5
+    assert observation["step"] == 1
+    # Step 2 sees the same user turn, then the call and its result as native messages.
+    assert seen[1][: len(seen[0])] == seen[0]
+    call, answer = seen[1][len(seen[0]) :]
+    assert call == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": observation["call_id"], "name": "add", "arguments": {"a": 2, "b": 3}}
+        ],
+    }
+    assert answer == {
+        "role": "tool",
+        "tool_call_id": observation["call_id"],
+        "name": "add",
+        "content": "5",
+    }
+    assert "tool_observations" not in json.loads(seen[1][-3]["content"])
     send, update = result.decisions
     assert isinstance(send, SendMessage)
     assert update == UpdateTask("t1", "completed", result=5)
@@ -83,8 +96,45 @@ async def test_a_failing_tool_becomes_an_error_observation(registry: ToolRegistr
     (observation,) = result.observations
     assert "ZeroDivisionError" in observation["error"]
     assert "result" not in observation
-    turn = json.loads(provider.calls[1].messages[-1]["content"])
-    assert "ZeroDivisionError" in turn["tool_observations"][0]["error"]
+    last = provider.calls[1].messages[-1]
+    assert last["role"] == "tool"
+    assert last["content"].startswith("Error: ZeroDivisionError")
+
+
+async def test_calls_of_one_step_share_one_assistant_message(registry: ToolRegistry) -> None:
+    two = json.dumps(
+        [
+            {"type": "InvokeTool", "tool_name": "add", "params": {"a": 1, "b": 1}},
+            {"type": "InvokeTool", "tool_name": "add", "params": {"a": 2, "b": 2}},
+        ]
+    )
+    provider = ScriptedProvider([two, invoke("add", a=3, b=3), FINAL])
+    result = await arun_react(LLMAgent(IDENTITY, provider, tool_registry=registry), [], task())
+    assert [o["step"] for o in result.observations] == [1, 1, 2]
+    tail = provider.calls[2].messages[-5:]
+    assert [m["role"] for m in tail] == ["assistant", "tool", "tool", "assistant", "tool"]
+    assert len(tail[0]["tool_calls"]) == 2
+    assert [m["content"] for m in tail if m["role"] == "tool"] == ["2", "4", "6"]
+
+
+async def test_tool_calls_and_results_are_progress_events(registry: ToolRegistry) -> None:
+    events = EventEmitter()
+    seen: list[ProgressEvent] = []
+    events.subscribe(seen.append, types=(ToolInvoked, ToolResult))
+    provider = ScriptedProvider([invoke("divide", a=1, b=0), invoke("add", a=1, b=2), FINAL])
+    agent = LLMAgent(IDENTITY, provider, tool_registry=registry, events=events)
+    await arun_react(agent, [], task())
+    invoked1, result1, invoked2, result2 = seen
+    assert isinstance(invoked1, ToolInvoked)
+    assert invoked1.tool_name == "divide"
+    assert dict(invoked1.arguments) == {"a": 1, "b": 0}
+    assert isinstance(result1, ToolResult)
+    assert result1.tool_call_id == invoked1.tool_call_id
+    assert "ZeroDivisionError" in (result1.error or "")
+    assert isinstance(result2, ToolResult)
+    assert result2.result == 3
+    assert result2.error is None
+    assert invoked2.source == agent.id
 
 
 async def test_decisions_alongside_tool_calls_are_kept_in_order(registry: ToolRegistry) -> None:
@@ -127,14 +177,14 @@ async def test_unparseable_step_ends_the_loop_with_no_decisions(registry: ToolRe
     errors: list[Exception | str] = []
     agent = LLMAgent(
         IDENTITY,
-        ScriptedProvider(["gibberish"]),
+        ScriptedProvider(["gibberish", "still gibberish"]),
         tool_registry=registry,
         on_decide_error=errors.append,
     )
     result = await arun_react(agent, [], task())
     assert result.decisions == ()
     assert result.steps == 1
-    assert len(errors) == 1
+    assert len(errors) == 2  # the answer and the re-asked answer
 
 
 async def test_any_agent_with_adecide_can_be_looped(registry: ToolRegistry) -> None:
@@ -147,7 +197,7 @@ async def test_any_agent_with_adecide_can_be_looped(registry: ToolRegistry) -> N
 
     result = await arun_react(Scripted(IDENTITY), [], task(), tool_registry=registry)
     assert result.observations[0]["result"] == 3
-    assert result.usage == Usage()
+    assert result.usage == Usage(None, None)  # nothing reported: unknown, not zero
 
 
 @pytest.mark.parametrize(

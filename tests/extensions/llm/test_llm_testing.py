@@ -161,3 +161,126 @@ def test_chat_stream_arguments_are_validated() -> None:
         stream.on_finish(42)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         stream.finish({"input_tokens": 1})  # type: ignore[arg-type]
+
+
+# -- results, stop reasons, structured output -------------------------------------------
+
+
+async def test_acomplete_returns_a_chat_result_with_usage_and_ids() -> None:
+    from converge.extensions.llm import ChatResult
+
+    provider = ScriptedProvider([("hi", Usage(4, 2)), "there"], model="m1")
+    first = await provider.acomplete(MESSAGES)
+    assert isinstance(first, ChatResult)
+    assert (first.text, first.usage, first.stop_reason, first.model) == (
+        "hi",
+        Usage(4, 2),
+        "stop",
+        "m1",
+    )
+    second = await provider.acomplete(MESSAGES)
+    assert second.response_id != first.response_id
+    assert provider.model == "m1"
+
+
+@pytest.mark.parametrize(
+    ("stop", "error"),
+    [
+        ("length", "ResponseTruncatedError"),
+        ("content_filter", "ContentFilteredError"),
+        ("refusal", "ResponseRefusedError"),
+    ],
+)
+async def test_a_configured_stop_reason_raises_its_typed_error_unless_partial(
+    stop: str, error: str
+) -> None:
+    import converge.errors
+
+    provider = FunctionProvider(lambda messages, **kw: "partial", stop_reason=stop)
+    with pytest.raises(getattr(converge.errors, error)) as caught:
+        await provider.acomplete(MESSAGES)
+    assert caught.value.result.text == "partial"  # type: ignore[attr-defined]
+    with pytest.raises(getattr(converge.errors, error)):
+        await provider.achat(MESSAGES)
+    result = await provider.acomplete(MESSAGES, allow_partial=True)
+    assert result.stop_reason == stop
+    assert await provider.achat(MESSAGES, allow_partial=True) == "partial"
+    assert provider.complete(MESSAGES, allow_partial=True).stop_reason == stop
+
+
+async def test_scripted_chat_results_are_returned_as_given() -> None:
+    from converge.errors import ResponseTruncatedError
+    from converge.extensions.llm import ChatResult
+
+    cut = ChatResult('{"decis', Usage(9, 1024), stop_reason="length", raw_stop_reason="length")
+    provider = ScriptedProvider([cut])
+    with pytest.raises(ResponseTruncatedError, match="token limit") as caught:
+        await provider.acomplete(MESSAGES)
+    assert caught.value.result is cut  # type: ignore[attr-defined]
+    assert provider.last_usage == Usage(9, 1024)
+
+
+async def test_structured_replies_come_back_as_a_native_tool_call() -> None:
+    tool = {"name": "emit", "description": "", "parameters": {"type": "object"}}
+    provider = ScriptedProvider(['{"decisions": []}', "prose instead"])
+    options = {"use_structured_output": True, "emit_decisions_tool": tool}
+    result = await provider.acomplete(MESSAGES, **options)
+    (call,) = result.tool_calls
+    assert (call.name, call.arguments, result.stop_reason) == (
+        "emit",
+        {"decisions": []},
+        "tool_calls",
+    )
+    assert result.text == ""
+    assert await provider.achat(MESSAGES, **options) == "prose instead"
+
+
+async def test_stream_sets_the_result_and_raises_a_truncation_at_the_end() -> None:
+    from converge.errors import ResponseTruncatedError
+
+    provider = FunctionProvider(lambda messages, **kw: "one two three", stop_reason="length")
+    stream = provider.chat_stream(MESSAGES)
+    deltas: list[str] = []
+
+    async def read() -> None:
+        async for delta in stream:
+            deltas.append(delta)
+
+    with pytest.raises(ResponseTruncatedError):
+        await read()
+    assert "".join(deltas) == "one two three"
+    assert stream.stop_reason == "length"
+    partial = provider.chat_stream(MESSAGES, allow_partial=True)
+    assert await partial.acollect() == "one two three"
+
+
+async def test_contract_d_messages_are_accepted_and_bad_ones_rejected() -> None:
+    provider = ScriptedProvider(["ok"])
+    history = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image", "url": "https://x.test/a.png"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "name": "f", "arguments": {}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "42"},
+    ]
+    assert await provider.achat(history) == "ok"
+    assert provider.calls[0].messages == tuple(history)
+    with pytest.raises(UsageError):
+        await provider.achat([{"role": "tool", "content": "42"}])  # no tool_call_id
+    with pytest.raises(UsageError):
+        await provider.achat([{"role": "user", "content": [{"type": "video"}]}])
+
+
+def test_stop_reason_and_model_are_checked() -> None:
+    with pytest.raises(UsageError):
+        FunctionProvider(lambda m, **k: "", stop_reason="tired")
+    with pytest.raises(UsageError):
+        ScriptedProvider([], model="")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -20,9 +21,10 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.crypto import secure_random_bytes
+from converge.extensions.crypto import INLINE_LIMIT, secure_random_bytes
 from converge.extensions.storage import EncryptedStore, FileStore, MemoryStore, SQLiteStore
 from converge.extensions.storage.testing import StoreContract
+from loop_stall import min_max_loop_stall
 
 pytestmark = pytest.mark.anyio
 
@@ -195,3 +197,59 @@ def test_invalid_arguments_raise_typed_errors(
 ) -> None:
     with pytest.raises(error):
         EncryptedStore(*args, **kwargs)
+
+
+# -- large values: the loop stays free ---------------------------------------------------
+
+LARGE = 64 * 1024 * 1024
+
+
+async def test_64_mib_values_never_stall_the_loop_20_ms(
+    store: EncryptedStore, inner: MemoryStore
+) -> None:
+    # Serialization and concatenation used to run on the loop: 80-103 ms for 64 MiB.
+    value = secure_random_bytes(LARGE)
+    keys = iter(range(5))  # fresh keys: freeing a replaced 64 MiB blob is not aput's cost
+    assert await min_max_loop_stall(lambda: store.aput(f"big{next(keys)}", value)) < 0.020
+    await store.aput("big", value)
+    assert await min_max_loop_stall(lambda: store.aget("big")) < 0.020
+    assert await store.aget("big") == value
+    # The blob is the ordinary format: the sync path (one-shot pickle) opens it too.
+    assert await anyio.to_thread.run_sync(store.get, "big") == value
+
+
+async def test_large_values_round_trip_between_the_async_and_sync_paths(
+    store: EncryptedStore,
+) -> None:
+    big = 2 * INLINE_LIMIT + 3
+    values: list[Any] = [
+        secure_random_bytes(big),  # sealed without pickling a copy
+        bytearray(secure_random_bytes(big)),  # pickled as usual, sealed off the loop
+        "x" * big,
+        [b"a" * big, 1],
+    ]
+    for i, value in enumerate(values):
+        await store.aput(f"a{i}", value)
+        await anyio.to_thread.run_sync(store.put, f"s{i}", value)
+    for i, value in enumerate(values):
+        assert await store.aget(f"a{i}") == value
+        assert await store.aget(f"s{i}") == value
+        assert await anyio.to_thread.run_sync(store.get, f"a{i}") == value
+
+
+async def test_a_tampered_large_value_is_rejected(
+    store: EncryptedStore, inner: MemoryStore
+) -> None:
+    await store.aput("big", secure_random_bytes(2 * INLINE_LIMIT))
+    blob = bytearray(inner.get("big"))
+    blob[INLINE_LIMIT] ^= 1
+    inner.put("big", bytes(blob))
+    with pytest.raises(DecryptionError):
+        await store.aget("big")
+
+
+async def test_large_values_in_a_json_inner_store(tmp_path: Path) -> None:
+    store = EncryptedStore(FileStore(tmp_path, serializer="json"), {"k1": K1})
+    value = secure_random_bytes(2 * INLINE_LIMIT)
+    await store.aput("big", value)
+    assert await store.aget("big") == value

@@ -248,6 +248,44 @@ def test_corrupt_file_raises_store_corrupted_error_naming_the_key(
     assert store.get("victim") is None
 
 
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_bit_flip_anywhere_in_the_header_keeps_the_file_listed_and_corrupt(
+    store: FileStore, ttl: float | None
+) -> None:
+    # Flips in the expiry field used to make list() delete the file as expired.
+    from converge.extensions.storage import file as file_module
+
+    store.put("victim", "value", ttl=ttl)
+    path = Path(store.base_path, _name_for("victim"))
+    good = path.read_bytes()
+    end = file_module._HEADER.size + len(b"victim")  # header and key
+    for bit in range(end * 8):
+        damaged = bytearray(good)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(damaged)
+        assert store.list() == ["victim"], f"bit {bit}"
+        assert path.read_bytes() == damaged, f"bit {bit}: the file was changed"
+        with pytest.raises(StoreCorruptedError):
+            store.get("victim")
+        assert path.exists(), f"bit {bit}"
+    path.write_bytes(good)
+    assert store.get("victim") == "value"
+
+
+async def test_a_dangling_symlink_at_a_keys_path_is_a_typed_error(
+    store: FileStore, tmp_path: Path
+) -> None:
+    os.symlink(tmp_path / "gone", Path(store.base_path, _name_for("link")))
+    with pytest.raises(StoreCorruptedError, match="symbolic link") as info:
+        await store.aget("link")
+    assert info.value.key == "link"
+    with pytest.raises(StoreCorruptedError, match="symbolic link"):
+        await store.aput_if_absent("link", 1)
+    assert await store.alist() == ["link"]  # listed, so it can be found and deleted
+    await store.adelete("link")
+    assert await store.aget("link") is None
+
+
 def test_valid_frame_with_bad_pickle_is_corrupt_not_a_raw_pickle_error(store: FileStore) -> None:
     import struct
     import zlib

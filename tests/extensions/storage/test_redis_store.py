@@ -7,8 +7,6 @@ starts a throwaway ``redis-server`` on a free loopback port for the session.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,20 +22,16 @@ import pytest
 from converge.errors import (
     ClosedError,
     StoreCorruptedError,
+    StoreOutcomeUnknownError,
     StoreUnavailableError,
     SyncInEventLoopError,
     UsageError,
 )
 from converge.extensions.storage import RedisStore
 from converge.extensions.storage.testing import StoreContract
+from redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -46,35 +40,12 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (apt install redis-server) or CONVERGE_TEST_REDIS_URL"
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
+    with RedisServer() as server:
+        yield server.url
 
 
 def unique_namespace() -> str:
-    return f"test-{uuid.uuid4().hex}:"
+    return f"test-{uuid.uuid4().hex}"
 
 
 class TestRedisStoreContract(StoreContract):
@@ -122,7 +93,7 @@ async def test_entered_store_shares_one_pool_among_many_tasks(redis_url: str) ->
 
 async def test_put_if_absent_uses_set_nx_px(store: RedisStore, redis_url: str) -> None:
     assert await store.aput_if_absent("k", 1, ttl=0.25) is True
-    pttl = await raw_pttl(redis_url, (store.namespace + "k").encode())
+    pttl = await raw_pttl(redis_url, (store.namespace + ":k").encode())
     assert 0 < pttl <= 250
     assert await store.aput_if_absent("k", 2) is False
 
@@ -136,17 +107,130 @@ async def test_namespaces_isolate_stores(redis_url: str) -> None:
     assert await one.alist() == ["shared"]
 
 
+async def test_a_namespace_never_sees_another_that_starts_with_its_name(redis_url: str) -> None:
+    base = unique_namespace()
+    app, app2 = RedisStore(redis_url, namespace=base), RedisStore(redis_url, namespace=base + "2")
+    await app2.aput("k", "app2's")
+    await app2.aput("2:k", "app2's too")
+    assert await app.alist() == []
+    assert await app.aget("2:k") is None
+    assert await app.aget("k") is None
+    await app.aput("2:k", "app's")
+    assert await app2.aget("k") == "app2's"
+    assert await app2.alist() == ["2:k", "k"]
+    assert await app.alist() == ["2:k"]
+
+
+@pytest.mark.parametrize("namespace", ["app:", "a:b", ":"])
+def test_namespace_with_the_delimiter_is_refused(namespace: str) -> None:
+    with pytest.raises(UsageError, match="separates the namespace"):
+        RedisStore(namespace=namespace)
+
+
+async def test_keys_are_stored_as_namespace_colon_key(redis_url: str) -> None:
+    store = RedisStore(redis_url, namespace=unique_namespace())
+    await store.aput("k", 1, ttl=30)
+    assert 0 < await raw_pttl(redis_url, f"{store.namespace}:k".encode()) <= 30_000
+
+
+async def test_atime_is_the_servers_clock_with_microseconds(store: RedisStore) -> None:
+    times = [await store.atime() for _ in range(5)]
+    assert times == sorted(times)
+    assert abs(times[0] - time.time()) < 5  # the same host here
+    assert any(t % 1 for t in times)  # a fraction of a second, not whole seconds
+
+
+@pytest.fixture
+def stallable() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+async def _put_if_absent_during_stall(
+    server: RedisServer, stall: float, limit: float
+) -> tuple[bool | StoreOutcomeUnknownError, float, object]:
+    """put_if_absent while the server is frozen for ``stall`` s: (result, seconds, stored)."""
+    token = uuid.uuid4().hex
+    async with RedisStore(server.url, namespace="stall", timeout=limit) as store:
+        await store.aput("warm", 1)  # the pool is connected
+        server.pause()
+        resume = threading.Timer(stall, server.resume)
+        resume.start()
+        started = time.monotonic()
+        result: bool | StoreOutcomeUnknownError
+        try:
+            result = await store.aput_if_absent("claim", token, ttl=60)
+        except StoreOutcomeUnknownError as exc:
+            result = exc
+        elapsed = time.monotonic() - started
+        resume.join()
+    reader = RedisStore(server.url, namespace="stall")
+    stored = await reader.aget("claim")
+    await reader.adelete("claim")
+    return result, elapsed, stored == token
+
+
+async def test_put_if_absent_through_a_stall_shorter_than_timeout_is_true(
+    stallable: RedisServer,
+) -> None:
+    # A 1.5-2.5 s stall used to make coredis resend SET NX, which found our own value.
+    for stall in (1.5, 2.5):
+        result, elapsed, ours = await _put_if_absent_during_stall(stallable, stall, limit=3.5)
+        assert result is True, result
+        assert ours
+        assert elapsed < 3.5 + 0.5
+
+
+async def test_put_if_absent_through_a_longer_stall_says_the_outcome_is_unknown(
+    stallable: RedisServer,
+) -> None:
+    # A 4 s stall: the call ends at its timeout (not 3x it) with a typed error that says
+    # the write may have happened, and it did.
+    result, elapsed, ours = await _put_if_absent_during_stall(stallable, 4.0, limit=1.5)
+    assert isinstance(result, StoreOutcomeUnknownError), result
+    assert isinstance(result, StoreUnavailableError)  # callers mapping 503 still work
+    assert "may or may not" in str(result)
+    assert result.key == "claim"
+    assert 1.5 <= elapsed < 1.5 + 0.5
+    assert ours  # the server ran it after SIGCONT: "unknown" was the truth
+
+
+async def test_reads_through_a_long_stall_fail_within_the_timeout(stallable: RedisServer) -> None:
+    async with RedisStore(stallable.url, namespace="stall", timeout=1.0) as store:
+        await store.aput("k", 1)
+        stallable.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError) as info:
+                await store.aget("k")
+            assert not isinstance(info.value, StoreOutcomeUnknownError)
+            assert time.monotonic() - started < 1.5
+            started = time.monotonic()
+            # The update stalls at WATCH, before anything is written: a known outcome.
+            with pytest.raises(StoreUnavailableError) as info:
+                await store.aupdate(["k"], lambda cur: ({"k": cur["k"] + 1}, None))
+            assert not isinstance(info.value, StoreOutcomeUnknownError)
+            assert time.monotonic() - started < 1.5
+        finally:
+            stallable.resume()
+
+
 async def test_unreachable_server_raises_store_unavailable(redis_url: str) -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", connect_timeout=0.5)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.5)
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         await store.aget("k")
+    # Refused: nothing was sent, so the outcome of this write is known.
+    with pytest.raises(StoreUnavailableError) as info:
+        await store.aput("k", 1)
+    assert not isinstance(info.value, StoreOutcomeUnknownError)
     async with store:
-        with pytest.raises(StoreUnavailableError):
+        with pytest.raises(StoreUnavailableError) as info:
             await store.aput("k", 1)
+        assert not isinstance(info.value, StoreOutcomeUnknownError)
 
 
 def test_unreachable_server_raises_store_unavailable_from_sync_code() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", connect_timeout=0.5)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.5)
     try:
         with pytest.raises(StoreUnavailableError):
             store.put("k", 1)
@@ -203,7 +287,7 @@ async def test_update_writes_ttl_and_deletes(store: RedisStore, redis_url: str) 
 
     assert await store.aupdate(["gone", "new"], change, ttl=30) == "done"
     assert await store.aget("gone") is None
-    assert 0 < await raw_pttl(redis_url, (store.namespace + "new").encode()) <= 30_000
+    assert 0 < await raw_pttl(redis_url, (store.namespace + ":new").encode()) <= 30_000
 
 
 async def test_json_store_never_unpickles(redis_url: str) -> None:
@@ -215,7 +299,7 @@ async def test_json_store_never_unpickles(redis_url: str) -> None:
 
 async def test_foreign_value_reads_as_corrupt(store: RedisStore, redis_url: str) -> None:
     async with coredis.Redis.from_url(redis_url) as client:
-        await client.set((store.namespace + "k").encode(), b"plain text")
+        await client.set((store.namespace + ":k").encode(), b"plain text")
     with pytest.raises(StoreCorruptedError):
         await store.aget("k")
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from converge.errors import ClosedError, ConfigurationError, WebhookSecurityError
+from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
 from converge.extensions.connectors.security import parse_json_object
 
 if TYPE_CHECKING:
@@ -28,9 +29,30 @@ _Send = Callable[[_Message], Awaitable[None]]
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds between restarts of a dispatcher that crashed.
 _RESTART_DELAY_SEC = 1.0
+# Seconds a client is asked to wait after a 503 (store down, closing).
+_RETRY_AFTER = "1"
+# X-Forwarded-For entries read at most (a proxy chain longer than this is abuse).
+_MAX_FORWARDED = 16
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> _IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 class _Disconnected(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
     pass
 
 
@@ -60,10 +82,18 @@ class GatewayApp:
         gateway: The gateway to serve.
         run_dispatcher: Run the outbound dispatcher during the ASGI lifespan.
         poll_interval_sec: The dispatcher's store rescan interval.
-        client_cert_header: Name of a header set by a TLS-terminating proxy that you
-            trust (e.g. nginx's ``$ssl_client_verify``): a client certificate counts as
-            presented when its value is ``SUCCESS``. Servers that report TLS client
+        client_cert_header: Name of a header set by a TLS-terminating proxy (e.g.
+            nginx's ``$ssl_client_verify``): a client certificate counts as presented
+            when its value is ``SUCCESS`` **and** the request came from one of
+            ``trusted_proxies`` (needs at least one). Servers that report TLS client
             certificates through the ASGI ``tls`` extension need no header.
+        trusted_proxies: Addresses or CIDR networks of the proxies in front of the app.
+            Only requests whose peer is one of them may set ``client_cert_header`` and
+            ``X-Forwarded-For`` (whose rightmost address that is not a trusted proxy is
+            then the client address for the IP allowlist). Empty: both headers are
+            ignored and the peer address is the client's.
+        body_timeout_sec: Seconds a request body may take to arrive in full; a slower
+            body is answered ``408`` and its connection closed (None: no limit).
 
     Raises:
         ConfigurationError: For invalid arguments.
@@ -76,6 +106,8 @@ class GatewayApp:
         run_dispatcher: bool = True,
         poll_interval_sec: float = 0.1,
         client_cert_header: str | None = None,
+        trusted_proxies: Sequence[str] = (),
+        body_timeout_sec: float | None = 30.0,
     ) -> None:
         from converge.extensions.connectors.gateway import WebhookGateway
 
@@ -92,9 +124,33 @@ class GatewayApp:
             not isinstance(client_cert_header, str) or not client_cert_header
         ):
             raise ConfigurationError("client_cert_header must be a header name or None")
+        if isinstance(trusted_proxies, str) or not isinstance(trusted_proxies, Sequence):
+            raise ConfigurationError("trusted_proxies must be a sequence of addresses/networks")
+        networks: list[_IPNetwork] = []
+        for entry in trusted_proxies:
+            try:
+                networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"trusted_proxies: {entry!r} is not an address or CIDR network"
+                ) from exc
+        if client_cert_header is not None and not networks:
+            raise ConfigurationError(
+                "client_cert_header is trusted only from trusted_proxies: name the proxy "
+                "addresses (anyone else could send the header)"
+            )
+        if body_timeout_sec is not None and (
+            isinstance(body_timeout_sec, bool)
+            or not isinstance(body_timeout_sec, int | float)
+            or not math.isfinite(body_timeout_sec)
+            or body_timeout_sec <= 0
+        ):
+            raise ConfigurationError("body_timeout_sec must be a positive number or None")
         self.gateway = gateway
         self.run_dispatcher = bool(run_dispatcher)
         self.poll_interval_sec = float(poll_interval_sec)
+        self.trusted_proxies: tuple[_IPNetwork, ...] = tuple(networks)
+        self.body_timeout_sec = None if body_timeout_sec is None else float(body_timeout_sec)
         self._cert_header = client_cert_header.lower() if client_cert_header else None
         self._limit = gateway.connector.security.policy.max_payload_bytes
         #: The admin API + inspector (an ASGI app, see ``server.AdminApp``) served under
@@ -158,10 +214,27 @@ class GatewayApp:
             await self._route(scope, receive, tracked_send)
         except _Disconnected:
             return
-        except ClosedError:
+        except _BodyTimeout:
             if not started:
-                body = _json({"status": "unavailable", "reason": "closed"})
-                await self._respond(send, 503, {"content-type": "application/json"}, body)
+                await self._reply(
+                    send,
+                    408,
+                    {"status": "rejected", "reason": "body_timeout"},
+                    {"connection": "close"},
+                )
+        except (ClosedError, StoreError) as exc:
+            # A store that fails (or a connector shutting down) is a temporary condition
+            # of this server, never the client's fault: 503 + Retry-After, never 500.
+            reason = "closed" if isinstance(exc, ClosedError) else "store_unavailable"
+            if isinstance(exc, StoreError):
+                _log.warning("gateway request: store failed: %s", exc)
+            if not started:
+                await self._reply(
+                    send,
+                    503,
+                    {"status": "unavailable", "reason": reason},
+                    {"retry-after": _RETRY_AFTER},
+                )
         except Exception:
             _log.exception("gateway request failed")
             if not started:
@@ -218,9 +291,8 @@ class GatewayApp:
     ) -> None:
         connector = self.gateway.connector
         headers = self._headers(scope)
-        client = scope.get("client")
-        remote = client[0] if client else None
-        cert = self._client_cert(scope, headers)
+        remote, via_proxy = self._peer(scope, headers)
+        cert = self._client_cert(scope, headers, via_proxy)
         checked = connector._precheck(provider, method, headers, remote, cert)
         if isinstance(checked, tuple):
             await self._respond(send, *checked)
@@ -251,7 +323,7 @@ class GatewayApp:
             await self._reply(send, 413, {"status": "rejected", "reason": "payload_too_large"})
             return
         try:
-            payload = parse_json_object(body)
+            payload = parse_json_object(body, lone_surrogates="reject")
         except WebhookSecurityError as exc:
             await self._reply(send, exc.status, {"status": "rejected", "reason": exc.reason})
             return
@@ -269,15 +341,48 @@ class GatewayApp:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         return headers
 
-    def _client_cert(self, scope: _Scope, headers: dict[str, str]) -> bool:
+    def _trusted(self, addr: _IPAddress | None) -> bool:
+        return addr is not None and any(
+            addr.version == net.version and addr in net for net in self.trusted_proxies
+        )
+
+    def _peer(self, scope: _Scope, headers: dict[str, str]) -> tuple[str | None, bool]:
+        """The client address, and whether the request came through a trusted proxy."""
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if not self.trusted_proxies or not isinstance(peer, str):
+            return peer, False
+        if not self._trusted(_address(peer)):
+            return peer, False
+        forwarded = headers.get("x-forwarded-for")
+        if forwarded:
+            # Each proxy appends the address it saw: walk from the right past our own
+            # proxies; the first other address is the client (left of it is unverified).
+            entries = [e.strip() for e in forwarded.split(",")][-_MAX_FORWARDED:]
+            for entry in reversed(entries):
+                addr = _address(entry)
+                if not self._trusted(addr):
+                    return (str(addr) if addr is not None else entry), True
+            return entries[0], True
+        return peer, True
+
+    def _client_cert(self, scope: _Scope, headers: dict[str, str], via_proxy: bool) -> bool:
         tls = (scope.get("extensions") or {}).get("tls") or {}
         if tls.get("client_cert_chain"):
             return True
-        if self._cert_header is not None:
+        if self._cert_header is not None and via_proxy:
             return headers.get(self._cert_header, "").strip() == "SUCCESS"
         return False
 
     async def _read_body(self, receive: _Receive) -> bytes:
+        """Read the body within the body timeout (else :class:`_BodyTimeout`)."""
+        if self.body_timeout_sec is None:
+            return await self._read_body_now(receive)
+        with anyio.move_on_after(self.body_timeout_sec):
+            return await self._read_body_now(receive)
+        raise _BodyTimeout
+
+    async def _read_body_now(self, receive: _Receive) -> bytes:
         """Read the body; stop once it is past the limit (the caller answers 413)."""
         chunks: list[bytes] = []
         size = 0

@@ -71,7 +71,7 @@ _log = logging.getLogger("converge.connectors")
 _INBOUND_TOPICS = (Topic(INBOUND_TOPIC),)
 #: Topic whose messages a bus hands to the outbox (a sink, when the bus supports sinks).
 OUTBOUND_TOPIC = "bridge.webhook.outbound"
-_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 # Bodies larger than this are verified in a worker thread (about 0.1 ms of work inline).
 _INLINE_VERIFY_BYTES = 64 * 1024
 # Seconds a sender is asked to wait when the inbox is full or the store is down.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from converge.errors import ConfigurationError, IdempotencyConflictError, StoreError, UsageError
@@ -23,6 +24,11 @@ def _dump(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _invalid(detail: str) -> tuple[int, bytes]:
+    # The caller holds the outbound token: tell it what to fix (bounded, our own text).
+    return 400, _dump({"status": "rejected", "reason": "invalid_action", "detail": detail[:300]})
+
+
 class WebhookGateway:
     """HTTP-oriented facade around WebhookConnector.
 
@@ -36,6 +42,9 @@ class WebhookGateway:
             would let anyone send requests from your network.
         require_dispatcher: Whether readiness needs the outbound dispatcher running;
             by default, when the connector has targets.
+        ready_check_interval_sec: Seconds a store probe of :meth:`acheck_ready` is
+            reused: ``GET /readyz`` needs no authentication, so it must not cost a store
+            write per request.
 
     Raises:
         ConfigurationError: For a bad connector or token.
@@ -47,6 +56,7 @@ class WebhookGateway:
         *,
         outbound_token: str | None = None,
         require_dispatcher: bool | None = None,
+        ready_check_interval_sec: float = 1.0,
     ) -> None:
         if not isinstance(connector, WebhookConnector):
             raise ConfigurationError("WebhookGateway needs a WebhookConnector")
@@ -58,12 +68,20 @@ class WebhookGateway:
             )
         if require_dispatcher is not None and not isinstance(require_dispatcher, bool):
             raise ConfigurationError("require_dispatcher must be a bool or None")
+        if (
+            isinstance(ready_check_interval_sec, bool)
+            or not isinstance(ready_check_interval_sec, int | float)
+            or not 0 <= ready_check_interval_sec < 3600
+        ):
+            raise ConfigurationError("ready_check_interval_sec must be a number from 0 to 3600")
         self.connector = connector
         self._token = outbound_token.encode() if outbound_token else None
         self._require_dispatcher = (
             bool(connector.targets) if require_dispatcher is None else require_dispatcher
         )
         self._store_ok = True
+        self._ready_interval = float(ready_check_interval_sec)
+        self._ready_checked: float | None = None  # monotonic time of the last probe
 
     # -- health ----------------------------------------------------------------------
 
@@ -85,7 +103,16 @@ class WebhookGateway:
         return dispatcher.running or not self._require_dispatcher
 
     async def acheck_ready(self) -> bool:
-        """Probe the store with a write and a read, then return :meth:`is_ready`."""
+        """Probe the store with a write and a read, then return :meth:`is_ready`.
+
+        A probe younger than ``ready_check_interval_sec`` is reused (concurrent calls
+        share one probe), so readiness checks cannot load the store.
+        """
+        now = time.monotonic()
+        last = self._ready_checked
+        if last is not None and now - last < self._ready_interval:
+            return self.is_ready()
+        self._ready_checked = now
         key = f"converge:webhook:{self.connector.connector_id}:ready"
         try:
             await self.connector.store.aput(key, 1, ttl=60)
@@ -168,9 +195,11 @@ class WebhookGateway:
 
         Returns:
             ``(202, {"status":"queued","id":...})`` (the original id when the same action
-            was queued before under its key); 400 for a malformed action or an unknown
-            target; 403 for a URL outside the target; 409 when the idempotency key names
-            a different action; 503 if the store failed.
+            was queued before under its key); 400 ``invalid_action`` (with a ``detail``
+            saying what to fix) for a malformed action, e.g. ``headers`` that are not an
+            object of RFC 9110 names and ASCII values, or 400 ``unknown_target``; 403 for
+            a URL outside the target; 409 when the idempotency key names a different
+            action; 503 if the store failed.
         """
         if not isinstance(payload, dict):
             return 400, _dump({"status": "rejected", "reason": "not_an_object"})
@@ -180,12 +209,16 @@ class WebhookGateway:
             return 400, _dump({"status": "rejected", "reason": "unknown_target"})
         fields = dict(payload)
         url = fields.setdefault("url", target.url)
-        if not isinstance(url, str) or not target.allows(url):
+        if not isinstance(url, str):
+            return _invalid("url must be a string")
+        if not target.allows(url):
             return 403, _dump({"status": "rejected", "reason": "url_not_allowed"})
         try:
+            # Validates the whole body: fields, header names and values (RFC 9110),
+            # a body with a UTF-8 form; what passes can be sent.
             action = OutboundWebhookAction.from_dict(fields)
-        except UsageError:
-            return 400, _dump({"status": "rejected", "reason": "invalid_action"})
+        except UsageError as exc:
+            return _invalid(str(exc))
         try:
             record = await self.connector.enqueue(action)
         except IdempotencyConflictError as exc:
@@ -193,6 +226,8 @@ class WebhookGateway:
             return 409, _dump(body)
         except StoreError:
             return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
+        except UsageError as exc:
+            return _invalid(str(exc))
         return 202, _dump({"status": "queued", "id": record.id})
 
     # -- serving ---------------------------------------------------------------------
@@ -203,6 +238,8 @@ class WebhookGateway:
         run_dispatcher: bool = True,
         poll_interval_sec: float = 0.1,
         client_cert_header: str | None = None,
+        trusted_proxies: Sequence[str] = (),
+        body_timeout_sec: float | None = 30.0,
     ) -> GatewayApp:
         """A pure ASGI app serving this gateway (see :class:`~.asgi.GatewayApp`)."""
         from converge.extensions.connectors.asgi import GatewayApp
@@ -212,4 +249,6 @@ class WebhookGateway:
             run_dispatcher=run_dispatcher,
             poll_interval_sec=poll_interval_sec,
             client_cert_header=client_cert_header,
+            trusted_proxies=trusted_proxies,
+            body_timeout_sec=body_timeout_sec,
         )

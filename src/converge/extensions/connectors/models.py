@@ -17,6 +17,7 @@ from converge.errors import ConfigurationError, UsageError
 
 __all__ = [
     "CANONICALIZATIONS",
+    "MAX_OUTBOUND_HEADERS",
     "SCHEMES",
     "SIGNATURE_ALGORITHMS",
     "InboundWebhookEvent",
@@ -34,10 +35,16 @@ CANONICALIZATIONS: tuple[str, ...] = ("raw_body", "timestamp_body")
 #: Digests the generic ``"hmac"`` scheme accepts.
 SIGNATURE_ALGORITHMS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_HEADER_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
+_HEADER_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}\Z")
 _METHODS = ("POST", "PUT", "PATCH", "DELETE")
 # Headers an outbound action may not set itself: the transport or the signer owns them.
+# RFC 9110 field-value, restricted to ASCII: visible characters, with spaces and tabs
+# inside only (no controls such as \x01 or \x7f, no obs-text, no leading/trailing blanks).
+_MAX_HEADER_VALUE = 8192
+_HEADER_VALUE_RE = re.compile(r"(?:[\x21-\x7e](?:[\x20\x09\x21-\x7e]{0,8190}[\x21-\x7e])?)?\Z")
+#: Most headers an outbound action may set.
+MAX_OUTBOUND_HEADERS = 64
 _RESERVED_OUTBOUND_HEADERS = frozenset(
     {
         "host",
@@ -226,7 +233,7 @@ class WebhookSecurityPolicy:
         normalized = []
         for media in types:
             text = _require_str(owner, "allowed_content_types[]", media).strip().lower()
-            if not re.match(r"^[a-z0-9!#$&^_.+\-]+/[a-z0-9!#$&^_.+\-]+$", text):
+            if not re.match(r"^[a-z0-9!#$&^_.+\-]+/[a-z0-9!#$&^_.+\-]+\Z", text):
                 raise ConfigurationError(f"{owner}: {media!r} is not a media type")
             normalized.append(text)
         object.__setattr__(self, "allowed_content_types", tuple(normalized))
@@ -348,6 +355,11 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_url(owner: str, url: object) -> str:
     if not isinstance(url, str) or not url:
         raise UsageError(f"{owner}.url must be a non-empty string")
@@ -359,13 +371,20 @@ def _check_url(owner: str, url: object) -> str:
 
 def _check_headers(owner: str, headers: object) -> dict[str, str]:
     if not isinstance(headers, Mapping):
-        raise UsageError(f"{owner}.headers must be a mapping of str to str")
+        raise UsageError(f"{owner}.headers must be a mapping (a JSON object) of str to str")
+    if len(headers) > MAX_OUTBOUND_HEADERS:
+        raise UsageError(f"{owner}.headers: at most {MAX_OUTBOUND_HEADERS} headers")
     out: dict[str, str] = {}
     for key, value in headers.items():
         if not isinstance(key, str) or not _HEADER_RE.match(key):
-            raise UsageError(f"{owner}.headers: {key!r} is not a header name")
-        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-            raise UsageError(f"{owner}.headers[{key!r}] must be a single-line string")
+            raise UsageError(
+                f"{owner}.headers: {_short(key)} is not a header name (RFC 9110 token)"
+            )
+        if not isinstance(value, str) or not _HEADER_VALUE_RE.match(value):
+            raise UsageError(
+                f"{owner}.headers[{key!r}] must be visible ASCII with inner spaces or tabs "
+                f"(RFC 9110 field value, at most {_MAX_HEADER_VALUE} characters)"
+            )
         if key.lower() in _RESERVED_OUTBOUND_HEADERS:
             raise UsageError(
                 f"{owner}.headers may not set {key!r}: the transport or the signer owns it"
@@ -383,12 +402,15 @@ class OutboundWebhookAction:
             label); retries, concurrency limits and the circuit breaker are per target.
         method: ``"POST"``, ``"PUT"``, ``"PATCH"`` or ``"DELETE"``.
         url: Absolute http(s) URL; redirects are never followed.
-        body: JSON object sent as the request body.
-        headers: Extra headers. ``Idempotency-Key``, ``webhook-*`` and transport headers
-            are set by converge and may not be given here.
-        idempotency_key: Sent as ``Idempotency-Key`` on every attempt; defaults to the
-            action's id. While an action with this key is pending, submitting another
-            with the same key is a no-op.
+        body: JSON object sent as the request body; it must have a UTF-8 encoding (no
+            lone surrogates such as ``"\\ud800"``).
+        headers: Extra headers (at most :data:`MAX_OUTBOUND_HEADERS`): names are RFC 9110
+            tokens, values visible ASCII with inner spaces or tabs (no controls, no
+            non-ASCII), so every accepted action can be sent. ``Idempotency-Key``,
+            ``webhook-*`` and transport headers are set by converge and may not be given.
+        idempotency_key: Sent as ``Idempotency-Key`` on every attempt (1-255 visible
+            ASCII characters); defaults to the action's id. While an action with this
+            key is pending, submitting another with the same key is a no-op.
         deadline: Unix time after which no further attempt is made (dead letter).
 
     Raises:
@@ -406,23 +428,29 @@ class OutboundWebhookAction:
     def __post_init__(self) -> None:
         owner = "OutboundWebhookAction"
         if not isinstance(self.target, str) or not _NAME_RE.match(self.target):
-            raise UsageError(f"{owner}.target {self.target!r} must be 1-64 name characters")
+            raise UsageError(f"{owner}.target {_short(self.target)} must be 1-64 name characters")
         if not isinstance(self.method, str) or self.method.upper() not in _METHODS:
-            raise UsageError(f"{owner}.method must be one of {_METHODS}, got {self.method!r}")
+            raise UsageError(f"{owner}.method must be one of {_METHODS}, got {_short(self.method)}")
         object.__setattr__(self, "method", self.method.upper())
         _check_url(owner, self.url)
         if not isinstance(self.body, dict):
             raise UsageError(f"{owner}.body must be a dict (a JSON object)")
         try:
-            json.dumps(self.body, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"{owner}.body is not JSON-serializable: {exc}") from exc
+            # The bytes body_bytes() sends: a lone surrogate (JSON "\\ud800") has no
+            # UTF-8 form, so such a body could never be sent; refuse it now.
+            json.dumps(self.body, ensure_ascii=False, allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise UsageError(f"{owner}.body cannot be sent as UTF-8 JSON: {exc}") from exc
         object.__setattr__(self, "headers", _check_headers(owner, self.headers))
         key = self.idempotency_key
         if key is not None and (
-            not isinstance(key, str) or not key or len(key) > 255 or not key.isprintable()
+            not isinstance(key, str) or not key or len(key) > 255 or not _HEADER_VALUE_RE.match(key)
         ):
-            raise UsageError(f"{owner}.idempotency_key must be 1-255 printable characters")
+            # Sent as the Idempotency-Key header: a header value, so ASCII only.
+            raise UsageError(
+                f"{owner}.idempotency_key must be 1-255 visible ASCII characters "
+                "(inner spaces allowed)"
+            )
         deadline = self.deadline
         if deadline is not None and (
             isinstance(deadline, bool)
@@ -463,12 +491,17 @@ class OutboundWebhookAction:
         for required in ("target", "url", "body"):
             if required not in data:
                 raise UsageError(f"outbound action is missing {required!r}")
+        headers = data.get("headers")
+        if headers is None:
+            headers = {}
+        if not isinstance(headers, Mapping):
+            raise UsageError("outbound action headers must be a JSON object of strings")
         return cls(
             target=data["target"],
             method=data.get("method", "POST"),
             url=data["url"],
             body=data["body"],
-            headers=dict(data.get("headers") or {}),
+            headers=dict(headers),
             idempotency_key=data.get("idempotency_key"),
             deadline=data.get("deadline"),
         )
@@ -511,8 +544,12 @@ class OutboundTarget:
         """Return True if ``url`` is this target's URL or a path below it.
 
         Scheme, host and port must match exactly; the path must equal the target's path
-        or extend it past a ``/``; dot segments and credentials are refused.
+        or extend it past a ``/``. Refused, raw or percent-encoded: dot segments,
+        ``;`` path parameters (``/..;/`` reaches a parent on some servers), backslashes
+        (some servers read them as ``/``), control characters, and credentials.
         """
+        if not isinstance(url, str):
+            return False
         try:
             base, candidate = httpx.URL(self.url), httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError):
@@ -526,8 +563,12 @@ class OutboundTarget:
         raw = candidate.raw_path.split(b"?", 1)[0].decode("ascii", "replace")
         # Both the raw and the decoded path: "%2F..%2F" decodes to a traversal.
         for text in (raw, candidate.path):
-            segments = text.split("/")
-            if any(s in (".", "..") or "%2e" in s.lower() for s in segments):
+            if any(c in text for c in ";\\") or not text.isprintable():
+                return False
+            lowered = text.lower()
+            if "%2e" in lowered or "%3b" in lowered or "%5c" in lowered:
+                return False
+            if any(s in (".", "..") for s in text.split("/")):
                 return False
         root = base.path.rstrip("/")
         path = candidate.path

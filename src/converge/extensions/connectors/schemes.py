@@ -35,7 +35,7 @@ __all__ = [
 
 # Several signatures per header are allowed (secret rotation); more than this is abuse.
 _MAX_SIGNATURES = 16
-_TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?$")
+_TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ __all__ = ["MAX_JSON_DEPTH", "VerifiedWebhook", "WebhookSecurity", "parse_json_o
 #: Deepest JSON nesting an inbound payload may have.
 MAX_JSON_DEPTH = 32
 
-_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _PAYLOAD_ID_FIELD = {"stripe": "id", "slack": "event_id"}
 
@@ -99,12 +99,24 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+def parse_json_object(
+    raw_body: bytes, max_depth: int = MAX_JSON_DEPTH, *, lone_surrogates: str = "replace"
+) -> dict[str, Any]:
     """Parse ``raw_body`` as a UTF-8 JSON object nested at most ``max_depth`` deep.
 
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text can
+    hold: such a value could be accepted but never stored, logged or sent as UTF-8.
+    With ``lone_surrogates="replace"`` (inbound events) each one becomes U+FFFD in the
+    parsed value (the verified bytes stay as they were); with ``"reject"`` (outbound
+    actions, whose caller can fix them) the body is refused.
+
     Raises:
-        WebhookSecurityError: 400 ``malformed_json``, ``not_an_object`` or ``too_deep``.
+        WebhookSecurityError: 400 ``malformed_json``, ``not_an_object``, ``too_deep`` or
+            (``"reject"``) ``lone_surrogate``.
+        UsageError: For an unknown ``lone_surrogates`` mode.
     """
+    if lone_surrogates not in ("replace", "reject"):
+        raise UsageError("lone_surrogates must be 'replace' or 'reject'")
     try:
         value = _DECODER.decode(raw_body.decode("utf-8"))
     except RecursionError as exc:
@@ -113,15 +125,48 @@ def parse_json_object(raw_body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[
         raise _reject(400, "malformed_json", "the body is not UTF-8 JSON") from exc
     if not isinstance(value, dict):
         raise _reject(400, "not_an_object", "the JSON body must be an object")
-    if raw_body.count(b"{") + raw_body.count(b"[") <= max_depth:
-        return value  # cannot be nested deeper than the brackets it contains
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            raise _reject(400, "too_deep", f"the JSON body is nested deeper than {max_depth}")
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    if raw_body.count(b"{") + raw_body.count(b"[") > max_depth:
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > max_depth:
+                raise _reject(400, "too_deep", f"the JSON body is nested deeper than {max_depth}")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    # Valid UTF-8 holds no surrogates: only a \\uD800-\\uDFFF escape can make one.
+    if _SURROGATE_ESCAPE_RE.search(raw_body) is not None and _has_surrogate(value):
+        if lone_surrogates == "reject":
+            raise _reject(
+                400, "lone_surrogate", "the JSON holds a lone surrogate escape (no UTF-8 form)"
+            )
+        fixed = _replace_surrogates(value)
+        assert isinstance(fixed, dict)
+        value = fixed
+    return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(value: Any) -> bool:
+    # Depth is bounded by parse_json_object's check (MAX_JSON_DEPTH) before this runs.
+    if isinstance(value, str):
+        return _SURROGATE_RE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
     return value
 
 

@@ -9,10 +9,12 @@
 
 The async twins :func:`aencrypt`, :func:`adecrypt` and :func:`aderive_key` keep the event
 loop responsive: PBKDF2 runs in a worker thread (hashlib releases the GIL while it
-hashes), and payloads above :data:`INLINE_LIMIT` are processed in chunks with a
-checkpoint between them. A worker thread would not help there: ``cryptography`` holds the
-GIL for the whole of an AES-GCM call, so the loop would stall just the same, and the hop
-would add its own ~100 µs.
+hashes), and payloads above :data:`INLINE_LIMIT` are processed in a worker thread in
+chunks of :data:`CHUNK_SIZE`. Chunks matter: ``cryptography`` holds the GIL for the whole
+of one AES-GCM call, so a single 64 MiB call would stall the loop even from a thread,
+while between chunks the GIL passes back; the result is assembled with ``bytes.join``,
+which releases the GIL while it copies. Up to 64 MiB, the loop never stalls for more than
+a few milliseconds (a test measures it).
 
 Errors are converge's: :class:`~converge.errors.CryptoTypeError` (a ``TypeError``) for a
 non-bytes argument, :class:`~converge.errors.CryptoValueError` (a ``ValueError``) for a

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from typing import Final
 
-import anyio
-import anyio.lowlevel
 import anyio.to_thread
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -28,6 +27,8 @@ __all__ = [
     "decrypt",
     "derive_key",
     "encrypt",
+    "open_parts",
+    "seal_parts",
     "secure_random_bytes",
 ]
 
@@ -41,12 +42,12 @@ TAG_SIZE: Final = 16
 """Bytes of the GCM authentication tag that ends every sealed blob."""
 
 INLINE_LIMIT: Final = 1024 * 1024
-"""Payloads up to this size are sealed in one call by the async twins (well under a
-millisecond); larger ones in chunks of :data:`CHUNK_SIZE` with a checkpoint between
-them."""
+"""Payloads up to this size are sealed in one call on the event loop by the async twins
+(well under a millisecond); larger ones in a worker thread, in chunks of
+:data:`CHUNK_SIZE`."""
 
 CHUNK_SIZE: Final = 256 * 1024
-"""Bytes sealed or opened per step by the async twins above :data:`INLINE_LIMIT`."""
+"""Bytes sealed or opened per step above :data:`INLINE_LIMIT`."""
 
 # RFC 8018 caps dkLen at (2**32 - 1) * hLen; SHA-256 gives 32-byte blocks.
 _MAX_DERIVED_LENGTH: Final = (2**32 - 1) * 32
@@ -88,6 +89,29 @@ def _optional_bytes(value: object, name: str) -> _Buffer | None:
     return None if value is None else _bytes_like(value, name)
 
 
+def _flat(value: object, name: str) -> memoryview:
+    """A flat byte view of a bytes-like argument; refuses non-contiguous views."""
+    view = memoryview(_bytes_like(value, name))
+    if not view.c_contiguous:
+        raise CryptoTypeError(
+            f"{name} must be a contiguous buffer; this memoryview has gaps (a strided "
+            "slice): pass bytes(view) instead"
+        )
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _noncontiguous(*values: object) -> bool:
+    return any(type(v) is memoryview and not v.c_contiguous for v in values)
+
+
+def _buffer_type_error(plaintext: object, associated_data: object) -> CryptoTypeError:
+    name = "plaintext" if _noncontiguous(plaintext) else "associated_data"
+    return CryptoTypeError(
+        f"{name} must be a contiguous buffer; this memoryview has gaps (a strided slice): "
+        "pass bytes(view) instead"
+    )
+
+
 def _check_key(key: object) -> bytes:
     raw = bytes(_bytes_like(key, "key"))
     if len(raw) != KEY_SIZE:
@@ -125,7 +149,7 @@ def _split(ciphertext: object) -> tuple[_Buffer, _Buffer]:
         # Small blobs: slicing bytes is cheaper than a memoryview round trip.
         blob: _Buffer = ciphertext
     else:
-        blob = memoryview(_bytes_like(ciphertext, "ciphertext")).cast("B")
+        blob = _flat(ciphertext, "ciphertext")
     if len(blob) < NONCE_SIZE + TAG_SIZE:
         raise DecryptionError(
             f"ciphertext is {len(blob)} bytes; an AES-256-GCM blob is at least "
@@ -147,12 +171,16 @@ def _seal(aead: AESGCM, data: object, aad: object) -> bytes:
         return nonce + aead.encrypt(nonce, data, aad)
     except OverflowError:
         raise CryptoValueError(_TOO_LONG) from None
+    except BufferError:
+        raise _buffer_type_error(data, aad) from None
 
 
 def _open(aead: AESGCM, ciphertext: object, aad: object) -> bytes:
     nonce, body = _split(ciphertext)
     if aad is not None and not isinstance(aad, _BUFFERS):
         raise CryptoTypeError(f"associated_data must be bytes, not {type(aad).__name__}")
+    if _noncontiguous(aad):
+        raise _buffer_type_error(None, aad)
     try:
         return aead.decrypt(nonce, body, aad)
     except InvalidTag:
@@ -189,6 +217,8 @@ def encrypt(plaintext: bytes, key: bytes, associated_data: bytes | None = None) 
         return nonce + aead.encrypt(nonce, plaintext, associated_data)
     except OverflowError:
         raise CryptoValueError(_TOO_LONG) from None
+    except BufferError:
+        raise _buffer_type_error(plaintext, associated_data) from None
 
 
 def decrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None = None) -> bytes:
@@ -226,56 +256,99 @@ def decrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None = None)
 async def aencrypt(plaintext: bytes, key: bytes, associated_data: bytes | None = None) -> bytes:
     """Async :func:`encrypt`: same arguments, same blob layout, same errors.
 
-    Payloads up to :data:`INLINE_LIMIT` are sealed in one call; larger ones in chunks
-    of :data:`CHUNK_SIZE` with a checkpoint between chunks, so other tasks keep running.
+    Payloads up to :data:`INLINE_LIMIT` are sealed in one call on the event loop (well
+    under a millisecond); larger ones in a worker thread, in chunks of
+    :data:`CHUNK_SIZE`, so that the thread gives the GIL back between chunks and the
+    loop never waits for more than one of them.
     """
     aead = _aead_for(key)
     if not isinstance(plaintext, _BUFFERS) or memoryview(plaintext).nbytes <= INLINE_LIMIT:
         return _seal(aead, plaintext, associated_data)  # also raises the type errors
-    aad = _optional_bytes(associated_data, "associated_data")
-    view = memoryview(plaintext).cast("B")
-    if len(view) > _MAX_ONE_SHOT:
-        raise CryptoValueError(_TOO_LONG)
-    nonce = os.urandom(NONCE_SIZE)
-    encryptor = Cipher(algorithms.AES(_check_key(key)), modes.GCM(nonce)).encryptor()
-    if aad is not None:
-        encryptor.authenticate_additional_data(aad)
-    parts = [nonce]
-    for start in range(0, len(view), CHUNK_SIZE):
-        parts.append(encryptor.update(view[start : start + CHUNK_SIZE]))
-        await anyio.lowlevel.checkpoint()
-    parts.append(encryptor.finalize())
-    parts.append(encryptor.tag)
-    return b"".join(parts)
+    view = _flat(plaintext, "plaintext")
+    aad = None if associated_data is None else _flat(associated_data, "associated_data")
+    return await anyio.to_thread.run_sync(seal_parts, _check_key(key), (view,), aad)
 
 
 async def adecrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None = None) -> bytes:
     """Async :func:`decrypt`: same arguments, result and errors.
 
-    Large blobs are opened in chunks with a checkpoint between chunks; no plaintext is
-    returned unless the tag verifies.
+    Large blobs are opened in a worker thread in chunks (see :func:`aencrypt`); no
+    plaintext is returned unless the tag verifies.
     """
     aead = _aead_for(key)
-    nonce, sealed = _split(ciphertext)
+    sealed = _split(ciphertext)[1]
     if len(sealed) - TAG_SIZE <= INLINE_LIMIT:
         return _open(aead, ciphertext, associated_data)
-    aad = _optional_bytes(associated_data, "associated_data")
-    body = sealed[:-TAG_SIZE]
+    aad = None if associated_data is None else _flat(associated_data, "associated_data")
+    return await anyio.to_thread.run_sync(_open_joined, _check_key(key), ciphertext, aad)
+
+
+def _open_joined(key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None) -> bytes:
+    # bytes.join releases the GIL while it copies (all parts are bytes), and the parts
+    # are freed here too: freeing 64 MiB can itself take milliseconds.
+    return b"".join(open_parts(key, ciphertext, associated_data))
+
+
+def seal_parts(
+    key: bytes,
+    parts: Sequence[_Buffer],
+    associated_data: _Buffer | None,
+    prefix: bytes = b"",
+) -> bytes:
+    """Blocking: ``prefix + encrypt(b"".join(parts), key, associated_data)``, in chunks.
+
+    For worker threads. The plaintext is given in parts and never joined, each part is
+    sealed :data:`CHUNK_SIZE` bytes at a time (the GIL can pass to the event loop between
+    chunks), and the one copy into the result is a ``bytes.join``, which releases the
+    GIL while it copies.
+
+    Raises:
+        CryptoValueError: If the plaintext or associated data is 2 GiB or more.
+    """
+    views = [_flat(part, "plaintext") for part in parts]
+    if sum(len(v) for v in views) > _MAX_ONE_SHOT or (
+        associated_data is not None and len(associated_data) > _MAX_ONE_SHOT
+    ):
+        raise CryptoValueError(_TOO_LONG)
+    nonce = os.urandom(NONCE_SIZE)
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    if associated_data is not None:
+        encryptor.authenticate_additional_data(associated_data)
+    out: list[_Buffer] = [prefix, nonce]
+    for view in views:
+        for start in range(0, len(view), CHUNK_SIZE):
+            out.append(encryptor.update(view[start : start + CHUNK_SIZE]))
+    out.append(encryptor.finalize())
+    out.append(encryptor.tag)
+    return b"".join(out)
+
+
+def open_parts(key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None) -> list[bytes]:
+    """Blocking: :func:`decrypt` in chunks, returning the plaintext in parts.
+
+    For worker threads; the caller joins the parts (or only those it needs). Nothing is
+    returned unless the tag verifies.
+
+    Raises:
+        DecryptionError: If the blob is truncated, tampered with, or sealed with another
+            key or associated data.
+    """
+    nonce, sealed = _split(ciphertext)
+    body = memoryview(sealed)[:-TAG_SIZE]
     decryptor = Cipher(
-        algorithms.AES(_check_key(key)), modes.GCM(bytes(nonce), bytes(sealed[-TAG_SIZE:]))
+        algorithms.AES(key), modes.GCM(bytes(nonce), bytes(sealed[-TAG_SIZE:]))
     ).decryptor()
-    if aad is not None:
-        decryptor.authenticate_additional_data(aad)
+    if associated_data is not None:
+        decryptor.authenticate_additional_data(associated_data)
     parts: list[bytes] = []
     for start in range(0, len(body), CHUNK_SIZE):
         parts.append(decryptor.update(body[start : start + CHUNK_SIZE]))
-        await anyio.lowlevel.checkpoint()
     try:
         parts.append(decryptor.finalize())
     except InvalidTag:
         parts.clear()  # unauthenticated plaintext never leaves this function
         raise DecryptionError(_DECRYPT_FAILED) from None
-    return b"".join(parts)
+    return parts
 
 
 # -- PBKDF2 -----------------------------------------------------------------------------

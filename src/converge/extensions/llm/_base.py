@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import os
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
@@ -23,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
+from converge.core import MetricsCollector
 from converge.errors import (
     ClosedError,
     ConfigurationError,
@@ -30,13 +33,23 @@ from converge.errors import (
     ProviderError,
     UsageError,
 )
-from converge.extensions.llm._errors import bad_response
+from converge.extensions.llm._errors import bad_response, check_result
 from converge.extensions.llm._request import ChatRequest, build_request
 from converge.extensions.llm._retry import Failure, RetryPolicy, acall_with_retry
 from converge.extensions.llm.protocol import ChatResult, Usage
 from converge.extensions.llm.stream import ChatStream
+from converge.extensions.llm.telemetry import CallRecord, Telemetry, default_telemetry
 
-__all__ = ["SDKProvider", "UsageCounter", "import_sdk", "shared_ssl_context", "usage_from"]
+__all__ = [
+    "SDKProvider",
+    "StreamState",
+    "UsageCounter",
+    "count",
+    "field_of",
+    "import_sdk",
+    "shared_ssl_context",
+    "str_or_none",
+]
 
 C = TypeVar("C")
 
@@ -71,38 +84,100 @@ def shared_ssl_context() -> ssl.SSLContext:
         return _ssl_context
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def count(value: Any) -> int | None:
+    """A token count as reported, or None when absent or not a non-negative integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
-def usage_from(obj: Any, input_attr: str, output_attr: str) -> Usage:
-    """A :class:`Usage` from an SDK usage object; missing or odd counts read as 0."""
-    if obj is None:
-        return Usage()
-    return Usage(_count(getattr(obj, input_attr, 0)), _count(getattr(obj, output_attr, 0)))
+def field_of(obj: Any, *path: str) -> Any:
+    """``obj.a.b`` (or ``obj["a"]["b"]`` for dicts, as SDK extras are), None if absent."""
+    for name in path:
+        if obj is None:
+            return None
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return obj
 
 
 class UsageCounter:
-    """Usage reported piecemeal by stream events (latest value of each count wins)."""
+    """Token counts gathered from a response or piecemeal from stream events (the latest
+    reported value of each count wins; unreported counts stay None)."""
 
-    def __init__(self) -> None:
-        self.input_tokens = 0
-        self.output_tokens = 0
+    __slots__ = ("counts", "input_excludes_cache")
 
-    def update(self, obj: Any, input_attr: str, output_attr: str) -> None:
-        """Take the counts ``obj`` reports (absent ones are left alone)."""
-        if obj is None:
-            return
-        value = getattr(obj, input_attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            self.input_tokens = value
-        value = getattr(obj, output_attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            self.output_tokens = value
+    def __init__(self, *, input_excludes_cache: bool = False) -> None:
+        #: Whether the API reports cache reads/writes apart from the input count
+        #: (Anthropic); :meth:`usage` then adds them in.
+        self.input_excludes_cache = input_excludes_cache
+        self.counts: dict[str, int | None] = dict.fromkeys(
+            (
+                "input_tokens",
+                "output_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "reasoning_tokens",
+            )
+        )
+
+    def update(self, **counts: Any) -> None:
+        """Take the counts given (absent or invalid ones leave the count alone)."""
+        for name, value in counts.items():
+            value = count(value)
+            if value is not None:
+                self.counts[name] = value
 
     def usage(self) -> Usage:
-        """The counts as a :class:`Usage`."""
-        return Usage(self.input_tokens, self.output_tokens)
+        """The counts as a :class:`Usage` (``input_tokens`` including cache reads and
+        writes)."""
+        counts = self.counts
+        if self.input_excludes_cache and counts["input_tokens"] is not None:
+            counts = dict(counts)
+            counts["input_tokens"] = (
+                (counts["input_tokens"] or 0)
+                + (counts["cache_read_tokens"] or 0)
+                + (counts["cache_write_tokens"] or 0)
+            )
+        return Usage(**counts)
+
+
+class StreamState:
+    """What a stream's events reported besides text: usage, stop reason, model, id."""
+
+    __slots__ = ("model", "raw_stop_reason", "refusal", "response_id", "stop_reason", "usage")
+
+    def __init__(self) -> None:
+        self.usage = UsageCounter()
+        self.raw_stop_reason: str | None = None
+        self.stop_reason: str | None = None
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.refusal: list[str] = []
+
+    def stop(self, raw: Any, normalise: Callable[[str | None], str]) -> None:
+        """Record the provider's stop reason ``raw`` (ignored when absent)."""
+        if isinstance(raw, str) and raw:
+            self.raw_stop_reason = raw
+            self.stop_reason = normalise(raw)
+
+    def result(self, text: str) -> ChatResult:
+        """The stream's :class:`ChatResult` once it ended, ``text`` being all deltas."""
+        stop_reason = self.stop_reason or "other"
+        if self.refusal:
+            stop_reason, text = "refusal", text or "".join(self.refusal)
+        return ChatResult(
+            text=text,
+            usage=self.usage.usage(),
+            stop_reason=stop_reason,
+            raw_stop_reason=self.raw_stop_reason,
+            model=self.model if isinstance(self.model, str) else None,
+            response_id=self.response_id if isinstance(self.response_id, str) else None,
+        )
+
+
+def str_or_none(value: Any) -> str | None:
+    """``value`` when it is a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
 
 
 class _Lazy(Generic[C]):
@@ -130,7 +205,8 @@ class SDKProvider:
     env_var: ClassVar[str]
     extra: ClassVar[str]
     sdk_module: ClassVar[str]
-    extra_options: ClassVar[frozenset[str]] = frozenset()
+    default_host: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -142,6 +218,8 @@ class SDKProvider:
         max_retries: int | None,
         client: Any,
         retry_policy: RetryPolicy | None,
+        telemetry: Telemetry | None = None,
+        metrics_collector: MetricsCollector | None = None,
     ) -> None:
         self._sdk = import_sdk(self.sdk_module, self.extra)
         if not isinstance(model, str) or not model:
@@ -167,6 +245,10 @@ class SDKProvider:
             retry_policy = dataclasses.replace(retry_policy, max_retries=max_retries)
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise UsageError("api_key must be a non-empty string")
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise UsageError("telemetry must be a converge.extensions.llm.telemetry.Telemetry")
+        if metrics_collector is not None and not isinstance(metrics_collector, MetricsCollector):
+            raise UsageError("metrics_collector must be a MetricsCollector or None")
         if client is None:
             api_key = api_key or os.environ.get(self.env_var) or None
             if api_key is None:
@@ -178,8 +260,14 @@ class SDKProvider:
         self.base_url = base_url
         self.timeout = float(timeout) if timeout is not None else None
         self.retry_policy = retry_policy
+        self.telemetry = (telemetry or default_telemetry()).with_collector(metrics_collector)
         self.last_usage: Usage | None = None
         self._api_key = api_key
+        url = urllib.parse.urlsplit(base_url or f"https://{self.default_host}")
+        self._server = (
+            url.hostname or self.default_host,
+            url.port or (443 if url.scheme == "https" else 80),
+        )
         self._client = None if client is None else self._adopt_client(client)
         self._clients: _sync.LoopLocal[_Lazy[Any]] = _sync.LoopLocal(
             lambda: _Lazy(self._new_client)
@@ -207,8 +295,8 @@ class SDKProvider:
     def _check_request(self, request: ChatRequest) -> None:
         """Provider-specific checks, before any I/O (raise UsageError)."""
 
-    async def _complete(self, client: Any, request: ChatRequest) -> tuple[str, Usage]:
-        """One non-streaming call: the reply text (or tool arguments) and usage."""
+    async def _complete(self, client: Any, request: ChatRequest) -> ChatResult:
+        """One non-streaming call's result."""
         raise NotImplementedError
 
     async def _open_stream(self, client: Any, request: ChatRequest) -> Any:
@@ -219,8 +307,8 @@ class SDKProvider:
         """The SDK stream's events."""
         return aiter(stream)
 
-    def _delta(self, event: Any, counter: UsageCounter) -> str | None:
-        """Text carried by one stream event (usage goes into ``counter``)."""
+    def _delta(self, event: Any, state: StreamState) -> str | None:
+        """Text carried by one stream event (anything else it reports goes to ``state``)."""
         raise NotImplementedError
 
     async def _close_stream(self, stream: Any) -> None:
@@ -238,7 +326,11 @@ class SDKProvider:
 
     def _request(self, messages: Any, kwargs: dict[str, Any]) -> ChatRequest:
         request = build_request(
-            messages, kwargs, default_model=self.model, extra_options=self.extra_options
+            messages,
+            kwargs,
+            default_model=self.model,
+            provider=self.provider_name,
+            accepted=self.options,
         )
         self._check_request(request)
         return request
@@ -250,26 +342,71 @@ class SDKProvider:
             return self._client
         return self._clients.get().get()
 
+    def _start_call(self, request: ChatRequest) -> CallRecord:
+        return self.telemetry.start_call(
+            provider=self.provider_name,
+            model=request.model,
+            server=self._server,
+            attributes={
+                "gen_ai.request.max_tokens": request.output_limit,
+                "gen_ai.request.temperature": request.temperature,
+                "gen_ai.request.top_p": request.top_p,
+                "gen_ai.request.seed": request.seed,
+                "gen_ai.request.stop_sequences": list(request.stop) if request.stop else None,
+            },
+        )
+
+    async def _acomplete(self, request: ChatRequest, allow_partial: bool) -> ChatResult:
+        client = self._current_client()
+        record = self._start_call(request)
+        try:
+            with self.telemetry.current(record):
+                result = await acall_with_retry(
+                    self.retry_policy,
+                    lambda: self._complete(client, request),
+                    self._classify,
+                    provider=self.provider_name,
+                    on_retry=record.retry,
+                )
+        except BaseException as exc:
+            record.end(error=exc)
+            raise
+        self.last_usage = result.usage
+        try:
+            check_result(result, self.provider_name, allow_partial=allow_partial)
+        except ProviderError as exc:
+            record.end(result, exc)
+            raise
+        record.end(result)
+        return result
+
     async def acomplete(
         self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
     ) -> ChatResult:
         """Send ``messages`` and return everything the call returned.
 
         Args:
-            messages: As for :meth:`achat`.
+            messages: As for :meth:`achat`; content may also be a list of parts, and the
+                history may hold assistant tool calls and tool results (see the LLM
+                guide).
             allow_partial: Return truncated, filtered or refused answers instead of
-                raising.
-            **kwargs: As for :meth:`achat`.
+                raising (their ``stop_reason`` says which).
+            **kwargs: As for :meth:`achat`, plus ``tools`` and ``tool_choice``.
 
         Returns:
-            The :class:`~converge.extensions.llm.ChatResult`.
+            The :class:`~converge.extensions.llm.ChatResult` (text, usage, stop reason,
+            model, response id, tool calls).
 
         Raises:
             ResponseTruncatedError: The model hit the output token limit.
-            ContentFilteredError: A content filter cut the answer.
+            ContentFilteredError: A content filter stopped the answer.
             ResponseRefusedError: The model refused.
+            UsageError: For malformed messages or options.
+            ProviderError: As for :meth:`achat`.
         """
-        raise NotImplementedError
+        if not isinstance(allow_partial, bool):
+            raise UsageError("allow_partial must be a bool")
+        return await self._acomplete(self._request(messages, kwargs), allow_partial)
 
     def complete(
         self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
@@ -277,9 +414,9 @@ class SDKProvider:
         """Synchronous :meth:`acomplete`.
 
         Args:
-            messages: As for :meth:`achat`.
+            messages: As for :meth:`acomplete`.
             allow_partial: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`achat`.
+            **kwargs: As for :meth:`acomplete`.
 
         Returns:
             The :class:`~converge.extensions.llm.ChatResult`.
@@ -297,19 +434,31 @@ class SDKProvider:
         natively and the call's arguments come back as a JSON string (the reply text when
         the model answered without calling it).
 
+        A truncated, content-filtered or refused answer raises (silently cut text is
+        worse than an error): pass ``allow_partial=True`` to get the partial text, or use
+        :meth:`acomplete` for the stop reason.
+
         Args:
-            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-            **kwargs: ``model``, ``temperature``, ``max_tokens``, ``top_p``, ``stop``,
-                ``use_structured_output``, ``emit_decisions_tool`` (and the provider's
-                extra options).
+            messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": ...},
+                ...]``; see :meth:`acomplete`.
+            **kwargs: ``model``, ``temperature``, ``max_tokens``,
+                ``max_completion_tokens``, ``top_p``, ``stop``, ``seed``,
+                ``response_format``, ``parallel_tool_calls``, ``reasoning_effort``,
+                ``thinking``, ``extra_body``, ``extra_headers``, ``use_structured_output``,
+                ``emit_decisions_tool``, ``allow_partial`` (each provider takes those its
+                API has; others raise UsageError naming the provider).
 
         Returns:
             The reply text, or the tool call's arguments as JSON.
 
         Raises:
             UsageError: For malformed messages or options.
+            ResponseTruncatedError: The answer hit the output token limit.
+            ContentFilteredError: A content filter stopped the answer.
+            ResponseRefusedError: The model refused.
             ProviderAuthError: On 401/403 (never retried).
             ProviderRateLimitError: When 429 answers outlast the retry policy.
+            ProviderOverloadedError: When overload answers outlast the retry policy.
             ProviderTimeoutError: On timeouts past the policy, or the overall deadline.
             ProviderConnectionError: When the server cannot be reached.
             ProviderResponseError: For other error statuses and malformed bodies.
@@ -332,26 +481,33 @@ class SDKProvider:
         Returns:
             ``(text, usage)``.
         """
+        allow_partial = kwargs.pop("allow_partial", False)
+        if not isinstance(allow_partial, bool):
+            raise UsageError("allow_partial must be a bool")
         request = self._request(messages, kwargs)
-        client = self._current_client()
-        text, usage = await acall_with_retry(
-            self.retry_policy,
-            lambda: self._complete(client, request),
-            self._classify,
-            provider=self.provider_name,
-        )
-        self.last_usage = usage
-        return text, usage
+        result = await self._acomplete(request, allow_partial)
+        if request.tool is not None:
+            for call in result.tool_calls:
+                if call.name == request.tool.name:
+                    if call.raw_arguments is not None:
+                        return call.raw_arguments, result.usage
+                    return json.dumps(call.arguments, allow_nan=False), result.usage
+        return result.text, result.usage
 
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:
-        """Stream the reply as text deltas; usage is set on the stream when it ends.
+        """Stream the reply as text deltas; usage and the result are set on the stream
+        when it ends.
 
-        Retries (per the policy) cover opening the stream; an error after the first delta
-        is raised as is. Structured output is not streamed.
+        Retries (per the policy) cover opening the stream and any failure before the
+        first delta (e.g. Anthropic's ``overloaded_error`` event); an error after the
+        first delta is raised as is. A truncated, filtered or refused answer raises its
+        typed error at the end (after every delta was yielded) unless
+        ``allow_partial=True``. Structured output and tools are not streamed.
 
         Args:
             messages: As for :meth:`achat`.
-            **kwargs: As for :meth:`achat`, without ``use_structured_output``.
+            **kwargs: As for :meth:`achat`, without ``use_structured_output`` and
+                ``tools``.
 
         Returns:
             A :class:`~converge.extensions.llm.ChatStream`; iterate it with ``async for``.
@@ -359,43 +515,97 @@ class SDKProvider:
         Raises:
             UsageError: For malformed messages or options (raised here, before any I/O).
         """
+        allow_partial = kwargs.pop("allow_partial", False)
+        if not isinstance(allow_partial, bool):
+            raise UsageError("allow_partial must be a bool")
         request = self._request(messages, kwargs)
-        if request.tool is not None:
-            raise UsageError("structured output is not streamed; call achat() instead")
-        return ChatStream(lambda stream: self._stream(stream, request))
+        if request.tool is not None or request.tools:
+            raise UsageError("structured output and tools are not streamed; call acomplete()")
+        return ChatStream(lambda stream: self._stream(stream, request, allow_partial))
 
-    async def _stream(self, out: ChatStream, request: ChatRequest) -> AsyncGenerator[str, None]:
-        client = self._current_client()
-        stream = await acall_with_retry(
-            self.retry_policy,
-            lambda: self._open_stream(client, request),
-            self._classify,
-            provider=self.provider_name,
-        )
-        counter = UsageCounter()
+    async def _open_until_text(
+        self, client: Any, request: ChatRequest
+    ) -> tuple[Any, AsyncIterator[Any], StreamState, str | None]:
+        """Open a stream and read it up to its first text delta (or its end).
+
+        Failures up to that point (including error events in a 200 stream) are failures
+        of the attempt: the retry policy may retry them, nothing was shown yet.
+        """
+        stream = await self._open_stream(client, request)
         events = self._events(stream)
+        state = StreamState()
         try:
             async for event in events:
-                try:
-                    delta = self._delta(event, counter)
-                except (AttributeError, TypeError, ValueError) as exc:
-                    raise bad_response(self.provider_name, f"stream event: {exc}") from exc
+                delta = self._parse_event(event, state)
                 if delta:
-                    yield delta
+                    return stream, events, state, delta
+        except BaseException:
+            await self._release(stream, events)
+            raise
+        return stream, events, state, None
+
+    def _parse_event(self, event: Any, state: StreamState) -> str | None:
+        try:
+            return self._delta(event, state)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise bad_response(self.provider_name, f"stream event: {exc}") from exc
+
+    async def _release(self, stream: Any, events: AsyncIterator[Any]) -> None:
+        with anyio.CancelScope(shield=True):
+            close_events = getattr(events, "aclose", None)
+            try:
+                if close_events is not None:  # do not leave it to the garbage collector
+                    await close_events()
+            finally:
+                await self._close_stream(stream)
+
+    async def _stream(
+        self, out: ChatStream, request: ChatRequest, allow_partial: bool
+    ) -> AsyncGenerator[str, None]:
+        client = self._current_client()
+        record = self._start_call(request)
+        try:
+            stream, events, state, first = await acall_with_retry(
+                self.retry_policy,
+                lambda: self._open_until_text(client, request),
+                self._classify,
+                provider=self.provider_name,
+                on_retry=record.retry,
+            )
+        except BaseException as exc:
+            record.end(error=exc)
+            raise
+        try:
+            if first is not None:
+                yield first
+                async for event in events:
+                    delta = self._parse_event(event, state)
+                    if delta:
+                        yield delta
         except Exception as exc:
             failure = self._classify(exc, time.time())
+            error = exc if failure is None else failure.error
+            record.end(error=error)
             if failure is None:
                 raise
             raise failure.error from exc
+        except GeneratorExit:  # the consumer stopped reading: not a failure
+            record.end()
+            raise
+        except BaseException as exc:  # cancelled
+            record.end(error=exc)
+            raise
         finally:
-            with anyio.CancelScope(shield=True):
-                close_events = getattr(events, "aclose", None)
-                if close_events is not None:  # do not leave it to the garbage collector
-                    await close_events()
-                await self._close_stream(stream)
-        usage = counter.usage()
-        self.last_usage = usage
-        out.finish(usage)
+            await self._release(stream, events)
+        result = state.result(out.text)
+        self.last_usage = result.usage
+        out.finish(result.usage, result)
+        try:
+            check_result(result, self.provider_name, allow_partial=allow_partial)
+        except ProviderError as exc:
+            record.end(result, exc)
+            raise
+        record.end(result)
 
     # -- sync surface ------------------------------------------------------------------
 

@@ -13,16 +13,31 @@ from types import ModuleType
 from typing import Any
 
 from converge.errors import (
+    ContentFilteredError,
     ProviderAuthError,
     ProviderConnectionError,
     ProviderError,
+    ProviderOverloadedError,
     ProviderRateLimitError,
     ProviderResponseError,
     ProviderTimeoutError,
+    ResponseRefusedError,
+    ResponseTruncatedError,
 )
 from converge.extensions.llm._retry import Failure, parse_retry_after
+from converge.extensions.llm.protocol import ChatResult
 
-__all__ = ["bad_response", "classify_mistral", "classify_stainless", "from_status"]
+__all__ = [
+    "bad_response",
+    "check_result",
+    "classify_mistral",
+    "classify_stainless",
+    "from_status",
+    "stream_error_event",
+]
+
+#: HTTP status Anthropic uses for "overloaded" (and the one given to overload events).
+OVERLOADED = 529
 
 _DETAIL_CAP = 300
 
@@ -72,6 +87,9 @@ def from_status(
             message, provider=provider, status_code=status, retry_after=retry_after
         )
         return Failure(error, True, retry_after)
+    if status == OVERLOADED:
+        error = ProviderOverloadedError(message, provider=provider, status_code=status)
+        return Failure(error, True, retry_after)
     if status == 408:
         error = ProviderTimeoutError(message, provider=provider, status_code=status)
         return Failure(error, True, retry_after)
@@ -108,6 +126,67 @@ def _transport(exc: Exception, provider: str) -> Failure | None:
     return None
 
 
+def stream_error_event(provider: str, body: Any, fallback: str) -> Failure:
+    """Classify an ``error`` event inside a 200 event stream.
+
+    Anthropic sends ``{"type": "error", "error": {"type": "overloaded_error", ...}}``:
+    an overload or rate limit is retryable (the provider retries it when no text has been
+    streamed yet); anything else is a malformed response.
+    """
+    kind = None
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        kind = body["error"].get("type")
+    detail = _detail(body) or fallback
+    message = f"{provider}: error event in the stream: {detail}"
+    if kind == "overloaded_error":
+        return Failure(
+            ProviderOverloadedError(message, provider=provider, status_code=OVERLOADED), True
+        )
+    if kind == "rate_limit_error":
+        return Failure(ProviderRateLimitError(message, provider=provider), True)
+    if kind == "api_error":
+        return Failure(ProviderResponseError(message, provider=provider, status_code=500), True)
+    return Failure(bad_response(provider, f"error event in the stream: {detail}"), False)
+
+
+def check_result(result: ChatResult, provider: str, *, allow_partial: bool) -> ChatResult:
+    """Raise the typed error for a truncated, filtered or refused result.
+
+    Args:
+        result: The call's result.
+        provider: Provider name for the error.
+        allow_partial: Return such results instead of raising.
+
+    Raises:
+        ResponseTruncatedError: ``stop_reason == "length"``.
+        ContentFilteredError: ``stop_reason == "content_filter"``.
+        ResponseRefusedError: ``stop_reason == "refusal"``.
+    """
+    reason = result.stop_reason
+    if allow_partial or reason not in ("length", "content_filter", "refusal"):
+        return result
+    raw = f" ({result.raw_stop_reason})" if result.raw_stop_reason else ""
+    if reason == "length":
+        raise ResponseTruncatedError(
+            f"{provider}: the answer was cut off at the output token limit{raw} after "
+            f"{result.usage.output_tokens} tokens; raise max_tokens "
+            "(max_completion_tokens), or pass allow_partial=True to accept partial text",
+            provider=provider,
+            result=result,
+        )
+    if reason == "content_filter":
+        raise ContentFilteredError(
+            f"{provider}: the provider's content filter stopped the answer{raw}; "
+            "pass allow_partial=True to get what was generated",
+            provider=provider,
+            result=result,
+        )
+    detail = f": {result.text[:_DETAIL_CAP]}" if result.text else ""
+    raise ResponseRefusedError(
+        f"{provider}: the model refused to answer{raw}{detail}", provider=provider, result=result
+    )
+
+
 def classify_stainless(
     exc: Exception, sdk: ModuleType, provider: str, now: float
 ) -> Failure | None:
@@ -121,8 +200,7 @@ def classify_stainless(
     """
     if isinstance(exc, sdk.APIStatusError):
         if exc.status_code < 300:  # an error event inside a 200 SSE stream
-            reason = f"error event in the stream: {_detail(exc.body) or exc}"
-            return Failure(bad_response(provider, reason, exc.status_code), False)
+            return stream_error_event(provider, exc.body, str(exc))
         return from_status(provider, exc.status_code, exc.response.headers, exc.body, now)
     if isinstance(exc, sdk.APITimeoutError):
         error: ProviderError = ProviderTimeoutError(

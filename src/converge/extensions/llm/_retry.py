@@ -183,6 +183,7 @@ async def acall_with_retry(
     classify: Callable[[Exception, float], Failure | None],
     *,
     provider: str,
+    on_retry: Callable[[int, ProviderError, float], None] | None = None,
 ) -> T:
     """Run ``attempt`` under ``policy``.
 
@@ -192,6 +193,8 @@ async def acall_with_retry(
         classify: Maps an exception (and the wall-clock time, for HTTP dates) to a
             :class:`Failure`; None means "not a provider failure" and re-raises it as is.
         provider: Provider name, for the deadline error.
+        on_retry: Called as ``on_retry(attempt, error, delay)`` before each retry's wait
+            (``attempt`` is the failed attempt's 1-based number), for telemetry.
 
     Raises:
         ProviderError: The classified error of the last attempt, or
@@ -230,5 +233,7 @@ async def acall_with_retry(
             if retry:
                 failure.error.args = (f"{failure.error} (after {retry + 1} attempts)",)
             raise failure.error from error
+        if on_retry is not None:
+            on_retry(retry + 1, failure.error, delay)
         await policy.sleep(delay)
         retry += 1

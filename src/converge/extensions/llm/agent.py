@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import anyio
@@ -16,30 +17,91 @@ import anyio.to_thread
 from converge import _sync
 from converge.core.agent import Agent
 from converge.core.decisions import Decision
+from converge.core.events import (
+    CallFailed,
+    CallFinished,
+    CallStarted,
+    DecisionsMade,
+    EventEmitter,
+    TextDelta,
+    new_call_id,
+)
 from converge.core.identity import Identity
 from converge.core.message import Message
 from converge.core.task import Task
 from converge.core.tools import ToolRegistry
-from converge.errors import DecisionParseError, UsageError
+from converge.errors import (
+    ContentFilteredError,
+    DecisionParseError,
+    ResponseRefusedError,
+    ResponseTruncatedError,
+    UsageError,
+)
+from converge.extensions.llm._conversation import (
+    assistant_turn,
+    observation_turns,
+    reask_turns,
+    user_turn,
+)
+from converge.extensions.llm.decisions_json import (
+    EMIT_DECISIONS_TOOL as _EMIT_DECISIONS_TOOL,
+)
 from converge.extensions.llm.decisions_json import (
     MAX_OUTPUT_CHARS as _MAX_OUTPUT_CHARS,
 )
 from converge.extensions.llm.decisions_json import (
     decisions_tool,
     parse_decisions,
-    render_turn,
     system_prompt,
 )
-from converge.extensions.llm.protocol import Usage
+from converge.extensions.llm.protocol import ChatResult, Usage
 
-__all__ = ["LLMAgent"]
+__all__ = ["DEFAULT_MAX_REASKS", "LLMAgent"]
 
 _logger = logging.getLogger("converge.llm")
 T = TypeVar("T")
 
+DEFAULT_MAX_REASKS = 1
+"""Times ``LLMAgent`` sends invalid output back to the model before giving up."""
 
-def _canonical(decisions: Sequence[Decision]) -> str:
-    return json.dumps([d.to_dict() for d in decisions], ensure_ascii=False, default=repr)
+_OUTPUT_ERRORS = (ResponseTruncatedError, ContentFilteredError, ResponseRefusedError)
+_STOP_ERRORS: dict[
+    str, tuple[type[ResponseTruncatedError | ContentFilteredError | ResponseRefusedError], str]
+] = {
+    "length": (
+        ResponseTruncatedError,
+        "the model's answer was cut off at the output token limit (stop reason 'length') "
+        "before the decisions were complete; raise max_tokens or ask for fewer decisions",
+    ),
+    "content_filter": (ContentFilteredError, "the provider's content filter cut the answer"),
+    "refusal": (ResponseRefusedError, "the model refused to answer"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One answer: the text to parse, its usage, and how it ended."""
+
+    text: Any
+    usage: Usage | None
+    stop_reason: str | None = None
+    tool_call_id: str | None = None
+
+
+def _usage_dict(usage: Usage | None) -> dict[str, int | None]:
+    if usage is None:
+        return {}
+    return {f.name: getattr(usage, f.name) for f in fields(usage)}
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=repr)
+
+
+def _add(total: Usage | None, usage: Usage | None) -> Usage | None:
+    if usage is None:
+        return total
+    return usage if total is None else total + usage
 
 
 class LLMAgent(Agent):
@@ -47,22 +109,27 @@ class LLMAgent(Agent):
 
     Each call sends: the system prompt (role description plus the decision-format
     instructions; tool schemas in it on the fallback path), the few-shot pairs, the memory
-    turns, then this batch's messages, tasks and tool observations as JSON. The reply is
-    parsed as the decision JSON of :mod:`converge.core.decisions` (see
+    turns, then this batch's messages and tasks as JSON, then (in a ReAct loop) the tool
+    calls made so far and their results as native ``tool_calls``/``tool`` messages. The
+    reply is parsed as the decision JSON of :mod:`converge.core.decisions` (see
     :mod:`converge.extensions.llm.decisions_json`).
 
     Model output is untrusted: when it is not a valid decision list (fences and prose are
     tolerated; wrong types, unknown tools, invalid tool arguments, oversized output are
     not), ``on_decide_error`` is called with the
-    :class:`~converge.errors.DecisionParseError` and ``adecide`` returns ``[]``. Provider
-    failures (:class:`~converge.errors.ProviderError` and anything a custom provider
-    raises) are reported to ``on_decide_error`` too, then re-raised.
+    :class:`~converge.errors.DecisionParseError` and the output goes back to the model
+    with the reason, up to ``max_reasks`` times; when it is still invalid, ``adecide``
+    returns ``[]``. An answer cut off at the token limit, filtered or refused
+    (:class:`~converge.errors.ResponseTruncatedError`, ...) is reported the same way and
+    not re-asked. Provider failures (:class:`~converge.errors.ProviderError` and anything
+    a custom provider raises) are reported to ``on_decide_error`` too, then re-raised.
 
     Args:
         identity: Cryptographic identity (converge.core.identity.Identity).
-        provider: LLM provider implementing chat(messages, **kwargs) -> str; ``achat``
-            (and ``achat_with_usage``) are used when present, otherwise ``chat`` runs in
-            a worker thread.
+        provider: LLM provider implementing chat(messages, **kwargs) -> str; ``acomplete``
+            (then ``achat_with_usage``, then ``achat``) is used when present, otherwise
+            ``chat`` runs in a worker thread; ``chat_stream`` when a subscriber of
+            ``events`` wants text deltas (not on the structured path).
         system_prompt: Optional override for the role description at the top of the
             system prompt; the decision-format instructions are always appended.
         tool_registry: Optional ToolRegistry; when set, tool schemas are injected into the
@@ -71,13 +138,18 @@ class LLMAgent(Agent):
         use_structured_output: When True, request provider-native structured output
             (tool calling with the ``emit_decisions`` tool) when supported.
         on_decide_error: Optional callable (exception_or_message: Exception | str) -> None
-            for observability when decide fails.
+            for observability when decide fails; called once per failure (each rejected
+            answer, re-asked or not).
         memory: Optional ShortTermMemory (or object with append(role, content),
             get_messages()) for conversation history.
         few_shot_examples: Optional list of (user_content, assistant_json) example pairs to
             inject into the prompt.
         name: A readable name (defaults to the fingerprint's first 12 hex digits).
         max_output_chars: Longest model output parsed; longer output is rejected.
+        max_reasks: How many times invalid output is sent back to the model with the
+            reason (0: never), per ``adecide``.
+        events: Where progress events go (:mod:`converge.core.events`); a new
+            :class:`~converge.core.events.EventEmitter` by default, as ``self.events``.
     """
 
     def __init__(
@@ -93,14 +165,14 @@ class LLMAgent(Agent):
         few_shot_examples: list[tuple[str, str]] | None = None,
         name: str | None = None,
         max_output_chars: int = _MAX_OUTPUT_CHARS,
+        max_reasks: int = DEFAULT_MAX_REASKS,
+        events: EventEmitter | None = None,
     ) -> None:
         if tool_registry is not None and not isinstance(tool_registry, ToolRegistry):
             raise UsageError("tool_registry must be a converge.core.ToolRegistry")
         super().__init__(identity, tool_registry, name=name)
-        if not callable(getattr(provider, "achat", None)) and not callable(
-            getattr(provider, "chat", None)
-        ):
-            raise UsageError("provider must have an achat() or chat() method")
+        if not any(callable(getattr(provider, m, None)) for m in ("acomplete", "achat", "chat")):
+            raise UsageError("provider must have an acomplete(), achat() or chat() method")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise UsageError("system_prompt must be a string or None")
         if not isinstance(use_structured_output, bool):
@@ -126,6 +198,10 @@ class LLMAgent(Agent):
             or max_output_chars < 1
         ):
             raise UsageError("max_output_chars must be a positive integer")
+        if isinstance(max_reasks, bool) or not isinstance(max_reasks, int) or max_reasks < 0:
+            raise UsageError("max_reasks must be an integer >= 0")
+        if events is not None and not isinstance(events, EventEmitter):
+            raise UsageError("events must be a converge.core.events.EventEmitter")
         self.provider = provider
         self.system_prompt = system_prompt
         self.use_structured_output = use_structured_output
@@ -133,30 +209,61 @@ class LLMAgent(Agent):
         self.memory = memory
         self.few_shot_examples: list[tuple[str, str]] = [(u, a) for u, a in examples]
         self.max_output_chars = max_output_chars
+        self.max_reasks = max_reasks
+        self.events = events if events is not None else EventEmitter()
         self.last_usage: Usage | None = None
-        self.total_usage = Usage()
+        self.total_usage = Usage(None, None)
         self._portal: _sync.Portal | None = None
         self._portal_lock = threading.Lock()
 
     # -- prompt ------------------------------------------------------------------------
 
-    def build_prompt(
+    def _history(self) -> list[dict[str, Any]]:
+        """Memory turns as chat messages; a tool result whose call is not in the history
+        goes as user text (providers reject orphan tool messages)."""
+        out: list[dict[str, Any]] = []
+        if self.memory is None:
+            return out
+        called: set[Any] = set()
+        for turn in self.memory.get_messages():
+            role, content = turn.get("role"), turn.get("content")
+            if not isinstance(content, str):
+                continue
+            calls = turn.get("tool_calls")
+            if role == "assistant" and isinstance(calls, list) and calls:
+                called.update(c.get("id") for c in calls if isinstance(c, Mapping))
+                out.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+            elif role == "tool":
+                call_id = turn.get("tool_call_id")
+                if call_id in called:
+                    out.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": call_id,
+                            "name": str(turn.get("name", "")),
+                            "content": content,
+                        }
+                    )
+                else:
+                    out.append({"role": "user", "content": f"Tool result: {content}"})
+            elif role in ("system", "user", "assistant"):
+                out.append({"role": role, "content": content})
+        return out
+
+    def _compose(
         self,
         messages: Sequence[Message],
         tasks: Sequence[Task],
-        tool_observations: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[dict[str, str]]:
-        """The chat messages one ``adecide`` call sends (pure; no I/O).
-
-        Args:
-            messages: Incoming messages.
-            tasks: Task updates or assignments.
-            tool_observations: Results of earlier ``InvokeTool`` decisions.
-
-        Raises:
-            UsageError: For arguments of the wrong type.
-        """
-        prompt = [
+        tool_observations: Sequence[Mapping[str, Any]] | None,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The prompt, and the new turns to remember (text-only, memory's form)."""
+        if tool_observations is not None and (
+            not isinstance(tool_observations, list | tuple)
+            or not all(isinstance(o, Mapping) for o in tool_observations)
+        ):
+            raise UsageError("tool_observations must be a list of dicts or None")
+        turn, turn_text = user_turn(messages, tasks)
+        prompt: list[dict[str, Any]] = [
             {
                 "role": "system",
                 "content": system_prompt(
@@ -170,17 +277,48 @@ class LLMAgent(Agent):
         for user, assistant in self.few_shot_examples:
             prompt.append({"role": "user", "content": user})
             prompt.append({"role": "assistant", "content": assistant})
-        if self.memory is not None:
-            for turn in self.memory.get_messages():
-                role, content = turn.get("role"), turn.get("content")
-                if not isinstance(content, str):
-                    continue
-                if role == "tool":  # providers take tool results as user text
-                    role, content = "user", f"Tool result: {content}"
-                if role in ("system", "user", "assistant"):
-                    prompt.append({"role": role, "content": content})
-        prompt.append({"role": "user", "content": render_turn(messages, tasks, tool_observations)})
-        return prompt
+        history = self._history()
+        prompt.extend(history)
+        observations = list(tool_observations or ())
+        ids = [o.get("call_id") for o in observations]
+        called = {
+            c.get("id")
+            for m in history
+            for c in (m.get("tool_calls") or ())
+            if isinstance(c, Mapping)
+        }
+        answered = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
+        if observations and all(i in called for i in ids):
+            # A ReAct step whose calls memory already holds: only the new results.
+            new = observation_turns(
+                observations, only_results=frozenset(str(i) for i in ids if i not in answered)
+            )
+            prompt.extend(new)
+            return prompt, new
+        prompt.append(turn)
+        tools = observation_turns(observations)
+        prompt.extend(tools)
+        return prompt, [{"role": "user", "content": turn_text}, *tools]
+
+    def build_prompt(
+        self,
+        messages: Sequence[Message],
+        tasks: Sequence[Task],
+        tool_observations: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The chat messages one ``adecide`` call sends first (pure; no I/O).
+
+        Args:
+            messages: Incoming messages; a payload's ``"parts"`` list of content parts
+                (images, documents) is sent as native content parts.
+            tasks: Task updates or assignments.
+            tool_observations: Results of earlier ``InvokeTool`` decisions, sent as native
+                assistant ``tool_calls`` and ``tool`` messages.
+
+        Raises:
+            UsageError: For arguments of the wrong type.
+        """
+        return self._compose(messages, tasks, tool_observations)[0]
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -192,21 +330,79 @@ class LLMAgent(Agent):
         except Exception:
             _logger.exception("on_decide_error raised; ignored")
 
-    async def _ask(self, prompt: list[dict[str, str]]) -> tuple[Any, Usage | None]:
-        kwargs: dict[str, Any] = {}
+    def _kwargs(self) -> dict[str, Any]:
+        if not self.use_structured_output:
+            return {}
+        return {
+            "use_structured_output": True,
+            "emit_decisions_tool": decisions_tool(self.tool_registry),
+        }
+
+    def _from_result(self, result: ChatResult) -> _Reply:
+        problem = _STOP_ERRORS.get(result.stop_reason)
+        if problem is not None:  # a custom provider returned it instead of raising
+            cls, message = problem
+            raise cls(message, provider=type(self.provider).__name__, result=result)
         if self.use_structured_output:
-            kwargs = {
-                "use_structured_output": True,
-                "emit_decisions_tool": decisions_tool(self.tool_registry),
-            }
+            for call in result.tool_calls:
+                if call.name == _EMIT_DECISIONS_TOOL:
+                    text = call.raw_arguments
+                    if text is None:
+                        text = _json_text(call.arguments)
+                    return _Reply(text, result.usage, result.stop_reason, call.id or None)
+        return _Reply(result.text, result.usage, result.stop_reason)
+
+    async def _stream(self, prompt: list[dict[str, Any]], call_id: str) -> _Reply:
+        stream = self.provider.chat_stream(prompt)
+        parts: list[str] = []
+        try:
+            async for delta in stream:
+                if not isinstance(delta, str):
+                    continue
+                parts.append(delta)
+                self.events.emit(TextDelta(source=self.id, call_id=call_id, text=delta))
+        finally:
+            close = getattr(stream, "aclose", None)
+            if callable(close):
+                with anyio.CancelScope(shield=True):
+                    await close()
+        result = getattr(stream, "result", None)
+        if isinstance(result, ChatResult):
+            return self._from_result(result)
+        usage = getattr(stream, "usage", None)
+        usage = usage if isinstance(usage, Usage) else None
+        stop = getattr(stream, "stop_reason", None)
+        text = "".join(parts)
+        if isinstance(stop, str) and stop in _STOP_ERRORS:
+            return self._from_result(ChatResult(text, usage or Usage(None, None), stop))
+        return _Reply(text, usage, stop if isinstance(stop, str) else None)
+
+    async def _ask(self, prompt: list[dict[str, Any]], call_id: str) -> _Reply:
         provider = self.provider
+        kwargs = self._kwargs()
+        if (
+            not self.use_structured_output
+            and self.events.wants(TextDelta)
+            and callable(getattr(provider, "chat_stream", None))
+        ):
+            return await self._stream(prompt, call_id)
+        acomplete = getattr(provider, "acomplete", None)
+        if callable(acomplete):
+            try:
+                result = await acomplete(prompt, **kwargs)
+            except NotImplementedError:  # a stub: use the older surface
+                pass
+            else:
+                if isinstance(result, ChatResult):
+                    return self._from_result(result)
+                return _Reply(result, None)
         with_usage = getattr(provider, "achat_with_usage", None)
         if callable(with_usage):
             result = await with_usage(prompt, **kwargs)
             if isinstance(result, tuple) and len(result) == 2:
                 text, usage = result
-                return text, usage if isinstance(usage, Usage) else None
-            return result, None
+                return _Reply(text, usage if isinstance(usage, Usage) else None)
+            return _Reply(result, None)
         achat = getattr(provider, "achat", None)
         if callable(achat):
             text = achat(prompt, **kwargs)
@@ -217,7 +413,28 @@ class LLMAgent(Agent):
                 functools.partial(provider.chat, prompt, **kwargs)
             )
         usage = getattr(provider, "last_usage", None)
-        return text, usage if isinstance(usage, Usage) else None
+        return _Reply(text, usage if isinstance(usage, Usage) else None)
+
+    def _started(self, call_id: str, attempt: int) -> None:
+        if not self.events.wants(CallStarted):
+            return
+        model = getattr(self.provider, "model", None)
+        self.events.emit(
+            CallStarted(
+                source=self.id,
+                call_id=call_id,
+                provider=type(self.provider).__name__,
+                model=model if isinstance(model, str) else None,
+                attempt=attempt,
+            )
+        )
+
+    def _failed(self, exc: Exception, call_id: str, *, final: bool) -> None:
+        if self.events.wants(CallFailed):
+            self.events.emit(
+                CallFailed.from_exception(exc, source=self.id, call_id=call_id, final=final)
+            )
+        self._report(exc)
 
     async def adecide(
         self,
@@ -231,41 +448,94 @@ class LLMAgent(Agent):
         Args:
             messages: Incoming messages from the inbox.
             tasks: Task updates or assignments.
-            tool_observations: Optional list of {tool_name, params, result} from previous
-                InvokeTool (ReAct loop).
+            tool_observations: Optional list of {tool_name, params, call_id, result} from
+                previous InvokeTool (ReAct loop).
             **kwargs: Ignored; for compatibility with base decide().
 
         Returns:
             List of Decision objects (e.g. SendMessage); ``[]`` when the model output is
-            not a valid decision list.
+            not a valid decision list (after the re-asks).
 
         Raises:
             UsageError: For arguments of the wrong type.
             ProviderError: When the provider call fails (after ``on_decide_error``).
         """
-        prompt = self.build_prompt(messages, tasks, tool_observations)
+        prompt, new_turns = self._compose(messages, tasks, tool_observations)
+        usage: Usage | None = None
+        decisions: list[Decision] = []
+        call_id = ""
         try:
-            text, usage = await self._ask(prompt)
-        except Exception as exc:
-            self._report(exc)
-            raise
-        self.last_usage = usage
-        if usage is not None:
-            self.total_usage = self.total_usage + usage
-        try:
-            decisions = parse_decisions(
-                text,
-                sender=self.id,
-                tool_registry=self.tool_registry,
-                max_chars=self.max_output_chars,
+            for attempt in range(1, self.max_reasks + 2):
+                call_id = new_call_id()
+                self._started(call_id, attempt)
+                started = anyio.current_time()
+                try:
+                    reply = await self._ask(prompt, call_id)
+                except _OUTPUT_ERRORS as exc:
+                    result = getattr(exc, "result", None)
+                    if isinstance(result, ChatResult):
+                        usage = _add(usage, result.usage)
+                    self._failed(exc, call_id, final=True)
+                    break
+                except Exception as exc:
+                    self._failed(exc, call_id, final=True)
+                    raise
+                usage = _add(usage, reply.usage)
+                if self.events.wants(CallFinished):
+                    self.events.emit(
+                        CallFinished(
+                            source=self.id,
+                            call_id=call_id,
+                            usage=_usage_dict(reply.usage),
+                            stop_reason=reply.stop_reason,
+                            latency_s=anyio.current_time() - started,
+                        )
+                    )
+                try:
+                    decisions = parse_decisions(
+                        reply.text,
+                        sender=self.id,
+                        tool_registry=self.tool_registry,
+                        max_chars=self.max_output_chars,
+                    )
+                    break
+                except DecisionParseError as exc:
+                    final = attempt > self.max_reasks
+                    self._failed(exc, call_id, final=final)
+                    if final:
+                        break
+                    prompt = prompt + reask_turns(
+                        reply.text if isinstance(reply.text, str) else repr(reply.text),
+                        exc,
+                        tool_call_id=reply.tool_call_id,
+                        structured=self.use_structured_output,
+                    )
+        finally:
+            self.last_usage = usage
+            if usage is not None:
+                self.total_usage = self.total_usage + usage
+        if self.events.wants(DecisionsMade):
+            self.events.emit(
+                DecisionsMade(source=self.id, call_id=call_id, decisions=tuple(decisions))
             )
-        except DecisionParseError as exc:
-            self._report(exc)
-            decisions = []
         if self.memory is not None:
-            self.memory.append("user", prompt[-1]["content"])
-            self.memory.append("assistant", _canonical(decisions))
+            for turn in [*new_turns, assistant_turn(decisions)]:
+                self._remember(turn)
         return decisions
+
+    def _remember(self, turn: dict[str, Any]) -> None:
+        role, content = turn["role"], turn["content"] or ""
+        extra = {k: v for k, v in turn.items() if k not in ("role", "content")}
+        if not extra:
+            self.memory.append(role, content)
+            return
+        try:
+            self.memory.append(role, content, **extra)
+        except TypeError:  # a memory taking only (role, content): keep the text
+            if role == "tool":
+                self.memory.append("user", f"Tool result: {content}")
+            else:
+                self.memory.append(role, content or _json_text(extra))
 
     def decide(
         self,

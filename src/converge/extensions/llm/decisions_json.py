@@ -12,6 +12,10 @@ the JSON, accepts ``{"decisions": [...]}`` (the structured-output tool's argumen
 single decision object, and rejects everything else with
 :class:`~converge.errors.DecisionParseError`: oversized output, wrong types, unknown
 tools, invalid tool arguments, a ``SendMessage`` claiming another sender.
+
+converge assigns message ids, timestamps and tool call ids, always: values the model
+supplies for them (for example by imitating its history) are dropped, so two answers can
+never name the same message.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ _STRUCTURED_INVOKE = """ To use a tool, add an \
 InvokeTool decision naming it; its result comes back to you as "tool_observations"."""
 
 _FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\r?\n(.*?)```", re.S)
-_MAX_SCAN_STARTS = 32
+_START = re.compile(r"[\[{]")
+_MAX_SCAN_STARTS = 64
 _OBSERVATION_CHARS = 8_000
 
 
@@ -254,31 +259,72 @@ def _decision_shaped(value: Any) -> bool:
     return isinstance(value, Mapping) and ("decisions" in value or "type" in value)
 
 
+def _is_empty(value: Any) -> bool:
+    if isinstance(value, Mapping) and "decisions" in value:
+        value = value["decisions"]
+    return isinstance(value, list) and not value
+
+
+def _best(candidates: list[Any]) -> Any:
+    """The answer among decision-shaped values: the last non-empty one, else the last."""
+    for value in reversed(candidates):
+        if not _is_empty(value):
+            return value
+    return candidates[-1]
+
+
 def _extract(text: str) -> Any:
-    """The first decision-shaped JSON value in ``text``."""
+    """The decision JSON in ``text``.
+
+    The whole text if it is JSON; else the decision-shaped fenced blocks, else the
+    decision-shaped top-level JSON values found in the prose (values nested in an earlier
+    one are not candidates). Among candidates, the last non-empty one is the answer: an
+    empty ``[]`` mentioned in prose never hides the real list that follows it. An empty
+    answer followed by a decision-looking value that is not valid JSON is rejected.
+    """
     try:
         return _loads(text.strip())
     except (ValueError, RecursionError):
         pass
+    fenced = []
     for match in _FENCE.finditer(text):
         try:
             value = _loads(match.group(1).strip())
         except (ValueError, RecursionError):
             continue
         if _decision_shaped(value):
-            return value
+            fenced.append(value)
+    if fenced:
+        return _best(fenced)
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
-    starts = 0
-    for match in re.finditer(r"[\[{]", text):
-        starts += 1
-        if starts > _MAX_SCAN_STARTS:
+    found: list[tuple[Any, int]] = []
+    broken: list[int] = []  # starts of decision-looking values that are not valid JSON
+    attempts = 0
+    pos = 0
+    while attempts < _MAX_SCAN_STARTS:
+        hit = _START.search(text, pos)
+        if hit is None:
             break
+        attempts += 1
+        pos = hit.start() + 1
         try:
-            value, _ = decoder.raw_decode(text, match.start())
+            value, end = decoder.raw_decode(text, hit.start())
         except (ValueError, RecursionError):
+            if '"type"' in text[hit.start() : hit.start() + 200]:
+                broken.append(hit.start())
             continue
         if _decision_shaped(value):
-            return value
+            found.append((value, hit.start()))
+            pos = end  # values nested in a candidate are not candidates themselves
+    if found:
+        value = _best([v for v, _ in found])
+        at = max(a for v, a in found if v is value)
+        if _is_empty(value) and any(b > at for b in broken):
+            raise DecisionParseError(
+                "the model output has an empty decision list followed by decision JSON that "
+                f"is not valid: {text[:120]!r}"
+            )
+        return value
     raise DecisionParseError(f"no decision JSON found in the model output: {text[:120]!r}")
 
 
@@ -338,9 +384,14 @@ def parse_decisions(
     return decisions
 
 
+_ASSIGNED = ("id", "timestamp")
+"""``Message`` fields converge assigns; a model's values for them are dropped."""
+
+
 def _one(item: Any, sender: str, tool_registry: ToolRegistry | None) -> Decision:
     if not isinstance(item, Mapping):
         raise FormatError(f"a decision is a JSON object, not {type(item).__name__}")
+    item = dict(item)
     if item.get("type") == "SendMessage":
         message = item.get("message")
         if isinstance(message, Mapping):
@@ -349,6 +400,11 @@ def _one(item: Any, sender: str, tool_registry: ToolRegistry | None) -> Decision
                 raise FormatError(f"a SendMessage may not claim sender {claimed!r}")
             if message.get("signature") is not None:
                 raise FormatError("a SendMessage from a model may not carry a signature")
+            # Ids and timestamps are converge's: a model imitating its history must not
+            # reuse an id (the outbox keys idempotency on it) or backdate a message.
+            item["message"] = {k: v for k, v in message.items() if k not in _ASSIGNED}
+    elif item.get("type") == "InvokeTool":
+        item.pop("call_id", None)  # converge's too: it keys tool results in the history
     decision = decision_from_dict(item, sender=sender)
     if isinstance(decision, InvokeTool):
         if tool_registry is None:

@@ -2,73 +2,233 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+from converge.core import MetricsCollector
 from converge.errors import UsageError
-from converge.extensions.llm._base import SDKProvider, UsageCounter, shared_ssl_context, usage_from
+from converge.extensions.llm._base import (
+    SDKProvider,
+    StreamState,
+    UsageCounter,
+    field_of,
+    shared_ssl_context,
+    str_or_none,
+)
 from converge.extensions.llm._errors import bad_response, classify_stainless
-from converge.extensions.llm._request import ChatRequest
+from converge.extensions.llm._request import OPTIONS as _ALL_OPTIONS
+from converge.extensions.llm._request import (
+    ChatRequest,
+    ToolSpec,
+    data_url,
+    tool_call_arguments_json,
+)
 from converge.extensions.llm._retry import Failure, RetryPolicy
-from converge.extensions.llm.protocol import Usage
+from converge.extensions.llm.protocol import ChatResult, ToolCall
+from converge.extensions.llm.telemetry import Telemetry
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["OpenAIProvider", "is_reasoning_model"]
+
+_OPTIONS = frozenset(_ALL_OPTIONS) - {"thinking"}
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+_STOP = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def is_reasoning_model(model: str) -> bool:
+    """Whether ``model`` is an OpenAI reasoning model (o1, o3, o4-mini, gpt-5, ...), which
+    takes ``max_completion_tokens`` and refuses ``max_tokens``."""
+    return bool(_REASONING_MODEL.match(model.rsplit("/", 1)[-1]))
+
+
+def _normalise_stop(raw: str | None) -> str:
+    """Chat Completions' ``finish_reason`` as a converge stop reason."""
+    return _STOP.get(raw or "", "other")
+
+
+def _part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part["type"]
+    if kind == "text":
+        return {"type": "text", "text": part["text"]}
+    if kind == "image":
+        return {"type": "image_url", "image_url": {"url": part.get("url") or data_url(part)}}
+    if "url" in part:
+        raise UsageError(
+            "openai takes documents as base64 data, not by URL: pass {'type': 'document', "
+            "'data': ..., 'media_type': 'application/pdf'}"
+        )
+    name = part.get("name", "document.pdf")
+    return {"type": "file", "file": {"filename": name, "file_data": data_url(part)}}
+
+
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": tool_call_arguments_json(call)},
+        }
+        for call in calls
+    ]
+
+
+def _openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """The request's messages in the Chat Completions shape (also Mistral's, but for
+    content parts)."""
+    out: list[dict[str, Any]] = []
+    for message in request.messages:
+        role, content = message["role"], message["content"]
+        if role == "tool":
+            out.append(
+                {"role": "tool", "tool_call_id": message["tool_call_id"], "content": content}
+            )
+            continue
+        if isinstance(content, tuple):
+            content = [_part(p) for p in content]
+        mapped: dict[str, Any] = {"role": role, "content": content}
+        if "tool_calls" in message:
+            mapped["tool_calls"] = _tool_calls(message["tool_calls"])
+        out.append(mapped)
+    return out
+
+
+def _function_tool(tool: ToolSpec) -> dict[str, Any]:
+    """A tool in the Chat Completions ``tools`` shape."""
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        },
+    }
 
 
 def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     """Chat Completions arguments for ``request``."""
-    kwargs: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+    kwargs: dict[str, Any] = {"model": request.model, "messages": _openai_messages(request)}
     if request.temperature is not None:
         kwargs["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        kwargs["max_tokens"] = request.max_tokens
+    if request.max_completion_tokens is not None:
+        kwargs["max_completion_tokens"] = request.max_completion_tokens
+    elif request.max_tokens is not None:
+        # Reasoning models refuse max_tokens; max_completion_tokens is its successor.
+        reasoning = request.reasoning_effort is not None or is_reasoning_model(request.model)
+        kwargs["max_completion_tokens" if reasoning else "max_tokens"] = request.max_tokens
     if request.top_p is not None:
         kwargs["top_p"] = request.top_p
     if request.stop is not None:
         kwargs["stop"] = list(request.stop)
-    if request.tool is not None:
-        tool = request.tool
-        kwargs["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": tool.parameters,
-                },
-            }
-        ]
-        kwargs["tool_choice"] = {"type": "function", "function": {"name": tool.name}}
+    if request.seed is not None:
+        kwargs["seed"] = request.seed
+    if request.response_format is not None:
+        kwargs["response_format"] = request.response_format
+    if request.reasoning_effort is not None:
+        kwargs["reasoning_effort"] = request.reasoning_effort
+    tools = request.all_tools
+    if tools:
+        kwargs["tools"] = [_function_tool(t) for t in tools]
+        choice = request.tool.name if request.tool is not None else request.tool_choice
+        if choice in ("auto", "none", "required"):
+            kwargs["tool_choice"] = choice
+        elif choice is not None:
+            kwargs["tool_choice"] = {"type": "function", "function": {"name": choice}}
+        if request.parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = request.parallel_tool_calls
     if request.extra_body is not None:
         kwargs["extra_body"] = request.extra_body
+    if request.extra_headers is not None:
+        kwargs["extra_headers"] = request.extra_headers
     if stream:
         kwargs["stream"] = True
         kwargs["stream_options"] = {"include_usage": True}
     return kwargs
 
 
-def _parse_completion(response: Any, request: ChatRequest, provider: str) -> tuple[str, Usage]:
-    """Reply text (or the tool call's arguments) and usage of a ``chat.completion``."""
+def _openai_usage(usage: Any, counter: UsageCounter) -> None:
+    """Chat Completions usage (with its cached / reasoning details) into ``counter``."""
+    if usage is None:
+        return
+    counter.update(
+        input_tokens=field_of(usage, "prompt_tokens"),
+        output_tokens=field_of(usage, "completion_tokens"),
+        cache_read_tokens=field_of(usage, "prompt_tokens_details", "cached_tokens"),
+        reasoning_tokens=field_of(usage, "completion_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _parse_tool_calls(calls: Any, provider: str) -> tuple[ToolCall, ...]:
+    """Chat Completions ``tool_calls`` (arguments as a JSON string, or an object as
+    Mistral may send) as :class:`ToolCall` records."""
+    out = []
+    for i, call in enumerate(calls or ()):
+        function = getattr(call, "function", None)
+        name = getattr(function, "name", None)
+        arguments = getattr(function, "arguments", None)
+        if not isinstance(name, str) or not name:
+            raise bad_response(provider, f"tool call {i} has no function name")
+        raw: str | None = None
+        if isinstance(arguments, dict):
+            decoded: Any = arguments
+        elif isinstance(arguments, str):
+            raw = arguments
+            try:
+                decoded = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:  # kept raw: truncated or invalid JSON is the caller's to see
+                decoded = {}
+        else:
+            raise bad_response(provider, "tool call arguments are not JSON")
+        call_id = getattr(call, "id", None)
+        out.append(
+            ToolCall(
+                call_id if isinstance(call_id, str) else "",
+                name,
+                decoded if isinstance(decoded, dict) else {},
+                raw,
+            )
+        )
+    return tuple(out)
+
+
+def _parse_completion(response: Any, provider: str) -> ChatResult:
+    """The :class:`ChatResult` of a ``chat.completion``."""
     choices = getattr(response, "choices", None)
     if not isinstance(choices, list) or not choices:
         raise bad_response(provider, "no choices in the completion")
-    message = getattr(choices[0], "message", None)
+    choice = choices[0]
+    message = getattr(choice, "message", None)
     if message is None:
         raise bad_response(provider, "the first choice has no message")
-    usage = usage_from(getattr(response, "usage", None), "prompt_tokens", "completion_tokens")
-    if request.tool is not None:
-        for call in getattr(message, "tool_calls", None) or ():
-            function = getattr(call, "function", None)
-            if getattr(function, "name", None) == request.tool.name:
-                arguments = getattr(function, "arguments", None)
-                if not isinstance(arguments, str):
-                    raise bad_response(provider, "tool call arguments are not a string")
-                return arguments, usage
+    counter = UsageCounter()
+    _openai_usage(getattr(response, "usage", None), counter)
+    raw_stop = str_or_none(getattr(choice, "finish_reason", None))
+    stop = _normalise_stop(raw_stop)
+    calls = _parse_tool_calls(getattr(message, "tool_calls", None), provider)
     content = getattr(message, "content", None)
     if content is None:
         content = ""
     if not isinstance(content, str):
         raise bad_response(provider, "message content is not a string")
-    return content, usage
+    refusal = getattr(message, "refusal", None)
+    if isinstance(refusal, str) and refusal:
+        stop, content = "refusal", content or refusal
+    elif calls and stop == "stop":  # a forced tool_choice finishes with "stop"
+        stop = "tool_calls"
+    return ChatResult(
+        text=content,
+        usage=counter.usage(),
+        stop_reason=stop,
+        raw_stop_reason=raw_stop,
+        model=str_or_none(getattr(response, "model", None)),
+        response_id=str_or_none(getattr(response, "id", None)),
+        tool_calls=calls,
+    )
 
 
 class OpenAIProvider(SDKProvider):
@@ -87,6 +247,9 @@ class OpenAIProvider(SDKProvider):
         client: An ``openai.AsyncOpenAI`` to use instead of creating clients (no API key
             needed then; it is used from whatever loop calls, and not closed by us).
         retry_policy: Backoff, ``Retry-After`` cap and overall deadline.
+        telemetry: Where spans and metrics go (default: OpenTelemetry's global providers,
+            a no-op without the ``otel`` extra).
+        metrics_collector: Also count calls, errors, tokens and latency here.
 
     Raises:
         MissingDependencyError: When the ``openai`` package is not installed.
@@ -97,7 +260,8 @@ class OpenAIProvider(SDKProvider):
     env_var = "OPENAI_API_KEY"
     extra = "llm-openai"
     sdk_module = "openai"
-    extra_options = frozenset({"extra_body"})
+    default_host = "api.openai.com"
+    options = _OPTIONS
 
     def __init__(
         self,
@@ -109,6 +273,8 @@ class OpenAIProvider(SDKProvider):
         max_retries: int | None = None,
         client: Any = None,
         retry_policy: RetryPolicy | None = None,
+        telemetry: Telemetry | None = None,
+        metrics_collector: MetricsCollector | None = None,
     ) -> None:
         super().__init__(
             api_key,
@@ -118,6 +284,8 @@ class OpenAIProvider(SDKProvider):
             max_retries=max_retries,
             client=client,
             retry_policy=retry_policy,
+            telemetry=telemetry,
+            metrics_collector=metrics_collector,
         )
 
     def _adopt_client(self, client: Any) -> Any:
@@ -142,19 +310,27 @@ class OpenAIProvider(SDKProvider):
     def _classify_sdk(self, exc: Exception, now: float) -> Failure | None:
         return classify_stainless(exc, self._sdk, self.provider_name, now)
 
-    async def _complete(self, client: Any, request: ChatRequest) -> tuple[str, Usage]:
+    async def _complete(self, client: Any, request: ChatRequest) -> ChatResult:
         response = await client.chat.completions.create(**_request_kwargs(request, stream=False))
-        return _parse_completion(response, request, self.provider_name)
+        return _parse_completion(response, self.provider_name)
 
     async def _open_stream(self, client: Any, request: ChatRequest) -> Any:
         return await client.chat.completions.create(**_request_kwargs(request, stream=True))
 
-    def _delta(self, event: Any, counter: UsageCounter) -> str | None:
-        counter.update(getattr(event, "usage", None), "prompt_tokens", "completion_tokens")
+    def _delta(self, event: Any, state: StreamState) -> str | None:
+        _openai_usage(getattr(event, "usage", None), state.usage)
+        state.model = state.model or getattr(event, "model", None)
+        state.response_id = state.response_id or getattr(event, "id", None)
         choices = getattr(event, "choices", None)
         if not choices:
             return None
-        content = getattr(getattr(choices[0], "delta", None), "content", None)
+        choice = choices[0]
+        state.stop(getattr(choice, "finish_reason", None), _normalise_stop)
+        delta = getattr(choice, "delta", None)
+        refusal = getattr(delta, "refusal", None)
+        if isinstance(refusal, str) and refusal:
+            state.refusal.append(refusal)
+        content = getattr(delta, "content", None)
         if content is not None and not isinstance(content, str):
             raise TypeError("delta content is not a string")
         return content

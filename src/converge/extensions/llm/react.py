@@ -3,6 +3,10 @@
 Each step asks the agent to decide (with the observations so far); its ``InvokeTool``
 decisions run through the tool registry and become observations for the next step; the
 loop ends at the first step with no ``InvokeTool``. Steps and tokens are bounded.
+:class:`~converge.extensions.llm.LLMAgent` sends the observations back as native
+assistant ``tool_calls`` and ``tool`` result messages. Each tool call is announced on the
+agent's progress events (:class:`~converge.core.events.ToolInvoked`, then
+:class:`~converge.core.events.ToolResult`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from converge import _sync
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool
+from converge.core.events import EventEmitter, ToolInvoked, ToolResult
 from converge.core.message import Message
 from converge.core.task import Task
 from converge.core.tools import ToolRegistry
@@ -30,10 +35,12 @@ class ReActResult:
     Attributes:
         decisions: Every non-``InvokeTool`` decision of every step, in order (the final
             step's last).
-        observations: One ``{"tool_name", "params", "call_id", "result"}`` (or
-            ``"error"`` instead of ``"result"``) per tool call made.
+        observations: One ``{"tool_name", "params", "call_id", "step", "result"}`` (or
+            ``"error"`` instead of ``"result"``) per tool call made; ``step`` is the
+            number of the step that made the call.
         steps: How many times the agent was asked to decide.
-        usage: Tokens used by all steps (as far as the provider reported them).
+        usage: Tokens used by all steps (as far as the provider reported them: counts
+            no step reported stay None).
     """
 
     decisions: tuple[Decision, ...]
@@ -57,17 +64,43 @@ def _check(max_steps: int, max_tokens: int | None) -> None:
         raise UsageError("max_tokens must be a positive integer or None")
 
 
-async def _observe(registry: ToolRegistry, call: InvokeTool) -> dict[str, Any]:
+async def _observe(
+    registry: ToolRegistry,
+    call: InvokeTool,
+    step: int,
+    events: EventEmitter | None,
+    source: str,
+) -> dict[str, Any]:
     observation: dict[str, Any] = {
         "tool_name": call.tool_name,
         "params": dict(call.params),
         "call_id": call.call_id,
+        "step": step,
     }
+    if events is not None and events.wants(ToolInvoked):
+        events.emit(
+            ToolInvoked(
+                source=source,
+                tool_name=call.tool_name,
+                arguments=dict(call.params),
+                tool_call_id=call.call_id,
+            )
+        )
     try:
         observation["result"] = await registry.ainvoke(call.tool_name, call.params)
     except ToolError as exc:
         cause = exc.__cause__
         observation["error"] = f"{type(cause).__name__}: {cause}" if cause else str(exc)
+    if events is not None and events.wants(ToolResult):
+        events.emit(
+            ToolResult(
+                source=source,
+                tool_name=call.tool_name,
+                tool_call_id=call.call_id,
+                result=observation.get("result"),
+                error=observation.get("error"),
+            )
+        )
     return observation
 
 
@@ -79,6 +112,7 @@ async def arun_react(
     max_steps: int = 8,
     max_tokens: int | None = None,
     tool_registry: ToolRegistry | None = None,
+    events: EventEmitter | None = None,
 ) -> ReActResult:
     """Run ``agent`` until it stops invoking tools.
 
@@ -92,8 +126,15 @@ async def arun_react(
         messages: Incoming messages (the same each step).
         tasks: Tasks (the same each step).
         max_steps: Most ``adecide`` calls.
-        max_tokens: Token budget over all steps; None for none.
+        max_tokens: Token budget over all steps; None for none. Counted as
+            :attr:`Usage.total_tokens <converge.extensions.llm.Usage.total_tokens>`:
+            input plus output tokens, where prompt-cache reads and writes are part of
+            the input and reasoning tokens part of the output (each token once). A step
+            whose usage the provider did not report counts as 0.
         tool_registry: Where tools run; the agent's ``tool_registry`` by default.
+        events: Where :class:`~converge.core.events.ToolInvoked` and
+            :class:`~converge.core.events.ToolResult` go; the agent's ``events`` by
+            default.
 
     Returns:
         The :class:`ReActResult`.
@@ -109,9 +150,13 @@ async def arun_react(
     registry = tool_registry if tool_registry is not None else agent.tool_registry
     if not isinstance(registry, ToolRegistry):
         raise UsageError("a ReAct loop needs a ToolRegistry (on the agent or as tool_registry)")
+    if events is None:
+        events = getattr(agent, "events", None)
+    if events is not None and not isinstance(events, EventEmitter):
+        raise UsageError("events must be a converge.core.events.EventEmitter")
     decided: list[Decision] = []
     observations: list[dict[str, Any]] = []
-    usage = Usage()
+    usage = Usage(None, None)
     for step in range(1, max_steps + 1):
         decisions = await agent.adecide(
             list(messages), list(tasks), tool_observations=list(observations) or None
@@ -133,7 +178,7 @@ async def arun_react(
                 f"budget of {max_tokens}"
             )
         for call in calls:
-            observations.append(await _observe(registry, call))
+            observations.append(await _observe(registry, call, step, events, agent.id))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -145,6 +190,7 @@ def run_react(
     max_steps: int = 8,
     max_tokens: int | None = None,
     tool_registry: ToolRegistry | None = None,
+    events: EventEmitter | None = None,
 ) -> ReActResult:
     """Synchronous :func:`arun_react`, for scripts (on the agent's own loop when it has one).
 
@@ -155,6 +201,7 @@ def run_react(
         max_steps: As for :func:`arun_react`.
         max_tokens: As for :func:`arun_react`.
         tool_registry: As for :func:`arun_react`.
+        events: As for :func:`arun_react`.
 
     Returns:
         The :class:`ReActResult`.
@@ -166,6 +213,7 @@ def run_react(
         "max_steps": max_steps,
         "max_tokens": max_tokens,
         "tool_registry": tool_registry,
+        "events": events,
     }
     run_sync = getattr(agent, "run_sync", None)
     if callable(run_sync):

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 
 from converge.errors import UsageError
-from converge.extensions.llm.protocol import Usage
+from converge.extensions.llm.protocol import ChatResult, Usage
 
 __all__ = ["ChatStream"]
 
@@ -15,7 +15,10 @@ class ChatStream:
     """Text deltas of one streaming call, as they arrive.
 
     Iterate with ``async for``; after the last delta, :attr:`usage` holds the call's token
-    usage (when the provider reported it) and :attr:`text` the whole reply. Use it as an
+    usage, :attr:`result` the whole :class:`~converge.extensions.llm.ChatResult` (stop
+    reason, model, response id) and :attr:`text` the whole reply. A truncated, filtered
+    or refused answer raises its typed error after the last delta (unless the stream
+    was opened with ``allow_partial=True``); :attr:`result` is set before that. Use it as an
     async context manager (or call :meth:`aclose`) to release the connection when
     stopping early::
 
@@ -33,6 +36,7 @@ class ChatStream:
         if not callable(source):
             raise UsageError("source must be a callable returning an async generator")
         self.usage: Usage | None = None
+        self.result: ChatResult | None = None
         self._parts: list[str] = []
         self._done = False
         self._on_finish: list[Callable[[Usage], None]] = []
@@ -48,11 +52,21 @@ class ChatStream:
         """True once the stream has ended (fully read or closed)."""
         return self._done
 
-    def finish(self, usage: Usage) -> None:
-        """Record the call's usage; called by the provider when the stream ends."""
+    @property
+    def stop_reason(self) -> str | None:
+        """The normalised stop reason once the stream ended (None before, or when the
+        provider that made this stream reports no result)."""
+        return None if self.result is None else self.result.stop_reason
+
+    def finish(self, usage: Usage, result: ChatResult | None = None) -> None:
+        """Record the call's usage (and result); called by the provider when the stream
+        ends."""
         if not isinstance(usage, Usage):
             raise UsageError("usage must be a Usage")
+        if result is not None and not isinstance(result, ChatResult):
+            raise UsageError("result must be a ChatResult or None")
         self.usage = usage
+        self.result = result
         for callback in self._on_finish:
             callback(usage)
 

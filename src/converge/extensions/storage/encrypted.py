@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar, cast
 
+import anyio.to_thread
+
 from converge.core.store import (
     Store,
     UpdateFn,
@@ -42,9 +44,11 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
+from converge.extensions.crypto import INLINE_LIMIT, NONCE_SIZE, TAG_SIZE, decrypt, encrypt
 from converge.extensions.crypto import KEY_SIZE as _KEY_SIZE
-from converge.extensions.crypto import adecrypt, aencrypt, decrypt, encrypt
+from converge.extensions.crypto._impl import adecrypt, aencrypt, open_parts, seal_parts
 from converge.extensions.storage._codec import (
+    PICKLE_TAG,
     SerializerName,
     check_keys,
     get_serializer,
@@ -58,6 +62,12 @@ R = TypeVar("R")
 _MAGIC: Final = b"CVE\x01"
 _TEXT_PREFIX: Final = "cve1:"
 _PLAIN_HEADER: Final = struct.Struct(">Bd")  # serializer tag, expires_at (0.0 = never)
+# pickle.dumps(b, protocol=5) of a bytes value of 256 B .. 4 GiB is exactly
+# PROTO 5 | BINBYTES <len, 4 bytes LE> | the bytes | MEMOIZE | STOP: large bytes values
+# are sealed and opened in that form without copying them into a pickle first.
+_PICKLED_BYTES: Final = struct.Struct("<2scI")
+_PICKLED_BYTES_HEAD: Final = (b"\x80\x05", b"B")
+_PICKLED_BYTES_TAIL: Final = b"\x94."
 
 
 class EncryptedStore(Store):
@@ -219,12 +229,45 @@ class EncryptedStore(Store):
         return self._decode(key, plaintext)
 
     async def _aopen(self, key: str, stored: object) -> tuple[float, Any]:
-        key_id, aes_key, sealed = self._unwrap(key, stored)
+        if _large(stored):  # base64 of a JSON inner store's blob, decoded off the loop
+            key_id, aes_key, sealed = await anyio.to_thread.run_sync(self._unwrap, key, stored)
+        else:
+            key_id, aes_key, sealed = self._unwrap(key, stored)
+        if len(sealed) - NONCE_SIZE - TAG_SIZE > INLINE_LIMIT:
+            return await anyio.to_thread.run_sync(self._open_large, key, key_id, aes_key, sealed)
         try:
             plaintext = await adecrypt(sealed, aes_key, key_bytes(key))
         except DecryptionError:
             raise self._failed(key, key_id) from None
         return self._decode(key, plaintext)
+
+    def _open_large(
+        self, key: str, key_id: str, aes_key: bytes, sealed: bytes
+    ) -> tuple[float, Any]:
+        """Blocking, for a worker thread: open a large blob without extra full copies.
+
+        A pickled ``bytes`` value is cut straight out of the decrypted chunks (one
+        ``bytes.join``, which releases the GIL while it copies); anything else is joined
+        and decoded as usual.
+        """
+        try:
+            parts = open_parts(aes_key, sealed, key_bytes(key))
+        except DecryptionError:
+            raise self._failed(key, key_id) from None
+        head = parts[0]
+        start = _PLAIN_HEADER.size + _PICKLED_BYTES.size
+        if len(head) >= start:
+            tag, expires_at = _PLAIN_HEADER.unpack_from(head)
+            proto, opcode, size = _PICKLED_BYTES.unpack_from(head, _PLAIN_HEADER.size)
+            total = sum(len(part) for part in parts)
+            if (
+                tag == PICKLE_TAG
+                and (proto, opcode) == _PICKLED_BYTES_HEAD
+                and total == start + size + len(_PICKLED_BYTES_TAIL)
+                and _tail(parts, len(_PICKLED_BYTES_TAIL)) == _PICKLED_BYTES_TAIL
+            ):
+                return expires_at, b"".join(_cut(parts, start, start + size))
+        return self._decode(key, b"".join(parts))
 
     def _seal(self, key: str, value: Any, ttl: float | None) -> bytes | str:
         return self._wrap(
@@ -232,10 +275,32 @@ class EncryptedStore(Store):
         )
 
     async def _aseal(self, key: str, value: Any, ttl: float | None) -> bytes | str:
-        sealed = await aencrypt(
-            self._plaintext(key, value, ttl), self._keys[self._active], key_bytes(key)
-        )
-        return self._wrap(sealed)
+        aes_key = self._keys[self._active]
+        parts: tuple[bytes, ...]
+        pickled = self._serializer.tag == PICKLE_TAG
+        if type(value) is bytes and len(value) > INLINE_LIMIT and pickled:
+            # The pickle of a bytes value is the value between a few bytes of framing:
+            # seal those parts as they are instead of copying 64 MiB into a pickle.
+            expires_at = 0.0 if ttl is None else time.time() + ttl
+            parts = (
+                _PLAIN_HEADER.pack(PICKLE_TAG, expires_at),
+                _PICKLED_BYTES.pack(*_PICKLED_BYTES_HEAD, len(value)),
+                value,
+                _PICKLED_BYTES_TAIL,
+            )
+        else:
+            plaintext = self._plaintext(key, value, ttl)
+            if len(plaintext) <= INLINE_LIMIT:
+                return self._wrap(await aencrypt(plaintext, aes_key, key_bytes(key)))
+            parts = (plaintext,)
+        return await anyio.to_thread.run_sync(self._seal_large, key, aes_key, parts)
+
+    def _seal_large(self, key: str, aes_key: bytes, parts: tuple[bytes, ...]) -> bytes | str:
+        """Blocking, for a worker thread: the stored blob, header included, in one join."""
+        blob = seal_parts(aes_key, parts, key_bytes(key), prefix=self._active_header)
+        if self._text:
+            return _TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+        return blob
 
     def _stale(self, key: str, stored: object) -> tuple[str, bytes, bytes] | None:
         """For :meth:`rotate`: the unwrapped blob if it is sealed with another key id."""
@@ -443,3 +508,34 @@ class EncryptedStore(Store):
         """Close the inner store (sync form of :meth:`aclose`)."""
         with self._named("aclose"):
             self._inner.close()
+
+
+def _large(stored: object) -> bool:
+    return isinstance(stored, str | bytes) and len(stored) > INLINE_LIMIT
+
+
+def _tail(parts: builtins.list[bytes], size: int) -> bytes:
+    """The last ``size`` bytes of the concatenation of ``parts``."""
+    out = b""
+    for part in reversed(parts):
+        out = part[-(size - len(out)) :] + out if len(out) < size else out
+        if len(out) >= size:
+            break
+    return out
+
+
+def _cut(parts: builtins.list[bytes], start: int, end: int) -> builtins.list[bytes]:
+    """The pieces of ``parts`` covering bytes ``start`` to ``end`` of their concatenation.
+
+    Whole parts are passed as they are and only the two ends are sliced (a chunk each at
+    most): ``bytes.join`` releases the GIL while it copies only when every item is
+    ``bytes`` (not a memoryview).
+    """
+    pieces: builtins.list[bytes] = []
+    offset = 0
+    for part in parts:
+        low, high = max(start - offset, 0), min(end - offset, len(part))
+        if low < high:
+            pieces.append(part if (low, high) == (0, len(part)) else part[low:high])
+        offset += len(part)
+    return pieces

@@ -393,6 +393,12 @@ class FileStore(Store):
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_BINARY)
         except FileNotFoundError:
+            if os.path.islink(path):
+                # Something put a link here whose target is gone: not an absent key.
+                label = key if key is not None else "<unknown>"
+                raise StoreCorruptedError(
+                    label, "its file is a symbolic link whose target does not exist"
+                ) from None
             return None
         except OSError as exc:
             raise self._read_error(key, exc) from exc
@@ -479,21 +485,22 @@ class FileStore(Store):
         """Best-effort removal of an expired file, if it still is expired under its lock.
 
         Writers hold the same lock (across processes with ``locking=True``), so a value
-        written since we read the expired one is seen here and kept.
+        written since we read the expired one is seen here and kept. The whole file is
+        checked first: a damaged expiry field must never get a file deleted.
         """
         path = os.path.join(self._dir, name)
         try:
             with self._locked(name, blocking=False) as held:
                 if not held:
                     return  # busy: a later reader retries
-                head = self._read(None, path, _PEEK)
-                if head is None:
+                blob = self._read(None, path)
+                if blob is None:
                     return
-                expires_at = _parse(None, head, full=False).expires_at
+                expires_at = _parse(None, blob).expires_at  # verifies the checksum
                 if expires_at and expires_at <= time.time():
                     os.unlink(path)
         except (OSError, StoreCorruptedError):
-            pass  # gone already, or not ours to remove
+            pass  # gone already, damaged (kept, for get() to report), or not ours
 
     # -- the blocking core (sync methods call it directly, async ones in a thread) -------
 
@@ -609,6 +616,15 @@ class FileStore(Store):
             # and delete() can remove it; a damaged hashed file cannot be named.
             return key
         if parsed.expires_at and parsed.expires_at <= now:
+            # The header was read without its checksum: before trusting the expiry,
+            # check the whole file. A damaged one stays listed so get() reports it.
+            try:
+                blob = self._read(key, path)
+                if blob is None:
+                    return None
+                _parse(key, blob)
+            except StoreCorruptedError:
+                return key
             self._remove_if_expired(name)
             return None
         if key is not None:

@@ -38,6 +38,7 @@ from converge.errors import (
     MissingDependencyError,
     StoreCorruptedError,
     StoreError,
+    StoreOutcomeUnknownError,
     StoreUnavailableError,
     UsageError,
 )
@@ -54,6 +55,7 @@ try:
     import coredis
     import coredis.exceptions
     from coredis.response._callbacks import NoopCallback
+    from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
     raise MissingDependencyError(
         "RedisStore needs the coredis client: pip install 'converge[redis]'"
@@ -67,6 +69,9 @@ R = TypeVar("R")
 _Client = coredis.Redis[bytes]
 _GLOB_SPECIAL: Final = re.compile(rb"([\\*?\[\]])")
 _SCAN_COUNT: Final = 1000
+# Separates the namespace from the key; namespaces may not contain it, so the first one
+# in a Redis key ends the namespace and no namespace can read or list another's keys.
+_DELIMITER: Final = ":"
 _UPDATE_ATTEMPTS: Final = 100
 _UPDATE_STRIPES: Final = 64
 
@@ -94,8 +99,9 @@ class RedisStore(Store):
       caller wins across every process and machine sharing the server.
     * TTLs are Redis expiries (``PX``, milliseconds, server clock).
     * ``list(prefix)`` is a ``SCAN`` with ``MATCH`` on the glob-escaped prefix, sorted.
-    * ``namespace`` is prepended to every key, so several stores (or applications) share
-      one database without seeing each other's keys.
+    * Keys are stored as ``<namespace>:<key>``; a namespace may not contain ``:``, so
+      stores (or applications) with different namespaces share one database and never
+      see each other's keys (namespace ``"app"`` does not see ``"app2"``'s).
 
     Connections: coredis keeps connections in tasks of a task group, so a pool lives
     inside an ``async with`` scope. Enter the store once, in a task that outlives its use,
@@ -111,11 +117,14 @@ class RedisStore(Store):
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
             ``unix:///path/to/socket``.
-        namespace: Prefix added to every key in Redis (for example ``"myapp:"``).
+        namespace: Name separating this store's keys from others' in the database (for
+            example ``"myapp"``; no ``:``). The default ``""`` stores keys as ``:<key>``.
         serializer: ``"pickle"`` or ``"json"`` (the safe choice if others can write to
             the server).
         connect_timeout: Seconds to wait for a connection.
-        timeout: Seconds to wait for any one reply.
+        timeout: Seconds any one call may take in all, connecting included. Nothing is
+            retried automatically: a write that got no answer in time raises
+            :class:`~converge.errors.StoreOutcomeUnknownError`.
 
     Raises:
         UsageError: For an invalid argument or URL.
@@ -137,8 +146,16 @@ class RedisStore(Store):
             raise UsageError(f"url must be a redis://, rediss:// or unix:// URL, not {url!r}")
         if not isinstance(namespace, str):
             raise UsageError(f"namespace must be str, not {type(namespace).__name__}")
+        if _DELIMITER in namespace:
+            raise UsageError(
+                f"namespace {namespace!r} contains {_DELIMITER!r}, which separates the "
+                f"namespace from the key in Redis (keys are stored as "
+                f"'<namespace>{_DELIMITER}<key>'); drop it, e.g. namespace="
+                f"{namespace.replace(_DELIMITER, '') or 'app'!r}"
+            )
         self._url = url
-        self._namespace = key_bytes(namespace)
+        self._name = namespace
+        self._namespace = key_bytes(namespace) + _DELIMITER.encode()
         self._serializer = get_serializer(serializer)
         self._connect_timeout = check_timeout(connect_timeout, "connect_timeout")
         self._timeout = check_timeout(timeout, "timeout")
@@ -159,8 +176,8 @@ class RedisStore(Store):
 
     @property
     def namespace(self) -> str:
-        """The prefix added to every key in Redis."""
-        return key_from_bytes(self._namespace)
+        """The namespace: keys are stored in Redis as ``<namespace>:<key>``."""
+        return self._name
 
     @property
     def serializer(self) -> SerializerName:
@@ -186,17 +203,27 @@ class RedisStore(Store):
             decode_responses=False,
             connect_timeout=self._connect_timeout,
             stream_timeout=self._timeout,
+            # Never resend a command on its own: a SET NX retried after a timeout can
+            # find our own value and report it as someone else's.
+            retry_policy=NoRetryPolicy(),
         )
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"{self!r} was closed")
 
-    def _map_error(self, exc: BaseException) -> BaseException | None:
+    def _map_error(self, exc: BaseException, write_key: str | None = None) -> BaseException | None:
+        """converge's error for ``exc``; a write that got no answer is an unknown outcome."""
         for leaf in _leaves(exc):
             if isinstance(
                 leaf, coredis.exceptions.ConnectionError | OSError | TimeoutError
             ) and not isinstance(leaf, StoreError):
+                if write_key is not None and not _refused(leaf):
+                    return StoreOutcomeUnknownError(
+                        write_key,
+                        f"Redis at {self._safe_url} did not answer within {self._timeout} s "
+                        f"({type(leaf).__name__}: {leaf})",
+                    )
                 return StoreUnavailableError(
                     f"Redis at {self._safe_url} is unreachable or not answering: {leaf}"
                 )
@@ -204,26 +231,40 @@ class RedisStore(Store):
                 return StoreError(f"Redis at {self._safe_url} failed: {leaf}")
         return None
 
-    async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
-        """Run ``op`` with this loop's pooled client, or a connection of its own."""
+    async def _call(
+        self,
+        op: Callable[[_Client], Awaitable[T]],
+        *,
+        write_key: str | None = None,
+        sent: Callable[[], bool] | None = None,
+    ) -> T:
+        """Run ``op`` with this loop's pooled client, or a connection of its own.
+
+        The whole call, connecting included, is bounded by ``timeout``, and nothing is
+        retried: a write (``write_key``) that may have reached the server raises
+        :class:`~converge.errors.StoreOutcomeUnknownError` (``sent`` says whether the
+        write was sent yet, when ``op`` reads first).
+        """
         self._check_open()
         holder = self._clients.get()
         try:
-            if holder.depth > 0:
-                return await op(holder.client)
-            failure: Exception | None = None
-            async with self._new_client() as client:
-                try:
-                    result = await op(client)
-                except Exception as exc:
-                    # Leave the pool cleanly, so that its task group does not wrap our
-                    # error in an ExceptionGroup, and raise it as is afterwards.
-                    failure = exc
-            if failure is not None:
-                raise failure
-            return result
+            with anyio.fail_after(self._timeout):
+                if holder.depth > 0:
+                    return await op(holder.client)
+                failure: Exception | None = None
+                async with self._new_client() as client:
+                    try:
+                        result = await op(client)
+                    except Exception as exc:
+                        # Leave the pool cleanly, so that its task group does not wrap
+                        # our error in an ExceptionGroup, and raise it as is afterwards.
+                        failure = exc
+                if failure is not None:
+                    raise failure
+                return result
         except Exception as exc:
-            mapped = self._map_error(exc)
+            unknown = write_key if sent is None or sent() else None
+            mapped = self._map_error(exc, unknown)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -343,12 +384,12 @@ class RedisStore(Store):
         name = self._redis_key(validate_key(key))
         px = _milliseconds(validate_ttl(ttl))
         blob = self._encode(key, value)
-        await self._call(lambda c: c.set(name, blob, px=px))
+        await self._call(lambda c: c.set(name, blob, px=px), write_key=key)
 
     async def adelete(self, key: str) -> None:
         """Delete ``key``; deleting an absent key is not an error."""
         name = self._redis_key(validate_key(key))
-        await self._call(lambda c: c.delete([name]))
+        await self._call(lambda c: c.delete([name]), write_key=key)
 
     async def alist(self, prefix: str = "") -> builtins.list[str]:
         """Return the live keys starting with ``prefix``, sorted (``SCAN MATCH``)."""
@@ -380,7 +421,7 @@ class RedisStore(Store):
         px = _milliseconds(validate_ttl(ttl))
         blob = self._encode(key, value)
         stored = await self._call(
-            lambda c: c.set(name, blob, condition=coredis.PureToken.NX, px=px)
+            lambda c: c.set(name, blob, condition=coredis.PureToken.NX, px=px), write_key=key
         )
         return bool(stored)
 
@@ -426,8 +467,12 @@ class RedisStore(Store):
             check_changes(names, no_changes)
             return outcome
         redis_keys = [self._redis_key(key) for key in names]
+        # Whether the current attempt has sent EXEC with writes in it: a timeout after
+        # that is an unknown outcome, before it nothing was written.
+        committing = [False]
 
         async def transaction(client: _Client) -> tuple[bool, R | None]:
+            committing[0] = False
             try:
                 async with client.pipeline(transaction=True) as pipe, pipe.watch(*redis_keys):
                     # Reads after WATCH, on any connection, are covered by the watch.
@@ -448,22 +493,32 @@ class RedisStore(Store):
                             pipe.delete([name])
                         else:
                             pipe.set(name, blob, px=key_px)
+                    committing[0] = bool(writes)  # EXEC goes out as the block closes
             except coredis.exceptions.WatchError:
                 return False, None  # a watched key changed: EXEC was refused
             return True, result
 
         stripes = sorted({zlib.crc32(name) % _UPDATE_STRIPES for name in redis_keys})
         locks = self._update_locks.get()
-        async with AsyncExitStack() as stack:
-            # Updates of the same keys from this process and loop queue up here rather
-            # than fail each other's EXEC; WATCH still guards against other clients.
-            for stripe in stripes:
-                await stack.enter_async_context(locks[stripe])
-            for attempt in range(_UPDATE_ATTEMPTS):
-                done, result = await self._call(transaction)
-                if done:
-                    return cast(R, result)
-                await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+        try:
+            # One deadline for the whole update: waiting for our own stripe locks and
+            # every optimistic attempt included.
+            with anyio.fail_after(self._timeout):
+                async with AsyncExitStack() as stack:
+                    # Updates of the same keys from this process and loop queue up here
+                    # rather than fail each other's EXEC; WATCH guards against the rest.
+                    for stripe in stripes:
+                        await stack.enter_async_context(locks[stripe])
+                    for attempt in range(_UPDATE_ATTEMPTS):
+                        done, result = await self._call(
+                            transaction, write_key=names[0], sent=lambda: committing[0]
+                        )
+                        if done:
+                            return cast(R, result)
+                        await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+        except TimeoutError as exc:
+            mapped = self._map_error(exc, names[0] if committing[0] else None)
+            raise cast(BaseException, mapped) from exc
         raise StoreError(
             f"update of {names!r} on Redis at {self._safe_url} lost to concurrent writers "
             f"{_UPDATE_ATTEMPTS} times in a row"
@@ -520,6 +575,18 @@ class RedisStore(Store):
             check_sync_allowed("RedisStore.aclose")
         self._closed = True
         self._stop_keeper()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a refused connection: nothing was sent."""
+    seen: builtins.set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _milliseconds(ttl: float | None) -> int | None:

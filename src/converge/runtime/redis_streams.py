@@ -1,0 +1,323 @@
+"""Agents in many processes: a bridge between a :class:`MessageBus` and Redis Streams.
+
+Redis is the engine (streams, consumer groups, ``XACK``, ``XAUTOCLAIM``); this module only
+connects it to the in-process bus, so an agent's code and its runner do not change when
+its peers move to another process or host. Needs the ``redis`` extra (coredis), which runs
+on asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from converge.core.message import Message, Topic
+from converge.errors import BusFullError, MissingDependencyError, UsageError
+from converge.runtime.bus import MessageBus
+
+__all__ = ["RedisStreamsBridge"]
+
+_log = logging.getLogger("converge.runtime")
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+# One round trip: refuse (0) when some consumer group's backlog (entries read but not
+# acknowledged, plus entries not read yet) reached the bound, so that trimming can never
+# drop an entry a group has not acknowledged; otherwise append, trimming acknowledged
+# history down to about the bound.
+_ADD_SCRIPT: Final = """
+local limit = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local lag = tonumber(info['lag']) or redis.call('XLEN', KEYS[1])
+    if tonumber(info['pending']) + lag >= limit then return 0 end
+  end
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', limit, '*', 'm', ARGV[2])
+"""
+
+
+def _check_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise UsageError(f"{what} must be 1-128 letters, digits, '_', '.', ':', '-'")
+    return value
+
+
+def _check_topics(what: str, topics: object) -> tuple[str, ...]:
+    if isinstance(topics, str) or not isinstance(topics, Sequence):
+        raise UsageError(f"{what} must be a sequence of topic names")
+    for topic in topics:
+        if not isinstance(topic, str):
+            raise UsageError(f"{what} must hold topic names (str)")
+        Topic(topic)  # validates; patterns are not streams
+    return tuple(topics)
+
+
+def _positive(what: str, value: object, *, integer: bool = False) -> float:
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        raise UsageError(f"{what} must be a positive {'integer' if integer else 'number'}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    stream: str
+    entry_id: str
+
+
+class RedisStreamsBridge:
+    """Carries a bus's messages between processes over Redis Streams.
+
+    * **Export.** Every message published on the local bus on one of ``export_topics`` is
+      appended to the stream of each of its exported topics (``{prefix}:{topic}``) before
+      ``publish`` returns: a durable hand-off, like an outbox sink. When a consumer group's
+      backlog on that stream reaches ``maxlen``, ``publish`` raises
+      :class:`~converge.errors.BusFullError` rather than let Redis trim entries nobody
+      acknowledged (backpressure across processes).
+    * **Import.** For each of ``import_topics``, the bridge reads the stream in consumer
+      group ``group`` (one group per role: processes running the same agents share a group
+      and split the work) and publishes each message on the local bus with its original
+      id, waiting for inbox space. An entry is acknowledged (``XACK``) only once the local
+      bus settles the message, that is when every acking subscriber (an
+      :class:`~converge.runtime.AgentRunner` acknowledges after its decisions are
+      durable) has acknowledged it. A message a subscriber gives up (``adead_letter``) is
+      acknowledged too and copied to ``{prefix}:dead``.
+    * **Dead consumers.** Entries read by a consumer that then died stay pending in
+      Redis; every ``claim_idle_sec`` the bridge takes over those idle that long
+      (``XAUTOCLAIM``) and delivers them again, same message ids: at-least-once, with the
+      runner's decision records making the effects happen once.
+
+    Messages keep their hooks' semantics: ``pre_send`` hooks run in the publishing process,
+    and the receiving bus runs its own hooks when the bridge publishes there.
+
+    Use it as an async context manager on the loop that runs the bus::
+
+        async with RedisStreamsBridge(bus, "redis://localhost:6379/0",
+                                      import_topics=["issues.opened"], group="triage"):
+            async with AgentRunner(bus, [agent]) as runner:
+                ...
+
+    Args:
+        bus: The local bus.
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+        export_topics: Topic names whose local messages go to Redis.
+        import_topics: Topic names read from Redis into the local bus.
+        group: The consumer group of this process's role (needed to import).
+        consumer: This process's consumer name in the group; host and pid by default.
+        prefix: Stream key prefix.
+        maxlen: The most entries a group may have outstanding on a stream.
+        batch: Most entries read at once.
+        block_sec: How long one read waits for new entries.
+        claim_idle_sec: Pending entries idle this long are taken from their consumer.
+
+    Raises:
+        UsageError: For invalid arguments.
+        MissingDependencyError: Without coredis (``pip install "converge[redis]"``).
+    """
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        url: str,
+        *,
+        export_topics: Sequence[str] = (),
+        import_topics: Sequence[str] = (),
+        group: str | None = None,
+        consumer: str | None = None,
+        prefix: str = "converge:bus",
+        maxlen: int = 100_000,
+        batch: int = 64,
+        block_sec: float = 1.0,
+        claim_idle_sec: float = 30.0,
+    ) -> None:
+        if not isinstance(bus, MessageBus):
+            raise UsageError("bus must be a MessageBus")
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError("url must be a redis://, rediss:// or unix:// URL")
+        self.bus = bus
+        self.export_topics = _check_topics("export_topics", export_topics)
+        self.import_topics = _check_topics("import_topics", import_topics)
+        if self.import_topics and group is None:
+            raise UsageError("importing topics needs a consumer group name (group=...)")
+        self.group = _check_name("group", group) if group is not None else None
+        self.consumer = _check_name(
+            "consumer", consumer if consumer is not None else f"{os.uname().nodename}-{os.getpid()}"
+        )
+        self.prefix = _check_name("prefix", prefix)
+        self.maxlen = int(_positive("maxlen", maxlen, integer=True))
+        self.batch = int(_positive("batch", batch, integer=True))
+        self.block_ms = max(1, int(_positive("block_sec", block_sec) * 1000))
+        self.claim_idle_ms = max(1, int(_positive("claim_idle_sec", claim_idle_sec) * 1000))
+        try:
+            import coredis
+        except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
+            raise MissingDependencyError(
+                "RedisStreamsBridge needs coredis: pip install 'converge[redis]'"
+            ) from exc
+        self._client: Any = coredis.Redis.from_url(url, decode_responses=True)
+        self._add: Any = None
+        # message id -> the stream entries it came from, until the local bus settles it
+        self._inflight: dict[str, list[_Entry]] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def stream(self, topic: str) -> str:
+        """The stream key of ``topic``."""
+        return f"{self.prefix}:{topic}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> RedisStreamsBridge:
+        if self._task_group is not None:
+            raise UsageError("a RedisStreamsBridge is entered once")
+        await self._client.__aenter__()
+        try:
+            self._add = self._client.register_script(_ADD_SCRIPT)
+            for topic in self.import_topics:
+                await self._create_group(self.stream(topic))
+            self.bus.add_ack_listener(self)
+            if self.export_topics:
+                self.bus.add_sink(list(self.export_topics), self._export)
+            tg = anyio.create_task_group()
+            await tg.__aenter__()
+            self._task_group = tg
+            for topic in self.import_topics:
+                tg.start_soon(self._import_loop, self.stream(topic))
+        except BaseException:
+            await self._client.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.bus.remove_sink(self._export)
+        self.bus.remove_ack_listener(self)
+        tg, self._task_group = self._task_group, None
+        try:
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    async def _create_group(self, stream: str) -> None:
+        import coredis.exceptions
+
+        # the group may exist: created by another process of the same role
+        with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
+            await self._client.xgroup_create(stream, self.group, identifier="0", mkstream=True)
+
+    # -- export ------------------------------------------------------------------------
+
+    async def _export(self, message: Message) -> None:
+        if message.id in self._inflight:
+            return  # imported from Redis: it is already there
+        data = json.dumps(message.to_dict(), separators=(",", ":"))
+        for topic in message.topics:
+            if topic.name not in self.export_topics:
+                continue
+            stream = self.stream(topic.name)
+            added = await self._add(keys=[stream], args=[self.maxlen, data])
+            if not added:
+                raise BusFullError(
+                    f"a consumer group of {stream} has {self.maxlen} messages outstanding; "
+                    "retry later (or raise maxlen)"
+                )
+
+    # -- import ------------------------------------------------------------------------
+
+    async def _import_loop(self, stream: str) -> None:
+        import coredis.exceptions
+
+        next_claim = anyio.current_time()
+        while True:
+            try:
+                if anyio.current_time() >= next_claim:
+                    await self._claim_idle(stream)
+                    next_claim = anyio.current_time() + self.claim_idle_ms / 2000
+                block = min(self.block_ms, max(1, int((next_claim - anyio.current_time()) * 1000)))
+                found = await self._client.xreadgroup(
+                    self.group, self.consumer, {stream: ">"}, count=self.batch, block=block
+                )
+                for entry in (found or {}).get(stream, ()):
+                    await self._deliver(stream, entry.identifier, entry.field_values)
+            except (coredis.exceptions.ConnectionError, OSError, TimeoutError) as exc:
+                _log.warning("redis streams: reading %s failed (%s); retrying", stream, exc)
+                await anyio.sleep(1.0)
+
+    async def _claim_idle(self, stream: str) -> None:
+        start = "0-0"
+        while True:
+            reply = await self._client.xautoclaim(
+                stream, self.group, self.consumer, self.claim_idle_ms, start, count=self.batch
+            )
+            start, entries = reply[0], reply[1]
+            for entry in entries:
+                await self._deliver(stream, entry.identifier, entry.field_values)
+            if start == "0-0" or not entries:
+                return
+
+    async def _deliver(self, stream: str, entry_id: str, fields: Any) -> None:
+        entry = _Entry(stream, entry_id)
+        try:
+            message = Message.from_dict(json.loads(fields["m"]))
+        except Exception as exc:  # a foreign or damaged entry: set it aside, never loop on it
+            _log.error("redis streams: entry %s of %s is not a message: %s", entry_id, stream, exc)
+            await self._bury(entry, {"entry": entry_id, "error": "not a converge message"})
+            return
+        held = self._inflight.setdefault(message.id, [])
+        if entry in held:
+            return  # reclaimed while still being handled here
+        held.append(entry)
+        try:
+            await self.bus.publish(message, wait=True)
+        except BaseException:
+            held.remove(entry)
+            if not held:
+                del self._inflight[message.id]
+            raise
+
+    async def _bury(self, entry: _Entry, record: dict[str, Any]) -> None:
+        await self._client.xadd(
+            f"{self.prefix}:dead",
+            {"m": json.dumps({**record, "stream": entry.stream}, separators=(",", ":"))},
+            trim_strategy=_maxlen_token(),
+            threshold=self.maxlen,
+        )
+        await self._client.xack(entry.stream, self.group, [entry.entry_id])
+
+    # -- the bus's acknowledgements (AckListener) --------------------------------------
+
+    async def on_settled(self, message: Message) -> None:
+        """Every local acking subscriber is done with ``message``: ``XACK`` its entries."""
+        for entry in self._inflight.pop(message.id, ()):
+            await self._client.xack(entry.stream, self.group, [entry.entry_id])
+
+    async def on_dead(self, message: Message, consumer: str, reason: str) -> None:
+        """A local subscriber gave ``message`` up: keep it in ``{prefix}:dead``, ``XACK``."""
+        for entry in self._inflight.pop(message.id, ()):
+            await self._bury(
+                entry, {"message": message.to_dict(), "consumer": consumer, "reason": reason}
+            )
+
+
+def _maxlen_token() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.MAXLEN

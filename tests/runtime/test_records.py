@@ -1,0 +1,95 @@
+"""Decision records: exact JSON round trip, hashed keys, damaged records, batch pointers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from converge.core import InvokeTool, Message, SendMessage, UpdateTask
+from converge.core.decisions import decisions_from_json, decisions_to_json
+from converge.errors import FormatError, UsageError
+from converge.extensions.storage import MemoryStore
+from converge.runtime.records import DecisionLog, DecisionRecord, Step, record_key
+
+pytestmark = pytest.mark.anyio
+
+
+def sample() -> list[Any]:
+    return [
+        SendMessage(Message(sender="a", topics=["x.y"], payload={"k": [1, 2.5, None]})),
+        InvokeTool("search", {"q": "z"}, call_id="call-7"),
+        UpdateTask("t1", "completed", result={"ok": True}),
+    ]
+
+
+def test_decisions_round_trip_keeps_message_ids_timestamps_and_call_ids() -> None:
+    decisions = sample()
+    back = decisions_from_json(decisions_to_json(decisions))
+    assert back == decisions
+    assert back[0].message.id == decisions[0].message.id
+    assert back[0].message.timestamp == decisions[0].message.timestamp
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"type": "SendMessage"}, [{"type": "SendMessage", "message": 1}], [{"type": "Nope"}], [5]],
+)
+def test_damaged_recorded_decisions_are_format_errors(data: Any) -> None:
+    with pytest.raises(FormatError):
+        decisions_from_json(data)
+
+
+def test_decisions_to_json_refuses_non_decisions() -> None:
+    with pytest.raises(UsageError):
+        decisions_to_json([{"type": "SendMessage"}])  # type: ignore[list-item]
+
+
+def test_record_keys_are_hashes_of_agent_and_message_ids() -> None:
+    long_id = "x" * 5000 + "\n"
+    key = record_key("p:", "agent", long_id)
+    assert key.startswith("p:")
+    assert len(key) == 42
+    assert key != record_key("p:", "agent2", long_id)
+    assert key == record_key("p:", "agent", long_id)
+
+
+def test_record_json_round_trip_and_damage() -> None:
+    messages = (Message(sender="u", recipient="a"),)
+    record = DecisionRecord("k", "a", messages, (Step(tuple(sample()), ({"result": 1},)),))
+    assert DecisionRecord.from_json("k", record.to_json()) == record
+    for damaged in (None, {"v": 99, "steps": []}, {"v": 1, "steps": [{}], "messages": []}):
+        with pytest.raises(FormatError):
+            DecisionRecord.from_json("k", damaged)
+
+
+async def test_log_finds_records_through_pointers_and_leaves_fresh_messages() -> None:
+    store = MemoryStore()
+    log = DecisionLog(store, retention=60)
+    batch = [Message(sender="u", recipient="a", id=f"m{n}") for n in range(3)]
+    record = await log.acreate("a", batch, sample())
+    assert len(await store.alist(log.prefix)) == 3  # the record and two pointers
+    new = Message(sender="u", recipient="a")
+    found, fresh = await log.afind("a", [batch[2], new, batch[0]])
+    assert fresh == [new]
+    [part] = found
+    assert part.record == record
+    assert part.messages == (batch[2], batch[0])
+    found, fresh = await log.afind("other-agent", batch)
+    assert found == []
+    assert fresh == batch
+    record = await log.aobserve(record, [{"result": object()}])  # stored as JSON values
+    assert isinstance(record.steps[-1].observations[0]["result"], str)  # type: ignore[index]
+    record = await log.aappend(record, [])
+    [part], _ = await log.afind("a", batch[1:2])
+    assert len(part.record.steps) == 2
+    # a pointer whose record expired: the message is fresh again
+    await store.adelete(record.key)
+    assert await log.afind("a", batch[1:2]) == ([], batch[1:2])
+
+
+def test_log_needs_a_store_and_a_retention() -> None:
+    with pytest.raises(UsageError):
+        DecisionLog({}, retention=1)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        DecisionLog(MemoryStore(), retention=None)  # type: ignore[arg-type]

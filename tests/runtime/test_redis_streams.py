@@ -1,0 +1,220 @@
+"""RedisStreamsBridge against a real redis-server: buses in several processes as one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import coredis
+import pytest
+
+from converge.core import Message
+from converge.errors import BusFullError, UsageError
+from converge.runtime import MessageBus
+from converge.runtime.redis_streams import RedisStreamsBridge
+from redis_server import shared_redis_url
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    yield from shared_redis_url()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+async def pending(url: str, stream: str, group: str) -> int:
+    async with coredis.Redis.from_url(url, decode_responses=True) as client:
+        summary = await client.xpending(stream, group)
+        return int(summary.pending)
+
+
+async def settles(url: str, stream: str, group: str) -> None:
+    """Wait (5 s at most) until ``group`` has nothing pending on ``stream``."""
+    for _ in range(500):
+        if not await pending(url, stream, group):
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"{group} still has entries pending on {stream}")
+
+
+def work(n: int) -> Message:
+    return Message(sender="producer", topics=["work"], payload={"n": n})
+
+
+async def test_a_message_crosses_to_another_bus_with_its_id_and_is_acked_after_its_consumer(
+    redis_url: str, prefix: str
+) -> None:
+    here, there = MessageBus(), MessageBus()
+    inbox = there.subscribe("worker", topics=["work"], ack=True)
+    async with (
+        RedisStreamsBridge(here, redis_url, export_topics=["work"], prefix=prefix),
+        RedisStreamsBridge(
+            there, redis_url, import_topics=["work"], group="workers", prefix=prefix
+        ) as importer,
+    ):
+        sent = work(1)
+        assert await here.publish(sent) == 1  # the stream counts as the one receiver
+        with anyio.fail_after(5):
+            got = await inbox.receive()
+        assert got.id == sent.id
+        assert got.payload == {"n": 1}
+        assert await pending(redis_url, importer.stream("work"), "workers") == 1
+        await inbox.aack(got)
+        await settles(redis_url, importer.stream("work"), "workers")
+
+
+async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
+    redis_url: str, prefix: str
+) -> None:
+    producer = MessageBus()
+    first_bus, second_bus = MessageBus(), MessageBus()
+    first = first_bus.subscribe("worker", topics=["work"], ack=True)
+    second = second_bus.subscribe("worker", topics=["work"], ack=True)
+    options = {"import_topics": ["work"], "group": "workers", "prefix": prefix}
+    async with RedisStreamsBridge(producer, redis_url, export_topics=["work"], prefix=prefix):
+        async with RedisStreamsBridge(first_bus, redis_url, consumer="one", **options):
+            sent = work(2)
+            await producer.publish(sent)
+            with anyio.fail_after(5):
+                taken = await first.receive()
+            assert taken.id == sent.id
+        # consumer "one" is gone without acknowledging: "two" takes its entry over
+        async with RedisStreamsBridge(
+            second_bus, redis_url, consumer="two", claim_idle_sec=0.2, **options
+        ):
+            with anyio.fail_after(5):
+                again = await second.receive()
+            assert again.id == sent.id
+            await second.aack(again)
+            await settles(redis_url, f"{prefix}:work", "workers")
+
+
+async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
+    redis_url: str, prefix: str
+) -> None:
+    bus = MessageBus()
+    async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
+        await client.xgroup_create(f"{prefix}:work", "slow", identifier="0", mkstream=True)
+    async with RedisStreamsBridge(bus, redis_url, export_topics=["work"], prefix=prefix, maxlen=3):
+        for n in range(3):
+            await bus.publish(work(n))
+        with pytest.raises(BusFullError):
+            await bus.publish(work(3))
+
+
+async def test_a_dead_lettered_message_is_kept_and_acknowledged(
+    redis_url: str, prefix: str
+) -> None:
+    here, there = MessageBus(), MessageBus()
+    inbox = there.subscribe("worker", topics=["work"], ack=True)
+    async with (
+        RedisStreamsBridge(here, redis_url, export_topics=["work"], prefix=prefix),
+        RedisStreamsBridge(there, redis_url, import_topics=["work"], group="w", prefix=prefix),
+    ):
+        sent = work(9)
+        await here.publish(sent)
+        with anyio.fail_after(5):
+            got = await inbox.receive()
+        await inbox.adead_letter(got, "cannot parse")
+        await settles(redis_url, f"{prefix}:work", "w")
+        async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
+            dead = await client.xrange(f"{prefix}:dead")
+        assert sent.id in dead[0].field_values["m"]
+        assert "cannot parse" in dead[0].field_values["m"]
+
+
+async def test_invalid_arguments_are_usage_errors(redis_url: str) -> None:
+    bus = MessageBus()
+    with pytest.raises(UsageError):
+        RedisStreamsBridge(bus, "http://x")
+    with pytest.raises(UsageError):
+        RedisStreamsBridge(bus, redis_url, import_topics=["work"])  # no group
+    with pytest.raises(UsageError):
+        RedisStreamsBridge(bus, redis_url, export_topics="work")  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        RedisStreamsBridge(bus, redis_url, export_topics=["a.*"])  # a pattern, not a stream
+    with pytest.raises(UsageError):
+        RedisStreamsBridge(bus, redis_url, maxlen=0)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, anyio
+    from converge.core import Agent, Identity, Message, SendMessage
+    from converge.runtime import AgentRunner, MessageBus
+    from converge.runtime.redis_streams import RedisStreamsBridge
+
+    class Doubler(Agent):
+        async def adecide(self, messages, tasks, **kwargs):
+            return [SendMessage(Message(sender=self.id, topics=["done"],
+                                        payload={"n": m.payload["n"] * 2, "of": m.id}))
+                    for m in messages]
+
+    async def main(url, prefix):
+        bus = MessageBus()
+        async with RedisStreamsBridge(bus, url, import_topics=["work"], export_topics=["done"],
+                                      group="doublers", prefix=prefix):
+            agent = Doubler(Identity.generate(), name="doubler")
+            async with AgentRunner(bus, [agent], topics={"doubler": ["work"]}):
+                print("ready", flush=True)
+                await anyio.sleep(60)
+
+    anyio.run(main, sys.argv[1], sys.argv[2], backend=sys.argv[3])
+    """
+)
+
+
+@pytest.fixture
+def worker(redis_url: str, prefix: str, anyio_backend: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, redis_url, prefix, anyio_backend],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_an_agent_in_another_process_answers_over_redis(
+    redis_url: str, prefix: str, worker: subprocess.Popen[bytes]
+) -> None:
+    proc = worker
+    bus = MessageBus()
+    answers = bus.subscribe("me", topics=["done"], ack=True)
+    async with RedisStreamsBridge(
+        bus,
+        redis_url,
+        export_topics=["work"],
+        import_topics=["done"],
+        group="requesters",
+        prefix=prefix,
+    ):
+        sent = [work(n) for n in range(5)]
+        for message in sent:  # sent before the worker listens: Redis keeps them
+            await bus.publish(message)
+        assert proc.stdout is not None
+        with anyio.fail_after(15):
+            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
+        assert line.strip() == b"ready"
+        got = {}
+        with anyio.fail_after(15):
+            while len(got) < 5:
+                answer = await answers.receive()
+                got[answer.payload["of"]] = answer.payload["n"]
+                await answers.aack(answer)
+    assert got == {m.id: m.payload["n"] * 2 for m in sent}
