@@ -61,7 +61,7 @@ _GATEWAY_KEYS = {
     "poll_interval_sec",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
-_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
+_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to", "forward_format"}
 _TARGET_KEYS = {"url", "signing_secret", "signing_secret_env", "max_concurrency"}
 # [retry]: a delay schedule (the default) or the exponential WebhookRetryPolicy.
 _SCHEDULE_KEYS = {"schedule", "jitter_ratio", "request_timeout_sec", "lease_margin_sec"}
@@ -80,11 +80,14 @@ class ProviderConfig:
         profile: The provider profile.
         secrets: The secret values (several during a rotation).
         forward_to: Target that receives accepted events, if any.
+        forward_format: ``"envelope"`` (converge's JSON event) or ``"raw"`` (the
+            sender's exact bytes and headers, plus converge's signature).
     """
 
     profile: ProviderProfile
     secrets: tuple[str, ...]
     forward_to: str | None = None
+    forward_format: str = "envelope"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +300,12 @@ def parse_config(
             options["required_payload_fields"] = tuple(options["required_payload_fields"])
         with _section(where):
             profile = ProviderProfile(name=name, secret_ref=name, **options)
-        providers[name] = ProviderConfig(profile, secrets, forward_to)
+        forward_format = table.get("forward_format", "envelope")
+        if forward_format not in ("envelope", "raw"):
+            raise ConfigurationError(f'[{where}] forward_format must be "envelope" or "raw"')
+        if forward_format == "raw" and forward_to is None:
+            raise ConfigurationError(f'[{where}] forward_format = "raw" needs forward_to')
+        providers[name] = ProviderConfig(profile, secrets, forward_to, forward_format)
 
     token = None
     token_env = gateway.get("outbound_token_env")
@@ -479,6 +487,7 @@ def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
         connector_id=config.connector_id,
         targets=[t.target for t in config.targets.values()],
         inbound_routes={n: p.forward_to for n, p in config.providers.items() if p.forward_to},
+        forward_formats={n: p.forward_format for n, p in config.providers.items() if p.forward_to},
         max_in_flight=config.max_in_flight,
         breaker_failure_threshold=config.breaker_failure_threshold,
         breaker_recovery_timeout_sec=config.breaker_recovery_timeout_sec,

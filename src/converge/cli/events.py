@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 
-from converge.durable import STATUSES, Record
+from converge.durable import STATUSES as _STATUSES
+from converge.durable import Record
 from converge.errors import UsageError
 
 __all__ = ["add_parsers", "format_table", "run"]
@@ -45,7 +46,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _filters(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument(f"--{key}", dest="key", help=f"only this {key}")
-    parser.add_argument("--status", choices=STATUSES, help="only this status")
+    parser.add_argument("--status", choices=_STATUSES, help="only this status")
     parser.add_argument("--since", help="only records since: 15m, 2h, 7d, an ISO time, Unix s")
     parser.add_argument("--limit", type=int, default=50, help="most records shown (default 50)")
 
@@ -127,12 +128,9 @@ def add_parsers(commands: Any, command: Callable[..., argparse.ArgumentParser]) 
 
 
 def _row(record: Record) -> list[str]:
-    from converge.extensions.connectors.server.eventlog import iso_time
+    from converge.extensions.connectors.server.eventlog import iso_time, last_result
 
-    last = record.attempts[-1] if record.attempts else None
-    result = record.last_error or ""
-    if last is not None and last.status_code is not None:
-        result = f"HTTP {last.status_code} {result}".strip()
+    result = last_result(record)
     return [
         record.id,
         record.key,

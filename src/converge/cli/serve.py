@@ -10,7 +10,8 @@ from converge.cli.config import GatewayConfig, build_gateway, open_store
 from converge.durable import Record
 from converge.errors import MissingDependencyError
 from converge.extensions.connectors import GatewayApp, WebhookGateway
-from converge.extensions.connectors.logs import EVENT_LOGGER, log_payload
+from converge.extensions.connectors.logs import EVENT_LOGGER as _EVENT_LOGGER
+from converge.extensions.connectors.logs import log_payload
 
 __all__ = ["EventLoggingApp", "make_app", "serve", "summary"]
 
@@ -47,7 +48,7 @@ class EventLoggingApp:
     def _log(self, record: Record) -> None:
         # The INFO line (no payload) comes from the connector; the payload, redacted, only
         # at DEBUG (ops: issue 14.5).
-        if record.key in self._routed or not logging.getLogger(EVENT_LOGGER).isEnabledFor(
+        if record.key in self._routed or not logging.getLogger(_EVENT_LOGGER).isEnabledFor(
             logging.DEBUG
         ):
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from converge.extensions.connectors.models import (
     OutboundWebhookAction,
     ProviderProfile,
     WebhookSecurityPolicy,
+    forwardable_headers,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
@@ -126,6 +128,19 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _raw_forwards(formats: Mapping[str, str] | None, routes: Mapping[str, str]) -> frozenset[str]:
+    """The providers forwarded raw; checks ``forward_formats``."""
+    raw = set()
+    for provider, kind in (formats or {}).items():
+        if kind not in ("envelope", "raw"):
+            raise ConfigurationError(f"forward_formats[{provider!r}] must be 'envelope' or 'raw'")
+        if provider not in routes:
+            raise ConfigurationError(f"forward_formats names {provider!r}, which has no route")
+        if kind == "raw":
+            raw.add(provider)
+    return frozenset(raw)
+
+
 class WebhookConnector:
     """Generic webhook bridge with strict inbound verification and reliable outbound dispatch.
 
@@ -178,6 +193,9 @@ class WebhookConnector:
             event log); the store sweeps them afterwards.
         acknowledge_on_accept: Record events without a route already acknowledged:
             no consumer is waited for (the event log is the consumer).
+        forward_formats: Provider name -> ``"envelope"`` (the default: the event as
+            converge's JSON envelope) or ``"raw"`` (the sender's exact body bytes and
+            its own headers, plus converge's signature), for routed providers.
 
     Raises:
         ConfigurationError: For invalid configuration.
@@ -207,6 +225,7 @@ class WebhookConnector:
         inbox_lease_sec: float = 60.0,
         inbox_retention_sec: float = 7 * 24 * 3600.0,
         acknowledge_on_accept: bool = False,
+        forward_formats: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(connector_id, str) or not _ID_RE.fullmatch(connector_id):
             raise ConfigurationError("connector_id must be 1-64 letters, digits, '_', '.', '-'")
@@ -277,6 +296,7 @@ class WebhookConnector:
                 raise ConfigurationError(f"inbound_routes names unknown provider {provider!r}")
             if target not in self.targets:
                 raise ConfigurationError(f"inbound_routes names unknown target {target!r}")
+        self._raw_forward = _raw_forwards(forward_formats, self._routes)
         #: The durable inbox: every accepted event, open until its consumer is done.
         self.inbox = DurableQueue(
             store,
@@ -525,6 +545,12 @@ class WebhookConnector:
         consumer = self._consumer(provider)
         uid = event_uid(provider, verified.event_id)
         item = self._item(verified, uid)
+        data = item_data(item)
+        if provider in self._raw_forward:  # ops 14.6: keep the verified bytes to forward
+            data["raw"] = {
+                "body": base64.b64encode(verified.body).decode(),
+                "headers": forwardable_headers(verified.headers),
+            }
         if consumer == "bus":
             bus = self._bus
             if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
@@ -533,7 +559,7 @@ class WebhookConnector:
         try:
             if consumer == "record":
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="acknowledged",
@@ -542,7 +568,7 @@ class WebhookConnector:
                 )
             else:
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="leased",
@@ -676,13 +702,25 @@ class WebhookConnector:
 
     async def _forward(self, record: Record, item: Message | Task) -> None:
         target = self.targets[self._routes[record.key]]
-        action = OutboundWebhookAction(
-            target=target.name,
-            method="POST",
-            url=target.url,
-            body=event_of(item),
-            idempotency_key=forward_key(record.id),
-        )
+        raw = record.data.get("raw")
+        if isinstance(raw, dict):  # forward_format = "raw": the sender's bytes and headers
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=event_of(item),
+                headers=forwardable_headers(raw.get("headers") or {}),
+                idempotency_key=forward_key(record.id),
+                raw_body=raw.get("body"),
+            )
+        else:
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=event_of(item),
+                idempotency_key=forward_key(record.id),
+            )
         await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)
 

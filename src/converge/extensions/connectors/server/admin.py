@@ -31,11 +31,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from converge.durable import STATUSES
+from converge.durable import STATUSES as _STATUSES
 from converge.errors import ConfigurationError, StoreError, UsageError
 from converge.extensions.connectors.server import inspector
+from converge.extensions.connectors.server.eventlog import SECTIONS as _SECTIONS
 from converge.extensions.connectors.server.eventlog import (
-    SECTIONS,
     EventLog,
     parse_since,
     record_view,
@@ -165,8 +165,8 @@ class AdminApp:
     def _filters(query: dict[str, str]) -> dict[str, Any]:
         key = query.get("key") or query.get("provider") or query.get("target") or None
         status = query.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise _Reply(400, "bad_status", f"status must be one of {list(STATUSES)}")
+        if status is not None and status not in _STATUSES:
+            raise _Reply(400, "bad_status", f"status must be one of {list(_STATUSES)}")
         since = parse_since(query["since"]) if query.get("since") else None
         try:
             limit = int(query.get("limit", "100"))
@@ -177,7 +177,7 @@ class AdminApp:
         return {"key": key, "status": status, "since": since, "limit": limit}
 
     def _section(self, name: str) -> str:
-        if name not in SECTIONS or name not in self.event_log.sections:
+        if name not in _SECTIONS or name not in self.event_log.sections:
             raise _Reply(404, "not_found", f"sections: {list(self.event_log.sections)}")
         return name
 
@@ -310,7 +310,7 @@ class AdminApp:
             await self._form_action(rest[1:], form, base, send)
             return
         parts = [p for p in rest.split("/") if p]
-        if len(parts) == 2 and parts[0] in SECTIONS:
+        if len(parts) == 2 and parts[0] in _SECTIONS:
             self._allow(method, "GET")
             section = self._section(parts[0])
             record = await self.event_log.aget(parts[1], section)
@@ -332,7 +332,7 @@ class AdminApp:
         keys = sorted({r.key for r in await self.event_log.alist(section, limit=_MAX_LIMIT)})
         if filters["key"] and filters["key"] not in keys:
             keys.append(filters["key"])
-        statuses = ["dead"] if section == "dead-letters" else list(STATUSES)
+        statuses = ["dead"] if section == "dead-letters" else list(_STATUSES)
         message = None
         if query.get("replayed"):
             message = f"Replayed {query['replayed']}: it is pending again."

@@ -19,7 +19,8 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from converge.durable import STATUSES, Attempt, DurableQueue, Record
+from converge.durable import STATUSES as _STATUSES
+from converge.durable import Attempt, DurableQueue, Record
 from converge.errors import FormatError, UsageError
 from converge.extensions.connectors.logs import redact_headers
 
@@ -30,6 +31,7 @@ __all__ = [
     "Section",
     "as_record",
     "iso_time",
+    "last_result",
     "parse_since",
     "record_view",
 ]
@@ -127,6 +129,27 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def last_result(record: Record) -> str:
+    """A short account of the latest attempt: ``"HTTP 200"``, ``"HTTP 503 timeout"``, ...
+
+    A finished record shows how it finished, not an error from before a replay.
+    """
+    last = record.attempts[-1] if record.attempts else None
+    error = None if record.status in ("acknowledged", "delivered") else record.last_error
+    if last is not None:
+        error = last.error if last.error else error
+        if record.status in ("acknowledged", "delivered"):
+            error = None
+    parts = []
+    if last is not None and last.status_code is not None:
+        parts.append(f"HTTP {last.status_code}")
+        if error == f"status {last.status_code}":
+            error = None
+    if error:
+        parts.append(error)
+    return " ".join(parts)
+
+
 def record_view(
     record: Record, *, section: str | None = None, data: bool = False
 ) -> dict[str, Any]:
@@ -156,6 +179,7 @@ def record_view(
         "last_error": record.last_error,
         "last_status_code": last.status_code if last else None,
         "last_latency_ms": last.latency_ms if last else None,
+        "last_result": last_result(record),
         "attempts": [
             {**attempt.to_dict(), "at_iso": iso_time(attempt.at)} for attempt in record.attempts
         ],
@@ -343,8 +367,8 @@ class EventLog:
         Raises:
             UsageError: For an unknown section or status, or a bad limit.
         """
-        if status is not None and status not in STATUSES:
-            raise UsageError(f"status must be one of {STATUSES}, not {status!r}")
+        if status is not None and status not in _STATUSES:
+            raise UsageError(f"status must be one of {_STATUSES}, not {status!r}")
         if section == "dead-letters":
             if status not in (None, "dead"):
                 return []
