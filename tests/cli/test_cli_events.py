@@ -131,3 +131,35 @@ def test_the_admin_api_of_the_running_gateway(running: tuple[GatewayProcess, Pat
     body = httpx.get(url, headers={"authorization": f"Bearer {ADMIN}"}).json()
     assert body["records"]
     assert all(r["key"] == "demo" for r in body["records"])
+
+
+def test_the_cli_reads_a_running_gateways_redis_store(tmp_path: Path) -> None:
+    from redis_helpers import redis_server
+
+    with redis_server() as url:
+        config = tmp_path / "redis.toml"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                [gateway]
+                store = "{url}"
+                connector_id = "cli-redis-{tmp_path.name[-12:]}"
+                [providers.demo]
+                scheme = "standard-webhooks"
+                secret = "{SECRET}"
+                """
+            )
+        )
+        gateway = GatewayProcess(config, tmp_path)
+        try:
+            assert send(gateway, "msg_redis_1").status_code == 202
+            listed = cli("events", "list", "--config", str(config), "--json", cwd=tmp_path)
+            assert listed.returncode == 0, listed.stderr
+            records = json.loads(listed.stdout)
+            assert [r["key"] for r in records] == ["demo"]
+            replayed = cli(
+                "events", "replay", records[0]["id"], "--config", str(config), cwd=tmp_path
+            )
+            assert replayed.returncode == 0, replayed.stderr
+        finally:
+            gateway.stop()

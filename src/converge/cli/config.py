@@ -57,6 +57,7 @@ _GATEWAY_KEYS = {
     "log_format",
     "admin_token_env",
     "event_log_max",
+    "event_retention_sec",
     "client_cert_header",
     "poll_interval_sec",
 }
@@ -108,7 +109,7 @@ class GatewayConfig:
     Attributes:
         bind: Address to listen on.
         port: TCP port.
-        store: ``"memory"``, ``"file:PATH"`` or ``"sqlite:PATH"``.
+        store: ``"memory"``, ``"file:PATH"``, ``"sqlite:PATH"`` or ``"redis://HOST:PORT/DB"``.
         connector_id: The connector's id (store key prefix, message sender).
         outbound_token: Bearer token for ``/outbound``; None disables the endpoint.
         max_in_flight: Outbound attempts in flight at most.
@@ -118,6 +119,7 @@ class GatewayConfig:
         admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
         event_log_max: Finished records (events, deliveries, dead letters) kept per
             queue at most; older ones are deleted (the retention bounds them in time).
+        event_retention_sec: How long finished inbound events stay in the event log.
         client_cert_header: Trusted proxy header reporting client certificates.
         poll_interval_sec: Outbox rescan interval.
         security: Inbound limits.
@@ -143,6 +145,7 @@ class GatewayConfig:
     log_format: str = "text"
     admin_token: str | None = None
     event_log_max: int = 10_000
+    event_retention_sec: float = 7 * 24 * 3600.0
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
@@ -416,9 +419,12 @@ def check_gateway_settings(config: GatewayConfig) -> None:
     if not isinstance(config.store, str):
         raise ConfigurationError("[gateway] store must be 'memory', 'file:PATH' or 'sqlite:PATH'")
     kind, _, path = config.store.partition(":")
-    if kind not in ("memory", "file", "sqlite") or (kind != "memory" and not path):
+    if kind not in ("memory", "file", "sqlite", "redis", "rediss") or (
+        kind != "memory" and not path
+    ):
         raise ConfigurationError(
-            f"[gateway] store {config.store!r}: use 'memory', 'file:PATH' or 'sqlite:PATH'"
+            f"[gateway] store {config.store!r}: use 'memory', 'file:PATH', 'sqlite:PATH' "
+            "or 'redis://HOST:PORT/DB'"
         )
     if config.log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
@@ -430,6 +436,13 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
+    retention = config.event_retention_sec
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, int | float)
+        or not 0 < retention < float("inf")
+    ):
+        raise ConfigurationError("[gateway] event_retention_sec must be a positive number")
     count = config.event_log_max
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
@@ -466,6 +479,10 @@ def open_store(spec: str, base_dir: Path) -> Store:
     kind, _, path = spec.partition(":")
     if kind == "memory":
         return MemoryStore()
+    if kind in ("redis", "rediss"):  # shared by replicas and the CLI on other hosts
+        from converge.extensions.storage import RedisStore
+
+        return RedisStore(spec, serializer="json")
     location = Path(path).expanduser()
     if not location.is_absolute():
         location = base_dir / location
@@ -492,5 +509,6 @@ def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
         breaker_failure_threshold=config.breaker_failure_threshold,
         breaker_recovery_timeout_sec=config.breaker_recovery_timeout_sec,
         dead_letter_ttl_sec=config.dead_letter_retention_sec,
+        inbox_retention_sec=float(config.event_retention_sec),
     )
     return WebhookGateway(connector, outbound_token=config.outbound_token)
