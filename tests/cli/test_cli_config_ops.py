@@ -74,3 +74,14 @@ def test_raw_forward_format_reaches_the_connector() -> None:
 def test_a_redis_store_spec_opens_a_redis_store(tmp_path: Path) -> None:
     store = open_store("redis://127.0.0.1:6379/0", tmp_path)
     assert isinstance(store, RedisStore)
+
+
+def test_the_admin_app_is_mounted_only_with_a_token() -> None:
+    from converge.cli.operations import EventLogTrimmer, with_operations
+
+    for env, mounted in (({"T": "t" * 20}, True), ({}, False)):
+        parsed = parse_config(config({"admin_token_env": "T"}), env=env)
+        core = build_gateway(parsed, MemoryStore()).asgi_app()
+        app = with_operations(core, core, parsed)
+        assert (core.admin is not None) is mounted
+        assert isinstance(app, EventLogTrimmer)
