@@ -33,6 +33,6 @@ async def backend(
     elif request.param == "sqlite":
         store = SQLiteStore(tmp_path / "db.sqlite3")
     else:
-        store = RedisStore(redis_url, namespace=f"test-{uuid.uuid4().hex}:")
+        store = RedisStore(redis_url, namespace=f"test-{uuid.uuid4().hex}")
     yield store
     await store.aclose()

@@ -38,6 +38,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
     WebhookRetryPolicy,
 )
+from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
@@ -136,7 +137,7 @@ async def test_each_sender_format_is_verified_accepted_and_forwarded(
     assert event["provider"] == provider
     assert event["payload"] == json.loads(body)
     assert standardwebhooks.Webhook(TARGET_SECRET).verify(request.body, request.headers)
-    assert request.headers["idempotency-key"] == f"inbound:{provider}:{event_id}"
+    assert request.headers["idempotency-key"] == forward_key(event_uid(provider, event_id))
 
 
 async def test_fifty_concurrent_duplicates_over_http_give_one_202_and_one_delivery(

@@ -44,11 +44,25 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.crypto import INLINE_LIMIT, NONCE_SIZE, TAG_SIZE, decrypt, encrypt
+from converge.extensions.crypto import (
+    INLINE_LIMIT as _INLINE_LIMIT,
+)
 from converge.extensions.crypto import KEY_SIZE as _KEY_SIZE
+from converge.extensions.crypto import (
+    NONCE_SIZE as _NONCE_SIZE,
+)
+from converge.extensions.crypto import (
+    TAG_SIZE as _TAG_SIZE,
+)
+from converge.extensions.crypto import (
+    decrypt,
+    encrypt,
+)
 from converge.extensions.crypto._impl import adecrypt, aencrypt, open_parts, seal_parts
 from converge.extensions.storage._codec import (
-    PICKLE_TAG,
+    PICKLE_TAG as _PICKLE_TAG,
+)
+from converge.extensions.storage._codec import (
     SerializerName,
     check_keys,
     get_serializer,
@@ -233,7 +247,7 @@ class EncryptedStore(Store):
             key_id, aes_key, sealed = await anyio.to_thread.run_sync(self._unwrap, key, stored)
         else:
             key_id, aes_key, sealed = self._unwrap(key, stored)
-        if len(sealed) - NONCE_SIZE - TAG_SIZE > INLINE_LIMIT:
+        if len(sealed) - _NONCE_SIZE - _TAG_SIZE > _INLINE_LIMIT:
             return await anyio.to_thread.run_sync(self._open_large, key, key_id, aes_key, sealed)
         try:
             plaintext = await adecrypt(sealed, aes_key, key_bytes(key))
@@ -261,7 +275,7 @@ class EncryptedStore(Store):
             proto, opcode, size = _PICKLED_BYTES.unpack_from(head, _PLAIN_HEADER.size)
             total = sum(len(part) for part in parts)
             if (
-                tag == PICKLE_TAG
+                tag == _PICKLE_TAG
                 and (proto, opcode) == _PICKLED_BYTES_HEAD
                 and total == start + size + len(_PICKLED_BYTES_TAIL)
                 and _tail(parts, len(_PICKLED_BYTES_TAIL)) == _PICKLED_BYTES_TAIL
@@ -277,20 +291,20 @@ class EncryptedStore(Store):
     async def _aseal(self, key: str, value: Any, ttl: float | None) -> bytes | str:
         aes_key = self._keys[self._active]
         parts: tuple[bytes, ...]
-        pickled = self._serializer.tag == PICKLE_TAG
-        if type(value) is bytes and len(value) > INLINE_LIMIT and pickled:
+        pickled = self._serializer.tag == _PICKLE_TAG
+        if type(value) is bytes and len(value) > _INLINE_LIMIT and pickled:
             # The pickle of a bytes value is the value between a few bytes of framing:
             # seal those parts as they are instead of copying 64 MiB into a pickle.
             expires_at = 0.0 if ttl is None else time.time() + ttl
             parts = (
-                _PLAIN_HEADER.pack(PICKLE_TAG, expires_at),
+                _PLAIN_HEADER.pack(_PICKLE_TAG, expires_at),
                 _PICKLED_BYTES.pack(*_PICKLED_BYTES_HEAD, len(value)),
                 value,
                 _PICKLED_BYTES_TAIL,
             )
         else:
             plaintext = self._plaintext(key, value, ttl)
-            if len(plaintext) <= INLINE_LIMIT:
+            if len(plaintext) <= _INLINE_LIMIT:
                 return self._wrap(await aencrypt(plaintext, aes_key, key_bytes(key)))
             parts = (plaintext,)
         return await anyio.to_thread.run_sync(self._seal_large, key, aes_key, parts)
@@ -511,7 +525,7 @@ class EncryptedStore(Store):
 
 
 def _large(stored: object) -> bool:
-    return isinstance(stored, str | bytes) and len(stored) > INLINE_LIMIT
+    return isinstance(stored, str | bytes) and len(stored) > _INLINE_LIMIT
 
 
 def _tail(parts: builtins.list[bytes], size: int) -> bytes:
