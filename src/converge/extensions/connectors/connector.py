@@ -44,7 +44,7 @@ from converge.extensions.connectors.inbox import (
     item_of,
     message_of,
 )
-from converge.extensions.connectors.logs import log_accepted, log_rejected
+from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
@@ -697,6 +697,7 @@ class WebhookConnector:
             token = holds.drop(record.id)
             if token is not None:
                 await self.inbox.abury(record.id, token, f"undeliverable: {exc}")
+                log_dead(record.key, record.id, reason=f"undeliverable: {exc}", kind="inbound")
         except StoreError as exc:
             _log.warning("inbound event %s stays in the inbox: %s", record.id, exc)
 
@@ -760,7 +761,10 @@ class WebhookConnector:
         token = self._holds.drop(record_id)
         if token is None:
             return False
-        return await self.inbox.abury(record_id, token, reason) is not None
+        buried = await self.inbox.abury(record_id, token, reason)
+        if buried is not None:  # ops: the WARNING line of an inbound dead letter
+            log_dead(buried.key, record_id, reason=reason, kind="inbound")
+        return buried is not None
 
     async def areceive_inbound(self) -> Message | Task:
         """Like :meth:`receive_inbound` (the ``a``-prefixed name)."""
@@ -823,6 +827,7 @@ class WebhookConnector:
         for record in records:
             if record.key not in self.security.profiles:
                 await self.inbox.abury(record.id, record.lease_token, "unknown provider")
+                log_dead(record.key, record.id, reason="unknown provider", kind="inbound")
                 continue
             await self._deliver(record, self._consumer(record.key))
         if records:

@@ -330,22 +330,24 @@ def log_dead(
     status_code: int | None = None,
     latency_ms: float | None = None,
     attempts: int | None = None,
+    kind: Literal["inbound", "outbound"] = "outbound",
 ) -> None:
     """Log one event or action dead-lettered (WARNING).
 
     Args:
-        target: Target (or provider) name.
-        action_id: Outbox (or event) id.
+        target: Target name (the provider's for an inbound event).
+        action_id: Outbox (or inbox) id.
         reason: Why it was given up.
         status_code: The last HTTP status, if any.
         latency_ms: The last attempt's latency.
         attempts: Attempts made.
+        kind: ``"outbound"`` (a delivery) or ``"inbound"`` (an accepted event).
     """
     _emit(
         logging.WARNING,
-        "outbound.dead",
+        f"{kind}.dead",
         {
-            "target": target,
+            "target" if kind == "outbound" else "provider": target,
             "event_id": action_id,
             "status": status_code,
             "reason": reason,
