@@ -176,3 +176,8 @@ def test_an_inbound_dead_letter_names_its_provider(capture: io.StringIO) -> None
         'WARNING converge.events inbound.dead provider=stripe event_id=evt_9 reason="consumer'
         in line
     )
+
+
+def test_a_percent_sign_in_a_value_is_printed_as_is(capture: io.StringIO) -> None:
+    log_rejected("p", "bad%s%d", status_code=400)
+    assert 'reason="bad%s%d"' in capture.getvalue()
