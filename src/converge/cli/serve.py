@@ -74,6 +74,8 @@ def summary(config: GatewayConfig) -> str:
     outbound = "enabled (bearer token)" if config.outbound_token else "disabled (no token)"
     lines.append(f"  POST /outbound: {outbound}")
     lines.append("  GET /healthz  GET /readyz  GET /metrics")
+    admin = "enabled (admin token)" if config.admin_token else "disabled (no admin token)"
+    lines.append(f"  /admin/ inspector and API: {admin}")
     return "\n".join(lines)
 
 

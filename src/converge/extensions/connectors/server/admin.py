@@ -329,7 +329,7 @@ class AdminApp:
         section = self._section(section)
         filters = self._filters(query)
         records = await self.event_log.alist(section, **filters)
-        keys = sorted({r.key for r in await self.event_log.alist(section, limit=_MAX_LIMIT)})
+        keys = await self.event_log.akeys(section)
         if filters["key"] and filters["key"] not in keys:
             keys.append(filters["key"])
         statuses = ["dead"] if section == "dead-letters" else list(_STATUSES)

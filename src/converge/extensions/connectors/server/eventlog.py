@@ -285,6 +285,8 @@ class EventLog:
         max_records: Finished records (acknowledged, delivered, dead) kept per queue at
             most; :meth:`atrim` deletes the oldest beyond it. The retention period of
             the queues bounds them in time as well.
+        keys: The providers (``"events"``) and targets (``"deliveries"``) to offer as
+            filters; None: the keys found in the records.
 
     Raises:
         UsageError: For invalid arguments.
@@ -296,6 +298,7 @@ class EventLog:
         events: RecordQueue | None = None,
         deliveries: RecordQueue | None = None,
         max_records: int = 10_000,
+        keys: Mapping[str, list[str]] | None = None,
     ) -> None:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise UsageError("max_records must be an integer >= 1")
@@ -305,6 +308,7 @@ class EventLog:
         if deliveries is not None:
             self._queues["deliveries"] = deliveries
         self.max_records = max_records
+        self._keys = {section: sorted(names) for section, names in (keys or {}).items()}
 
     @classmethod
     def for_connector(cls, connector: Any, *, max_records: int = 10_000) -> EventLog:
@@ -327,11 +331,25 @@ class EventLog:
                 return _Adapted(found, "outbound", ("pending", "leased", "delivered", "dead"))
             return None
 
+        profiles = getattr(getattr(connector, "security", None), "profiles", {}) or {}
+        targets = getattr(connector, "targets", {}) or {}
         return cls(
             events=queue("inbox"),
             deliveries=queue("outbox_queue", "outbox"),
             max_records=max_records,
+            keys={
+                "events": list(profiles),
+                "deliveries": list(targets),
+                "dead-letters": sorted({*profiles, *targets}),
+            },
         )
+
+    async def akeys(self, section: str) -> list[str]:
+        """The providers or targets of a section, for filters (configured ones if known)."""
+        known = self._keys.get(section)
+        if known is not None:
+            return list(known)
+        return sorted({r.key for r in await self.alist(section, limit=1000)})
 
     @property
     def sections(self) -> tuple[str, ...]:
