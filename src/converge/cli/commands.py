@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--config", required=True, type=Path, help="gateway TOML file")
     gateway.add_argument("--host", help="override [gateway] bind")
     gateway.add_argument("--port", type=int, help="override [gateway] port")
-    gateway.add_argument("--store", help="override [gateway] store (memory, file:P, sqlite:P)")
+    gateway.add_argument(
+        "--store", help="override [gateway] store (memory, file:P, sqlite:P, redis://host:port/db)"
+    )
     gateway.add_argument(
         "--check", action="store_true", help="validate the config, print a summary, exit"
     )

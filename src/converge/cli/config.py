@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -49,6 +51,7 @@ _GATEWAY_KEYS = {
     "bind",
     "port",
     "store",
+    "store_password_env",
     "connector_id",
     "outbound_token_env",
     "max_in_flight",
@@ -60,6 +63,14 @@ _GATEWAY_KEYS = {
     "event_retention_sec",
     "client_cert_header",
     "poll_interval_sec",
+    # server limits (slow and idle clients) and proxies
+    "trusted_proxies",
+    "header_timeout_sec",
+    "body_timeout_sec",
+    "keep_alive_timeout_sec",
+    "max_connections",
+    "backlog",
+    "max_header_bytes",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
 _PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to", "forward_format"}
@@ -69,6 +80,7 @@ _SCHEDULE_KEYS = {"schedule", "jitter_ratio", "request_timeout_sec", "lease_marg
 _POLICY_KEYS = {f.name for f in fields(WebhookRetryPolicy)}
 _BREAKER_KEYS = {"failure_threshold", "recovery_timeout_sec"}
 _DEAD_LETTER_KEYS = {"retention_sec"}
+_REDIS_SCHEMES = ("redis", "rediss")
 #: How long delivered and dead-lettered actions stay inspectable by default: 7 days.
 DEFAULT_RETENTION_SEC = 7 * 24 * 3600.0
 
@@ -109,7 +121,9 @@ class GatewayConfig:
     Attributes:
         bind: Address to listen on.
         port: TCP port.
-        store: ``"memory"``, ``"file:PATH"``, ``"sqlite:PATH"`` or ``"redis://HOST:PORT/DB"``.
+        store: ``"memory"``, ``"file:PATH"``, ``"sqlite:PATH"``, or a Redis URL
+            ``"redis://[user@]host:port/db"`` (``rediss://`` for TLS) shared by replicas.
+        store_password: The Redis password, read from ``store_password_env``.
         connector_id: The connector's id (store key prefix, message sender).
         outbound_token: Bearer token for ``/outbound``; None disables the endpoint.
         max_in_flight: Outbound attempts in flight at most.
@@ -120,8 +134,18 @@ class GatewayConfig:
         event_log_max: Finished records (events, deliveries, dead letters) kept per
             queue at most; older ones are deleted (the retention bounds them in time).
         event_retention_sec: How long finished inbound events stay in the event log.
-        client_cert_header: Trusted proxy header reporting client certificates.
+        client_cert_header: Proxy header reporting client certificates (trusted only
+            from ``trusted_proxies``).
         poll_interval_sec: Outbox rescan interval.
+        trusted_proxies: Addresses/CIDR networks of the proxies in front of the gateway:
+            only they may set ``client_cert_header`` and ``X-Forwarded-For``.
+        header_timeout_sec: Seconds for a request's line and headers to arrive in full.
+        body_timeout_sec: Seconds for a request body to arrive in full (else 408).
+        keep_alive_timeout_sec: Seconds an idle keep-alive connection stays open.
+        max_connections: Open connections at most (the longest-waiting idle one is
+            closed for a new one; lowered to fit the open-file limit).
+        backlog: Connections the kernel queues before the server accepts them.
+        max_header_bytes: Largest request line plus headers.
         security: Inbound limits.
         retry: Outbound retries: a :class:`RetrySchedule` (Svix's by default) or a
             :class:`WebhookRetryPolicy` when ``[retry]`` sets its exponential keys.
@@ -137,6 +161,7 @@ class GatewayConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
     store: str = DEFAULT_STORE
+    store_password: str | None = field(default=None, repr=False)
     connector_id: str = "gateway"
     outbound_token: str | None = None
     max_in_flight: int = 64
@@ -148,6 +173,13 @@ class GatewayConfig:
     event_retention_sec: float = 7 * 24 * 3600.0
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
+    trusted_proxies: tuple[str, ...] = ()
+    header_timeout_sec: float = 10.0
+    body_timeout_sec: float = 30.0
+    keep_alive_timeout_sec: int = 5
+    max_connections: int = 512
+    backlog: int = 1024
+    max_header_bytes: int = 16384
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
     retry: RetryStrategy = field(default_factory=RetrySchedule)
     breaker_failure_threshold: int = 5
@@ -322,10 +354,23 @@ def parse_config(
         if not isinstance(admin_env, str):
             raise ConfigurationError("[gateway] admin_token_env must be a variable name")
         admin_token = env.get(admin_env) or None
+    password_env = gateway.get("store_password_env")
+    if password_env is not None and not isinstance(password_env, str):
+        raise ConfigurationError("[gateway] store_password_env must be a variable name")
+    store_password = env.get(password_env) if password_env else None
+    if password_env and store_password is None:
+        raise ConfigurationError(
+            f"[gateway] store_password_env: environment variable not set: {password_env}"
+        )
     kwargs = {
-        k: v for k, v in gateway.items() if k not in ("outbound_token_env", "admin_token_env")
+        k: v
+        for k, v in gateway.items()
+        if k not in ("outbound_token_env", "admin_token_env", "store_password_env")
     }
     kwargs["admin_token"] = admin_token
+    kwargs["store_password"] = store_password
+    if isinstance(kwargs.get("trusted_proxies"), list):
+        kwargs["trusted_proxies"] = tuple(kwargs["trusted_proxies"])
     config = GatewayConfig(
         **kwargs,
         outbound_token=token,
@@ -416,16 +461,14 @@ def check_gateway_settings(config: GatewayConfig) -> None:
     port = config.port
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigurationError("[gateway] port must be 0-65535")
+    kinds = "'memory', 'file:PATH', 'sqlite:PATH' or a redis:// or rediss:// URL"
     if not isinstance(config.store, str):
-        raise ConfigurationError("[gateway] store must be 'memory', 'file:PATH' or 'sqlite:PATH'")
+        raise ConfigurationError(f"[gateway] store must be {kinds}")
     kind, _, path = config.store.partition(":")
-    if kind not in ("memory", "file", "sqlite", "redis", "rediss") or (
-        kind != "memory" and not path
-    ):
-        raise ConfigurationError(
-            f"[gateway] store {config.store!r}: use 'memory', 'file:PATH', 'sqlite:PATH' "
-            "or 'redis://HOST:PORT/DB'"
-        )
+    redis_url = kind in _REDIS_SCHEMES and path.startswith("//") and len(path) > 2
+    local = kind in ("memory", "file", "sqlite") and (kind == "memory" or bool(path))
+    if not (redis_url or local):
+        raise ConfigurationError(f"[gateway] store {masked_store(config.store)!r}: use {kinds}")
     if config.log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigurationError("[gateway] log_level must be critical/error/warning/info/debug")
     if not isinstance(config.log_events, bool):
@@ -448,6 +491,38 @@ def check_gateway_settings(config: GatewayConfig) -> None:
         raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigurationError("[gateway] the admin token must have 16 characters or more")
+    _check_server_limits(config)
+
+
+def _check_server_limits(config: GatewayConfig) -> None:
+    for name in ("header_timeout_sec", "body_timeout_sec"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+            raise ConfigurationError(f"[gateway] {name} must be a number of seconds, 0 < x <= 3600")
+    for name, low, high in (
+        ("keep_alive_timeout_sec", 1, 3600),
+        ("max_connections", 1, 1_000_000),
+        ("backlog", 1, 65535),
+        ("max_header_bytes", 1024, 1_048_576),
+    ):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(f"[gateway] {name} must be an integer from {low} to {high}")
+    proxies = config.trusted_proxies
+    if not isinstance(proxies, tuple) or not all(isinstance(p, str) for p in proxies):
+        raise ConfigurationError("[gateway] trusted_proxies must be a list of addresses/networks")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"[gateway] trusted_proxies: {entry!r} is not an address or CIDR network"
+            ) from exc
+    if config.client_cert_header is not None and not proxies:
+        raise ConfigurationError(
+            "[gateway] client_cert_header is trusted only from trusted_proxies: list the "
+            "addresses of the proxies that set it"
+        )
 
 
 def load_config(
@@ -468,21 +543,34 @@ def load_config(
     return parse_config(data, env=env, warn=warn)
 
 
-def open_store(spec: str, base_dir: Path) -> Store:
+def masked_store(spec: str) -> str:
+    """``spec`` with any password in a Redis URL replaced by ``***`` (for printing)."""
+    parts = urllib.parse.urlsplit(spec)
+    if parts.scheme not in _REDIS_SCHEMES or parts.password is None:
+        return spec
+    user = urllib.parse.quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Store:
     """Open the store a ``store = "..."`` setting names.
 
+    Args:
+        spec: ``memory``, ``file:PATH``, ``sqlite:PATH``, ``redis://...`` or ``rediss://...``.
+        base_dir: Where relative paths start.
+        password: The Redis password (from ``store_password_env``), put into the URL.
+
     Raises:
-        ConfigurationError: For an unknown kind.
+        ConfigurationError: For an unknown kind or a malformed Redis URL.
     """
     from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
 
+    if spec.startswith(tuple(f"{scheme}://" for scheme in _REDIS_SCHEMES)):
+        return _open_redis(spec, password)
     kind, _, path = spec.partition(":")
     if kind == "memory":
         return MemoryStore()
-    if kind in ("redis", "rediss"):  # shared by replicas and the CLI on other hosts
-        from converge.extensions.storage import RedisStore
-
-        return RedisStore(spec, serializer="json")
     location = Path(path).expanduser()
     if not location.is_absolute():
         location = base_dir / location
@@ -491,6 +579,29 @@ def open_store(spec: str, base_dir: Path) -> Store:
     if kind == "sqlite":
         return SQLiteStore(location, serializer="json")
     raise ConfigurationError(f"unknown store kind {kind!r}")
+
+
+def _open_redis(spec: str, password: str | None) -> Store:
+    from converge.errors import UsageError
+    from converge.extensions.storage import RedisStore
+
+    parts = urllib.parse.urlsplit(spec)
+    if parts.password is not None:
+        raise ConfigurationError(
+            f"[gateway] store {masked_store(spec)}: put the password in an environment "
+            "variable named by store_password_env, not in the file"
+        )
+    url = spec
+    if password is not None:
+        user = urllib.parse.quote(parts.username or "", safe="")
+        secret = urllib.parse.quote(password, safe="")
+        host = parts.netloc.rpartition("@")[2]  # keeps an IPv6 address's brackets, the port
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+    try:
+        # JSON values: readable by every tool and by replicas of any version
+        return RedisStore(url, serializer="json")
+    except UsageError as exc:
+        raise ConfigurationError(f"[gateway] store {masked_store(spec)}: {exc}") from None
 
 
 def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:

@@ -179,7 +179,7 @@ async def _arun(args: argparse.Namespace) -> int:
     if args.store:
         config = dataclasses.replace(config, store=args.store)
         check_gateway_settings(config)
-    store = open_store(config.store, config.base_dir)
+    store = open_store(config.store, config.base_dir, password=config.store_password)
     connector = build_gateway(config, store).connector
     section = args.command
     try:

@@ -6,14 +6,15 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from converge.cli.config import GatewayConfig, build_gateway, open_store
+from converge.cli.config import GatewayConfig, build_gateway, masked_store, open_store
+from converge.core.store import Store
 from converge.durable import Record
 from converge.errors import MissingDependencyError
 from converge.extensions.connectors import GatewayApp, WebhookGateway
 from converge.extensions.connectors.logs import EVENT_LOGGER as _EVENT_LOGGER
 from converge.extensions.connectors.logs import log_payload
 
-__all__ = ["EventLoggingApp", "make_app", "serve", "summary"]
+__all__ = ["EventLoggingApp", "StoreScope", "make_app", "serve", "summary"]
 
 _log = logging.getLogger("converge.gateway")
 
@@ -59,9 +60,35 @@ class EventLoggingApp:
         log_payload("inbound", record.key, record.id, item)
 
 
+class StoreScope:
+    """Holds the gateway's store open for the whole ASGI lifespan.
+
+    A Redis store keeps its connection pool in a task that lives as long as the
+    ``async with`` around it; entered here, every request on the server's loop shares one
+    pool instead of connecting per call. Other stores are released at shutdown.
+
+    Args:
+        app: The app to serve.
+        store: The store to hold open.
+    """
+
+    def __init__(self, app: Any, store: Store) -> None:
+        self.app = app
+        self.store = store
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        """The ASGI 3 entry point."""
+        if scope.get("type") != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        async with self.store:
+            await self.app(scope, receive, send)
+
+
 def summary(config: GatewayConfig) -> str:
-    """A human-readable description of what the gateway will serve."""
-    lines = [f"converge gateway on http://{config.bind}:{config.port}  store={config.store}"]
+    """A human-readable description of what the gateway will serve (no secrets)."""
+    store = masked_store(config.store)
+    lines = [f"converge gateway on http://{config.bind}:{config.port}  store={store}"]
     for name, provider in config.providers.items():
         route = f" -> target {provider.forward_to}" if provider.forward_to else ""
         lines.append(
@@ -87,18 +114,21 @@ def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
     inbox retention), whether or not ``log_events`` also logs them, so the gateway
     accepts them as fast as the store writes.
     """
-    store = open_store(config.store, config.base_dir)
+    store = open_store(config.store, config.base_dir, password=config.store_password)
     gateway = build_gateway(config, store)
     gateway.connector.acknowledge_on_accept = True
     app: Any = gateway.asgi_app(
-        poll_interval_sec=config.poll_interval_sec, client_cert_header=config.client_cert_header
+        poll_interval_sec=config.poll_interval_sec,
+        client_cert_header=config.client_cert_header,
+        trusted_proxies=config.trusted_proxies,
+        body_timeout_sec=config.body_timeout_sec,
     )
     core = app
     if config.log_events:
         app = EventLoggingApp(app)
     from converge.cli.operations import with_operations  # admin API, inspector, log trim
 
-    return gateway, with_operations(app, core, config)
+    return gateway, StoreScope(with_operations(app, core, config), store)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -113,8 +143,14 @@ def serve(config: GatewayConfig) -> None:
         raise MissingDependencyError(
             'converge gateway needs uvicorn: pip install -e ".[server]" (from a converge checkout)'
         ) from exc
+    from converge.cli._server import fit_open_files, guarded_protocol, install_repeat_filter
+
     _gateway, app = make_app(config)
     print(summary(config), flush=True)
+    install_repeat_filter()
+    max_connections, backlog = fit_open_files(
+        config.max_connections, config.backlog, reserve=config.max_in_flight
+    )
     uvicorn.run(
         app,
         host=config.bind,
@@ -123,4 +159,13 @@ def serve(config: GatewayConfig) -> None:
         log_config=None,  # keep converge's handler (timestamps, text/json) for uvicorn's lines
         log_level=config.log_level,
         access_log=config.log_level == "debug",
+        # Slow and idle clients: see converge.cli._server. The app reads X-Forwarded-For
+        # itself, from trusted_proxies only.
+        http=guarded_protocol(
+            header_timeout_sec=config.header_timeout_sec, max_connections=max_connections
+        ),
+        timeout_keep_alive=config.keep_alive_timeout_sec,
+        backlog=backlog,
+        h11_max_incomplete_event_size=config.max_header_bytes,
+        proxy_headers=False,
     )

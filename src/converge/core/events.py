@@ -252,17 +252,21 @@ class CallFinished(ProgressEvent):
         stop_reason: ``"stop"``, ``"length"``, ``"tool_calls"``, ... (None when the
             provider does not say).
         latency_s: Seconds from :class:`CallStarted` to the answer.
+        model: The model that answered, as the provider named it (after a fallback, the
+            fallback's), when known.
     """
 
     call_id: str
     usage: Mapping[str, int | None] = field(default_factory=dict)
     stop_reason: str | None = None
     latency_s: float | None = None
+    model: str | None = None
 
     def __post_init__(self) -> None:
         ProgressEvent.__post_init__(self)
         _check_str("call_id", self.call_id)
         _check_str("stop_reason", self.stop_reason, optional=True)
+        _check_str("model", self.model, optional=True)
         if not isinstance(self.usage, Mapping):
             raise UsageError("usage must be a mapping of token counts")
 

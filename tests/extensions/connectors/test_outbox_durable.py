@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -14,7 +17,8 @@ from webhook_helpers import eventually
 
 from converge.core.store import Store
 from converge.extensions.connectors import OutboundRequest, Outbox, RetrySchedule
-from converge.extensions.storage import MemoryStore, SQLiteStore
+from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
+from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio
 
@@ -137,8 +141,15 @@ async def test_leases_are_measured_on_the_stores_clock(tmp_path: Path) -> None:
     await store.aclose()
 
 
-async def test_two_connectors_on_one_sqlite_file_report_the_true_backlog_and_send_once(
-    tmp_path: Path,
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """One real redis-server for the module."""
+    yield from shared_redis_url()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_two_replicas_on_one_store_report_the_true_backlog_and_send_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     gate = anyio.Event()
     sent: list[str] = []
@@ -149,34 +160,42 @@ async def test_two_connectors_on_one_sqlite_file_report_the_true_backlog_and_sen
         await anyio.sleep(0.002)
         return 200
 
-    stores = [SQLiteStore(tmp_path / "shared.sqlite3") for _ in range(2)]
-    replicas = [make(s, outbound_sender=sender, connector_id="gw", max_in_flight=4) for s in stores]
-    for n in range(60):
-        await replicas[n % 2].submit_outbound_action(action(n, idempotency_key=f"k{n}"))
-    samples: list[float] = []
+    def open_store() -> Store:
+        if kind == "sqlite":
+            return SQLiteStore(tmp_path / "shared.sqlite3")
+        return RedisStore(request.getfixturevalue("redis_url"), namespace=namespace)
 
-    def gauges() -> list[float]:
-        return [r.metrics.get("webhook_outbound_backlog") for r in replicas]
+    namespace = f"outbox-{uuid.uuid4().hex}"
+    stores = [open_store() for _ in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        for store in stores:
+            await stack.enter_async_context(store)
+        replicas = [
+            make(s, outbound_sender=sender, connector_id="gw", max_in_flight=4) for s in stores
+        ]
+        for n in range(60):
+            await replicas[n % 2].submit_outbound_action(action(n, idempotency_key=f"k{n}"))
+        samples: list[float] = []
 
-    async with anyio.create_task_group() as tg:
-        for replica in replicas:
-            tg.start_soon(
-                functools.partial(replica.run_outbound_dispatcher, poll_interval_sec=0.02)
-            )
-        # Both see the whole shared backlog, not their own share of it.
-        await eventually(lambda: gauges() == [60, 60])
-        gate.set()
-        while len(sent) < 60:
-            samples.extend(gauges())
-            await anyio.sleep(0.005)
-        await eventually(lambda: gauges() == [0, 0], within=2)
-        for replica in replicas:
-            replica.stop_dispatcher()
-    assert max(samples) <= 60
-    assert sorted(sent) == sorted(f"k{n}" for n in range(60))  # each exactly once
-    assert await replicas[0].apending_count() == 0
-    for store in stores:
-        await store.aclose()
+        def gauges() -> list[float]:
+            return [r.metrics.get("webhook_outbound_backlog") for r in replicas]
+
+        async with anyio.create_task_group() as tg:
+            for replica in replicas:
+                run = functools.partial(replica.run_outbound_dispatcher, poll_interval_sec=0.02)
+                tg.start_soon(run)
+            # Both see the whole shared backlog, not their own share of it.
+            await eventually(lambda: gauges() == [60, 60])
+            gate.set()
+            while len(sent) < 60:
+                samples.extend(gauges())
+                await anyio.sleep(0.005)
+            await eventually(lambda: gauges() == [0, 0], within=2)
+            for replica in replicas:
+                replica.stop_dispatcher()
+        assert max(samples) <= 60
+        assert sorted(sent) == sorted(f"k{n}" for n in range(60))  # each exactly once
+        assert await replicas[0].apending_count() == 0
 
 
 async def test_actions_stored_before_the_durable_outbox_are_moved_into_it() -> None:

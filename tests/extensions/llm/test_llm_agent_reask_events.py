@@ -231,6 +231,7 @@ async def test_a_turn_emits_started_finished_and_decisions() -> None:
     assert finished.call_id == started.call_id
     assert finished.usage["input_tokens"] == 5
     assert finished.stop_reason == "stop"
+    assert finished.model == "test"
     assert isinstance(failed, CallFailed)
     assert failed.error_type == "DecisionParseError"
     assert failed.final is False
@@ -459,3 +460,29 @@ async def test_truncated_structured_output_on_a_real_sdk_is_reported_as_truncate
     assert len(server.requests) == 1  # not re-asked
     assert agent.last_usage is not None
     assert agent.last_usage.output_tokens is not None
+
+
+async def test_react_history_reaches_each_api_as_native_tool_messages(
+    real_provider: Any, wire: Wire, server: FakeLLMServer, registry: ToolRegistry
+) -> None:
+    call = json.dumps([{"type": "InvokeTool", "tool_name": "add", "params": {"a": 2, "b": 3}}])
+    server.push(wire.chat(call), wire.chat(DONE))
+    agent = LLMAgent(IDENTITY, real_provider, tool_registry=registry)
+    result = await arun_react(agent, [], tasks())
+    call_id = result.observations[0]["call_id"]
+    messages = server.requests[1].json["messages"]
+    if wire.name == "anthropic":
+        use = [b for m in messages if isinstance(m["content"], list) for b in m["content"]]
+        (tool_use,) = [b for b in use if b["type"] == "tool_use"]
+        (tool_result,) = [b for b in use if b["type"] == "tool_result"]
+        assert tool_use["id"] == call_id
+        assert tool_use["input"] == {"a": 2, "b": 3}
+        assert tool_result["tool_use_id"] == call_id
+        assert "5" in json.dumps(tool_result["content"])
+    else:
+        (assistant,) = [m for m in messages if m.get("tool_calls")]
+        assert assistant["tool_calls"][0]["id"] == call_id
+        assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
+        (tool,) = [m for m in messages if m["role"] == "tool"]
+        assert tool["tool_call_id"] == call_id
+        assert tool["content"] == "5"

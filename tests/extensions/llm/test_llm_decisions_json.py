@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -408,3 +409,13 @@ def test_render_turn_truncates_huge_and_stringifies_odd_observations() -> None:
 def test_invalid_arguments_raise_usage_error(call: Any, kwargs: dict[str, Any]) -> None:
     with pytest.raises(UsageError):
         call(**kwargs)
+
+
+def test_tool_call_ids_suit_every_api(registry: ToolRegistry) -> None:
+    call = {"type": "InvokeTool", "tool_name": "search", "params": {"query": "x"}}
+    ids = {
+        d.call_id  # type: ignore[attr-defined]
+        for d in parse_decisions(json.dumps([call] * 50), sender=ME, tool_registry=registry)
+    }
+    assert len(ids) == 50
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids)  # Mistral's rule

@@ -493,6 +493,16 @@ async def test_sync_chat_works_from_a_worker_thread(
     assert await anyio.to_thread.run_sync(provider.chat, MESSAGES) == "from a thread"
 
 
+async def test_sync_complete_works_from_a_worker_thread_and_names_acomplete_on_the_loop(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    with pytest.raises(SyncInEventLoopError, match=r"acomplete"):
+        provider.complete(MESSAGES)
+    server.push(wire.chat("from a thread"))
+    result = await anyio.to_thread.run_sync(provider.complete, MESSAGES)
+    assert (result.text, result.stop_reason) == ("from a thread", "stop")
+
+
 @pytest.mark.parametrize("name", sorted(WIRES))
 def test_sync_chat_from_a_script_reuses_one_connection(name: str, server: FakeLLMServer) -> None:
     wire = WIRES[name]

@@ -244,3 +244,32 @@ def test_react_result_validates_its_fields() -> None:
         ReActResult((), (), -1, Usage())
     with pytest.raises(UsageError):
         ReActResult((), (), 1, None)  # type: ignore[arg-type]
+
+
+async def test_token_budget_counts_cache_and_reasoning_once_and_unknown_as_zero(
+    registry: ToolRegistry,
+) -> None:
+    cached = Usage(100, 20, cache_read_tokens=80, cache_write_tokens=5, reasoning_tokens=10)
+    unknown = Usage(None, None)
+    provider = ScriptedProvider(
+        [(invoke("add", a=1, b=1), cached), (invoke("add", a=1, b=1), unknown), (FINAL, cached)]
+    )
+    agent = LLMAgent(IDENTITY, provider, tool_registry=registry)
+    result = await arun_react(agent, [], task(), max_tokens=240)  # 120 + 0 + 120
+    assert result.steps == 3
+    assert result.usage.total_tokens == 240
+    assert result.usage.cache_read_tokens == 160
+    assert result.usage.reasoning_tokens == 20
+
+    provider = ScriptedProvider([(invoke("add", a=1, b=1), cached)] * 2 + [(FINAL, cached)])
+    agent = LLMAgent(IDENTITY, provider, tool_registry=registry)
+    with pytest.raises(BudgetExceededError, match="240 tokens"):
+        await arun_react(agent, [], task(), max_tokens=239)
+
+
+async def test_usage_nobody_reported_stays_unknown(registry: ToolRegistry) -> None:
+    provider = ScriptedProvider(
+        [(invoke("add", a=1, b=1), Usage(None, None)), (FINAL, Usage(None, None))]
+    )
+    result = await arun_react(LLMAgent(IDENTITY, provider, tool_registry=registry), [], task())
+    assert result.usage == Usage(None, None)

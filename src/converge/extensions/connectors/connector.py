@@ -26,6 +26,7 @@ from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
     FormatError,
+    IdempotencyConflictError,
     QueueFullError,
     StoreError,
     UsageError,
@@ -555,7 +556,7 @@ class WebhookConnector:
             bus = self._bus
             if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
                 return self._unavailable(provider, "no_consumer", None)
-        claims, claim_ttl = self._claims(verified)
+        claims, claim_ttl = self._claims(verified, uid)
         try:
             if consumer == "record":
                 record = await self.inbox.aadd(
@@ -599,18 +600,12 @@ class WebhookConnector:
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
         return 202, {"content-type": "application/json"}, body + b"}"
 
-    def _claims(self, verified: VerifiedWebhook) -> tuple[dict[str, Any], float]:
-        # The one place that asks WebhookSecurity which keys make an event new.
-        security: Any = self.security
-        claim_keys = getattr(security, "claim_keys", None)
-        if claim_keys is not None:
-            keys = tuple(claim_keys(verified))
-            ttl = float(security.claim_ttl_sec)
-        else:  # before WebhookSecurity.claim_keys (one key per event id)
-            keys = (security._claim_key(verified.profile.name, verified.event_id),)
-            ttl = float(security.policy.replay_ttl_sec)
-        value = {"event_id": verified.event_id, "at": self._clock()}
-        return dict.fromkeys(keys, value), ttl
+    def _claims(self, verified: VerifiedWebhook, uid: str) -> tuple[dict[str, Any], float]:
+        # WebhookSecurity says which keys make an event new (the event id, and the signed
+        # bytes where the id is unsigned); they are written with the inbox record.
+        security = self.security
+        value = security.claim_record(verified, uid)
+        return dict.fromkeys(security.claim_keys(verified), value), float(security.claim_ttl_sec)
 
     def _consumer(self, provider: str) -> Consumer:
         if provider in self._routes:
@@ -685,21 +680,24 @@ class WebhookConnector:
             if item is None:
                 item = item_of(record)
             if consumer == "queue":
-                holds.ready(record)
+                holds.ready(record, item)
             elif consumer == "record":
                 await self._settle(record.id)
             elif consumer == "forward":
                 await self._forward(record, item)
             else:
                 await self._publish(record, item)
-        except (FormatError, UsageError) as exc:
-            # It can never be handed on (e.g. a route to a target that is gone).
-            token = holds.drop(record.id)
-            if token is not None:
-                await self.inbox.abury(record.id, token, f"undeliverable: {exc}")
-                log_dead(record.key, record.id, reason=f"undeliverable: {exc}", kind="inbound")
+        except (FormatError, UsageError, IdempotencyConflictError) as exc:
+            # It can never be handed on (e.g. the route's target changed its URL).
+            try:
+                await self._bury(record.id, f"undeliverable: {exc}")
+            except StoreError as store_exc:
+                _log.warning("inbound event %s stays in the inbox: %s", record.id, store_exc)
         except StoreError as exc:
             _log.warning("inbound event %s stays in the inbox: %s", record.id, exc)
+        except Exception:
+            # Accepted and stored: whatever failed, it is handed on again after the lease.
+            _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
     async def _forward(self, record: Record, item: Message | Task) -> None:
         target = self.targets[self._routes[record.key]]
@@ -711,7 +709,7 @@ class WebhookConnector:
                 url=target.url,
                 body=event_of(item),
                 headers=forwardable_headers(raw.get("headers") or {}),
-                idempotency_key=forward_key(record.id),
+                idempotency_key=forward_key(record.id, record.replays),
                 raw_body=raw.get("body"),
             )
         else:
@@ -720,7 +718,7 @@ class WebhookConnector:
                 method="POST",
                 url=target.url,
                 body=event_of(item),
-                idempotency_key=forward_key(record.id),
+                idempotency_key=forward_key(record.id, record.replays),
             )
         await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)
@@ -729,7 +727,7 @@ class WebhookConnector:
         bus = self._bus
         if bus is None:  # detached meanwhile: to receive_inbound
             self._holds.hold(record, "queue")
-            self._holds.ready(record)
+            self._holds.ready(record, item)
             return
         message = message_of(item, self.connector_id)
         try:
@@ -792,20 +790,24 @@ class WebhookConnector:
         holds = self._holds
         while True:
             self._check_open()
-            record = holds.take()
-            if record is not None:
+            ready = holds.take()
+            if ready is not None:
+                record, item = ready
                 if holds.token(record.id) != record.lease_token:
                     continue  # taken over meanwhile
                 now = await self.inbox.anow()
-                if (record.lease_until or 0.0) <= now + 1.0:
-                    renewed = await self.inbox.alease_id(
-                        record.id, holds.owner, lease_sec=holds.lease_sec
+                if (record.lease_until or 0.0) - now < holds.lease_sec / 2:
+                    # Waited in the ready queue: give the consumer a whole lease.
+                    renewed = await self.inbox.aextend(
+                        record.id, record.lease_token, lease_sec=holds.lease_sec
                     )
                     if renewed is None:
                         holds.drop(record.id)
                         continue
                     holds.hold(renewed, "queue")
                     record = renewed
+                if item is not None:
+                    return item
                 try:
                     return item_of(record)
                 except FormatError as exc:
@@ -909,6 +911,10 @@ class WebhookConnector:
             raise UsageError("poll_interval_sec must be a positive number")
         self._pump_running = True
         try:
+            try:
+                await self.inbox.arecount()  # after a crash on a store without atomic updates
+            except StoreError as exc:
+                _log.warning("inbox pump: store failed: %s", exc)
             while not self._closed:
                 try:
                     await self._renew()

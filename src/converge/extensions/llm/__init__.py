@@ -22,6 +22,8 @@ from converge.extensions.llm._retry import RetryPolicy
 from converge.extensions.llm.agent import LLMAgent
 from converge.extensions.llm.anthropic import AnthropicProvider
 from converge.extensions.llm.decisions_json import decisions_tool, parse_decisions
+from converge.extensions.llm.fallback import FallbackProvider
+from converge.extensions.llm.limits import LimitedProvider
 from converge.extensions.llm.mistral import MistralProvider
 from converge.extensions.llm.openai import OpenAIProvider
 from converge.extensions.llm.protocol import ChatResult, LLMProvider, ToolCall, Usage
@@ -33,8 +35,10 @@ __all__ = [
     "ChatResult",
     "ChatStream",
     "ContentFilteredError",
+    "FallbackProvider",
     "LLMAgent",
     "LLMProvider",
+    "LimitedProvider",
     "MistralProvider",
     "OpenAIProvider",
     "ProviderOverloadedError",

@@ -586,9 +586,9 @@ class SDKProvider:
             failure = self._classify(exc, time.time())
             error = exc if failure is None else failure.error
             record.end(error=error)
-            if failure is None:
+            if error is exc:
                 raise
-            raise failure.error from exc
+            raise error from exc
         except GeneratorExit:  # the consumer stopped reading: not a failure
             record.end()
             raise

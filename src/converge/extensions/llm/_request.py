@@ -226,6 +226,8 @@ def _message(i: int, message: Any) -> dict[str, Any]:
     if role not in ROLES:
         raise UsageError(f"{where}['role'] must be one of {sorted(ROLES)}, not {role!r}")
     content = message.get("content")
+    if type(content) is str and role in ("system", "user") and len(message) == 2:
+        return {"role": role, "content": content}  # the common case, without the detours
     if role == "system":
         return {"role": role, "content": _content(f"{where}['content']", content, rich=False)}
     if role == "user":
@@ -333,6 +335,8 @@ def _tool_choice(value: Any, tools: tuple[ToolSpec, ...]) -> str | None:
 
 
 def _check_names(kwargs: Mapping[str, Any], provider: str, accepted: frozenset[str]) -> None:
+    if kwargs.keys() <= accepted:
+        return
     unknown = sorted(set(kwargs) - set(OPTIONS))
     if unknown:
         allowed = ", ".join(sorted(accepted))

@@ -86,6 +86,7 @@ class _Reply:
     usage: Usage | None
     stop_reason: str | None = None
     tool_call_id: str | None = None
+    model: str | None = None
 
 
 def _usage_dict(usage: Usage | None) -> dict[str, int | None]:
@@ -349,8 +350,10 @@ class LLMAgent(Agent):
                     text = call.raw_arguments
                     if text is None:
                         text = _json_text(call.arguments)
-                    return _Reply(text, result.usage, result.stop_reason, call.id or None)
-        return _Reply(result.text, result.usage, result.stop_reason)
+                    return _Reply(
+                        text, result.usage, result.stop_reason, call.id or None, result.model
+                    )
+        return _Reply(result.text, result.usage, result.stop_reason, None, result.model)
 
     async def _stream(self, prompt: list[dict[str, Any]], call_id: str) -> _Reply:
         stream = self.provider.chat_stream(prompt)
@@ -489,6 +492,7 @@ class LLMAgent(Agent):
                             usage=_usage_dict(reply.usage),
                             stop_reason=reply.stop_reason,
                             latency_s=anyio.current_time() - started,
+                            model=reply.model,
                         )
                     )
                 try:

@@ -15,13 +15,16 @@ tools, invalid tool arguments, a ``SendMessage`` claiming another sender.
 
 converge assigns message ids, timestamps and tool call ids, always: values the model
 supplies for them (for example by imitating its history) are dropped, so two answers can
-never name the same message.
+never name the same message. Tool call ids are 9 letters and digits, a format every
+provider's API accepts in tool-call history (Mistral's rule is the strictest).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -384,6 +387,16 @@ def parse_decisions(
     return decisions
 
 
+_CALL_ID_ALPHABET = string.ascii_letters + string.digits
+_CALL_ID_LENGTH = 9
+
+
+def _new_call_id() -> str:
+    """A tool call id valid for every API: 9 letters and digits (Mistral's format, the
+    strictest; OpenAI and Anthropic take it as is)."""
+    return "".join(secrets.choice(_CALL_ID_ALPHABET) for _ in range(_CALL_ID_LENGTH))
+
+
 _ASSIGNED = ("id", "timestamp")
 """``Message`` fields converge assigns; a model's values for them are dropped."""
 
@@ -404,7 +417,8 @@ def _one(item: Any, sender: str, tool_registry: ToolRegistry | None) -> Decision
             # reuse an id (the outbox keys idempotency on it) or backdate a message.
             item["message"] = {k: v for k, v in message.items() if k not in _ASSIGNED}
     elif item.get("type") == "InvokeTool":
-        item.pop("call_id", None)  # converge's too: it keys tool results in the history
+        # converge's too: it pairs tool results with their call in the history
+        item["call_id"] = _new_call_id()
     decision = decision_from_dict(item, sender=sender)
     if isinstance(decision, InvokeTool):
         if tool_registry is None:

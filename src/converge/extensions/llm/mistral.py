@@ -2,7 +2,9 @@
 
 The SDK's async path calls ``asyncio`` directly, so it only runs on asyncio. On trio this
 provider drives the SDK's synchronous client instead, one worker-thread hop per request
-(and per stream event), which keeps the event loop free on both backends.
+(and per stream event), which keeps the event loop free on both backends. Those threads
+come from the provider's own limiter (``thread_limit``), and a cancelled hop abandons its
+thread rather than waiting for the blocked read.
 """
 
 from __future__ import annotations

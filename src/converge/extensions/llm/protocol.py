@@ -155,9 +155,8 @@ class ChatResult:
                 f"ChatResult.stop_reason must be one of {sorted(STOP_REASONS)}, "
                 f"not {self.stop_reason!r}"
             )
-        if not isinstance(self.tool_calls, tuple) or not all(
-            isinstance(c, ToolCall) for c in self.tool_calls
-        ):
+        calls = self.tool_calls
+        if type(calls) is not tuple or (calls and not all(isinstance(c, ToolCall) for c in calls)):
             raise UsageError("ChatResult.tool_calls must be a tuple of ToolCall")
 
     @property
@@ -172,9 +171,11 @@ class LLMProvider(Protocol):
 
     Only :meth:`chat` is required of a user-written provider; :class:`LLMAgent
     <converge.extensions.llm.LLMAgent>` runs it in a worker thread when :meth:`achat` is
-    missing. converge's own providers also offer ``achat_with_usage(messages, **kwargs)
-    -> (text, Usage)``, ``last_usage``, and ``chat_stream(messages, **kwargs)``, an async
-    iterator of text deltas (see :class:`~converge.extensions.llm.ChatStream`). For
+    missing. converge's own providers also offer ``acomplete(messages, *,
+    allow_partial=False, **kwargs) -> ChatResult`` (sync ``complete``),
+    ``achat_with_usage(messages, **kwargs) -> (text, Usage)``, ``last_usage``, and
+    ``chat_stream(messages, **kwargs)``, an async iterator of text deltas (see
+    :class:`~converge.extensions.llm.ChatStream`). For
     streaming UIs, put hints in a message's ``payload["streaming"]`` or
     ``payload["progress"]``.
     """

@@ -55,31 +55,37 @@ _NULL = nullcontext()
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
-_global_traces = False
-_global_metrics = False
+_RECHECK = 1.0  # seconds between looks at whether a global SDK provider was installed
+_global: dict[str, float | bool] = {"traces": False, "metrics": False, "checked": -_RECHECK}
 
 
-def _traces_configured() -> bool:
-    """Whether a real (SDK) tracer provider was installed globally; until then spans of
-    the global provider are skipped outright (it can only be set once, so True sticks)."""
-    global _global_traces
-    if not _global_traces and _otel_trace is not None:
+def _globals_configured() -> tuple[bool, bool]:
+    """Whether real (SDK) tracer / meter providers were installed globally.
+
+    Until then spans and metrics of the global providers are skipped outright. Looking
+    costs microseconds (environment lookups), so it is done at most once a second; once
+    installed a provider cannot be replaced, so True sticks.
+    """
+    traces, metrics = bool(_global["traces"]), bool(_global["metrics"])
+    if traces and metrics:
+        return True, True
+    now = time.monotonic()
+    if now - float(_global["checked"]) < _RECHECK:
+        return traces, metrics
+    _global["checked"] = now
+    if _otel_trace is not None and not traces:
         provider = _otel_trace.get_tracer_provider()
-        _global_traces = not isinstance(
+        traces = not isinstance(
             provider, _otel_trace.ProxyTracerProvider | _otel_trace.NoOpTracerProvider
         )
-    return _global_traces
-
-
-def _metrics_configured() -> bool:
-    """Like :func:`_traces_configured`, for the global meter provider."""
-    global _global_metrics
-    if not _global_metrics and _otel_metrics is not None:
-        provider = _otel_metrics.get_meter_provider()
-        _global_metrics = not isinstance(provider, _otel_metrics.NoOpMeterProvider) and (
-            type(provider).__name__ != "_ProxyMeterProvider"
+        _global["traces"] = traces
+    if _otel_metrics is not None and not metrics:
+        meter_provider = _otel_metrics.get_meter_provider()
+        metrics = not isinstance(meter_provider, _otel_metrics.NoOpMeterProvider) and (
+            type(meter_provider).__name__ != "_ProxyMeterProvider"
         )
-    return _global_metrics
+        _global["metrics"] = metrics
+    return traces, metrics
 
 
 def error_type(exc: BaseException) -> str:
@@ -104,11 +110,13 @@ class CallRecord:
         "span",
     )
 
-    def __init__(self, telemetry: Telemetry, provider: str, model: str, span: Any) -> None:
+    def __init__(
+        self, telemetry: Telemetry, provider: str, model: str, span: Any, label: str
+    ) -> None:
         self._telemetry = telemetry
         self._provider = provider
         self._model = model
-        self._labels = {"provider": provider, "model": model}
+        self._labels = {"provider": label, "model": model}
         self._start = time.perf_counter()
         self._done = False
         self._metering = telemetry._metering()
@@ -217,7 +225,8 @@ def _set_result(span: Any, result: ChatResult) -> None:
         span.set_attribute("gen_ai.response.model", result.model)
     if result.response_id:
         span.set_attribute("gen_ai.response.id", result.response_id)
-    span.set_attribute("gen_ai.response.finish_reasons", [result.raw_stop_reason or "unknown"])
+    if result.raw_stop_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [result.raw_stop_reason])
     span.set_attribute("converge.stop_reason", result.stop_reason)
     usage = result.usage
     if usage.input_tokens is not None:
@@ -245,7 +254,9 @@ class Telemetry:
             ``output``, ``cache_read``, ``cache_write``, ``reasoning``),
             ``llm_call_duration_seconds``; all labelled ``provider`` and ``model``, plus
             ``llm_tool_calls_total{tool}`` / ``llm_tool_errors_total{tool,error_type}``
-            from :meth:`tool_span`.
+            from :meth:`tool_span`. ``provider`` is converge's name (``"mistral"``, as in
+            ``ProviderError.provider``); spans and OpenTelemetry metrics use the semantic
+            conventions' (``"mistral_ai"``).
         capture_content: Record tool-call arguments on tool spans
             (``gen_ai.tool.call.arguments``); off by default, as they may hold
             personal data.
@@ -297,15 +308,17 @@ class Telemetry:
             )
 
     def _tracing(self) -> bool:
-        return self._tracer is not None and (self._own_tracer or _traces_configured())
+        return self._tracer is not None and (self._own_tracer or _globals_configured()[0])
 
     def _metering(self) -> bool:
-        return self._duration is not None and (self._own_meter or _metrics_configured())
+        return self._duration is not None and (self._own_meter or _globals_configured()[1])
 
     def with_collector(self, collector: MetricsCollector | None) -> Telemetry:
         """This telemetry, reporting to ``collector`` as well (self when it is None)."""
         if collector is None or collector is self.metrics_collector:
             return self
+        if not isinstance(collector, MetricsCollector):
+            raise UsageError("metrics_collector must be a MetricsCollector or None")
         other = Telemetry.__new__(Telemetry)
         other.metrics_collector = collector
         other.capture_content = self.capture_content
@@ -315,8 +328,6 @@ class Telemetry:
         other._duration = self._duration
         other._tokens = self._tokens
         other._retries = self._retries
-        if not isinstance(collector, MetricsCollector):
-            raise UsageError("metrics_collector must be a MetricsCollector or None")
         return other
 
     def start_call(
@@ -354,7 +365,7 @@ class Telemetry:
             span = self._tracer.start_span(
                 f"chat {model}", kind=_otel_trace.SpanKind.CLIENT, attributes=attrs
             )
-        return CallRecord(self, name, model, span)
+        return CallRecord(self, name, model, span, provider)
 
     def current(self, record: CallRecord) -> AbstractContextManager[Any]:
         """Make ``record``'s span the current one (so HTTP client spans nest under it)."""
