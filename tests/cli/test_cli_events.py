@@ -134,9 +134,10 @@ def test_the_admin_api_of_the_running_gateway(running: tuple[GatewayProcess, Pat
 
 
 def test_the_cli_reads_a_running_gateways_redis_store(tmp_path: Path) -> None:
-    from redis_helpers import redis_server
+    from redis_server import RedisServer
 
-    with redis_server() as url:
+    with RedisServer() as redis:
+        url = redis.url
         config = tmp_path / "redis.toml"
         config.write_text(
             textwrap.dedent(

@@ -38,6 +38,7 @@ __all__ = [
     "build_gateway",
     "check_gateway_settings",
     "load_config",
+    "masked_store",
     "open_store",
     "parse_config",
 ]
