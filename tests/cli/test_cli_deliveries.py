@@ -218,3 +218,20 @@ def test_the_inspector_replays_a_dead_delivery_and_it_appears_delivered(
         assert "HTTP 200" in attempts
         driver.save_screenshot(str(tmp_path / "replayed.png"))
         Path("/tmp/ops-replayed.png").write_bytes((tmp_path / "replayed.png").read_bytes())
+
+
+def test_replaying_a_forwarded_event_delivers_it_again(
+    setup: tuple[GatewayProcess, Path, Receiver],
+) -> None:
+    gateway, config, receiver = setup
+    cwd = config.parent
+    receiver.status = 200
+    body = send_github(gateway, "replay-me")
+    wait_for(lambda: any(got == body for _, got in receiver.got))
+    events = json.loads(
+        cli("events", "list", "--config", str(config), "--json", "--limit", "100", cwd=cwd).stdout
+    )
+    (event,) = [e for e in events if e["created"] == max(x["created"] for x in events)]
+    replayed = cli("events", "replay", event["id"], "--config", str(config), cwd=cwd)
+    assert replayed.returncode == 0, replayed.stderr
+    wait_for(lambda: sum(got == body for _, got in receiver.got) == 2)
