@@ -7,7 +7,8 @@ each answer. Implementations:
 
 * ``converge``: :class:`~converge.extensions.connectors.GatewayApp` with a MemoryStore:
   every check (media type, size, timestamp, signature, JSON, event id), the atomic
-  idempotency claim, and the hand-off of a ``Message`` to the inbound queue (drained).
+  idempotency claim and the inbox record, written in one atomic update (recorded
+  acknowledged, as the standalone gateway does for events without ``forward_to``).
 * ``converge-sqlite``: the same with the CLI's embedded default store (SQLite file,
   ``durable=True``: a synced write per accepted event). Informational.
 * ``starlette``: a bare Starlette endpoint doing only the HMAC check, then 202.
@@ -64,29 +65,10 @@ def converge_app(store_kind: str) -> Any:
         secrets={"bench": SECRET},
         store=store,
     )
-    app = GatewayApp(WebhookGateway(connector), run_dispatcher=False)
-
-    async def drained(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-
-        async def drain() -> None:
-            # A consumer that keeps up: take everything queued at each wake-up.
-            stream = connector.inbound_events
-            async for _ in stream:
-                while True:
-                    try:
-                        stream.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain)
-            await app(scope, receive, send)
-            tg.cancel_scope.cancel()
-
-    return drained
+    # As the standalone gateway runs it (cli/serve.py make_app): no forward_to, so the
+    # inbox record, written already acknowledged with the claim, is the consumer.
+    connector.acknowledge_on_accept = True
+    return GatewayApp(WebhookGateway(connector), run_dispatcher=False)
 
 
 def starlette_app() -> Any:

@@ -3,10 +3,11 @@
 A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
 127.0.0.1. In this process, at concurrency 1, 16 and 64:
 
-* ``converge``: submit N actions to a :class:`WebhookConnector` (MemoryStore outbox)
-  and run its dispatcher until all are delivered: persistence, leases, Idempotency-Key,
-  breaker, retries bookkeeping and metrics included. Timed from the first submit to the
-  last delivery.
+* ``converge``: submit N actions to a :class:`WebhookConnector` (MemoryStore outbox;
+  ``deliveries_sqlite_*``: a durable SQLite outbox) and run its dispatcher until all are
+  delivered: persistence, fenced leases, attempt history, Idempotency-Key, breaker,
+  retries bookkeeping and metrics included. Timed from the first submit to the last
+  delivery.
 * ``httpx``: the same N POSTs (same body and ``Idempotency-Key`` header) with one
   ``httpx.AsyncClient`` and as many worker tasks as the concurrency: what you would
   write without an outbox.
@@ -23,23 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
 from _bench import Results, arg_parser, best_of_rounds, child_servers, serve_uvicorn, timed_workers
+from converge.core.store import Store
 from converge.extensions.connectors import (
     OutboundTarget,
     OutboundWebhookAction,
     WebhookConnector,
     WebhookRetryPolicy,
 )
-from converge.extensions.storage import MemoryStore
+from converge.extensions.storage import MemoryStore, SQLiteStore
 
 CONCURRENCY = (1, 16, 64)
 BODY = {"type": "invoice.paid", "data": {"invoice": "in_123", "amount": 1299, "currency": "eur"}}
@@ -71,11 +75,20 @@ def serve(port: int) -> None:
     serve_uvicorn(receiver, port, backlog=2048)
 
 
-async def converge_round(url: str, n: int, concurrency: int) -> float:
+async def converge_round(url: str, n: int, concurrency: int, durable: bool = False) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        store: Store = SQLiteStore(Path(tmp) / "outbox.sqlite3") if durable else MemoryStore()
+        try:
+            return await _converge_round(store, url, n, concurrency)
+        finally:
+            await store.aclose()
+
+
+async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> float:
     connector = WebhookConnector(
         provider_profiles={},
         secrets={},
-        store=MemoryStore(),
+        store=store,
         targets=[OutboundTarget("app", url, max_concurrency=concurrency)],
         max_in_flight=concurrency,
         retry_policy=WebhookRetryPolicy(request_timeout_sec=30),
@@ -148,15 +161,22 @@ def run(quick: bool) -> list[dict[str, Any]]:
             }
             best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=float)
             results.add_rates(f"deliveries_c{concurrency}", best)
+        n = 60 if quick else 1000
+        impls = {
+            "converge": partial(deliver, partial(converge_round, durable=True), url, 16),
+            "httpx": partial(deliver, httpx_round, url, 16),
+        }
+        best = best_of_rounds(impls, 20, n, rounds, key=float)
+        results.add_rates("deliveries_sqlite_c16", best)
     return results.rows
 
 
 def table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'case':<18}{'converge/s':>12}{'httpx/s':>10}{'ratio':>8}", file=sys.stderr)
+    print(f"\n{'case':<24}{'converge/s':>12}{'httpx/s':>10}{'ratio':>8}", file=sys.stderr)
     for case in dict.fromkeys(r["case"] for r in rows):
         ours = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "converge")
         peer = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "httpx")
-        print(f"{case:<18}{ours:>12.0f}{peer:>10.0f}{ours / peer:>7.2f}x", file=sys.stderr)
+        print(f"{case:<24}{ours:>12.0f}{peer:>10.0f}{ours / peer:>7.2f}x", file=sys.stderr)
 
 
 def main() -> None:

@@ -12,6 +12,9 @@ on stderr. Peers, measured in the same run, taking turns with converge:
 * ``diskcache``: ``diskcache.Cache`` get/set, with the same SQLite synchronous setting as
   the SQLiteStore it races.
 * ``dict``: a plain dict, the floor for MemoryStore.
+* ``per-write``: SQLiteStore's previous write path, one transaction (and one sync) per
+  write, against its group commit, with 32 tasks writing at once (``diskcache`` too,
+  each call in a worker thread, as an async caller must).
 
 Usage: ``python benchmarks/storage.py [--quick] [--dir DIR]`` (``DIR`` should be on the
 disk you care about: fsync costs what that disk makes it cost).
@@ -23,6 +26,8 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -31,8 +36,19 @@ import aiofiles
 import anyio
 import diskcache
 
-from _bench import Results, arg_parser, as_async, compare, compare_async, print_ratio_table
+from _bench import (
+    Results,
+    arg_parser,
+    as_async,
+    best_of_rounds,
+    compare,
+    compare_async,
+    print_ratio_table,
+    timed_workers,
+)
 from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
+
+TASKS = 32
 
 VALUE = os.urandom(1024)
 # Writes cycle through distinct values: SQLite skips rewriting a row whose bytes did not
@@ -88,6 +104,57 @@ def bare_durable_write(directory: str, name: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class PerWriteSQLiteStore(SQLiteStore):
+    """SQLiteStore as it was before group commit: each write its own transaction."""
+
+    def _commit(self, op: Any, key: str | None = None, *, isolated: bool = False) -> Any:
+        with self._lock:
+            conn = self._conn or self._conn_locked()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = op(conn, time.time())
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return result
+
+
+def bump(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    return {k: (v or 0) + 1 for k, v in current.items()}, None
+
+
+def diskcache_bump(cache: diskcache.Cache, key: str) -> None:
+    with cache.transact():
+        cache.set(key, cache.get(key, 0) + 1)
+
+
+def concurrent_writes(
+    impls: dict[str, Callable[[int, int], Awaitable[object]]],
+) -> dict[str, Callable[[int], float]]:
+    """``impls[name](task, i)`` is one write; each round runs ``TASKS`` tasks at once."""
+
+    def round_of(write: Callable[[int, int], Awaitable[object]]) -> Callable[[int], float]:
+        def run_round(n: int) -> float:
+            per_task = max(1, n // TASKS)
+
+            async def main() -> float:
+                tasks = iter(range(TASKS))
+
+                async def worker() -> None:
+                    task = next(tasks)
+                    for i in range(per_task):
+                        await write(task, i)
+
+                return per_task * TASKS / await timed_workers(worker, TASKS)
+
+            return anyio.run(main)
+
+        return run_round
+
+    return {name: round_of(write) for name, write in impls.items()}
 
 
 # -- cases ------------------------------------------------------------------------------
@@ -201,6 +268,53 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
         sqlite_store.close()
         cache.close()
 
+    # Group commit: 32 tasks writing durably at once, against one transaction per write.
+    size, rounds = (TASKS * 4, 2) if quick else (TASKS * 40, 5)
+    stores = {
+        "converge": SQLiteStore(os.path.join(base, "gc.db")),
+        "per-write": PerWriteSQLiteStore(os.path.join(base, "pw.db")),
+    }
+    cache = diskcache.Cache(os.path.join(base, "dc_gc"), sqlite_synchronous=2)
+    unique = uuid.uuid4().hex
+
+    def value(i: int) -> bytes:
+        return VALUES[i % len(VALUES)]
+
+    fresh = itertools.count()  # put_if_absent of a key that exists writes nothing
+
+    def put(st: SQLiteStore, t: int, i: int) -> Awaitable[None]:
+        return st.aput(f"k{t}", value(i))
+
+    def claim(st: SQLiteStore, t: int, i: int) -> Awaitable[bool]:
+        return st.aput_if_absent(f"c{next(fresh)}/{unique}", 1)
+
+    def update(st: SQLiteStore, t: int, i: int) -> Awaitable[None]:
+        return st.aupdate([f"n{t}"], bump)
+
+    def in_worker(fn: Callable[..., object], *args: object) -> Awaitable[object]:
+        return anyio.to_thread.run_sync(fn, *args)
+
+    cases: dict[str, dict[str, Callable[[int, int], Awaitable[object]]]] = {
+        "sqlite_aput_durable_x32": {
+            **{name: partial(put, st) for name, st in stores.items()},
+            "diskcache": lambda t, i: in_worker(cache.set, f"k{t}", value(i)),
+        },
+        "sqlite_aput_if_absent_durable_x32": {
+            **{name: partial(claim, st) for name, st in stores.items()},
+            "diskcache": lambda t, i: in_worker(cache.add, f"c{next(fresh)}/{unique}", 1),
+        },
+        "sqlite_aupdate_durable_x32": {
+            **{name: partial(update, st) for name, st in stores.items()},
+            "diskcache": lambda t, i: in_worker(diskcache_bump, cache, f"n{t}"),
+        },
+    }
+    for case, impls in cases.items():
+        best = best_of_rounds(concurrent_writes(impls), TASKS, size, rounds, key=float)
+        emit(case, best)
+    for st in stores.values():
+        st.close()
+    cache.close()
+
     # MemoryStore against a bare dict (no lock, no TTL): the floor.
     memory = MemoryStore()
     plain: dict[str, Any] = {}
@@ -235,7 +349,7 @@ def main() -> None:
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="converge-bench-", dir=args.dir)
     try:
-        print_ratio_table(run(args.quick, base), widths=(26, 18, 14, 14))
+        print_ratio_table(run(args.quick, base), widths=(34, 18, 14, 14))
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

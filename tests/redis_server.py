@@ -29,10 +29,10 @@ def free_port() -> int:
 class RedisServer:
     """``redis-server`` on 127.0.0.1 at a free port; a context manager that stops it."""
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, port: int | None = None) -> None:
         server = shutil.which("redis-server")
         assert server, "redis-server is needed (apt install redis-server)"
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         self.proc = subprocess.Popen(

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Packages whose __all__ is the public API the reference must cover.
 PACKAGES = [
     "converge.core",
+    "converge.durable",
     "converge.runtime",
     "converge.errors",
     "converge.extensions.storage",
@@ -24,6 +25,8 @@ PACKAGES = [
     "converge.extensions.llm",
     "converge.extensions.rate_limit",
     "converge.extensions.connectors",
+    "converge.extensions.connectors.server",
+    "converge.durable",
 ]
 
 

@@ -6,13 +6,66 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+import converge
+from loopback import UvicornThread, read_request, serve_lifespan
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
+# The example's outbound target; tests never send there (see example_config).
+EXAMPLE_TARGET = "http://127.0.0.1:9000/events"
+# Subprocesses import the converge these tests imported, whatever their working directory.
+SRC = str(Path(converge.__file__).resolve().parents[1])
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``converge`` subprocess: this converge first on the path."""
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+class Recorder:
+    """A target the tests start themselves: records every request, answers 200."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        headers, body = await read_request(scope, receive)
+        with self.lock:
+            self.requests.append((scope["path"], headers, body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def received(self) -> list[tuple[str, dict[str, str], bytes]]:
+        with self.lock:
+            return list(self.requests)
+
+
+def example_config(directory: Path, target_url: str) -> Path:
+    """examples/gateway.toml with its target pointed at ``target_url`` (a test server)."""
+    text = EXAMPLE.read_text()
+    if EXAMPLE_TARGET not in text:
+        raise AssertionError(f"{EXAMPLE} no longer names {EXAMPLE_TARGET}; update the tests")
+    path = directory / "gateway.toml"
+    path.write_text(text.replace(EXAMPLE_TARGET, target_url))
+    return path
+
+
+def serve_recorder() -> tuple[Recorder, UvicornThread]:
+    """A :class:`Recorder` served on a free loopback port."""
+    recorder = Recorder()
+    return recorder, UvicornThread(recorder, name="recorder").start()
 
 
 def free_port() -> int:
@@ -24,7 +77,14 @@ def free_port() -> int:
 class GatewayProcess:
     """``converge gateway --config ...`` as a subprocess on a free loopback port."""
 
-    def __init__(self, config: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        *,
+        open_files: int | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd / "gateway.log"
@@ -44,7 +104,8 @@ class GatewayProcess:
             cwd=cwd,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=subprocess_env(env),
+            preexec_fn=None if open_files is None else _limit_open_files(open_files),
         )
         deadline = time.monotonic() + 20
         while True:
@@ -67,3 +128,12 @@ class GatewayProcess:
                 self.process.kill()
                 self.process.wait()
         self._log_file.close()
+
+
+def _limit_open_files(count: int) -> Any:
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+    return limit

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import standardwebhooks
-from cli_helpers import EXAMPLE, GatewayProcess
+from cli_helpers import EXAMPLE, GatewayProcess, Recorder, subprocess_env
 
 from converge.cli import main
 from converge.extensions.connectors import ProviderProfile, WebhookSecurity, WebhookSecurityPolicy
@@ -25,6 +25,7 @@ def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
         capture_output=True,
         text=True,
         timeout=60,
+        env=subprocess_env(),
     )
 
 
@@ -69,8 +70,10 @@ def test_webhook_send_reports_rejections_with_exit_status_1(
 
 
 def test_the_example_gateway_serves_probes_and_guards_outbound(
-    example_gateway: GatewayProcess,
+    example_gateway: GatewayProcess, example_target: tuple[Recorder, str]
 ) -> None:
+    import time
+
     import httpx
 
     assert httpx.get(f"{example_gateway.url}/readyz").status_code == 200
@@ -81,6 +84,13 @@ def test_the_example_gateway_serves_probes_and_guards_outbound(
         headers={"authorization": "Bearer " + "t" * 32},
     )
     assert ok.status_code == 202
+    # Delivered to the target this test started (never to the example's 127.0.0.1:9000).
+    recorder = example_target[0]
+    deadline = time.monotonic() + 10
+    while not recorder.received() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    path, _, body = recorder.received()[0]
+    assert (path, json.loads(body)) == ("/events", {"a": 1})
 
 
 def test_webhook_sign_prints_headers_the_reference_library_accepts(

@@ -55,7 +55,7 @@ def test_a_schedule_takes_durations_and_reaches_the_connector() -> None:
     assert connector.dispatcher.lease_sec == 3.5
     breaker = connector.breaker("any")
     assert (breaker.failure_threshold, breaker.recovery_timeout_sec) == (3, 120.0)
-    assert connector.outbox._dead_ttl == 86400.0
+    assert connector.outbox.queue.transitions.dead_retention_sec == 86400.0
 
 
 def test_the_exponential_keys_give_the_seed_policy() -> None:

@@ -202,3 +202,85 @@ def test_three_replicas_on_one_redis_accept_once_deliver_once_and_survive_a_kill
             replica.stop()
         for home in homes:
             print(f"--- {home.name}\n" + (home / "gateway.log").read_text()[-3000:])
+
+
+def test_a_redis_restart_gives_503_with_retry_after_then_recovers_by_itself(
+    tmp_path: Path, sink: tuple[Sink, str]
+) -> None:
+    receiver, receiver_url = sink
+    server = RedisServer("--requirepass", PASSWORD)
+    config = write_config(tmp_path, server, receiver_url)
+    gateway = GatewayProcess(config, tmp_path, env=env())
+    try:
+        body, headers = signed(f"evt_{uuid.uuid4().hex}")
+        assert (
+            httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers).status_code
+            == 202
+        )
+        server.stop()  # Redis goes away mid-run
+        body, headers = signed(f"evt_{uuid.uuid4().hex}")
+        down = httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers, timeout=30)
+        assert down.status_code == 503, down.text
+        assert down.headers["retry-after"]
+        assert down.json()["reason"] == "store_unavailable"
+        assert httpx.get(f"{gateway.url}/readyz").status_code in (200, 503)  # never a 500
+        server = RedisServer("--requirepass", PASSWORD, port=server.port)  # back, empty
+        deadline = time.monotonic() + 20
+        while True:  # the sender's retry, as Standard Webhooks senders do
+            again = httpx.post(f"{gateway.url}/webhook/sw", content=body, headers=headers)
+            if again.status_code == 202:
+                break
+            assert again.status_code == 503, again.text
+            assert time.monotonic() < deadline, "the gateway did not recover"
+            time.sleep(0.2)
+        wait_for(lambda: len(set(receiver.keys)) == 2, 15, "not every event was delivered")
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def redis_commands(url: str) -> dict[str, int]:
+    """Commands the server ran so far, by name (``INFO commandstats``)."""
+    info = subprocess.run(
+        ["redis-cli", "-u", url, "--no-auth-warning", "info", "commandstats"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts = {}
+    for line in info.splitlines():
+        if line.startswith("cmdstat_"):
+            name, stats = line[len("cmdstat_") :].split(":", 1)
+            counts[name] = int(stats.split(",")[0].split("=")[1])
+    return counts
+
+
+def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        config = write_config(tmp_path, server, "http://127.0.0.1:1")
+        # the accepting path alone: no password, no forward (the record is the event log)
+        text = config.read_text().replace('store_password_env = "TEST_REDIS_PASSWORD"\n', "")
+        config.write_text(text.replace('forward_to = "sink"\n', ""))
+        gateway = GatewayProcess(config, tmp_path)
+        try:
+            with httpx.Client(base_url=gateway.url) as http:
+
+                def accept() -> None:
+                    body, headers = signed(f"evt_{uuid.uuid4().hex}")
+                    assert (
+                        http.post("/webhook/sw", content=body, headers=headers).status_code == 202
+                    )
+
+                accept()  # warm: the script is loaded once per server
+                before = redis_commands(server.url)
+                for _ in range(50):
+                    accept()
+                after = redis_commands(server.url)
+        finally:
+            gateway.stop()
+    # the claim and the inbox record: one read (MGET) and one compare-and-set (EVALSHA)
+    # per event; inside the script the server runs GET/SET, which are no round trips
+    ran = {c: after[c] - before.get(c, 0) for c in after if after[c] - before.get(c, 0)}
+    round_trips = sum(n for c, n in ran.items() if c not in ("get", "set", "del", "info"))
+    assert ran.get("mget") == ran.get("evalsha") == 50, ran
+    assert round_trips - 100 <= 5, ran  # at most a background scan or two besides

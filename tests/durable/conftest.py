@@ -10,14 +10,13 @@ import pytest
 
 from converge.core.store import Store
 from converge.extensions.storage import FileStore, MemoryStore, RedisStore, SQLiteStore
-from redis_helpers import redis_server
+from redis_server import shared_redis_url
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """One redis-server for the session."""
-    with redis_server() as url:
-        yield url
+    yield from shared_redis_url()
 
 
 @pytest.fixture(params=["memory", "file", "sqlite", "redis"])

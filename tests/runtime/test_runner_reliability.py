@@ -170,6 +170,7 @@ def test_retry_schedule_math() -> None:
     err = ProviderRateLimitError("x", retry_after=None)
     assert retry.retry_after(err) is None
     assert retry.retry_after(ProviderRateLimitError("x", retry_after=7200)) == 3600
+    assert retry.retry_after(ProviderRateLimitError("x", retry_after=0)) == 0.5  # no spin
     for bad in ({"max_attempts": 0}, {"backoff": -1}, {"multiplier": 0.5}, {"backoff": "1"}):
         with pytest.raises(UsageError):
             AgentRetry(**bad)

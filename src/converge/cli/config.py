@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
@@ -37,6 +38,7 @@ __all__ = [
     "build_gateway",
     "check_gateway_settings",
     "load_config",
+    "masked_store",
     "open_store",
     "parse_config",
 ]
@@ -59,11 +61,20 @@ _GATEWAY_KEYS = {
     "log_format",
     "admin_token_env",
     "event_log_max",
+    "event_retention_sec",
     "client_cert_header",
     "poll_interval_sec",
+    # server limits (slow and idle clients) and proxies
+    "trusted_proxies",
+    "header_timeout_sec",
+    "body_timeout_sec",
+    "keep_alive_timeout_sec",
+    "max_connections",
+    "backlog",
+    "max_header_bytes",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
-_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
+_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to", "forward_format"}
 _TARGET_KEYS = {"url", "signing_secret", "signing_secret_env", "max_concurrency"}
 # [retry]: a delay schedule (the default) or the exponential WebhookRetryPolicy.
 _SCHEDULE_KEYS = {"schedule", "jitter_ratio", "request_timeout_sec", "lease_margin_sec"}
@@ -83,11 +94,14 @@ class ProviderConfig:
         profile: The provider profile.
         secrets: The secret values (several during a rotation).
         forward_to: Target that receives accepted events, if any.
+        forward_format: ``"envelope"`` (converge's JSON event) or ``"raw"`` (the
+            sender's exact bytes and headers, plus converge's signature).
     """
 
     profile: ProviderProfile
     secrets: tuple[str, ...]
     forward_to: str | None = None
+    forward_format: str = "envelope"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +134,19 @@ class GatewayConfig:
         admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
         event_log_max: Finished records (events, deliveries, dead letters) kept per
             queue at most; older ones are deleted (the retention bounds them in time).
-        client_cert_header: Trusted proxy header reporting client certificates.
+        event_retention_sec: How long finished inbound events stay in the event log.
+        client_cert_header: Proxy header reporting client certificates (trusted only
+            from ``trusted_proxies``).
         poll_interval_sec: Outbox rescan interval.
+        trusted_proxies: Addresses/CIDR networks of the proxies in front of the gateway:
+            only they may set ``client_cert_header`` and ``X-Forwarded-For``.
+        header_timeout_sec: Seconds for a request's line and headers to arrive in full.
+        body_timeout_sec: Seconds for a request body to arrive in full (else 408).
+        keep_alive_timeout_sec: Seconds an idle keep-alive connection stays open.
+        max_connections: Open connections at most (the longest-waiting idle one is
+            closed for a new one; lowered to fit the open-file limit).
+        backlog: Connections the kernel queues before the server accepts them.
+        max_header_bytes: Largest request line plus headers.
         security: Inbound limits.
         retry: Outbound retries: a :class:`RetrySchedule` (Svix's by default) or a
             :class:`WebhookRetryPolicy` when ``[retry]`` sets its exponential keys.
@@ -146,8 +171,16 @@ class GatewayConfig:
     log_format: str = "text"
     admin_token: str | None = None
     event_log_max: int = 10_000
+    event_retention_sec: float = 7 * 24 * 3600.0
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
+    trusted_proxies: tuple[str, ...] = ()
+    header_timeout_sec: float = 10.0
+    body_timeout_sec: float = 30.0
+    keep_alive_timeout_sec: int = 5
+    max_connections: int = 512
+    backlog: int = 1024
+    max_header_bytes: int = 16384
     security: WebhookSecurityPolicy = field(default_factory=WebhookSecurityPolicy)
     retry: RetryStrategy = field(default_factory=RetrySchedule)
     breaker_failure_threshold: int = 5
@@ -303,7 +336,12 @@ def parse_config(
             options["required_payload_fields"] = tuple(options["required_payload_fields"])
         with _section(where):
             profile = ProviderProfile(name=name, secret_ref=name, **options)
-        providers[name] = ProviderConfig(profile, secrets, forward_to)
+        forward_format = table.get("forward_format", "envelope")
+        if forward_format not in ("envelope", "raw"):
+            raise ConfigurationError(f'[{where}] forward_format must be "envelope" or "raw"')
+        if forward_format == "raw" and forward_to is None:
+            raise ConfigurationError(f'[{where}] forward_format = "raw" needs forward_to')
+        providers[name] = ProviderConfig(profile, secrets, forward_to, forward_format)
 
     token = None
     token_env = gateway.get("outbound_token_env")
@@ -332,6 +370,8 @@ def parse_config(
     }
     kwargs["admin_token"] = admin_token
     kwargs["store_password"] = store_password
+    if isinstance(kwargs.get("trusted_proxies"), list):
+        kwargs["trusted_proxies"] = tuple(kwargs["trusted_proxies"])
     config = GatewayConfig(
         **kwargs,
         outbound_token=token,
@@ -440,11 +480,50 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
+    retention = config.event_retention_sec
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, int | float)
+        or not 0 < retention < float("inf")
+    ):
+        raise ConfigurationError("[gateway] event_retention_sec must be a positive number")
     count = config.event_log_max
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigurationError("[gateway] the admin token must have 16 characters or more")
+    _check_server_limits(config)
+
+
+def _check_server_limits(config: GatewayConfig) -> None:
+    for name in ("header_timeout_sec", "body_timeout_sec"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+            raise ConfigurationError(f"[gateway] {name} must be a number of seconds, 0 < x <= 3600")
+    for name, low, high in (
+        ("keep_alive_timeout_sec", 1, 3600),
+        ("max_connections", 1, 1_000_000),
+        ("backlog", 1, 65535),
+        ("max_header_bytes", 1024, 1_048_576),
+    ):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(f"[gateway] {name} must be an integer from {low} to {high}")
+    proxies = config.trusted_proxies
+    if not isinstance(proxies, tuple) or not all(isinstance(p, str) for p in proxies):
+        raise ConfigurationError("[gateway] trusted_proxies must be a list of addresses/networks")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"[gateway] trusted_proxies: {entry!r} is not an address or CIDR network"
+            ) from exc
+    if config.client_cert_header is not None and not proxies:
+        raise ConfigurationError(
+            "[gateway] client_cert_header is trusted only from trusted_proxies: list the "
+            "addresses of the proxies that set it"
+        )
 
 
 def load_config(
@@ -537,9 +616,11 @@ def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
         connector_id=config.connector_id,
         targets=[t.target for t in config.targets.values()],
         inbound_routes={n: p.forward_to for n, p in config.providers.items() if p.forward_to},
+        forward_formats={n: p.forward_format for n, p in config.providers.items() if p.forward_to},
         max_in_flight=config.max_in_flight,
         breaker_failure_threshold=config.breaker_failure_threshold,
         breaker_recovery_timeout_sec=config.breaker_recovery_timeout_sec,
         dead_letter_ttl_sec=config.dead_letter_retention_sec,
+        inbox_retention_sec=float(config.event_retention_sec),
     )
     return WebhookGateway(connector, outbound_token=config.outbound_token)

@@ -148,17 +148,24 @@ class Transitions:
             return {}, "duplicate"
         if any(current.get(k) is not None for k in self.keys.all(record.id)):
             return {}, "duplicate"
-        changes: Changes = {k: WithTTL(v, claim_ttl) for k, v in claims.items()}
+        # Order matters for stores whose multi-key updates are atomic against other
+        # writers but not against a crash (FileStore writes key by key, in this order):
+        # the record first, then the counter, then the claims, so a crash in between
+        # leaves at worst a record without its claims (its id still makes the sender's
+        # retry a duplicate) and an undercount (repaired by DurableQueue.arecount).
+        changes: Changes = {}
         if record.status in _OPEN:
             count = _count(current.get(self.keys.count))
             if count >= self.max_pending:
                 return {}, "full"
-            changes[self.keys.count] = WithTTL(count + 1, None)
             changes[self.keys.open(record.id)] = WithTTL(record.to_dict(), None)
+            changes[self.keys.count] = WithTTL(count + 1, None)
         elif record.status in _DONE:
             changes[self.keys.done(record.id)] = WithTTL(record.to_dict(), self.retention_sec)
         else:
             changes[self.keys.dead(record.id)] = WithTTL(record.to_dict(), self.dead_retention_sec)
+        for key, value in claims.items():
+            changes[key] = WithTTL(value, claim_ttl)
         return changes, "added"
 
     # -- leases ------------------------------------------------------------------------
@@ -322,6 +329,7 @@ class Transitions:
                 lease_owner=None,
                 lease_until=None,
                 budget_from=record.attempt_count,
+                replays=record.replays + 1,
             )
             changes = self._move(current, record_id, pending, self.keys.open(record_id), +1)
             return changes, pending
@@ -348,9 +356,11 @@ class Transitions:
             ttl = self.retention_sec
         elif record.status == "dead":
             ttl = self.dead_retention_sec
-        changes: Changes = {k: None for k in self.keys.all(record_id) if k != to}
-        changes = {k: v for k, v in changes.items() if current.get(k) is not None}
-        changes[to] = WithTTL(record.to_dict(), ttl)
+        # The new copy first (see add): a crash half-way leaves two copies, never none.
+        changes: Changes = {to: WithTTL(record.to_dict(), ttl)}
+        for key in self.keys.all(record_id):
+            if key != to and current.get(key) is not None:
+                changes[key] = None
         count = _count(current.get(self.keys.count))
         changes[self.keys.count] = WithTTL(max(count + delta, 0), None)
         return changes

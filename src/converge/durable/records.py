@@ -140,6 +140,9 @@ class Record:
         attempt_count: Every attempt ever made (``attempts`` may hold fewer).
         budget_from: ``attempt_count`` when the current attempt budget began (a replay
             starts a fresh budget); see :attr:`budget_used`.
+        replays: How many times an operator replayed it (:meth:`DurableQueue.areplay`);
+            consumers that derive idempotency keys from the record include it, so a
+            replay is a new delivery while a crash redelivery is not.
         lease_owner: Who holds the lease, while ``status == "leased"``.
         lease_token: Fencing token of the latest lease: it grows with each lease, and
             every transition names it, so a holder whose lease was taken over can no
@@ -159,6 +162,7 @@ class Record:
     attempts: tuple[Attempt, ...] = ()
     attempt_count: int = 0
     budget_from: int = 0
+    replays: int = 0
     lease_owner: str | None = None
     lease_token: int = 0
     lease_until: float | None = None
@@ -195,6 +199,7 @@ class Record:
             "attempts": [a.to_dict() for a in self.attempts],
             "attempt_count": self.attempt_count,
             "budget_from": self.budget_from,
+            "replays": self.replays,
             "lease_owner": self.lease_owner,
             "lease_token": self.lease_token,
             "lease_until": self.lease_until,
@@ -228,6 +233,7 @@ class Record:
             attempts=tuple(Attempt.from_dict(a) for a in attempts),
             attempt_count=_int(data.get("attempt_count", len(attempts)), "attempt_count"),
             budget_from=_int(data.get("budget_from", 0), "budget_from"),
+            replays=_int(data.get("replays", 0), "replays"),
             lease_owner=_opt_str(data.get("lease_owner"), "lease_owner"),
             lease_token=_int(data.get("lease_token", 0), "lease_token"),
             lease_until=_opt_num(data.get("lease_until"), "lease_until"),

@@ -30,10 +30,11 @@ class AckListener(Protocol):
     async def on_settled(self, message: Message) -> None:
         """Every acking subscription that received ``message`` acknowledged it.
 
-        Also called when ``publish`` returns and the message reached no acking
-        subscription (nobody needs to acknowledge it, including when a hook dropped
-        it). Not called for a message that any consumer dead-lettered, nor for a
-        publish that raised.
+        Also called when ``publish`` returns having delivered the message only to
+        receivers that do not acknowledge (sinks, subscriptions without ``ack``). Not
+        called for a message that any consumer dead-lettered, nor for a publish that
+        raised or delivered to nobody (a hook dropped it, no subscriber matched): that
+        publisher sees ``0`` and decides (the durable inbox publishes it again later).
         """
 
     async def on_dead(self, message: Message, consumer: str, reason: str) -> None:

@@ -262,14 +262,15 @@ class MessageBus:
     Acknowledgements: a subscription opened with ``ack=True`` acknowledges each message
     (:meth:`aack`) or gives it up (:meth:`adead_letter`); ack listeners
     (:meth:`add_ack_listener`) hear ``on_settled(message)`` once every acking subscription
-    that received it acknowledged it (or when ``publish`` returns and it reached none),
-    and ``on_dead(message, consumer, reason)`` for each dead letter. Sinks
+    that received it acknowledged it (or when ``publish`` delivered it to receivers none
+    of which acks), and ``on_dead(message, consumer, reason)`` for each dead letter. A
+    publish that delivered to nobody (``0``) settles nothing: its publisher decides. Sinks
     (:meth:`add_sink`) are durable hand-offs: ``publish`` awaits each matching sink's
     handler before it delivers to subscriptions, and raises what a handler raises.
 
     Metrics (on ``metrics``): ``bus_messages_published_total``,
     ``bus_messages_delivered_total``, ``bus_messages_dropped_total{stage}``,
-    ``bus_hook_errors_total{stage}``, ``bus_full_total``, ``bus_acks_total``,
+    ``bus_hook_errors_total{stage}``, ``bus_full_total``,
     ``bus_dead_letters_total{consumer}``, ``bus_ack_listener_errors_total``.
 
     Args:
@@ -443,7 +444,6 @@ class MessageBus:
         """
         if not isinstance(message, Message):
             raise UsageError(f"expected a converge Message, got {type(message).__name__}")
-        self.metrics.inc("bus_acks_total")
         settled = self._acks.ack(message.id, consumer)
         if settled is not None:
             await self._settled(settled)
@@ -532,12 +532,10 @@ class MessageBus:
                     raise UsageError(f"{hook!r}.apre_send returned {current!r}")
             except Exception as exc:
                 self._hook_failed(hook, "pre_send", exc, {"message": message, "bus": self})
-                await self._settle_unheld(message)
                 return 0
             if current is None:
                 metrics.inc("bus_messages_dropped_total", labels={"stage": "pre_send"})
                 _log.info("a pre_send hook dropped message %s", message.id)
-                await self._settle_unheld(message)
                 return 0
         assert current is not None
         targets = self._match(current)
@@ -548,23 +546,15 @@ class MessageBus:
             return await self._deliver(current, targets, wait)
         acks = self._acks
         acks.hold(current)
-        failed = True
+        delivered = 0
         try:
             delivered = await self._deliver(current, targets, wait)
-            failed = False
         finally:
-            settled = acks.release(current, failed=failed)
+            # nobody took it (or the publish failed): not settled, the publisher decides
+            settled = acks.release(current, failed=not delivered)
         if settled is not None:
             await self._settled(settled)
         return delivered
-
-    async def _settle_unheld(self, message: Message) -> None:
-        # dropped by a hook: no acking receiver holds it (unless a redelivery does)
-        if self._ack_listeners:
-            self._acks.hold(message)
-            settled = self._acks.release(message)
-            if settled is not None:
-                await self._settled(settled)
 
     async def _deliver(self, current: Message, targets: list[Subscription], wait: bool) -> int:
         delivered = 0

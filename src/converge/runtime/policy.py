@@ -30,7 +30,8 @@ class AgentRetry:
     A failure carrying ``retry_after`` (a :class:`~converge.errors.ProviderRateLimitError`
     or :class:`~converge.errors.RateLimitTimeoutError`, directly or as the cause of what
     ``adecide`` raised) is a wait, not an attempt: the batch runs again after
-    ``min(retry_after, max_retry_after)`` seconds, as often as the provider asks.
+    ``retry_after`` seconds (at least ``backoff``, at most ``max_retry_after``), as
+    often as the provider asks.
     Any other failure uses one of ``max_attempts``; between attempts the runner waits
     ``backoff * multiplier ** (attempt - 1)`` seconds, at most ``max_backoff``. A
     :class:`~converge.errors.BudgetExceededError` (an agent looping on tools) is not
@@ -78,7 +79,8 @@ class AgentRetry:
             if isinstance(current, ProviderRateLimitError | RateLimitTimeoutError):
                 wait = current.retry_after
                 if isinstance(wait, int | float) and math.isfinite(wait) and wait >= 0:
-                    return float(min(wait, self.max_retry_after))
+                    # at least the backoff: "Retry-After: 0" must not spin on the provider
+                    return float(min(max(wait, self.backoff), self.max_retry_after))
             current = current.__cause__ or current.__context__
         return None
 

@@ -204,6 +204,10 @@ class DecisionLog:
         return found, fresh
 
     async def _aread(self, keys: list[str]) -> dict[str, Any]:
+        if len(keys) == 1:
+            value = await self.store.aget(keys[0])
+            return {} if value is None else {keys[0]: value}
+
         def read(current: dict[str, Any | None]) -> tuple[dict[str, Any], dict[str, Any]]:
             return {}, {k: v for k, v in current.items() if v is not None}
 

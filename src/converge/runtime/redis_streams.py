@@ -288,12 +288,16 @@ class RedisStreamsBridge:
             return  # reclaimed while still being handled here
         held.append(entry)
         try:
-            await self.bus.publish(message, wait=True)
+            delivered = await self.bus.publish(message, wait=True)
         except BaseException:
             held.remove(entry)
             if not held:
                 del self._inflight[message.id]
             raise
+        if not delivered:
+            # nobody here takes it (no subscriber, or a hook dropped it): the bus settles
+            # nothing for a publish that reached nobody, so acknowledge it now
+            await self.on_settled(message)
 
     async def _bury(self, entry: _Entry, record: dict[str, Any]) -> None:
         await self._client.xadd(

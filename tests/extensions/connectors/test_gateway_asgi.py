@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +14,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from webhook_helpers import HMAC_SECRET, TOKEN, event_body, eventually, hmac_request
+from webhook_helpers import (
+    GITHUB_SECRET,
+    HMAC_SECRET,
+    SLACK_SECRET,
+    TOKEN,
+    event_body,
+    eventually,
+    github_request,
+    hmac_request,
+    slack_request,
+)
 
 from converge.errors import ConfigurationError, StoreUnavailableError
 from converge.extensions.connectors import (
@@ -496,3 +507,40 @@ async def test_a_body_slower_than_the_body_timeout_is_answered_408() -> None:
             app, "/webhook/shop", [(b"content-type", b"application/json")], trickle
         )
     assert (status, body["reason"]) == (408, "body_timeout")
+
+
+async def test_slack_slash_commands_and_github_forms_are_accepted_over_asgi() -> None:
+    connector = WebhookConnector(
+        provider_profiles={
+            "slack": ProviderProfile("slack", "slack", scheme="slack"),
+            "github": ProviderProfile("github", "github", scheme="github"),
+        },
+        secrets={"slack": SLACK_SECRET, "github": GITHUB_SECRET},
+    )
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    command = b"command=%2Fdeploy&text=prod&user_id=U1&trigger_id=1.2.abc"
+    event = {"action": "opened", "number": 3}
+    github_body = b"payload=" + urllib.parse.quote(json.dumps(event)).encode()
+    async with client(WebhookGateway(connector).asgi_app()) as http:
+        slack = await http.post(
+            "/webhook/slack", content=command, headers={**slack_request(command), **form}
+        )
+        assert (slack.status_code, slack.json()["event_id"]) == (202, "1.2.abc")
+        again = await http.post(
+            "/webhook/slack", content=command, headers={**slack_request(command), **form}
+        )
+        assert again.json()["status"] == "duplicate"
+        hub = await http.post(
+            "/webhook/github", content=github_body, headers={**github_request(github_body), **form}
+        )
+        assert hub.status_code == 202
+    first = (await connector.receive_inbound()).to_dict()["payload"]
+    assert first["subject"] == "/deploy"
+    assert first["payload"] == {
+        "command": "/deploy",
+        "text": "prod",
+        "user_id": "U1",
+        "trigger_id": "1.2.abc",
+    }
+    second = (await connector.receive_inbound()).to_dict()["payload"]
+    assert (second["payload"], second["subject"]) == (event, "push")

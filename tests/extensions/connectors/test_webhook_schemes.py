@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import urllib.parse
 from datetime import UTC, datetime
 
 import pytest
@@ -12,7 +14,12 @@ import standardwebhooks
 from webhook_helpers import SW_SECRET
 
 from converge.errors import ConfigurationError, UsageError, WebhookSecurityError
-from converge.extensions.connectors import ProviderProfile, sign_webhook
+from converge.extensions.connectors import (
+    ProviderProfile,
+    WebhookSecurity,
+    WebhookSecurityPolicy,
+    sign_webhook,
+)
 from converge.extensions.connectors.schemes import (
     decode_secret,
     parse_signed_parts,
@@ -204,3 +211,107 @@ def test_bad_secrets_and_arguments_are_refused() -> None:
         sign_webhook("github", "s", "text")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         sign_webhook("github", "s", b"{}", timestamp=-1)
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def form_security(clock: float, **policy: object) -> WebhookSecurity:
+    return WebhookSecurity(
+        WebhookSecurityPolicy(**policy),  # type: ignore[arg-type]
+        {
+            "slack": profile_named("slack", "slack"),
+            "github": profile_named("github", "github"),
+            "stripe": profile_named("stripe", "stripe"),
+            "gen": profile_named("gen", "hmac"),
+        },
+        {"slack": SLACK_DOC_SECRET, "github": GITHUB_DOC_SECRET, "stripe": "s", "gen": "g"},
+        clock=lambda: clock,
+    )
+
+
+def profile_named(name: str, scheme: str) -> ProviderProfile:
+    return ProviderProfile(name=name, secret_ref=name, scheme=scheme)
+
+
+def test_a_slack_slash_command_form_verifies_over_the_raw_body_and_decodes() -> None:
+    sec = form_security(float(SLACK_DOC_TS))
+    headers = {
+        "content-type": FORM,
+        "x-slack-signature": SLACK_DOC_SIG,
+        "x-slack-request-timestamp": SLACK_DOC_TS,
+    }
+    verified = sec.verify("slack", method="POST", headers=headers, raw_body=SLACK_DOC_BODY)
+    assert verified.payload["command"] == "/webhook-collect"
+    assert verified.payload["text"] == ""
+    assert verified.payload["response_url"].startswith("https://hooks.slack.com/commands/")
+    assert verified.event_id == "398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c"
+    assert verified.body == SLACK_DOC_BODY
+    with pytest.raises(WebhookSecurityError) as info:
+        sec.verify("slack", method="POST", headers=headers, raw_body=SLACK_DOC_BODY + b"&x=1")
+    assert info.value.reason == "bad_signature"
+
+
+def slack_signed(body: bytes, ts: int) -> dict[str, str]:
+    sig = hmac.new(SLACK_DOC_SECRET.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256)
+    return {
+        "content-type": FORM,
+        "x-slack-signature": "v0=" + sig.hexdigest(),
+        "x-slack-request-timestamp": str(ts),
+    }
+
+
+def test_a_slack_interactive_payload_is_the_json_in_the_payload_field() -> None:
+    ts = 1_700_000_000
+    sec = form_security(float(ts))
+    action = {"type": "block_actions", "trigger_id": "13345224609.738474920.8088930838d88f00"}
+    body = urllib.parse.urlencode({"payload": json.dumps(action)}).encode()
+    verified = sec.verify("slack", method="POST", headers=slack_signed(body, ts), raw_body=body)
+    assert verified.payload == action
+    assert verified.event_id == action["trigger_id"]
+    # Without a trigger_id (e.g. block_suggestion) the id is the digest of the body.
+    body = urllib.parse.urlencode({"payload": '{"type": "block_suggestion"}'}).encode()
+    verified = sec.verify("slack", method="POST", headers=slack_signed(body, ts), raw_body=body)
+    assert verified.event_id == "sha256:" + hashlib.sha256(body).hexdigest()
+    for bad, reason in ((b"payload=%7B", "malformed_json"), (b"payload=%5B1%5D", "not_an_object")):
+        with pytest.raises(WebhookSecurityError) as info:
+            sec.verify("slack", method="POST", headers=slack_signed(bad, ts), raw_body=bad)
+        assert info.value.reason == reason
+
+
+def test_github_form_content_type_is_verified_and_the_payload_field_decoded() -> None:
+    sec = form_security(1_700_000_000.0)
+    event = {"action": "opened", "number": 7}
+    body = urllib.parse.urlencode({"payload": json.dumps(event)}).encode()
+    sig = hmac.new(GITHUB_DOC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {
+        "content-type": FORM,
+        "x-hub-signature-256": f"sha256={sig}",
+        "x-github-delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        "x-github-event": "pull_request",
+    }
+    verified = sec.verify("github", method="POST", headers=headers, raw_body=body)
+    assert (verified.payload, verified.event_id) == (event, headers["x-github-delivery"])
+    assert verified.body_digest == hashlib.sha256(body).hexdigest()
+
+
+def test_forms_are_accepted_only_from_form_senders_unless_configured() -> None:
+    headers = {"content-type": FORM}
+    with pytest.raises(WebhookSecurityError) as info:
+        form_security(0.0).check_request("stripe", method="POST", headers=headers)
+    assert info.value.status == 415
+    sec = form_security(1_700_000_000.0, allowed_content_types=("application/json", FORM))
+    body = b"event_id=e-1&tag=a&tag=b&note=caf%C3%A9"
+    sig = hmac.new(b"g", body, hashlib.sha256).hexdigest()
+    verified = sec.verify(
+        "gen",
+        method="POST",
+        headers={
+            "content-type": f"{FORM}; charset=utf-8",
+            "x-webhook-signature": sig,
+            "x-webhook-timestamp": "1700000000",
+        },
+        raw_body=body,
+    )
+    assert verified.payload == {"event_id": "e-1", "tag": ["a", "b"], "note": "café"}
+    assert verified.event_id == "e-1"

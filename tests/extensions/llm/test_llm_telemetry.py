@@ -275,3 +275,60 @@ def test_bad_telemetry_arguments_raise_usage_error() -> None:
         Telemetry(metrics_collector=object())  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         Telemetry().tool_span("").__enter__()
+
+
+async def test_a_stream_retried_before_its_first_delta_records_the_retry(
+    server: FakeLLMServer, recorded: Recorded, fake_time: FakeTime
+) -> None:
+    import json
+
+    from llm_helpers import WIRES
+
+    wire = WIRES["anthropic"]
+    provider = _provider(wire, server, recorded, fake_time)
+    failing = wire.stream(["never shown"])
+    assert failing.events is not None
+    event = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    failing.events.insert(1, f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+    server.push(failing, wire.stream(["ok"]))
+    assert await provider.chat_stream(MESSAGES).acollect() == "ok"
+    (span,) = recorded.finished()
+    assert [e.name for e in span.events] == ["gen_ai.client.retry"]
+    assert (span.events[0].attributes or {})["error.type"] == "ProviderOverloadedError"
+    await provider.aclose()
+
+
+async def test_a_stream_closed_early_ends_its_span_without_an_error(
+    wire: Wire, server: FakeLLMServer, recorded: Recorded, fake_time: FakeTime
+) -> None:
+    provider = _provider(wire, server, recorded, fake_time)
+    server.push(wire.stream(["a", "b", "c"]))
+    async with provider.chat_stream(MESSAGES) as stream:
+        assert await stream.__anext__() == "a"
+    (span,) = recorded.finished()
+    assert span.status.status_code != StatusCode.ERROR
+    assert "error.type" not in (span.attributes or {})
+    await provider.aclose()
+
+
+def test_the_package_imports_and_records_nothing_without_opentelemetry() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the otel extra were not installed\n"
+        "from converge.core import MetricsCollector\n"
+        "from converge.extensions.llm import telemetry\n"
+        "assert not telemetry.OTEL_AVAILABLE\n"
+        "m = MetricsCollector()\n"
+        "t = telemetry.Telemetry(metrics_collector=m)\n"
+        "r = t.start_call(provider='openai', model='x')\n"
+        "assert r.span is None\n"
+        "r.end()\n"
+        "with telemetry.tool_span('t') as span:\n"
+        "    assert span is None\n"
+        "assert m.get('llm_calls_total', labels={'provider': 'openai', 'model': 'x'}) == 1\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -89,10 +89,18 @@ def hammer(kind: str, path: str, start: Any, duration: float, results: Any) -> N
 
 
 def _hammer(kind: str, path: str, start: Any, duration: float) -> tuple[int, int, int, int]:
+    from converge.core.store import Store
     from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
-    from converge.extensions.storage import FileStore, SQLiteStore
+    from converge.extensions.storage import FileStore, RedisStore, SQLiteStore
 
-    store = FileStore(path, locking=True) if kind == "file" else SQLiteStore(path)
+    store: Store
+    if kind == "file":
+        store = FileStore(path, locking=True)
+    elif kind == "redis":  # path is "url namespace"
+        url, namespace = path.split()
+        store = RedisStore(url, namespace=namespace)
+    else:
+        store = SQLiteStore(path)
     limiter = RateLimiter(
         store=store,
         global_config=TokenBucketConfig(5, 20),
@@ -100,6 +108,7 @@ def _hammer(kind: str, path: str, start: Any, duration: float) -> tuple[int, int
         topic_config=TokenBucketConfig(1000, 1000),
     )
     message = Message(sender="hammer", topics=("shared",))
+    limiter.retry_after(message, direction="egress")  # connect (and load a script) first
     start.wait(timeout=60)
     first = time.time_ns()
     end = first + int(duration * SECOND)

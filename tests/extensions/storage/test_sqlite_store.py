@@ -8,10 +8,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from converge.errors import (
@@ -240,3 +242,109 @@ def test_many_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Pat
         assert [p.exitcode for p in procs] == [0] * 16
         with SQLiteStore(path) as store:
             assert store.list() == sorted(f"k{i}" for i in range(16))
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+async def test_concurrent_writers_share_commits(store: SQLiteStore) -> None:
+    await store.aput("warm", 0)  # opens the connection
+    assert store._conn is not None
+    commits: list[str] = []
+    store._conn.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None
+    )
+    wins: list[int] = []
+
+    async def write(i: int) -> None:
+        await store.aput(f"p{i}", i)
+        if await store.aput_if_absent("claim", i):
+            wins.append(i)
+        await store.aupdate(["n"], lambda cur: ({"n": (cur["n"] or 0) + 1}, None))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(32):
+            tg.start_soon(write, i)
+    store._conn.set_trace_callback(None)
+    assert len(commits) < 3 * 32  # fewer transactions (and syncs) than writes
+    assert len(wins) == 1
+    assert await store.aget("n") == 32
+    assert [await store.aget(f"p{i}") for i in range(32)] == list(range(32))
+
+
+async def test_a_failing_update_in_a_batch_fails_alone(store: SQLiteStore) -> None:
+    def boom(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        raise RuntimeError("no")
+
+    failures: list[BaseException] = []
+
+    async def fail() -> None:
+        try:
+            await store.aupdate(["x"], boom)
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(32):
+            tg.start_soon(store.aput, f"p{i}", i)
+            if i % 4 == 0:
+                tg.start_soon(fail)
+    assert len(failures) == 8
+    assert await store.alist("p") == sorted(f"p{i}" for i in range(32))
+    assert await store.aget("x") is None
+
+
+def test_every_write_that_returned_survives_kill_9(tmp_path: Path) -> None:
+    # 16 threads write at once (batched commits); each prints its key once put()
+    # returned; the process is killed mid-stream. Every printed key must be there.
+    path = tmp_path / "kv.db"
+    code = (
+        "import sys, threading\n"
+        "from converge.extensions.storage import SQLiteStore\n"
+        "s = SQLiteStore(sys.argv[1])\n"
+        "lock = threading.Lock()\n"
+        "def work(t):\n"
+        "    for i in range(100000):\n"
+        "        s.put(f'k{t}/{i}', i)\n"
+        "        with lock:\n"
+        "            print(f'k{t}/{i}', flush=True)\n"
+        "for t in range(16):\n"
+        "    threading.Thread(target=work, args=(t,)).start()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acknowledged = []
+    for line in proc.stdout:
+        acknowledged.append(line.strip())
+        if len(acknowledged) == 400:
+            proc.kill()
+            break
+    proc.wait()
+    acknowledged += [line.strip() for line in proc.stdout if line.strip()]
+    store = SQLiteStore(path)
+    try:
+        missing = [key for key in acknowledged if store.get(key) is None]
+    finally:
+        store.close()
+    assert missing == []
+
+
+async def test_reads_do_not_wait_for_a_commit_in_progress(store: SQLiteStore) -> None:
+    await store.aput("k", "old")
+    entered = threading.Event()
+
+    def slow(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        entered.set()
+        time.sleep(1.0)  # holds the write transaction (and the writer's lock)
+        return {"k": "new"}, None
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.aupdate, ["k"], slow)
+        await anyio.to_thread.run_sync(entered.wait)
+        started = time.monotonic()
+        assert await store.aget("k") == "old"  # the last commit, at once
+        assert await store.alist() == ["k"]
+        assert time.monotonic() - started < 0.5
+    assert await store.aget("k") == "new"

@@ -20,7 +20,7 @@ from converge.errors import (
 )
 from converge.extensions.connectors.asgi import GatewayApp
 from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.connector import INBOUND_TOPIC, WebhookConnector
+from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOPIC, WebhookConnector
 from converge.extensions.connectors.gateway import WebhookGateway
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
@@ -29,7 +29,7 @@ from converge.extensions.connectors.models import (
     ProviderProfile,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.outbox import Attempt, DeadLetter, Outbox, OutboxRecord
+from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import sign_webhook
 from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
@@ -41,7 +41,7 @@ from converge.extensions.connectors.transport import (
 
 __all__ = [
     "INBOUND_TOPIC",
-    "Attempt",
+    "OUTBOUND_TOPIC",
     "CircuitBreaker",
     "DeadLetter",
     "DeliveryError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
     FormatError,
+    IdempotencyConflictError,
     QueueFullError,
     StoreError,
     UsageError,
@@ -43,12 +45,14 @@ from converge.extensions.connectors.inbox import (
     item_of,
     message_of,
 )
+from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
     OutboundWebhookAction,
     ProviderProfile,
     WebhookSecurityPolicy,
+    forwardable_headers,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
@@ -125,6 +129,19 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _raw_forwards(formats: Mapping[str, str] | None, routes: Mapping[str, str]) -> frozenset[str]:
+    """The providers forwarded raw; checks ``forward_formats``."""
+    raw = set()
+    for provider, kind in (formats or {}).items():
+        if kind not in ("envelope", "raw"):
+            raise ConfigurationError(f"forward_formats[{provider!r}] must be 'envelope' or 'raw'")
+        if provider not in routes:
+            raise ConfigurationError(f"forward_formats names {provider!r}, which has no route")
+        if kind == "raw":
+            raw.add(provider)
+    return frozenset(raw)
+
+
 class WebhookConnector:
     """Generic webhook bridge with strict inbound verification and reliable outbound dispatch.
 
@@ -177,6 +194,9 @@ class WebhookConnector:
             event log); the store sweeps them afterwards.
         acknowledge_on_accept: Record events without a route already acknowledged:
             no consumer is waited for (the event log is the consumer).
+        forward_formats: Provider name -> ``"envelope"`` (the default: the event as
+            converge's JSON envelope) or ``"raw"`` (the sender's exact body bytes and
+            its own headers, plus converge's signature), for routed providers.
 
     Raises:
         ConfigurationError: For invalid configuration.
@@ -206,6 +226,7 @@ class WebhookConnector:
         inbox_lease_sec: float = 60.0,
         inbox_retention_sec: float = 7 * 24 * 3600.0,
         acknowledge_on_accept: bool = False,
+        forward_formats: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(connector_id, str) or not _ID_RE.fullmatch(connector_id):
             raise ConfigurationError("connector_id must be 1-64 letters, digits, '_', '.', '-'")
@@ -276,6 +297,7 @@ class WebhookConnector:
                 raise ConfigurationError(f"inbound_routes names unknown provider {provider!r}")
             if target not in self.targets:
                 raise ConfigurationError(f"inbound_routes names unknown target {target!r}")
+        self._raw_forward = _raw_forwards(forward_formats, self._routes)
         #: The durable inbox: every accepted event, open until its consumer is done.
         self.inbox = DurableQueue(
             store,
@@ -409,6 +431,7 @@ class WebhookConnector:
             labels={"provider": label, "reason": exc.reason},
             help="Inbound requests rejected, by reason.",
         )
+        log_rejected(label, exc.reason, status_code=exc.status)  # ops: rate-limited INFO line
         headers = {"allow": "POST"} if exc.status == 405 else None
         return _json_response(exc.status, {"status": "rejected", "reason": exc.reason}, headers)
 
@@ -496,6 +519,7 @@ class WebhookConnector:
     ) -> tuple[int, dict[str, str], bytes]:
         # For the ASGI app, after _precheck() passed: the body checks, claim, hand-on.
         self._check_open()
+        started = time.perf_counter()
         try:
             if len(body) > _INLINE_VERIFY_BYTES:
                 # Hashing and parsing a large body takes milliseconds: not on the loop.
@@ -506,7 +530,12 @@ class WebhookConnector:
                 verified = self.security._verify_body(profile, lowered, body)
         except WebhookSecurityError as exc:
             return self.rejection(profile.name, exc)
-        return await self._admit(profile.name, verified)
+        answer = await self._admit(profile.name, verified)
+        if answer[0] == 202:  # ops: one INFO line per accepted event, no payload
+            elapsed = (time.perf_counter() - started) * 1000.0
+            forward = self._routes.get(profile.name)
+            log_accepted(profile.name, verified.event_id, latency_ms=elapsed, forwarded_to=forward)
+        return answer
 
     async def _admit(
         self, provider: str, verified: VerifiedWebhook
@@ -517,15 +546,21 @@ class WebhookConnector:
         consumer = self._consumer(provider)
         uid = event_uid(provider, verified.event_id)
         item = self._item(verified, uid)
+        data = item_data(item)
+        if provider in self._raw_forward:  # ops 14.6: keep the verified bytes to forward
+            data["raw"] = {
+                "body": base64.b64encode(verified.body).decode(),
+                "headers": forwardable_headers(verified.headers),
+            }
         if consumer == "bus":
             bus = self._bus
             if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
                 return self._unavailable(provider, "no_consumer", None)
-        claims, claim_ttl = self._claims(verified)
+        claims, claim_ttl = self._claims(verified, uid)
         try:
             if consumer == "record":
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="acknowledged",
@@ -534,7 +569,7 @@ class WebhookConnector:
                 )
             else:
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="leased",
@@ -565,18 +600,12 @@ class WebhookConnector:
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
         return 202, {"content-type": "application/json"}, body + b"}"
 
-    def _claims(self, verified: VerifiedWebhook) -> tuple[dict[str, Any], float]:
-        # The one place that asks WebhookSecurity which keys make an event new.
-        security: Any = self.security
-        claim_keys = getattr(security, "claim_keys", None)
-        if claim_keys is not None:
-            keys = tuple(claim_keys(verified))
-            ttl = float(security.claim_ttl_sec)
-        else:  # before WebhookSecurity.claim_keys (one key per event id)
-            keys = (security._claim_key(verified.profile.name, verified.event_id),)
-            ttl = float(security.policy.replay_ttl_sec)
-        value = {"event_id": verified.event_id, "at": self._clock()}
-        return dict.fromkeys(keys, value), ttl
+    def _claims(self, verified: VerifiedWebhook, uid: str) -> tuple[dict[str, Any], float]:
+        # WebhookSecurity says which keys make an event new (the event id, and the signed
+        # bytes where the id is unsigned); they are written with the inbox record.
+        security = self.security
+        value = security.claim_record(verified, uid)
+        return dict.fromkeys(security.claim_keys(verified), value), float(security.claim_ttl_sec)
 
     def _consumer(self, provider: str) -> Consumer:
         if provider in self._routes:
@@ -611,7 +640,8 @@ class WebhookConnector:
             elif scheme == "slack":
                 inner = payload.get("event")
                 subject = _text(inner.get("type")) if isinstance(inner, dict) else None
-                subject = subject or _text(payload.get("type"))
+                # Events API: event.type; interactivity: type; slash commands: command
+                subject = subject or _text(payload.get("type")) or _text(payload.get("command"))
             elif scheme in ("stripe", "standard-webhooks"):
                 subject = _text(payload.get("type"))
         source = _text(payload.get(profile.source_field)) or profile.name
@@ -651,30 +681,46 @@ class WebhookConnector:
             if item is None:
                 item = item_of(record)
             if consumer == "queue":
-                holds.ready(record)
+                holds.ready(record, item)
             elif consumer == "record":
                 await self._settle(record.id)
             elif consumer == "forward":
                 await self._forward(record, item)
             else:
                 await self._publish(record, item)
-        except (FormatError, UsageError) as exc:
-            # It can never be handed on (e.g. a route to a target that is gone).
-            token = holds.drop(record.id)
-            if token is not None:
-                await self.inbox.abury(record.id, token, f"undeliverable: {exc}")
+        except (FormatError, UsageError, IdempotencyConflictError) as exc:
+            # It can never be handed on (e.g. the route's target changed its URL).
+            try:
+                await self._bury(record.id, f"undeliverable: {exc}")
+            except StoreError as store_exc:
+                _log.warning("inbound event %s stays in the inbox: %s", record.id, store_exc)
         except StoreError as exc:
             _log.warning("inbound event %s stays in the inbox: %s", record.id, exc)
+        except Exception:
+            # Accepted and stored: whatever failed, it is handed on again after the lease.
+            _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
     async def _forward(self, record: Record, item: Message | Task) -> None:
         target = self.targets[self._routes[record.key]]
-        action = OutboundWebhookAction(
-            target=target.name,
-            method="POST",
-            url=target.url,
-            body=event_of(item),
-            idempotency_key=forward_key(record.id),
-        )
+        raw = record.data.get("raw")
+        if isinstance(raw, dict):  # forward_format = "raw": the sender's bytes and headers
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=event_of(item),
+                headers=forwardable_headers(raw.get("headers") or {}),
+                idempotency_key=forward_key(record.id, record.replays),
+                raw_body=raw.get("body"),
+            )
+        else:
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=event_of(item),
+                idempotency_key=forward_key(record.id, record.replays),
+            )
         await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)
 
@@ -682,7 +728,7 @@ class WebhookConnector:
         bus = self._bus
         if bus is None:  # detached meanwhile: to receive_inbound
             self._holds.hold(record, "queue")
-            self._holds.ready(record)
+            self._holds.ready(record, item)
             return
         message = message_of(item, self.connector_id)
         try:
@@ -714,7 +760,10 @@ class WebhookConnector:
         token = self._holds.drop(record_id)
         if token is None:
             return False
-        return await self.inbox.abury(record_id, token, reason) is not None
+        buried = await self.inbox.abury(record_id, token, reason)
+        if buried is not None:  # ops: the WARNING line of an inbound dead letter
+            log_dead(buried.key, record_id, reason=reason, kind="inbound")
+        return buried is not None
 
     async def areceive_inbound(self) -> Message | Task:
         """Like :meth:`receive_inbound` (the ``a``-prefixed name)."""
@@ -742,20 +791,24 @@ class WebhookConnector:
         holds = self._holds
         while True:
             self._check_open()
-            record = holds.take()
-            if record is not None:
+            ready = holds.take()
+            if ready is not None:
+                record, item = ready
                 if holds.token(record.id) != record.lease_token:
                     continue  # taken over meanwhile
                 now = await self.inbox.anow()
-                if (record.lease_until or 0.0) <= now + 1.0:
-                    renewed = await self.inbox.alease_id(
-                        record.id, holds.owner, lease_sec=holds.lease_sec
+                if (record.lease_until or 0.0) - now < holds.lease_sec / 2:
+                    # Waited in the ready queue: give the consumer a whole lease.
+                    renewed = await self.inbox.aextend(
+                        record.id, record.lease_token, lease_sec=holds.lease_sec
                     )
                     if renewed is None:
                         holds.drop(record.id)
                         continue
                     holds.hold(renewed, "queue")
                     record = renewed
+                if item is not None:
+                    return item
                 try:
                     return item_of(record)
                 except FormatError as exc:
@@ -777,6 +830,7 @@ class WebhookConnector:
         for record in records:
             if record.key not in self.security.profiles:
                 await self.inbox.abury(record.id, record.lease_token, "unknown provider")
+                log_dead(record.key, record.id, reason="unknown provider", kind="inbound")
                 continue
             await self._deliver(record, self._consumer(record.key))
         if records:
@@ -858,6 +912,10 @@ class WebhookConnector:
             raise UsageError("poll_interval_sec must be a positive number")
         self._pump_running = True
         try:
+            try:
+                await self.inbox.arecount()  # after a crash on a store without atomic updates
+            except StoreError as exc:
+                _log.warning("inbox pump: store failed: %s", exc)
             while not self._closed:
                 try:
                     await self._renew()

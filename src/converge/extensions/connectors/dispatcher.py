@@ -13,9 +13,11 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge.core.metrics import MetricsCollector
+from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
 from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.outbox import Attempt, Outbox, OutboxRecord
+from converge.extensions.connectors.logs import log_dead, log_delivered, log_retried
+from converge.extensions.connectors.outbox import Outbox, OutboxRecord
 from converge.extensions.connectors.retry import (
     RetrySchedule,
     Verdict,
@@ -105,6 +107,7 @@ class OutboundDispatcher:
         self.failed: BaseException | None = None
         self._breaker_seen: set[str] = set()
         self._store_backlog = 0
+        outbox.listener = self.notify  # replays made by operators are scheduled at once
 
     @property
     def running(self) -> bool:
@@ -147,10 +150,9 @@ class OutboundDispatcher:
         if record.status != "pending":
             return  # an idempotent resubmission of a delivered or dead action
         if self._running and self._on_loop():
-            self._schedule.add(record.id, record.action.target, record.due)
+            # Just made pending here: due now (record.due is on the store's clock).
+            self._schedule.add(record.id, record.action.target, self._clock())
             self._hand_out()
-            if self._wake is not None and record.due > self._clock():
-                self._wake.set()  # due later: the loop recomputes its next wake-up
 
     def _hand_out(self) -> None:
         """Give every action that may start now to an idle worker."""
@@ -203,6 +205,7 @@ class OutboundDispatcher:
             async with anyio.create_task_group() as tg, receive:
                 for _ in range(self._max_in_flight):
                     tg.start_soon(self._worker, receive.clone())
+                await self._migrate()
                 await self._scan()
                 last_scan = last_count = anyio.current_time()
                 scan_every = poll_interval_sec
@@ -254,6 +257,15 @@ class OutboundDispatcher:
             async for action_id, target in receive:
                 await self._work(action_id, target)
 
+    async def _migrate(self) -> None:
+        try:
+            moved = await self._outbox.amigrate()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
+        if moved:
+            _log.info("moved %d outbound actions into the durable outbox", moved)
+
     async def _count(self) -> None:
         try:
             self._store_backlog = await self._outbox.apending_count()
@@ -266,20 +278,18 @@ class OutboundDispatcher:
         try:
             ids = await self._outbox.pending_ids()
             self._store_backlog = len(ids)
-            store_now: float | None = None
+            store_now = await self._outbox.atime()
             for action_id in ids:
                 if action_id in self._schedule:
                     continue
                 record = await self._outbox.get(action_id)
                 if record is None:
                     continue
-                due = record.due
+                # Record times are on the store's clock; the schedule runs on ours.
+                wait = record.due - store_now
                 if record.lease_owner not in (None, self._owner) and record.lease_until:
-                    # Leased elsewhere: look again when that lease ends (store clock).
-                    if store_now is None:
-                        store_now = await self._outbox.atime()
-                    due = max(due, self._clock() + record.lease_until - store_now)
-                self._schedule.add(record.id, record.action.target, due)
+                    wait = max(wait, record.lease_until - store_now)  # leased elsewhere
+                self._schedule.add(record.id, record.action.target, self._clock() + max(0, wait))
                 found += 1
         except StoreError as exc:
             self._store_failed(exc)
@@ -319,7 +329,7 @@ class OutboundDispatcher:
                 return
             deadline = record.action.deadline
             if deadline is not None and now >= deadline:
-                await self._bury(record, "deadline passed", record.last_status, record.attempts)
+                await self._bury(record, "deadline passed")
                 record = None
                 return
             if not breaker.allow_request():
@@ -395,9 +405,9 @@ class OutboundDispatcher:
         now = self._clock()
         outcome = "outage" if outage else result.verdict
         attempt = Attempt(
-            at=now,
+            at=await self._outbox.atime(),
             status_code=result.status,
-            error=result.error,
+            error=result.error or None,
             latency_ms=result.latency_ms,
             outcome=outcome,
         )
@@ -408,15 +418,21 @@ class OutboundDispatcher:
             else:
                 self._lease_lost(record, "complete")
             self._metrics.inc("webhook_outbound_sent_total", labels=labels, help="Delivered.")
+            log_delivered(  # ops: one INFO line per delivery
+                target,
+                record.id,
+                status_code=result.status,
+                latency_ms=result.latency_ms,
+                attempts=record.attempts + 1,
+            )
             self.store_ok = True
             return
         attempts = record.attempts + (0 if outage else 1)
         if result.verdict == "dead":
-            await self._bury(record, result.error, result.status, attempts, attempt)
+            await self._bury(record, result.error, attempt)
             return
         if attempts >= self._policy.max_attempts:
-            reason = f"max attempts; last: {result.error}"
-            await self._bury(record, reason, result.status, attempts, attempt)
+            await self._bury(record, f"max attempts; last: {result.error}", attempt)
             return
         # After an outage attempt, the next try is the target's next probe.
         delay = max(0.0, retry_at - now) if outage else self._policy.compute_delay(attempts)
@@ -425,37 +441,33 @@ class OutboundDispatcher:
         due = now + delay
         deadline = record.action.deadline
         if deadline is not None and due > deadline:
-            reason = f"deadline; last: {result.error}"
-            await self._bury(record, reason, result.status, attempts, attempt)
+            await self._bury(record, f"deadline; last: {result.error}", attempt)
             return
         moved = await self._outbox.reschedule(
-            record,
-            due=due,
-            error=result.error,
-            status=result.status,
-            attempt=attempt,
-            counted=not outage,
+            record, delay=delay, attempt=attempt, counted=not outage
         )
-        if not moved:
+        if moved is None:
             self._lease_lost(record, "reschedule")
             return
         self._metrics.inc(
             "webhook_outbound_retried_total", labels=labels, help="Retries scheduled."
         )
+        log_retried(  # ops: one INFO line per failed attempt that will be retried
+            target,
+            record.id,
+            status_code=result.status,
+            error=result.error or None,
+            latency_ms=result.latency_ms,
+            attempts=attempts,
+            retry_in_sec=delay,
+        )
         self._defer(record.id, target, due)
         self.store_ok = True
 
     async def _bury(
-        self,
-        record: OutboxRecord,
-        reason: str,
-        status: int | None,
-        attempts: int,
-        attempt: Attempt | None = None,
+        self, record: OutboxRecord, reason: str, attempt: Attempt | None = None
     ) -> None:
-        letter = await self._outbox.bury(
-            record, reason=reason, status=status, attempts=attempts, attempt=attempt
-        )
+        letter = await self._outbox.bury(record, reason=reason, attempt=attempt)
         if letter is None:
             self._lease_lost(record, "bury")
             return
@@ -466,4 +478,11 @@ class OutboundDispatcher:
             labels={"target": record.action.target, "reason": kind},
             help="Actions given up (dead letters).",
         )
-        _log.warning("outbound action %s dead-lettered: %s", record.id, reason)
+        log_dead(  # ops: the WARNING line of a dead letter
+            record.action.target,
+            record.id,
+            reason=reason,
+            status_code=attempt.status_code if attempt is not None else None,
+            latency_ms=attempt.latency_ms if attempt is not None else None,
+            attempts=record.attempts + (1 if attempt is not None else 0),
+        )

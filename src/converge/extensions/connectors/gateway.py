@@ -8,7 +8,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from converge.errors import ConfigurationError, IdempotencyConflictError, StoreError, UsageError
+from converge.errors import (
+    ConfigurationError,
+    IdempotencyConflictError,
+    QueueFullError,
+    StoreError,
+    UsageError,
+)
 from converge.extensions.connectors.connector import WebhookConnector
 from converge.extensions.connectors.models import OutboundWebhookAction
 
@@ -226,6 +232,8 @@ class WebhookGateway:
             return 409, _dump(body)
         except StoreError:
             return 503, _dump({"status": "unavailable", "reason": "store_unavailable"})
+        except QueueFullError:
+            return 503, _dump({"status": "unavailable", "reason": "outbox_full"})
         except UsageError as exc:
             return _invalid(str(exc))
         return 202, _dump({"status": "queued", "id": record.id})

@@ -55,9 +55,13 @@ def event_uid(provider: str, event_id: str) -> str:
     return hashlib.sha256(f"{provider}\0{event_id}".encode()).hexdigest()[:32]
 
 
-def forward_key(uid: str) -> str:
-    """Idempotency key of the outbox action that forwards the event ``uid``."""
-    return f"inbound:{uid}"
+def forward_key(uid: str, replays: int = 0) -> str:
+    """Idempotency key of the outbox action that forwards the event ``uid``.
+
+    The same for every redelivery of the event (the outbox keeps one action), a new
+    one for each operator replay (``replays``), which is meant to deliver again.
+    """
+    return f"inbound:{uid}" if replays == 0 else f"inbound:{uid}:replay-{replays}"
 
 
 def item_data(item: Message | Task) -> dict[str, Any]:
@@ -124,7 +128,7 @@ class InboxHolds:
         self.owner = owner
         self.lease_sec = lease_sec
         self._holds: dict[str, _Hold] = {}
-        self._ready: dict[str, Record] = {}
+        self._ready: dict[str, tuple[Record, Message | Task | None]] = {}
         self._wake: anyio.Event | None = None
 
     def hold(self, record: Record, consumer: Consumer) -> None:
@@ -170,9 +174,9 @@ class InboxHolds:
 
     # -- receive_inbound hand-off ------------------------------------------------------
 
-    def ready(self, record: Record) -> None:
-        """Queue a held record for ``receive_inbound`` and wake a waiting receiver."""
-        self._ready[record.id] = record
+    def ready(self, record: Record, item: Message | Task | None = None) -> None:
+        """Queue a held record (and its item, if built) for ``receive_inbound``; wake one."""
+        self._ready[record.id] = (record, item)
         self.wake()
 
     def wake(self) -> None:
@@ -181,8 +185,8 @@ class InboxHolds:
             self._wake.set()
             self._wake = None
 
-    def take(self) -> Record | None:
-        """The oldest ready record, if any."""
+    def take(self) -> tuple[Record, Message | Task | None] | None:
+        """The oldest ready record and its item (None if not built yet), if any."""
         for record_id in self._ready:
             return self._ready.pop(record_id)
         return None

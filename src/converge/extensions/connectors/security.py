@@ -9,6 +9,7 @@ import math
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,26 @@ from converge.extensions.connectors.schemes import (
     signature_matches,
 )
 
-__all__ = ["MAX_JSON_DEPTH", "VerifiedWebhook", "WebhookSecurity", "parse_json_object"]
+__all__ = [
+    "FORM_MEDIA_TYPE",
+    "MAX_JSON_DEPTH",
+    "VerifiedWebhook",
+    "WebhookSecurity",
+    "parse_form",
+    "parse_json_object",
+]
 
 #: Deepest JSON nesting an inbound payload may have.
 MAX_JSON_DEPTH = 32
 
 _EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
+#: The media type of HTML form posts (Slack slash commands and interactivity, GitHub's
+#: "application/x-www-form-urlencoded" content type).
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+# Schemes whose senders post forms: accepted without listing the type in the policy,
+# and a ``payload`` field holding a JSON object is the event.
+_FORM_SCHEMES = frozenset({"slack", "github"})
+_MAX_FORM_FIELDS = 1000
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _PAYLOAD_ID_FIELD = {"stripe": "id", "slack": "event_id"}
 
@@ -168,6 +183,48 @@ def _replace_surrogates(value: Any) -> Any:
     if isinstance(value, list):
         return [_replace_surrogates(v) for v in value]
     return value
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    content_type = headers.get("content-type")
+    return content_type.split(";", 1)[0].strip().lower() if content_type else ""
+
+
+def parse_form(raw_body: bytes, payload_field: bool = True) -> dict[str, Any]:
+    """Decode an ``application/x-www-form-urlencoded`` body into an event payload.
+
+    Each field becomes a string (a list of strings when it is repeated). With
+    ``payload_field`` (Slack interactivity, GitHub's form content type), a form with a
+    ``payload`` field is that field parsed as a JSON object (see
+    :func:`parse_json_object`).
+
+    Raises:
+        WebhookSecurityError: 400 ``malformed_form`` for a body that is not UTF-8 or has
+            more than 1000 fields, or a ``payload`` field that is not a JSON object (the
+            JSON reasons of :func:`parse_json_object`).
+    """
+    try:
+        text = raw_body.decode("utf-8")
+        pairs = urllib.parse.parse_qsl(
+            text,
+            keep_blank_values=True,
+            max_num_fields=_MAX_FORM_FIELDS,
+            encoding="utf-8",
+            errors="replace",
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _reject(400, "malformed_form", "the body is not a UTF-8 form") from exc
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in fields:
+            previous = fields[name]
+            fields[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            fields[name] = value
+    payload = fields.get("payload")
+    if payload_field and isinstance(payload, str):
+        return parse_json_object(payload.encode("utf-8"))
+    return fields
 
 
 class WebhookSecurity:
@@ -315,9 +372,10 @@ class WebhookSecurity:
             raise _reject(404, "unknown_provider", "no such webhook provider")
         if method.upper() != "POST":
             raise _reject(405, "method_not_allowed", "webhooks are delivered with POST")
-        content_type = headers.get("content-type")
-        media = content_type.split(";", 1)[0].strip().lower() if content_type else ""
-        if media not in self.policy.allowed_content_types:
+        media = _media_type(headers)
+        if media not in self.policy.allowed_content_types and not (
+            media == FORM_MEDIA_TYPE and profile.canonical_scheme in _FORM_SCHEMES
+        ):
             raise _reject(
                 415,
                 "unsupported_media_type",
@@ -400,8 +458,9 @@ class WebhookSecurity:
             self._keys[profile.name], parts, body, algorithm
         ):
             raise _reject(401, "bad_signature", "the signature does not verify")
-        payload = parse_json_object(body)
-        if scheme == "slack" and payload.get("type") == "url_verification":
+        form = _media_type(lowered) == FORM_MEDIA_TYPE
+        payload = parse_form(body, scheme in _FORM_SCHEMES) if form else parse_json_object(body)
+        if not form and scheme == "slack" and payload.get("type") == "url_verification":
             challenge = payload.get("challenge")
             if not isinstance(challenge, str) or not 0 < len(challenge) <= 256:
                 raise _reject(400, "missing_field", "url_verification needs a challenge")
@@ -411,7 +470,7 @@ class WebhookSecurity:
         for name in profile.required_payload_fields:
             if name not in payload:
                 raise _reject(400, "missing_field", f"the payload lacks the field {name!r}")
-        event_id = self._event_id(profile, parts.event_id, payload, body)
+        event_id = self._event_id(profile, parts.event_id, payload, body, form)
         digest = None
         if scheme == "github" or (scheme == "hmac" and profile.canonicalization == "raw_body"):
             # The event id (a header, or re-datable with an unsigned timestamp) is not
@@ -427,13 +486,20 @@ class WebhookSecurity:
         from_header: str | None,
         payload: dict[str, Any],
         body: bytes,
+        form: bool,
     ) -> str:
         value: Any = from_header
+        slack_form = form and profile.canonical_scheme == "slack"
         if value is None:
-            field_name = _PAYLOAD_ID_FIELD.get(profile.canonical_scheme, profile.event_id_field)
+            if slack_form:
+                # Slash commands and interactive payloads carry no event id; trigger_id
+                # is unique per invocation (and signed).
+                field_name = "trigger_id"
+            else:
+                field_name = _PAYLOAD_ID_FIELD.get(profile.canonical_scheme, profile.event_id_field)
             value = payload.get(field_name)
         if value is None:
-            if self.policy.strict_mode:
+            if self.policy.strict_mode and not slack_form:
                 raise _reject(400, "missing_event_id", "the request carries no event id")
             return "sha256:" + hashlib.sha256(body).hexdigest()
         if isinstance(value, int) and not isinstance(value, bool):

@@ -225,7 +225,8 @@ def _set_result(span: Any, result: ChatResult) -> None:
         span.set_attribute("gen_ai.response.model", result.model)
     if result.response_id:
         span.set_attribute("gen_ai.response.id", result.response_id)
-    span.set_attribute("gen_ai.response.finish_reasons", [result.raw_stop_reason or "unknown"])
+    if result.raw_stop_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [result.raw_stop_reason])
     span.set_attribute("converge.stop_reason", result.stop_reason)
     usage = result.usage
     if usage.input_tokens is not None:

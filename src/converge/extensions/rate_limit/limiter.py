@@ -19,6 +19,7 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
+from converge.extensions.rate_limit import _script
 from converge.extensions.rate_limit.bucket import NEVER as _NEVER
 from converge.extensions.rate_limit.bucket import BucketParams, TokenBucketConfig, reserve
 
@@ -39,8 +40,9 @@ _TTL_MARGIN_S = 1.0
 _TTL_MAX_S = 1e9
 
 _Ref = tuple[dict[str, int], str]
-# (wait, [(old_tat, new_tat) per bucket] or None when not admitted)
-_Outcome = tuple[int, list[tuple[int, int]] | None]
+# (wait, [(old_tat, new_tat) per bucket] or None when not admitted); the tats are ints,
+# or the script's strings of microseconds on a Redis store
+_Outcome = tuple[int, list[tuple[Any, Any]] | None]
 
 
 class _Lane:
@@ -108,6 +110,12 @@ class RateLimiter:
     (``FileStore(locking=True)``, ``SQLiteStore``) the decision is atomic across every
     process sharing the store. Bucket keys carry a TTL that lets them expire once full.
 
+    On a store that runs server-side scripts (``RedisStore``, which has ``arun_script``)
+    and with the default clock, each decision is instead one Lua script on the server:
+    one round trip, no optimistic retries, and the server's clock (``TIME``) for every
+    process and host. A custom ``clock`` keeps the ``aupdate`` path (virtual time cannot
+    reach the server).
+
     Args:
         store: Shared bucket state; None keeps buckets in this object's memory.
         global_config: One bucket shared by every message (per direction).
@@ -162,6 +170,15 @@ class RateLimiter:
             (p.tolerance for p in (self._global, self._sender, self._topic) if p is not None),
             default=0,
         )
+        # One Lua script per decision when the store can run one, on the server's clock.
+        self._scripted = (
+            store is not None and clock is None and callable(getattr(store, "arun_script", None))
+        )
+        g, s, t = (
+            None if c is None else _script.MicroParams.from_config(c)
+            for c in (global_config, sender_config, topic_config)
+        )
+        self._micro = (g, s, t)
 
     def __repr__(self) -> str:
         return (
@@ -300,19 +317,24 @@ class RateLimiter:
                 params.append(self._topic)
         return refs, params
 
-    def _store_keys(self, lane: _Lane, message: Message) -> tuple[list[str], list[BucketParams]]:
+    def _store_keys(
+        self, lane: _Lane, message: Message, configs: tuple[Any, Any, Any] | None = None
+    ) -> tuple[list[str], list[Any]]:
+        """The bucket keys ``message`` touches, with their params (``configs``: another
+        form of the three, such as the script's microseconds)."""
+        g, s, t = configs if configs is not None else (self._global, self._sender, self._topic)
         keys: list[str] = []
-        params: list[BucketParams] = []
-        if self._global is not None:
+        params: list[Any] = []
+        if g is not None:
             keys.append(lane.prefix + "global")
-            params.append(self._global)
-        if self._sender is not None:
+            params.append(g)
+        if s is not None:
             keys.append(lane.prefix + "sender:" + message.sender)
-            params.append(self._sender)
-        if self._topic is not None:
-            for name in dict.fromkeys(t.name for t in message.topics):
+            params.append(s)
+        if t is not None:
+            for name in dict.fromkeys(topic.name for topic in message.topics):
                 keys.append(lane.prefix + "topic:" + name)
-                params.append(self._topic)
+                params.append(t)
         return keys, params
 
     def _reserve_local(
@@ -441,6 +463,19 @@ class RateLimiter:
         self, lane: _Lane, message: Message, max_wait: int, async_name: str
     ) -> _Outcome:
         assert self.store is not None
+        if self._scripted:
+            keys, micro = self._store_keys(lane, message, self._micro)
+            if not keys:
+                return 0, []
+            args = _script.reserve_args(micro, max_wait, self._ttl(max_wait))
+            try:
+                reply = self.store.run_script(_script.RESERVE, keys, args)  # type: ignore[attr-defined]
+            except SyncInEventLoopError:
+                raise SyncInEventLoopError(
+                    "this rate limiter's store blocks; on the event-loop thread use "
+                    f"'await RateLimiter.{async_name}(...)' instead"
+                ) from None
+            return _decoded(keys, reply)
         keys, params = self._store_keys(lane, message)
         if not keys:
             return 0, []
@@ -454,8 +489,17 @@ class RateLimiter:
                 f"'await RateLimiter.{async_name}(...)' instead"
             ) from None
 
+    async def _ascript(self, keys: list[str], micro: list[Any], max_wait: int | None) -> _Outcome:
+        """One decision as one script on the server (see :mod:`._script`)."""
+        args = _script.reserve_args(micro, max_wait, self._ttl(max_wait))
+        reply = await self.store.arun_script(_script.RESERVE, keys, args)  # type: ignore[union-attr]
+        return _decoded(keys, reply)
+
     async def _astore_reserve(self, lane: _Lane, message: Message, max_wait: int) -> _Outcome:
         assert self.store is not None
+        if self._scripted:
+            keys, micro = self._store_keys(lane, message, self._micro)
+            return await self._ascript(keys, micro, max_wait) if keys else (0, [])
         keys, params = self._store_keys(lane, message)
         if not keys:
             return 0, []
@@ -471,7 +515,7 @@ class RateLimiter:
         timeout: float | None,  # noqa: ASYNC109 - only named in the error message
     ) -> float:
         assert self.store is not None
-        keys, params = self._store_keys(lane, message)
+        keys, params = self._store_keys(lane, message, self._micro if self._scripted else None)
         if not keys:
             return 0.0
         # The TTL must outlast the wait, which is known only inside the update: try with
@@ -479,9 +523,12 @@ class RateLimiter:
         # covers the wait just seen.
         bound = 0 if max_wait is None else max_wait
         while True:
-            wait, taken = await self.store.aupdate(
-                keys, self._update_fn(keys, params, bound), ttl=self._ttl(bound)
-            )
+            if self._scripted:
+                wait, taken = await self._ascript(keys, params, bound)
+            else:
+                wait, taken = await self.store.aupdate(
+                    keys, self._update_fn(keys, params, bound), ttl=self._ttl(bound)
+                )
             if taken is not None or max_wait is not None or wait == _NEVER:
                 break
             bound = max(2 * wait, wait + _NS)
@@ -497,9 +544,13 @@ class RateLimiter:
         return wait / _NS
 
     async def _release_store(
-        self, keys: list[str], taken: list[tuple[int, int]], bound: int
+        self, keys: list[str], taken: list[tuple[Any, Any]], bound: int
     ) -> None:
         assert self.store is not None
+        if self._scripted:
+            args = _script.release_args(taken, self._ttl(bound))
+            await self.store.arun_script(_script.RELEASE, keys, args)  # type: ignore[attr-defined]
+            return
         clock = self._clock
 
         def give_back(current: dict[str, Any | None]) -> tuple[dict[str, Any], None]:
@@ -512,6 +563,18 @@ class RateLimiter:
             return changes, None
 
         await self.store.aupdate(keys, give_back, ttl=self._ttl(bound))
+
+
+def _decoded(keys: list[str], reply: object) -> _Outcome:
+    try:
+        decoded = _script.parse_reserve(reply)
+    except (ValueError, TypeError) as exc:
+        raise StoreCorruptedError(keys[0], f"the rate-limit script answered {reply!r}") from exc
+    if decoded.corrupt is not None:
+        raise StoreCorruptedError(
+            keys[decoded.corrupt], "a rate-limit bucket holds an integer timestamp"
+        )
+    return decoded.wait_ns, decoded.taken
 
 
 def _stored_tat(key: str, value: object) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -173,6 +174,8 @@ class RedisStore(Store):
         self._keeper_pid = 0
         self._keeper_stop: anyio.Event | None = None
         self._closed = False
+        #: How many ``update`` attempts lost to a concurrent writer and ran again.
+        self.update_conflicts = 0
 
     @property
     def namespace(self) -> str:
@@ -426,6 +429,48 @@ class RedisStore(Store):
         )
         return bool(stored)
 
+    async def arun_script(
+        self,
+        source: str,
+        keys: Sequence[str],
+        args: Sequence[str | bytes | int | float] = (),
+    ) -> Any:
+        """Run a Lua script on the server, atomically, in one round trip.
+
+        ``EVALSHA`` with the script's SHA-1; if the server does not know the script yet
+        (``NOSCRIPT``: first use, a restart, ``SCRIPT FLUSH``), ``EVAL`` sends it whole,
+        which also caches it. The script sees the store's Redis key names in ``KEYS``
+        (namespace included) and must touch only those. Replies come back as coredis
+        returns them (strings as ``bytes``).
+
+        Used by :class:`~converge.extensions.rate_limit.RateLimiter` for one-round-trip
+        decisions on the server's clock.
+
+        Raises:
+            StoreOutcomeUnknownError: If no answer came within ``timeout`` (the script may
+                have run).
+            StoreError: If the script failed.
+        """
+        names = [self._redis_key(validate_key(key)) for key in keys]
+        sha = _script_sha(source)
+
+        async def run(client: _Client) -> Any:
+            try:
+                return await client.evalsha(sha, names, list(args))
+            except coredis.exceptions.NoScriptError:
+                return await client.eval(source, names, list(args))
+
+        return await self._call(run, write_key=keys[0] if keys else "<script>")
+
+    def run_script(
+        self,
+        source: str,
+        keys: Sequence[str],
+        args: Sequence[str | bytes | int | float] = (),
+    ) -> Any:
+        """Sync form of :meth:`arun_script`."""
+        return self._sync("arun_script", self.arun_script, source, keys, args)
+
     async def atime(self) -> float:
         """The Redis server's clock (``TIME``), in Unix seconds.
 
@@ -449,10 +494,11 @@ class RedisStore(Store):
     async def aupdate(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomically read ``keys``, let ``fn`` compute changes, and write them.
 
-        An optimistic transaction: ``WATCH`` the keys, read them, run ``fn``, then write
-        in ``MULTI``/``EXEC``; if another client changed a key meanwhile, Redis rejects
-        the ``EXEC`` and the whole step runs again (so ``fn`` may run more than once).
-        Atomic across every client of the server.
+        An optimistic transaction in two round trips: ``MGET`` the keys, run ``fn``, then
+        one script applies the changes only if every key still holds what was read (a
+        compare-and-set on the server); if another client changed a key meanwhile, the
+        whole step runs again (so ``fn`` may run more than once). Atomic across every
+        client of the server.
 
         Returns:
             The ``result`` part of ``fn``'s return value.
@@ -474,29 +520,36 @@ class RedisStore(Store):
 
         async def transaction(client: _Client) -> tuple[bool, R | None]:
             committing[0] = False
+            blobs = await client.mget(redis_keys)
+            current = {
+                key: None if blob is None else self._decode(key, blob)
+                for key, blob in zip(names, blobs, strict=True)
+            }
+            changes, result = fn(current)
+            check_changes(names, changes)
+            if not changes:
+                return True, result  # read only: MGET is one atomic snapshot
+            args: list[bytes | str] = []
+            for blob in blobs:
+                args += ("0", "") if blob is None else ("1", blob)
+            for key in names:
+                if key not in changes:
+                    args += ("k", "", "")
+                    continue
+                value, key_ttl = split_change(changes[key], seconds)
+                if value is None:
+                    args += ("d", "", "")
+                else:
+                    px = _milliseconds(key_ttl)
+                    args += ("s", self._encode(key, value), "" if px is None else str(px))
+            committing[0] = True  # from here a timeout leaves the outcome unknown
             try:
-                async with client.pipeline(transaction=True) as pipe, pipe.watch(*redis_keys):
-                    # Reads after WATCH, on any connection, are covered by the watch.
-                    blobs = await client.mget(redis_keys)
-                    current = {
-                        key: None if blob is None else self._decode(key, blob)
-                        for key, blob in zip(names, blobs, strict=True)
-                    }
-                    changes, result = fn(current)
-                    check_changes(names, changes)
-                    writes = []
-                    for key, change in changes.items():
-                        value, key_ttl = split_change(change, seconds)
-                        blob = None if value is None else self._encode(key, value)
-                        writes.append((self._redis_key(key), blob, _milliseconds(key_ttl)))
-                    for name, blob, key_px in writes:
-                        if blob is None:
-                            pipe.delete([name])
-                        else:
-                            pipe.set(name, blob, px=key_px)
-                    committing[0] = bool(writes)  # EXEC goes out as the block closes
-            except coredis.exceptions.WatchError:
-                return False, None  # a watched key changed: EXEC was refused
+                applied = await client.evalsha(_CAS_SHA, redis_keys, args)
+            except coredis.exceptions.NoScriptError:
+                applied = await client.eval(_CAS_SCRIPT, redis_keys, args)
+            if not applied:
+                self.update_conflicts += 1
+                return False, None  # a key changed since it was read: run again
             return True, result
 
         stripes = sorted({zlib.crc32(name) % _UPDATE_STRIPES for name in redis_keys})
@@ -578,6 +631,16 @@ class RedisStore(Store):
         self._stop_keeper()
 
 
+_SHAS: dict[str, str] = {}
+
+
+def _script_sha(source: str) -> str:
+    sha = _SHAS.get(source)
+    if sha is None:
+        sha = _SHAS[source] = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+    return sha
+
+
 def _refused(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is a refused connection: nothing was sent."""
     seen: builtins.set[int] = set()
@@ -588,6 +651,39 @@ def _refused(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+# aupdate's compare-and-set. KEYS: the keys read. ARGV: per key, whether it existed
+# ("1"/"0") and the value read; then per key an operation ("k" keep, "d" delete, "s" set),
+# the new value and its TTL in milliseconds ("" for none). Returns 1 if applied, 0 if a
+# key no longer holds what was read.
+_CAS_SCRIPT: Final = """
+local n = #KEYS
+for i = 1, n do
+  local current = redis.call('GET', KEYS[i])
+  if ARGV[2 * i - 1] == '0' then
+    if current then return 0 end
+  elseif current ~= ARGV[2 * i] then
+    return 0
+  end
+end
+local base = 2 * n
+for i = 1, n do
+  local op = ARGV[base + 3 * i - 2]
+  if op == 'd' then
+    redis.call('DEL', KEYS[i])
+  elseif op == 's' then
+    local px = ARGV[base + 3 * i]
+    if px == '' then
+      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1])
+    else
+      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1], 'PX', px)
+    end
+  end
+end
+return 1
+"""
+_CAS_SHA: Final = hashlib.sha1(_CAS_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 def _milliseconds(ttl: float | None) -> int | None:

@@ -8,8 +8,9 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
 
 import anyio.to_thread
@@ -81,6 +82,24 @@ _PURGE: Final = (
 _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
 
 
+# A write, for group commit: ``op(conn, now)`` runs inside the batch's transaction.
+_WriteOp = Callable[[sqlite3.Connection, float], Any]
+
+
+class _Write:
+    """One caller's write, queued for the next group commit."""
+
+    __slots__ = ("done", "error", "isolated", "key", "op", "result")
+
+    def __init__(self, op: _WriteOp, key: str | None, isolated: bool) -> None:
+        self.op = op
+        self.key = key
+        self.isolated = isolated  # runs in a savepoint: its own failure undoes only it
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 _STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 _INHERITED: builtins.list[sqlite3.Connection] = []
 
@@ -107,12 +126,13 @@ class SQLiteStore(Store):
     * WAL journal (readers never block the writer) and a busy timeout, so several
       processes on one host can share the file. Not for network file systems.
 
-    Connection: a single ``sqlite3`` connection per store and process, opened lazily on
+    Connections: two ``sqlite3`` connections per store and process, opened lazily on
     first use (and reopened in a forked child), with ``check_same_thread=False`` and a
-    ``threading.Lock`` around each statement. SQLite serialises writers anyway, each
-    statement here takes microseconds, one connection means one page cache and a
-    deterministic :meth:`close`, and ``":memory:"`` databases work too (every thread sees
-    the same one).
+    ``threading.Lock`` each. Writes go through one, in group commits: concurrent writers
+    share one transaction and one sync per batch, and each returns once the commit
+    holding its write is done. Reads go through the other and, in WAL mode, never wait
+    for a batch being committed. A ``":memory:"`` database uses one connection for
+    both (every thread sees the same database).
 
     The async methods take one worker-thread hop per operation; the sync methods run the
     same code directly and refuse to run on an event-loop thread.
@@ -153,6 +173,11 @@ class SQLiteStore(Store):
         self._durable = check_bool(durable, "durable")
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._pending: deque[_Write] = deque()
+        # Reads use a connection of their own (WAL: they see the last commit and never
+        # wait for a batch being committed); a ":memory:" database has only one.
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
         _STORES.add(self)
         self._writes = 0
         self._closed = False
@@ -213,6 +238,37 @@ class SQLiteStore(Store):
         return conn
 
     @contextmanager
+    def _reading(self, key: str | None = None) -> Iterator[sqlite3.Connection]:
+        """Hold the read connection (opened on first use); map sqlite3 errors."""
+        if self._path == ":memory:":
+            with self._connection(key) as conn:
+                yield conn
+            return
+        with self._read_lock:
+            try:
+                reader = self._reader
+                if reader is None:
+                    if self._conn is None:  # the writer's connection creates the schema
+                        with self._lock:
+                            self._conn_locked()
+                    reader = self._reader = self._connect_reader()
+                yield reader
+            except sqlite3.Error as exc:
+                raise self._map_error(exc, key) from exc
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
     def _connection(self, key: str | None = None) -> Iterator[sqlite3.Connection]:
         """Hold the lock and the (lazily opened) connection; map sqlite3 errors."""
         with self._lock:
@@ -240,9 +296,79 @@ class SQLiteStore(Store):
     def _write(self, conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
         rowcount = conn.execute(sql, args).rowcount
         self._writes += 1
-        if self._writes % _PURGE_EVERY == 0:
-            conn.execute(_PURGE, (time.time(),))
-        return rowcount
+        return int(rowcount)
+
+    # -- group commit ------------------------------------------------------------------
+
+    def _commit(self, op: _WriteOp, key: str | None = None, *, isolated: bool = False) -> Any:
+        """Run ``op`` in the next group commit and return its result once it is durable.
+
+        Concurrent writers (threads, and the worker threads of async calls) queue their
+        writes; whichever holds the connection lock takes everything queued and runs it
+        in one ``BEGIN IMMEDIATE`` transaction with one ``COMMIT``, hence one sync of
+        the WAL for the whole batch. A caller returns only after the commit holding its
+        write: durability is that of one write per transaction. Batches form by
+        themselves while the previous commit syncs; a lone writer commits at once.
+        """
+        write = _Write(op, key, isolated)
+        self._pending.append(write)
+        with self._lock:
+            if not write.done:  # else an earlier lock holder committed it for us
+                self._run_batch()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def _run_batch(self) -> None:
+        """Commit everything queued in one transaction; the caller holds ``self._lock``."""
+        batch: builtins.list[_Write] = []
+        pending = self._pending
+        while pending:
+            batch.append(pending.popleft())
+        try:
+            conn = self._conn or self._conn_locked()
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self._fail(batch, exc)
+            return
+        try:
+            now = time.time()
+            for write in batch:
+                if write.isolated:
+                    conn.execute("SAVEPOINT converge_write")
+                try:
+                    write.result = write.op(conn, now)
+                except sqlite3.Error:
+                    raise  # the transaction itself is in doubt: fail the whole batch
+                except BaseException as exc:
+                    write.error = exc
+                    if write.isolated:
+                        conn.execute("ROLLBACK TO converge_write")
+                if write.isolated:
+                    conn.execute("RELEASE converge_write")
+            if self._writes >= _PURGE_EVERY:
+                self._writes = 0
+                conn.execute(_PURGE, (now,))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):  # the original error says more
+                    conn.execute("ROLLBACK")
+            self._fail(batch, exc)
+            return
+        for write in batch:
+            write.done = True
+
+    def _fail(self, batch: builtins.list[_Write], exc: BaseException) -> None:
+        """Every write of a batch that could not commit fails with ``exc``, mapped."""
+        for write in batch:
+            if isinstance(exc, sqlite3.Error):
+                write.error = self._map_error(exc, write.key)
+            elif isinstance(exc, Exception):
+                write.error = exc
+            else:  # KeyboardInterrupt and the like: the others get a plain failure
+                write.error = StoreError(f"SQLite write to {self._path!r} was interrupted")
+            write.done = True
 
     def _encode(self, key: str, value: Any) -> bytes:
         return bytes([self._serializer.tag]) + self._serializer.dumps(key, value)
@@ -258,67 +384,71 @@ class SQLiteStore(Store):
 
     def _get(self, key: str) -> Any | None:
         args = (key_bytes(key), time.time())
-        with self._lock:
-            try:
-                conn = self._conn or self._conn_locked()
+        conn = self._reader
+        if conn is None:
+            with self._reading(key) as conn:
                 row = conn.execute(_GET, args).fetchone()
-            except sqlite3.Error as exc:
-                raise self._map_error(exc, key) from exc
+        else:
+            with self._read_lock:
+                try:
+                    if self._reader is None:
+                        raise ClosedError(f"{self!r} was closed")
+                    row = conn.execute(_GET, args).fetchone()
+                except sqlite3.Error as exc:
+                    raise self._map_error(exc, key) from exc
         return None if row is None else self._decode(key, row[0])
 
     def _put(self, key: str, value: Any, ttl: float | None) -> None:
-        blob = self._encode(key, value)
-        with self._lock:
-            expires_at = None if ttl is None else time.time() + ttl
-            try:
-                conn = self._conn or self._conn_locked()
-                self._write(conn, _PUT, (key_bytes(key), blob, expires_at))
-            except sqlite3.Error as exc:
-                raise self._map_error(exc, key) from exc
+        row = (key_bytes(key), self._encode(key, value))
+
+        def put(conn: sqlite3.Connection, now: float) -> None:
+            self._write(conn, _PUT, (*row, None if ttl is None else now + ttl))
+
+        self._commit(put, key)
 
     def _put_if_absent(self, key: str, value: Any, ttl: float | None) -> bool:
-        blob = self._encode(key, value)
-        with self._connection(key) as conn:
-            now = time.time()
+        row = (key_bytes(key), self._encode(key, value))
+
+        def put_if_absent(conn: sqlite3.Connection, now: float) -> bool:
             expires_at = None if ttl is None else now + ttl
-            return self._write(conn, _PUT_IF_ABSENT, (key_bytes(key), blob, expires_at, now)) == 1
+            return self._write(conn, _PUT_IF_ABSENT, (*row, expires_at, now)) == 1
+
+        return bool(self._commit(put_if_absent, key))
 
     def _delete(self, key: str) -> None:
-        with self._connection(key) as conn:
-            conn.execute(_DELETE, (key_bytes(key),))
+        raw_key = key_bytes(key)
+        self._commit(lambda conn, now: conn.execute(_DELETE, (raw_key,)), key)
 
     def _update(self, keys: builtins.list[str], fn: UpdateFn[R], ttl: float | None) -> R:
-        with self._connection(keys[0] if len(keys) == 1 else None) as conn:
-            # IMMEDIATE takes the write lock up front: no other writer, in any process,
-            # can change these keys between our read and our write.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                current = {}
-                for key in keys:
-                    row = conn.execute(_GET, (key_bytes(key), now)).fetchone()
-                    current[key] = None if row is None else self._decode(key, row[0])
-                changes, result = fn(current)
-                check_changes(keys, changes)
-                for key, change in changes.items():
-                    value, key_ttl = split_change(change, ttl)
-                    if value is None:
-                        conn.execute(_DELETE, (key_bytes(key),))
-                    else:
-                        blob = self._encode(key, value)
-                        expires_at = None if key_ttl is None else now + key_ttl
-                        self._write(conn, _PUT, (key_bytes(key), blob, expires_at))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        def update(conn: sqlite3.Connection, now: float) -> R:
+            # Inside the batch's BEGIN IMMEDIATE transaction: no other writer, in any
+            # process, can change these keys between our read and our write.
+            current = {}
+            for key in keys:
+                row = conn.execute(_GET, (key_bytes(key), now)).fetchone()
+                current[key] = None if row is None else self._decode(key, row[0])
+            changes, result = fn(current)
+            check_changes(keys, changes)
+            # Encode everything first: a value that does not serialize changes nothing.
+            rows = []
+            for key, change in changes.items():
+                value, key_ttl = split_change(change, ttl)
+                blob = None if value is None else self._encode(key, value)
+                rows.append((key_bytes(key), blob, None if key_ttl is None else now + key_ttl))
+            for raw_key, blob, expires_at in rows:
+                if blob is None:
+                    conn.execute(_DELETE, (raw_key,))
+                else:
+                    self._write(conn, _PUT, (raw_key, blob, expires_at))
+            return result
+
+        result: R = self._commit(update, keys[0] if len(keys) == 1 else None, isolated=True)
         return result
 
     def _list(self, prefix: str) -> builtins.list[str]:
         low = key_bytes(prefix)
         high = prefix_upper_bound(low)
-        with self._connection() as conn:
+        with self._reading() as conn:
             if high is None:
                 rows = conn.execute(_LIST_FROM + " ORDER BY key", (low, time.time())).fetchall()
             else:
@@ -334,20 +464,25 @@ class SQLiteStore(Store):
         return keys
 
     def _close(self) -> None:
-        with self._lock:
+        with self._read_lock, self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            reader, self._reader = self._reader, None
+            for each in (reader, conn):
+                if each is not None:
+                    each.close()
 
     def _forget_after_fork(self) -> None:
         # A connection must never cross fork(): the child opens its own on first use
         # and leaves the parent's untouched (not even closed, which could disturb the
         # parent's locks), so it is parked where it is never collected.
         self._lock = threading.Lock()
-        if self._conn is not None:
-            _INHERITED.append(self._conn)
-            self._conn = None
+        self._read_lock = threading.Lock()
+        self._pending = deque()
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                _INHERITED.append(conn)
+        self._conn = self._reader = None
 
     # -- sync surface ------------------------------------------------------------------
 

@@ -1,0 +1,222 @@
+"""uvicorn settings for ``converge gateway``: connection limits, header timeout, quiet logs.
+
+uvicorn on its own keeps a connection that never finishes its headers open forever,
+answers ``503`` to a legitimate request once idle connections reach
+``limit_concurrency``, and, when the process runs out of file descriptors, logs one
+``socket.accept() out of system resource`` traceback per accept attempt (megabytes per
+second). This module adds what is missing:
+
+* :func:`guarded_protocol`: uvicorn's h11 protocol with a **header timeout** (the request
+  line and headers must arrive within it, however slowly the bytes trickle in) and a
+  **connection cap** that evicts the connection waiting longest for a request (idle or
+  half-sent) when a new one arrives, so idle clients cannot crowd out a complete request;
+* :func:`fit_open_files`: raises the soft open-file limit where allowed and otherwise
+  lowers the connection cap and backlog, so accepting never fails for lack of
+  descriptors;
+* :class:`RepeatFilter`: at most one log line per message and interval, with a count of
+  the repeats it held back.
+
+The body read timeout lives in the ASGI app (:class:`~converge.extensions.connectors.GatewayApp`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["RepeatFilter", "fit_open_files", "guarded_protocol", "install_repeat_filter"]
+
+_log = logging.getLogger("converge.gateway")
+
+# Descriptors kept free for everything but inbound connections (listening socket, store
+# files, logs), on top of one per outbound connection.
+_RESERVED_FILES = 64
+_BUSY = b'{"status":"unavailable","reason":"server_busy"}'
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+    + str(len(_BUSY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY
+)
+
+
+def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol class with a header timeout and a connection cap.
+
+    Args:
+        header_timeout_sec: Seconds from connection (or from the end of the previous
+            response) until the next request's headers must be complete; the
+            connection is closed otherwise.
+        max_connections: Open connections at most. A new connection beyond it closes
+            the one that has waited longest for a request; if every connection is busy
+            with a request, the new one is answered ``503`` with ``Retry-After``.
+
+    Returns:
+        A protocol class for ``uvicorn.Config(http=...)`` (one per server: the set of
+        waiting connections is shared by its instances).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    # Connections with no request in progress, the longest-waiting first.
+    waiting: OrderedDict[Any, None] = OrderedDict()
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._wait()
+            if len(self.connections) > max_connections:
+                self._make_room()
+
+        def _make_room(self) -> None:
+            oldest = next(iter(waiting), None)
+            if oldest is not None and oldest is not self:
+                oldest._stop_waiting()
+                oldest.transport.close()
+                return
+            # Every other connection is serving a request: refuse this one politely.
+            self._stop_waiting()
+            self.transport.write(_REFUSAL)
+            self.transport.close()
+
+        def _wait(self) -> None:
+            waiting[self] = None
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_sec, self._header_timeout)
+
+        def _stop_waiting(self) -> None:
+            waiting.pop(self, None)
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            waiting.pop(self, None)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def _track(self) -> None:
+            # A request whose headers are complete is no longer waiting.
+            if self.conn.their_state is not h11.IDLE:
+                self._stop_waiting()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._track()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
+                self._wait()
+            else:
+                self._track()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def fit_open_files(max_connections: int, backlog: int, reserve: int) -> tuple[int, int]:
+    """Make room for the connections; return the ``(max_connections, backlog)`` that fit.
+
+    The event loop accepts up to ``backlog`` connections in one go before any of them
+    runs (and can be closed), so the descriptors needed are ``max_connections +
+    backlog + reserve`` plus a margin. Raises the soft ``RLIMIT_NOFILE`` towards the
+    hard limit if needed; if it still falls short, lowers both numbers (and logs a
+    warning), so ``accept()`` never fails for lack of descriptors.
+
+    Args:
+        max_connections: The configured connection cap.
+        backlog: The configured listen backlog.
+        reserve: Descriptors needed besides inbound connections (outbound connections).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return max_connections, backlog
+    needed = max_connections + backlog + reserve + _RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections, backlog
+    available = max(2, soft - reserve - _RESERVED_FILES)
+    fitted_backlog = min(backlog, max(1, available // 4))
+    fitted = min(max_connections, max(1, available - fitted_backlog))
+    _log.warning(
+        "the open-file limit (%d) cannot hold max_connections = %d and backlog = %d; "
+        "serving at most %d connections with a backlog of %d (raise `ulimit -n`)",
+        soft,
+        max_connections,
+        backlog,
+        fitted,
+        fitted_backlog,
+    )
+    return fitted, fitted_backlog
+
+
+class RepeatFilter(logging.Filter):
+    """Let one record per message through per ``interval_sec``; count the rest.
+
+    A message is identified by its logger and the first line of its text, so an error
+    repeated thousands of times a second (a full descriptor table makes the event loop
+    log every failed ``accept()``) becomes one line per interval, the next of which
+    says how many were held back.
+
+    Args:
+        interval_sec: Seconds between two records of the same message.
+        clock: Monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, interval_sec: float = 10.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.interval_sec = interval_sec
+        self._clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return False for a repeat inside the interval."""
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: let logging report it
+            return True
+        key = (record.name, text.split("\n", 1)[0][:200])
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval_sec:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        if len(self._seen) >= 1024:  # bounded: forget the oldest messages
+            for old in list(self._seen)[:512]:
+                del self._seen[old]
+        self._seen[key] = (now, 0)
+        if last is not None and last[1]:
+            record.msg = f"{text} ({last[1]} similar messages held back)"
+            record.args = None
+        return True
+
+
+def install_repeat_filter(interval_sec: float = 10.0) -> RepeatFilter:
+    """Attach one :class:`RepeatFilter` to the loggers a flooded server writes to."""
+    repeat = RepeatFilter(interval_sec)
+    for name in ("asyncio", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+            logger.addFilter(repeat)
+    return repeat

@@ -1,0 +1,255 @@
+"""``converge gateway`` under slow and idle clients: limits, timeouts, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cli_helpers import GatewayProcess
+
+from converge.cli._server import RepeatFilter, fit_open_files, guarded_protocol
+from converge.cli.config import parse_config
+from converge.errors import ConfigurationError
+from converge.extensions.connectors import sign_webhook
+from loopback import UvicornThread, read_request, serve_lifespan
+
+SECRET = "whsec_Y29udmVyZ2UtZGVtby1zZWNyZXQtY2hhbmdlLW1l"
+
+
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "limits.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [gateway]
+            store = "memory"
+            log_events = false
+            header_timeout_sec = 1.0
+            body_timeout_sec = 1.0
+            keep_alive_timeout_sec = 1
+            [providers.demo]
+            scheme = "standard-webhooks"
+            secret = "SECRET"
+            """
+        ).replace("SECRET", SECRET)
+    )
+    return path
+
+
+def _open_all(port: int, payloads: list[bytes]) -> list[socket.socket]:
+    """Connect once per payload, all at once (a flood), and send each its bytes."""
+    sockets = []
+    for _ in payloads:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        sockets.append(sock)
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            selector.register(sock, selectors.EVENT_WRITE)
+        pending = len(sockets)
+        deadline = time.monotonic() + 15
+        while pending and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                selector.unregister(key.fileobj)
+                pending -= 1
+    for sock, data in zip(sockets, payloads, strict=True):
+        sock.setblocking(True)
+        if data:
+            sock.sendall(data)
+    return sockets
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing (None if it kept the connection open)."""
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return None
+    except OSError:  # reset
+        pass
+    return received
+
+
+def _open_files(gateway: GatewayProcess) -> int:
+    return len(list(Path(f"/proc/{gateway.process.pid}/fd").iterdir()))
+
+
+def test_slow_and_idle_clients_do_not_stop_a_legitimate_webhook(tmp_path: Path) -> None:
+    # 256 descriptors for the whole gateway, yet 330 hostile connections: before the
+    # limits, accept() failed (EMFILE), megabytes of errors were logged, and the
+    # legitimate webhook waited until the attacker let go.
+    gateway = GatewayProcess(_config(tmp_path), tmp_path, open_files=256)
+    port = gateway.port
+    baseline = _open_files(gateway)
+    sockets: list[socket.socket] = []
+    try:
+        half_sent = b"POST /webhook/demo HTTP/1.1\r\nhost: x\r\ncontent-type: applica"
+        slow_body = (
+            b"POST /webhook/demo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n\r\n{"
+        )
+        sockets = _open_all(port, [half_sent, b""] * 150 + [slow_body] * 30)
+        deadline = time.monotonic() + 1.0
+        while _open_files(gateway) < baseline + 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _open_files(gateway) >= baseline + 50  # the flood holds connections
+        slow = sockets[-30:]
+
+        body = b'{"type":"limits.test","data":{}}'
+        headers = {
+            "content-type": "application/json",
+            **sign_webhook("standard-webhooks", SECRET, body),
+        }
+        started = time.monotonic()
+        response = httpx.post(
+            f"{gateway.url}/webhook/demo", content=body, headers=headers, timeout=8
+        )
+        latency = time.monotonic() - started
+        assert response.status_code == 202, response.text
+        assert latency < 3.0, latency  # one SYN retransmit at most
+
+        # Every hostile connection that sent bytes is closed within the timeouts (plus
+        # slack); slow bodies are answered 408. (An idle socket the kernel answered
+        # with a SYN cookie while the queue was full may look open to this client; the
+        # server holds nothing for it: see the descriptor count below.)
+        talking = sockets[::2] + slow
+        answers = [_closed_by_server(s, within=3.0) for s in talking]
+        assert None not in answers
+        timed_out = [a for a in answers[-len(slow) :] if a]
+        assert timed_out, "slow bodies got no answer"
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in timed_out)
+        assert _open_files(gateway) < baseline + 8
+        # ... and the gateway still serves.
+        assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+        gateway.stop()
+    log = gateway.log.read_text()
+    assert "Traceback" not in log
+    assert len(log) < 20_000, log[-2000:]
+
+
+def test_repeated_log_records_are_held_back_and_counted() -> None:
+    now = [0.0]
+    repeat = RepeatFilter(interval_sec=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("converge.test.repeat")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.addFilter(repeat)
+    logger.propagate = False
+    try:
+        for _ in range(5000):
+            logger.error("socket.accept() out of system resource\nsocket: <fd=%d>", 7)
+        logger.error("another problem")
+        now[0] = 11.0
+        logger.error("socket.accept() out of system resource\nsocket: <fd=%d>", 7)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(repeat)
+    assert len(records) == 3
+    assert records[2].endswith("(4999 similar messages held back)")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("header_timeout_sec", 0),
+        ("body_timeout_sec", "slow"),
+        ("keep_alive_timeout_sec", 0.5),
+        ("max_connections", 0),
+        ("backlog", True),
+        ("max_header_bytes", 10),
+        ("trusted_proxies", ["10.0.0.300"]),
+        ("trusted_proxies", "10.0.0.1"),
+    ],
+)
+def test_bad_server_limits_are_refused(key: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=key):
+        parse_config({"gateway": {key: value}}, env={})
+
+
+def test_client_cert_header_needs_trusted_proxies() -> None:
+    with pytest.raises(ConfigurationError, match="trusted_proxies"):
+        parse_config({"gateway": {"client_cert_header": "X-SSL-Client-Verify"}}, env={})
+    config = parse_config(
+        {
+            "gateway": {
+                "client_cert_header": "X-SSL-Client-Verify",
+                "trusted_proxies": ["10.0.0.0/8", "::1"],
+            }
+        },
+        env={},
+    )
+    assert config.trusted_proxies == ("10.0.0.0/8", "::1")
+    defaults = parse_config({}, env={})
+    assert (defaults.header_timeout_sec, defaults.body_timeout_sec) == (10.0, 30.0)
+    assert (defaults.max_connections, defaults.backlog) == (512, 1024)
+
+
+class Slow:
+    """An ASGI app that reads the whole body, then answers 200."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await read_request(scope, receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_the_connection_cap_evicts_idle_connections_and_refuses_when_all_are_busy() -> None:
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=3)
+    server = UvicornThread(Slow(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    busy = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        # A complete request still gets through: it takes the longest-idle one's place.
+        assert httpx.post(server.url, content=b"{}", timeout=5).status_code == 200
+        assert _closed_by_server(idle[0], within=2.0) == b""
+        # Three connections busy with requests (bodies never finished): refused politely.
+        for sock in idle:
+            sock.close()
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in held:
+            sock.sendall(busy)
+        time.sleep(0.2)
+        refused = httpx.post(server.url, content=b"{}", timeout=5)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json() == {"status": "unavailable", "reason": "server_busy"}
+        for sock in held:
+            sock.close()
+    finally:
+        server.stop()
+
+
+def test_fitting_the_open_file_limit_lowers_the_cap_when_it_cannot_grow() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert fit_open_files(10, 10, reserve=10) == (10, 10)  # fits (or the limit was raised)
+    max_connections, backlog = fit_open_files(10**6, 65535, reserve=64)
+    if hard != resource.RLIM_INFINITY and hard < 10**6:
+        assert max_connections + backlog + 64 <= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert backlog >= 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

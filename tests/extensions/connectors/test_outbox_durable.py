@@ -1,0 +1,222 @@
+"""The outbox on the durable queue: inspectable records, fenced leases, a true backlog."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from outbound_helpers import FakeClock, Sender, action, dispatching, make
+from webhook_helpers import eventually
+
+from converge.core.store import Store
+from converge.extensions.connectors import OutboundRequest, Outbox, RetrySchedule
+from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
+from redis_server import shared_redis_url
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_delivered_action_stays_inspectable_with_each_attempt(any_store: Store) -> None:
+    sender = Sender(503, 200)
+    c = make(any_store, outbound_sender=sender)
+    async with dispatching(c):
+        record = await c.enqueue(action(1, idempotency_key="k-1"))
+        await eventually(lambda: len(sender.requests) == 2)
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    found = await c.outbox.aget(record.id)
+    assert found is not None
+    assert (found.kind, found.status, found.key) == ("outbound", "delivered", "app")
+    assert found.data["action"]["body"] == {"n": 1}
+    assert found.data["namespace"] == "api"
+    first, second = found.attempts
+    assert (first.status_code, first.error, first.outcome) == (503, "status 503", "retry")
+    assert (second.status_code, second.error, second.outcome) == (200, None, "delivered")
+    assert all(a.latency_ms is not None and a.latency_ms >= 0 for a in found.attempts)
+    assert first.at <= second.at
+    assert [r.id for r in await c.outbox.alist(status="delivered")] == [record.id]
+    assert await c.outbox.alist(status="delivered", key="elsewhere") == []
+    assert await c.apending_count() == 0
+
+
+async def test_done_records_expire_after_the_retention(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    c = make(store, outbound_sender=Sender(200, 404), dead_letter_ttl_sec=0.3)
+    async with dispatching(c):
+        ok = await c.enqueue(action(1))
+        dead = await c.enqueue(action(2))
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert (await c.outbox.aget(ok.id)) is not None
+    assert (await c.outbox.aget(dead.id)) is not None
+    await anyio.sleep(0.5)
+    assert await c.outbox.aget(ok.id) is None  # swept by the store's TTL, no scan
+    assert await c.outbox.aget(dead.id) is None
+    await store.aclose()
+
+
+async def test_replay_sends_a_delivered_or_dead_action_again_and_purge_forgets_it() -> None:
+    sender = Sender(404)
+    c = make(outbound_sender=sender)
+    async with dispatching(c):
+        dead = await c.enqueue(action(2))
+        await eventually(lambda: len(sender.requests) == 1 and c.dispatcher.backlog == 0)
+        ok = await c.enqueue(action(1))
+        await eventually(lambda: len(sender.requests) == 2 and c.dispatcher.backlog == 0)
+        assert (await c.outbox.aget(dead.id)).status == "dead"  # type: ignore[union-attr]
+        for record_id in (ok.id, dead.id):
+            replayed = await c.outbox.areplay(record_id)
+            assert replayed is not None
+            assert replayed.status == "pending"
+        await eventually(lambda: len(sender.requests) == 4 and c.dispatcher.backlog == 0)
+    keys = [r.headers["idempotency-key"] for r in sender.requests]
+    assert sorted(keys[2:]) == sorted(keys[:2])  # the same keys: receivers deduplicate
+    for record_id in (ok.id, dead.id):
+        record = await c.outbox.aget(record_id)
+        assert record is not None
+        assert record.status == "delivered"
+        assert record.attempt_count == 2
+        assert record.budget_used == 1
+        assert (await c.outbox.apurge(record_id)) is not None
+        assert await c.outbox.aget(record_id) is None
+    assert await c.outbox.areplay("nothing-here") is None
+
+
+async def test_a_lease_taken_over_fences_out_its_old_holder() -> None:
+    clock = FakeClock()
+    store = MemoryStore()
+    one = Outbox(store, prefix="p", clock=clock, dead_letter_ttl_sec=60)
+    two = Outbox(store, prefix="p", clock=clock, dead_letter_ttl_sec=60)
+    record = await one.add(action(1, idempotency_key="x"))
+    mine = await one.lease(record.id, "one", 10.0)
+    assert not isinstance(mine, float)
+    assert mine is not None
+    held = await two.lease(record.id, "two", 10.0)
+    assert held == pytest.approx(10.0)  # seconds until one's lease ends
+    clock.now += 10.5  # one stalls past its lease (a paused process, a slow write)
+    theirs = await two.lease(record.id, "two", 10.0)
+    assert not isinstance(theirs, float)
+    assert theirs is not None
+    assert theirs.lease_token > mine.lease_token
+    # Every transition of the old holder is refused and changes nothing.
+    assert not await one.complete(mine)
+    assert await one.reschedule(mine, delay=1, attempt=_attempt(clock)) is None
+    assert await one.bury(mine, reason="late") is None
+    assert not await one.release(mine)
+    current = await one.aget(record.id)
+    assert current is not None
+    assert (current.status, current.lease_owner, current.attempts) == ("leased", "two", ())
+    assert await two.complete(theirs)
+    assert (await one.aget(record.id)).status == "delivered"  # type: ignore[union-attr]
+
+
+def _attempt(clock: FakeClock):  # type: ignore[no-untyped-def]
+    from converge.durable import Attempt
+
+    return Attempt(at=clock.now, status_code=503, error="status 503")
+
+
+class SkewedStore(SQLiteStore):
+    """A store whose clock runs 1000 s ahead of this host's."""
+
+    async def atime(self) -> float:
+        return time.time() + 1000.0
+
+
+async def test_leases_are_measured_on_the_stores_clock(tmp_path: Path) -> None:
+    store = SkewedStore(tmp_path / "db.sqlite3")
+    schedule = RetrySchedule(request_timeout_sec=2, lease_margin_sec=3)
+    c = make(store, retry_policy=schedule)
+    assert c.dispatcher.lease_sec == 5
+    record = await c.enqueue(action(1))
+    leased = await c.outbox.lease(record.id, "me", c.dispatcher.lease_sec)
+    assert not isinstance(leased, float)
+    assert leased is not None
+    assert leased.lease_until == pytest.approx(time.time() + 1005, abs=1)
+    await store.aclose()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """One real redis-server for the module."""
+    yield from shared_redis_url()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_two_replicas_on_one_store_report_the_true_backlog_and_send_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    gate = anyio.Event()
+    sent: list[str] = []
+
+    async def sender(request: OutboundRequest) -> int:
+        await gate.wait()
+        sent.append(request.headers["idempotency-key"])
+        await anyio.sleep(0.002)
+        return 200
+
+    def open_store() -> Store:
+        if kind == "sqlite":
+            return SQLiteStore(tmp_path / "shared.sqlite3")
+        return RedisStore(request.getfixturevalue("redis_url"), namespace=namespace)
+
+    namespace = f"outbox-{uuid.uuid4().hex}"
+    stores = [open_store() for _ in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        for store in stores:
+            await stack.enter_async_context(store)
+        replicas = [
+            make(s, outbound_sender=sender, connector_id="gw", max_in_flight=4) for s in stores
+        ]
+        for n in range(60):
+            await replicas[n % 2].submit_outbound_action(action(n, idempotency_key=f"k{n}"))
+        samples: list[float] = []
+
+        def gauges() -> list[float]:
+            return [r.metrics.get("webhook_outbound_backlog") for r in replicas]
+
+        async with anyio.create_task_group() as tg:
+            for replica in replicas:
+                run = functools.partial(replica.run_outbound_dispatcher, poll_interval_sec=0.02)
+                tg.start_soon(run)
+            # Both see the whole shared backlog, not their own share of it.
+            await eventually(lambda: gauges() == [60, 60])
+            gate.set()
+            while len(sent) < 60:
+                samples.extend(gauges())
+                await anyio.sleep(0.005)
+            await eventually(lambda: gauges() == [0, 0], within=2)
+            for replica in replicas:
+                replica.stop_dispatcher()
+        assert max(samples) <= 60
+        assert sorted(sent) == sorted(f"k{n}" for n in range(60))  # each exactly once
+        assert await replicas[0].apending_count() == 0
+
+
+async def test_actions_stored_before_the_durable_outbox_are_moved_into_it() -> None:
+    store = MemoryStore()
+    prefix = "converge:webhook:webhook-connector"
+    legacy = action(5).to_dict()
+    await store.aput(
+        f"{prefix}:outbox:abc123",
+        {"v": 1, "id": "abc123", "action": legacy, "attempts": 2, "due": 0.0, "created": 0.0},
+    )
+    await store.aput(
+        f"{prefix}:dead:dead123",
+        {"v": 1, "id": "dead123", "action": legacy, "attempts": 5, "reason": "status 404"},
+    )
+    sender = Sender()
+    c = make(store, outbound_sender=sender)
+    async with dispatching(c):
+        await eventually(lambda: len(sender.requests) == 1)
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert json.loads(sender.requests[0].content) == {"n": 5}
+    assert sender.requests[0].action_id == "abc123"
+    (letter,) = await c.alist_dead_letters()
+    assert (letter.id, letter.reason) == ("dead123", "status 404")
+    assert await store.alist(f"{prefix}:outbox:") == []
