@@ -12,11 +12,11 @@ on the same :class:`~converge.core.events.EventEmitter` as the agent's own event
 * ``delivered`` / ``retrying``: an outbound attempt's answer (:class:`TrackingSender`,
   the connector's ``outbound_sender``).
 
-The same moments go to the connector's event log lines (``converge.events`` logger:
-``inbound.accepted``, ``inbound.rejected``, ``outbound.delivered``, ...), shown with
-``--log-level info``. :class:`HopDisplay` prints one line per hop and keeps a status line
-with the counts (redrawn in place on a terminal; a plain line every few seconds when
-the output is not a terminal).
+The connector and its dispatcher log the same moments as event log lines
+(``converge.events`` logger: ``inbound.accepted``, ``inbound.rejected``,
+``outbound.delivered``, ...), shown with ``--log-level info``. :class:`HopDisplay`
+prints one line per hop and keeps a status line with the counts (redrawn in place on a
+terminal; a plain line every few seconds when the output is not a terminal).
 """
 
 from __future__ import annotations
@@ -36,12 +36,6 @@ from converge.core.decisions import InvokeTool, SendMessage
 from converge.core.events import DecisionsMade, EventEmitter, ProgressEvent, ToolInvoked
 from converge.durable import Record
 from converge.extensions.connectors import OutboundRequest, OutboundResponse
-from converge.extensions.connectors.logs import (
-    log_accepted,
-    log_delivered,
-    log_rejected,
-    log_retried,
-)
 
 __all__ = ["HOPS", "Hop", "HopDisplay", "HopTracker", "TrackingSender", "verified_listener"]
 
@@ -96,7 +90,6 @@ class HopTracker:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         ref = headers.get("x-github-delivery", "")[:36]
         self.events.emit(Hop(hop="received", ref=ref, detail=headers.get("x-github-event", "")))
-        started = time.perf_counter()
         status = 0
         chunks: list[bytes] = []
 
@@ -109,9 +102,7 @@ class HopTracker:
             await send(message)
 
         await self.app(scope, receive, watch)
-        latency = (time.perf_counter() - started) * 1000
         if status == 202:
-            log_accepted(self.provider, ref, latency_ms=latency)
             return
         try:
             answer = json.loads(b"".join(chunks) or b"{}")
@@ -120,10 +111,8 @@ class HopTracker:
         reason = str(answer.get("reason") or answer.get("status") or status)
         if status == 200:
             self.events.emit(Hop(hop="duplicate", ref=ref, detail="already accepted"))
-            log_accepted(self.provider, ref, status="duplicate", latency_ms=latency)
             return
         self.events.emit(Hop(hop="rejected", ref=ref, detail=f"{status} {reason}"))
-        log_rejected(self.provider, reason, status_code=status, event_id=ref, latency_ms=latency)
 
 
 def _issue_of(github: Any) -> int | None:
@@ -173,7 +162,6 @@ class TrackingSender:
             number = None
         issue = number if isinstance(number, int) else None
         started = time.perf_counter()
-        target = "chat"
         try:
             answer = await self.client.request(
                 request.method,
@@ -183,17 +171,8 @@ class TrackingSender:
                 timeout=request.timeout,
             )
         except httpx.HTTPError as exc:
-            latency = (time.perf_counter() - started) * 1000
             detail = f"attempt {request.attempt}: {type(exc).__name__}"
             self.events.emit(Hop(hop="retrying", issue=issue, ref=request.action_id, detail=detail))
-            log_retried(
-                target,
-                request.action_id,
-                status_code=None,
-                error=type(exc).__name__,
-                latency_ms=latency,
-                attempts=request.attempt,
-            )
             raise
         latency = (time.perf_counter() - started) * 1000
         code = answer.status_code
@@ -202,22 +181,6 @@ class TrackingSender:
         self.events.emit(
             Hop(hop=hop, issue=issue, ref=request.action_id, detail=detail, latency_ms=latency)
         )
-        if hop == "delivered":
-            log_delivered(
-                target,
-                request.action_id,
-                status_code=code,
-                latency_ms=latency,
-                attempts=request.attempt,
-            )
-        else:
-            log_retried(
-                target,
-                request.action_id,
-                status_code=code,
-                latency_ms=latency,
-                attempts=request.attempt,
-            )
         return OutboundResponse(code, dict(answer.headers))
 
 
