@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 from examples.triage.sender import asend_issues, issue_request
-from triage_helpers import GITHUB_SECRET, Chat, TriageProcess, free_port
+from triage_helpers import ADMIN_TOKEN, GITHUB_SECRET, Chat, TriageProcess, free_port
 
 from redis_server import RedisServer
 
@@ -118,6 +118,14 @@ def test_wrong_secret_is_rejected_and_gets_no_reply(tmp_path: Path) -> None:
         while not chat.app.messages and time.monotonic() < deadline:
             time.sleep(0.02)
         assert list(chat.by_issue()) == [8]
+        # The inspector's API shows the same event and its delivery.
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        events = httpx.get(f"{app.url}/admin/api/events", headers=auth).json()["records"]
+        assert [e["key"] for e in events] == ["github"]
+        assert events[0]["status"] == "acknowledged"
+        deliveries = httpx.get(f"{app.url}/admin/api/deliveries", headers=auth).json()["records"]
+        assert [(d["key"], d["status"]) for d in deliveries] == [("chat", "delivered")]
+        assert httpx.get(f"{app.url}/admin/", headers=auth).status_code == 200
     finally:
         assert app.stop() == 0
         chat.stop()

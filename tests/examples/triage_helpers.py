@@ -17,6 +17,7 @@ from loopback import UvicornThread, loopback_socket
 ROOT = Path(__file__).resolve().parents[2]
 GITHUB_SECRET = "e2e-github-secret"
 CHAT_SECRET = "whsec_" + base64.b64encode(b"e2e-chat-signing-secret-32bytes!").decode()
+ADMIN_TOKEN = "e2e-admin-token-0123456789"
 
 
 def free_port() -> int:
@@ -37,6 +38,7 @@ def app_env() -> dict[str, str]:
         GITHUB_WEBHOOK_SECRET=GITHUB_SECRET,
         CHAT_SIGNING_SECRET=CHAT_SECRET,
         TRIAGE_SECRETS_KEY=base64.b64encode(b"k" * 32).decode(),
+        TRIAGE_ADMIN_TOKEN=ADMIN_TOKEN,
         PYTHONUNBUFFERED="1",
     )
     return env
