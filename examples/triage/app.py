@@ -80,11 +80,8 @@ class ThrottledReplies(RateLimitHook):
         return message
 
     async def apost_receive(self, message: Message) -> Message | None:
-        """Pass every message: inbound events are never dropped (nor throttled) here.
-
-        A hook that drops an inbound event for its only receiver settles it on the
-        bus, and the connector then takes it as handled: never drop on ingress.
-        """
+        """Pass every message: inbound events wait in the durable inbox already (a
+        hook dropping one would only make the connector publish it again later)."""
         return message
 
 
