@@ -59,14 +59,21 @@ def test_burst_of_50_with_sigkill_gets_exactly_one_reply_per_issue(
     sender = threading.Thread(target=burst, name="github")
     try:
         sender.start()
-        # Kill once some replies are out, while issues are still arriving and in flight.
+
+        # Kill once some replies are out, while issues are still arriving and in flight
+        # (early enough on a slow machine too: at most 35 of the 50 accepted).
+        def accepted() -> int:
+            return sum(1 for codes in list(answers.values()) if 202 in codes)
+
         deadline = time.monotonic() + 20
-        while len(chat.app.messages) < 8:
+        while not (
+            len(chat.app.messages) >= 8 or (accepted() >= 35 and len(chat.app.messages) >= 1)
+        ):
             assert time.monotonic() < deadline, "no replies before the kill"
-            time.sleep(0.005)
+            time.sleep(0.002)
         app.kill()
         at_kill = len(chat.app.messages)
-        accepted_at_kill = sum(1 for codes in list(answers.values()) if 202 in codes)
+        accepted_at_kill = accepted()
         app = TriageProcess(tmp_path, port, chat.url, backend=backend, log="2")
         sender.join(timeout=35)
         assert not sender.is_alive()
@@ -76,7 +83,7 @@ def test_burst_of_50_with_sigkill_gets_exactly_one_reply_per_issue(
         elapsed = time.monotonic() - started
 
         # The kill landed in the middle of the burst.
-        assert at_kill < ISSUES
+        assert 0 < at_kill < ISSUES
         assert accepted_at_kill < ISSUES
         # Every issue was accepted once: a 202, or (when the kill came between storing
         # it and answering) "200 duplicate" to the resend; the other answers were
