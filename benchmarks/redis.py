@@ -12,7 +12,7 @@ measured in the same run, taking turns with converge:
   implementation: its coredis one fails on coredis 6), one ``hit`` per decision,
   against converge's ``aallow_message`` on one sender bucket (one Lua script on the
   server's clock).
-* ``watch-multi``: converge's limiter on the generic ``aupdate`` path (an optimistic
+* ``aupdate``: converge's limiter on the generic ``aupdate`` path (an optimistic
   transaction: read, then a compare-and-set, retried on conflicts; selected by passing a
   clock), against the dedicated Lua script, with 4 processes deciding on one shared
   bucket at once; ``retries`` counts the transactions that lost to another process and
@@ -166,7 +166,7 @@ def limiter_case(url: str, ops: int, repeats: int) -> dict[str, float]:
     return anyio.run(main)
 
 
-# -- Lua script against WATCH/MULTI, four processes on one bucket ------------------------
+# -- the limiter's script against the generic update, four processes on one bucket ------
 
 
 def contend(url: str, namespace: str, scripted: bool, seconds: float, start: Any, out: Any) -> None:
@@ -199,7 +199,7 @@ def contended_case(
     best: dict[str, float] = {}
     retries: dict[str, int] = {}
     for _ in range(rounds):
-        for impl, scripted in (("converge", True), ("watch-multi", False)):
+        for impl, scripted in (("converge", True), ("aupdate", False)):
             start, out = ctx.Barrier(PROCESSES), ctx.Queue()
             namespace = uuid.uuid4().hex
             args = (url, namespace, scripted, seconds, start, out)

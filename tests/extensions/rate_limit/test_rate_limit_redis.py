@@ -54,7 +54,7 @@ async def test_a_decision_is_one_evalsha_and_no_transaction(
     assert results == [True, True, False, False]  # a's bucket holds 2
     assert after.get("evalsha", 0) - before.get("evalsha", 0) == 4
     # (commandstats counts the GET and SET the script runs inside the server too)
-    for command in ("watch", "multi", "exec", "eval", "time"):
+    for command in ("watch", "multi", "exec", "eval", "mget", "time"):
         assert after.get(command, 0) - before.get(command, 0) == (4 if command == "time" else 0)
 
 
@@ -143,10 +143,11 @@ async def test_a_custom_clock_keeps_the_update_path(store: RedisStore, redis: Re
     clock.advance(1)
     assert await limiter.aallow_message(msg("a"), direction="egress")
     after = await command_calls(redis.url)
-    # the generic update: one read per decision, one compare-and-set per admitted one
-    # (no limiter script)
+    # the generic update: one read per decision, one compare-and-set per admitted one;
+    # the limiter's own script never ran (it would have called TIME)
     assert after["mget"] - before.get("mget", 0) == 3
     assert after.get("evalsha", 0) - before.get("evalsha", 0) == 2
+    assert after.get("time", 0) == before.get("time", 0)
 
 
 def test_four_processes_on_one_redis_never_over_admit(redis: RedisServer) -> None:

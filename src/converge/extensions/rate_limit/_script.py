@@ -2,7 +2,7 @@
 
 Sans-I/O: the script texts, the arguments they take and the replies they give. The
 limiter runs them through a store that offers ``arun_script`` (``RedisStore``): one
-round trip per decision, no ``WATCH``/``MULTI`` retries, and one clock (Redis ``TIME``)
+round trip per decision, no optimistic retries, and one clock (Redis ``TIME``)
 for every process and host.
 
 Lua numbers are doubles, exact up to 2**53, so the script works in integer

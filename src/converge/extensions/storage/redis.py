@@ -508,7 +508,7 @@ class RedisStore(Store):
         """
         names = check_keys(keys)
         seconds = validate_ttl(ttl)
-        if not names:  # nothing to read or write; WATCH needs at least one key
+        if not names:  # nothing to read or write
             self._check_open()
             no_changes, outcome = fn({})
             check_changes(names, no_changes)
@@ -560,7 +560,8 @@ class RedisStore(Store):
             with anyio.fail_after(self._timeout):
                 async with AsyncExitStack() as stack:
                     # Updates of the same keys from this process and loop queue up here
-                    # rather than fail each other's EXEC; WATCH guards against the rest.
+                    # rather than fail each other's compare-and-set; the script guards
+                    # against everyone else.
                     for stripe in stripes:
                         await stack.enter_async_context(locks[stripe])
                     for attempt in range(_UPDATE_ATTEMPTS):
