@@ -332,3 +332,33 @@ def test_the_package_imports_and_records_nothing_without_opentelemetry() -> None
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+async def test_every_tool_the_react_loop_runs_is_an_execute_tool_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from converge.core import Identity, ToolRegistry
+    from converge.extensions.llm import LLMAgent, arun_react
+    from converge.extensions.llm.testing import FunctionProvider
+
+    recorded = Recorded(MetricsCollector())
+    monkeypatch.setattr(telemetry, "default_telemetry", lambda: recorded.telemetry)
+    registry = ToolRegistry()
+
+    @registry.tool
+    def div(a: int, b: int) -> float:
+        """Divide a by b."""
+        return a / b
+
+    def reply(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        if messages[-1]["role"] != "tool":
+            return '[{"type": "InvokeTool", "tool_name": "div", "params": {"a": 2, "b": 0}}]'
+        return "[]"
+
+    agent = LLMAgent(Identity(), FunctionProvider(reply), tool_registry=registry)
+    result = await arun_react(agent, [], [])
+    (observation,) = result.observations
+    assert "ZeroDivisionError" in observation["error"]
+    (span,) = [s for s in recorded.finished() if s.name == "execute_tool div"]
+    assert (span.attributes or {})["gen_ai.tool.call.id"] == observation["call_id"]
+    assert span.status.status_code == StatusCode.ERROR

@@ -24,6 +24,7 @@ from converge.core.task import Task
 from converge.core.tools import ToolRegistry
 from converge.errors import BudgetExceededError, ToolError, UsageError
 from converge.extensions.llm.protocol import Usage
+from converge.extensions.llm.telemetry import tool_span
 
 __all__ = ["ReActResult", "arun_react", "run_react"]
 
@@ -87,7 +88,10 @@ async def _observe(
             )
         )
     try:
-        observation["result"] = await registry.ainvoke(call.tool_name, call.params)
+        # an ``execute_tool`` span (and tool counters) per invocation; the error, if any,
+        # leaves the span recorded before it becomes an observation
+        with tool_span(call.tool_name, call_id=call.call_id, arguments=call.params):
+            observation["result"] = await registry.ainvoke(call.tool_name, call.params)
     except ToolError as exc:
         cause = exc.__cause__
         observation["error"] = f"{type(cause).__name__}: {cause}" if cause else str(exc)
