@@ -385,6 +385,26 @@ async def test_acknowledge_on_accept_records_every_event_and_never_sheds_load() 
     assert {r.status for r in records} == {"acknowledged"}
 
 
+async def test_a_recorded_event_holds_exactly_the_message_a_consumer_gets() -> None:
+    # The hot path writes the record's item without building the Message: it must be
+    # what Message.to_dict() gives, for the recorded, queued and forwarded paths alike.
+    for record_only in (True, False):
+        c = connector(MemoryStore(), acknowledge_on_accept=record_only)
+        body = event_body(nested={"a": [1, {"b": 2.5}], "c": None})
+        assert (await post(c, "shop", body, hmac_request(body)))[0] == 202
+        (record,) = await c.inbox.alist(limit=10)
+        item = record.data["item"]
+        message = Message.from_dict(item)
+        assert message.to_dict() == item
+        assert message.topics[0].name == INBOUND_TOPIC
+        assert item["payload"]["payload"]["nested"] == {"a": [1, {"b": 2.5}], "c": None}
+        if not record_only:
+            received = await c.receive_inbound()
+            assert isinstance(received, Message)
+            assert received.to_dict() == item
+        await c.aclose()
+
+
 async def test_the_inbox_is_full_at_max_pending_and_a_failed_add_claims_nothing() -> None:
     store = MemoryStore()
     c = connector(store, max_pending=2)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
-from converge.core.message import Message, Topic
+from converge.core.message import Message, Topic, now_ms
 from converge.core.metrics import MetricsCollector
 from converge.core.store import Store
 from converge.core.task import Task
@@ -37,12 +37,12 @@ from converge.extensions.connectors.inbox import (
     INBOUND_TOPIC,
     Consumer,
     InboxHolds,
-    event_of,
     event_uid,
     forward_key,
     item_data,
     item_of,
     message_of,
+    record_event,
 )
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
@@ -517,16 +517,22 @@ class WebhookConnector:
         labels = {"provider": provider}
         consumer = self._consumer(provider)
         uid = event_uid(provider, verified.event_id)
-        item = self._item(verified, uid)
-        if consumer == "bus":
+        item: Message | Task | None = None
+        if consumer == "bus" or verified.profile.emit_as == "task":
+            item = self._item(verified, uid)
+            data = item_data(item)
             bus = self._bus
-            if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
+            if consumer == "bus" and (
+                bus is None or not bus.has_subscribers(message_of(item, self.connector_id))
+            ):
                 return self._unavailable(provider, "no_consumer", None)
+        else:
+            data = self._message_data(verified, uid)
         claims, claim_ttl = self._claims(verified, uid)
         try:
             if consumer == "record":
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="acknowledged",
@@ -535,7 +541,7 @@ class WebhookConnector:
                 )
             else:
                 record = await self.inbox.aadd(
-                    item_data(item),
+                    data,
                     id=uid,
                     key=provider,
                     status="leased",
@@ -625,6 +631,24 @@ class WebhookConnector:
             trace_id=trace_id,
         )
 
+    def _message_data(self, verified: VerifiedWebhook, uid: str) -> dict[str, Any]:
+        # item_data(self._item(...)) of a message, built without the Message: freezing
+        # the payload and thawing it back costs more than the rest of the record. The
+        # parsed JSON and the lower-cased str headers are JSON values already.
+        return {
+            "emit": "message",
+            "item": {
+                "id": uid,
+                "sender": self.connector_id,
+                "recipient": None,
+                "topics": [INBOUND_TOPIC],
+                "payload": self._event(verified).to_dict(),
+                "task_id": None,
+                "timestamp": now_ms(),
+                "signature": None,
+            },
+        }
+
     def _item(self, verified: VerifiedWebhook, uid: str) -> Message | Task:
         event = self._event(verified).to_dict()
         if verified.profile.emit_as == "task":
@@ -643,16 +667,14 @@ class WebhookConnector:
         holds = self._holds
         holds.hold(record, consumer)
         try:
-            if item is None:
-                item = item_of(record)
-            if consumer == "queue":
-                holds.ready(record, item)
-            elif consumer == "record":
+            if consumer == "record":
                 await self._settle(record.id)
             elif consumer == "forward":
-                await self._forward(record, item)
+                await self._forward(record)  # reads the event in place: no item built
+            elif consumer == "queue":
+                holds.ready(record, item if item is not None else item_of(record))
             else:
-                await self._publish(record, item)
+                await self._publish(record, item if item is not None else item_of(record))
         except (FormatError, UsageError, IdempotencyConflictError) as exc:
             # It can never be handed on (e.g. the route's target changed its URL).
             try:
@@ -665,13 +687,13 @@ class WebhookConnector:
             # Accepted and stored: whatever failed, it is handed on again after the lease.
             _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
-    async def _forward(self, record: Record, item: Message | Task) -> None:
+    async def _forward(self, record: Record) -> None:
         target = self.targets[self._routes[record.key]]
         action = OutboundWebhookAction(
             target=target.name,
             method="POST",
             url=target.url,
-            body=event_of(item),
+            body=record_event(record),
             idempotency_key=forward_key(record.id, record.replays),
         )
         await self.enqueue(action, namespace="inbound")
