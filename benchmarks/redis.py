@@ -12,10 +12,18 @@ measured in the same run, taking turns with converge:
   implementation: its coredis one fails on coredis 6), one ``hit`` per decision,
   against converge's ``aallow_message`` on one sender bucket (one Lua script on the
   server's clock).
-* ``watch-multi``: converge's limiter on the generic ``aupdate`` path (``WATCH``, read,
-  ``MULTI``/``EXEC``, retried on conflicts; selected by passing a clock), against the
-  Lua script, with 4 processes deciding on one shared bucket at once; ``retries`` counts
-  the transactions that lost to another process and ran again.
+* ``watch-multi``: converge's limiter on the generic ``aupdate`` path (an optimistic
+  transaction: read, then a compare-and-set, retried on conflicts; selected by passing a
+  clock), against the dedicated Lua script, with 4 processes deciding on one shared
+  bucket at once; ``retries`` counts the transactions that lost to another process and
+  ran again.
+
+* ``gateway_1_replica`` / ``gateway_3_replicas``: real ``converge gateway`` processes on
+  the one Redis (no ``forward_to``: the record is the event log), fed pre-signed unique
+  Standard Webhooks events by 32 concurrent senders spread over the replicas; accepted
+  events per second, the gateways' CPU milliseconds per event (``cpu_ms_per_event``, from
+  ``/proc``) and p50/p99 latency. The peer is the same gateway on the embedded SQLite
+  default (one process).
 
 Usage: ``python benchmarks/redis.py [--quick]``.
 """
@@ -208,6 +216,111 @@ def contended_case(
     return best, {impl: {"retries": n, "processes": PROCESSES} for impl, n in retries.items()}
 
 
+# -- gateway replicas on one Redis ---------------------------------------------------------
+
+GATEWAY_SECRET = "whsec_" + "YmVuY2htYXJrLXJlZGlzLWdhdGV3YXktc2VjcmV0"
+
+
+def _gateway_config(directory: Path, store: str) -> Path:
+    path = directory / "gateway.toml"
+    path.write_text(
+        f'[gateway]\nstore = "{store}"\nconnector_id = "bench{uuid.uuid4().hex[:8]}"\n'
+        'log_events = false\nlog_level = "warning"\n'
+        f'[providers.sw]\nscheme = "standard-webhooks"\nsecret = "{GATEWAY_SECRET}"\n'
+    )
+    return path
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _gateways(config: Path, count: int, cwd: Path) -> list[tuple[Any, int]]:
+    import subprocess
+
+    from _bench import free_port
+
+    started = []
+    for _ in range(count):
+        port = free_port()
+        command = [sys.executable, "-m", "converge.cli", "gateway", "--config", str(config)]
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], cwd=cwd, stdout=subprocess.DEVNULL
+        )
+        started.append((process, port))
+    import httpx
+
+    deadline = time.monotonic() + 60
+    for process, port in started:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                for other, _ in started:
+                    other.kill()
+                raise RuntimeError("a gateway did not start")
+            time.sleep(0.1)
+    return started
+
+
+def gateway_case(store: str, replicas: int, events: int, workdir: Path) -> dict[str, Any]:
+    """Accepted events/s, gateway CPU ms per event and latency for ``replicas`` gateways."""
+    import httpx
+
+    from converge.extensions.connectors import sign_webhook
+
+    config = _gateway_config(workdir, store)
+    gateways = _gateways(config, replicas, workdir)
+    requests = []
+    for n in range(events):
+        body = f'{{"type":"bench","n":{n}}}'.encode()
+        headers = sign_webhook("standard-webhooks", GATEWAY_SECRET, body, event_id=f"e{n}")
+        requests.append((body, {**headers, "content-type": "application/json"}))
+    latencies: list[float] = []
+    accepted = [0]
+
+    async def sender(worker: int, client: Any) -> None:
+        for n in range(worker, events, 32):
+            body, headers = requests[n]
+            port = gateways[n % replicas][1]
+            started = time.perf_counter()
+            answer = await client.post(
+                f"http://127.0.0.1:{port}/webhook/sw", content=body, headers=headers
+            )
+            latencies.append(time.perf_counter() - started)
+            accepted[0] += answer.status_code == 202
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            start = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for worker in range(32):
+                    tg.start_soon(sender, worker, client)
+            return time.perf_counter() - start
+
+    try:
+        cpu_before = sum(_cpu_seconds(p.pid) for p, _ in gateways)
+        elapsed = anyio.run(run)
+        cpu = sum(_cpu_seconds(p.pid) for p, _ in gateways) - cpu_before
+    finally:
+        for process, _ in gateways:
+            process.terminate()
+            process.wait(10)
+    latencies.sort()
+    return {
+        "ops_per_s": accepted[0] / elapsed,
+        "accepted": accepted[0],
+        "cpu_ms_per_event": round(cpu * 1000 / max(accepted[0], 1), 3),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+    }
+
+
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     quick = args.quick
@@ -221,6 +334,17 @@ def main() -> None:
         seconds, rounds = (0.5, 1) if quick else (3.0, 3)
         rates, fields = contended_case(server.url, seconds, rounds)
         results.add_rates("limiter_4_processes_one_bucket", rates, fields)
+        events = 100 if quick else 3000
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            embedded = gateway_case("sqlite:gateway.sqlite3", 1, events, work)
+            for replicas in (1, 3):
+                row = gateway_case(server.url, replicas, events, work)
+                case = f"gateway_{replicas}_replica{'s' if replicas > 1 else ''}"
+                results.add(case, "converge", row.pop("ops_per_s"), **row)
+                results.add(case, "embedded-sqlite", embedded["ops_per_s"])
     print_ratio_table(results.rows, widths=(32, 16, 12, 12))
 
 

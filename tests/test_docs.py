@@ -25,6 +25,8 @@ PACKAGES = [
     "converge.extensions.llm",
     "converge.extensions.rate_limit",
     "converge.extensions.connectors",
+    "converge.extensions.connectors.server",
+    "converge.durable",
 ]
 
 

@@ -13,12 +13,21 @@ from typing import Any
 
 import httpx
 
+import converge
 from loopback import UvicornThread, read_request, serve_lifespan
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
 # The example's outbound target; tests never send there (see example_config).
 EXAMPLE_TARGET = "http://127.0.0.1:9000/events"
+# Subprocesses import the converge these tests imported, whatever their working directory.
+SRC = str(Path(converge.__file__).resolve().parents[1])
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``converge`` subprocess: this converge first on the path."""
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 class Recorder:
@@ -95,7 +104,7 @@ class GatewayProcess:
             cwd=cwd,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=subprocess_env(env),
             preexec_fn=None if open_files is None else _limit_open_files(open_files),
         )
         deadline = time.monotonic() + 20

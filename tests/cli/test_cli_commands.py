@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import standardwebhooks
-from cli_helpers import EXAMPLE, GatewayProcess, Recorder
+from cli_helpers import EXAMPLE, GatewayProcess, Recorder, subprocess_env
 
 from converge.cli import main
 from converge.extensions.connectors import ProviderProfile, WebhookSecurity, WebhookSecurityPolicy
@@ -25,6 +25,7 @@ def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
         capture_output=True,
         text=True,
         timeout=60,
+        env=subprocess_env(),
     )
 
 

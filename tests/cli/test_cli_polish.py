@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,12 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_helpers import EXAMPLE, ROOT
+from cli_helpers import EXAMPLE, ROOT, subprocess_env
 
 import converge
-
-# The subprocess imports the converge this test imported, whatever its working directory.
-SRC = os.pathsep.join([str(Path(converge.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
 
 
 def converge_cli(
@@ -28,7 +24,7 @@ def converge_cli(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": SRC, **(env or {})},
+        env=subprocess_env(env),
     )
 
 

@@ -8,15 +8,17 @@ import socket
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cli_helpers import GatewayProcess
 
-from converge.cli._server import RepeatFilter
+from converge.cli._server import RepeatFilter, fit_open_files, guarded_protocol
 from converge.cli.config import parse_config
 from converge.errors import ConfigurationError
 from converge.extensions.connectors import sign_webhook
+from loopback import UvicornThread, read_request, serve_lifespan
 
 SECRET = "whsec_Y29udmVyZ2UtZGVtby1zZWNyZXQtY2hhbmdlLW1l"
 
@@ -200,3 +202,54 @@ def test_client_cert_header_needs_trusted_proxies() -> None:
     defaults = parse_config({}, env={})
     assert (defaults.header_timeout_sec, defaults.body_timeout_sec) == (10.0, 30.0)
     assert (defaults.max_connections, defaults.backlog) == (512, 1024)
+
+
+class Slow:
+    """An ASGI app that reads the whole body, then answers 200."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await read_request(scope, receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_the_connection_cap_evicts_idle_connections_and_refuses_when_all_are_busy() -> None:
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=3)
+    server = UvicornThread(Slow(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    busy = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{"
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        # A complete request still gets through: it takes the longest-idle one's place.
+        assert httpx.post(server.url, content=b"{}", timeout=5).status_code == 200
+        assert _closed_by_server(idle[0], within=2.0) == b""
+        # Three connections busy with requests (bodies never finished): refused politely.
+        for sock in idle:
+            sock.close()
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in held:
+            sock.sendall(busy)
+        time.sleep(0.2)
+        refused = httpx.post(server.url, content=b"{}", timeout=5)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json() == {"status": "unavailable", "reason": "server_busy"}
+        for sock in held:
+            sock.close()
+    finally:
+        server.stop()
+
+
+def test_fitting_the_open_file_limit_lowers_the_cap_when_it_cannot_grow() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert fit_open_files(10, 10, reserve=10) == (10, 10)  # fits (or the limit was raised)
+    max_connections, backlog = fit_open_files(10**6, 65535, reserve=64)
+    if hard != resource.RLIM_INFINITY and hard < 10**6:
+        assert max_connections + backlog + 64 <= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert backlog >= 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -54,7 +54,6 @@ async def test_message_settles_once_every_acking_receiver_acked() -> None:
     assert rec.settled == [m.id]
     assert bus.unacknowledged == 0
     assert (await plain.receive()).id == m.id
-    assert bus.metrics.get("bus_acks_total") == 2
 
 
 async def test_message_reaching_only_non_acking_receivers_settles_at_publish() -> None:

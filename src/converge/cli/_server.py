@@ -34,10 +34,13 @@ _log = logging.getLogger("converge.gateway")
 # Descriptors kept free for everything but inbound connections (listening socket, store
 # files, logs), on top of one per outbound connection.
 _RESERVED_FILES = 64
+_BUSY = b'{"status":"unavailable","reason":"server_busy"}'
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"retry-after: 1\r\nconnection: close\r\ncontent-length: 52\r\n\r\n"
-    b'{"status":"unavailable","reason":"too_many_requests"}'
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+    + str(len(_BUSY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY
 )
 
 

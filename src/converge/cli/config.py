@@ -38,6 +38,7 @@ __all__ = [
     "build_gateway",
     "check_gateway_settings",
     "load_config",
+    "masked_store",
     "open_store",
     "parse_config",
 ]
@@ -60,6 +61,7 @@ _GATEWAY_KEYS = {
     "log_format",
     "admin_token_env",
     "event_log_max",
+    "event_retention_sec",
     "client_cert_header",
     "poll_interval_sec",
     # server limits (slow and idle clients) and proxies
@@ -72,7 +74,7 @@ _GATEWAY_KEYS = {
     "max_header_bytes",
 }
 _PROFILE_KEYS = {f.name for f in fields(ProviderProfile)} - {"name", "secret_ref"}
-_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to"}
+_PROVIDER_KEYS = _PROFILE_KEYS | {"secret", "secret_env", "forward_to", "forward_format"}
 _TARGET_KEYS = {"url", "signing_secret", "signing_secret_env", "max_concurrency"}
 # [retry]: a delay schedule (the default) or the exponential WebhookRetryPolicy.
 _SCHEDULE_KEYS = {"schedule", "jitter_ratio", "request_timeout_sec", "lease_margin_sec"}
@@ -92,11 +94,14 @@ class ProviderConfig:
         profile: The provider profile.
         secrets: The secret values (several during a rotation).
         forward_to: Target that receives accepted events, if any.
+        forward_format: ``"envelope"`` (converge's JSON event) or ``"raw"`` (the
+            sender's exact bytes and headers, plus converge's signature).
     """
 
     profile: ProviderProfile
     secrets: tuple[str, ...]
     forward_to: str | None = None
+    forward_format: str = "envelope"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,7 @@ class GatewayConfig:
         admin_token: Bearer token for ``/admin/``; None disables the admin API and page.
         event_log_max: Finished records (events, deliveries, dead letters) kept per
             queue at most; older ones are deleted (the retention bounds them in time).
+        event_retention_sec: How long finished inbound events stay in the event log.
         client_cert_header: Proxy header reporting client certificates (trusted only
             from ``trusted_proxies``).
         poll_interval_sec: Outbox rescan interval.
@@ -165,6 +171,7 @@ class GatewayConfig:
     log_format: str = "text"
     admin_token: str | None = None
     event_log_max: int = 10_000
+    event_retention_sec: float = 7 * 24 * 3600.0
     client_cert_header: str | None = None
     poll_interval_sec: float = 0.5
     trusted_proxies: tuple[str, ...] = ()
@@ -329,7 +336,12 @@ def parse_config(
             options["required_payload_fields"] = tuple(options["required_payload_fields"])
         with _section(where):
             profile = ProviderProfile(name=name, secret_ref=name, **options)
-        providers[name] = ProviderConfig(profile, secrets, forward_to)
+        forward_format = table.get("forward_format", "envelope")
+        if forward_format not in ("envelope", "raw"):
+            raise ConfigurationError(f'[{where}] forward_format must be "envelope" or "raw"')
+        if forward_format == "raw" and forward_to is None:
+            raise ConfigurationError(f'[{where}] forward_format = "raw" needs forward_to')
+        providers[name] = ProviderConfig(profile, secrets, forward_to, forward_format)
 
     token = None
     token_env = gateway.get("outbound_token_env")
@@ -468,6 +480,13 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
+    retention = config.event_retention_sec
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, int | float)
+        or not 0 < retention < float("inf")
+    ):
+        raise ConfigurationError("[gateway] event_retention_sec must be a positive number")
     count = config.event_log_max
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigurationError("[gateway] event_log_max must be an integer >= 1")
@@ -597,9 +616,11 @@ def build_gateway(config: GatewayConfig, store: Store) -> WebhookGateway:
         connector_id=config.connector_id,
         targets=[t.target for t in config.targets.values()],
         inbound_routes={n: p.forward_to for n, p in config.providers.items() if p.forward_to},
+        forward_formats={n: p.forward_format for n, p in config.providers.items() if p.forward_to},
         max_in_flight=config.max_in_flight,
         breaker_failure_threshold=config.breaker_failure_threshold,
         breaker_recovery_timeout_sec=config.breaker_recovery_timeout_sec,
         dead_letter_ttl_sec=config.dead_letter_retention_sec,
+        inbox_retention_sec=float(config.event_retention_sec),
     )
     return WebhookGateway(connector, outbound_token=config.outbound_token)

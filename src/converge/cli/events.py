@@ -128,12 +128,9 @@ def add_parsers(commands: Any, command: Callable[..., argparse.ArgumentParser]) 
 
 
 def _row(record: Record) -> list[str]:
-    from converge.extensions.connectors.server.eventlog import iso_time
+    from converge.extensions.connectors.server.eventlog import iso_time, last_result
 
-    last = record.attempts[-1] if record.attempts else None
-    result = record.last_error or ""
-    if last is not None and last.status_code is not None:
-        result = f"HTTP {last.status_code} {result}".strip()
+    result = last_result(record)
     return [
         record.id,
         record.key,

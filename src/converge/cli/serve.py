@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -12,6 +11,8 @@ from converge.core.store import Store
 from converge.durable import Record
 from converge.errors import MissingDependencyError
 from converge.extensions.connectors import GatewayApp, WebhookGateway
+from converge.extensions.connectors.logs import EVENT_LOGGER as _EVENT_LOGGER
+from converge.extensions.connectors.logs import log_payload
 
 __all__ = ["EventLoggingApp", "StoreScope", "make_app", "serve", "summary"]
 
@@ -27,8 +28,9 @@ class EventLoggingApp:
 
     A standalone gateway has no in-process consumer: an event of a provider without
     ``forward_to`` is recorded in the inbox already acknowledged (the event log is its
-    consumer, see :func:`make_app`), and this wrapper writes it to the
-    ``converge.gateway`` log as a JSON line. Logging never holds an event back.
+    consumer, see :func:`make_app`). The connector logs one INFO line per accepted event
+    (no payload); this wrapper adds the payload, redacted, at DEBUG. Logging never holds
+    an event back.
 
     Args:
         app: The gateway app.
@@ -45,13 +47,17 @@ class EventLoggingApp:
         await self.app(scope, receive, send)
 
     def _log(self, record: Record) -> None:
-        if record.key in self._routed or not _log.isEnabledFor(logging.INFO):
+        # The INFO line (no payload) comes from the connector; the payload, redacted, only
+        # at DEBUG (ops: issue 14.5).
+        if record.key in self._routed or not logging.getLogger(_EVENT_LOGGER).isEnabledFor(
+            logging.DEBUG
+        ):
             return
         kind = "task" if record.data.get("emit") == "task" else "message"
         item = record.data.get("item")
         if kind == "message" and isinstance(item, dict):
             item = item.get("payload")
-        _log.info("accepted %s %s", kind, json.dumps(item, separators=(",", ":")))
+        log_payload("inbound", record.key, record.id, item)
 
 
 class StoreScope:
@@ -95,6 +101,8 @@ def summary(config: GatewayConfig) -> str:
     outbound = "enabled (bearer token)" if config.outbound_token else "disabled (no token)"
     lines.append(f"  POST /outbound: {outbound}")
     lines.append("  GET /healthz  GET /readyz  GET /metrics")
+    admin = "enabled (admin token)" if config.admin_token else "disabled (no admin token)"
+    lines.append(f"  /admin/ inspector and API: {admin}")
     return "\n".join(lines)
 
 

@@ -270,7 +270,7 @@ class MessageBus:
 
     Metrics (on ``metrics``): ``bus_messages_published_total``,
     ``bus_messages_delivered_total``, ``bus_messages_dropped_total{stage}``,
-    ``bus_hook_errors_total{stage}``, ``bus_full_total``, ``bus_acks_total``,
+    ``bus_hook_errors_total{stage}``, ``bus_full_total``,
     ``bus_dead_letters_total{consumer}``, ``bus_ack_listener_errors_total``.
 
     Args:
@@ -444,7 +444,6 @@ class MessageBus:
         """
         if not isinstance(message, Message):
             raise UsageError(f"expected a converge Message, got {type(message).__name__}")
-        self.metrics.inc("bus_acks_total")
         settled = self._acks.ack(message.id, consumer)
         if settled is not None:
             await self._settled(settled)

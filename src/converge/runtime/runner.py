@@ -412,11 +412,11 @@ class AgentRunner:
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
             self._busy += 1
-            self._inflight[agent.id] = batch
+            self._inflight[sub.consumer] = batch  # the consumer name is the agent id
             try:
                 await self._attempts(agent, sub, batch)
                 # only a cancellation skips this: the batch is then counted as dropped
-                del self._inflight[agent.id]
+                del self._inflight[sub.consumer]
             finally:
                 self._busy -= 1
                 self._changed()

@@ -535,6 +535,7 @@ async def test_slack_slash_commands_and_github_forms_are_accepted_over_asgi() ->
         )
         assert hub.status_code == 202
     first = (await connector.receive_inbound()).to_dict()["payload"]
+    assert first["subject"] == "/deploy"
     assert first["payload"] == {
         "command": "/deploy",
         "text": "prod",

@@ -167,3 +167,17 @@ def test_nothing_is_formatted_when_the_level_is_off(capture: io.StringIO) -> Non
     log_rejected("p", "r", status_code=400)
     assert capture.getvalue() == ""
     assert logs.EVENT_LOGGER == "converge.events"
+
+
+def test_an_inbound_dead_letter_names_its_provider(capture: io.StringIO) -> None:
+    log_dead("stripe", "evt_9", reason="consumer gave up", kind="inbound")
+    (line,) = lines(capture)
+    assert (
+        'WARNING converge.events inbound.dead provider=stripe event_id=evt_9 reason="consumer'
+        in line
+    )
+
+
+def test_a_percent_sign_in_a_value_is_printed_as_is(capture: io.StringIO) -> None:
+    log_rejected("p", "bad%s%d", status_code=400)
+    assert 'reason="bad%s%d"' in capture.getvalue()

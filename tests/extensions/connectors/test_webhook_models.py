@@ -236,6 +236,14 @@ def test_core_name_patterns_refuse_a_final_newline() -> None:
         MetricsCollector().inc("requests_total\n")
 
 
+def test_a_log_value_with_a_final_newline_is_quoted_not_injected() -> None:
+    from converge.extensions.connectors.logs import _field
+
+    assert _field("evt_1") == "evt_1"
+    assert _field("evt_1\nlevel=ERROR forged") == '"evt_1\\nlevel=ERROR forged"'
+    assert _field("evt_1\n") == '"evt_1\\n"'
+
+
 def test_target_allows_its_url_and_paths_below_only() -> None:
     t = OutboundTarget("crm", "https://crm.example/hooks")
     assert t.allows("https://crm.example/hooks")

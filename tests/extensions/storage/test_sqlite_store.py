@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +329,22 @@ def test_every_write_that_returned_survives_kill_9(tmp_path: Path) -> None:
     finally:
         store.close()
     assert missing == []
+
+
+async def test_reads_do_not_wait_for_a_commit_in_progress(store: SQLiteStore) -> None:
+    await store.aput("k", "old")
+    entered = threading.Event()
+
+    def slow(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
+        entered.set()
+        time.sleep(1.0)  # holds the write transaction (and the writer's lock)
+        return {"k": "new"}, None
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.aupdate, ["k"], slow)
+        await anyio.to_thread.run_sync(entered.wait)
+        started = time.monotonic()
+        assert await store.aget("k") == "old"  # the last commit, at once
+        assert await store.alist() == ["k"]
+        assert time.monotonic() - started < 0.5
+    assert await store.aget("k") == "new"

@@ -20,7 +20,7 @@ from converge.errors import (
 )
 from converge.extensions.connectors.asgi import GatewayApp
 from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.connector import INBOUND_TOPIC, WebhookConnector
+from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOPIC, WebhookConnector
 from converge.extensions.connectors.gateway import WebhookGateway
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
@@ -41,6 +41,7 @@ from converge.extensions.connectors.transport import (
 
 __all__ = [
     "INBOUND_TOPIC",
+    "OUTBOUND_TOPIC",
     "CircuitBreaker",
     "DeadLetter",
     "DeliveryError",

@@ -328,7 +328,10 @@ class GatewayApp:
             await self._reply(send, exc.status, {"status": "rejected", "reason": exc.reason})
             return
         status, data = await self.gateway.handle_outbound_payload(payload)
-        await self._respond(send, status, {"content-type": "application/json"}, data)
+        out = {"content-type": "application/json"}
+        if status == 503:
+            out["retry-after"] = _RETRY_AFTER
+        await self._respond(send, status, out, data)
 
     # -- plumbing --------------------------------------------------------------------
 

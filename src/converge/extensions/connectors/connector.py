@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -44,12 +45,14 @@ from converge.extensions.connectors.inbox import (
     message_of,
     record_event,
 )
+from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
     OutboundWebhookAction,
     ProviderProfile,
     WebhookSecurityPolicy,
+    forwardable_headers,
 )
 from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
@@ -126,6 +129,19 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _raw_forwards(formats: Mapping[str, str] | None, routes: Mapping[str, str]) -> frozenset[str]:
+    """The providers forwarded raw; checks ``forward_formats``."""
+    raw = set()
+    for provider, kind in (formats or {}).items():
+        if kind not in ("envelope", "raw"):
+            raise ConfigurationError(f"forward_formats[{provider!r}] must be 'envelope' or 'raw'")
+        if provider not in routes:
+            raise ConfigurationError(f"forward_formats names {provider!r}, which has no route")
+        if kind == "raw":
+            raw.add(provider)
+    return frozenset(raw)
+
+
 class WebhookConnector:
     """Generic webhook bridge with strict inbound verification and reliable outbound dispatch.
 
@@ -178,6 +194,9 @@ class WebhookConnector:
             event log); the store sweeps them afterwards.
         acknowledge_on_accept: Record events without a route already acknowledged:
             no consumer is waited for (the event log is the consumer).
+        forward_formats: Provider name -> ``"envelope"`` (the default: the event as
+            converge's JSON envelope) or ``"raw"`` (the sender's exact body bytes and
+            its own headers, plus converge's signature), for routed providers.
 
     Raises:
         ConfigurationError: For invalid configuration.
@@ -207,6 +226,7 @@ class WebhookConnector:
         inbox_lease_sec: float = 60.0,
         inbox_retention_sec: float = 7 * 24 * 3600.0,
         acknowledge_on_accept: bool = False,
+        forward_formats: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(connector_id, str) or not _ID_RE.fullmatch(connector_id):
             raise ConfigurationError("connector_id must be 1-64 letters, digits, '_', '.', '-'")
@@ -277,6 +297,7 @@ class WebhookConnector:
                 raise ConfigurationError(f"inbound_routes names unknown provider {provider!r}")
             if target not in self.targets:
                 raise ConfigurationError(f"inbound_routes names unknown target {target!r}")
+        self._raw_forward = _raw_forwards(forward_formats, self._routes)
         #: The durable inbox: every accepted event, open until its consumer is done.
         self.inbox = DurableQueue(
             store,
@@ -410,6 +431,7 @@ class WebhookConnector:
             labels={"provider": label, "reason": exc.reason},
             help="Inbound requests rejected, by reason.",
         )
+        log_rejected(label, exc.reason, status_code=exc.status)  # ops: rate-limited INFO line
         headers = {"allow": "POST"} if exc.status == 405 else None
         return _json_response(exc.status, {"status": "rejected", "reason": exc.reason}, headers)
 
@@ -497,6 +519,7 @@ class WebhookConnector:
     ) -> tuple[int, dict[str, str], bytes]:
         # For the ASGI app, after _precheck() passed: the body checks, claim, hand-on.
         self._check_open()
+        started = time.perf_counter()
         try:
             if len(body) > _INLINE_VERIFY_BYTES:
                 # Hashing and parsing a large body takes milliseconds: not on the loop.
@@ -507,7 +530,12 @@ class WebhookConnector:
                 verified = self.security._verify_body(profile, lowered, body)
         except WebhookSecurityError as exc:
             return self.rejection(profile.name, exc)
-        return await self._admit(profile.name, verified)
+        answer = await self._admit(profile.name, verified)
+        if answer[0] == 202:  # ops: one INFO line per accepted event, no payload
+            elapsed = (time.perf_counter() - started) * 1000.0
+            forward = self._routes.get(profile.name)
+            log_accepted(profile.name, verified.event_id, latency_ms=elapsed, forwarded_to=forward)
+        return answer
 
     async def _admit(
         self, provider: str, verified: VerifiedWebhook
@@ -528,6 +556,11 @@ class WebhookConnector:
                 return self._unavailable(provider, "no_consumer", None)
         else:
             data = self._message_data(verified, uid)
+        if provider in self._raw_forward:  # ops 14.6: keep the verified bytes to forward
+            data["raw"] = {
+                "body": base64.b64encode(verified.body).decode(),
+                "headers": forwardable_headers(verified.headers),
+            }
         claims, claim_ttl = self._claims(verified, uid)
         try:
             if consumer == "record":
@@ -612,7 +645,8 @@ class WebhookConnector:
             elif scheme == "slack":
                 inner = payload.get("event")
                 subject = _text(inner.get("type")) if isinstance(inner, dict) else None
-                subject = subject or _text(payload.get("type"))
+                # Events API: event.type; interactivity: type; slash commands: command
+                subject = subject or _text(payload.get("type")) or _text(payload.get("command"))
             elif scheme in ("stripe", "standard-webhooks"):
                 subject = _text(payload.get("type"))
         source = _text(payload.get(profile.source_field)) or profile.name
@@ -689,13 +723,25 @@ class WebhookConnector:
 
     async def _forward(self, record: Record) -> None:
         target = self.targets[self._routes[record.key]]
-        action = OutboundWebhookAction(
-            target=target.name,
-            method="POST",
-            url=target.url,
-            body=record_event(record),
-            idempotency_key=forward_key(record.id, record.replays),
-        )
+        raw = record.data.get("raw")
+        if isinstance(raw, dict):  # forward_format = "raw": the sender's bytes and headers
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=record_event(record),
+                headers=forwardable_headers(raw.get("headers") or {}),
+                idempotency_key=forward_key(record.id, record.replays),
+                raw_body=raw.get("body"),
+            )
+        else:
+            action = OutboundWebhookAction(
+                target=target.name,
+                method="POST",
+                url=target.url,
+                body=record_event(record),
+                idempotency_key=forward_key(record.id, record.replays),
+            )
         await self.enqueue(action, namespace="inbound")
         await self._settle(record.id)
 
@@ -735,7 +781,10 @@ class WebhookConnector:
         token = self._holds.drop(record_id)
         if token is None:
             return False
-        return await self.inbox.abury(record_id, token, reason) is not None
+        buried = await self.inbox.abury(record_id, token, reason)
+        if buried is not None:  # ops: the WARNING line of an inbound dead letter
+            log_dead(buried.key, record_id, reason=reason, kind="inbound")
+        return buried is not None
 
     async def areceive_inbound(self) -> Message | Task:
         """Like :meth:`receive_inbound` (the ``a``-prefixed name)."""
@@ -802,6 +851,7 @@ class WebhookConnector:
         for record in records:
             if record.key not in self.security.profiles:
                 await self.inbox.abury(record.id, record.lease_token, "unknown provider")
+                log_dead(record.key, record.id, reason="unknown provider", kind="inbound")
                 continue
             await self._deliver(record, self._consumer(record.key))
         if records:

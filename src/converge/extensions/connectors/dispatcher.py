@@ -16,6 +16,7 @@ from converge.core.metrics import MetricsCollector
 from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
 from converge.extensions.connectors.breaker import CircuitBreaker
+from converge.extensions.connectors.logs import log_dead, log_delivered, log_retried
 from converge.extensions.connectors.outbox import Outbox, OutboxRecord
 from converge.extensions.connectors.retry import (
     RetrySchedule,
@@ -417,6 +418,13 @@ class OutboundDispatcher:
             else:
                 self._lease_lost(record, "complete")
             self._metrics.inc("webhook_outbound_sent_total", labels=labels, help="Delivered.")
+            log_delivered(  # ops: one INFO line per delivery
+                target,
+                record.id,
+                status_code=result.status,
+                latency_ms=result.latency_ms,
+                attempts=record.attempts + 1,
+            )
             self.store_ok = True
             return
         attempts = record.attempts + (0 if outage else 1)
@@ -444,6 +452,15 @@ class OutboundDispatcher:
         self._metrics.inc(
             "webhook_outbound_retried_total", labels=labels, help="Retries scheduled."
         )
+        log_retried(  # ops: one INFO line per failed attempt that will be retried
+            target,
+            record.id,
+            status_code=result.status,
+            error=result.error or None,
+            latency_ms=result.latency_ms,
+            attempts=attempts,
+            retry_in_sec=delay,
+        )
         self._defer(record.id, target, due)
         self.store_ok = True
 
@@ -461,4 +478,11 @@ class OutboundDispatcher:
             labels={"target": record.action.target, "reason": kind},
             help="Actions given up (dead letters).",
         )
-        _log.warning("outbound action %s dead-lettered: %s", record.id, reason)
+        log_dead(  # ops: the WARNING line of a dead letter
+            record.action.target,
+            record.id,
+            reason=reason,
+            status_code=attempt.status_code if attempt is not None else None,
+            latency_ms=attempt.latency_ms if attempt is not None else None,
+            attempts=record.attempts + (1 if attempt is not None else 0),
+        )

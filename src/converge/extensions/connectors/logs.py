@@ -13,7 +13,6 @@ ISO timestamps, ``text`` or ``json`` lines, httpx and httpcore quiet unless at D
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import re
@@ -63,7 +62,7 @@ _SECRET_KEY = re.compile(
 _REDACTED = "[redacted]"
 _MAX_VALUE = 200  # characters of one field value in a line
 _MAX_PAYLOAD = 4096  # characters of a DEBUG payload dump
-_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+\Z")
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -119,7 +118,19 @@ def _emit(level: int, event: str, fields: dict[str, Any]) -> None:
         return
     kept = {k: v for k, v in fields.items() if v is not None}
     text = " ".join([event, *(f"{k}={_field(v)}" for k, v in kept.items())])
-    _log.log(level, "%s", text, extra={"converge_event": event, "converge_fields": kept})
+    # makeRecord + handle, not log(): the caller's frame is of no use here and looking it
+    # up is most of the cost of a line (this runs once per request).
+    record = _log.makeRecord(
+        _log.name,
+        level,
+        __file__,
+        0,
+        text,
+        (),  # no arguments: a "%" in a value is printed as is
+        None,
+        extra={"converge_event": event, "converge_fields": kept},
+    )
+    _log.handle(record)
 
 
 def _ms(latency_ms: float | None) -> float | None:
@@ -330,22 +341,24 @@ def log_dead(
     status_code: int | None = None,
     latency_ms: float | None = None,
     attempts: int | None = None,
+    kind: Literal["inbound", "outbound"] = "outbound",
 ) -> None:
     """Log one event or action dead-lettered (WARNING).
 
     Args:
-        target: Target (or provider) name.
-        action_id: Outbox (or event) id.
+        target: Target name (the provider's for an inbound event).
+        action_id: Outbox (or inbox) id.
         reason: Why it was given up.
         status_code: The last HTTP status, if any.
         latency_ms: The last attempt's latency.
         attempts: Attempts made.
+        kind: ``"outbound"`` (a delivery) or ``"inbound"`` (an accepted event).
     """
     _emit(
         logging.WARNING,
-        "outbound.dead",
+        f"{kind}.dead",
         {
-            "target": target,
+            "target" if kind == "outbound" else "provider": target,
             "event_id": action_id,
             "status": status_code,
             "reason": reason,
@@ -386,9 +399,15 @@ def log_payload(
     _log.debug("%s", line, extra={"converge_event": f"{kind}.payload", "converge_fields": fields})
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(created: float) -> str:
-    moment = _dt.datetime.fromtimestamp(created, _dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = int(created)
+    if _second[0] != whole:  # one strftime per second, not per line
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second[0] = whole
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 class TextFormatter(logging.Formatter):

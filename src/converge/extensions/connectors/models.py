@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import json
@@ -25,6 +26,7 @@ __all__ = [
     "OutboundWebhookAction",
     "ProviderProfile",
     "WebhookSecurityPolicy",
+    "forwardable_headers",
 ]
 
 #: Signature schemes a :class:`ProviderProfile` may name (``"svix"`` is an alias of
@@ -393,6 +395,43 @@ def _check_headers(owner: str, headers: object) -> dict[str, str]:
     return out
 
 
+# Headers of an inbound request that are about the hop, not the sender's message.
+_HOP_HEADERS = frozenset(
+    {"forwarded", "via", "x-real-ip", "expect", "accept-encoding", "proxy-connection"}
+)
+
+
+def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an inbound request that a raw forward passes on.
+
+    The sender's own headers (``X-GitHub-Event``, ``Stripe-Signature``, ``User-Agent``,
+    ``Content-Type``, ...) stay; hop-by-hop, proxy and transport headers, the ones
+    converge's signer sets (``webhook-*``, ``Idempotency-Key``), and any header an
+    :class:`OutboundWebhookAction` could not carry are left out.
+
+    Args:
+        headers: The inbound request's headers.
+
+    Returns:
+        At most :data:`MAX_OUTBOUND_HEADERS` headers, names lower-cased.
+    """
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if (
+            key in _RESERVED_OUTBOUND_HEADERS
+            or key in _HOP_HEADERS
+            or key.startswith("x-forwarded-")
+            or not _HEADER_RE.match(key)
+            or not _HEADER_VALUE_RE.match(value)
+        ):
+            continue
+        out[key] = value
+        if len(out) == MAX_OUTBOUND_HEADERS:
+            break
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundWebhookAction:
     """An HTTP request to deliver, reliably, to an outside service.
@@ -412,6 +451,9 @@ class OutboundWebhookAction:
             ASCII characters); defaults to the action's id. While an action with this
             key is pending, submitting another with the same key is a no-op.
         deadline: Unix time after which no further attempt is made (dead letter).
+        raw_body: The exact body bytes to send instead of ``body``'s JSON, base64-encoded
+            (``forward_format = "raw"`` forwards a provider's own bytes this way);
+            ``body`` then only describes the event.
 
     Raises:
         UsageError: If a field is invalid or the body is not JSON-serializable.
@@ -424,6 +466,7 @@ class OutboundWebhookAction:
     headers: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     deadline: float | None = None
+    raw_body: str | None = None
 
     def __post_init__(self) -> None:
         owner = "OutboundWebhookAction"
@@ -458,9 +501,17 @@ class OutboundWebhookAction:
             or not math.isfinite(deadline)
         ):
             raise UsageError(f"{owner}.deadline must be a finite Unix time or None")
+        if self.raw_body is not None:
+            try:
+                base64.b64decode(self.raw_body, validate=True)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{owner}.raw_body must be base64 text or None") from exc
 
     def body_bytes(self) -> bytes:
-        """The exact bytes sent as the request body (compact UTF-8 JSON)."""
+        """The exact bytes sent as the request body: ``raw_body`` decoded when it is set,
+        else compact UTF-8 JSON of ``body``."""
+        if self.raw_body is not None:
+            return base64.b64decode(self.raw_body)
         return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
 
     def to_dict(self) -> dict[str, Any]:
@@ -473,6 +524,7 @@ class OutboundWebhookAction:
             "headers": dict(self.headers),
             "idempotency_key": self.idempotency_key,
             "deadline": self.deadline,
+            **({"raw_body": self.raw_body} if self.raw_body is not None else {}),
         }
 
     @classmethod
@@ -484,7 +536,16 @@ class OutboundWebhookAction:
         """
         if not isinstance(data, Mapping):
             raise UsageError("an outbound action is a JSON object")
-        allowed = {"target", "method", "url", "body", "headers", "idempotency_key", "deadline"}
+        allowed = {
+            "target",
+            "method",
+            "url",
+            "body",
+            "headers",
+            "idempotency_key",
+            "deadline",
+            "raw_body",
+        }
         unknown = set(data) - allowed
         if unknown:
             raise UsageError(f"unknown outbound action fields: {sorted(map(str, unknown))}")
@@ -504,6 +565,7 @@ class OutboundWebhookAction:
             headers=dict(headers),
             idempotency_key=data.get("idempotency_key"),
             deadline=data.get("deadline"),
+            raw_body=data.get("raw_body"),
         )
 
 

@@ -82,6 +82,7 @@ _ACTION_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("headers", dict),
     ("idempotency_key", (str, type(None))),
     ("deadline", (int, float, type(None))),
+    ("raw_body", (str, type(None))),  # forward_format = "raw" (absent in older records)
 )
 
 

@@ -9,12 +9,12 @@
 
 The async twins :func:`aencrypt`, :func:`adecrypt` and :func:`aderive_key` keep the event
 loop responsive: PBKDF2 runs in a worker thread (hashlib releases the GIL while it
-hashes), and payloads above :data:`INLINE_LIMIT` are processed in a worker thread in
-chunks of :data:`CHUNK_SIZE`. Chunks matter: ``cryptography`` holds the GIL for the whole
-of one AES-GCM call, so a single 64 MiB call would stall the loop even from a thread,
-while between chunks the GIL passes back; the result is assembled with ``bytes.join``,
-which releases the GIL while it copies. Up to 64 MiB, the loop never stalls for more than
-a few milliseconds (a test measures it).
+hashes), and payloads above :data:`INLINE_LIMIT` are processed in chunks of
+:data:`CHUNK_SIZE` with a checkpoint after each, then joined in a worker thread
+(``bytes.join`` releases the GIL while it copies). The AES steps stay on the loop:
+``cryptography`` holds the GIL for the whole of each call, so a worker thread would not
+free the loop, and one preempted while holding the GIL would stall it. Up to 64 MiB, the
+loop is never held for 20 ms (a test measures it).
 
 Errors are converge's: :class:`~converge.errors.CryptoTypeError` (a ``TypeError``) for a
 non-bytes argument, :class:`~converge.errors.CryptoValueError` (a ``ValueError``) for a

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Final
 
+import anyio.lowlevel
 import anyio.to_thread
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -26,9 +27,11 @@ __all__ = [
     "aencrypt",
     "decrypt",
     "derive_key",
+    "afree",
+    "ajoin",
+    "aopen_parts",
+    "aseal_parts",
     "encrypt",
-    "open_parts",
-    "seal_parts",
     "secure_random_bytes",
 ]
 
@@ -42,9 +45,9 @@ TAG_SIZE: Final = 16
 """Bytes of the GCM authentication tag that ends every sealed blob."""
 
 INLINE_LIMIT: Final = 1024 * 1024
-"""Payloads up to this size are sealed in one call on the event loop by the async twins
-(well under a millisecond); larger ones in a worker thread, in chunks of
-:data:`CHUNK_SIZE`."""
+"""Payloads up to this size are sealed in one call by the async twins (well under a
+millisecond); larger ones in chunks of :data:`CHUNK_SIZE` with a checkpoint after each,
+and joined in a worker thread."""
 
 CHUNK_SIZE: Final = 256 * 1024
 """Bytes sealed or opened per step above :data:`INLINE_LIMIT`."""
@@ -62,6 +65,9 @@ _cache_lock = threading.Lock()
 # that whatever aencrypt seals, decrypt can open.
 _MAX_ONE_SHOT: Final = 2**31 - 1
 _TOO_LONG: Final = "plaintext and associated data must each be under 2 GiB"
+
+# Parts (of CHUNK_SIZE) freed per step by afree(): 4 MiB.
+_FREE_STEP: Final = 16
 
 # Above this, decrypt passes memoryviews instead of slices to avoid copying the blob.
 _SLICE_LIMIT: Final = 64 * 1024
@@ -256,23 +262,21 @@ def decrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None = None)
 async def aencrypt(plaintext: bytes, key: bytes, associated_data: bytes | None = None) -> bytes:
     """Async :func:`encrypt`: same arguments, same blob layout, same errors.
 
-    Payloads up to :data:`INLINE_LIMIT` are sealed in one call on the event loop (well
-    under a millisecond); larger ones in a worker thread, in chunks of
-    :data:`CHUNK_SIZE`, so that the thread gives the GIL back between chunks and the
-    loop never waits for more than one of them.
+    Payloads up to :data:`INLINE_LIMIT` are sealed in one call (well under a
+    millisecond); larger ones by :func:`aseal_parts`, which never holds the event loop
+    for more than one :data:`CHUNK_SIZE` step.
     """
     aead = _aead_for(key)
     if not isinstance(plaintext, _BUFFERS) or memoryview(plaintext).nbytes <= INLINE_LIMIT:
         return _seal(aead, plaintext, associated_data)  # also raises the type errors
-    view = _flat(plaintext, "plaintext")
     aad = None if associated_data is None else _flat(associated_data, "associated_data")
-    return await anyio.to_thread.run_sync(seal_parts, _check_key(key), (view,), aad)
+    return await aseal_parts(_check_key(key), (plaintext,), aad)
 
 
 async def adecrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None = None) -> bytes:
     """Async :func:`decrypt`: same arguments, result and errors.
 
-    Large blobs are opened in a worker thread in chunks (see :func:`aencrypt`); no
+    Large blobs are opened by :func:`aopen_parts` and joined by :func:`ajoin`; no
     plaintext is returned unless the tag verifies.
     """
     aead = _aead_for(key)
@@ -280,29 +284,26 @@ async def adecrypt(ciphertext: bytes, key: bytes, associated_data: bytes | None 
     if len(sealed) - TAG_SIZE <= INLINE_LIMIT:
         return _open(aead, ciphertext, associated_data)
     aad = None if associated_data is None else _flat(associated_data, "associated_data")
-    return await anyio.to_thread.run_sync(_open_joined, _check_key(key), ciphertext, aad)
+    return await ajoin(await aopen_parts(_check_key(key), ciphertext, aad))
 
 
-def _open_joined(key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None) -> bytes:
-    # bytes.join releases the GIL while it copies (all parts are bytes), and the parts
-    # are freed here too: freeing 64 MiB can itself take milliseconds.
-    return b"".join(open_parts(key, ciphertext, associated_data))
-
-
-def seal_parts(
+async def aseal_parts(
     key: bytes,
     parts: Sequence[_Buffer],
     associated_data: _Buffer | None,
     prefix: bytes = b"",
 ) -> bytes:
-    """Blocking: ``prefix + encrypt(b"".join(parts), key, associated_data)``, in chunks.
+    """``prefix + encrypt(b"".join(parts), key, associated_data)``, without stalling.
 
-    For worker threads. The plaintext is given in parts and never joined, each part is
-    sealed :data:`CHUNK_SIZE` bytes at a time (the GIL can pass to the event loop between
-    chunks), and the one copy into the result is a ``bytes.join``, which releases the
-    GIL while it copies.
+    The plaintext comes in parts and is never joined. It is sealed
+    :data:`CHUNK_SIZE` bytes at a time on the event loop, with a checkpoint after each
+    step; the sealed chunks are joined by :func:`ajoin`. Nothing runs in a worker
+    thread while holding the GIL for long: ``cryptography`` holds it for a whole call,
+    and a worker thread that the OS preempts while holding it would stall the loop
+    for as long as the machine is busy.
 
     Raises:
+        CryptoTypeError: For a non-contiguous buffer.
         CryptoValueError: If the plaintext or associated data is 2 GiB or more.
     """
     views = [_flat(part, "plaintext") for part in parts]
@@ -314,20 +315,23 @@ def seal_parts(
     encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
     if associated_data is not None:
         encryptor.authenticate_additional_data(associated_data)
-    out: list[_Buffer] = [prefix, nonce]
+    out: list[bytes] = [prefix, nonce]
     for view in views:
         for start in range(0, len(view), CHUNK_SIZE):
             out.append(encryptor.update(view[start : start + CHUNK_SIZE]))
+            await anyio.lowlevel.checkpoint()
     out.append(encryptor.finalize())
     out.append(encryptor.tag)
-    return b"".join(out)
+    return await ajoin(out)
 
 
-def open_parts(key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None) -> list[bytes]:
-    """Blocking: :func:`decrypt` in chunks, returning the plaintext in parts.
+async def aopen_parts(
+    key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None
+) -> list[bytes]:
+    """:func:`decrypt` a chunk at a time with a checkpoint after each: the plaintext's parts.
 
-    For worker threads; the caller joins the parts (or only those it needs). Nothing is
-    returned unless the tag verifies.
+    Nothing is returned unless the tag verifies. Join the parts with :func:`ajoin` (or
+    only those needed).
 
     Raises:
         DecryptionError: If the blob is truncated, tampered with, or sealed with another
@@ -343,12 +347,34 @@ def open_parts(key: bytes, ciphertext: _Buffer, associated_data: _Buffer | None)
     parts: list[bytes] = []
     for start in range(0, len(body), CHUNK_SIZE):
         parts.append(decryptor.update(body[start : start + CHUNK_SIZE]))
+        await anyio.lowlevel.checkpoint()
     try:
         parts.append(decryptor.finalize())
     except InvalidTag:
-        parts.clear()  # unauthenticated plaintext never leaves this function
+        await afree(parts)  # unauthenticated plaintext never leaves this function
         raise DecryptionError(_DECRYPT_FAILED) from None
     return parts
+
+
+async def ajoin(parts: list[bytes]) -> bytes:
+    """``b"".join(parts)`` off the loop, then ``parts`` emptied without stalling it.
+
+    ``bytes.join`` releases the GIL while it copies more than a MiB (when every part is
+    ``bytes``), so the copy, and the page faults of its fresh result, run in a worker
+    thread while the loop goes on. Freeing the parts (many munmap calls for 64 MiB) is
+    done on the loop in small steps, by :func:`afree`.
+    """
+    joined = await anyio.to_thread.run_sync(b"".join, parts)
+    await afree(parts)
+    return joined
+
+
+async def afree(parts: list[bytes]) -> None:
+    """Empty ``parts`` a few at a time, with a checkpoint between: freeing 64 MiB at once
+    can take tens of milliseconds on a busy machine."""
+    while parts:
+        del parts[-_FREE_STEP:]
+        await anyio.lowlevel.checkpoint()
 
 
 # -- PBKDF2 -----------------------------------------------------------------------------

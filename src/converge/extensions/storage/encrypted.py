@@ -44,24 +44,20 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.crypto import (
-    INLINE_LIMIT as _INLINE_LIMIT,
-)
+from converge.extensions.crypto import INLINE_LIMIT as _INLINE_LIMIT
 from converge.extensions.crypto import KEY_SIZE as _KEY_SIZE
-from converge.extensions.crypto import (
-    NONCE_SIZE as _NONCE_SIZE,
+from converge.extensions.crypto import NONCE_SIZE as _NONCE_SIZE
+from converge.extensions.crypto import TAG_SIZE as _TAG_SIZE
+from converge.extensions.crypto import decrypt, encrypt
+from converge.extensions.crypto._impl import (
+    adecrypt,
+    aencrypt,
+    afree,
+    ajoin,
+    aopen_parts,
+    aseal_parts,
 )
-from converge.extensions.crypto import (
-    TAG_SIZE as _TAG_SIZE,
-)
-from converge.extensions.crypto import (
-    decrypt,
-    encrypt,
-)
-from converge.extensions.crypto._impl import adecrypt, aencrypt, open_parts, seal_parts
-from converge.extensions.storage._codec import (
-    PICKLE_TAG as _PICKLE_TAG,
-)
+from converge.extensions.storage._codec import PICKLE_TAG as _PICKLE_TAG
 from converge.extensions.storage._codec import (
     SerializerName,
     check_keys,
@@ -186,9 +182,7 @@ class EncryptedStore(Store):
 
     def _wrap(self, sealed: bytes) -> bytes | str:
         blob = self._active_header + sealed
-        if self._text:
-            return _TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
-        return blob
+        return _as_text(blob) if self._text else blob
 
     def _unwrap(self, key: str, stored: object) -> tuple[str, bytes, bytes]:
         """Split a stored blob into (key id, AES key, sealed part)."""
@@ -247,25 +241,14 @@ class EncryptedStore(Store):
             key_id, aes_key, sealed = await anyio.to_thread.run_sync(self._unwrap, key, stored)
         else:
             key_id, aes_key, sealed = self._unwrap(key, stored)
-        if len(sealed) - _NONCE_SIZE - _TAG_SIZE > _INLINE_LIMIT:
-            return await anyio.to_thread.run_sync(self._open_large, key, key_id, aes_key, sealed)
+        if len(sealed) - _NONCE_SIZE - _TAG_SIZE <= _INLINE_LIMIT:
+            try:
+                plaintext = await adecrypt(sealed, aes_key, key_bytes(key))
+            except DecryptionError:
+                raise self._failed(key, key_id) from None
+            return self._decode(key, plaintext)
         try:
-            plaintext = await adecrypt(sealed, aes_key, key_bytes(key))
-        except DecryptionError:
-            raise self._failed(key, key_id) from None
-        return self._decode(key, plaintext)
-
-    def _open_large(
-        self, key: str, key_id: str, aes_key: bytes, sealed: bytes
-    ) -> tuple[float, Any]:
-        """Blocking, for a worker thread: open a large blob without extra full copies.
-
-        A pickled ``bytes`` value is cut straight out of the decrypted chunks (one
-        ``bytes.join``, which releases the GIL while it copies); anything else is joined
-        and decoded as usual.
-        """
-        try:
-            parts = open_parts(aes_key, sealed, key_bytes(key))
+            parts = await aopen_parts(aes_key, sealed, key_bytes(key))
         except DecryptionError:
             raise self._failed(key, key_id) from None
         head = parts[0]
@@ -280,8 +263,13 @@ class EncryptedStore(Store):
                 and total == start + size + len(_PICKLED_BYTES_TAIL)
                 and _tail(parts, len(_PICKLED_BYTES_TAIL)) == _PICKLED_BYTES_TAIL
             ):
-                return expires_at, b"".join(_cut(parts, start, start + size))
-        return self._decode(key, b"".join(parts))
+                # A pickled bytes value: cut it straight out of the decrypted chunks.
+                pieces = _cut(parts, start, start + size)
+                await afree(parts)
+                return expires_at, await ajoin(pieces)
+        # Anything else is joined and unpickled in one piece (that holds the GIL).
+        plaintext = await ajoin(parts)
+        return await anyio.to_thread.run_sync(self._decode, key, plaintext)
 
     def _seal(self, key: str, value: Any, ttl: float | None) -> bytes | str:
         return self._wrap(
@@ -307,13 +295,9 @@ class EncryptedStore(Store):
             if len(plaintext) <= _INLINE_LIMIT:
                 return self._wrap(await aencrypt(plaintext, aes_key, key_bytes(key)))
             parts = (plaintext,)
-        return await anyio.to_thread.run_sync(self._seal_large, key, aes_key, parts)
-
-    def _seal_large(self, key: str, aes_key: bytes, parts: tuple[bytes, ...]) -> bytes | str:
-        """Blocking, for a worker thread: the stored blob, header included, in one join."""
-        blob = seal_parts(aes_key, parts, key_bytes(key), prefix=self._active_header)
-        if self._text:
-            return _TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+        blob = await aseal_parts(aes_key, parts, key_bytes(key), prefix=self._active_header)
+        if self._text:  # base64 of a large blob, off the loop
+            return await anyio.to_thread.run_sync(_as_text, blob)
         return blob
 
     def _stale(self, key: str, stored: object) -> tuple[str, bytes, bytes] | None:
@@ -522,6 +506,10 @@ class EncryptedStore(Store):
         """Close the inner store (sync form of :meth:`aclose`)."""
         with self._named("aclose"):
             self._inner.close()
+
+
+def _as_text(blob: bytes) -> str:
+    return _TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
 
 
 def _large(stored: object) -> bool:

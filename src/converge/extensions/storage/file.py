@@ -607,6 +607,15 @@ class FileStore(Store):
                 return None
             key_len = _HEADER.unpack_from(head)[4] if len(head) >= _HEADER.size else 0
             if _HEADER.size + key_len > len(head):  # a long key: read the whole header
+                try:
+                    size = os.path.getsize(path)
+                except FileNotFoundError:
+                    return None  # deleted meanwhile
+                except OSError as exc:
+                    raise self._read_error(key, exc) from exc
+                if _HEADER.size + key_len + _CRC.size > size:
+                    # A damaged length field: never size a read by it.
+                    raise StoreCorruptedError(key or "<unknown>", "file is truncated")
                 head = self._read(key, path, _HEADER.size + key_len)
                 if head is None:
                     return None

@@ -136,12 +136,13 @@ class SQLiteStore(Store):
     * WAL journal (readers never block the writer) and a busy timeout, so several
       processes on one host can share the file. Not for network file systems.
 
-    Connection: a single ``sqlite3`` connection per store and process, opened lazily on
+    Connections: two ``sqlite3`` connections per store and process, opened lazily on
     first use (and reopened in a forked child), with ``check_same_thread=False`` and a
-    ``threading.Lock`` around each statement. SQLite serialises writers anyway, each
-    statement here takes microseconds, one connection means one page cache and a
-    deterministic :meth:`close`, and ``":memory:"`` databases work too (every thread sees
-    the same one).
+    ``threading.Lock`` each. Writes go through one, in group commits: concurrent writers
+    share one transaction and one sync per batch, and each returns once the commit
+    holding its write is done. Reads go through the other and, in WAL mode, never wait
+    for a batch being committed. A ``":memory:"`` database uses one connection for
+    both (every thread sees the same database).
 
     The async methods take one worker-thread hop per operation; the sync methods run the
     same code directly and refuse to run on an event-loop thread.
@@ -183,6 +184,10 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pending: deque[_Write] = deque()
+        # Reads use a connection of their own (WAL: they see the last commit and never
+        # wait for a batch being committed); a ":memory:" database has only one.
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
         _STORES.add(self)
         self._writes = 0
         self._closed = False
@@ -240,6 +245,37 @@ class SQLiteStore(Store):
             if self._closed:
                 raise ClosedError(f"{self!r} was closed")
             conn = self._conn = self._connect()
+        return conn
+
+    @contextmanager
+    def _reading(self, key: str | None = None) -> Iterator[sqlite3.Connection]:
+        """Hold the read connection (opened on first use); map sqlite3 errors."""
+        if self._path == ":memory:":
+            with self._connection(key) as conn:
+                yield conn
+            return
+        with self._read_lock:
+            try:
+                reader = self._reader
+                if reader is None:
+                    if self._conn is None:  # the writer's connection creates the schema
+                        with self._lock:
+                            self._conn_locked()
+                    reader = self._reader = self._connect_reader()
+                yield reader
+            except sqlite3.Error as exc:
+                raise self._map_error(exc, key) from exc
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextmanager
@@ -358,12 +394,18 @@ class SQLiteStore(Store):
 
     def _get(self, key: str) -> Any | None:
         args = (key_bytes(key), time.time())
-        with self._lock:
-            try:
-                conn = self._conn or self._conn_locked()
+        conn = self._reader
+        if conn is None:
+            with self._reading(key) as conn:
                 row = conn.execute(_GET, args).fetchone()
-            except sqlite3.Error as exc:
-                raise self._map_error(exc, key) from exc
+        else:
+            with self._read_lock:
+                try:
+                    if self._reader is None:
+                        raise ClosedError(f"{self!r} was closed")
+                    row = conn.execute(_GET, args).fetchone()
+                except sqlite3.Error as exc:
+                    raise self._map_error(exc, key) from exc
         return None if row is None else self._decode(key, row[0])
 
     def _put(self, key: str, value: Any, ttl: float | None) -> None:
@@ -419,7 +461,7 @@ class SQLiteStore(Store):
     def _list(self, prefix: str) -> builtins.list[str]:
         low = key_bytes(prefix)
         high = prefix_upper_bound(low)
-        with self._connection() as conn:
+        with self._reading() as conn:
             if high is None:
                 rows = conn.execute(_LIST_FROM + " ORDER BY key", (low, time.time())).fetchall()
             else:
@@ -435,21 +477,25 @@ class SQLiteStore(Store):
         return keys
 
     def _close(self) -> None:
-        with self._lock:
+        with self._read_lock, self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            reader, self._reader = self._reader, None
+            for each in (reader, conn):
+                if each is not None:
+                    each.close()
 
     def _forget_after_fork(self) -> None:
         # A connection must never cross fork(): the child opens its own on first use
         # and leaves the parent's untouched (not even closed, which could disturb the
         # parent's locks), so it is parked where it is never collected.
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._pending = deque()
-        if self._conn is not None:
-            _INHERITED.append(self._conn)
-            self._conn = None
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                _INHERITED.append(conn)
+        self._conn = self._reader = None
 
     # -- sync surface ------------------------------------------------------------------
 

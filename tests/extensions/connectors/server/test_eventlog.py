@@ -103,3 +103,42 @@ def test_parse_since_reads_relative_iso_and_unix_times() -> None:
     assert parse_since("2026-01-01T00:00") == 1767225600.0
     with pytest.raises(UsageError, match="15m"):
         parse_since("yesterday")
+
+
+async def test_the_trimmer_keeps_the_log_bounded_while_it_runs(store: SQLiteStore) -> None:
+    import anyio
+
+    filled = await fill(store, max_records=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(filled.log.run_trimmer, 0.01)
+        with anyio.fail_after(10):
+            for _ in range(1000):  # polls the store: the trimmer signals nothing
+                if len(await filled.log.alist("deliveries")) == 1:
+                    break
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert len(await filled.log.alist("deliveries")) == 1
+
+
+def test_the_inspector_escapes_what_it_shows() -> None:
+    from converge.durable import Record
+    from converge.extensions.connectors.server.inspector import render_detail, render_list
+
+    evil = "<script>alert(1)</script>"
+    record = Record(
+        id="evt_x",
+        kind="inbound",
+        status="dead",
+        key="p",
+        data={"payload": evil, "headers": {"x-evil": evil}},
+        created=0.0,
+        updated=0.0,
+        last_error=evil,
+    )
+    view = record_view(record, data=True)
+    for html in (
+        render_detail(view, base="/admin"),
+        render_list("events", [view], base="/admin", keys=[evil], statuses=["dead"], key=evil),
+    ):
+        assert "<script>" not in html
+        assert "&lt;script&gt;" in html

@@ -34,9 +34,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from converge.durable import STATUSES as _STATUSES
 from converge.errors import ConfigurationError, StoreError, UsageError
 from converge.extensions.connectors.server import inspector
-from converge.extensions.connectors.server.eventlog import (
-    SECTIONS as _SECTIONS,
-)
+from converge.extensions.connectors.server.eventlog import SECTIONS as _SECTIONS
 from converge.extensions.connectors.server.eventlog import (
     EventLog,
     parse_since,
@@ -331,7 +329,7 @@ class AdminApp:
         section = self._section(section)
         filters = self._filters(query)
         records = await self.event_log.alist(section, **filters)
-        keys = sorted({r.key for r in await self.event_log.alist(section, limit=_MAX_LIMIT)})
+        keys = await self.event_log.akeys(section)
         if filters["key"] and filters["key"] not in keys:
             keys.append(filters["key"])
         statuses = ["dead"] if section == "dead-letters" else list(_STATUSES)

@@ -20,8 +20,8 @@ from typing import Any, Literal, Protocol
 import anyio
 
 from converge.durable import STATUSES as _STATUSES
-from converge.durable import Record
-from converge.errors import UsageError
+from converge.durable import Attempt, DurableQueue, Record
+from converge.errors import FormatError, UsageError
 from converge.extensions.connectors.logs import redact_headers
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
     "EventLog",
     "RecordQueue",
     "Section",
+    "as_record",
     "iso_time",
+    "last_result",
     "parse_since",
     "record_view",
 ]
@@ -38,7 +40,7 @@ __all__ = [
 SECTIONS = ("events", "deliveries", "dead-letters")
 Section = Literal["events", "deliveries", "dead-letters"]
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])\Z")
 _UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DONE_OR_DEAD = ("acknowledged", "delivered", "dead")
 
@@ -127,6 +129,27 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def last_result(record: Record) -> str:
+    """A short account of the latest attempt: ``"HTTP 200"``, ``"HTTP 503 timeout"``, ...
+
+    A finished record shows how it finished, not an error from before a replay.
+    """
+    last = record.attempts[-1] if record.attempts else None
+    error = None if record.status in ("acknowledged", "delivered") else record.last_error
+    if last is not None:
+        error = last.error if last.error else error
+        if record.status in ("acknowledged", "delivered"):
+            error = None
+    parts = []
+    if last is not None and last.status_code is not None:
+        parts.append(f"HTTP {last.status_code}")
+        if error == f"status {last.status_code}":
+            error = None
+    if error:
+        parts.append(error)
+    return " ".join(parts)
+
+
 def record_view(
     record: Record, *, section: str | None = None, data: bool = False
 ) -> dict[str, Any]:
@@ -156,6 +179,7 @@ def record_view(
         "last_error": record.last_error,
         "last_status_code": last.status_code if last else None,
         "last_latency_ms": last.latency_ms if last else None,
+        "last_result": last_result(record),
         "attempts": [
             {**attempt.to_dict(), "at_iso": iso_time(attempt.at)} for attempt in record.attempts
         ],
@@ -163,6 +187,87 @@ def record_view(
     if data:
         view["data"] = _redacted(record.data)
     return view
+
+
+def as_record(found: Any, kind: str = "outbound") -> Record:
+    """A :class:`~converge.durable.Record` for a queue item of another shape.
+
+    The outbox keeps its own record class whose ``to_dict()`` has the durable record's
+    fields (``status``, ``key``, ``data``, ``attempts``, ...): it is read through that.
+
+    Raises:
+        UsageError: If ``found`` has no record shape.
+    """
+    if isinstance(found, Record):
+        return found
+    try:
+        data = found.to_dict()
+        attempts = tuple(
+            Attempt(
+                at=float(a.get("at") or 0.0),
+                status_code=a.get("status_code"),
+                error=a.get("error") or None,
+                latency_ms=a.get("latency_ms"),
+                outcome=str(a.get("outcome") or "retry"),
+            )
+            for a in data.get("attempts") or ()
+        )
+        counted = data.get("attempt_count")
+        inner = data.get("data")
+        if not isinstance(counted, int) and isinstance(inner, Mapping):
+            counted = inner.get("counted")
+        return Record(
+            id=str(data["id"]),
+            kind=str(data.get("kind") or kind),
+            status=str(data["status"]),
+            key=str(data.get("key") or ""),
+            data=dict(inner) if isinstance(inner, Mapping) else {},
+            created=float(data.get("created") or 0.0),
+            updated=float(data.get("updated") or data.get("created") or 0.0),
+            attempts=attempts,
+            attempt_count=max(len(attempts), counted if isinstance(counted, int) else 0),
+            lease_owner=data.get("lease_owner"),
+            last_error=data.get("last_error") or None,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, FormatError) as exc:
+        raise UsageError(f"not a queue record: {type(found).__name__}") from exc
+
+
+class _Adapted:
+    """A queue whose items are not :class:`Record` objects, read as records."""
+
+    def __init__(self, queue: Any, kind: str, statuses: tuple[str, ...]) -> None:
+        self._queue = queue
+        self._kind = kind
+        self._statuses = statuses
+
+    async def aget(self, record_id: str) -> Record | None:
+        found = await self._queue.aget(record_id)
+        return None if found is None else as_record(found, self._kind)
+
+    async def alist(
+        self,
+        *,
+        status: str | None = None,
+        key: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        if status is not None and status not in self._statuses:
+            return []
+        found = await self._queue.alist(status=status, key=key, since=since, limit=limit)
+        return [as_record(item, self._kind) for item in found]
+
+    async def areplay(self, record_id: str) -> Record | None:
+        found = await self._queue.areplay(record_id)
+        return None if found is None else as_record(found, self._kind)
+
+    async def apurge(self, record_id: str) -> Record | None:
+        before = await self.aget(record_id)
+        result = await self._queue.apurge(record_id)
+        if result is None or result is False:
+            return None
+        return as_record(result, self._kind) if result is not True else before
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +285,8 @@ class EventLog:
         max_records: Finished records (acknowledged, delivered, dead) kept per queue at
             most; :meth:`atrim` deletes the oldest beyond it. The retention period of
             the queues bounds them in time as well.
+        keys: The providers (``"events"``) and targets (``"deliveries"``) to offer as
+            filters; None: the keys found in the records.
 
     Raises:
         UsageError: For invalid arguments.
@@ -191,6 +298,7 @@ class EventLog:
         events: RecordQueue | None = None,
         deliveries: RecordQueue | None = None,
         max_records: int = 10_000,
+        keys: Mapping[str, list[str]] | None = None,
     ) -> None:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise UsageError("max_records must be an integer >= 1")
@@ -200,6 +308,7 @@ class EventLog:
         if deliveries is not None:
             self._queues["deliveries"] = deliveries
         self.max_records = max_records
+        self._keys = {section: sorted(names) for section, names in (keys or {}).items()}
 
     @classmethod
     def for_connector(cls, connector: Any, *, max_records: int = 10_000) -> EventLog:
@@ -212,17 +321,35 @@ class EventLog:
         def queue(*names: str) -> RecordQueue | None:
             for name in names:
                 found = getattr(connector, name, None)
-                if found is not None and all(
+                if found is None or not all(
                     callable(getattr(found, m, None)) for m in ("aget", "alist", "areplay")
                 ):
-                    return found  # type: ignore[no-any-return]
+                    continue
+                if isinstance(found, DurableQueue):
+                    return found
+                # The outbox's own records (same fields, their own class).
+                return _Adapted(found, "outbound", ("pending", "leased", "delivered", "dead"))
             return None
 
+        profiles = getattr(getattr(connector, "security", None), "profiles", {}) or {}
+        targets = getattr(connector, "targets", {}) or {}
         return cls(
             events=queue("inbox"),
             deliveries=queue("outbox_queue", "outbox"),
             max_records=max_records,
+            keys={
+                "events": list(profiles),
+                "deliveries": list(targets),
+                "dead-letters": sorted({*profiles, *targets}),
+            },
         )
+
+    async def akeys(self, section: str) -> list[str]:
+        """The providers or targets of a section, for filters (configured ones if known)."""
+        known = self._keys.get(section)
+        if known is not None:
+            return list(known)
+        return sorted({r.key for r in await self.alist(section, limit=1000)})
 
     @property
     def sections(self) -> tuple[str, ...]:

@@ -63,6 +63,7 @@ overflow:auto;font-size:.85rem}
 .empty{color:var(--muted);padding:1rem 0}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem}
 dt{color:var(--muted)}
+td.time{white-space:nowrap;font-variant-numeric:tabular-nums}
 dd{margin:0;word-break:break-all}
 @media (max-width:700px){
  table,thead,tbody,tr,td{display:block;width:100%}
@@ -205,11 +206,8 @@ def render_list(
                 actions += _action(base, "replay", view, record_section, back)
             if view["status"] == "dead":
                 actions += _action(base, "purge", view, record_section, back)
-            last = view.get("last_error") or ""
-            code = view.get("last_status_code")
-            if code is not None:
-                last = "" if last == f"status {code}" else last
-                last = f"HTTP {code} {last}".strip()
+            last = str(view.get("last_result") or "")
+            received = escape(str(view.get("created_at") or ""))
             rows.append(
                 f'<tr class="record" data-id="{escape(str(view["id"]))}">'
                 f'<td class="id" data-label="id"><a href="{escape(detail)}">'
@@ -217,7 +215,7 @@ def render_list(
                 f'<td class="key" data-label="{escape(label)}">{escape(str(view["key"]))}</td>'
                 f'<td class="status" data-label="status"><span class="badge '
                 f'{escape(str(view["status"]))}">{escape(str(view["status"]))}</span></td>'
-                f'<td data-label="received">{escape(str(view.get("created_at") or ""))}</td>'
+                f'<td class="time" data-label="received">{received}</td>'
                 f'<td class="attempts" data-label="attempts">{_attempts(view)}</td>'
                 f'<td data-label="last">{escape(last)}</td>'
                 f'<td class="actions" data-label="">{actions}</td></tr>'
