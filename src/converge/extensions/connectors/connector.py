@@ -54,7 +54,13 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
     forwardable_headers,
 )
-from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
+from converge.extensions.connectors.outbox import (
+    DeadLetter,
+    Outbox,
+    OutboxRecord,
+    _fingerprint,
+    action_id,
+)
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
@@ -562,8 +568,14 @@ class WebhookConnector:
                 "headers": forwardable_headers(verified.headers),
             }
         claims, claim_ttl = self._claims(verified, uid)
+        forwarded: OutboxRecord | None = None
         try:
-            if consumer == "record":
+            added = None
+            if consumer == "forward":
+                added = await self._add_forwarded(provider, uid, data, claims, claim_ttl)
+            if added is not None:
+                record, forwarded = added
+            elif consumer == "record":
                 record = await self.inbox.aadd(
                     data,
                     id=uid,
@@ -599,7 +611,9 @@ class WebhookConnector:
                 listener(record)
             except Exception:
                 _log.exception("inbound listener %r failed", listener)
-        if consumer != "record":
+        if forwarded is not None:
+            self._submitted(forwarded)
+        elif consumer != "record":
             await self._deliver(record, consumer, item)
         # The hot path: the event id is printable ASCII, so this is the JSON encoding.
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
@@ -722,6 +736,11 @@ class WebhookConnector:
             _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
     async def _forward(self, record: Record) -> None:
+        await self.enqueue(self._forward_action(record), namespace="inbound")
+        await self._settle(record.id)
+
+    def _forward_action(self, record: Record) -> OutboundWebhookAction:
+        """The outbox action forwarding the event ``record`` holds to its route."""
         target = self.targets[self._routes[record.key]]
         raw = record.data.get("raw")
         if isinstance(raw, dict):  # forward_format = "raw": the sender's bytes and headers
@@ -742,8 +761,70 @@ class WebhookConnector:
                 body=record_event(record),
                 idempotency_key=forward_key(record.id, record.replays),
             )
-        await self.enqueue(action, namespace="inbound")
-        await self._settle(record.id)
+        return action
+
+    async def _add_forwarded(
+        self,
+        provider: str,
+        uid: str,
+        data: dict[str, Any],
+        claims: dict[str, Any],
+        claim_ttl: float,
+    ) -> tuple[Record, OutboxRecord] | None:
+        """Record a new event already acknowledged, with its forward, in one update.
+
+        The outbox record is the one :meth:`_forward` adds and the inbox record what
+        acknowledging the forwarded event leaves, so the ``202`` waits for one commit
+        instead of three (add, forward, acknowledge), and no lease is written. None
+        (nothing written) when the outbox holds that forward already or is full: the
+        caller then takes the general path.
+
+        Raises:
+            DuplicateRecordError: A claim key or the record exists (a replay).
+            StoreError: The store failed (nothing was written).
+        """
+        inbox, outbox = self.inbox, self.outbox.queue
+        now = await inbox.anow()
+        record = Record(
+            id=uid,
+            kind=inbox.kind,
+            status=inbox.transitions.done_status,
+            key=provider,
+            data=data,
+            created=now,
+            updated=now,
+            due=now,
+        )
+        action = self._forward_action(record)
+        stored = action.to_dict()
+        out_now = await outbox.anow()
+        out = Record(
+            id=action_id(action, "inbound"),
+            kind=outbox.kind,
+            status="pending",
+            key=action.target,
+            data={"action": stored, "namespace": "inbound", "fingerprint": _fingerprint(stored)},
+            created=out_now,
+            updated=out_now,
+            due=out_now,
+        )
+        keys = [*inbox.transitions.add_keys(uid, claims), *outbox.transitions.add_keys(out.id, {})]
+
+        def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            changes, outcome = inbox.transitions.add(current, record, claims, claim_ttl)
+            if outcome != "added":
+                return {}, outcome
+            forward, added = outbox.transitions.add(current, out, {}, None)
+            if added != "added":
+                return {}, "general"
+            return {**changes, **forward}, "added"
+
+        outcome = await self.store.aupdate(keys, add)
+        if outcome == "duplicate":
+            raise DuplicateRecordError(f"inbound event {uid!r} or one of its claims exists")
+        if outcome != "added":
+            return None
+        return record, OutboxRecord.of(out)
 
     async def _publish(self, record: Record, item: Message | Task) -> None:
         bus = self._bus
@@ -985,13 +1066,16 @@ class WebhookConnector:
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
         record = await self.outbox.add(action, namespace=namespace)
+        self._submitted(record)
+        return record
+
+    def _submitted(self, record: OutboxRecord) -> None:
         self.metrics.inc(
             "webhook_outbound_submitted_total",
-            labels={"target": action.target},
+            labels={"target": record.action.target},
             help="Outbound actions accepted into the outbox.",
         )
         self.dispatcher.notify(record)
-        return record
 
     def action_from_message(self, message: Message) -> OutboundWebhookAction:
         """The action :meth:`submit_outbound_message` makes of ``message``.
