@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -302,6 +303,10 @@ class WebhookSecurity:
         self.store = store
         self._clock = clock
         self._prefix = key_prefix
+        # Claim tokens: unique per claim (a random prefix per instance, then a count:
+        # ``next`` on a count is atomic across threads), without a system call each.
+        self._token_prefix = os.urandom(6).hex()
+        self._token_count = itertools.count()
 
     # -- sans-I/O checks ---------------------------------------------------------------
 
@@ -549,7 +554,7 @@ class WebhookSecurity:
             DuplicateEventError: One of the keys was claimed inside the idempotency window.
             StoreError: The store failed.
         """
-        token = os.urandom(8).hex()
+        token = f"{self._token_prefix}{next(self._token_count):x}"
         keys = self.claim_keys(verified)
         if not keys:
             return token
@@ -566,7 +571,7 @@ class WebhookSecurity:
     def _claim_sync(self, verified: VerifiedWebhook) -> str:
         # aclaim() through the store's own sync methods: no event loop is involved
         # (a MemoryStore does the work inline; blocking stores block this thread).
-        token = os.urandom(8).hex()
+        token = f"{self._token_prefix}{next(self._token_count):x}"
         keys = self.claim_keys(verified)
         if not keys:
             return token
