@@ -817,7 +817,9 @@ class WebhookConnector:
             forward, added = outbox.transitions.add(current, out, {}, None)
             if added != "added":
                 return {}, "general"
-            return {**changes, **forward}, "added"
+            # The forward first: a store that writes key by key (FileStore) and crashes
+            # midway leaves an action to deliver, never an acknowledged event without it.
+            return {**forward, **changes}, "added"
 
         outcome = await self.store.aupdate(keys, add)
         if outcome == "duplicate":
