@@ -1,21 +1,31 @@
-"""Benchmark the webhook gateway: verified requests/s and latency under uvicorn.
+"""Benchmark ``converge gateway`` as users run it: accepted requests/s and latency.
 
-Each implementation runs in its own uvicorn process (same settings: one worker, h11,
-no access log) on 127.0.0.1; this process is the load generator: keep-alive connections
-sending pre-signed, unique requests (generic HMAC over ``"{ts}." + body``) and timing
-each answer. Implementations:
+Each server runs in its own child process on 127.0.0.1; this process is the load
+generator: 32 keep-alive connections (raw asyncio sockets) sending pre-signed, unique
+requests (generic HMAC over ``"{ts}." + body``) and timing each answer. Servers:
 
-* ``converge``: :class:`~converge.extensions.connectors.GatewayApp` with a MemoryStore:
-  every check (media type, size, timestamp, signature, JSON, event id), the atomic
-  idempotency claim and the inbox record, written in one atomic update (recorded
-  acknowledged, as the standalone gateway does for events without ``forward_to``).
-* ``converge-sqlite``: the same with the CLI's embedded default store (SQLite file,
-  ``durable=True``: a synced write per accepted event). Informational.
-* ``starlette``: a bare Starlette endpoint doing only the HMAC check, then 202.
+* ``converge``: the CLI's own server, ``converge.cli.serve.serve`` on a parsed TOML
+  configuration (``make_app``: event log, admin/ops wrappers, dispatcher running in the
+  lifespan), with the CLI's uvicorn settings. Cases:
 
-Warm-up, then the best of several rounds per implementation (rounds alternate between
-implementations). One JSON line per case and implementation (``ops_per_s``, ``p50_ms``,
-``p99_ms``), then a table of ratios on stderr.
+  - ``memory``: ``store = "memory"``, no ``forward_to``;
+  - ``sqlite``: the default store (embedded SQLite file, JSON serializer, synced
+    commits: a ``202`` leaves after the commit holding its claim and inbox record),
+    no ``forward_to``;
+  - ``sqlite_forward``: the same with ``forward_to`` a local receiver (another child
+    process that counts deliveries by ``Idempotency-Key``): timed from the first request
+    until the receiver has every event; every event must arrive exactly once.
+
+  ``log_events = false`` (the event log is the inbox either way; the line logged per
+  event is left out to measure the gateway, not the terminal).
+* ``starlette``: a bare Starlette endpoint that checks the HMAC and parses the JSON,
+  then answers 202, served by the very same ``serve`` function (same uvicorn settings).
+
+Warm-up, then rounds that alternate between the servers (the forwarding rounds are a
+quarter the size); each server's best round by throughput is ``ops_per_s``, with the
+median and the worst round (``median_ops_per_s``, ``min_ops_per_s``: a shared machine's
+noise shows there), and p50/p99 latency over every round. One JSON line per case and
+implementation, then a table of ratios (best against best) on stderr.
 
 Usage: ``python benchmarks/gateway.py [--quick]``
 """
@@ -23,52 +33,64 @@ Usage: ``python benchmarks/gateway.py [--quick]``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import hmac
 import json
-import os
+import statistics
 import sys
 import tempfile
 import time
 import uuid
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from _bench import Results, arg_parser, best_of_rounds, child_servers, serve_uvicorn, timed_workers
+from _bench import Results, arg_parser, child_servers, serve_uvicorn, timed_workers
 
 SECRET = "bench-secret"
-IMPLS = ("converge", "converge-sqlite", "starlette")
 CONCURRENCY = 32
-
+CASES = {"memory": "converge", "sqlite": "converge", "sqlite_forward": "converge"}
+SERVERS = ("memory", "sqlite", "sqlite_forward", "starlette")
 
 # -- servers (run in child processes) -------------------------------------------------
 
 
-def converge_app(store_kind: str) -> Any:
-    from converge.extensions.connectors import (
-        GatewayApp,
-        ProviderProfile,
-        WebhookConnector,
-        WebhookGateway,
-    )
-    from converge.extensions.storage import MemoryStore, SQLiteStore
+def config_text(kind: str, receiver_port: int | None) -> str:
+    store = "memory" if kind == "memory" else "sqlite:converge-gateway.sqlite3"
+    text = f"""
+[gateway]
+bind = "127.0.0.1"
+store = "{store}"
+log_level = "warning"
+log_events = false
 
-    store: Any = MemoryStore()
-    if store_kind == "sqlite":
-        store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "bench.sqlite3"))
-    connector = WebhookConnector(
-        provider_profiles={
-            "bench": ProviderProfile("bench", "bench", canonicalization="timestamp_body")
-        },
-        secrets={"bench": SECRET},
-        store=store,
-    )
-    # As the standalone gateway runs it (cli/serve.py make_app): no forward_to, so the
-    # inbox record, written already acknowledged with the claim, is the consumer.
-    connector.acknowledge_on_accept = True
-    return GatewayApp(WebhookGateway(connector), run_dispatcher=False)
+[providers.bench]
+scheme = "hmac"
+canonicalization = "timestamp_body"
+secret = "{SECRET}"
+"""
+    if kind == "sqlite_forward":
+        text += 'forward_to = "sink"\n\n[targets.sink]\n'
+        text += f'url = "http://127.0.0.1:{receiver_port}/events"\n'
+    return text
+
+
+def serve_cli(kind: str, port: int, receiver_port: int | None) -> None:
+    """``converge gateway`` itself: parse the TOML, then the CLI's ``serve``."""
+    from converge.cli.config import parse_config
+    from converge.cli.serve import serve
+
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    directory = Path(tempfile.mkdtemp(prefix="converge-gateway-bench-"))
+    data = tomllib.loads(config_text(kind, receiver_port))
+    config = parse_config(data, base_dir=directory)
+    serve(dataclasses.replace(config, port=port))
 
 
 def starlette_app() -> Any:
@@ -87,16 +109,54 @@ def starlette_app() -> Any:
         mac.update(body)
         if not hmac.compare_digest(mac.hexdigest(), sent):
             return JSONResponse({"status": "rejected"}, status_code=401)
+        try:
+            json.loads(body)
+        except ValueError:
+            return JSONResponse({"status": "rejected"}, status_code=400)
         return JSONResponse({"status": "accepted"}, status_code=202)
 
     return Starlette(routes=[Route("/webhook/bench", webhook, methods=["POST"])])
 
 
-def serve(impl: str, port: int) -> None:
-    app = (
-        starlette_app() if impl == "starlette" else converge_app(impl.partition("-")[2] or "memory")
-    )
-    serve_uvicorn(app, port)
+def serve_starlette(port: int) -> None:
+    """The bare endpoint under exactly the CLI's uvicorn settings: the CLI's ``serve``
+    with ``make_app`` swapped for the Starlette app (and its memory store)."""
+    from unittest import mock
+
+    from converge.cli import serve as cli_serve
+
+    app = starlette_app()
+    with mock.patch.object(cli_serve, "make_app", return_value=(None, app)):
+        serve_cli("memory", port, None)
+
+
+class Receiver:
+    """The forward target: counts deliveries by Idempotency-Key; ``GET /count``."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.keys: set[bytes] = set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        body = b"{}"
+        if scope["method"] == "GET":
+            body = json.dumps({"total": self.total, "unique": len(self.keys)}).encode()
+        else:
+            self.total += 1
+            self.keys.add(dict(scope["headers"]).get(b"idempotency-key", b""))
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 # -- load generator -------------------------------------------------------------------
@@ -120,7 +180,7 @@ def signed_request(port: int) -> bytes:
     return head.encode() + body
 
 
-async def read_response(stream: Any, buffer: bytearray) -> int:
+async def read_response(stream: Any, buffer: bytearray) -> tuple[int, bytes]:
     while b"\r\n\r\n" not in buffer:
         buffer.extend(await stream.receive())
     head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
@@ -133,7 +193,7 @@ async def read_response(stream: Any, buffer: bytearray) -> int:
     while len(rest) < length:
         rest += await stream.receive()
     buffer[:] = rest[length:]
-    return status
+    return status, rest[:length]
 
 
 async def load(port: int, requests: list[bytes], concurrency: int) -> tuple[float, list[float]]:
@@ -149,7 +209,7 @@ async def load(port: int, requests: list[bytes], concurrency: int) -> tuple[floa
                 request = queue.pop()
                 start = time.perf_counter()
                 await stream.send(request)
-                status = await read_response(stream, buffer)
+                status, _ = await read_response(stream, buffer)
                 latencies.append(time.perf_counter() - start)
                 if status != 202:
                     bad.append(status)
@@ -157,7 +217,50 @@ async def load(port: int, requests: list[bytes], concurrency: int) -> tuple[floa
     elapsed = await timed_workers(worker, concurrency)
     if bad:
         raise RuntimeError(f"unexpected statuses: {sorted(set(bad))}")
-    return len(requests) / elapsed, latencies
+    return elapsed, latencies
+
+
+async def received(port: int) -> dict[str, int]:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(b"GET /count HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        _, body = await read_response(stream, bytearray())
+    counts: dict[str, int] = json.loads(body)
+    return counts
+
+
+async def forward_round(
+    port: int, receiver: int, requests: list[bytes]
+) -> tuple[float, list[float]]:
+    """:func:`load`, then wait until the receiver has every event exactly once."""
+    before = await received(receiver)
+    start = time.perf_counter()
+    _, latencies = await load(port, requests, CONCURRENCY)
+    with anyio.fail_after(120):
+        while True:
+            counts = await received(receiver)
+            if counts["unique"] - before["unique"] >= len(requests):
+                break
+            await anyio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    await anyio.sleep(0.2)  # a duplicate delivery would show up now
+    counts = await received(receiver)
+    got = (counts["total"] - before["total"], counts["unique"] - before["unique"])
+    if got != (len(requests), len(requests)):
+        raise RuntimeError(f"{len(requests)} events: {got[0]} deliveries, {got[1]} distinct")
+    return elapsed, latencies
+
+
+def measure(server: str, port: int, receiver: int, n: int) -> tuple[float, list[float]]:
+    """One round of ``n`` fresh signed requests (a quarter with forwarding, which is
+    timed until the last delivery): (events/s, latencies)."""
+    if server == "sqlite_forward":
+        n = max(50, n // 4)
+    requests = [signed_request(port) for _ in range(n)]
+    if server == "sqlite_forward":
+        elapsed, latencies = anyio.run(forward_round, port, receiver, requests)
+    else:
+        elapsed, latencies = anyio.run(load, port, requests, CONCURRENCY)
+    return n / elapsed, latencies
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,62 +268,71 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(port: int, n: int) -> tuple[float, list[float]]:
-    """One round: ``n`` fresh signed requests to the server on ``port``."""
-    return anyio.run(load, port, [signed_request(port) for _ in range(n)], CONCURRENCY)
-
-
 def run(quick: bool) -> list[dict[str, Any]]:
-    per_round = 600 if quick else 5000
-    rounds = 2 if quick else 3
-    warmup = 100 if quick else 1000
-    servers = {impl: ["--serve", impl] for impl in IMPLS}
-    with child_servers(__file__, servers, timeout=30) as ports:
-        best = best_of_rounds(
-            {impl: partial(measure, port) for impl, port in ports.items()},
-            warmup,
-            per_round,
-            rounds,
-            key=lambda result: result[0],
-        )
+    per_round = 400 if quick else 2000
+    rounds = 1 if quick else 6
+    warmup = 100 if quick else 500
+    with child_servers(__file__, {"receiver": ["--receiver"]}, timeout=30) as sink:
+        receiver = sink["receiver"]
+        argv = {s: ["--serve", s, "--receiver-port", str(receiver)] for s in SERVERS}
+        with child_servers(__file__, argv, timeout=60) as ports:
+            for server, port in ports.items():
+                measure(server, port, receiver, warmup)
+            rates: dict[str, list[tuple[float, list[float]]]] = {s: [] for s in SERVERS}
+            for _ in range(rounds):
+                for server, port in ports.items():
+                    rates[server].append(measure(server, port, receiver, per_round))
     results = Results()
-    case = f"verified_webhook_c{CONCURRENCY}"
-    for impl in IMPLS:
-        ops, latencies = best[impl]
-        results.add(
-            case,
-            impl,
-            ops,
-            p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
-            p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
-        )
+    for case in CASES:
+        for impl, server in (("converge", case), ("starlette", "starlette")):
+            ops = max(r[0] for r in rates[server])
+            everything = [lat for _, lats in rates[server] for lat in lats]
+            results.add(
+                f"{case}_c{CONCURRENCY}",
+                impl,
+                ops,
+                min_ops_per_s=round(min(r[0] for r in rates[server]), 1),
+                median_ops_per_s=round(statistics.median(r[0] for r in rates[server]), 1),
+                # over every round: the tail of a single best round would hide stalls
+                p50_ms=round(percentile(everything, 0.50) * 1000, 2),
+                p99_ms=round(percentile(everything, 0.99) * 1000, 2),
+            )
     return results.rows
 
 
 def table(rows: list[dict[str, Any]]) -> None:
-    peer = next(r for r in rows if r["impl"] == "starlette")
     print(
-        f"\n{'case':<24}{'impl':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs starlette':>14}",
+        f"\n{'case':<22}{'impl':<11}{'best/s':>9}{'median':>9}{'min':>9}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'vs starlette':>14}",
         file=sys.stderr,
     )
+    peer = {r["case"]: r["ops_per_s"] for r in rows if r["impl"] == "starlette"}
     for row in rows:
-        ratio = row["ops_per_s"] / peer["ops_per_s"]
+        ratio = row["ops_per_s"] / peer[row["case"]]
         print(
-            f"{row['case']:<24}{row['impl']:<18}{row['ops_per_s']:>10.0f}"
-            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{ratio:>13.2f}x",
+            f"{row['case']:<22}{row['impl']:<11}{row['ops_per_s']:>9.0f}"
+            f"{row['median_ops_per_s']:>9.0f}{row['min_ops_per_s']:>9.0f}"
+            f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+            f"{ratio:>13.2f}x",
             file=sys.stderr,
         )
 
 
 def main() -> None:
     parser = arg_parser(__doc__)
-    parser.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--receiver-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve, args.port)
-        return
-    table(run(args.quick))
+    if args.receiver:
+        serve_uvicorn(Receiver(), args.port, backlog=2048)
+    elif args.serve == "starlette":
+        serve_starlette(args.port)
+    elif args.serve:
+        serve_cli(args.serve, args.port, args.receiver_port)
+    else:
+        table(run(args.quick))
 
 
 if __name__ == "__main__":

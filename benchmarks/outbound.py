@@ -4,7 +4,8 @@ A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
 127.0.0.1. In this process, at concurrency 1, 16 and 64:
 
 * ``converge``: submit N actions to a :class:`WebhookConnector` (MemoryStore outbox;
-  ``deliveries_sqlite_*``: a durable SQLite outbox) and run its dispatcher until all are
+  ``deliveries_sqlite_*``: the durable store as ``converge gateway`` opens it, a SQLite
+  file with JSON values and synced commits) and run its dispatcher until all are
   delivered: persistence, fenced leases, attempt history, Idempotency-Key, breaker,
   retries bookkeeping and metrics included. Timed from the first submit to the last
   delivery.
@@ -77,7 +78,9 @@ def serve(port: int) -> None:
 
 async def converge_round(url: str, n: int, concurrency: int, durable: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        store: Store = SQLiteStore(Path(tmp) / "outbox.sqlite3") if durable else MemoryStore()
+        # The durable store as the CLI opens it: SQLite file, JSON values, synced commits.
+        path = Path(tmp) / "outbox.sqlite3"
+        store: Store = SQLiteStore(path, serializer="json") if durable else MemoryStore()
         try:
             return await _converge_round(store, url, n, concurrency)
         finally:

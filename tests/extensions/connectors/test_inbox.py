@@ -372,6 +372,50 @@ async def test_long_github_delivery_ids_on_a_forwarding_provider_never_5xx(
     assert len(forward_key(uid)) < 64
 
 
+async def test_a_forwarded_event_costs_one_store_update_before_its_202(
+    any_store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    # The inbox record (acknowledged: the outbox has the forward), its claims and the
+    # outbox action are one atomic update; the event is delivered exactly once.
+    recv, url = receiver
+    c = WebhookConnector(
+        provider_profiles=FORWARD,
+        secrets={"github": GITHUB_SECRET},
+        store=any_store,
+        targets=[OutboundTarget("app", f"{url}/events")],
+        inbound_routes={"github": "app"},
+        retry_policy=WebhookRetryPolicy(base_delay_sec=0.01, jitter_ratio=0.0),
+    )
+    updates: list[list[str]] = []
+    aupdate = any_store.aupdate
+
+    async def counting(keys: Any, fn: Any, **kw: Any) -> Any:
+        updates.append(list(keys))
+        return await aupdate(keys, fn, **kw)
+
+    any_store.aupdate = counting  # type: ignore[method-assign]
+    body, headers, delivery = github_event()
+    assert (await post(c, "github", body, headers))[0] == 202
+    assert len(updates) == 1
+    assert (await post(c, "github", body, headers))[0] == 200  # a replay changes nothing
+    uid = event_uid("github", delivery)
+    record = await c.inbox.aget(uid)
+    assert record is not None
+    assert record.status == "acknowledged"
+    assert await c.inbox.apending_count() == 0
+    assert await c.outbox.apending_count() == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: c.run_outbound_dispatcher(poll_interval_sec=0.05))
+        await eventually(lambda: bool(recv.delivered()))
+        await anyio.sleep(0.2)
+        c.stop_dispatcher()
+    assert recv.keys() == {forward_key(uid)}
+    assert len(recv.delivered()) == 1
+    (delivered,) = recv.delivered()
+    assert json.loads(delivered.body)["event_id"] == delivery
+    assert await c.outbox.apending_count() == 0
+
+
 async def test_acknowledge_on_accept_records_every_event_and_never_sheds_load() -> None:
     c = connector(MemoryStore(), max_pending=5, acknowledge_on_accept=True)
     seen = []
@@ -383,6 +427,26 @@ async def test_acknowledge_on_accept_records_every_event_and_never_sheds_load() 
     records = await c.inbox.alist(limit=100)
     assert len(records) == len(seen) == 30
     assert {r.status for r in records} == {"acknowledged"}
+
+
+async def test_a_recorded_event_holds_exactly_the_message_a_consumer_gets() -> None:
+    # The hot path writes the record's item without building the Message: it must be
+    # what Message.to_dict() gives, for the recorded, queued and forwarded paths alike.
+    for record_only in (True, False):
+        c = connector(MemoryStore(), acknowledge_on_accept=record_only)
+        body = event_body(nested={"a": [1, {"b": 2.5}], "c": None})
+        assert (await post(c, "shop", body, hmac_request(body)))[0] == 202
+        (record,) = await c.inbox.alist(limit=10)
+        item = record.data["item"]
+        message = Message.from_dict(item)
+        assert message.to_dict() == item
+        assert message.topics[0].name == INBOUND_TOPIC
+        assert item["payload"]["payload"]["nested"] == {"a": [1, {"b": 2.5}], "c": None}
+        if not record_only:
+            received = await c.receive_inbound()
+            assert isinstance(received, Message)
+            assert received.to_dict() == item
+        await c.aclose()
 
 
 async def test_the_inbox_is_full_at_max_pending_and_a_failed_add_claims_nothing() -> None:

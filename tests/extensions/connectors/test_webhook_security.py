@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from webhook_helpers import (
@@ -35,7 +36,7 @@ from converge.extensions.connectors import (
     WebhookSecurityPolicy,
 )
 from converge.extensions.connectors.security import parse_json_object
-from converge.extensions.storage import MemoryStore
+from converge.extensions.storage import MemoryStore, SQLiteStore
 
 NOW = 1_700_000_000.0
 
@@ -453,6 +454,29 @@ def test_the_sync_form_works_from_plain_code_and_threads() -> None:
     thread.join()
     assert len(errors) == 1
     assert isinstance(errors[0], DuplicateEventError)
+
+
+def test_the_sync_form_uses_no_event_loop_and_the_stores_sync_claim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Every check and the claim run on the calling thread: no loop is built or used.
+    def no_loop(*args: object, **kwargs: object) -> None:
+        raise AssertionError("validate_and_extract went through an event loop")
+
+    monkeypatch.setattr("converge._sync.run", no_loop)
+    for store in (MemoryStore(), SQLiteStore(tmp_path / "claims.sqlite3")):
+        sec = security()
+        sec.store = store
+        body = event_body()
+        headers = hmac_request(body, ts=int(NOW))
+        profile, payload, event_id, _ = sec.validate_and_extract(
+            "gen", method="POST", headers=headers, raw_body=body
+        )
+        assert (profile.name, payload["event_id"], event_id) == ("gen", event_id, event_id)
+        assert store.list("") != []
+        with pytest.raises(DuplicateEventError):
+            sec.validate_and_extract("gen", method="POST", headers=headers, raw_body=body)
+        store.close()
 
 
 @pytest.mark.anyio

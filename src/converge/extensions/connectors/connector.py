@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
-from converge.core.message import Message, Topic
+from converge.core.message import Message, Topic, now_ms
 from converge.core.metrics import MetricsCollector
 from converge.core.store import Store
 from converge.core.task import Task
@@ -38,12 +38,12 @@ from converge.extensions.connectors.inbox import (
     INBOUND_TOPIC,
     Consumer,
     InboxHolds,
-    event_of,
     event_uid,
     forward_key,
     item_data,
     item_of,
     message_of,
+    record_event,
 )
 from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
@@ -54,7 +54,13 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
     forwardable_headers,
 )
-from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord, action_id
+from converge.extensions.connectors.outbox import (
+    DeadLetter,
+    Outbox,
+    OutboxRecord,
+    _fingerprint,
+    action_id,
+)
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
@@ -545,20 +551,31 @@ class WebhookConnector:
         labels = {"provider": provider}
         consumer = self._consumer(provider)
         uid = event_uid(provider, verified.event_id)
-        item = self._item(verified, uid)
-        data = item_data(item)
+        item: Message | Task | None = None
+        if consumer == "bus" or verified.profile.emit_as == "task":
+            item = self._item(verified, uid)
+            data = item_data(item)
+            bus = self._bus
+            if consumer == "bus" and (
+                bus is None or not bus.has_subscribers(message_of(item, self.connector_id))
+            ):
+                return self._unavailable(provider, "no_consumer", None)
+        else:
+            data = self._message_data(verified, uid)
         if provider in self._raw_forward:  # ops 14.6: keep the verified bytes to forward
             data["raw"] = {
                 "body": base64.b64encode(verified.body).decode(),
                 "headers": forwardable_headers(verified.headers),
             }
-        if consumer == "bus":
-            bus = self._bus
-            if bus is None or not bus.has_subscribers(message_of(item, self.connector_id)):
-                return self._unavailable(provider, "no_consumer", None)
         claims, claim_ttl = self._claims(verified, uid)
+        forwarded: OutboxRecord | None = None
         try:
-            if consumer == "record":
+            added = None
+            if consumer == "forward":
+                added = await self._add_forwarded(provider, uid, data, claims, claim_ttl)
+            if added is not None:
+                record, forwarded = added
+            elif consumer == "record":
                 record = await self.inbox.aadd(
                     data,
                     id=uid,
@@ -594,7 +611,9 @@ class WebhookConnector:
                 listener(record)
             except Exception:
                 _log.exception("inbound listener %r failed", listener)
-        if consumer != "record":
+        if forwarded is not None:
+            self._submitted(forwarded)
+        elif consumer != "record":
             await self._deliver(record, consumer, item)
         # The hot path: the event id is printable ASCII, so this is the JSON encoding.
         body = b'{"status":"accepted","event_id":' + json.dumps(verified.event_id).encode()
@@ -660,6 +679,24 @@ class WebhookConnector:
             trace_id=trace_id,
         )
 
+    def _message_data(self, verified: VerifiedWebhook, uid: str) -> dict[str, Any]:
+        # item_data(self._item(...)) of a message, built without the Message: freezing
+        # the payload and thawing it back costs more than the rest of the record. The
+        # parsed JSON and the lower-cased str headers are JSON values already.
+        return {
+            "emit": "message",
+            "item": {
+                "id": uid,
+                "sender": self.connector_id,
+                "recipient": None,
+                "topics": [INBOUND_TOPIC],
+                "payload": self._event(verified).to_dict(),
+                "task_id": None,
+                "timestamp": now_ms(),
+                "signature": None,
+            },
+        }
+
     def _item(self, verified: VerifiedWebhook, uid: str) -> Message | Task:
         event = self._event(verified).to_dict()
         if verified.profile.emit_as == "task":
@@ -678,16 +715,14 @@ class WebhookConnector:
         holds = self._holds
         holds.hold(record, consumer)
         try:
-            if item is None:
-                item = item_of(record)
-            if consumer == "queue":
-                holds.ready(record, item)
-            elif consumer == "record":
+            if consumer == "record":
                 await self._settle(record.id)
             elif consumer == "forward":
-                await self._forward(record, item)
+                await self._forward(record)  # reads the event in place: no item built
+            elif consumer == "queue":
+                holds.ready(record, item if item is not None else item_of(record))
             else:
-                await self._publish(record, item)
+                await self._publish(record, item if item is not None else item_of(record))
         except (FormatError, UsageError, IdempotencyConflictError) as exc:
             # It can never be handed on (e.g. the route's target changed its URL).
             try:
@@ -700,7 +735,12 @@ class WebhookConnector:
             # Accepted and stored: whatever failed, it is handed on again after the lease.
             _log.exception("inbound event %s: hand-off failed; it stays in the inbox", record.id)
 
-    async def _forward(self, record: Record, item: Message | Task) -> None:
+    async def _forward(self, record: Record) -> None:
+        await self.enqueue(self._forward_action(record), namespace="inbound")
+        await self._settle(record.id)
+
+    def _forward_action(self, record: Record) -> OutboundWebhookAction:
+        """The outbox action forwarding the event ``record`` holds to its route."""
         target = self.targets[self._routes[record.key]]
         raw = record.data.get("raw")
         if isinstance(raw, dict):  # forward_format = "raw": the sender's bytes and headers
@@ -708,7 +748,7 @@ class WebhookConnector:
                 target=target.name,
                 method="POST",
                 url=target.url,
-                body=event_of(item),
+                body=record_event(record),
                 headers=forwardable_headers(raw.get("headers") or {}),
                 idempotency_key=forward_key(record.id, record.replays),
                 raw_body=raw.get("body"),
@@ -718,11 +758,75 @@ class WebhookConnector:
                 target=target.name,
                 method="POST",
                 url=target.url,
-                body=event_of(item),
+                body=record_event(record),
                 idempotency_key=forward_key(record.id, record.replays),
             )
-        await self.enqueue(action, namespace="inbound")
-        await self._settle(record.id)
+        return action
+
+    async def _add_forwarded(
+        self,
+        provider: str,
+        uid: str,
+        data: dict[str, Any],
+        claims: dict[str, Any],
+        claim_ttl: float,
+    ) -> tuple[Record, OutboxRecord] | None:
+        """Record a new event already acknowledged, with its forward, in one update.
+
+        The outbox record is the one :meth:`_forward` adds and the inbox record what
+        acknowledging the forwarded event leaves, so the ``202`` waits for one commit
+        instead of three (add, forward, acknowledge), and no lease is written. None
+        (nothing written) when the outbox holds that forward already or is full: the
+        caller then takes the general path.
+
+        Raises:
+            DuplicateRecordError: A claim key or the record exists (a replay).
+            StoreError: The store failed (nothing was written).
+        """
+        inbox, outbox = self.inbox, self.outbox.queue
+        now = await inbox.anow()
+        record = Record(
+            id=uid,
+            kind=inbox.kind,
+            status=inbox.transitions.done_status,
+            key=provider,
+            data=data,
+            created=now,
+            updated=now,
+            due=now,
+        )
+        action = self._forward_action(record)
+        stored = action.to_dict()
+        out_now = await outbox.anow()
+        out = Record(
+            id=action_id(action, "inbound"),
+            kind=outbox.kind,
+            status="pending",
+            key=action.target,
+            data={"action": stored, "namespace": "inbound", "fingerprint": _fingerprint(stored)},
+            created=out_now,
+            updated=out_now,
+            due=out_now,
+        )
+        keys = [*inbox.transitions.add_keys(uid, claims), *outbox.transitions.add_keys(out.id, {})]
+
+        def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            changes, outcome = inbox.transitions.add(current, record, claims, claim_ttl)
+            if outcome != "added":
+                return {}, outcome
+            forward, added = outbox.transitions.add(current, out, {}, None)
+            if added != "added":
+                return {}, "general"
+            # The forward first: a store that writes key by key (FileStore) and crashes
+            # midway leaves an action to deliver, never an acknowledged event without it.
+            return {**forward, **changes}, "added"
+
+        outcome = await self.store.aupdate(keys, add)
+        if outcome == "duplicate":
+            raise DuplicateRecordError(f"inbound event {uid!r} or one of its claims exists")
+        if outcome != "added":
+            return None
+        return record, OutboxRecord.of(out)
 
     async def _publish(self, record: Record, item: Message | Task) -> None:
         bus = self._bus
@@ -964,13 +1068,16 @@ class WebhookConnector:
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
         record = await self.outbox.add(action, namespace=namespace)
+        self._submitted(record)
+        return record
+
+    def _submitted(self, record: OutboxRecord) -> None:
         self.metrics.inc(
             "webhook_outbound_submitted_total",
-            labels={"target": action.target},
+            labels={"target": record.action.target},
             help="Outbound actions accepted into the outbox.",
         )
         self.dispatcher.notify(record)
-        return record
 
     def action_from_message(self, message: Message) -> OutboundWebhookAction:
         """The action :meth:`submit_outbound_message` makes of ``message``.

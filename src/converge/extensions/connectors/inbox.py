@@ -35,6 +35,7 @@ __all__ = [
     "item_data",
     "item_of",
     "message_of",
+    "record_event",
 ]
 
 #: Topic of the messages accepted inbound events become.
@@ -97,6 +98,22 @@ def message_of(item: Message | Task, sender: str) -> Message:
         task_id=item.id,
         id=item.id,
     )
+
+
+def record_event(record: Record) -> dict[str, Any]:
+    """The :class:`InboundWebhookEvent` dict an inbox record holds, read in place.
+
+    The same as ``event_of(item_of(record))`` without building the item.
+
+    Raises:
+        FormatError: If the record does not hold an inbound event.
+    """
+    item = record.data.get("item")
+    field = "inputs" if record.data.get("emit") == "task" else "payload"
+    event = item.get(field) if isinstance(item, dict) else None
+    if not isinstance(event, dict):
+        raise FormatError(f"inbox record {record.id} holds no inbound event")
+    return event
 
 
 def event_of(item: Message | Task) -> dict[str, Any]:

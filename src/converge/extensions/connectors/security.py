@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -302,6 +303,10 @@ class WebhookSecurity:
         self.store = store
         self._clock = clock
         self._prefix = key_prefix
+        # Claim tokens: unique per claim (a random prefix per instance, then a count:
+        # ``next`` on a count is atomic across threads), without a system call each.
+        self._token_prefix = os.urandom(6).hex()
+        self._token_count = itertools.count()
 
     # -- sans-I/O checks ---------------------------------------------------------------
 
@@ -549,7 +554,7 @@ class WebhookSecurity:
             DuplicateEventError: One of the keys was claimed inside the idempotency window.
             StoreError: The store failed.
         """
-        token = os.urandom(8).hex()
+        token = f"{self._token_prefix}{next(self._token_count):x}"
         keys = self.claim_keys(verified)
         if not keys:
             return token
@@ -558,13 +563,24 @@ class WebhookSecurity:
         if len(keys) == 1:
             claimed = await self.store.aput_if_absent(keys[0], record, ttl=ttl)
         else:
+            claimed = await self.store.aupdate(keys, _claim_all(keys, record), ttl=ttl)
+        if not claimed:
+            raise DuplicateEventError("this event was already accepted")
+        return token
 
-            def claim(current: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-                if any(value is not None for value in current.values()):
-                    return {}, False
-                return dict.fromkeys(keys, record), True
-
-            claimed = await self.store.aupdate(keys, claim, ttl=ttl)
+    def _claim_sync(self, verified: VerifiedWebhook) -> str:
+        # aclaim() through the store's own sync methods: no event loop is involved
+        # (a MemoryStore does the work inline; blocking stores block this thread).
+        token = f"{self._token_prefix}{next(self._token_count):x}"
+        keys = self.claim_keys(verified)
+        if not keys:
+            return token
+        record = self.claim_record(verified, token)
+        ttl = self.claim_ttl_sec
+        if len(keys) == 1:
+            claimed = self.store.put_if_absent(keys[0], record, ttl=ttl)
+        else:
+            claimed = self.store.update(keys, _claim_all(keys, record), ttl=ttl)
         if not claimed:
             raise DuplicateEventError("this event was already accepted")
         return token
@@ -627,17 +643,35 @@ class WebhookSecurity:
         remote_addr: str | None = None,
         client_cert_present: bool = False,
     ) -> tuple[ProviderProfile, dict[str, Any], str, float]:
-        """Sync form of :meth:`avalidate_and_extract` (not on an event-loop thread)."""
-        return _sync.run(
-            self.avalidate_and_extract,
+        """Sync form of :meth:`avalidate_and_extract` (not on an event-loop thread).
+
+        The same checks and claim, run on the calling thread with the store's own
+        synchronous methods: no event loop is started or used.
+        """
+        _sync.check_sync_allowed("WebhookSecurity.avalidate_and_extract")
+        verified = self.verify(
             provider,
             method=method,
             headers=headers,
             raw_body=raw_body,
             remote_addr=remote_addr,
             client_cert_present=client_cert_present,
-            async_name="WebhookSecurity.avalidate_and_extract",
         )
+        self._claim_sync(verified)
+        return verified.profile, verified.payload, verified.event_id, verified.timestamp
+
+
+def _claim_all(
+    keys: tuple[str, ...], record: dict[str, Any]
+) -> Callable[[dict[str, Any]], tuple[dict[str, Any], bool]]:
+    """The update function claiming every key of ``keys``, or none if one is taken."""
+
+    def claim(current: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        if any(value is not None for value in current.values()):
+            return {}, False
+        return dict.fromkeys(keys, record), True
+
+    return claim
 
 
 def _safe(headers: dict[str, str]) -> dict[str, str]:
