@@ -56,7 +56,7 @@ def test_package_is_typed() -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests", "benchmarks"],
+        ["ruff", "check", "src", "tests", "benchmarks", "examples"],
         ["mypy", "src"],
     ],
     ids=["ruff", "mypy-strict"],

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from browser_helpers import chromium
 from eventlog_helpers import Filled, fill
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from test_admin_api import TOKEN, gateway_app
 
+from browser_helpers import chromium
 from converge.extensions.connectors.server import AdminApp
 from converge.extensions.storage import SQLiteStore
 from loopback import UvicornThread

@@ -1,0 +1,1 @@
+"""Runnable examples of converge (``python -m examples.triage`` from a checkout)."""
