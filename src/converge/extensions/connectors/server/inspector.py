@@ -233,17 +233,18 @@ def render_list(
 def render_detail(view: Mapping[str, Any], *, base: str) -> str:
     """One record: its fields, its attempts and its data (headers redacted)."""
     section = str(view.get("section") or "events")
+    labels = (
+        ("id", "id"),
+        ("key", _KEY_LABEL.get(section, "key")),
+        ("status", "status"),
+        ("created_at", "received"),
+        ("updated_at", "updated"),
+        ("attempt_count", "attempts"),
+        ("last_result", "last result"),
+    )
     fields = "".join(
-        f"<dt>{escape(name)}</dt><dd>{escape(str(view.get(name)))}</dd>"
-        for name in (
-            "id",
-            "key",
-            "status",
-            "created_at",
-            "updated_at",
-            "attempt_count",
-            "last_error",
-        )
+        f"<dt>{escape(label)}</dt><dd>{escape(str(view.get(name) or '-'))}</dd>"
+        for name, label in labels
     )
     data = json.dumps(view.get("data"), indent=2, sort_keys=True, default=str)
     back = f"{base}/?{urlencode({'view': section})}"
@@ -253,7 +254,8 @@ def render_detail(view: Mapping[str, Any], *, base: str) -> str:
     body = (
         f'<p><a href="{escape(back)}">&larr; {escape(_TITLES.get(section, section))}</a></p>'
         f"<h2>{escape(str(view['id']))}</h2><dl>{fields}</dl>"
-        f"<h3>Attempts</h3>{_attempts(view)}{actions}"
+        f"<h3>Attempts</h3>{_attempts(view).replace('<details>', '<details open>', 1)}"
+        f"{actions}"
         f"<h3>Data</h3><pre>{escape(data)}</pre>"
     )
     return _page(str(view["id"]), body, base=base, section=section)
