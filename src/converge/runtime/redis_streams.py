@@ -125,7 +125,7 @@ class RedisStreamsBridge:
 
     Raises:
         UsageError: For invalid arguments.
-        MissingDependencyError: Without coredis (``pip install "converge[redis]"``).
+        MissingDependencyError: Without coredis (``pip install -e ".[redis]"``).
     """
 
     def __init__(
@@ -165,7 +165,8 @@ class RedisStreamsBridge:
             import coredis
         except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
             raise MissingDependencyError(
-                "RedisStreamsBridge needs coredis: pip install 'converge[redis]'"
+                "RedisStreamsBridge needs coredis: "
+                "pip install -e '.[redis]' (from a converge checkout)"
             ) from exc
         self._client: Any = coredis.Redis.from_url(
             url, decode_components=True, decode_responses=True

@@ -372,7 +372,7 @@ async def test_missing_sdk_names_the_extra_to_install(
         module, WIRES["mistral"]
     )
     monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(MissingDependencyError, match=f"converge\\[{wire.cls.extra}\\]"):
+    with pytest.raises(MissingDependencyError, match=f"\\.\\[{wire.cls.extra}\\]"):
         wire.cls(api_key="k")
 
 

@@ -343,7 +343,7 @@ def test_missing_coredis_names_the_redis_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("MissingDependencyError")
-    assert "converge[redis]" in out.stdout
+    assert "[redis]" in out.stdout
 
 
 async def test_update_of_no_keys_just_calls_the_function(store: RedisStore) -> None:

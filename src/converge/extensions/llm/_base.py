@@ -61,7 +61,7 @@ def import_sdk(module: str, extra: str) -> ModuleType:
     except ImportError as exc:
         raise MissingDependencyError(
             f"the {module!r} package is needed for this provider; "
-            f"install it with: pip install 'converge[{extra}]'"
+            f"install it with: pip install -e '.[{extra}]' (from a converge checkout)"
         ) from exc
 
 

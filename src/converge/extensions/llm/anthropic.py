@@ -218,7 +218,7 @@ def _parse_message(response: Any, provider: str) -> ChatResult:
 
 
 class AnthropicProvider(SDKProvider):
-    """LLM provider using the Anthropic API (``pip install "converge[llm-anthropic]"``).
+    """LLM provider using the Anthropic API (``pip install -e ".[llm-anthropic]"``).
 
     System messages are joined into the ``system`` parameter; ``max_tokens`` defaults to
     1024 (the API requires one; plus the ``thinking`` budget when one is given), and

@@ -257,7 +257,7 @@ class _Clients:
 
 
 class MistralProvider(SDKProvider):
-    """LLM provider using the Mistral AI API (``pip install "converge[llm-mistral]"``).
+    """LLM provider using the Mistral AI API (``pip install -e ".[llm-mistral]"``).
 
     Runs on asyncio through the SDK's async client and on trio through its sync client in
     worker threads (the SDK's async path is asyncio-only).

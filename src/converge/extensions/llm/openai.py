@@ -232,7 +232,7 @@ def _parse_completion(response: Any, provider: str) -> ChatResult:
 
 
 class OpenAIProvider(SDKProvider):
-    """LLM provider using the OpenAI API (``pip install "converge[llm-openai]"``).
+    """LLM provider using the OpenAI API (``pip install -e ".[llm-openai]"``).
 
     Also speaks to OpenAI-compatible servers (vLLM, Ollama, LM Studio, ...) through
     ``base_url``. The SDK's own retries are off; :class:`~converge.extensions.llm.RetryPolicy`

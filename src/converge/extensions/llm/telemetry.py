@@ -5,7 +5,7 @@ Every provider call goes through one :class:`Telemetry`: a span per call (``chat
 {model}``, kind CLIENT) with the ``gen_ai.*`` attributes of the OpenTelemetry GenAI
 semantic conventions, a span event per retry, and the conventions' metrics
 (``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``). OpenTelemetry is
-optional (``pip install "converge[otel]"``): without ``opentelemetry-api`` installed, or
+optional (``pip install -e ".[otel]"``): without ``opentelemetry-api`` installed, or
 without an SDK configured, this is a no-op. Independently, a ``MetricsCollector`` given to
 the provider (``metrics_collector=``) counts calls, errors by type, tokens and latency.
 
@@ -304,7 +304,8 @@ class Telemetry:
             )
         elif otel and (tracer_provider is not None or meter_provider is not None):
             raise UsageError(
-                "tracer_provider/meter_provider need OpenTelemetry: pip install 'converge[otel]'"
+                "tracer_provider/meter_provider need OpenTelemetry: "
+                "pip install -e '.[otel]' (from a converge checkout)"
             )
 
     def _tracing(self) -> bool:

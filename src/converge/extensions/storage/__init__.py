@@ -4,7 +4,7 @@
 * :class:`FileStore`: one file per key in a directory; atomic, durable writes.
 * :class:`SQLiteStore`: a SQLite database file, safe for several processes on one host.
 * :class:`RedisStore`: a Redis server, shared by processes on many machines (needs the
-  ``redis`` extra: ``pip install "converge[redis]"``).
+  ``redis`` extra: ``pip install -e ".[redis]"``).
 * :class:`EncryptedStore`: wraps any of them and seals values with AES-256-GCM.
 """
 

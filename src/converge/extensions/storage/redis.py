@@ -1,7 +1,7 @@
 """RedisStore: a Store on a Redis server, shared by processes on many machines.
 
 Built on `coredis <https://coredis.readthedocs.io>`_, which runs on anyio, so the same
-store works under asyncio and trio. Install it with ``pip install "converge[redis]"``.
+store works under asyncio and trio. Install it with ``pip install -e ".[redis]"``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ try:
     from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
     raise MissingDependencyError(
-        "RedisStore needs the coredis client: pip install 'converge[redis]'"
+        "RedisStore needs the coredis client: pip install -e '.[redis]' (from a converge checkout)"
     ) from exc
 
 __all__ = ["RedisStore"]
