@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -33,3 +36,21 @@ def chromium(width: int = 1200, height: int = 900) -> Iterator[webdriver.Chrome]
         yield driver
     finally:
         driver.quit()
+
+
+def click(driver, element) -> None:  # type: ignore[no-untyped-def]
+    """Click something that loads a new page, and wait until it has."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+
+    def replaced(_driver) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            page.is_enabled()
+        except WebDriverException:  # stale: the old document is gone
+            return True
+        return False
+
+    WebDriverWait(driver, 10).until(replaced)
+    WebDriverWait(driver, 10).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )

@@ -22,7 +22,7 @@ import standardwebhooks
 from cli_helpers import GatewayProcess, subprocess_env
 from selenium.webdriver.common.by import By
 
-from browser_helpers import chromium
+from browser_helpers import chromium, click
 from converge.extensions.connectors import sign_webhook
 from loopback import UvicornThread, read_request, serve_lifespan
 
@@ -201,7 +201,7 @@ def test_the_inspector_replays_a_dead_delivery_and_it_appears_delivered(
         driver.find_element(By.ID, "sign-in").click()
         driver.get(gateway.url + "/admin/?view=dead-letters")
         row = driver.find_element(By.CSS_SELECTOR, f'tr.record[data-id="{target}"]')
-        row.find_element(By.CSS_SELECTOR, "button.replay").click()
+        click(driver, row.find_element(By.CSS_SELECTOR, "button.replay"))
         assert f"Replayed {target}" in driver.find_element(By.ID, "flash").text
 
         def shows_delivered() -> bool:

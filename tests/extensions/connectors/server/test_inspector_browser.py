@@ -8,12 +8,11 @@ from pathlib import Path
 import anyio
 import pytest
 from eventlog_helpers import Filled, fill
-from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 from test_admin_api import TOKEN, gateway_app
 
-from browser_helpers import chromium
+from browser_helpers import chromium, click
 from converge.extensions.connectors.server import AdminApp
 from converge.extensions.storage import SQLiteStore
 from loopback import UvicornThread
@@ -34,24 +33,6 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Filled]]:
 def ids(driver) -> list[str]:  # type: ignore[no-untyped-def]
     rows = driver.find_elements(By.CSS_SELECTOR, "tr.record")
     return [row.get_attribute("data-id") for row in rows]
-
-
-def click(driver, element) -> None:  # type: ignore[no-untyped-def]
-    """Click something that loads a new page, and wait until it has."""
-    page = driver.find_element(By.TAG_NAME, "html")
-    element.click()
-
-    def replaced(_driver) -> bool:  # type: ignore[no-untyped-def]
-        try:
-            page.is_enabled()
-        except WebDriverException:  # stale: the old document is gone
-            return True
-        return False
-
-    WebDriverWait(driver, 10).until(replaced)
-    WebDriverWait(driver, 10).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"
-    )
 
 
 def sign_in(driver, url: str) -> None:  # type: ignore[no-untyped-def]
