@@ -273,18 +273,8 @@ class Transitions:
         attempt: Attempt | None = None,
     ) -> tuple[Changes, Record | None]:
         """The consumer is done: move the held record to done (TTL = retention)."""
-        record = self._held(current, record_id, token)
-        if record is None:
-            return {}, None
-        done = dataclasses.replace(
-            record,
-            status=self.done_status,
-            lease_owner=None,
-            lease_until=None,
-            updated=now,
-            **_with_attempt(record, attempt),
-        )
-        return self._move(current, record_id, done, self.keys.done(record_id), -1), done
+        done_key = self.keys.done(record_id)
+        return self._finish(current, record_id, token, now, self.done_status, done_key, attempt)
 
     def bury(
         self,
@@ -296,19 +286,34 @@ class Transitions:
         attempt: Attempt | None = None,
     ) -> tuple[Changes, Record | None]:
         """Give up on a held record: move it to the dead letters."""
+        dead_key = self.keys.dead(record_id)
+        return self._finish(current, record_id, token, now, "dead", dead_key, attempt, reason)
+
+    def _finish(
+        self,
+        current: Mapping[str, Any],
+        record_id: str,
+        token: int,
+        now: float,
+        status: str,
+        key: str,
+        attempt: Attempt | None,
+        error: str | None = None,
+    ) -> tuple[Changes, Record | None]:
+        # A held record leaves the open records for ``key`` with ``status`` (lease gone).
         record = self._held(current, record_id, token)
         if record is None:
             return {}, None
-        dead = dataclasses.replace(
+        final = dataclasses.replace(
             record,
-            status="dead",
+            status=status,
             lease_owner=None,
             lease_until=None,
             updated=now,
-            last_error=clip_error(reason),
+            last_error=clip_error(error) if error is not None else record.last_error,
             **_with_attempt(record, attempt),
         )
-        return self._move(current, record_id, dead, self.keys.dead(record_id), -1), dead
+        return self._move(current, record_id, final, key, -1), final
 
     def replay(
         self, current: Mapping[str, Any], record_id: str, now: float

@@ -22,6 +22,7 @@ from converge.extensions.llm.protocol import ChatResult, Usage
 from converge.extensions.llm.stream import ChatStream
 
 __all__ = [
+    "ResultSurface",
     "acomplete_with",
     "complete_with",
     "pop_allow_partial",
@@ -127,3 +128,52 @@ def stream_with(provider: Any, messages: Any, kwargs: Mapping[str, Any]) -> Any:
         check_result(result, type(provider).__name__, allow_partial=allow_partial)
 
     return ChatStream(whole)
+
+
+class ResultSurface:
+    """The text-returning calls of a wrapper, derived from its :meth:`acomplete` and
+    :meth:`chat_with_usage` (which each wrapper implements its own way)."""
+
+    async def acomplete(
+        self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
+    ) -> ChatResult:
+        """The call every other one goes through (implemented by the wrapper)."""
+        raise NotImplementedError
+
+    def chat_with_usage(self, messages: list[dict[str, Any]], **kwargs: Any) -> tuple[str, Usage]:
+        """Synchronous :meth:`achat_with_usage` (implemented by the wrapper)."""
+        raise NotImplementedError
+
+    async def achat_with_usage(
+        self, messages: list[dict[str, Any]], **kwargs: Any
+    ) -> tuple[str, Usage]:
+        """Like :meth:`acomplete`, as ``(text, usage)``.
+
+        Args:
+            messages: As for :meth:`acomplete`.
+            **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
+        """
+        allow_partial = pop_allow_partial(kwargs)
+        result = await self.acomplete(messages, allow_partial=allow_partial, **kwargs)
+        return result_text(result, kwargs), result.usage
+
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """Like :meth:`acomplete`, returning the text (or the structured tool call's
+        arguments as JSON, as the providers do).
+
+        Args:
+            messages: As for :meth:`acomplete`.
+            **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
+        """
+        text, _ = await self.achat_with_usage(messages, **kwargs)
+        return text
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """Synchronous :meth:`achat`.
+
+        Args:
+            messages: As for :meth:`acomplete`.
+            **kwargs: As for :meth:`acomplete`.
+        """
+        text, _ = self.chat_with_usage(messages, **kwargs)
+        return text

@@ -27,6 +27,7 @@ from converge.errors import (
     UsageError,
 )
 from converge.extensions.llm._calls import (
+    ResultSurface,
     acomplete_with,
     complete_with,
     pop_allow_partial,
@@ -68,7 +69,7 @@ def is_fallback_error(exc: BaseException) -> bool:
     return False
 
 
-class FallbackProvider:
+class FallbackProvider(ResultSurface):
     """Several providers tried in order: the first that answers wins.
 
     Implements the provider surface (``acomplete``, ``achat``, ``achat_with_usage``,
@@ -187,30 +188,6 @@ class FallbackProvider:
             return self._done(provider, result)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def achat_with_usage(
-        self, messages: list[dict[str, Any]], **kwargs: Any
-    ) -> tuple[str, Usage]:
-        """Like :meth:`acomplete`, as ``(text, usage)``.
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
-        """
-        allow_partial = pop_allow_partial(kwargs)
-        result = await self.acomplete(messages, allow_partial=allow_partial, **kwargs)
-        return result_text(result, kwargs), result.usage
-
-    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        """Like :meth:`acomplete`, returning the text (or the structured tool call's
-        arguments as JSON, as the providers do).
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
-        """
-        text, _ = await self.achat_with_usage(messages, **kwargs)
-        return text
-
     def complete(
         self, messages: list[dict[str, Any]], *, allow_partial: bool = False, **kwargs: Any
     ) -> ChatResult:
@@ -243,16 +220,6 @@ class FallbackProvider:
         allow_partial = pop_allow_partial(kwargs)
         result = self.complete(messages, allow_partial=allow_partial, **kwargs)
         return result_text(result, kwargs), result.usage
-
-    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        """Synchronous :meth:`achat`.
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete`.
-        """
-        text, _ = self.chat_with_usage(messages, **kwargs)
-        return text
 
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:
         """Stream from the first provider that starts answering.

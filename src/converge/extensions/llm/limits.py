@@ -26,9 +26,8 @@ from converge import _sync
 from converge.core.memory import approximate_tokens
 from converge.errors import RateLimitTimeoutError, UsageError
 from converge.extensions.llm._calls import (
+    ResultSurface,
     acomplete_with,
-    pop_allow_partial,
-    result_text,
     stream_with,
 )
 from converge.extensions.llm.protocol import ChatResult, Usage
@@ -105,7 +104,7 @@ class _Bucket:
             self.tat = 0  # full again: forget the history
 
 
-class LimitedProvider:
+class LimitedProvider(ResultSurface):
     """A provider behind limits that every caller shares.
 
     Wrap a provider once and hand the wrapper to every agent that should share its
@@ -296,29 +295,6 @@ class LimitedProvider:
         self.last_usage = result.usage
         return result
 
-    async def achat_with_usage(
-        self, messages: list[dict[str, Any]], **kwargs: Any
-    ) -> tuple[str, Usage]:
-        """Like :meth:`acomplete`, as ``(text, usage)``.
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
-        """
-        allow_partial = pop_allow_partial(kwargs)
-        result = await self.acomplete(messages, allow_partial=allow_partial, **kwargs)
-        return result_text(result, kwargs), result.usage
-
-    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        """Like :meth:`acomplete`, returning the text.
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete`.
-        """
-        text, _ = await self.achat_with_usage(messages, **kwargs)
-        return text
-
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:
         """The wrapped provider's stream, once the limits admit it; the stream holds a
         concurrency slot until it ends or is closed. A provider without ``chat_stream``
@@ -400,16 +376,6 @@ class LimitedProvider:
         return self._sync_portal().call(
             self.achat_with_usage, messages, async_name="LimitedProvider.achat", **kwargs
         )
-
-    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        """Synchronous :meth:`achat`.
-
-        Args:
-            messages: As for :meth:`acomplete`.
-            **kwargs: As for :meth:`acomplete`.
-        """
-        text, _ = self.chat_with_usage(messages, **kwargs)
-        return text
 
     async def arelease_loop(self) -> None:
         """Release the wrapped provider's connections on the running loop."""
