@@ -9,7 +9,7 @@ from converge.core.identity import Identity
 from converge.errors import UsageError
 
 if TYPE_CHECKING:
-    from converge.core.decisions import Decision
+    from converge.core.decisions import Decision, InvokeTool
     from converge.core.message import Message
     from converge.core.task import Task
     from converge.core.tools import ToolRegistry
@@ -57,6 +57,20 @@ class Agent:
         if type(self).decide is Agent.decide:
             return []
         return self.decide(messages, tasks, **kwargs)
+
+    async def ainvoke_tool(self, decision: InvokeTool) -> Any:
+        """Run one tool this agent decided to invoke (the runtime calls this).
+
+        The default validates and calls it through :attr:`tool_registry`; subclasses may
+        wrap it (``LLMAgent`` records an OpenTelemetry ``execute_tool`` span).
+
+        Raises:
+            UsageError: If the agent has no tool registry.
+            ToolError: If the tool is unknown, its arguments are invalid, or it failed.
+        """
+        if self.tool_registry is None:
+            raise UsageError(f"agent {self.name!r} has no tool registry")
+        return await self.tool_registry.ainvoke(decision.tool_name, decision.params)
 
     def decide(self, messages: list[Message], tasks: list[Task], **kwargs: Any) -> list[Decision]:
         """Synchronous form of :meth:`adecide`, for scripts.

@@ -646,11 +646,7 @@ class AgentRunner:
                 )
             )
         try:
-            if agent.tool_registry is None:
-                raise UsageError(f"agent {agent.name!r} has no tool registry")
-            observation["result"] = await agent.tool_registry.ainvoke(
-                decision.tool_name, decision.params
-            )
+            observation["result"] = await agent.ainvoke_tool(decision)
         except ConvergeError as exc:
             # the agent sees the failure and may recover; its loop goes on
             observation["result"] = {"error": str(exc)}

@@ -362,3 +362,39 @@ async def test_every_tool_the_react_loop_runs_is_an_execute_tool_span(
     (span,) = [s for s in recorded.finished() if s.name == "execute_tool div"]
     assert (span.attributes or {})["gen_ai.tool.call.id"] == observation["call_id"]
     assert span.status.status_code == StatusCode.ERROR
+
+
+async def test_a_tool_the_runner_invokes_for_an_llm_agent_is_an_execute_tool_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import anyio
+
+    from converge.core import Identity, Message, ToolRegistry
+    from converge.extensions.llm import LLMAgent
+    from converge.extensions.llm.testing import FunctionProvider
+    from converge.runtime import AgentRunner, MessageBus
+
+    recorded = Recorded(MetricsCollector())
+    monkeypatch.setattr(telemetry, "default_telemetry", lambda: recorded.telemetry)
+    registry = ToolRegistry()
+
+    @registry.tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    def reply(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        if messages[-1]["role"] != "tool":
+            return '[{"type": "InvokeTool", "tool_name": "add", "params": {"a": 2, "b": 3}}]'
+        return "[]"
+
+    agent = LLMAgent(Identity(), FunctionProvider(reply), tool_registry=registry)
+    async with MessageBus() as bus, AgentRunner(bus, [agent]) as runner:
+        await bus.publish(Message(sender="user", recipient=agent.id, payload={"q": "2+3"}))
+        with anyio.fail_after(10):
+            await runner.wait_until(lambda r: r.idle)
+    (span,) = [s for s in recorded.finished() if s.name == "execute_tool add"]
+    assert span.status.status_code != StatusCode.ERROR
+    collector = recorded.telemetry.metrics_collector
+    assert collector is not None
+    assert collector.get("llm_tool_calls_total", labels={"tool": "add"}) == 1

@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from converge import _sync
 from converge.core.agent import Agent
-from converge.core.decisions import Decision
+from converge.core.decisions import Decision, InvokeTool
 from converge.core.events import (
     CallFailed,
     CallFinished,
@@ -55,6 +55,7 @@ from converge.extensions.llm.decisions_json import (
     system_prompt,
 )
 from converge.extensions.llm.protocol import ChatResult, Usage
+from converge.extensions.llm.telemetry import Telemetry, tool_span
 
 __all__ = ["DEFAULT_MAX_REASKS", "LLMAgent"]
 
@@ -438,6 +439,18 @@ class LLMAgent(Agent):
                 CallFailed.from_exception(exc, source=self.id, call_id=call_id, final=final)
             )
         self._report(exc)
+
+    async def ainvoke_tool(self, decision: InvokeTool) -> Any:
+        """Run one tool this agent decided to invoke, in an ``execute_tool`` span (on
+        the provider's telemetry when it has one), as the ReAct loop does."""
+        telemetry = getattr(self.provider, "telemetry", None)
+        with tool_span(
+            decision.tool_name,
+            call_id=decision.call_id,
+            arguments=decision.params,
+            telemetry=telemetry if isinstance(telemetry, Telemetry) else None,
+        ):
+            return await super().ainvoke_tool(decision)
 
     async def adecide(
         self,
