@@ -7,7 +7,8 @@ run. The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks
 ``sys.path``, so they ``from _bench import ...``:
 
 * :class:`Results`: the rows of a run, each printed as a JSON line when added.
-* :func:`compare` / :func:`compare_async` / :func:`as_async`: operations per second of
+* :func:`compare` / :func:`compare_async` (:func:`compare_running` inside a running
+  loop) / :func:`as_async`: operations per second of
   no-argument callables, best of several turn-taking runs after a warm-up.
 * :func:`best_of_rounds`: the same for implementations that time a whole round themselves;
   :func:`timed_workers` times such a round run by concurrent workers.
@@ -91,21 +92,24 @@ def compare_async(
     backend: str = "asyncio",
 ) -> dict[str, float]:
     """:func:`compare` for coroutine functions, all on one event loop of ``backend``."""
+    return anyio.run(compare_running, impls, ops, repeats, backend=backend)
 
-    async def main() -> dict[str, float]:
-        for afn in impls.values():
-            for _ in range(max(1, ops // 10)):
+
+async def compare_running(
+    impls: Mapping[str, Callable[[], Awaitable[object]]], ops: int, repeats: int
+) -> dict[str, float]:
+    """:func:`compare_async` on the event loop already running (its pools stay open)."""
+    for afn in impls.values():
+        for _ in range(max(1, ops // 10)):
+            await afn()
+    best = dict.fromkeys(impls, float("inf"))
+    for _ in range(repeats):
+        for name, afn in impls.items():
+            start = time.perf_counter()
+            for _ in range(ops):
                 await afn()
-        best = dict.fromkeys(impls, float("inf"))
-        for _ in range(repeats):
-            for name, afn in impls.items():
-                start = time.perf_counter()
-                for _ in range(ops):
-                    await afn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        return {name: ops / seconds for name, seconds in best.items()}
-
-    return anyio.run(main, backend=backend)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: ops / seconds for name, seconds in best.items()}
 
 
 def as_async(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:

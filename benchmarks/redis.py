@@ -46,7 +46,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from _bench import Results, arg_parser, print_ratio_table
+from _bench import Results, arg_parser, compare_running, print_ratio_table
 from converge.core.message import Message
 from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
 from converge.extensions.storage import RedisStore
@@ -117,26 +117,13 @@ def store_cases(url: str, ops: int, repeats: int) -> list[tuple[str, dict[str, f
                     ),
                 },
             }
-            results = [(case, await _compare(impls, ops, repeats)) for case, impls in cases.items()]
+            results = [
+                (case, await compare_running(impls, ops, repeats)) for case, impls in cases.items()
+            ]
         await peer.aclose()
         return results
 
     return anyio.run(main)
-
-
-async def _compare(impls: dict[str, Any], ops: int, repeats: int) -> dict[str, float]:
-    """``_bench.compare_async`` inside an already running loop (the pools stay open)."""
-    for afn in impls.values():
-        for _ in range(max(1, ops // 10)):
-            await afn()
-    best = dict.fromkeys(impls, float("inf"))
-    for _ in range(repeats):
-        for name, afn in impls.items():
-            start = time.perf_counter()
-            for _ in range(ops):
-                await afn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: ops / seconds for name, seconds in best.items()}
 
 
 # -- the limiter against limits ----------------------------------------------------------
@@ -153,7 +140,7 @@ def limiter_case(url: str, ops: int, repeats: int) -> dict[str, float]:
         sliding = SlidingWindowCounterRateLimiter(storage)
         async with RedisStore(url, namespace=uuid.uuid4().hex) as store:
             limiter = RateLimiter(store=store, sender_config=TokenBucketConfig(HUGE, HUGE))
-            return await _compare(
+            return await compare_running(
                 {
                     "converge": lambda: limiter.aallow_message(message, direction="egress"),
                     "limits-fixed": lambda: fixed.hit(item, "alice"),
