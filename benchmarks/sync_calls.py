@@ -1,7 +1,8 @@
 """Benchmark the synchronous surface: what a sync call costs over its coroutine.
 
-Sync shims run their coroutine on the calling thread's own event loop, kept between calls
-(``converge._sync.run``). Cases:
+Sync shims run their coroutine on a fresh event loop per call (``converge._sync.run``,
+``anyio.run``); sync paths that need no loop (``validate_and_extract`` on a store with a
+sync surface) skip it. Cases:
 
 * ``agent_decide``: ``Agent.decide`` from a script against awaiting ``adecide`` on a
   running loop (the peer ``coroutine``); the table's last column is the time added per

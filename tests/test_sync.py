@@ -182,23 +182,6 @@ async def _get_from(local: _sync.LoopLocal[object]) -> object:
     return local.get()
 
 
-def test_run_reuses_one_loop_per_thread_and_closes_it_when_the_thread_ends() -> None:
-    seen: list[object] = []
-
-    def work() -> None:
-        seen.append(_sync.run(which_loop, async_name="which_loop"))
-        seen.append(_sync.run(which_loop, async_name="which_loop"))
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    assert seen[0] is seen[1]  # no loop built per call
-    assert seen[0] is not _sync.run(which_loop, async_name="which_loop")  # one per thread
-    loop = seen.pop()
-    seen.clear()
-    assert getattr(loop, "is_closed", lambda: True)()  # released with its thread
-
-
 def test_run_from_thread_keeps_errors_and_later_calls_work() -> None:
     async def boom() -> None:
         raise KeyError("x")

@@ -21,8 +21,6 @@ rather than blocking or deadlocking the loop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import threading
 import weakref
@@ -110,11 +108,11 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, async_name: str, **kwargs
     """Run a coroutine function to completion from synchronous code.
 
     From an anyio worker thread the coroutine runs on that thread's event loop (so it
-    shares the loop's resources); from any other thread, or a plain script, on the event
-    loop that serves the calling thread's sync calls: created on the thread's first call,
-    reused by every later one (building a loop per call costs 0.2-0.7 ms), and stopped
-    when the thread ends. Loop-bound state (client pools, locks) therefore lives as long
-    as the thread, not one call.
+    shares the loop's resources); from any other thread, or a plain script, on a fresh
+    event loop for this call (``anyio.run``: about 0.13 ms here). anyio offers no way to
+    keep a loop between calls on the calling thread; a portal loop in another thread
+    costs more per call (about 0.2 ms), so objects with loop-bound state keep their own
+    :class:`Portal` instead.
 
     Args:
         func: The coroutine function (typically the ``a``-prefixed method).
@@ -128,57 +126,7 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, async_name: str, **kwargs
     check_sync_allowed(async_name)
     if in_worker_thread():
         return anyio.from_thread.run(_as_coroutine(func, kwargs), *args)
-    return _run_on_thread_loop(_as_coroutine(func, kwargs)(*args))
-
-
-class _ThreadLoop(threading.local):
-    runner: asyncio.Runner | None = None
-    sentinel: _Sentinel | None = None
-
-
-_THREAD_LOOP = _ThreadLoop()
-
-
-class _Sentinel:
-    __slots__ = ("__weakref__",)
-
-
-def _run_on_thread_loop(coro: Coroutine[Any, Any, T]) -> T:
-    # anyio has no API to keep a loop between calls (``anyio.run`` builds one per call,
-    # 0.2-0.7 ms here), so this one place of the sync surface keeps an asyncio loop per
-    # calling thread (about 10 us a call). Everything that runs on it is anyio code.
-    runner = _THREAD_LOOP.runner
-    if runner is None:
-        runner = _THREAD_LOOP.runner = asyncio.Runner()
-        # A thread-local value is released in its thread when the thread ends: the
-        # sentinel's finalizer closes the loop there (the main thread's at exit).
-        sentinel = _THREAD_LOOP.sentinel = _Sentinel()
-        weakref.finalize(sentinel, _close_runner, runner)
-    loop = runner.get_loop()
-    # ``Runner.run`` would install and restore a SIGINT handler on every call (about
-    # 20 us); a KeyboardInterrupt is handled here instead: the task is cancelled and
-    # awaited, so nothing is left half-run on the loop for the next call.
-    task = loop.create_task(coro)
-    try:
-        return loop.run_until_complete(task)
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(task)
-        raise
-
-
-def _close_runner(runner: asyncio.Runner) -> None:
-    # The finalizer may run on any thread, even one whose own loop is running (garbage
-    # collection happens where it happens): there, only close the idle loop's resources.
-    with contextlib.suppress(RuntimeError):
-        if in_event_loop_thread():
-            loop = runner.get_loop()
-            if not loop.is_running():
-                loop.close()
-        else:
-            runner.close()
+    return anyio.run(_as_coroutine(func, kwargs), *args)
 
 
 def _as_coroutine(
@@ -313,8 +261,6 @@ def _reset_portals_in_child() -> None:
     # time would never be released.
     for portal in list(_PORTALS):
         portal._after_fork()
-    # The forking thread's loop shares its selector with the parent's: start afresh.
-    _THREAD_LOOP.runner = _THREAD_LOOP.sentinel = None
 
 
 if hasattr(os, "register_at_fork"):

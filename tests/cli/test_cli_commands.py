@@ -84,7 +84,7 @@ def test_the_example_gateway_serves_probes_and_guards_outbound(
         headers={"authorization": "Bearer " + "t" * 32},
     )
     assert ok.status_code == 202
-    # Delivered to the target this test started (never to the example's 127.0.0.1:9000).
+    # Delivered to the target this test started (never to the example's own target).
     recorder = example_target[0]
     deadline = time.monotonic() + 10
     while not recorder.received() and time.monotonic() < deadline:
@@ -153,13 +153,13 @@ def test_webhook_sign_can_print_a_curl_command(capsys: pytest.CaptureFixture[str
                 "--format",
                 "curl",
                 "--url",
-                "http://127.0.0.1:8080/webhook/github",
+                "https://gateway.example.com/webhook/github",
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
-    assert out.startswith("curl -sS -X POST 'http://127.0.0.1:8080/webhook/github'")
+    assert out.startswith("curl -sS -X POST 'https://gateway.example.com/webhook/github'")
     assert "-H 'X-Hub-Signature-256: sha256=" in out
 
 

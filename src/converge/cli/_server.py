@@ -21,11 +21,13 @@ The body read timeout lives in the ASGI app (:class:`~converge.extensions.connec
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["RepeatFilter", "fit_open_files", "guarded_protocol", "install_repeat_filter"]
 
@@ -44,7 +46,14 @@ _REFUSAL = (
 )
 
 
-def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type[asyncio.Protocol]:
+class _Timer(Protocol):
+    """What the server loop's ``call_later`` returns."""
+
+    def cancel(self) -> None:
+        """Stop the timer."""
+
+
+def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with a header timeout and a connection cap.
 
     Args:
@@ -66,9 +75,11 @@ def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type
     waiting: OrderedDict[Any, None] = OrderedDict()
 
     class GuardedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
+        # uvicorn serves on asyncio only; its protocol owns the loop (``self.loop``), so the
+        # timer below is the server's own ``call_later``, not converge choosing asyncio.
+        _header_timer: _Timer | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._wait()
             if len(self.connections) > max_connections:
