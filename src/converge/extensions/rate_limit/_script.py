@@ -21,16 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Final
 
-from converge.extensions.rate_limit.bucket import NEVER, NEVER_REFILL_NS, TokenBucketConfig
+from converge.extensions.rate_limit.bucket import NEVER, BucketParams, TokenBucketConfig
 
 __all__ = [
     "CORRUPT",
     "RELEASE",
     "RESERVE",
-    "MicroParams",
+    "micro_params",
     "Reply",
     "parse_reserve",
     "release_args",
@@ -113,28 +112,10 @@ return 0
 """
 
 
-@dataclass(frozen=True, slots=True)
-class MicroParams:
-    """A bucket configuration in integer microseconds, for the script.
-
-    Attributes:
-        interval: Microseconds to refill one token (rounded up).
-        tolerance: Microseconds worth of tokens in a full bucket (rounded down).
-        refills: False when the rate is 0.
-    """
-
-    interval: int
-    tolerance: int
-    refills: bool
-
-    @classmethod
-    def from_config(cls, config: TokenBucketConfig) -> MicroParams:
-        """Convert ``config`` exactly (rational arithmetic, then integer rounding)."""
-        rate = Fraction(config.refill_tokens_per_sec)
-        never = NEVER_REFILL_NS // 1000
-        interval = never if rate == 0 else max(1, math.ceil(Fraction(_US) / rate))
-        tolerance = math.floor(Fraction(config.capacity) * interval)
-        return cls(interval=interval, tolerance=tolerance, refills=rate != 0)
+def micro_params(config: TokenBucketConfig) -> BucketParams:
+    """``config`` in integer microseconds, the script's unit (Lua numbers are exact only
+    to 2**53)."""
+    return BucketParams.from_config(config, ticks_per_sec=_US)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +135,7 @@ class Reply:
 
 
 def reserve_args(
-    params: Sequence[MicroParams], max_wait_ns: int | None, ttl: float | None
+    params: Sequence[BucketParams], max_wait_ns: int | None, ttl: float | None
 ) -> list[str | int]:
     """``ARGV`` for :data:`RESERVE`; ``max_wait_ns`` as for ``bucket.reserve``."""
     if max_wait_ns is None:

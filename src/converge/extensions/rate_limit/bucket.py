@@ -110,10 +110,17 @@ class BucketParams:
     refills: bool
 
     @classmethod
-    def from_config(cls, config: TokenBucketConfig) -> BucketParams:
-        """Convert ``config`` exactly (rational arithmetic, then integer rounding)."""
+    def from_config(cls, config: TokenBucketConfig, *, ticks_per_sec: int = _NS) -> BucketParams:
+        """Convert ``config`` exactly (rational arithmetic, then integer rounding).
+
+        Args:
+            config: The bucket configuration.
+            ticks_per_sec: The time unit: nanoseconds by default; the Redis script
+                counts in microseconds (``1_000_000``).
+        """
         rate = Fraction(config.refill_tokens_per_sec)
-        interval = NEVER_REFILL_NS if rate == 0 else max(1, math.ceil(Fraction(_NS) / rate))
+        never = NEVER_REFILL_NS * ticks_per_sec // _NS
+        interval = never if rate == 0 else max(1, math.ceil(Fraction(ticks_per_sec) / rate))
         tolerance = math.floor(Fraction(config.capacity) * interval)
         return cls(interval=interval, tolerance=tolerance, refills=rate != 0)
 

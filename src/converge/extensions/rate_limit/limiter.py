@@ -175,7 +175,7 @@ class RateLimiter:
             store is not None and clock is None and callable(getattr(store, "arun_script", None))
         )
         g, s, t = (
-            None if c is None else _script.MicroParams.from_config(c)
+            None if c is None else _script.micro_params(c)
             for c in (global_config, sender_config, topic_config)
         )
         self._micro = (g, s, t)
