@@ -15,7 +15,7 @@ run. The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks
 * :func:`print_ratio_table`: converge against each peer, case by case, on stderr.
 * :func:`arg_parser`: the command line (``--quick``).
 * :func:`free_port`, :func:`child_servers`, :func:`serve_uvicorn`: servers run by the
-  script itself in child processes on 127.0.0.1.
+  script itself in child processes on 127.0.0.1; :func:`serve_lifespan` for their apps.
 """
 
 from __future__ import annotations
@@ -210,6 +210,21 @@ def arg_parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
     return parser
+
+
+# -- ASGI receivers --------------------------------------------------------------------
+
+
+async def serve_lifespan(
+    receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+) -> None:
+    """Answer an ASGI lifespan's startup and shutdown (for the scripts' small receivers)."""
+    while True:
+        message = await receive()
+        kind = message["type"].rsplit(".", 1)[-1]
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
 
 
 # -- servers in child processes -----------------------------------------------------------

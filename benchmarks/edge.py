@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import uvicorn
 
-from _bench import Results, arg_parser, free_port, print_ratio_table
+from _bench import Results, arg_parser, free_port, print_ratio_table, serve_lifespan
 from converge.core import Agent, Identity, Message, SendMessage
 from converge.core.store import Store
 from converge.extensions.connectors import (
@@ -78,13 +78,8 @@ class Receiver:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()

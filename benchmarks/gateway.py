@@ -47,7 +47,7 @@ from typing import Any
 
 import anyio
 
-from _bench import Results, arg_parser, child_servers, serve_uvicorn, timed_workers
+from _bench import Results, arg_parser, child_servers, serve_lifespan, serve_uvicorn, timed_workers
 
 SECRET = "bench-secret"
 CONCURRENCY = 32
@@ -139,12 +139,8 @@ class Receiver:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await serve_lifespan(receive, send)
+            return
         more = True
         while more:
             more = (await receive()).get("more_body", False)

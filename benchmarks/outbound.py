@@ -36,7 +36,15 @@ from typing import Any
 import anyio
 import httpx
 
-from _bench import Results, arg_parser, best_of_rounds, child_servers, serve_uvicorn, timed_workers
+from _bench import (
+    Results,
+    arg_parser,
+    best_of_rounds,
+    child_servers,
+    serve_lifespan,
+    serve_uvicorn,
+    timed_workers,
+)
 from converge.core.store import Store
 from converge.extensions.connectors import (
     OutboundTarget,
@@ -53,12 +61,8 @@ BODY = {"type": "invoice.paid", "data": {"invoice": "in_123", "amount": 1299, "c
 async def receiver(scope: Any, receive: Any, send: Any) -> None:
     """The outside service: reads the request, answers 200."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].rsplit(".", 1)[-1]
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await serve_lifespan(receive, send)
+        return
     more = True
     while more:
         more = (await receive()).get("more_body", False)
