@@ -118,6 +118,16 @@ class ChatRequest:
         """The output token limit asked for, under whichever name."""
         return self.max_completion_tokens or self.max_tokens
 
+    def options(self, names: Mapping[str, str]) -> dict[str, Any]:
+        """The options that are set, under a provider's names (``{ours: theirs}``);
+        stop sequences as a list."""
+        out: dict[str, Any] = {}
+        for ours, theirs in names.items():
+            value = getattr(self, ours)
+            if value is not None:
+                out[theirs] = list(value) if ours == "stop" else value
+        return out
+
 
 def data_url(part: Mapping[str, Any]) -> str:
     """``data:<media_type>;base64,<data>`` for a part carrying base64 data."""

@@ -24,6 +24,8 @@ from converge.extensions.llm.telemetry import Telemetry
 
 __all__ = ["AnthropicProvider"]
 
+# Options sent as they are, under Anthropic's names (temperature is capped at 1.0 apart).
+_OPTION_NAMES = {"top_p": "top_p", "stop": "stop_sequences", "thinking": "thinking"}
 _DEFAULT_MAX_TOKENS = 1024
 _OPTIONS = frozenset(
     {
@@ -132,12 +134,7 @@ def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         kwargs["system"] = system
     if request.temperature is not None:
         kwargs["temperature"] = min(request.temperature, 1.0)
-    if request.top_p is not None:
-        kwargs["top_p"] = request.top_p
-    if request.stop is not None:
-        kwargs["stop_sequences"] = list(request.stop)
-    if request.thinking is not None:
-        kwargs["thinking"] = request.thinking
+    kwargs.update(request.options(_OPTION_NAMES))
     tools = request.all_tools
     if tools:
         kwargs["tools"] = [

@@ -46,6 +46,15 @@ from converge.extensions.llm.telemetry import Telemetry
 __all__ = ["MistralProvider"]
 
 T = TypeVar("T")
+# Options sent as they are, under Mistral's names (max tokens and tools are mapped apart).
+_OPTION_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "random_seed",
+    "response_format": "response_format",
+    "reasoning_effort": "reasoning_effort",
+}
 _END = object()
 _OPTIONS = frozenset(
     {
@@ -124,20 +133,9 @@ def _request_kwargs(request: ChatRequest, timeout: float | None) -> dict[str, An
     }
     if timeout is not None:
         kwargs["timeout_ms"] = max(1, int(timeout * 1000))
-    if request.temperature is not None:
-        kwargs["temperature"] = request.temperature
+    kwargs.update(request.options(_OPTION_NAMES))
     if request.output_limit is not None:
         kwargs["max_tokens"] = request.output_limit
-    if request.top_p is not None:
-        kwargs["top_p"] = request.top_p
-    if request.stop is not None:
-        kwargs["stop"] = list(request.stop)
-    if request.seed is not None:
-        kwargs["random_seed"] = request.seed
-    if request.response_format is not None:
-        kwargs["response_format"] = request.response_format
-    if request.reasoning_effort is not None:
-        kwargs["reasoning_effort"] = request.reasoning_effort
     tools = request.all_tools
     if tools:
         kwargs["tools"] = [_function_tool(t) for t in tools]

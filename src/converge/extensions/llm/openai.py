@@ -31,6 +31,15 @@ from converge.extensions.llm.telemetry import Telemetry
 __all__ = ["OpenAIProvider", "is_reasoning_model"]
 
 _OPTIONS = frozenset(_ALL_OPTIONS) - {"thinking"}
+# Options sent as they are, under OpenAI's names (max tokens and tools are mapped apart).
+_OPTION_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "seed",
+    "response_format": "response_format",
+    "reasoning_effort": "reasoning_effort",
+}
 _REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 _STOP = {
     "stop": "stop",
@@ -113,24 +122,13 @@ def _function_tool(tool: ToolSpec) -> dict[str, Any]:
 def _request_kwargs(request: ChatRequest, *, stream: bool) -> dict[str, Any]:
     """Chat Completions arguments for ``request``."""
     kwargs: dict[str, Any] = {"model": request.model, "messages": _openai_messages(request)}
-    if request.temperature is not None:
-        kwargs["temperature"] = request.temperature
+    kwargs.update(request.options(_OPTION_NAMES))
     if request.max_completion_tokens is not None:
         kwargs["max_completion_tokens"] = request.max_completion_tokens
     elif request.max_tokens is not None:
         # Reasoning models refuse max_tokens; max_completion_tokens is its successor.
         reasoning = request.reasoning_effort is not None or is_reasoning_model(request.model)
         kwargs["max_completion_tokens" if reasoning else "max_tokens"] = request.max_tokens
-    if request.top_p is not None:
-        kwargs["top_p"] = request.top_p
-    if request.stop is not None:
-        kwargs["stop"] = list(request.stop)
-    if request.seed is not None:
-        kwargs["seed"] = request.seed
-    if request.response_format is not None:
-        kwargs["response_format"] = request.response_format
-    if request.reasoning_effort is not None:
-        kwargs["reasoning_effort"] = request.reasoning_effort
     tools = request.all_tools
     if tools:
         kwargs["tools"] = [_function_tool(t) for t in tools]
