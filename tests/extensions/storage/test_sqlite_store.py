@@ -294,6 +294,80 @@ async def test_a_failing_update_in_a_batch_fails_alone(store: SQLiteStore) -> No
     assert await store.aget("x") is None
 
 
+async def test_a_loops_writers_commit_together_with_one_thread_hop(store: SQLiteStore) -> None:
+    await store.aput("warm", 0)
+    assert store._conn is not None
+    commits: list[str] = []
+    store._conn.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None
+    )
+    async with anyio.create_task_group() as tg:
+        for i in range(32):
+            tg.start_soon(store.aput, f"p{i}", i)
+    store._conn.set_trace_callback(None)
+    # the first writer leads after one checkpoint: the other 31 are queued by then
+    assert len(commits) == 1
+    assert await store.alist("p") == sorted(f"p{i}" for i in range(32))
+
+
+async def test_a_cancelled_writer_still_commits_then_sees_the_cancellation(
+    store: SQLiteStore,
+) -> None:
+    outcome: list[str] = []
+
+    async def write(i: int) -> None:
+        try:
+            await store.aput(f"c{i}", i)
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+        outcome.append("returned")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(write, i)
+        await anyio.sleep(0)  # every writer has queued its write
+        tg.cancel_scope.cancel()
+    assert outcome.count("cancelled") + outcome.count("returned") == 8
+    assert await store.alist("c") == sorted(f"c{i}" for i in range(8))
+
+
+async def test_a_value_that_does_not_encode_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "json.db", serializer="json")
+    errors: list[BaseException] = []
+
+    async def bad() -> None:
+        try:
+            await store.aput("bad", {1, 2})
+        except Exception as exc:
+            errors.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(store.aput, f"ok{i}", i)
+            tg.start_soon(bad)
+        assert len(errors) == 1 and isinstance(errors[0], UsageError | TypeError | ValueError)
+        assert await store.alist("ok") == sorted(f"ok{i}" for i in range(8))
+        assert await store.aget("bad") is None
+    finally:
+        await store.aclose()
+
+
+def test_loops_in_several_threads_write_at_once(store: SQLiteStore) -> None:
+    async def burst(t: int) -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(store.aput, f"t{t}/{i:02d}", i)
+
+    threads = [threading.Thread(target=anyio.run, args=(burst, t)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(store.list("t")) == 200
+
+
 def test_every_write_that_returned_survives_kill_9(tmp_path: Path) -> None:
     # 16 threads write at once (batched commits); each prints its key once put()
     # returned; the process is killed mid-stream. Every printed key must be there.

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
 
+import anyio.lowlevel
 import anyio.to_thread
 
 from converge._sync import check_sync_allowed
@@ -92,22 +93,42 @@ _PURGE: Final = (
 _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
 
 
-# A write, for group commit: ``op(conn, now)`` runs inside the batch's transaction.
+# A write, for group commit: ``op(conn, now)`` runs inside the batch's transaction. An
+# op raises an ``Exception`` of its own only before its first statement (it validates and
+# encodes everything first), so a failed op has written nothing and the batch goes on; a
+# ``sqlite3.Error`` or an interrupt fails the whole batch.
 _WriteOp = Callable[[sqlite3.Connection, float], Any]
 
 
 class _Write:
     """One caller's write, queued for the next group commit."""
 
-    __slots__ = ("done", "error", "isolated", "key", "op", "result")
+    __slots__ = ("done", "error", "event", "key", "lead", "op", "result")
 
-    def __init__(self, op: _WriteOp, key: str | None, isolated: bool) -> None:
+    def __init__(self, op: _WriteOp, key: str | None) -> None:
         self.op = op
         self.key = key
-        self.isolated = isolated  # runs in a savepoint: its own failure undoes only it
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
+        self.event: anyio.Event | None = None  # async writers: set when done or leading
+        self.lead = False  # async writers: commit the loop's next batch
+
+    def outcome(self) -> Any:
+        """The op's result, or its error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _LoopWrites:
+    """The async writes of one event loop waiting for their group commit."""
+
+    __slots__ = ("leading", "pending")
+
+    def __init__(self) -> None:
+        self.pending: builtins.list[_Write] = []
+        self.leading = False  # a batch of this loop is being committed
 
 
 _STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
@@ -144,8 +165,10 @@ class SQLiteStore(Store):
     for a batch being committed. A ``":memory:"`` database uses one connection for
     both (every thread sees the same database).
 
-    The async methods take one worker-thread hop per operation; the sync methods run the
-    same code directly and refuse to run on an event-loop thread.
+    The async reads take one worker-thread hop each. The async writes of one event loop
+    are queued on the loop and committed in batches, one worker-thread hop per batch (no
+    thread per waiting writer). The sync methods run the same code directly and refuse
+    to run on an event-loop thread.
 
     Args:
         path: Database file (created if missing), or ``":memory:"``.
@@ -184,6 +207,7 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pending: deque[_Write] = deque()
+        self._loop_writes: dict[int, _LoopWrites] = {}  # by the thread running the loop
         # Reads use a connection of their own (WAL: they see the last commit and never
         # wait for a batch being committed); a ":memory:" database has only one.
         self._read_lock = threading.Lock()
@@ -310,31 +334,81 @@ class SQLiteStore(Store):
 
     # -- group commit ------------------------------------------------------------------
 
-    def _commit(self, op: _WriteOp, key: str | None = None, *, isolated: bool = False) -> Any:
-        """Run ``op`` in the next group commit and return its result once it is durable.
+    def _commit(self, write: _Write) -> Any:
+        """Run ``write`` in the next group commit and return its result once it is durable.
 
-        Concurrent writers (threads, and the worker threads of async calls) queue their
-        writes; whichever holds the connection lock takes everything queued and runs it
-        in one ``BEGIN IMMEDIATE`` transaction with one ``COMMIT``, hence one sync of
-        the WAL for the whole batch. A caller returns only after the commit holding its
-        write: durability is that of one write per transaction. Batches form by
-        themselves while the previous commit syncs; a lone writer commits at once.
+        Concurrent writers (threads, and the batches of event loops) queue their writes;
+        whichever holds the connection lock takes everything queued and runs it in one
+        ``BEGIN IMMEDIATE`` transaction with one ``COMMIT``, hence one sync of the WAL
+        for the whole batch. A caller returns only after the commit holding its write:
+        durability is that of one write per transaction. Batches form by themselves
+        while the previous commit syncs; a lone writer commits at once.
         """
-        write = _Write(op, key, isolated)
         self._pending.append(write)
         with self._lock:
             if not write.done:  # else an earlier lock holder committed it for us
-                self._run_batch()
-        if write.error is not None:
-            raise write.error
-        return write.result
+                self._run_batch(self._take_pending())
+        return write.outcome()
 
-    def _run_batch(self) -> None:
-        """Commit everything queued in one transaction; the caller holds ``self._lock``."""
+    async def _acommit(self, write: _Write) -> Any:
+        """:meth:`_commit` from an event loop, with one worker-thread hop per batch.
+
+        The loop's writers queue their writes on the loop side; one of them leads: it
+        lets the loop's other ready tasks queue theirs (one checkpoint), then takes the
+        whole queue to the worker thread in one hop and wakes every writer of the batch.
+        Writes queued meanwhile form the next batch, led by the first of them. Waiting is
+        shielded, as a thread hop is: a cancelled caller's write still commits, and the
+        caller sees the cancellation once it has.
+        """
+        writes = self._loop_writes.get(threading.get_ident())
+        if writes is None:
+            writes = self._loop_writes.setdefault(threading.get_ident(), _LoopWrites())
+        write.event = anyio.Event()
+        writes.pending.append(write)
+        with anyio.CancelScope(shield=True):
+            if not writes.leading:
+                await self._lead(writes)
+            while not write.done:
+                await write.event.wait()
+                if write.lead:
+                    await self._lead(writes)
+        return write.outcome()
+
+    async def _lead(self, writes: _LoopWrites) -> None:
+        writes.leading = True
+        batch: builtins.list[_Write] = []
+        try:
+            await anyio.lowlevel.checkpoint()  # the loop's other ready writers join
+            batch, writes.pending = writes.pending, []
+            await anyio.to_thread.run_sync(self._run_locked_batch, batch)
+        finally:
+            for write in batch:
+                if not write.done:  # the hop itself failed
+                    write.error = StoreError(f"SQLite write to {self._path!r} did not run")
+                    write.done = True
+                if write.event is not None:
+                    write.event.set()
+            if writes.pending:  # the next batch: its first writer leads
+                first = writes.pending[0]
+                first.lead = True
+                if first.event is not None:
+                    first.event.set()
+            else:
+                writes.leading = False
+
+    def _take_pending(self) -> builtins.list[_Write]:
         batch: builtins.list[_Write] = []
         pending = self._pending
         while pending:
             batch.append(pending.popleft())
+        return batch
+
+    def _run_locked_batch(self, batch: builtins.list[_Write]) -> None:
+        with self._lock:
+            self._run_batch([*self._take_pending(), *batch])
+
+    def _run_batch(self, batch: builtins.list[_Write]) -> None:
+        """Commit ``batch`` in one transaction; the caller holds ``self._lock``."""
         try:
             conn = self._conn or self._conn_locked()
             conn.execute("BEGIN IMMEDIATE")
@@ -344,18 +418,12 @@ class SQLiteStore(Store):
         try:
             now = time.time()
             for write in batch:
-                if write.isolated:
-                    conn.execute("SAVEPOINT converge_write")
                 try:
                     write.result = write.op(conn, now)
                 except sqlite3.Error:
                     raise  # the transaction itself is in doubt: fail the whole batch
-                except BaseException as exc:
+                except Exception as exc:  # raised before the op's first statement
                     write.error = exc
-                    if write.isolated:
-                        conn.execute("ROLLBACK TO converge_write")
-                if write.isolated:
-                    conn.execute("RELEASE converge_write")
             if self._writes >= _PURGE_EVERY:
                 self._writes = 0
                 conn.execute(_PURGE, (now,))
@@ -408,28 +476,30 @@ class SQLiteStore(Store):
                     raise self._map_error(exc, key) from exc
         return None if row is None else self._decode(key, row[0])
 
-    def _put(self, key: str, value: Any, ttl: float | None) -> None:
-        row = (key_bytes(key), self._encode(key, value))
+    # Writes: each builds its op (run inside a group commit, encoding there too, off
+    # the loop); the sync surface commits it from the calling thread (_commit), the
+    # async one from the loop in batches (_acommit).
 
+    def _put_write(self, key: str, value: Any, ttl: float | None) -> _Write:
         def put(conn: sqlite3.Connection, now: float) -> None:
-            self._write(conn, _PUT, (*row, None if ttl is None else now + ttl))
+            row = (key_bytes(key), self._encode(key, value), None if ttl is None else now + ttl)
+            self._write(conn, _PUT, row)
 
-        self._commit(put, key)
+        return _Write(put, key)
 
-    def _put_if_absent(self, key: str, value: Any, ttl: float | None) -> bool:
-        row = (key_bytes(key), self._encode(key, value))
-
+    def _put_if_absent_write(self, key: str, value: Any, ttl: float | None) -> _Write:
         def put_if_absent(conn: sqlite3.Connection, now: float) -> bool:
             expires_at = None if ttl is None else now + ttl
-            return self._write(conn, _PUT_IF_ABSENT, (*row, expires_at, now)) == 1
+            row = (key_bytes(key), self._encode(key, value), expires_at, now)
+            return self._write(conn, _PUT_IF_ABSENT, row) == 1
 
-        return bool(self._commit(put_if_absent, key))
+        return _Write(put_if_absent, key)
 
-    def _delete(self, key: str) -> None:
+    def _delete_write(self, key: str) -> _Write:
         raw_key = key_bytes(key)
-        self._commit(lambda conn, now: conn.execute(_DELETE, (raw_key,)), key)
+        return _Write(lambda conn, now: conn.execute(_DELETE, (raw_key,)), key)
 
-    def _update(self, keys: builtins.list[str], fn: UpdateFn[R], ttl: float | None) -> R:
+    def _update_write(self, keys: builtins.list[str], fn: UpdateFn[R], ttl: float | None) -> _Write:
         def update(conn: sqlite3.Connection, now: float) -> R:
             # Inside the batch's BEGIN IMMEDIATE transaction: no other writer, in any
             # process, can change these keys between our read and our write.
@@ -455,8 +525,7 @@ class SQLiteStore(Store):
                     self._write(conn, _PUT, (raw_key, blob, expires_at))
             return result
 
-        result: R = self._commit(update, keys[0] if len(keys) == 1 else None, isolated=True)
-        return result
+        return _Write(update, keys[0] if len(keys) == 1 else None)
 
     def _list(self, prefix: str) -> builtins.list[str]:
         low = key_bytes(prefix)
@@ -492,6 +561,7 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._pending = deque()
+        self._loop_writes = {}
         for conn in (self._conn, self._reader):
             if conn is not None:
                 _INHERITED.append(conn)
@@ -509,11 +579,12 @@ class SQLiteStore(Store):
 
     def put(self, key: str, value: Any, *, ttl: float | None = None) -> None:
         """Store a value."""
-        self._sync("aput", self._put, validate_key(key), value, validate_ttl(ttl))
+        write = self._put_write(validate_key(key), value, validate_ttl(ttl))
+        self._sync("aput", self._commit, write)
 
     def delete(self, key: str) -> None:
         """Delete a value."""
-        self._sync("adelete", self._delete, validate_key(key))
+        self._sync("adelete", self._commit, self._delete_write(validate_key(key)))
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """List keys starting with prefix."""
@@ -525,13 +596,13 @@ class SQLiteStore(Store):
         Returns:
             True if stored, False if key existed.
         """
-        return self._sync(
-            "aput_if_absent", self._put_if_absent, validate_key(key), value, validate_ttl(ttl)
-        )
+        write = self._put_if_absent_write(validate_key(key), value, validate_ttl(ttl))
+        return bool(self._sync("aput_if_absent", self._commit, write))
 
     def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
-        result: R = self._sync("aupdate", self._update, check_keys(keys), fn, validate_ttl(ttl))
+        write = self._update_write(check_keys(keys), fn, validate_ttl(ttl))
+        result: R = self._sync("aupdate", self._commit, write)
         return result
 
     def close(self) -> None:
@@ -546,11 +617,11 @@ class SQLiteStore(Store):
 
     async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (optionally expiring after ``ttl`` seconds)."""
-        await anyio.to_thread.run_sync(self._put, validate_key(key), value, validate_ttl(ttl))
+        await self._acommit(self._put_write(validate_key(key), value, validate_ttl(ttl)))
 
     async def adelete(self, key: str) -> None:
         """Delete ``key``; deleting an absent key is not an error."""
-        await anyio.to_thread.run_sync(self._delete, validate_key(key))
+        await self._acommit(self._delete_write(validate_key(key)))
 
     async def alist(self, prefix: str = "") -> builtins.list[str]:
         """Return the live keys starting with ``prefix``, sorted (an index range scan)."""
@@ -558,9 +629,8 @@ class SQLiteStore(Store):
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; one atomic statement."""
-        return await anyio.to_thread.run_sync(
-            self._put_if_absent, validate_key(key), value, validate_ttl(ttl)
-        )
+        write = self._put_if_absent_write(validate_key(key), value, validate_ttl(ttl))
+        return bool(await self._acommit(write))
 
     async def aupdate(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomically read ``keys``, let ``fn`` compute changes, and write them.
@@ -571,7 +641,9 @@ class SQLiteStore(Store):
         Returns:
             The ``result`` part of ``fn``'s return value.
         """
-        return await anyio.to_thread.run_sync(self._update, check_keys(keys), fn, validate_ttl(ttl))
+        write = self._update_write(check_keys(keys), fn, validate_ttl(ttl))
+        result: R = await self._acommit(write)
+        return result
 
     async def aclose(self) -> None:
         """Close the connection; later calls raise ClosedError. Idempotent."""
