@@ -12,8 +12,8 @@ on stderr. Peers, measured in the same run, taking turns with converge:
 * ``diskcache``: ``diskcache.Cache`` get/set, with the same SQLite synchronous setting as
   the SQLiteStore it races.
 * ``dict``: a plain dict, the floor for MemoryStore.
-* ``per-write``: SQLiteStore's previous write path, one transaction (and one sync) per
-  write, against its group commit, with 32 tasks writing at once (``diskcache`` too,
+* ``per-write``: SQLiteStore's previous write path, one worker-thread hop and one
+  transaction (and one sync) per write, against its group commit, with 32 tasks writing at once (``diskcache`` too,
   each call in a worker thread, as an async caller must).
 
 Usage: ``python benchmarks/storage.py [--quick] [--dir DIR]`` (``DIR`` should be on the
@@ -107,19 +107,23 @@ def bare_durable_write(directory: str, name: str, data: bytes) -> None:
 
 
 class PerWriteSQLiteStore(SQLiteStore):
-    """SQLiteStore as it was before group commit: each write its own transaction."""
+    """SQLiteStore as it was before group commit: each write its own transaction, and
+    each async write its own worker-thread hop."""
 
-    def _commit(self, op: Any, key: str | None = None, *, isolated: bool = False) -> Any:
+    def _commit(self, write: Any) -> Any:
         with self._lock:
             conn = self._conn or self._conn_locked()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = op(conn, time.time())
+                result = write.op(conn, time.time())
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             return result
+
+    async def _acommit(self, write: Any) -> Any:
+        return await anyio.to_thread.run_sync(self._commit, write)
 
 
 def bump(current: dict[str, Any]) -> tuple[dict[str, Any], None]:

@@ -7,7 +7,7 @@ atomic store update. This package sits below ``converge.runtime`` and the connec
 and imports only ``converge.core``, ``converge._sync`` and ``converge.errors``.
 """
 
-from converge.durable._ttl import WithTTL
+from converge.core.store import WithTTL
 from converge.durable.core import QueueKeys, Transitions
 from converge.durable.queue import DurableQueue
 from converge.durable.records import DONE_STATUSES, OPEN_STATUSES, STATUSES, Attempt, Record

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from converge.durable._ttl import WithTTL
+from converge.core.store import WithTTL
 from converge.durable.records import DONE_STATUSES as _DONE
 from converge.durable.records import MAX_ATTEMPTS_KEPT as _KEPT
 from converge.durable.records import OPEN_STATUSES as _OPEN

@@ -9,7 +9,6 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from converge.core.store import Store
-from converge.durable import _ttl
 from converge.durable.core import QueueKeys, Transitions, read_record
 from converge.durable.records import STATUSES as _STATUSES
 from converge.durable.records import Attempt, Record
@@ -26,6 +25,12 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
 # How often the offset between this host's clock and the store's clock is refreshed.
 _CLOCK_REFRESH_SEC = 30.0
+
+
+async def _store_time(store: Store) -> float | None:
+    """The store's clock (``Store.atime``), or None for a store object without one."""
+    atime = getattr(store, "atime", None)
+    return None if atime is None else float(await atime())
 
 
 def _positive(name: str, value: object) -> float:
@@ -133,7 +138,7 @@ class DurableQueue:
             return float(self._clock())
         local = time.time()
         if local - self._offset_at >= _CLOCK_REFRESH_SEC or local < self._offset_at:
-            remote = await _ttl.store_time(self.store)
+            remote = await _store_time(self.store)
             after = time.time()
             self._offset = 0.0 if remote is None else remote - (local + after) / 2
             self._offset_at = local = after
@@ -218,7 +223,7 @@ class DurableQueue:
         def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
             return transitions.add(current, record, claims, claim_ttl)
 
-        outcome = await _ttl.aupdate(self.store, transitions.add_keys(record_id, claims), add)
+        outcome = await self.store.aupdate(transitions.add_keys(record_id, claims), add)
         if outcome == "duplicate":
             raise DuplicateRecordError(f"record {record_id!r} or one of its claims exists")
         if outcome == "full":
@@ -294,7 +299,7 @@ class DurableQueue:
         def lease(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.lease(current, record_id, owner, now, until)
 
-        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], lease)
+        return await self.store.aupdate([self.keys.open(record_id)], lease)
 
     async def aextend(self, record_id: str, token: int, *, lease_sec: float) -> Record | None:
         """Extend a held lease to ``lease_sec`` from now (None if the token is stale)."""
@@ -307,7 +312,7 @@ class DurableQueue:
         def extend(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.extend(current, record_id, token, now, until)
 
-        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], extend)
+        return await self.store.aupdate([self.keys.open(record_id)], extend)
 
     async def arelease(
         self, record_id: str, token: int, *, due: float | None = None
@@ -334,7 +339,7 @@ class DurableQueue:
         def retry(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.retry(current, record_id, token, now, when, attempt)
 
-        return await _ttl.aupdate(self.store, [self.keys.open(record_id)], retry)
+        return await self.store.aupdate([self.keys.open(record_id)], retry)
 
     # -- finishing ---------------------------------------------------------------------
 
@@ -357,7 +362,7 @@ class DurableQueue:
         def ack(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.ack(current, record_id, token, now, attempt)
 
-        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), ack)
+        return await self.store.aupdate(transitions.close_keys(record_id), ack)
 
     async def abury(
         self, record_id: str, token: int, reason: str, attempt: Attempt | None = None
@@ -377,7 +382,7 @@ class DurableQueue:
         def bury(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.bury(current, record_id, token, now, reason, attempt)
 
-        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), bury)
+        return await self.store.aupdate(transitions.close_keys(record_id), bury)
 
     async def areplay(self, record_id: str) -> Record | None:
         """Make a dead or done record pending again (due now, a fresh attempt budget).
@@ -392,7 +397,7 @@ class DurableQueue:
         def replay(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.replay(current, record_id, now)
 
-        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), replay)
+        return await self.store.aupdate(transitions.close_keys(record_id), replay)
 
     async def apurge(self, record_id: str) -> Record | None:
         """Delete a record for good, whatever its status.
@@ -406,7 +411,7 @@ class DurableQueue:
         def purge(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.purge(current, record_id)
 
-        return await _ttl.aupdate(self.store, transitions.close_keys(record_id), purge)
+        return await self.store.aupdate(transitions.close_keys(record_id), purge)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -488,4 +493,4 @@ class DurableQueue:
         def fix(current: dict[str, Any]) -> tuple[dict[str, Any], int]:
             return Transitions.set_count(current, key, count)
 
-        return await _ttl.aupdate(self.store, [key], fix)
+        return await self.store.aupdate([key], fix)
