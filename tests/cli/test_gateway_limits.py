@@ -253,3 +253,46 @@ def test_fitting_the_open_file_limit_lowers_the_cap_when_it_cannot_grow() -> Non
         assert max_connections + backlog + 64 <= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         assert backlog >= 1
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _chunked_response(sock: socket.socket) -> bytes:
+    """One whole response of :class:`Slow` (chunked: it sends no content-length)."""
+    received = b""
+    while not received.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    return received
+
+
+def test_the_server_answers_408_to_a_body_slower_than_the_body_timeout() -> None:
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=16, body_timeout_sec=0.5)
+    server = UvicornThread(Slow(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n"
+    try:
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(head + b"{")
+        started = time.monotonic()
+        answer = _closed_by_server(stalled, within=5.0)
+        assert answer is not None and 0.4 < time.monotonic() - started < 3.0
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408 ")
+        assert body == b'{"status":"rejected","reason":"body_timeout"}'
+        stalled.close()
+
+        # A body that trickles in but completes in time is served; the timer is gone
+        # once it has, so the kept-alive connection outlives the timeout.
+        steady = socket.create_connection(("127.0.0.1", port))
+        steady.settimeout(5.0)
+        steady.sendall(head)
+        for piece in (b'{"a":', b"12", b"34}"):
+            time.sleep(0.1)
+            steady.sendall(piece)
+        assert _chunked_response(steady).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.8)
+        steady.sendall(head + b'{"a":1234}')
+        assert _chunked_response(steady).startswith(b"HTTP/1.1 200 ")
+        steady.close()
+    finally:
+        server.stop()

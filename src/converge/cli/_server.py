@@ -1,4 +1,4 @@
-"""uvicorn settings for ``converge gateway``: connection limits, header timeout, quiet logs.
+"""uvicorn settings for ``converge gateway``: connection limits, read timeouts, quiet logs.
 
 uvicorn on its own keeps a connection that never finishes its headers open forever,
 answers ``503`` to a legitimate request once idle connections reach
@@ -7,7 +7,8 @@ answers ``503`` to a legitimate request once idle connections reach
 second). This module adds what is missing:
 
 * :func:`guarded_protocol`: uvicorn's h11 protocol with a **header timeout** (the request
-  line and headers must arrive within it, however slowly the bytes trickle in) and a
+  line and headers must arrive within it, however slowly the bytes trickle in), a **body
+  timeout** (the rest of the request must follow within it, else ``408``) and a
   **connection cap** that evicts the connection waiting longest for a request (idle or
   half-sent) when a new one arrives, so idle clients cannot crowd out a complete request;
 * :func:`fit_open_files`: raises the soft open-file limit where allowed and otherwise
@@ -16,7 +17,9 @@ second). This module adds what is missing:
 * :class:`RepeatFilter`: at most one log line per message and interval, with a count of
   the repeats it held back.
 
-The body read timeout lives in the ASGI app (:class:`~converge.extensions.connectors.GatewayApp`).
+The server enforces the body timeout with one timer per request whose body is still
+arriving once its headers are complete: a body that came with its headers costs nothing.
+An app served elsewhere keeps its own (``GatewayApp(body_timeout_sec=...)``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ _REFUSAL = (
     + b"\r\n\r\n"
     + _BUSY
 )
+_SLOW = b'{"status":"rejected","reason":"body_timeout"}'
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_SLOW)).encode() + b"\r\n\r\n" + _SLOW
+)
 
 
 class _Timer(Protocol):
@@ -53,13 +61,19 @@ class _Timer(Protocol):
         """Stop the timer."""
 
 
-def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type[H11Protocol]:
-    """uvicorn's h11 protocol class with a header timeout and a connection cap.
+def guarded_protocol(
+    *, header_timeout_sec: float, max_connections: int, body_timeout_sec: float | None = None
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol class with header and body timeouts and a connection cap.
 
     Args:
         header_timeout_sec: Seconds from connection (or from the end of the previous
             response) until the next request's headers must be complete; the
             connection is closed otherwise.
+        body_timeout_sec: Seconds from the end of a request's headers until its body
+            must be complete; otherwise the client gets ``408`` (JSON reason
+            ``body_timeout``) unless a response has started, and the connection is
+            closed. None: no body timeout.
         max_connections: Open connections at most. A new connection beyond it closes
             the one that has waited longest for a request; if every connection is busy
             with a request, the new one is answered ``503`` with ``Retry-After``.
@@ -78,6 +92,7 @@ def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type
         # uvicorn serves on asyncio only; its protocol owns the loop (``self.loop``), so the
         # timer below is the server's own ``call_later``, not converge choosing asyncio.
         _header_timer: _Timer | None = None
+        _body_timer: _Timer | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -114,9 +129,31 @@ def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type
                 self.transport.close()
 
         def _track(self) -> None:
-            # A request whose headers are complete is no longer waiting.
-            if self.conn.their_state is not h11.IDLE:
-                self._stop_waiting()
+            # A request whose headers are complete is no longer waiting; while its body
+            # is still arriving, the body timer runs.
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                return
+            self._stop_waiting()
+            if state is h11.SEND_BODY:
+                if self._body_timer is None and body_timeout_sec is not None:
+                    self._body_timer = self.loop.call_later(body_timeout_sec, self._body_timeout)
+            else:
+                self._stop_body_timer()
+
+        def _stop_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_timeout(self) -> None:
+            self._body_timer = None
+            if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+                return
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(_TIMED_OUT)
+            # The app's receive() now answers http.disconnect: it stops reading.
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -133,6 +170,7 @@ def guarded_protocol(*, header_timeout_sec: float, max_connections: int) -> type
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
+            self._stop_body_timer()
             super().connection_lost(exc)
 
     return GuardedH11Protocol

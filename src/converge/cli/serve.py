@@ -106,13 +106,18 @@ def summary(config: GatewayConfig) -> str:
     return "\n".join(lines)
 
 
-def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
+def make_app(config: GatewayConfig, *, server_timeouts: bool = False) -> tuple[WebhookGateway, Any]:
     """Open the store and build the gateway and its (event-logging) ASGI app.
 
     Events of providers without ``forward_to`` have no consumer in a standalone
     gateway: they are recorded in the inbox already acknowledged (inspectable for the
     inbox retention), whether or not ``log_events`` also logs them, so the gateway
     accepts them as fast as the store writes.
+
+    Args:
+        config: The gateway configuration.
+        server_timeouts: True when the server enforces ``body_timeout_sec`` itself
+            (:func:`serve`'s protocol); the app then arms no timer per request.
     """
     store = open_store(config.store, config.base_dir, password=config.store_password)
     gateway = build_gateway(config, store)
@@ -121,7 +126,7 @@ def make_app(config: GatewayConfig) -> tuple[WebhookGateway, Any]:
         poll_interval_sec=config.poll_interval_sec,
         client_cert_header=config.client_cert_header,
         trusted_proxies=config.trusted_proxies,
-        body_timeout_sec=config.body_timeout_sec,
+        body_timeout_sec=None if server_timeouts else config.body_timeout_sec,
     )
     core = app
     if config.log_events:
@@ -145,7 +150,7 @@ def serve(config: GatewayConfig) -> None:
         ) from exc
     from converge.cli._server import fit_open_files, guarded_protocol, install_repeat_filter
 
-    _gateway, app = make_app(config)
+    _gateway, app = make_app(config, server_timeouts=True)
     print(summary(config), flush=True)
     install_repeat_filter()
     max_connections, backlog = fit_open_files(
@@ -159,10 +164,13 @@ def serve(config: GatewayConfig) -> None:
         log_config=None,  # keep converge's handler (timestamps, text/json) for uvicorn's lines
         log_level=config.log_level,
         access_log=config.log_level == "debug",
-        # Slow and idle clients: see converge.cli._server. The app reads X-Forwarded-For
+        # Slow and idle clients (header and body timeouts, connection cap): see
+        # converge.cli._server. The app reads X-Forwarded-For
         # itself, from trusted_proxies only.
         http=guarded_protocol(
-            header_timeout_sec=config.header_timeout_sec, max_connections=max_connections
+            header_timeout_sec=config.header_timeout_sec,
+            body_timeout_sec=config.body_timeout_sec,
+            max_connections=max_connections,
         ),
         timeout_keep_alive=config.keep_alive_timeout_sec,
         backlog=backlog,
