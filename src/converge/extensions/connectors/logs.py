@@ -154,6 +154,8 @@ def log_accepted(
         latency_ms: Time from the request to the answer.
         forwarded_to: Target it is forwarded to, if any.
     """
+    if not _log.isEnabledFor(logging.INFO):  # once per request: skip building the line
+        return
     _emit(
         logging.INFO,
         "inbound.accepted" if status == "accepted" else f"inbound.{status}",

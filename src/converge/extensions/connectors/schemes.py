@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import math
@@ -93,6 +94,7 @@ def _b64(values: Iterable[str]) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=8)
 def _digest_size(algorithm: str) -> int:
     return hashlib.new(algorithm).digest_size
 
