@@ -13,8 +13,8 @@ on stderr. Peers, measured in the same run, taking turns with converge:
   the SQLiteStore it races.
 * ``dict``: a plain dict, the floor for MemoryStore.
 * ``per-write``: SQLiteStore's previous write path, one worker-thread hop and one
-  transaction (and one sync) per write, against its group commit, with 32 tasks writing at once (``diskcache`` too,
-  each call in a worker thread, as an async caller must).
+  transaction (and one sync) per write, against its group commit, with 32 tasks writing
+  at once (``diskcache`` too, each call in a worker thread, as an async caller must).
 
 Usage: ``python benchmarks/storage.py [--quick] [--dir DIR]`` (``DIR`` should be on the
 disk you care about: fsync costs what that disk makes it cost).

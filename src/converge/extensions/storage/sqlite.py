@@ -360,21 +360,22 @@ class SQLiteStore(Store):
         shielded, as a thread hop is: a cancelled caller's write still commits, and the
         caller sees the cancellation once it has.
         """
-        writes = self._loop_writes.get(threading.get_ident())
+        thread = threading.get_ident()
+        writes = self._loop_writes.get(thread)
         if writes is None:
-            writes = self._loop_writes.setdefault(threading.get_ident(), _LoopWrites())
+            writes = self._loop_writes[thread] = _LoopWrites()
         write.event = anyio.Event()
         writes.pending.append(write)
         with anyio.CancelScope(shield=True):
             if not writes.leading:
-                await self._lead(writes)
+                await self._lead(thread, writes)
             while not write.done:
                 await write.event.wait()
                 if write.lead:
-                    await self._lead(writes)
+                    await self._lead(thread, writes)
         return write.outcome()
 
-    async def _lead(self, writes: _LoopWrites) -> None:
+    async def _lead(self, thread: int, writes: _LoopWrites) -> None:
         writes.leading = True
         batch: builtins.list[_Write] = []
         try:
@@ -393,8 +394,9 @@ class SQLiteStore(Store):
                 first.lead = True
                 if first.event is not None:
                     first.event.set()
-            else:
+            else:  # idle: forget this loop's queue (threads come and go)
                 writes.leading = False
+                self._loop_writes.pop(thread, None)
 
     def _take_pending(self) -> builtins.list[_Write]:
         batch: builtins.list[_Write] = []
