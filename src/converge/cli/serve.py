@@ -171,8 +171,8 @@ def serve(config: GatewayConfig) -> None:
         log_level=config.log_level,
         access_log=config.log_level == "debug",
         # Slow and idle clients (header and body timeouts, connection cap): see
-        # converge.cli._server. The app reads X-Forwarded-For
-        # itself, from trusted_proxies only.
+        # converge.cli._server. The app reads X-Forwarded-For itself, from
+        # trusted_proxies only.
         http=guarded_protocol(
             header_timeout_sec=config.header_timeout_sec,
             body_timeout_sec=config.body_timeout_sec,
