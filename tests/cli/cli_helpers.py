@@ -32,6 +32,20 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
+def converge_cli(
+    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m converge ARGV`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "converge", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(env),
+    )
+
+
 class Recorder:
     """A target the tests start themselves: records every request, answers 200."""
 

@@ -7,8 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
-from cli_helpers import GatewayProcess, subprocess_env
+from cli_helpers import GatewayProcess, converge_cli
 from selenium.webdriver.common.by import By
 
 from browser_helpers import chromium, click
@@ -46,17 +44,6 @@ class Receiver:
         self.got.append((headers, body))
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-
-def cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "converge", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +129,7 @@ def test_deliveries_and_dead_letters_from_the_cli(
     wait_for(
         lambda: (
             "delivered"
-            in cli(
+            in converge_cli(
                 "deliveries", "list", "--config", str(config), "--status", "delivered", cwd=cwd
             ).stdout
         )
@@ -151,32 +138,38 @@ def test_deliveries_and_dead_letters_from_the_cli(
     send_github(gateway, "cli-dead")
     wait_for(
         lambda: (
-            cli("dead-letters", "list", "--config", str(config), "--json", cwd=cwd).stdout.strip()
+            converge_cli(
+                "dead-letters", "list", "--config", str(config), "--json", cwd=cwd
+            ).stdout.strip()
             not in ("", "[]")
         )
     )
     dead = json.loads(
-        cli("dead-letters", "list", "--config", str(config), "--json", cwd=cwd).stdout
+        converge_cli("dead-letters", "list", "--config", str(config), "--json", cwd=cwd).stdout
     )
     record = dead[0]
     assert record["key"] == "app"
     assert record["last_status_code"] == 410
-    shown = cli("deliveries", "show", record["id"], "--config", str(config), cwd=cwd)
+    shown = converge_cli("deliveries", "show", record["id"], "--config", str(config), cwd=cwd)
     assert "HTTP 410" in shown.stdout
     receiver.status = 200
-    replayed = cli("dead-letters", "replay", record["id"], "--config", str(config), cwd=cwd)
+    replayed = converge_cli(
+        "dead-letters", "replay", record["id"], "--config", str(config), cwd=cwd
+    )
     assert replayed.stdout.strip() == f"replayed {record['id']}"
     wait_for(
         lambda: (
             json.loads(
-                cli(
+                converge_cli(
                     "deliveries", "show", record["id"], "--config", str(config), "--json", cwd=cwd
                 ).stdout
             )["status"]
             == "delivered"
         )
     )
-    table = cli("deliveries", "list", "--config", str(config), "--target", "app", cwd=cwd).stdout
+    table = converge_cli(
+        "deliveries", "list", "--config", str(config), "--target", "app", cwd=cwd
+    ).stdout
     assert table.splitlines()[0].split()[:3] == ["ID", "TARGET", "STATUS"]
 
 
@@ -229,9 +222,11 @@ def test_replaying_a_forwarded_event_delivers_it_again(
     body = send_github(gateway, "replay-me")
     wait_for(lambda: any(got == body for _, got in receiver.got))
     events = json.loads(
-        cli("events", "list", "--config", str(config), "--json", "--limit", "100", cwd=cwd).stdout
+        converge_cli(
+            "events", "list", "--config", str(config), "--json", "--limit", "100", cwd=cwd
+        ).stdout
     )
     (event,) = [e for e in events if e["created"] == max(x["created"] for x in events)]
-    replayed = cli("events", "replay", event["id"], "--config", str(config), cwd=cwd)
+    replayed = converge_cli("events", "replay", event["id"], "--config", str(config), cwd=cwd)
     assert replayed.returncode == 0, replayed.stderr
     wait_for(lambda: sum(got == body for _, got in receiver.got) == 2)

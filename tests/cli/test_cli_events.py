@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -14,23 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cli_helpers import GatewayProcess, subprocess_env
+from cli_helpers import GatewayProcess, converge_cli
 
 from converge.extensions.connectors import ProviderProfile, sign_webhook
 
 SECRET = "whsec_Y29udmVyZ2UtZGVtby1zZWNyZXQtY2hhbmdlLW1l"
 ADMIN = "admin-token-for-the-cli-tests"
-
-
-def cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "converge", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -71,31 +58,35 @@ def test_events_list_show_and_replay_while_the_gateway_runs(
     assert send(gateway, "msg_cli_2").status_code == 202
     cwd = config.parent
 
-    listed = cli("events", "list", "--config", str(config), cwd=cwd)
+    listed = converge_cli("events", "list", "--config", str(config), cwd=cwd)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert lines[0].split() == ["ID", "PROVIDER", "STATUS", "RECEIVED", "ATTEMPTS", "LAST"]
     assert len(lines) >= 3
     assert lines[0].index("STATUS") == lines[1].index("acknowledged")  # aligned columns
 
-    records = json.loads(cli("events", "list", "--config", str(config), "--json", cwd=cwd).stdout)
+    records = json.loads(
+        converge_cli("events", "list", "--config", str(config), "--json", cwd=cwd).stdout
+    )
     assert {r["key"] for r in records} == {"demo"}
     newest = records[0]["id"]
-    only = cli("events", "list", "--config", str(config), "--provider", "nope", cwd=cwd)
+    only = converge_cli("events", "list", "--config", str(config), "--provider", "nope", cwd=cwd)
     assert only.stdout.strip() == "no events"
 
-    shown = cli("events", "show", newest, "--config", str(config), cwd=cwd)
+    shown = converge_cli("events", "show", newest, "--config", str(config), cwd=cwd)
     assert shown.returncode == 0, shown.stderr
     assert "status:    acknowledged" in shown.stdout
     assert '"webhook-signature": "[redacted]"' in shown.stdout
     assert "v1," not in shown.stdout  # no signature value anywhere
 
-    replayed = cli("events", "replay", newest, "--config", str(config), cwd=cwd)
+    replayed = converge_cli("events", "replay", newest, "--config", str(config), cwd=cwd)
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == f"replayed {newest}"
-    missing = cli("events", "show", "nosuchid", "--config", str(config), cwd=cwd)
+    missing = converge_cli("events", "show", "nosuchid", "--config", str(config), cwd=cwd)
     assert missing.returncode == 1
-    bulk = cli("events", "replay", "--since", "1h", "--config", str(config), "--json", cwd=cwd)
+    bulk = converge_cli(
+        "events", "replay", "--since", "1h", "--config", str(config), "--json", cwd=cwd
+    )
     assert json.loads(bulk.stdout)["status"] == "replayed"
 
 
@@ -154,11 +145,11 @@ def test_the_cli_reads_a_running_gateways_redis_store(tmp_path: Path) -> None:
         gateway = GatewayProcess(config, tmp_path)
         try:
             assert send(gateway, "msg_redis_1").status_code == 202
-            listed = cli("events", "list", "--config", str(config), "--json", cwd=tmp_path)
+            listed = converge_cli("events", "list", "--config", str(config), "--json", cwd=tmp_path)
             assert listed.returncode == 0, listed.stderr
             records = json.loads(listed.stdout)
             assert [r["key"] for r in records] == ["demo"]
-            replayed = cli(
+            replayed = converge_cli(
                 "events", "replay", records[0]["id"], "--config", str(config), cwd=tmp_path
             )
             assert replayed.returncode == 0, replayed.stderr

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from cli_helpers import EXAMPLE, ROOT, subprocess_env
+from cli_helpers import EXAMPLE, ROOT, converge_cli
 
 import converge
-
-
-def converge_cli(
-    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``python -m converge ARGV`` as a real subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "converge", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(env),
-    )
 
 
 def test_version_and_python_dash_m_converge() -> None:
