@@ -554,36 +554,35 @@ class WebhookSecurity:
             DuplicateEventError: One of the keys was claimed inside the idempotency window.
             StoreError: The store failed.
         """
-        token = f"{self._token_prefix}{next(self._token_count):x}"
-        keys = self.claim_keys(verified)
-        if not keys:
-            return token
-        record = self.claim_record(verified, token)
-        ttl = self.claim_ttl_sec
-        if len(keys) == 1:
-            claimed = await self.store.aput_if_absent(keys[0], record, ttl=ttl)
-        else:
-            claimed = await self.store.aupdate(keys, _claim_all(keys, record), ttl=ttl)
-        if not claimed:
-            raise DuplicateEventError("this event was already accepted")
+        token, keys, record = self._claim_plan(verified)
+        if keys:
+            ttl = self.claim_ttl_sec
+            if len(keys) == 1:
+                claimed = await self.store.aput_if_absent(keys[0], record, ttl=ttl)
+            else:
+                claimed = await self.store.aupdate(keys, _claim_all(keys, record), ttl=ttl)
+            _check_claimed(claimed)
         return token
 
     def _claim_sync(self, verified: VerifiedWebhook) -> str:
         # aclaim() through the store's own sync methods: no event loop is involved
         # (a MemoryStore does the work inline; blocking stores block this thread).
+        token, keys, record = self._claim_plan(verified)
+        if keys:
+            ttl = self.claim_ttl_sec
+            if len(keys) == 1:
+                claimed = self.store.put_if_absent(keys[0], record, ttl=ttl)
+            else:
+                claimed = self.store.update(keys, _claim_all(keys, record), ttl=ttl)
+            _check_claimed(claimed)
+        return token
+
+    def _claim_plan(self, verified: VerifiedWebhook) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """What a claim writes: its token, its keys (none: nothing to claim) and the
+        record stored under each key."""
         token = f"{self._token_prefix}{next(self._token_count):x}"
         keys = self.claim_keys(verified)
-        if not keys:
-            return token
-        record = self.claim_record(verified, token)
-        ttl = self.claim_ttl_sec
-        if len(keys) == 1:
-            claimed = self.store.put_if_absent(keys[0], record, ttl=ttl)
-        else:
-            claimed = self.store.update(keys, _claim_all(keys, record), ttl=ttl)
-        if not claimed:
-            raise DuplicateEventError("this event was already accepted")
-        return token
+        return token, keys, (self.claim_record(verified, token) if keys else {})
 
     async def arelease(self, verified: VerifiedWebhook, token: str) -> None:
         """Drop the claim made with ``token`` (only that one), so a retry can succeed."""
@@ -659,6 +658,11 @@ class WebhookSecurity:
         )
         self._claim_sync(verified)
         return verified.profile, verified.payload, verified.event_id, verified.timestamp
+
+
+def _check_claimed(claimed: bool) -> None:
+    if not claimed:
+        raise DuplicateEventError("this event was already accepted")
 
 
 def _claim_all(
