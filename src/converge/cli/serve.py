@@ -137,6 +137,13 @@ def make_app(config: GatewayConfig, *, server_timeouts: bool = False) -> tuple[W
     return gateway, StoreScope(with_operations(app, core, config), store)
 
 
+# A young collection per 50,000 net new container objects rather than 700: requests free
+# what they allocate by reference counting, so the default threshold mostly re-scans
+# live in-flight objects, and each full collection (which walks every retained record of
+# a MemoryStore) comes 70 times less often.
+_GC_THRESHOLDS = (50_000, 10, 10)
+
+
 def serve(config: GatewayConfig) -> None:
     """Serve ``config`` with uvicorn until interrupted.
 
@@ -159,6 +166,7 @@ def serve(config: GatewayConfig) -> None:
     # full collection under load walks only what requests created since.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
     max_connections, backlog = fit_open_files(
         config.max_connections, config.backlog, reserve=config.max_in_flight
     )

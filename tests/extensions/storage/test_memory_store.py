@@ -8,6 +8,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converge.errors import ClosedError, UsageError
 from converge.extensions.storage import MemoryStore
@@ -93,6 +95,44 @@ def test_expired_entries_are_freed_without_being_read() -> None:
     store.put("other", 0)  # any call sweeps
     assert len(store._data) == 1
     assert len(store._heap) == 0
+    assert store._groups == {"": {"other"}}
+
+
+_SEGMENT = st.sampled_from(["", "a", "ab", "b", ":", "a:", "a:b", "é"])
+_KEY = st.lists(_SEGMENT, min_size=1, max_size=4).map("".join).filter(bool)
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "put_ttl", "delete", "update_delete", "tick"]), _KEY),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS, st.lists(st.lists(_SEGMENT, max_size=4).map("".join), min_size=1, max_size=6))
+def test_list_by_prefix_matches_a_full_scan(ops: list[tuple[str, str]], prefixes: list[str]) -> None:
+    # list() reads only the key groups a prefix can reach: it must still return exactly
+    # the live keys a scan of every key would, after puts, expiries and deletes.
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    live: dict[str, float | None] = {}
+    for op, key in ops:
+        if op == "put":
+            store.put(key, 1)
+            live[key] = None
+        elif op == "put_ttl":
+            store.put(key, 1, ttl=1)
+            live[key] = clock.now + 1
+        elif op == "delete":
+            store.delete(key)
+            live.pop(key, None)
+        elif op == "update_delete":
+            store.update([key], lambda current: ({k: None for k in current}, None))
+            live.pop(key, None)
+        else:
+            clock.now += 1
+    alive = {k for k, expiry in live.items() if expiry is None or expiry > clock.now}
+    for prefix in [*prefixes, ""]:
+        assert store.list(prefix) == sorted(k for k in alive if k.startswith(prefix))
+    assert set().union(*store._groups.values()) == set(store._data) == alive
 
 
 def test_rewriting_a_ttl_key_keeps_the_expiry_heap_bounded() -> None:

@@ -35,7 +35,9 @@ class MemoryStore(Store):
     thread hop. Every method is thread-safe and ``put_if_absent`` is atomic.
 
     Expired entries are really freed: a heap of expiry times is swept on every call, so
-    a store that only ever sees short-lived keys stays small.
+    a store that only ever sees short-lived keys stays small. Keys are indexed by their
+    part up to the last ``:``, so ``list("app:inbox:open:")`` reads only the keys under
+    that prefix, however many others the store holds.
 
     Args:
         clock: Monotonic clock in seconds, used for TTLs (inject a fake one in tests).
@@ -55,6 +57,8 @@ class MemoryStore(Store):
         self._data: dict[str, tuple[Any, float | None, int]] = {}
         # (expires_at, generation, key); an item is stale once the key's generation moved
         self._heap: builtins.list[tuple[float, int, str]] = []
+        # key up to its last ":" -> the keys there (list() reads only matching groups)
+        self._groups: dict[str, set[str]] = {}
         self._generation = 0
         self._closed = False
 
@@ -69,10 +73,26 @@ class MemoryStore(Store):
             _, generation, key = heapq.heappop(heap)
             entry = data.get(key)
             if entry is not None and entry[2] == generation:
-                del data[key]
+                self._drop(key)
         return now
 
+    def _drop(self, key: str) -> None:
+        if self._data.pop(key, None) is None:
+            return
+        group = key[: key.rfind(":") + 1]
+        members = self._groups[group]
+        members.discard(key)
+        if not members:
+            del self._groups[group]
+
     def _store(self, key: str, value: Any, ttl: float | None, now: float) -> None:
+        if key not in self._data:
+            group = key[: key.rfind(":") + 1]
+            members = self._groups.get(group)
+            if members is None:
+                self._groups[group] = {key}
+            else:
+                members.add(key)
         self._generation += 1
         if ttl is None:
             self._data[key] = (value, None, self._generation)
@@ -109,14 +129,22 @@ class MemoryStore(Store):
         validate_key(key)
         with self._lock:
             self._sweep()
-            self._data.pop(key, None)
+            self._drop(key)
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """List keys starting with prefix."""
         validate_prefix(prefix)
         with self._lock:
             self._sweep()
-            keys = [k for k in self._data if k.startswith(prefix)]
+            if not prefix:
+                keys = builtins.list(self._data)
+            else:
+                keys = []
+                for group, members in self._groups.items():
+                    if group.startswith(prefix):  # every key of the group matches
+                        keys.extend(members)
+                    elif prefix.startswith(group):  # the prefix reaches past the group
+                        keys.extend(k for k in members if k.startswith(prefix))
         keys.sort()
         return keys
 
@@ -157,7 +185,7 @@ class MemoryStore(Store):
             writes = [(key, *split_change(change, seconds)) for key, change in changes.items()]
             for key, value, key_ttl in writes:
                 if value is None:
-                    self._data.pop(key, None)
+                    self._drop(key)
                 else:
                     self._store(key, value, key_ttl, now)
         return result
@@ -167,6 +195,7 @@ class MemoryStore(Store):
         with self._lock:
             self._closed = True
             self._data.clear()
+            self._groups.clear()
             self._heap.clear()
 
     async def aget(self, key: str) -> Any | None:
