@@ -11,7 +11,8 @@ on stderr. Peers, measured in the same run, taking turns with converge:
   for any async version that does not block the loop.
 * ``diskcache``: ``diskcache.Cache`` get/set, with the same SQLite synchronous setting as
   the SQLiteStore it races.
-* ``dict``: a plain dict, the floor for MemoryStore.
+* ``dict``: a plain dict, the floor for MemoryStore; ``dict scan``: listing a prefix by
+  scanning every key of a dict (what MemoryStore did before it grouped its keys).
 * ``per-write``: SQLiteStore's previous write path, one worker-thread hop and one
   transaction (and one sync) per write, against its group commit, with 32 tasks writing
   at once (``diskcache`` too, each call in a worker thread, as an async caller must).
@@ -341,6 +342,28 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
                 "dict": writer(plain.__setitem__),
             },
             ops,
+            repeats,
+        ),
+    )
+    # A prefix listing among many other keys (the inbox pump lists its open records
+    # every second while claims and done records pile up): the store's key groups
+    # against a scan of every key of a dict.
+    crowd = 20_000 if quick else 200_000
+    for i in range(crowd):
+        memory.put(f"app:seen:bench:{i:040x}", 1, ttl=3600)
+        plain[f"app:seen:bench:{i:040x}"] = 1
+    for i in range(100):
+        memory.put(f"app:inbox:open:{i:020x}", 1)
+        plain[f"app:inbox:open:{i:020x}"] = 1
+    prefix = "app:inbox:open:"
+    emit(
+        f"memory_list_100_of_{crowd // 1000}k",
+        compare(
+            {
+                "converge": partial(memory.list, prefix),
+                "dict scan": lambda: sorted(k for k in plain if k.startswith(prefix)),
+            },
+            50,
             repeats,
         ),
     )
