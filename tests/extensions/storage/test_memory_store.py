@@ -108,7 +108,9 @@ _OPS = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(_OPS, st.lists(st.lists(_SEGMENT, max_size=4).map("".join), min_size=1, max_size=6))
-def test_list_by_prefix_matches_a_full_scan(ops: list[tuple[str, str]], prefixes: list[str]) -> None:
+def test_list_by_prefix_matches_a_full_scan(
+    ops: list[tuple[str, str]], prefixes: list[str]
+) -> None:
     # list() reads only the key groups a prefix can reach: it must still return exactly
     # the live keys a scan of every key would, after puts, expiries and deletes.
     clock = FakeClock()
