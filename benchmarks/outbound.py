@@ -1,4 +1,4 @@
-"""Benchmark outbound delivery: deliveries/s to a local receiver, converge vs raw httpx.
+"""Benchmark outbound delivery: deliveries/s to a local receiver, converge vs raw clients.
 
 A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
 127.0.0.1. In this process, at concurrency 1, 16 and 64:
@@ -9,11 +9,14 @@ A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
   delivered: persistence, fenced leases, attempt history, Idempotency-Key, breaker,
   retries bookkeeping and metrics included. Timed from the first submit to the last
   delivery.
-* ``httpx``: the same N POSTs (same body and ``Idempotency-Key`` header) with one
-  ``httpx.AsyncClient`` and as many worker tasks as the concurrency: what you would
-  write without an outbox.
+* ``httpx2`` and ``httpx``: the same N POSTs (same body and ``Idempotency-Key`` header)
+  with one ``AsyncClient`` and as many worker tasks as the concurrency: what you would
+  write without an outbox. converge sends with ``httpx2`` (the client the LLM SDKs use
+  too), so ``httpx2`` is the like-for-like peer: the ratio is what the outbox costs.
+  ``httpx`` is the older client, whose connection pool scans every connection on each
+  request (at 64 connections it spends several times longer per request).
 
-Both use the same connection limits and run on asyncio. Warm-up, then the best of
+All use the same connection limits and run on asyncio. Warm-up, then the best of
 several rounds (alternating). One JSON line per case and implementation, then a table
 of ratios on stderr.
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 import uuid
@@ -35,12 +37,14 @@ from typing import Any
 
 import anyio
 import httpx
+import httpx2
 
 from _bench import (
     Results,
     arg_parser,
     best_of_rounds,
     child_servers,
+    print_ratio_table,
     serve_lifespan,
     serve_uvicorn,
     timed_workers,
@@ -127,12 +131,17 @@ async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> f
     return n / elapsed
 
 
-async def httpx_round(url: str, n: int, concurrency: int) -> float:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+async def client_round(client_module: Any, url: str, n: int, concurrency: int) -> float:
+    """``n`` POSTs with one ``client_module.AsyncClient`` (``httpx`` or ``httpx2``)."""
+    limits = client_module.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency
+    )
     content = json.dumps(BODY, separators=(",", ":")).encode()
     left = [n]
     failures: list[int] = []
-    async with httpx.AsyncClient(limits=limits, follow_redirects=False, timeout=30) as client:
+    async with client_module.AsyncClient(
+        limits=limits, follow_redirects=False, timeout=30
+    ) as client:
 
         async def worker() -> None:
             while left[0] > 0:
@@ -148,10 +157,13 @@ async def httpx_round(url: str, n: int, concurrency: int) -> float:
     return n / elapsed
 
 
+PEERS = {"httpx2": partial(client_round, httpx2), "httpx": partial(client_round, httpx)}
+
+
 def deliver(
     round_: Callable[[str, int, int], Awaitable[float]], url: str, concurrency: int, n: int
 ) -> float:
-    """One round of ``n`` deliveries (:func:`converge_round` or :func:`httpx_round`)."""
+    """One round of ``n`` deliveries (:func:`converge_round` or :func:`client_round`)."""
     return anyio.run(round_, url, n, concurrency)
 
 
@@ -164,26 +176,18 @@ def run(quick: bool) -> list[dict[str, Any]]:
             n = (30 if concurrency == 1 else 80) if quick else (500 if concurrency == 1 else 2000)
             impls = {
                 "converge": partial(deliver, converge_round, url, concurrency),
-                "httpx": partial(deliver, httpx_round, url, concurrency),
+                **{name: partial(deliver, peer, url, concurrency) for name, peer in PEERS.items()},
             }
             best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=float)
             results.add_rates(f"deliveries_c{concurrency}", best)
         n = 60 if quick else 1000
         impls = {
             "converge": partial(deliver, partial(converge_round, durable=True), url, 16),
-            "httpx": partial(deliver, httpx_round, url, 16),
+            **{name: partial(deliver, peer, url, 16) for name, peer in PEERS.items()},
         }
         best = best_of_rounds(impls, 20, n, rounds, key=float)
         results.add_rates("deliveries_sqlite_c16", best)
     return results.rows
-
-
-def table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'case':<24}{'converge/s':>12}{'httpx/s':>10}{'ratio':>8}", file=sys.stderr)
-    for case in dict.fromkeys(r["case"] for r in rows):
-        ours = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "converge")
-        peer = next(r["ops_per_s"] for r in rows if r["case"] == case and r["impl"] == "httpx")
-        print(f"{case:<24}{ours:>12.0f}{peer:>10.0f}{ours / peer:>7.2f}x", file=sys.stderr)
 
 
 def main() -> None:
@@ -194,7 +198,7 @@ def main() -> None:
     if args.serve:
         serve(args.port)
         return
-    table(run(args.quick))
+    print_ratio_table(run(args.quick), (24, 8, 12, 10))
 
 
 if __name__ == "__main__":

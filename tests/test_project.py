@@ -31,7 +31,7 @@ def test_compromised_mistralai_release_is_never_admitted() -> None:
 
 def test_core_install_stays_light() -> None:
     names = {Requirement(s).name for s in PYPROJECT["project"]["dependencies"]}
-    assert names <= {"anyio", "cryptography", "httpx", "sniffio"}
+    assert names <= {"anyio", "cryptography", "httpx2", "sniffio"}
 
 
 def test_extras_named_as_documented() -> None:

@@ -184,13 +184,13 @@ def _webhook(args: argparse.Namespace) -> int:
     url = args.url or config_url
     if not url:
         raise UsageError("give the URL to send to (or --config)")
-    import httpx
+    import httpx2
 
     try:
-        response = httpx.post(
+        response = httpx2.post(
             url, headers=request.headers, content=request.body, timeout=args.timeout
         )
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         print(f"error: could not reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"HTTP {response.status_code}")

@@ -8,7 +8,7 @@ flood of forged requests cannot flood the log; the count of the lines left out i
 reported on the next one).
 
 :func:`configure_logging` sets up the root logger the way ``converge gateway`` does:
-ISO timestamps, ``text`` or ``json`` lines, httpx and httpcore quiet unless at DEBUG.
+ISO timestamps, ``text`` or ``json`` lines, the HTTP clients (httpx, httpx2) quiet unless at DEBUG.
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every log record to ``stream`` as ``text`` or ``json`` lines.
 
-    Replaces the root logger's handlers with one handler; httpx and httpcore log only
+    Replaces the root logger's handlers with one handler; httpx(2) and httpcore(2) log only
     warnings unless ``level`` is ``"debug"``.
 
     Args:
@@ -479,7 +479,7 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(numeric)
     quiet = logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
-    for name in ("httpx", "httpcore"):
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
         logging.getLogger(name).setLevel(quiet)
     # uvicorn's own logging config gives its loggers handlers and stops propagation;
     # their lines must come out in the same format, through the one root handler.

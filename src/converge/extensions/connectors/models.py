@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import httpx2
 
 from converge.errors import ConfigurationError, UsageError
 
@@ -347,8 +347,8 @@ class InboundWebhookEvent:
 def _url_problem(url: str) -> str | None:
     # Parsing a URL costs more than the rest of an action's checks; targets repeat.
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
+        parsed = httpx2.URL(url)
+    except (httpx2.InvalidURL, TypeError, ValueError):
         return f"url {url!r} is not a URL"
     if parsed.scheme not in ("http", "https") or not parsed.host:
         return f"url must be an absolute http(s) URL, got {url!r}"
@@ -613,8 +613,8 @@ class OutboundTarget:
         if not isinstance(url, str):
             return False
         try:
-            base, candidate = httpx.URL(self.url), httpx.URL(url)
-        except (httpx.InvalidURL, TypeError, ValueError):
+            base, candidate = httpx2.URL(self.url), httpx2.URL(url)
+        except (httpx2.InvalidURL, TypeError, ValueError):
             return False
         if candidate.userinfo or (candidate.scheme, candidate.host, candidate.port) != (
             base.scheme,

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
-import httpx
+import httpx2
 
 from converge import _sync
 from converge.core.metrics import MetricsCollector
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 _USER_AGENT = "converge-webhook/0.1"
-# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs (httpx
+# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs (httpx2
 # sends str values as ASCII, so obs-text cannot be sent either).
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_RE = re.compile(r"[\t\x20-\x7e]*")
@@ -94,11 +94,11 @@ class _ClientBox:
     __slots__ = ("client",)
 
     def __init__(self) -> None:
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx2.AsyncClient | None = None
 
 
 class OutboundTransport:
-    """Sends outbound attempts: over HTTP (one ``httpx.AsyncClient`` per event loop,
+    """Sends outbound attempts: over HTTP (one ``httpx2.AsyncClient`` per event loop,
     redirects not followed), or through an ``outbound_sender``.
 
     Args:
@@ -128,11 +128,11 @@ class OutboundTransport:
         self._max_connections = max_connections
         self._clients: _sync.LoopLocal[_ClientBox] = _sync.LoopLocal(_ClientBox)
 
-    def _new_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(
+    def _new_client(self) -> httpx2.AsyncClient:
+        limits = httpx2.Limits(
             max_connections=self._max_connections, max_keepalive_connections=self._max_connections
         )
-        return httpx.AsyncClient(
+        return httpx2.AsyncClient(
             follow_redirects=False, limits=limits, timeout=self._policy.request_timeout_sec
         )
 
@@ -163,14 +163,14 @@ class OutboundTransport:
             attempt=record.attempts + 1,
         )
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> httpx2.AsyncClient:
         box = self._clients.get()
         if box.client is None:
             box.client = self._new_client()
         return box.client
 
     async def _send(
-        self, request: OutboundRequest, prepared: httpx.Request | None
+        self, request: OutboundRequest, prepared: httpx2.Request | None
     ) -> OutboundResponse:
         if prepared is None:
             assert self._sender is not None
@@ -184,7 +184,7 @@ class OutboundTransport:
         await response.aclose()
         return OutboundResponse(response.status_code, response.headers)
 
-    def _prepare(self, record: OutboxRecord) -> tuple[OutboundRequest, httpx.Request | None]:
+    def _prepare(self, record: OutboxRecord) -> tuple[OutboundRequest, httpx2.Request | None]:
         """Build (and for HTTP, encode) the request; raises _Unsendable if it never can be."""
         try:
             request = self.build_request(record)
@@ -199,7 +199,7 @@ class OutboundTransport:
             prepared = self._client().build_request(
                 request.method, request.url, headers=request.headers, content=request.content
             )
-        except (TypeError, ValueError, httpx.InvalidURL) as exc:
+        except (TypeError, ValueError, httpx2.InvalidURL) as exc:
             raise _Unsendable(f"unsendable action: {type(exc).__name__}") from exc
         return request, prepared
 
@@ -225,11 +225,11 @@ class OutboundTransport:
                 response = await self._send(request, prepared)
         except TimeoutError:
             return AttemptResult("retry", error="timeout", breaker_failure=True, latency_ms=took())
-        except httpx.LocalProtocolError as exc:  # h11 refused to write the request
+        except httpx2.LocalProtocolError as exc:  # h11 refused to write the request
             return AttemptResult(
                 "dead", error=f"unsendable action: {exc}"[:200], sent=False, latency_ms=took()
             )
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx2.HTTPError, OSError) as exc:
             return AttemptResult(
                 "retry", error=type(exc).__name__, breaker_failure=True, latency_ms=took()
             )
