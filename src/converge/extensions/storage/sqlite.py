@@ -45,6 +45,7 @@ from converge.extensions.storage._codec import (
     key_from_bytes,
     prefix_upper_bound,
 )
+from converge.extensions.storage._wal import Checkpointer
 
 __all__ = ["SQLiteStore"]
 
@@ -163,7 +164,8 @@ class SQLiteStore(Store):
     share one transaction and one sync per batch, and each returns once the commit
     holding its write is done. Reads go through the other and, in WAL mode, never wait
     for a batch being committed. A ``":memory:"`` database uses one connection for
-    both (every thread sees the same database).
+    both (every thread sees the same database). A third, on a daemon thread, copies the
+    WAL back into the database (``_wal.Checkpointer``), so no commit waits for that.
 
     The async reads take one worker-thread hop each. The async writes of one event loop
     are queued on the loop and committed in batches, one worker-thread hop per batch (no
@@ -212,8 +214,11 @@ class SQLiteStore(Store):
         # wait for a batch being committed); a ":memory:" database has only one.
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
+        # WAL checkpoints run on a thread of their own (file databases; started lazily)
+        self._checkpointer: Checkpointer | None = None
         _STORES.add(self)
-        self._writes = 0
+        self._writes = 0  # row writes since the last purge of expired rows
+        self._written = 0  # row writes in all
         self._closed = False
 
     @property
@@ -242,6 +247,8 @@ class SQLiteStore(Store):
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self._retry_while_locked(conn, "PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
+            if self._path != ":memory:":
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _wal.Checkpointer
             for statement in _SCHEMA:
                 conn.execute(statement)
         except BaseException:
@@ -291,12 +298,19 @@ class SQLiteStore(Store):
                 raise self._map_error(exc, key) from exc
 
     def _connect_reader(self) -> sqlite3.Connection:
+        return self._connect_plain("PRAGMA query_only = 1")
+
+    def _connect_checkpointer(self) -> sqlite3.Connection:
+        return self._connect_plain(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
+
+    def _connect_plain(self, pragma: str) -> sqlite3.Connection:
+        """A connection to the existing database, with the busy timeout and ``pragma``."""
         conn = sqlite3.connect(
             self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            conn.execute("PRAGMA query_only = 1")
+            conn.execute(pragma)
         except BaseException:
             conn.close()
             raise
@@ -330,6 +344,7 @@ class SQLiteStore(Store):
     def _write(self, conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
         rowcount = conn.execute(sql, args).rowcount
         self._writes += 1
+        self._written += 1
         return int(rowcount)
 
     # -- group commit ------------------------------------------------------------------
@@ -419,6 +434,7 @@ class SQLiteStore(Store):
             return
         try:
             now = time.time()
+            written = self._written
             for write in batch:
                 try:
                     write.result = write.op(conn, now)
@@ -430,6 +446,13 @@ class SQLiteStore(Store):
                 self._writes = 0
                 conn.execute(_PURGE, (now,))
             conn.execute("COMMIT")
+            if self._path != ":memory:":
+                checkpointer = self._checkpointer
+                if checkpointer is None:
+                    checkpointer = self._checkpointer = Checkpointer(
+                        self._connect_checkpointer, lambda: self._lock
+                    )
+                checkpointer.committed(self._written - written)
         except BaseException as exc:
             if conn.in_transaction:
                 with suppress(sqlite3.Error):  # the original error says more
@@ -548,6 +571,10 @@ class SQLiteStore(Store):
         return keys
 
     def _close(self) -> None:
+        # First, and outside the locks: the checkpointer's last pass takes the write lock.
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.close(self._timeout)
         with self._read_lock, self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
@@ -564,7 +591,9 @@ class SQLiteStore(Store):
         self._read_lock = threading.Lock()
         self._pending = deque()
         self._loop_writes = {}
-        for conn in (self._conn, self._reader):
+        checkpointer, self._checkpointer = self._checkpointer, None  # its thread is gone
+        spare = checkpointer.connection if checkpointer is not None else None
+        for conn in (self._conn, self._reader, spare):
             if conn is not None:
                 _INHERITED.append(conn)
         self._conn = self._reader = None
