@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import sqlite3
@@ -471,3 +472,14 @@ async def test_checkpoints_keep_up_with_concurrent_writers(tmp_path: Path) -> No
         assert len(await store.alist("w")) == 3_200
     finally:
         await store.aclose()
+
+
+def test_a_store_dropped_without_close_stops_its_checkpoint_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kv.db")
+    store.put("k", 1)
+    assert store._checkpointer is not None
+    thread = store._checkpointer._thread
+    del store
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()

@@ -18,7 +18,6 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Final
 
 __all__ = ["CHECKPOINT_EVERY", "Checkpointer"]
@@ -34,13 +33,11 @@ class Checkpointer:
 
     Args:
         connect: Opens the thread's connection (busy timeout and sync level set).
-        write_lock: Returns the store's current write lock (the last pass holds it).
+        write_lock: The store's write lock (the last pass of each checkpoint holds it).
     """
 
     def __init__(
-        self,
-        connect: Callable[[], sqlite3.Connection],
-        write_lock: Callable[[], AbstractContextManager[object]],
+        self, connect: Callable[[], sqlite3.Connection], write_lock: threading.Lock
     ) -> None:
         self._connect = connect
         self._write_lock = write_lock
@@ -64,10 +61,14 @@ class Checkpointer:
             self._writes = 0
             self._wake.set()
 
-    def close(self, timeout: float) -> None:
-        """Stop the thread (after the pass it is running) and close its connection."""
+    def stop(self) -> None:
+        """Ask the thread to close its connection and end (after a pass it is running)."""
         self._stopping = True
         self._wake.set()
+
+    def close(self, timeout: float) -> None:
+        """:meth:`stop`, and wait up to ``timeout`` seconds for the thread to end."""
+        self.stop()
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -95,7 +96,7 @@ class Checkpointer:
         # Statements run to completion (fetchall): one left open would hold a snapshot
         # of the log, which then could never start over.
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the bulk, unlocked
-        with self._write_lock():  # the commits made meanwhile; the next one restarts the log
+        with self._write_lock:  # the commits made meanwhile; the next one restarts the log
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _close_connection(self) -> None:

@@ -145,6 +145,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_in_child)
 
 
+def _connect_plain(path: str, timeout: float, pragma: str) -> sqlite3.Connection:
+    """A connection to an existing database, with the busy timeout and ``pragma``."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        conn.execute(pragma)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class SQLiteStore(Store):
     """A Store in a SQLite database (stdlib ``sqlite3``), driven off the event loop.
 
@@ -298,23 +310,16 @@ class SQLiteStore(Store):
                 raise self._map_error(exc, key) from exc
 
     def _connect_reader(self) -> sqlite3.Connection:
-        return self._connect_plain("PRAGMA query_only = 1")
+        return _connect_plain(self._path, self._timeout, "PRAGMA query_only = 1")
 
-    def _connect_checkpointer(self) -> sqlite3.Connection:
-        return self._connect_plain(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
-
-    def _connect_plain(self, pragma: str) -> sqlite3.Connection:
-        """A connection to the existing database, with the busy timeout and ``pragma``."""
-        conn = sqlite3.connect(
-            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            conn.execute(pragma)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _start_checkpointer(self) -> Checkpointer:
+        """The checkpoint thread; it holds no reference to this store, and stops when the
+        store is closed or collected."""
+        sync = f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}"
+        connect = functools.partial(_connect_plain, self._path, self._timeout, sync)
+        checkpointer = self._checkpointer = Checkpointer(connect, self._lock)
+        weakref.finalize(self, checkpointer.stop)
+        return checkpointer
 
     @contextmanager
     def _connection(self, key: str | None = None) -> Iterator[sqlite3.Connection]:
@@ -446,12 +451,8 @@ class SQLiteStore(Store):
                 self._writes = 0
                 conn.execute(_PURGE, (now,))
             conn.execute("COMMIT")
-            if self._path != ":memory:":
-                checkpointer = self._checkpointer
-                if checkpointer is None:
-                    checkpointer = self._checkpointer = Checkpointer(
-                        self._connect_checkpointer, lambda: self._lock
-                    )
+            if self._path != ":memory:" and not self._closed:
+                checkpointer = self._checkpointer or self._start_checkpointer()
                 checkpointer.committed(self._written - written)
         except BaseException as exc:
             if conn.in_transaction:
@@ -572,6 +573,8 @@ class SQLiteStore(Store):
 
     def _close(self) -> None:
         # First, and outside the locks: the checkpointer's last pass takes the write lock.
+        # Closed from now on: a batch still committing starts no checkpointer.
+        self._closed = True
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.close(self._timeout)
