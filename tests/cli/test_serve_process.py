@@ -3,49 +3,50 @@ C allocator."""
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cli_helpers import subprocess_env
 
-from converge.cli import serve as serve_module
-from converge.cli.config import parse_config
+
+def _python(code: str, *argv: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter (these settings are a whole process's)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=True,
+    ).stdout.split()
 
 
-@pytest.fixture
-def restored_gc() -> Iterator[None]:
-    thresholds = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
+_SERVE = textwrap.dedent(
+    """
+    import gc, sys
+    import uvicorn
+    from converge.cli.config import parse_config
+    from converge.cli.serve import serve
+
+    def run(app, **settings):  # uvicorn.run: report the state it would serve in
+        print(gc.get_threshold()[0], gc.get_freeze_count())
+
+    uvicorn.run = run
+    config = {"gateway": {"store": "memory"}, "providers": {"demo": {"secret": "s" * 32}}}
+    serve(parse_config(config, base_dir=sys.argv[1]))
+    """
+)
 
 
 def test_serve_freezes_startup_objects_and_collects_young_objects_less_often(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored_gc: None
+    tmp_path: Path,
 ) -> None:
-    seen: dict[str, Any] = {}
-
-    def run(app: Any, **settings: Any) -> None:  # uvicorn.run: record the state it sees
-        seen["threshold"] = gc.get_threshold()
-        seen["frozen"] = gc.get_freeze_count()
-
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", run)
-    config = parse_config(
-        {"gateway": {"store": "memory"}, "providers": {"demo": {"secret": "s" * 32}}},
-        base_dir=tmp_path,
-    )
-    gc.unfreeze()
-    serve_module.serve(config)
-    assert seen["threshold"][0] >= 50_000  # not CPython's default of 700
-    assert seen["frozen"] > 10_000  # startup's objects (modules, classes, the gateway)
+    threshold, frozen = map(int, _python(_SERVE, str(tmp_path))[-2:])
+    assert threshold >= 50_000  # not CPython's default of 700
+    assert frozen > 10_000  # startup's objects (modules, classes, the gateway)
 
 
 _MAPPED = textwrap.dedent(
@@ -82,12 +83,4 @@ def test_receive_buffers_come_from_the_heap_not_from_mmap(step: str, expected: s
     # every read maps, remaps and unmaps memory. Each case runs in a fresh process (a
     # freed block raises the threshold for good): a 1.5 MiB block is mapped until the
     # gateway raises the threshold; a 4 MiB one still is (the measurement works).
-    out = subprocess.run(
-        [sys.executable, "-c", _MAPPED, step],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-        check=True,
-    ).stdout.split()
-    assert " ".join(out) == expected
+    assert " ".join(_python(_MAPPED, step)) == expected
