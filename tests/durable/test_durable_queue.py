@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from converge.core.store import Store
@@ -16,6 +17,7 @@ from converge.errors import (
     QueueFullError,
     UsageError,
 )
+from converge.extensions.storage import MemoryStore
 
 pytestmark = pytest.mark.anyio
 
@@ -308,3 +310,27 @@ async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
         await q.aack("x", "token")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         await q.alist(status="lost")
+
+
+async def test_listing_many_records_lets_other_tasks_run() -> None:
+    # A MemoryStore answers without yielding: a listing must give the loop back now
+    # and then, or 1,000 records would hold every other task for the whole listing.
+    q = queue(MemoryStore())
+    for i in range(1_000):
+        await q.aadd({"n": i})
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        assert len(await q.alist(limit=2_000)) == 1_000
+        during = ticks - before
+        tg.cancel_scope.cancel()
+    assert during >= 3

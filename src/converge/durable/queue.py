@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import anyio.lowlevel
+
 from converge.core.store import Store
 from converge.durable.core import QueueKeys, Transitions, read_record
 from converge.durable.records import STATUSES as _STATUSES
@@ -25,6 +27,9 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
 # How often the offset between this host's clock and the store's clock is refreshed.
 _CLOCK_REFRESH_SEC = 30.0
+# Records read between checkpoints by a listing: a MemoryStore never yields on its own,
+# and listing 10,000 records would otherwise hold the event loop for tens of ms.
+_YIELD_EVERY = 256
 
 
 async def _store_time(store: Store) -> float | None:
@@ -457,7 +462,9 @@ class DurableQueue:
         }[status]
         found: list[Record] = []
         for prefix in prefixes:
-            for store_key in await self.store.alist(prefix):
+            for n, store_key in enumerate(await self.store.alist(prefix), 1):
+                if n % _YIELD_EVERY == 0:  # a store that reads inline never yields
+                    await anyio.lowlevel.checkpoint()
                 record = read_record(await self.store.aget(store_key))
                 if record is None:
                     continue
@@ -475,6 +482,13 @@ class DurableQueue:
         """Ids of every open (pending or leased) record, oldest id first."""
         prefix = self.keys.open_prefix
         return [k[len(prefix) :] for k in await self.store.alist(prefix)]
+
+    async def afinished_count(self) -> int:
+        """How many records are done or dead: one key listing each, no record read."""
+        keys = self.keys
+        return len(await self.store.alist(keys.done_prefix)) + len(
+            await self.store.alist(keys.dead_prefix)
+        )
 
     async def apending_count(self) -> int:
         """How many records are open (pending or leased): one read of the counter."""

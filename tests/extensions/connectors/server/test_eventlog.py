@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eventlog_helpers import SIGNED_HEADERS, fill
 
+from converge.durable import DurableQueue
 from converge.errors import UsageError
-from converge.extensions.connectors.server import parse_since, record_view
-from converge.extensions.storage import SQLiteStore
+from converge.extensions.connectors.server import EventLog, parse_since, record_view
+from converge.extensions.storage import MemoryStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +144,28 @@ def test_the_inspector_escapes_what_it_shows() -> None:
     ):
         assert "<script>" not in html
         assert "&lt;script&gt;" in html
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts its value reads."""
+
+    reads = 0
+
+    def get(self, key: str) -> Any:
+        self.reads += 1
+        return super().get(key)
+
+
+async def test_trim_reads_no_record_while_the_log_is_within_its_bound() -> None:
+    store = CountingStore()
+    events = DurableQueue(store, prefix="t:inbox", kind="inbound", done_status="acknowledged")
+    for i in range(300):
+        await events.aadd({"n": i}, key="stripe", status="acknowledged")
+    log = EventLog(events=events, max_records=300)
+    store.reads = 0
+    assert await log.atrim() == 0
+    assert store.reads == 0  # two key listings, no record read
+    log.max_records = 100
+    assert await log.atrim() == 200
+    assert len(await events.alist(limit=1_000)) == 100
+    assert store.reads <= 300 + 2 * 200  # each record read once, then the purges

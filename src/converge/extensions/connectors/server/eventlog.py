@@ -469,17 +469,19 @@ class EventLog:
     async def atrim(self) -> int:
         """Delete the oldest finished records beyond ``max_records`` in each queue.
 
-        Reads every finished record: run it now and then (:meth:`run_trimmer`), never
-        per request.
+        A queue within ``max_records`` costs two key listings; one beyond it has every
+        record read once: run it now and then (:meth:`run_trimmer`), never per request.
 
         Returns:
             How many records were deleted.
         """
         deleted = 0
         for queue in self._queues.values():
-            finished: list[Record] = []
-            for status in _DONE_OR_DEAD:
-                finished += await queue.alist(status=status, limit=2**31 - 1)
+            if isinstance(queue, DurableQueue) and (
+                await queue.afinished_count() <= self.max_records
+            ):
+                continue
+            finished = [r for r in await queue.alist(limit=2**31 - 1) if r.status in _DONE_OR_DEAD]
             finished.sort(key=lambda r: (r.updated, r.id), reverse=True)
             for record in finished[self.max_records :]:
                 if await queue.apurge(record.id) is not None:
