@@ -27,6 +27,7 @@ from converge.core.task import Task
 from converge.errors import ClosedError, StoreUnavailableError, UsageError
 from converge.extensions.connectors import (
     INBOUND_TOPIC,
+    InboundWebhookEvent,
     OutboundTarget,
     ProviderProfile,
     WebhookConnector,
@@ -83,6 +84,7 @@ async def test_an_accepted_event_becomes_a_message_on_the_inbound_topic() -> Non
     assert (event["subject"], event["source"]) == ("order.paid", "shop-eu")
     assert event["payload"]["amount"] == 12.5
     assert event["trace_id"] == "a" * 32
+    assert InboundWebhookEvent.from_dict(event).to_dict() == event  # the model's own form
     assert message.sender == "webhook-connector"
 
 

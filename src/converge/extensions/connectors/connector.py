@@ -47,7 +47,6 @@ from converge.extensions.connectors.inbox import (
 )
 from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
-    InboundWebhookEvent,
     OutboundTarget,
     OutboundWebhookAction,
     ProviderProfile,
@@ -649,7 +648,9 @@ class WebhookConnector:
             503, {"status": "unavailable", "reason": reason}, {"retry-after": _RETRY_AFTER}
         )
 
-    def _event(self, verified: VerifiedWebhook) -> InboundWebhookEvent:
+    def _event(self, verified: VerifiedWebhook) -> dict[str, Any]:
+        """``InboundWebhookEvent(...).to_dict()`` of a verified request, built directly:
+        every field was checked by the verification already."""
         profile, payload, headers = verified.profile, verified.payload, verified.headers
         scheme = profile.canonical_scheme
         subject = _text(payload.get(profile.subject_field))
@@ -668,16 +669,16 @@ class WebhookConnector:
         parent = headers.get("traceparent", "").split("-")
         if len(parent) == 4 and len(parent[1]) == 32:
             trace_id = parent[1]
-        return InboundWebhookEvent(
-            provider=profile.name,
-            source=source,
-            event_id=verified.event_id,
-            occurred_at=verified.timestamp,
-            subject=subject or "",
-            payload=payload,
-            headers=headers,
-            trace_id=trace_id,
-        )
+        return {
+            "provider": profile.name,
+            "source": source,
+            "event_id": verified.event_id,
+            "occurred_at": verified.timestamp,
+            "subject": subject or "",
+            "payload": payload,
+            "headers": dict(headers),
+            "trace_id": trace_id,
+        }
 
     def _message_data(self, verified: VerifiedWebhook, uid: str) -> dict[str, Any]:
         # item_data(self._item(...)) of a message, built without the Message: freezing
@@ -690,7 +691,7 @@ class WebhookConnector:
                 "sender": self.connector_id,
                 "recipient": None,
                 "topics": [INBOUND_TOPIC],
-                "payload": self._event(verified).to_dict(),
+                "payload": self._event(verified),
                 "task_id": None,
                 "timestamp": now_ms(),
                 "signature": None,
@@ -698,7 +699,7 @@ class WebhookConnector:
         }
 
     def _item(self, verified: VerifiedWebhook, uid: str) -> Message | Task:
-        event = self._event(verified).to_dict()
+        event = self._event(verified)
         if verified.profile.emit_as == "task":
             objective = f"handle {event['provider']} webhook {event['subject']}".strip()
             return Task(objective=objective, inputs=event, id=uid)
