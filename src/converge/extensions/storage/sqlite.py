@@ -437,9 +437,9 @@ class SQLiteStore(Store):
         except BaseException as exc:
             self._fail(batch, exc)
             return
+        written = self._written
         try:
             now = time.time()
-            written = self._written
             for write in batch:
                 try:
                     write.result = write.op(conn, now)
@@ -451,9 +451,6 @@ class SQLiteStore(Store):
                 self._writes = 0
                 conn.execute(_PURGE, (now,))
             conn.execute("COMMIT")
-            if self._path != ":memory:" and not self._closed:
-                checkpointer = self._checkpointer or self._start_checkpointer()
-                checkpointer.committed(self._written - written)
         except BaseException as exc:
             if conn.in_transaction:
                 with suppress(sqlite3.Error):  # the original error says more
@@ -462,6 +459,9 @@ class SQLiteStore(Store):
             return
         for write in batch:
             write.done = True
+        if self._path != ":memory:" and not self._closed:  # count towards a checkpoint
+            checkpointer = self._checkpointer or self._start_checkpointer()
+            checkpointer.committed(self._written - written)
 
     def _fail(self, batch: builtins.list[_Write], exc: BaseException) -> None:
         """Every write of a batch that could not commit fails with ``exc``, mapped."""
@@ -579,7 +579,6 @@ class SQLiteStore(Store):
         if checkpointer is not None:
             checkpointer.close(self._timeout)
         with self._read_lock, self._lock:
-            self._closed = True
             conn, self._conn = self._conn, None
             reader, self._reader = self._reader, None
             for each in (reader, conn):
