@@ -191,7 +191,7 @@ def test_the_inspector_replays_a_dead_delivery_and_it_appears_delivered(
     with chromium() as driver:
         driver.get(gateway.url + "/admin/")
         driver.find_element(By.ID, "token").send_keys(ADMIN)
-        driver.find_element(By.ID, "sign-in").click()
+        click(driver, driver.find_element(By.ID, "sign-in"))  # wait: the cookie is set
         driver.get(gateway.url + "/admin/?view=dead-letters")
         row = driver.find_element(By.CSS_SELECTOR, f'tr.record[data-id="{target}"]')
         click(driver, row.find_element(By.CSS_SELECTOR, "button.replay"))
