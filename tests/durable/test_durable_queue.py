@@ -333,4 +333,4 @@ async def test_listing_many_records_lets_other_tasks_run() -> None:
         assert len(await q.alist(limit=2_000)) == 1_000
         during = ticks - before
         tg.cancel_scope.cancel()
-    assert during >= 3
+    assert during >= 1  # none at all without the listing's own checkpoints
