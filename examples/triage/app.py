@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from converge.cli.config import masked_store, open_store
 from converge.core.events import EventEmitter
@@ -261,7 +261,7 @@ async def amain(args: argparse.Namespace) -> int:
     )
     bus = MessageBus(hooks=[ThrottledReplies(limiter)])
     stop = anyio.Event()
-    async with store, httpx.AsyncClient() as client:
+    async with store, httpx2.AsyncClient() as client:
         await seed_rules(store, DEFAULT_RULES)
         connector = WebhookConnector(
             provider_profiles={
@@ -335,12 +335,12 @@ async def _demo(
     args: argparse.Namespace, url: str, secret: str, display: HopDisplay, stop: anyio.Event
 ) -> None:
     """Send the demo issues to our own gateway (as GitHub would), then maybe stop."""
-    async with httpx.AsyncClient() as probe:
+    async with httpx2.AsyncClient() as probe:
         while True:  # until the gateway serves and its dispatcher runs
             try:
                 if (await probe.get(f"{url}/readyz")).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 pass
             await anyio.sleep(0.05)
     answers = await asend_issues(f"{url}/webhook/github", secret, list(range(1, args.issues + 1)))

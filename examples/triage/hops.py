@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import anyio
-import httpx
+import httpx2
 
 from converge.core.decisions import InvokeTool, SendMessage
 from converge.core.events import DecisionsMade, EventEmitter, ProgressEvent, ToolInvoked
@@ -150,7 +150,7 @@ class TrackingSender:
         client: The HTTP client (closed by the caller).
     """
 
-    def __init__(self, events: EventEmitter, client: httpx.AsyncClient) -> None:
+    def __init__(self, events: EventEmitter, client: httpx2.AsyncClient) -> None:
         self.events = events
         self.client = client
 
@@ -170,7 +170,7 @@ class TrackingSender:
                 content=request.content,
                 timeout=request.timeout,
             )
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             detail = f"attempt {request.attempt}: {type(exc).__name__}"
             self.events.emit(Hop(hop="retrying", issue=issue, ref=request.action_id, detail=detail))
             raise

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from converge.extensions.connectors import sign_webhook
 
@@ -83,14 +83,14 @@ async def asend_issues(
     status: dict[int, int] = dict.fromkeys(numbers, 0)
     limit = anyio.Semaphore(concurrency)
 
-    async def one(client: httpx.AsyncClient, number: int) -> None:
+    async def one(client: httpx2.AsyncClient, number: int) -> None:
         body, headers = requests[number]
         while True:
             async with limit:
                 try:
                     answer = await client.post(url, content=body, headers=headers)
                     code = answer.status_code
-                except httpx.HTTPError:
+                except httpx2.HTTPError:
                     code = 0
             status[number] = code
             if on_answer is not None:
@@ -100,7 +100,7 @@ async def asend_issues(
             await anyio.sleep(retry_sec)
 
     with anyio.move_on_after(deadline_sec):
-        async with httpx.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
+        async with httpx2.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
             for number in numbers:
                 tg.start_soon(one, client, number)
                 if interval_sec:
