@@ -76,7 +76,6 @@ _MAPPED = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 @pytest.mark.parametrize(("step", "expected"), [("none", "1 1"), ("raise", "0 1")])
 def test_receive_buffers_come_from_the_heap_not_from_mmap(step: str, expected: str) -> None:
     # asyncio reads each socket into a 256 KiB buffer; above glibc's mmap threshold
