@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import standardwebhooks
-from cli_helpers import EXAMPLE, GatewayProcess, Recorder, subprocess_env
+from cli_helpers import EXAMPLE, GatewayProcess, Recorder, converge_cli
 
 from converge.cli import main
 from converge.extensions.connectors import ProviderProfile, WebhookSecurity, WebhookSecurityPolicy
@@ -18,22 +16,11 @@ from converge.extensions.storage import MemoryStore
 SW_SECRET = "whsec_Y29udmVyZ2UtZGVtby1zZWNyZXQtY2hhbmdlLW1l"  # the example's demo secret
 
 
-def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "converge.cli", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-    )
-
-
 def test_readme_flow_a_fresh_gateway_answers_the_example_send_with_202(
     example_gateway: GatewayProcess,
 ) -> None:
     # The README line, pointed at this test's port.
-    result = run(
+    result = converge_cli(
         "webhook",
         "send",
         example_gateway.url + "/webhook/demo",
@@ -212,7 +199,7 @@ def test_an_unreachable_url_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_gateway_check_validates_and_summarises_the_example(tmp_path: Path) -> None:
-    result = run("gateway", "--config", str(EXAMPLE), "--check", cwd=tmp_path)
+    result = converge_cli("gateway", "--config", str(EXAMPLE), "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "POST /webhook/stripe  scheme=stripe" in result.stdout
     assert "POST /outbound: disabled" in result.stdout
@@ -222,7 +209,7 @@ def test_gateway_check_validates_and_summarises_the_example(tmp_path: Path) -> N
 def test_gateway_refuses_an_invalid_config(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[providers.x]\nscheme = "stripe"\nsecret = "s"\ntypo = 1\n')
-    result = run("gateway", "--config", str(config), "--check")
+    result = converge_cli("gateway", "--config", str(config), "--check")
     assert result.returncode == 2
     assert "unknown keys in [providers.x]" in result.stderr
 
