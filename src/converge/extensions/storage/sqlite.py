@@ -229,8 +229,8 @@ class SQLiteStore(Store):
         # WAL checkpoints run on a thread of their own (file databases; started lazily)
         self._checkpointer: Checkpointer | None = None
         _STORES.add(self)
-        self._writes = 0  # row writes since the last purge of expired rows
         self._written = 0  # row writes in all
+        self._purge_at = _PURGE_EVERY  # the next sweep of expired rows, in row writes
         self._closed = False
 
     @property
@@ -348,7 +348,6 @@ class SQLiteStore(Store):
 
     def _write(self, conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
         rowcount = conn.execute(sql, args).rowcount
-        self._writes += 1
         self._written += 1
         return int(rowcount)
 
@@ -447,8 +446,8 @@ class SQLiteStore(Store):
                     raise  # the transaction itself is in doubt: fail the whole batch
                 except Exception as exc:  # raised before the op's first statement
                     write.error = exc
-            if self._writes >= _PURGE_EVERY:
-                self._writes = 0
+            if self._written >= self._purge_at:
+                self._purge_at = self._written + _PURGE_EVERY
                 conn.execute(_PURGE, (now,))
             conn.execute("COMMIT")
         except BaseException as exc:
