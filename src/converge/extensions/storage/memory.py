@@ -26,6 +26,11 @@ __all__ = ["MemoryStore"]
 R = TypeVar("R")
 
 
+def _group(key: str) -> str:
+    """The part of ``key`` up to its last ``:`` (the key group ``list()`` reads)."""
+    return key[: key.rfind(":") + 1]
+
+
 class MemoryStore(Store):
     """In-memory storage implementation.
 
@@ -79,7 +84,7 @@ class MemoryStore(Store):
     def _drop(self, key: str) -> None:
         if self._data.pop(key, None) is None:
             return
-        group = key[: key.rfind(":") + 1]
+        group = _group(key)
         members = self._groups[group]
         members.discard(key)
         if not members:
@@ -87,7 +92,7 @@ class MemoryStore(Store):
 
     def _store(self, key: str, value: Any, ttl: float | None, now: float) -> None:
         if key not in self._data:
-            group = key[: key.rfind(":") + 1]
+            group = _group(key)
             members = self._groups.get(group)
             if members is None:
                 self._groups[group] = {key}
