@@ -22,6 +22,7 @@ from converge.extensions.connectors import (
 )
 from converge.extensions.connectors.schemes import (
     decode_secret,
+    hmac_state,
     parse_signed_parts,
     parse_timestamp,
     signature_matches,
@@ -49,7 +50,7 @@ def profile(scheme: str, **kw: object) -> ProviderProfile:
 def verifies(p: ProviderProfile, secret: str, headers: dict[str, str], body: bytes) -> bool:
     parts = parse_signed_parts(p, {k.lower(): v for k, v in headers.items()})
     key = decode_secret(p.scheme, secret)
-    return signature_matches([key], parts, body, p.signature_algorithm)
+    return signature_matches([hmac_state(key, p.signature_algorithm)], parts, body)
 
 
 def test_slack_documented_example_verifies() -> None:
@@ -315,3 +316,15 @@ def test_forms_are_accepted_only_from_form_senders_unless_configured() -> None:
     )
     assert verified.payload == {"event_id": "e-1", "tag": ["a", "b"], "note": "café"}
     assert verified.event_id == "e-1"
+
+
+def test_a_keyed_hmac_state_is_reused_unchanged_across_requests() -> None:
+    # signature_matches copies each state: a state updated in place would make every
+    # later request hash the earlier bodies too and fail.
+    p = profile("github")
+    keyed = [hmac_state(GITHUB_DOC_SECRET.encode()), hmac_state(b"another secret")]
+    headers = {"x-hub-signature-256": GITHUB_DOC_SIG, "x-github-delivery": "d1"}
+    parts = parse_signed_parts(p, headers)
+    for _ in range(3):
+        assert signature_matches(keyed, parts, b"Hello, World!")
+        assert not signature_matches(keyed, parts, b"Hello, World?")

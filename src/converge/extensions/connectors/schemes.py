@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from converge.errors import ConfigurationError, UsageError, WebhookSecurityError
 from converge.extensions.connectors.models import SCHEMES as _SCHEMES
@@ -28,6 +28,7 @@ __all__ = [
     "SignedParts",
     "compute_signature",
     "decode_secret",
+    "hmac_state",
     "parse_signed_parts",
     "parse_timestamp",
     "sign_webhook",
@@ -39,9 +40,8 @@ _MAX_SIGNATURES = 16
 _TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?\Z")
 
 
-@dataclass(frozen=True, slots=True)
-class SignedParts:
-    """What a request's headers say about its signature.
+class SignedParts(NamedTuple):
+    """What a request's headers say about its signature (a tuple: built per request).
 
     Attributes:
         prefix: Bytes signed before the raw body.
@@ -86,7 +86,8 @@ def _b64(values: Iterable[str]) -> tuple[bytes, ...]:
     out = []
     for value in values:
         try:
-            out.append(base64.b64decode(value, validate=True))
+            # base64.b64decode(value, validate=True) without its Python-level wrapper
+            out.append(binascii.a2b_base64(value, strict_mode=True))
         except (binascii.Error, ValueError):
             continue
         if len(out) >= _MAX_SIGNATURES:
@@ -148,20 +149,24 @@ def _parse_hmac(profile: ProviderProfile, headers: Mapping[str, str]) -> SignedP
     return SignedParts(prefix, _hex(values, size), timestamp, None)
 
 
+# Standard Webhooks header names: (signature, id, timestamp), per accepted family.
+_WEBHOOK_HEADERS = ("webhook-signature", "webhook-id", "webhook-timestamp")
+_SVIX_HEADERS = ("svix-signature", "svix-id", "svix-timestamp")
+_FAMILIES = {"standard-webhooks": (_WEBHOOK_HEADERS,), "svix": (_WEBHOOK_HEADERS, _SVIX_HEADERS)}
+
+
 def _parse_standard(profile: ProviderProfile, headers: Mapping[str, str]) -> SignedParts:
-    families = ["webhook"]
-    if profile.scheme == "svix":
-        families.append("svix")
-    for family in families:
-        signature = headers.get(f"{family}-signature")
+    families = _FAMILIES[profile.scheme]
+    for signature_name, id_name, timestamp_name in families:
+        signature = headers.get(signature_name)
         if signature is None:
             continue
-        msg_id = headers.get(f"{family}-id")
-        timestamp = headers.get(f"{family}-timestamp")
+        msg_id = headers.get(id_name)
+        timestamp = headers.get(timestamp_name)
         if msg_id is None:
-            raise _missing_header(f"{family}-id")
+            raise _missing_header(id_name)
         if timestamp is None:
-            raise _missing_header(f"{family}-timestamp")
+            raise _missing_header(timestamp_name)
         values = []
         for token in signature.split():
             version, _, value = token.strip(",").partition(",")
@@ -169,7 +174,7 @@ def _parse_standard(profile: ProviderProfile, headers: Mapping[str, str]) -> Sig
                 values.append(value)
         prefix = f"{msg_id}.{timestamp}.".encode("latin-1", "replace")
         return SignedParts(prefix, _b64(values), timestamp, msg_id)
-    raise _missing_signature(f"{families[-1]}-signature")
+    raise _missing_signature(families[-1][0])
 
 
 def _parse_stripe(headers: Mapping[str, str]) -> SignedParts:
@@ -273,16 +278,27 @@ def compute_signature(key: bytes, prefix: bytes, body: bytes, algorithm: str = "
     return mac.digest()
 
 
-def signature_matches(
-    keys: Sequence[bytes], parts: SignedParts, body: bytes, algorithm: str = "sha256"
-) -> bool:
+def hmac_state(key: bytes, algorithm: str = "sha256") -> hmac.HMAC:
+    """An HMAC keyed with ``key``, to copy for each message (the key is prepared once)."""
+    return hmac.new(key, digestmod=algorithm)
+
+
+def signature_matches(keyed: Sequence[hmac.HMAC], parts: SignedParts, body: bytes) -> bool:
     """Return True if any candidate signature is the HMAC under any key.
+
+    Args:
+        keyed: One :func:`hmac_state` per secret (left unchanged: each is copied).
+        parts: The request's signed prefix and candidate signatures.
+        body: The raw body.
 
     Every comparison is constant time; all candidates are compared.
     """
     matched = False
-    for key in keys:
-        expected = compute_signature(key, parts.prefix, body, algorithm)
+    for state in keyed:
+        mac = state.copy()
+        mac.update(parts.prefix)
+        mac.update(body)
+        expected = mac.digest()
         for candidate in parts.signatures:
             matched |= hmac.compare_digest(expected, candidate)
     return matched

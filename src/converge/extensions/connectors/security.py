@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import itertools
 import json
@@ -26,6 +27,7 @@ from converge.errors import (
 from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
 from converge.extensions.connectors.schemes import (
     decode_secret,
+    hmac_state,
     parse_signed_parts,
     parse_timestamp,
     signature_matches,
@@ -273,7 +275,7 @@ class WebhookSecurity:
             raise ConfigurationError("clock must be a callable returning Unix seconds")
         self.policy = policy
         self.profiles: dict[str, ProviderProfile] = {}
-        self._keys: dict[str, tuple[bytes, ...]] = {}
+        self._keyed: dict[str, tuple[hmac.HMAC, ...]] = {}
         for name, profile in provider_profiles.items():
             if not isinstance(profile, ProviderProfile):
                 raise ConfigurationError(f"provider {name!r} is not a ProviderProfile")
@@ -291,7 +293,10 @@ class WebhookSecurity:
                 values = (values,)
             if not values:
                 raise ConfigurationError(f"secret {profile.secret_ref!r} has no value")
-            self._keys[name] = tuple(decode_secret(profile.scheme, v) for v in values)
+            self._keyed[name] = tuple(
+                hmac_state(decode_secret(profile.scheme, v), profile.signature_algorithm)
+                for v in values
+            )
             self.profiles[name] = profile
         self._networks: tuple[_IPNetwork, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in policy.ip_allowlist
@@ -458,10 +463,7 @@ class WebhookSecurity:
                     f"the timestamp is more than {self.policy.timestamp_skew_limit_sec} s "
                     "from the receiver's clock",
                 )
-        algorithm = profile.signature_algorithm
-        if not parts.signatures or not signature_matches(
-            self._keys[profile.name], parts, body, algorithm
-        ):
+        if not parts.signatures or not signature_matches(self._keyed[profile.name], parts, body):
             raise _reject(401, "bad_signature", "the signature does not verify")
         form = _media_type(lowered) == FORM_MEDIA_TYPE
         payload = parse_form(body, scheme in _FORM_SCHEMES) if form else parse_json_object(body)
