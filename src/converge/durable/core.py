@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from converge.core.store import WithTTL
@@ -42,29 +42,23 @@ class QueueKeys:
 
     Attributes:
         prefix: The queue's key prefix.
+        count: Key of the open-record counter.
+        open_prefix: Prefix of the open (pending or leased) records.
+        done_prefix: Prefix of the acknowledged or delivered records.
+        dead_prefix: Prefix of the dead letters.
     """
 
     prefix: str
+    # Derived once: every transition names several keys.
+    count: str = field(init=False)
+    open_prefix: str = field(init=False)
+    done_prefix: str = field(init=False)
+    dead_prefix: str = field(init=False)
 
-    @property
-    def count(self) -> str:
-        """Key of the open-record counter."""
-        return f"{self.prefix}:count"
-
-    @property
-    def open_prefix(self) -> str:
-        """Prefix of the open (pending or leased) records."""
-        return f"{self.prefix}:open:"
-
-    @property
-    def done_prefix(self) -> str:
-        """Prefix of the acknowledged or delivered records."""
-        return f"{self.prefix}:done:"
-
-    @property
-    def dead_prefix(self) -> str:
-        """Prefix of the dead letters."""
-        return f"{self.prefix}:dead:"
+    def __post_init__(self) -> None:
+        for name in ("open", "done", "dead"):
+            object.__setattr__(self, f"{name}_prefix", f"{self.prefix}:{name}:")
+        object.__setattr__(self, "count", f"{self.prefix}:count")
 
     def open(self, record_id: str) -> str:
         """Key of an open record."""
