@@ -120,9 +120,13 @@ class Transitions:
 
     # -- add ---------------------------------------------------------------------------
 
-    def add_keys(self, record_id: str, claims: Mapping[str, Any]) -> list[str]:
-        """The keys :meth:`add` reads: the record's three, the counter, the claims."""
-        return [*self.keys.all(record_id), self.keys.count, *claims]
+    def add_keys(self, record: Record, claims: Mapping[str, Any]) -> list[str]:
+        """The keys :meth:`add` reads: the record's three, the claims, and the counter
+        when the record is added open (only open records are counted)."""
+        keys = [*self.keys.all(record.id), *claims]
+        if record.status in _OPEN:
+            keys.append(self.keys.count)
+        return keys
 
     def add(
         self,

@@ -228,7 +228,7 @@ class DurableQueue:
         def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
             return transitions.add(current, record, claims, claim_ttl)
 
-        outcome = await self.store.aupdate(transitions.add_keys(record_id, claims), add)
+        outcome = await self.store.aupdate(transitions.add_keys(record, claims), add)
         if outcome == "duplicate":
             raise DuplicateRecordError(f"record {record_id!r} or one of its claims exists")
         if outcome == "full":

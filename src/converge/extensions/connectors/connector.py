@@ -809,7 +809,7 @@ class WebhookConnector:
             updated=out_now,
             due=out_now,
         )
-        keys = [*inbox.transitions.add_keys(uid, claims), *outbox.transitions.add_keys(out.id, {})]
+        keys = [*inbox.transitions.add_keys(record, claims), *outbox.transitions.add_keys(out, {})]
 
         def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
             changes, outcome = inbox.transitions.add(current, record, claims, claim_ttl)
