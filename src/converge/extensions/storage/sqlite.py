@@ -81,6 +81,8 @@ _PUT_IF_ABSENT: Final = (
     f"WHERE {_TABLE}.expires_at IS NOT NULL AND {_TABLE}.expires_at <= ?"
 )
 _DELETE: Final = f"DELETE FROM {_TABLE} WHERE key = ?"
+# By the store's durable flag: sync the WAL on every commit, or only at checkpoints.
+_SYNCHRONOUS: Final = {True: "PRAGMA synchronous = FULL", False: "PRAGMA synchronous = NORMAL"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,16 +92,12 @@ def _get_many(count: int) -> str:
     return f"SELECT key, value FROM {_TABLE} WHERE key IN ({marks}) AND {_LIVE}"
 
 
+# The keys of expired rows, read from the expiry index (NULL, no expiry, never matches).
+_EXPIRED: Final = f"SELECT key FROM {_TABLE} WHERE expires_at <= ?"
 # A listing reads the key index alone (covering in either layout): the expired keys,
 # few because writes purge them, come from the expiry index, not from each row.
-_LIST_FROM: Final = (
-    f"SELECT key FROM {_TABLE} WHERE key >= ? "
-    f"AND key NOT IN (SELECT key FROM {_TABLE} WHERE expires_at <= ?)"
-)
-_PURGE: Final = (
-    f"DELETE FROM {_TABLE} WHERE key IN (SELECT key FROM {_TABLE} "
-    "WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 512)"
-)
+_LIST_FROM: Final = f"SELECT key FROM {_TABLE} WHERE key >= ? AND key NOT IN ({_EXPIRED})"
+_PURGE: Final = f"DELETE FROM {_TABLE} WHERE key IN ({_EXPIRED} LIMIT 512)"
 _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
 
 
@@ -267,7 +265,7 @@ class SQLiteStore(Store):
             # skip it when another process already did, and retry while it races us.
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self._retry_while_locked(conn, "PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
+            conn.execute(_SYNCHRONOUS[self._durable])
             if self._path != ":memory:":
                 conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _wal.Checkpointer
             for statement in _SCHEMA:
@@ -324,7 +322,7 @@ class SQLiteStore(Store):
     def _start_checkpointer(self) -> Checkpointer:
         """The checkpoint thread; it holds no reference to this store, and stops when the
         store is closed or collected."""
-        sync = f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}"
+        sync = _SYNCHRONOUS[self._durable]
         connect = functools.partial(_connect_plain, self._path, self._timeout, sync)
         checkpointer = self._checkpointer = Checkpointer(connect, self._lock)
         weakref.finalize(self, checkpointer.stop)
