@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 from inbox_child import PROFILES, SECRETS, connector, open_store
+from outbound_helpers import dispatching
 from webhook_helpers import (
     GITHUB_SECRET,
     Receiver,
@@ -339,19 +340,23 @@ async def test_a_bus_sink_puts_outbound_messages_in_the_outbox() -> None:
 FORWARD = {"github": ProviderProfile("github", "github", scheme="github")}
 
 
+def forwarding(store: Store, url: str, **target: Any) -> WebhookConnector:
+    return WebhookConnector(
+        provider_profiles=FORWARD,
+        secrets={"github": GITHUB_SECRET},
+        store=store,
+        targets=[OutboundTarget("app", f"{url}/events", **target)],
+        inbound_routes={"github": "app"},
+        retry_policy=WebhookRetryPolicy(base_delay_sec=0.01, jitter_ratio=0.0),
+    )
+
+
 @pytest.mark.parametrize("length", [250, 300])
 async def test_long_github_delivery_ids_on_a_forwarding_provider_never_5xx(
     length: int, any_store: Store, receiver: tuple[Receiver, str]
 ) -> None:
     recv, url = receiver
-    c = WebhookConnector(
-        provider_profiles=FORWARD,
-        secrets={"github": GITHUB_SECRET},
-        store=any_store,
-        targets=[OutboundTarget("app", f"{url}/events")],
-        inbound_routes={"github": "app"},
-        retry_policy=WebhookRetryPolicy(base_delay_sec=0.01, jitter_ratio=0.0),
-    )
+    c = forwarding(any_store, url)
     delivery = "d" * length
     body = event_body(action="opened")
     status, data = await post(c, "github", body, github_request(body, delivery=delivery))
@@ -378,14 +383,7 @@ async def test_a_forwarded_event_costs_one_store_update_before_its_202(
     # The inbox record (acknowledged: the outbox has the forward), its claims and the
     # outbox action are one atomic update; the event is delivered exactly once.
     recv, url = receiver
-    c = WebhookConnector(
-        provider_profiles=FORWARD,
-        secrets={"github": GITHUB_SECRET},
-        store=any_store,
-        targets=[OutboundTarget("app", f"{url}/events")],
-        inbound_routes={"github": "app"},
-        retry_policy=WebhookRetryPolicy(base_delay_sec=0.01, jitter_ratio=0.0),
-    )
+    c = forwarding(any_store, url)
     updates: list[list[str]] = []
     aupdate = any_store.aupdate
 
@@ -414,6 +412,54 @@ async def test_a_forwarded_event_costs_one_store_update_before_its_202(
     (delivered,) = recv.delivered()
     assert json.loads(delivered.body)["event_id"] == delivery
     assert await c.outbox.apending_count() == 0
+
+
+async def test_a_running_dispatcher_delivers_a_forward_without_a_lease_write(
+    any_store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    # The forward is added leased to the running dispatcher in the accept's update, so
+    # the whole event costs two updates: the accept and the delivery's completion.
+    recv, url = receiver
+    c = forwarding(any_store, url)
+    updates: list[list[str]] = []
+    aupdate = any_store.aupdate
+
+    async def counting(keys: Any, fn: Any, **kw: Any) -> Any:
+        updates.append(list(keys))
+        return await aupdate(keys, fn, **kw)
+
+    async with dispatching(c):
+        any_store.aupdate = counting  # type: ignore[method-assign]
+        body, headers, delivery = github_event()
+        assert (await post(c, "github", body, headers))[0] == 202
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    uid = event_uid("github", delivery)
+    assert recv.keys() == {forward_key(uid)}
+    assert len(updates) == 2
+    assert await c.outbox.apending_count() == 0
+
+
+async def test_a_stopping_dispatcher_gives_back_the_forwards_it_did_not_start(
+    any_store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    # One attempt at a time: the second forward waits, leased to this dispatcher since
+    # its accept. A graceful stop releases it, so the next run delivers it at once
+    # instead of after its lease (10 s here).
+    recv, url = receiver
+    recv.delay = 0.3
+    c = forwarding(any_store, url, max_concurrency=1)
+    events = [github_event() for _ in range(2)]
+    async with dispatching(c):
+        for body, headers, _ in events:
+            assert (await post(c, "github", body, headers))[0] == 202
+        assert await c.outbox.apending_count() == 2
+    assert len(recv.delivered()) == 1
+    (waiting,) = [r for r in await c.outbox.alist_actions() if r.status != "delivered"]
+    assert (waiting.status, waiting.lease_owner) == ("pending", None)
+    async with dispatching(c):
+        await eventually(lambda: len(recv.delivered()) == 2, within=3.0)
+    keys = {forward_key(event_uid("github", delivery)) for _, _, delivery in events}
+    assert recv.keys() == keys
 
 
 async def test_acknowledge_on_accept_records_every_event_and_never_sheds_load() -> None:

@@ -379,6 +379,28 @@ async def test_real_http_delivery_carries_key_and_verifiable_signature(
         assert standardwebhooks.Webhook(TARGET_SECRET).verify(r.body, r.headers) == {"n": 5}
 
 
+async def test_real_http_delivery_sends_each_header_once_and_never_a_cookie_back(
+    receiver: tuple[Receiver, str],
+) -> None:
+    # Requests are built without the client's merge step: its usual headers are still
+    # sent, the action's own win whatever their case, and a target's cookie stays there.
+    recv, url = receiver
+    recv.set_cookie = "session=abc; Path=/"
+    c = make(targets=[OutboundTarget("app", f"{url}/events")])
+    async with dispatching(c):
+        for n in range(2):
+            sent = action(n, url=f"{url}/events", headers={"Accept": "a/b"})
+            await c.submit_outbound_action(sent)
+            await eventually(lambda: c.dispatcher.backlog == 0)
+    for r in recv.delivered():
+        assert sorted(r.names) == sorted(set(r.names))
+        assert r.headers["accept"] == "a/b"
+        assert r.headers["accept-encoding"] == "gzip, deflate"
+        assert r.headers["user-agent"].startswith("converge-webhook/")
+        assert "cookie" not in r.headers
+    assert len(recv.delivered()) == 2
+
+
 async def test_submit_outbound_message_maps_target_body_and_key() -> None:
     sender = Sender()
     c = make(outbound_sender=sender)

@@ -123,6 +123,7 @@ class Recorded:
     headers: dict[str, str]
     body: bytes
     status: int = 0
+    names: tuple[str, ...] = ()  # every header name sent, repeats included
 
 
 class Receiver:
@@ -137,13 +138,15 @@ class Receiver:
         self.retry_after: str | None = None
         self.delay = 0.0
         self.status_for: Callable[[Recorded], int | None] | None = None
+        self.set_cookie: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
             return
         headers, body = await read_request(scope, receive)
-        record = Recorded(scope["method"], scope["path"], headers, body)
+        names = tuple(name.decode("latin-1") for name, _ in scope["headers"])
+        record = Recorded(scope["method"], scope["path"], headers, body, names=names)
         if self.delay:
             await anyio.sleep(self.delay)
         status = 200
@@ -158,6 +161,8 @@ class Receiver:
         out = [(b"content-type", b"application/json")]
         if status != 200 and self.retry_after is not None:
             out.append((b"retry-after", self.retry_after.encode()))
+        if self.set_cookie is not None:
+            out.append((b"set-cookie", self.set_cookie.encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": b"{}"})
 

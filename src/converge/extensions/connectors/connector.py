@@ -776,9 +776,10 @@ class WebhookConnector:
 
         The outbox record is the one :meth:`_forward` adds and the inbox record what
         acknowledging the forwarded event leaves, so the ``202`` waits for one commit
-        instead of three (add, forward, acknowledge), and no lease is written. None
-        (nothing written) when the outbox holds that forward already or is full: the
-        caller then takes the general path.
+        instead of three (add, forward, acknowledge). No inbox lease is written, and the
+        forward is added leased to the local dispatcher, so its first attempt writes no
+        lease either. None (nothing written) when the outbox holds that forward already
+        or is full: the caller then takes the general path.
 
         Raises:
             DuplicateRecordError: A claim key or the record exists (a replay).
@@ -799,15 +800,21 @@ class WebhookConnector:
         action = self._forward_action(record)
         stored = action.to_dict()
         out_now = await outbox.anow()
+        # Leased at once to this process's running dispatcher: its attempt then writes
+        # no lease of its own (None: added pending, for whichever dispatcher comes).
+        lease = self.dispatcher.lease_at_add()
         out = Record(
             id=action_id(action, "inbound"),
             kind=outbox.kind,
-            status="pending",
+            status="pending" if lease is None else "leased",
             key=action.target,
             data={"action": stored, "namespace": "inbound", "fingerprint": _fingerprint(stored)},
             created=out_now,
             updated=out_now,
             due=out_now,
+            lease_owner=None if lease is None else lease[0],
+            lease_token=0 if lease is None else 1,
+            lease_until=None if lease is None else out_now + lease[1],
         )
         keys = [*inbox.transitions.add_keys(record, claims), *outbox.transitions.add_keys(out, {})]
 

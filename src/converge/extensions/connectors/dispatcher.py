@@ -107,6 +107,8 @@ class OutboundDispatcher:
         self.failed: BaseException | None = None
         self._breaker_seen: set[str] = set()
         self._store_backlog = 0
+        # Actions added already leased to this dispatcher (see lease_at_add), by id.
+        self._held: dict[str, OutboxRecord] = {}
         outbox.listener = self.notify  # replays made by operators are scheduled at once
 
     @property
@@ -145,11 +147,27 @@ class OutboundDispatcher:
         except RuntimeError:
             return False
 
+    def lease_at_add(self) -> tuple[str, float] | None:
+        """``(owner, lease_sec)`` for adding an action already leased to this dispatcher.
+
+        An action added leased to a running dispatcher, in the same transaction that
+        accepts it, and then passed to :meth:`notify`, is attempted without a lease
+        write of its own. None when this dispatcher is not running on the calling
+        loop: add the action pending then. Should the process die first, the action
+        is attempted again once that lease runs out, as after a crash mid-attempt.
+        """
+        if self._running and not self._stopping and self._on_loop():
+            return self._owner, self.lease_sec
+        return None
+
     def notify(self, record: OutboxRecord) -> None:
         """A record was just persisted in this process: schedule it without a poll."""
-        if record.status != "pending":
+        held = record.status == "leased" and record.lease_owner == self._owner
+        if record.status != "pending" and not held:
             return  # an idempotent resubmission of a delivered or dead action
         if self._running and self._on_loop():
+            if held:
+                self._held[record.id] = record
             # Just made pending here: due now (record.due is on the store's clock).
             self._schedule.add(record.id, record.action.target, self._clock())
             self._hand_out()
@@ -248,6 +266,7 @@ class OutboundDispatcher:
         finally:
             send.close()
             self._work_send = None
+            await self._give_back()
             self._running = False
             self._wake = self._token = None
             self._gauges()
@@ -312,7 +331,7 @@ class OutboundDispatcher:
                 self._defer(action_id, target, breaker.retry_at())
                 return
             started = anyio.current_time()
-            lease = await self._outbox.lease(action_id, self._owner, self.lease_sec)
+            lease = await self._lease(action_id)
             if lease is None:
                 self._schedule.finish(action_id)
                 return
@@ -376,6 +395,28 @@ class OutboundDispatcher:
             self._schedule.finish(action_id)
             if not self._stopping:
                 self._hand_out()
+
+    async def _lease(self, action_id: str) -> OutboxRecord | float | None:
+        """The action's lease: the one it was added with, while enough of it is left
+        for a whole attempt, or else a new one (see :meth:`Outbox.lease`)."""
+        held = self._held.pop(action_id, None)
+        if held is not None and held.lease_until is not None:
+            left = held.lease_until - await self._outbox.atime()
+            if left >= self._policy.request_timeout_sec:
+                return held
+        return await self._outbox.lease(action_id, self._owner, self.lease_sec)
+
+    async def _give_back(self) -> None:
+        """Release the leases of actions added leased that no attempt used (on stop):
+        the next dispatcher need not wait for them to run out."""
+        held, self._held = self._held, {}
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            for record in held.values():
+                try:
+                    await self._outbox.release(record)
+                except StoreError as exc:
+                    self._store_failed(exc)
+                    return
 
     async def _release(self, record: OutboxRecord) -> None:
         if not await self._outbox.release(record):
