@@ -20,6 +20,7 @@ from outbound_helpers import dispatching
 from webhook_helpers import (
     GITHUB_SECRET,
     Receiver,
+    count_outbox_writes,
     event_body,
     eventually,
     github_request,
@@ -384,18 +385,12 @@ async def test_a_forwarded_event_costs_one_store_update_before_its_202(
     # outbox action are one atomic update; the event is delivered exactly once.
     recv, url = receiver
     c = forwarding(any_store, url)
-    updates: list[list[str]] = []
-    aupdate = any_store.aupdate
-
-    async def counting(keys: Any, fn: Any, **kw: Any) -> Any:
-        updates.append(list(keys))
-        return await aupdate(keys, fn, **kw)
-
-    any_store.aupdate = counting  # type: ignore[method-assign]
+    writes = count_outbox_writes(any_store)
     body, headers, delivery = github_event()
     assert (await post(c, "github", body, headers))[0] == 202
-    assert len(updates) == 1
+    assert len(writes) == 1
     assert (await post(c, "github", body, headers))[0] == 200  # a replay changes nothing
+    assert len(writes) == 1
     uid = event_uid("github", delivery)
     record = await c.inbox.aget(uid)
     assert record is not None
@@ -421,21 +416,14 @@ async def test_a_running_dispatcher_delivers_a_forward_without_a_lease_write(
     # the whole event costs two updates: the accept and the delivery's completion.
     recv, url = receiver
     c = forwarding(any_store, url)
-    updates: list[list[str]] = []
-    aupdate = any_store.aupdate
-
-    async def counting(keys: Any, fn: Any, **kw: Any) -> Any:
-        updates.append(list(keys))
-        return await aupdate(keys, fn, **kw)
-
     async with dispatching(c):
-        any_store.aupdate = counting  # type: ignore[method-assign]
+        writes = count_outbox_writes(any_store)
         body, headers, delivery = github_event()
         assert (await post(c, "github", body, headers))[0] == 202
         await eventually(lambda: c.dispatcher.backlog == 0)
     uid = event_uid("github", delivery)
     assert recv.keys() == {forward_key(uid)}
-    assert len(updates) == 2
+    assert len(writes) == 2
     assert await c.outbox.apending_count() == 0
 
 

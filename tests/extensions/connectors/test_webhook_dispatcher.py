@@ -12,7 +12,7 @@ import anyio
 import pytest
 import standardwebhooks
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
-from webhook_helpers import TARGET_SECRET, Receiver, eventually
+from webhook_helpers import TARGET_SECRET, Receiver, count_outbox_writes, eventually
 
 from converge.core.message import Message
 from converge.core.store import Store
@@ -39,6 +39,29 @@ async def test_an_action_is_persisted_before_submit_returns(any_store: Store) ->
     assert record is not None
     assert record.action.body == {"n": 1}
     assert record.attempts == 0
+
+
+async def test_an_action_submitted_to_a_running_dispatcher_costs_two_updates(
+    any_store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    # Added leased to the running dispatcher: its attempt writes no lease of its own.
+    # Submitting it again while it is attempted hands nothing over twice.
+    recv, url = receiver
+    recv.delay = 0.2
+    c = make(any_store, targets=[OutboundTarget("app", f"{url}/hook")])
+    async with dispatching(c):
+        writes = count_outbox_writes(any_store)
+        sent = action(1, url=f"{url}/hook", idempotency_key="k1")
+        first = await c.enqueue(sent)
+        assert first.status == "leased"
+        await anyio.sleep(0.05)  # its attempt is under way (the receiver takes 0.2 s)
+        assert (await c.enqueue(sent)).id == first.id
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert len(recv.delivered()) == 1
+    assert len(writes) == 2  # the add and the delivery
+    record = await c.outbox.aget(first.id)
+    assert record is not None
+    assert (record.status, record.attempt_count) == ("delivered", 1)
 
 
 async def test_a_receiver_that_fails_then_recovers_gets_it_once_with_one_key() -> None:

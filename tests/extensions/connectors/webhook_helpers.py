@@ -252,3 +252,21 @@ async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> Non
         # Polling on purpose: the state lives on another thread's loop, no event to await.
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.01)
+
+
+def count_outbox_writes(store: Any) -> list[list[str]]:
+    """From now on, list the keys of each update of ``store`` that writes outbox keys."""
+    writes: list[list[str]] = []
+    aupdate = store.aupdate
+
+    async def counting(keys: Any, fn: Any, **kw: Any) -> Any:
+        def counted(current: Any) -> Any:
+            changes, result = fn(current)
+            if any(":outbound:" in key for key in changes):
+                writes.append(list(changes))
+            return changes, result
+
+        return await aupdate(keys, counted, **kw)
+
+    store.aupdate = counting
+    return writes

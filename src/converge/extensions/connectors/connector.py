@@ -1075,7 +1075,8 @@ class WebhookConnector:
         self._check_open()
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
-        record = await self.outbox.add(action, namespace=namespace)
+        lease = self.dispatcher.lease_at_add()  # its attempt then writes no lease
+        record = await self.outbox.add(action, namespace=namespace, lease=lease)
         self._submitted(record)
         return record
 

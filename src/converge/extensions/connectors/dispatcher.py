@@ -167,6 +167,8 @@ class OutboundDispatcher:
             return  # an idempotent resubmission of a delivered or dead action
         if self._running and self._on_loop():
             if held:
+                if record.id in self._schedule:
+                    return  # a resubmission of an action this dispatcher is attempting
                 self._held[record.id] = record
             # Just made pending here: due now (record.due is on the store's clock).
             self._schedule.add(record.id, record.action.target, self._clock())
@@ -304,6 +306,8 @@ class OutboundDispatcher:
                 record = await self._outbox.get(action_id)
                 if record is None:
                     continue
+                if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
+                    continue  # added leased to us: notify() schedules it (or a later scan)
                 # Record times are on the store's clock; the schedule runs on ours.
                 wait = record.due - store_now
                 if record.lease_owner not in (None, self._owner) and record.lease_until:

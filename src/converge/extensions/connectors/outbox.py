@@ -268,7 +268,13 @@ class Outbox:
 
     # -- adding --------------------------------------------------------------------------
 
-    async def add(self, action: OutboundWebhookAction, *, namespace: str = "api") -> OutboxRecord:
+    async def add(
+        self,
+        action: OutboundWebhookAction,
+        *,
+        namespace: str = "api",
+        lease: tuple[str, float] | None = None,
+    ) -> OutboxRecord:
         """Persist ``action``; idempotent per ``(namespace, idempotency_key)``.
 
         Args:
@@ -276,6 +282,8 @@ class Outbox:
             namespace: ``"api"`` (``POST /outbound``, library calls), ``"agent"``
                 (agents' messages) or ``"inbound"`` (webhook forwards): a key in one
                 namespace never collides with the same key in another.
+            lease: ``(owner, seconds)``: add it leased to that dispatcher (see
+                :meth:`OutboundDispatcher.lease_at_add`) rather than pending.
 
         Returns:
             The new pending record; or, when the namespace already holds this key (in
@@ -292,7 +300,18 @@ class Outbox:
         data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
         for _ in range(3):
             try:
-                added = await self.queue.aadd(data, id=record_id, key=action.target)
+                if lease is None:
+                    added = await self.queue.aadd(data, id=record_id, key=action.target)
+                else:
+                    owner, lease_sec = lease
+                    added = await self.queue.aadd(
+                        data,
+                        id=record_id,
+                        key=action.target,
+                        status="leased",
+                        lease_owner=owner,
+                        lease_sec=lease_sec,
+                    )
             except DuplicateRecordError:
                 existing = _view(await self.queue.aget(record_id))
                 if existing is None:
