@@ -434,7 +434,7 @@ async def test_a_stopping_dispatcher_gives_back_the_forwards_it_did_not_start(
     # its accept. A graceful stop releases it, so the next run delivers it at once
     # instead of after its lease (10 s here).
     recv, url = receiver
-    recv.delay = 0.3
+    recv.delay = 1.0  # the first attempt outlasts both accepts, even on a slow machine
     c = forwarding(any_store, url, max_concurrency=1)
     events = [github_event() for _ in range(2)]
     async with dispatching(c):
