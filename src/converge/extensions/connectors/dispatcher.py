@@ -150,9 +150,9 @@ class OutboundDispatcher:
     def lease_at_add(self) -> tuple[str, float] | None:
         """``(owner, lease_sec)`` for adding an action already leased to this dispatcher.
 
-        An action added leased to a running dispatcher, in the same transaction that
-        accepts it, and then passed to :meth:`notify`, is attempted without a lease
-        write of its own. None when this dispatcher is not running on the calling
+        An action added leased to a running dispatcher (in the update that adds it)
+        and then passed to :meth:`notify` is attempted without a lease write of its
+        own. None when this dispatcher is not running on the calling
         loop: add the action pending then. Should the process die first, the action
         is attempted again once that lease runs out, as after a crash mid-attempt.
         """
@@ -170,7 +170,7 @@ class OutboundDispatcher:
                 if record.id in self._schedule:
                     return  # a resubmission of an action this dispatcher is attempting
                 self._held[record.id] = record
-            # Just made pending here: due now (record.due is on the store's clock).
+            # Just added here: due now (record.due is on the store's clock).
             self._schedule.add(record.id, record.action.target, self._clock())
             self._hand_out()
 

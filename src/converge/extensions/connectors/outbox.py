@@ -286,8 +286,9 @@ class Outbox:
                 :meth:`OutboundDispatcher.lease_at_add`) rather than pending.
 
         Returns:
-            The new pending record; or, when the namespace already holds this key (in
-            any status, while kept) for the same action, that record.
+            The new record (pending, or leased with ``lease``); or, when the namespace
+            already holds this key (in any status, while kept) for the same action,
+            that record.
 
         Raises:
             IdempotencyConflictError: The key names a different action.
@@ -298,20 +299,12 @@ class Outbox:
         record_id = action_id(action, namespace)
         stored = action.to_dict()
         data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
+        leased: dict[str, Any] = {}
+        if lease is not None:
+            leased = {"status": "leased", "lease_owner": lease[0], "lease_sec": lease[1]}
         for _ in range(3):
             try:
-                if lease is None:
-                    added = await self.queue.aadd(data, id=record_id, key=action.target)
-                else:
-                    owner, lease_sec = lease
-                    added = await self.queue.aadd(
-                        data,
-                        id=record_id,
-                        key=action.target,
-                        status="leased",
-                        lease_owner=owner,
-                        lease_sec=lease_sec,
-                    )
+                added = await self.queue.aadd(data, id=record_id, key=action.target, **leased)
             except DuplicateRecordError:
                 existing = _view(await self.queue.aget(record_id))
                 if existing is None:
