@@ -229,10 +229,16 @@ def select_provider(
     return scripted, "scripted offline model (no API key set)"
 
 
-def build_agent(provider: Any, store: Store, events: EventEmitter) -> LLMAgent:
-    """The triage agent, its tools reading the label rules from ``store``."""
+def build_agent(
+    provider: Any, store: Store, events: EventEmitter, identity: Identity | None = None
+) -> LLMAgent:
+    """The triage agent, its tools reading the label rules from ``store``.
+
+    ``identity`` names it (a fresh one if None): the runner keeps its decision records
+    under that name, so a process restarted with the same identity replays them.
+    """
     return LLMAgent(
-        Identity(),
+        identity if identity is not None else Identity(),
         provider,
         SYSTEM_PROMPT,
         build_tools(store),

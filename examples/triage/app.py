@@ -286,7 +286,7 @@ async def amain(args: argparse.Namespace) -> int:
         core = gateway.asgi_app(poll_interval_sec=0.2)
         core.admin = AdminApp(EventLog.for_connector(connector), token=admin_token)
         app = HopTracker(core, events)
-        agent = build_agent(provider, store, events)
+        agent = build_agent(provider, store, events, sealed.agent)
 
         print(f"converge triage example ({args.role})", flush=True)
         if serving:

@@ -1,9 +1,13 @@
 """The example's secrets, sealed in an :class:`~converge.extensions.storage.EncryptedStore`.
 
-Two secrets: the GitHub webhook secret (verifies inbound requests) and the chat target's
-signing secret (signs outbound ones). Each comes from its environment variable when set
-(and is then sealed, replacing the stored one), else from the sealed store, else it is
-generated once and sealed; later starts need no variable at all.
+Three secrets: the GitHub webhook secret (verifies inbound requests), the chat target's
+signing secret (signs outbound ones) and the triage agent's Ed25519 key (its identity:
+the agent's decision records are kept under it, so a restarted process replays what the
+killed one decided instead of deciding, and replying, again). Each comes from its
+environment variable when set (and is then sealed, replacing the stored one), else from
+the sealed store, else it is generated once and sealed; later starts need no variable at
+all. Agent processes sharing one Redis store (``--role agents``) must share the agent key
+too: set ``TRIAGE_AGENT_KEY`` to the same value on each.
 
 The store's AES-256-GCM key: ``TRIAGE_SECRETS_KEY`` (32 bytes, base64) when set;
 otherwise it is derived with :func:`~converge.extensions.crypto.derive_key` (PBKDF2,
@@ -22,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from converge.core import Identity
 from converge.errors import ConfigurationError, DecryptionError
 from converge.extensions.crypto import aderive_key, secure_random_bytes
 from converge.extensions.storage import EncryptedStore, SQLiteStore
 
 __all__ = [
+    "AGENT_KEY_ENV",
     "CHAT_SECRET_ENV",
     "DEMO_PASSPHRASE",
     "GITHUB_SECRET_ENV",
@@ -42,6 +49,7 @@ KEY_ENV = "TRIAGE_SECRETS_KEY"
 PASSPHRASE_ENV = "TRIAGE_PASSPHRASE"
 GITHUB_SECRET_ENV = "GITHUB_WEBHOOK_SECRET"
 CHAT_SECRET_ENV = "CHAT_SIGNING_SECRET"
+AGENT_KEY_ENV = "TRIAGE_AGENT_KEY"  # base64 of the agent's 32-byte Ed25519 private key
 DEMO_PASSPHRASE = "converge-triage-demo-passphrase"
 _ITERATIONS = 600_000  # OWASP's current advice for PBKDF2-HMAC-SHA256
 
@@ -53,14 +61,26 @@ class Secrets:
     Attributes:
         github: The GitHub webhook secret.
         chat: The chat target's Standard Webhooks signing secret (``whsec_...``).
+        agent: The triage agent's identity.
         key_source: How the sealing key was obtained (printed at start).
         warnings: Things the operator should fix (a demo passphrase, ...).
     """
 
     github: str
     chat: str
+    agent: Identity
     key_source: str
     warnings: tuple[str, ...] = ()
+
+
+def _identity(text: str) -> Identity:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigurationError(f"{AGENT_KEY_ENV} must be base64 of 32 bytes") from exc
+    if len(raw) != 32:
+        raise ConfigurationError(f"{AGENT_KEY_ENV} must be base64 of 32 bytes, not {len(raw)}")
+    return Identity(Ed25519PrivateKey.from_private_bytes(raw))
 
 
 async def asecrets_key(workdir: Path, env: Mapping[str, str]) -> tuple[bytes, str, list[str]]:
@@ -118,10 +138,16 @@ async def aload_secrets(workdir: Path, env: Mapping[str, str] | None = None) -> 
                 env.get(CHAT_SECRET_ENV),
                 "whsec_" + base64.b64encode(secure_random_bytes(24)).decode(),
             )
+            agent_env = env.get(AGENT_KEY_ENV)
+            if agent_env:
+                _identity(agent_env)  # refuse a malformed key before sealing it
+            agent = await _secret(
+                store, "agent", agent_env, base64.b64encode(secure_random_bytes(32)).decode()
+            )
         except DecryptionError as exc:
             raise ConfigurationError(
                 f"the sealed secrets in {workdir / 'secrets.sqlite3'} do not open with this key: "
                 f"set the {PASSPHRASE_ENV} (or {KEY_ENV}) they were sealed with, or delete "
                 "secrets.sqlite3 and secrets.salt to start over"
             ) from exc
-    return Secrets(github, chat, source, tuple(warnings))
+    return Secrets(github, chat, _identity(agent), source, tuple(warnings))

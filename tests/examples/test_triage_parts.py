@@ -1,21 +1,25 @@
 """The triage example's parts: provider selection, the scripted model, the chat stand-in,
-the hop display."""
+the hop display, the sealed secrets."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from examples.triage.agent import DEFAULT_RULES, build_agent, seed_rules, select_provider
 from examples.triage.hops import Hop, HopDisplay
+from examples.triage.secrets import AGENT_KEY_ENV, KEY_ENV, aload_secrets
 from triage_helpers import CHAT_SECRET, Chat
 
 from converge.core import Message
 from converge.core.decisions import InvokeTool, SendMessage
 from converge.core.events import EventEmitter
+from converge.errors import ConfigurationError
 from converge.extensions.connectors import sign_webhook
 from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOPIC
 from converge.extensions.llm import AnthropicProvider, MistralProvider, OpenAIProvider
@@ -131,3 +135,26 @@ def test_hop_display_redraws_on_a_terminal_and_prints_plain_lines_otherwise() ->
     assert quiet.getvalue() == ""
     display.close()
     assert "received 1" in quiet.getvalue()
+
+
+@pytest.mark.anyio
+async def test_the_agent_identity_is_sealed_once_and_kept_across_restarts(tmp_path: Path) -> None:
+    # Its decision records are kept under the agent's id: a restarted process must have
+    # the same one to replay them rather than decide (and reply) a second time.
+    env = {KEY_ENV: base64.b64encode(b"k" * 32).decode()}
+    first = await aload_secrets(tmp_path, env)
+    again = await aload_secrets(tmp_path, env)
+    assert first.agent.fingerprint == again.agent.fingerprint
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    assert (await aload_secrets(elsewhere, env)).agent.fingerprint != first.agent.fingerprint
+    shared = {**env, AGENT_KEY_ENV: base64.b64encode(b"a" * 32).decode()}
+    assert (await aload_secrets(tmp_path, shared)).agent.fingerprint == (
+        await aload_secrets(elsewhere, shared)
+    ).agent.fingerprint
+    with pytest.raises(ConfigurationError, match=AGENT_KEY_ENV):
+        await aload_secrets(tmp_path, {**env, AGENT_KEY_ENV: "c2hvcnQ="})
+    # a malformed key was refused, not sealed: the shared one is still there
+    assert (await aload_secrets(tmp_path, env)).agent.fingerprint == (
+        await aload_secrets(tmp_path, shared)
+    ).agent.fingerprint

@@ -37,6 +37,7 @@ def app_env() -> dict[str, str]:
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         GITHUB_WEBHOOK_SECRET=GITHUB_SECRET,
         CHAT_SIGNING_SECRET=CHAT_SECRET,
+        TRIAGE_AGENT_KEY=base64.b64encode(b"a" * 32).decode(),  # one agent, every process
         TRIAGE_SECRETS_KEY=base64.b64encode(b"k" * 32).decode(),
         TRIAGE_ADMIN_TOKEN=ADMIN_TOKEN,
         PYTHONUNBUFFERED="1",
