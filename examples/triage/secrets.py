@@ -73,27 +73,26 @@ class Secrets:
     warnings: tuple[str, ...] = ()
 
 
-def _identity(text: str) -> Identity:
+def _key_bytes(text: str, name: str) -> bytes:
+    """The 32 bytes ``text`` holds in base64 (``name`` says where it came from)."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ConfigurationError(f"{AGENT_KEY_ENV} must be base64 of 32 bytes") from exc
+        raise ConfigurationError(f"{name} must be base64 of 32 bytes") from exc
     if len(raw) != 32:
-        raise ConfigurationError(f"{AGENT_KEY_ENV} must be base64 of 32 bytes, not {len(raw)}")
-    return Identity(Ed25519PrivateKey.from_private_bytes(raw))
+        raise ConfigurationError(f"{name} must be base64 of 32 bytes, not {len(raw)}")
+    return raw
+
+
+def _identity(text: str) -> Identity:
+    return Identity(Ed25519PrivateKey.from_private_bytes(_key_bytes(text, AGENT_KEY_ENV)))
 
 
 async def asecrets_key(workdir: Path, env: Mapping[str, str]) -> tuple[bytes, str, list[str]]:
     """The sealing key, a description of its source, and warnings."""
     raw = env.get(KEY_ENV)
     if raw:
-        try:
-            key = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ConfigurationError(f"{KEY_ENV} must be base64 of 32 bytes") from exc
-        if len(key) != 32:
-            raise ConfigurationError(f"{KEY_ENV} must be base64 of 32 bytes, not {len(key)}")
-        return key, f"AES-256 key from ${KEY_ENV}", []
+        return _key_bytes(raw, KEY_ENV), f"AES-256 key from ${KEY_ENV}", []
     warnings = []
     passphrase = env.get(PASSPHRASE_ENV)
     if not passphrase:
