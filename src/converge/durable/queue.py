@@ -157,6 +157,53 @@ class DurableQueue:
 
     # -- adding ------------------------------------------------------------------------
 
+    async def anew_record(
+        self,
+        data: Mapping[str, Any],
+        *,
+        id: str | None = None,
+        key: str = "",
+        status: str = "pending",
+        lease_owner: str | None = None,
+        lease_sec: float | None = None,
+        due: float | None = None,
+    ) -> Record:
+        """The record :meth:`aadd` adds with these arguments, checked and stamped with the
+        store's time but not written: for a caller that writes it in an update of its own
+        (beside another queue's record, say) with :attr:`transitions`.
+
+        Raises:
+            UsageError: For invalid arguments.
+        """
+        if not isinstance(data, Mapping):
+            raise UsageError("record data must be a JSON object (a mapping)")
+        if status not in _STATUSES or status == "dead":
+            raise UsageError(f"a record is added pending, leased or done, not {status!r}")
+        if not isinstance(key, str):
+            raise UsageError("key must be a string")
+        now = await self.anow()
+        record_id = _check_id(id) if id is not None else self.new_id(now)
+        token, until, owner = 0, None, None
+        if status == "leased":
+            if not isinstance(lease_owner, str) or not lease_owner:
+                raise UsageError("a leased record needs its lease_owner")
+            until = now + _positive("lease_sec", lease_sec)
+            token, owner = 1, lease_owner
+        record = Record(
+            id=record_id,
+            kind=self.kind,
+            status=status,
+            key=key,
+            data=dict(data),
+            created=now,
+            updated=now,
+            due=now if due is None else float(due),
+            lease_owner=owner,
+            lease_token=token,
+            lease_until=until,
+        )
+        return record
+
     async def aadd(
         self,
         data: Mapping[str, Any],
@@ -195,34 +242,16 @@ class DurableQueue:
             UsageError: For invalid arguments.
             StoreError: The store failed (nothing was added).
         """
-        if not isinstance(data, Mapping):
-            raise UsageError("record data must be a JSON object (a mapping)")
-        if status not in _STATUSES or status == "dead":
-            raise UsageError(f"a record is added pending, leased or done, not {status!r}")
-        if not isinstance(key, str):
-            raise UsageError("key must be a string")
-        claims = dict(claims or {})
-        now = await self.anow()
-        record_id = _check_id(id) if id is not None else self.new_id(now)
-        token, until, owner = 0, None, None
-        if status == "leased":
-            if not isinstance(lease_owner, str) or not lease_owner:
-                raise UsageError("a leased record needs its lease_owner")
-            until = now + _positive("lease_sec", lease_sec)
-            token, owner = 1, lease_owner
-        record = Record(
-            id=record_id,
-            kind=self.kind,
-            status=status,
+        record = await self.anew_record(
+            data,
+            id=id,
             key=key,
-            data=dict(data),
-            created=now,
-            updated=now,
-            due=now if due is None else float(due),
-            lease_owner=owner,
-            lease_token=token,
-            lease_until=until,
+            status=status,
+            lease_owner=lease_owner,
+            lease_sec=lease_sec,
+            due=due,
         )
+        claims = dict(claims or {})
         transitions = self.transitions
 
         def add(current: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -230,7 +259,7 @@ class DurableQueue:
 
         outcome = await self.store.aupdate(transitions.add_keys(record, claims), add)
         if outcome == "duplicate":
-            raise DuplicateRecordError(f"record {record_id!r} or one of its claims exists")
+            raise DuplicateRecordError(f"record {record.id!r} or one of its claims exists")
         if outcome == "full":
             raise QueueFullError(
                 f"the {self.kind} queue holds {self.max_pending} open records (max_pending)"

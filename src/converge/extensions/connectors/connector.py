@@ -57,7 +57,6 @@ from converge.extensions.connectors.outbox import (
     DeadLetter,
     Outbox,
     OutboxRecord,
-    _fingerprint,
     action_id,
 )
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
@@ -786,35 +785,12 @@ class WebhookConnector:
             StoreError: The store failed (nothing was written).
         """
         inbox, outbox = self.inbox, self.outbox.queue
-        now = await inbox.anow()
-        record = Record(
-            id=uid,
-            kind=inbox.kind,
-            status=inbox.transitions.done_status,
-            key=provider,
-            data=data,
-            created=now,
-            updated=now,
-            due=now,
-        )
-        action = self._forward_action(record)
-        stored = action.to_dict()
-        out_now = await outbox.anow()
+        done = inbox.transitions.done_status
+        record = await inbox.anew_record(data, id=uid, key=provider, status=done)
         # Leased at once to this process's running dispatcher: its attempt then writes
         # no lease of its own (None: added pending, for whichever dispatcher comes).
-        lease = self.dispatcher.lease_at_add()
-        out = Record(
-            id=action_id(action, "inbound"),
-            kind=outbox.kind,
-            status="pending" if lease is None else "leased",
-            key=action.target,
-            data={"action": stored, "namespace": "inbound", "fingerprint": _fingerprint(stored)},
-            created=out_now,
-            updated=out_now,
-            due=out_now,
-            lease_owner=None if lease is None else lease[0],
-            lease_token=0 if lease is None else 1,
-            lease_until=None if lease is None else out_now + lease[1],
+        out = await self.outbox.anew_record(
+            self._forward_action(record), namespace="inbound", lease=self.dispatcher.lease_at_add()
         )
         keys = [*inbox.transitions.add_keys(record, claims), *outbox.transitions.add_keys(out, {})]
 

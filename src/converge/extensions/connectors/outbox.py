@@ -59,6 +59,19 @@ def _fingerprint(action: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _addition(
+    action: OutboundWebhookAction, namespace: str, lease: tuple[str, float] | None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """What adding ``action`` writes: its record id and data, and the lease arguments
+    of :meth:`DurableQueue.aadd` (none: added pending)."""
+    record_id = action_id(action, namespace)
+    stored = action.to_dict()
+    data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
+    if lease is None:
+        return record_id, data, {}
+    return record_id, data, {"status": "leased", "lease_owner": lease[0], "lease_sec": lease[1]}
+
+
 def _stored_action(data: Any) -> OutboundWebhookAction:
     """Rebuild an action this module stored: it was validated on submit, so only the
     shape is checked here (a full re-validation would dominate the dispatch cost). A
@@ -296,12 +309,7 @@ class Outbox:
             UsageError: For an unknown namespace.
             StoreError: The store failed (nothing was added).
         """
-        record_id = action_id(action, namespace)
-        stored = action.to_dict()
-        data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
-        leased: dict[str, Any] = {}
-        if lease is not None:
-            leased = {"status": "leased", "lease_owner": lease[0], "lease_sec": lease[1]}
+        record_id, data, leased = _addition(action, namespace, lease)
         for _ in range(3):
             try:
                 added = await self.queue.aadd(data, id=record_id, key=action.target, **leased)
@@ -321,6 +329,22 @@ class Outbox:
             f"idempotency key {action.idempotency_key!r} ({namespace}) is unreadable",
             existing_id=record_id,
         )
+
+    async def anew_record(
+        self,
+        action: OutboundWebhookAction,
+        *,
+        namespace: str = "api",
+        lease: tuple[str, float] | None = None,
+    ) -> Record:
+        """The record :meth:`add` adds for ``action``, not written: for a caller that
+        writes it in an update of its own (see :meth:`DurableQueue.anew_record`).
+
+        Raises:
+            UsageError: For an unknown namespace.
+        """
+        record_id, data, leased = _addition(action, namespace, lease)
+        return await self.queue.anew_record(data, id=record_id, key=action.target, **leased)
 
     # -- reading -------------------------------------------------------------------------
 
