@@ -45,7 +45,7 @@ def test_serve_freezes_startup_objects_and_collects_young_objects_less_often(
     tmp_path: Path,
 ) -> None:
     threshold, frozen = map(int, _python(_SERVE, str(tmp_path))[-2:])
-    assert threshold >= 50_000  # not CPython's default of 700
+    assert threshold == 10_000  # not CPython's default of 700
     assert frozen > 10_000  # startup's objects (modules, classes, the gateway)
 
 
