@@ -10,6 +10,7 @@ import pytest
 
 from converge.core.store import Store
 from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
+from converge.durable.core import delete_unchanged, finished_stamps, oldest
 from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
@@ -18,6 +19,7 @@ from converge.errors import (
     UsageError,
 )
 from converge.extensions.storage import MemoryStore
+from counting_store import CountingUpdates
 
 pytestmark = pytest.mark.anyio
 
@@ -123,6 +125,40 @@ def test_bad_configuration_is_refused() -> None:
     ]:
         with pytest.raises(ConfigurationError):
             queue(store, **kw)
+
+
+def test_trim_picks_the_oldest_by_update_time_then_id() -> None:
+    stamps = [(5.0, "e", "k:e"), (1.0, "b", "k:b"), (3.0, "d", "k:d"), (1.0, "a", "k:a")]
+    stamps += [(3.0, "c", "k:c")]
+    assert sorted(s[1] for s in oldest(stamps, 3)) == ["a", "b", "c"]  # the tie at 3.0 by id
+    assert [s[1] for s in oldest(stamps, 1)] == ["a"]
+    assert oldest(stamps, 0) == []
+    assert sorted(oldest(stamps, 9)) == sorted(stamps)
+
+
+def test_trim_reads_stamps_and_deletes_only_records_still_as_read() -> None:
+    def record(record_id: str, updated: float) -> dict[str, Any]:
+        return {"id": record_id, "updated": updated, "status": "acknowledged"}
+
+    current = {
+        "q:done:a": record("a", 1.0),
+        "q:done:b": record("b", 2.0),
+        "q:dead:c": record("c", 3.0),
+        "q:done:x": "not a record",
+    }
+    changes, stamps = finished_stamps(current)
+    assert changes == {}  # a read: nothing written
+    assert sorted(stamps) == [
+        (1.0, "a", "q:done:a"),
+        (2.0, "b", "q:done:b"),
+        (3.0, "c", "q:dead:c"),
+    ]
+    now = {
+        "q:done:a": record("a", 1.0),  # unchanged: deleted
+        "q:done:b": record("b", 9.0),  # finished again since: kept
+        "q:dead:c": None,  # replayed since (open again): nothing to delete
+    }
+    assert delete_unchanged(stamps)(now) == ({"q:done:a": None}, 1)
 
 
 # -- the driver on every backend ------------------------------------------------------
@@ -334,3 +370,50 @@ async def test_listing_many_records_lets_other_tasks_run() -> None:
         during = ticks - before
         tg.cancel_scope.cancel()
     assert during >= 1  # none at all without the listing's own checkpoints
+
+
+async def test_trim_finished_keeps_the_newest_and_never_an_open_record(backend: Store) -> None:
+    now = [1000.0]
+    q = queue(backend, clock=lambda: now[0], max_pending=10_000)
+    done = []
+    for i in range(290):  # more than one batch of 256
+        now[0] += 1.0
+        done.append(await q.aadd({"i": i}, status="acknowledged"))
+    open_one = await q.aadd({"open": True})
+    now[0] += 1.0
+    dead = await q.aadd({"dead": True})
+    [leased] = await q.alease("w", exclude={open_one.id})
+    assert await q.abury(dead.id, leased.lease_token, "gave up") is not None
+    assert await q.atrim_finished(10) == 281  # 291 finished, the newest 10 kept
+    kept = {r.id for r in await q.alist(limit=1_000) if not r.is_open}
+    assert kept == {dead.id, *(r.id for r in done[-9:])}
+    assert await q.aget(open_one.id) is not None
+    assert await q.apending_count() == 1
+    assert await q.atrim_finished(10) == 0
+    with pytest.raises(UsageError):
+        await q.atrim_finished(-1)
+
+
+async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_run() -> None:
+    store = CountingUpdates()
+    q = queue(store, max_pending=10_000)
+    for i in range(1_000):
+        await q.aadd({"n": i}, status="acknowledged")
+    store.updates = 0
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        assert await q.atrim_finished(100) == 900
+        during = ticks - before
+        tg.cancel_scope.cancel()
+    assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
+    assert during >= 4  # the loop is given back between updates (none without)

@@ -19,7 +19,7 @@ reads the retained history::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,16 @@ from converge.durable.records import OPEN_STATUSES as _OPEN
 from converge.durable.records import Attempt, Record, clip_error
 from converge.errors import FormatError
 
-__all__ = ["Changes", "QueueKeys", "Transitions", "read_record"]
+__all__ = [
+    "Changes",
+    "QueueKeys",
+    "Stamp",
+    "Transitions",
+    "delete_unchanged",
+    "finished_stamps",
+    "oldest",
+    "read_record",
+]
 
 #: The ``changes`` half of an update function's return value.
 Changes = dict[str, Any]
@@ -372,3 +381,61 @@ class Transitions:
     def set_count(current: Mapping[str, Any], key: str, value: int) -> tuple[Changes, int]:
         """Set the open-record counter (repair after a recount)."""
         return {key: WithTTL(value, None)}, value
+
+
+#: One finished record as a trim sees it: ``(updated, id, store key)``.
+Stamp = tuple[float, str, str]
+
+
+def _stamp(key: str, value: Any) -> Stamp | None:
+    # What trimming needs of a stored record, without building a Record; None for a
+    # value no Record could be read from (never trimmed, as it is never listed).
+    if not isinstance(value, Mapping):
+        return None
+    updated, record_id = value.get("updated"), value.get("id")
+    if isinstance(updated, bool) or not isinstance(updated, int | float):
+        return None
+    if not isinstance(record_id, str):
+        return None
+    return float(updated), record_id, key
+
+
+def finished_stamps(current: Mapping[str, Any]) -> tuple[Changes, list[Stamp]]:
+    """An update function that only reads: the stamps of the finished records in
+    ``current`` (a many-key read in one store call)."""
+    found = (_stamp(key, value) for key, value in current.items())
+    return {}, [stamp for stamp in found if stamp is not None]
+
+
+def oldest(stamps: list[Stamp], count: int) -> list[Stamp]:
+    """The ``count`` oldest of ``stamps`` by ``(updated, id)``.
+
+    Only the times are sorted (a list of floats sorts in C, without tuple comparisons):
+    a trim of 100,000 records must not hold the event loop.
+    """
+    if count <= 0:
+        return []
+    if count >= len(stamps):
+        return list(stamps)
+    cutoff = sorted([stamp[0] for stamp in stamps])[count - 1]
+    older = [stamp for stamp in stamps if stamp[0] < cutoff]
+    ties = sorted(stamp for stamp in stamps if stamp[0] == cutoff)
+    return older + ties[: count - len(older)]
+
+
+def delete_unchanged(stamps: list[Stamp]) -> Callable[[Mapping[str, Any]], tuple[Changes, int]]:
+    """An update function deleting each stamped record that is still as stamped.
+
+    A record replayed since (its finished key is gone) or finished again (a newer
+    ``updated``) is left alone. Its result is how many were deleted.
+    """
+
+    def delete(current: Mapping[str, Any]) -> tuple[Changes, int]:
+        changes: Changes = {
+            key: None
+            for updated, record_id, key in stamps
+            if _stamp(key, current.get(key)) == (updated, record_id, key)
+        }
+        return changes, len(changes)
+
+    return delete

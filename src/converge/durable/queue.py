@@ -11,7 +11,15 @@ from typing import Any
 import anyio.lowlevel
 
 from converge.core.store import Store
-from converge.durable.core import QueueKeys, Transitions, read_record
+from converge.durable.core import (
+    QueueKeys,
+    Stamp,
+    Transitions,
+    delete_unchanged,
+    finished_stamps,
+    oldest,
+    read_record,
+)
 from converge.durable.records import STATUSES as _STATUSES
 from converge.durable.records import Attempt, Record
 from converge.errors import (
@@ -30,6 +38,8 @@ _CLOCK_REFRESH_SEC = 30.0
 # Records read between checkpoints by a listing: a MemoryStore never yields on its own,
 # and listing 10,000 records would otherwise hold the event loop for tens of ms.
 _YIELD_EVERY = 256
+# Keys per store update when trimming: reads and deletes in batches, not one by one.
+_TRIM_BATCH = 256
 
 
 async def _store_time(store: Store) -> float | None:
@@ -511,6 +521,42 @@ class DurableQueue:
         """Ids of every open (pending or leased) record, oldest id first."""
         prefix = self.keys.open_prefix
         return [k[len(prefix) :] for k in await self.store.alist(prefix)]
+
+    async def atrim_finished(self, keep: int) -> int:
+        """Delete the oldest finished records (done and dead) beyond the newest ``keep``.
+
+        Newest means latest ``updated``, then greatest id. Within ``keep`` this costs two
+        key listings. Beyond it, the finished records are read, then the oldest deleted,
+        256 keys per store update, with a checkpoint between updates: trimming 100,000
+        records takes a few hundred store calls, not one per record, and does not hold
+        the event loop. A record replayed or finished again since it was read is left
+        alone.
+
+        Returns:
+            How many records were deleted.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise UsageError("keep must be an integer >= 0")
+        keys = self.keys
+        finished = [
+            *await self.store.alist(keys.done_prefix),
+            *await self.store.alist(keys.dead_prefix),
+        ]
+        if len(finished) <= keep:
+            return 0
+        stamps: list[Stamp] = []
+        for start in range(0, len(finished), _TRIM_BATCH):
+            chunk = finished[start : start + _TRIM_BATCH]
+            stamps.extend(await self.store.aupdate(chunk, finished_stamps))
+            await anyio.lowlevel.checkpoint()  # a store that works inline never yields
+        victims = oldest(stamps, len(stamps) - keep)
+        deleted = 0
+        for start in range(0, len(victims), _TRIM_BATCH):
+            batch = victims[start : start + _TRIM_BATCH]
+            names = [key for _, _, key in batch]
+            deleted += await self.store.aupdate(names, delete_unchanged(batch))
+            await anyio.lowlevel.checkpoint()
+        return deleted
 
     async def afinished_count(self) -> int:
         """How many records are done or dead: one key listing each, no record read."""

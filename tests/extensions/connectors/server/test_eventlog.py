@@ -12,6 +12,7 @@ from converge.durable import DurableQueue
 from converge.errors import UsageError
 from converge.extensions.connectors.server import EventLog, parse_since, record_view
 from converge.extensions.storage import MemoryStore, SQLiteStore
+from counting_store import CountingUpdates
 
 pytestmark = pytest.mark.anyio
 
@@ -169,3 +170,20 @@ async def test_trim_reads_no_record_while_the_log_is_within_its_bound() -> None:
     assert await log.atrim() == 200
     assert len(await events.alist(limit=1_000)) == 100
     assert store.reads <= 300 + 2 * 200  # each record read once, then the purges
+
+
+async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_queue() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from converge.extensions.connectors.outbox import Outbox
+
+    store = CountingUpdates()
+    outbox = Outbox(store, prefix="t", clock=time.time, dead_letter_ttl_sec=3600)
+    for i in range(300):
+        await outbox.queue.aadd({"n": i}, key="crm", status="delivered")
+    log = EventLog.for_connector(SimpleNamespace(outbox=outbox), max_records=10)
+    store.updates = 0
+    assert await log.atrim() == 290
+    assert store.updates == 2 + 2  # 300 read, 290 deleted: not an update per record
+    assert len(await log.alist("deliveries", limit=1_000)) == 10

@@ -240,6 +240,8 @@ class _Adapted:
         self._queue = queue
         self._kind = kind
         self._statuses = statuses
+        # The durable queue behind it (an Outbox's), for batched trimming.
+        self.durable: DurableQueue | None = getattr(queue, "queue", None)
 
     async def aget(self, record_id: str) -> Record | None:
         found = await self._queue.aget(record_id)
@@ -469,17 +471,20 @@ class EventLog:
     async def atrim(self) -> int:
         """Delete the oldest finished records beyond ``max_records`` in each queue.
 
-        A queue within ``max_records`` costs two key listings; one beyond it has every
-        record read once: run it now and then (:meth:`run_trimmer`), never per request.
+        On a durable queue (the connector's inbox and outbox) this is
+        :meth:`DurableQueue.atrim_finished`: two key listings while within the bound,
+        else batched reads and deletes. Another :class:`RecordQueue` has every record
+        read and each old one purged on its own. Run it now and then
+        (:meth:`run_trimmer`), never per request.
 
         Returns:
             How many records were deleted.
         """
         deleted = 0
         for queue in self._queues.values():
-            if isinstance(queue, DurableQueue) and (
-                await queue.afinished_count() <= self.max_records
-            ):
+            durable = queue if isinstance(queue, DurableQueue) else getattr(queue, "durable", None)
+            if isinstance(durable, DurableQueue):
+                deleted += await durable.atrim_finished(self.max_records)
                 continue
             finished = [r for r in await queue.alist(limit=2**31 - 1) if r.status in _DONE_OR_DEAD]
             finished.sort(key=lambda r: (r.updated, r.id), reverse=True)
