@@ -10,7 +10,7 @@ import pytest
 
 from converge.core.store import Store
 from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
-from converge.durable.core import delete_unchanged, finished_stamps, oldest
+from converge.durable.core import delete_unchanged, finished_stamps, listed, oldest
 from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
@@ -417,3 +417,27 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
         tg.cancel_scope.cancel()
     assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
     assert during >= 4  # the loop is given back between updates (none without)
+
+
+async def test_listing_reads_in_batches_and_returns_the_newest_records() -> None:
+    store = CountingUpdates()
+    now = [1000.0]
+    q = queue(store, clock=lambda: now[0], max_pending=10_000)
+    for i in range(1_000):
+        now[0] += 1.0
+        await q.aadd({"n": i}, id=f"r{i:04d}", key="even" if i % 2 == 0 else "odd")
+    store.put("q:open:junk", "not a record")  # unreadable: skipped, never fatal
+    store.updates = 0
+    newest = await q.alist(key="even", limit=3)
+    assert [r.id for r in newest] == ["r0998", "r0996", "r0994"]
+    assert store.updates == 4 + 1  # 1,001 keys read 256 at a time, then the 3 in full
+    assert len(await q.alist(limit=5_000)) == 1_000
+    assert [r.id for r in await q.alist(since=now[0] - 1)] == ["r0999", "r0998"]
+
+
+def test_a_listing_keeps_sort_keys_of_the_matching_records_only() -> None:
+    record = {"id": "a", "created": 5, "status": "pending", "key": "p"}
+    current = {"q:open:a": record, "q:open:b": {**record, "id": "b", "key": "x"}, "q:open:c": 7}
+    assert listed(current, None, "p", None) == [(5.0, "a", "q:open:a")]
+    assert listed(current, "leased", None, None) == []
+    assert listed(current, None, None, 6.0) == []

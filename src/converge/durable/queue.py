@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import time
@@ -12,13 +13,16 @@ import anyio.lowlevel
 
 from converge.core.store import Store
 from converge.durable.core import (
+    Listed,
     QueueKeys,
     Stamp,
     Transitions,
     delete_unchanged,
     finished_stamps,
+    listed,
     oldest,
     read_record,
+    read_values,
 )
 from converge.durable.records import STATUSES as _STATUSES
 from converge.durable.records import Attempt, Record
@@ -35,11 +39,10 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
 # How often the offset between this host's clock and the store's clock is refreshed.
 _CLOCK_REFRESH_SEC = 30.0
-# Records read between checkpoints by a listing: a MemoryStore never yields on its own,
-# and listing 10,000 records would otherwise hold the event loop for tens of ms.
-_YIELD_EVERY = 256
-# Keys per store update when trimming: reads and deletes in batches, not one by one.
-_TRIM_BATCH = 256
+# Keys per store call when a listing or a trim reads (or deletes) many records: one
+# call per record cost a thread hop each on SQLite (10,000 records: 4 s), and a
+# MemoryStore never yields on its own, so the loop is given back between calls.
+_BATCH = 256
 
 
 async def _store_time(store: Store) -> float | None:
@@ -478,8 +481,9 @@ class DurableQueue:
     ) -> list[Record]:
         """Records, newest first, filtered by status, key and creation time.
 
-        This reads every record of the phases asked for: it is for operators (event
-        log, CLI, admin API), not for a per-request path.
+        This reads every record of the phases asked for (256 per store call, building
+        only the records it returns): it is for operators (event log, CLI, admin API),
+        not for a per-request path.
 
         Args:
             status: Only this status (one of :data:`~converge.durable.STATUSES`).
@@ -499,23 +503,29 @@ class DurableQueue:
             "delivered": (self.keys.done_prefix,),
             "dead": (self.keys.dead_prefix,),
         }[status]
-        found: list[Record] = []
+        found: list[Listed] = []
         for prefix in prefixes:
-            for n, store_key in enumerate(await self.store.alist(prefix), 1):
-                if n % _YIELD_EVERY == 0:  # a store that reads inline never yields
-                    await anyio.lowlevel.checkpoint()
-                record = read_record(await self.store.aget(store_key))
-                if record is None:
-                    continue
-                if status is not None and record.status != status:
-                    continue
-                if key is not None and record.key != key:
-                    continue
-                if since is not None and record.created < since:
-                    continue
-                found.append(record)
-        found.sort(key=lambda r: (r.created, r.id), reverse=True)
-        return found[:limit]
+            names = await self.store.alist(prefix)
+            for start in range(0, len(names), _BATCH):
+                values = await self.store.aupdate(names[start : start + _BATCH], read_values)
+                found.extend(listed(values, status, key, since))
+                await anyio.lowlevel.checkpoint()  # a store that works inline never yields
+        # Read the newest again, in full: one that changed meanwhile so that it no longer
+        # matches (or was moved to another phase's key) gives its place to the next.
+        records: list[Record] = []
+        taken = 0
+        while len(records) < limit and taken < len(found):
+            window = heapq.nlargest(taken + limit - len(records), found)[taken:]
+            taken += len(window)
+            for start in range(0, len(window), _BATCH):
+                names = [store_key for _, _, store_key in window[start : start + _BATCH]]
+                values = await self.store.aupdate(names, read_values)
+                for _, _, store_key in listed(values, status, key, since):
+                    record = read_record(values[store_key])
+                    if record is not None:
+                        records.append(record)
+        records.sort(key=lambda r: (r.created, r.id), reverse=True)
+        return records[:limit]
 
     async def aopen_ids(self) -> list[str]:
         """Ids of every open (pending or leased) record, oldest id first."""
@@ -545,14 +555,14 @@ class DurableQueue:
         if len(finished) <= keep:
             return 0
         stamps: list[Stamp] = []
-        for start in range(0, len(finished), _TRIM_BATCH):
-            chunk = finished[start : start + _TRIM_BATCH]
+        for start in range(0, len(finished), _BATCH):
+            chunk = finished[start : start + _BATCH]
             stamps.extend(await self.store.aupdate(chunk, finished_stamps))
             await anyio.lowlevel.checkpoint()  # a store that works inline never yields
         victims = oldest(stamps, len(stamps) - keep)
         deleted = 0
-        for start in range(0, len(victims), _TRIM_BATCH):
-            batch = victims[start : start + _TRIM_BATCH]
+        for start in range(0, len(victims), _BATCH):
+            batch = victims[start : start + _BATCH]
             names = [key for _, _, key in batch]
             deleted += await self.store.aupdate(names, delete_unchanged(batch))
             await anyio.lowlevel.checkpoint()
