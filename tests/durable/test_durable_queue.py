@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -22,6 +23,8 @@ from converge.extensions.storage import MemoryStore
 from counting_store import CountingUpdates
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 
 def queue(store: Store, **kw: Any) -> DurableQueue:
@@ -348,12 +351,8 @@ async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
         await q.alist(status="lost")
 
 
-async def test_listing_many_records_lets_other_tasks_run() -> None:
-    # A MemoryStore answers without yielding: a listing must give the loop back now
-    # and then, or 1,000 records would hold every other task for the whole listing.
-    q = queue(MemoryStore())
-    for i in range(1_000):
-        await q.aadd({"n": i})
+async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
+    """Await ``work`` while another task counts its turns: (result, turns it had)."""
     ticks = 0
 
     async def ticker() -> None:
@@ -366,9 +365,20 @@ async def test_listing_many_records_lets_other_tasks_run() -> None:
         tg.start_soon(ticker)
         await anyio.lowlevel.checkpoint()
         before = ticks
-        assert len(await q.alist(limit=2_000)) == 1_000
+        result = await work
         during = ticks - before
         tg.cancel_scope.cancel()
+    return result, during
+
+
+async def test_listing_many_records_lets_other_tasks_run() -> None:
+    # A MemoryStore answers without yielding: a listing must give the loop back now
+    # and then, or 1,000 records would hold every other task for the whole listing.
+    q = queue(MemoryStore())
+    for i in range(1_000):
+        await q.aadd({"n": i})
+    listing, during = await ticks_during(q.alist(limit=2_000))
+    assert len(listing) == 1_000
     assert during >= 1  # none at all without the listing's own checkpoints
 
 
@@ -400,21 +410,8 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     for i in range(1_000):
         await q.aadd({"n": i}, status="acknowledged")
     store.updates = 0
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        before = ticks
-        assert await q.atrim_finished(100) == 900
-        during = ticks - before
-        tg.cancel_scope.cancel()
+    trimmed, during = await ticks_during(q.atrim_finished(100))
+    assert trimmed == 900
     assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
     assert during >= 4  # the loop is given back between updates (none without)
 
