@@ -390,17 +390,22 @@ class Transitions:
 Stamp = tuple[float, str, str]
 
 
-def _stamp(key: str, value: Any) -> Stamp | None:
-    # What trimming needs of a stored record, without building a Record; None for a
-    # value no Record could be read from (never trimmed, as it is never listed).
+def _time_and_id(value: Any, field: str) -> tuple[float, str] | None:
+    # A stored record's time ``field`` and id, without building a Record; None for a
+    # value no Record could be read from (never listed, so never trimmed either).
     if not isinstance(value, Mapping):
         return None
-    updated, record_id = value.get("updated"), value.get("id")
-    if isinstance(updated, bool) or not isinstance(updated, int | float):
+    time, record_id = value.get(field), value.get("id")
+    if isinstance(time, bool) or not isinstance(time, int | float):
         return None
     if not isinstance(record_id, str):
         return None
-    return float(updated), record_id, key
+    return float(time), record_id
+
+
+def _stamp(key: str, value: Any) -> Stamp | None:
+    found = _time_and_id(value, "updated")
+    return None if found is None else (*found, key)
 
 
 def read_values(current: dict[str, Any]) -> tuple[Changes, dict[str, Any]]:
@@ -422,20 +427,16 @@ def listed(
     filters, as :data:`Listed` entries (no Record is built)."""
     out: list[Listed] = []
     for store_key, value in current.items():
-        if not isinstance(value, Mapping):
-            continue
-        created, record_id = value.get("created"), value.get("id")
-        if isinstance(created, bool) or not isinstance(created, int | float):
-            continue
-        if not isinstance(record_id, str):
+        found = _time_and_id(value, "created")
+        if found is None:
             continue
         if status is not None and value.get("status") != status:
             continue
         if key is not None and value.get("key") != key:
             continue
-        if since is not None and created < since:
+        if since is not None and found[0] < since:
             continue
-        out.append((float(created), record_id, store_key))
+        out.append((*found, store_key))
     return out
 
 
