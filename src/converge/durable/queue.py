@@ -7,15 +7,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.lowlevel
 
-from converge.core.store import Store
+from converge.core.store import Store, UpdateFn
 from converge.durable.core import (
     Listed,
     QueueKeys,
-    Stamp,
     Transitions,
     delete_unchanged,
     finished_stamps,
@@ -34,6 +33,8 @@ from converge.errors import (
 )
 
 __all__ = ["DurableQueue"]
+
+R = TypeVar("R")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
@@ -202,7 +203,7 @@ class DurableQueue:
                 raise UsageError("a leased record needs its lease_owner")
             until = now + _positive("lease_sec", lease_sec)
             token, owner = 1, lease_owner
-        record = Record(
+        return Record(
             id=record_id,
             kind=self.kind,
             status=status,
@@ -215,7 +216,6 @@ class DurableQueue:
             lease_token=token,
             lease_until=until,
         )
-        return record
 
     async def aadd(
         self,
@@ -503,13 +503,14 @@ class DurableQueue:
             "delivered": (self.keys.done_prefix,),
             "dead": (self.keys.dead_prefix,),
         }[status]
+
+        def matching(current: dict[str, Any]) -> tuple[dict[str, Any], list[Listed]]:
+            return {}, listed(current, status, key, since)
+
         found: list[Listed] = []
         for prefix in prefixes:
-            names = await self.store.alist(prefix)
-            for start in range(0, len(names), _BATCH):
-                values = await self.store.aupdate(names[start : start + _BATCH], read_values)
-                found.extend(listed(values, status, key, since))
-                await anyio.lowlevel.checkpoint()  # a store that works inline never yields
+            for part in await self._in_batches(await self.store.alist(prefix), matching):
+                found.extend(part)
         # Read the newest again, in full: one that changed meanwhile so that it no longer
         # matches (or was moved to another phase's key) gives its place to the next.
         records: list[Record] = []
@@ -517,9 +518,8 @@ class DurableQueue:
         while len(records) < limit and taken < len(found):
             window = heapq.nlargest(taken + limit - len(records), found)[taken:]
             taken += len(window)
-            for start in range(0, len(window), _BATCH):
-                names = [store_key for _, _, store_key in window[start : start + _BATCH]]
-                values = await self.store.aupdate(names, read_values)
+            names = [store_key for _, _, store_key in window]
+            for values in await self._in_batches(names, read_values):
                 for _, _, store_key in listed(values, status, key, since):
                     record = read_record(values[store_key])
                     if record is not None:
@@ -554,19 +554,26 @@ class DurableQueue:
         ]
         if len(finished) <= keep:
             return 0
-        stamps: list[Stamp] = []
-        for start in range(0, len(finished), _BATCH):
-            chunk = finished[start : start + _BATCH]
-            stamps.extend(await self.store.aupdate(chunk, finished_stamps))
-            await anyio.lowlevel.checkpoint()  # a store that works inline never yields
+        stamps = [
+            stamp for part in await self._in_batches(finished, finished_stamps) for stamp in part
+        ]
         victims = oldest(stamps, len(stamps) - keep)
         deleted = 0
-        for start in range(0, len(victims), _BATCH):
+        for start in range(0, len(victims), _BATCH):  # each update checks its own batch
             batch = victims[start : start + _BATCH]
-            names = [key for _, _, key in batch]
+            names = [store_key for _, _, store_key in batch]
             deleted += await self.store.aupdate(names, delete_unchanged(batch))
             await anyio.lowlevel.checkpoint()
         return deleted
+
+    async def _in_batches(self, keys: list[str], fn: UpdateFn[R]) -> list[R]:
+        """``fn`` over ``keys`` in store updates of 256 keys, the loop given back between
+        them (a store that works inline never yields): the result of each update."""
+        results = []
+        for start in range(0, len(keys), _BATCH):
+            results.append(await self.store.aupdate(keys[start : start + _BATCH], fn))
+            await anyio.lowlevel.checkpoint()
+        return results
 
     async def afinished_count(self) -> int:
         """How many records are done or dead: one key listing each, no record read."""
