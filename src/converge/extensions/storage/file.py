@@ -33,6 +33,7 @@ import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
+from functools import partial
 from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio.to_thread
@@ -63,6 +64,7 @@ from converge.extensions.storage._codec import (
     key_bytes,
     key_from_bytes,
 )
+from converge.extensions.storage._sort import sort_keys
 
 if sys.platform != "win32":
     import fcntl
@@ -573,7 +575,7 @@ class FileStore(Store):
                 self._fsync_dir()
         return result
 
-    def _list(self, prefix: str) -> builtins.list[str]:
+    def _list(self, prefix: str, *, sort: bool = True) -> builtins.list[str]:
         self._check_open()
         now = time.time()
         keys: builtins.list[str] = []
@@ -595,7 +597,8 @@ class FileStore(Store):
                     keys.append(key)
             elif name.startswith(_TMP_PREFIX):
                 self._sweep_temp(name)
-        keys.sort()
+        if sort:
+            keys.sort()
         return keys
 
     def _live(self, key: str | None, name: str, now: float) -> str | None:
@@ -746,7 +749,9 @@ class FileStore(Store):
         Also removes expired files and temp files left by crashed writers.
         """
         validate_prefix(prefix)
-        return await anyio.to_thread.run_sync(self._list, prefix)
+        # Sorted on the loop in steps: a sort in the worker thread would hold the GIL.
+        unsorted = partial(self._list, prefix, sort=False)
+        return await sort_keys(await anyio.to_thread.run_sync(unsorted))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; atomic (see class doc)."""

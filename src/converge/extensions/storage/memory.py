@@ -20,6 +20,7 @@ from converge.core.store import (
 )
 from converge.errors import ClosedError, UsageError
 from converge.extensions.storage._codec import check_keys
+from converge.extensions.storage._sort import sort_keys
 
 __all__ = ["MemoryStore"]
 
@@ -138,6 +139,12 @@ class MemoryStore(Store):
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """List keys starting with prefix."""
+        keys = self._keys(prefix)
+        keys.sort()
+        return keys
+
+    def _keys(self, prefix: str) -> builtins.list[str]:
+        # The live keys starting with ``prefix``, unsorted.
         validate_prefix(prefix)
         with self._lock:
             self._sweep()
@@ -150,7 +157,6 @@ class MemoryStore(Store):
                         keys.extend(members)
                     elif prefix.startswith(group):  # the prefix reaches past the group
                         keys.extend(k for k in members if k.startswith(prefix))
-        keys.sort()
         return keys
 
     def put_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
@@ -216,8 +222,11 @@ class MemoryStore(Store):
         self.delete(key)
 
     async def alist(self, prefix: str = "") -> builtins.list[str]:
-        """Return the live keys starting with ``prefix``, sorted."""
-        return self.list(prefix)
+        """Return the live keys starting with ``prefix``, sorted.
+
+        A long listing is sorted in steps that give the event loop back between them.
+        """
+        return await sort_keys(self._keys(prefix))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; atomic."""

@@ -51,6 +51,7 @@ from converge.extensions.storage._codec import (
     key_bytes,
     key_from_bytes,
 )
+from converge.extensions.storage._sort import sort_keys
 
 try:
     import coredis
@@ -400,24 +401,23 @@ class RedisStore(Store):
         raw_prefix = self._namespace + key_bytes(validate_prefix(prefix))
         pattern = _GLOB_SPECIAL.sub(rb"\\\1", raw_prefix) + b"*"
 
-        async def scan(client: _Client) -> set[bytes]:
-            found: set[bytes] = set()  # SCAN may return a key more than once
+        strip = len(self._namespace)
+
+        async def scan(client: _Client) -> set[str]:
+            # Each batch is decoded as it arrives, so no one step decodes every key.
+            found: set[str] = set()  # SCAN may return a key more than once
             cursor: int | None = 0
             while True:
                 cursor, batch = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
-                found.update(batch)
+                for raw in batch:
+                    try:
+                        found.add(key_from_bytes(raw[strip:]))
+                    except UnicodeDecodeError:
+                        continue  # not a key this store wrote
                 if not cursor:
                     return found
 
-        strip = len(self._namespace)
-        keys: builtins.list[str] = []
-        for raw in await self._call(scan):
-            try:
-                keys.append(key_from_bytes(raw[strip:]))
-            except UnicodeDecodeError:
-                continue  # not a key this store wrote
-        keys.sort()
-        return keys
+        return await sort_keys(builtins.list(await self._call(scan)))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); atomic."""
