@@ -416,6 +416,41 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     assert during >= 4  # the loop is given back between updates (none without)
 
 
+async def test_a_lease_reads_the_open_records_in_batches() -> None:
+    # Only the records worth leasing cost a write; the rest are read 256 per store call
+    # (a plain read each used to cost one call per open record, at every inbox poll).
+    store = CountingUpdates()
+    now = [1000.0]
+    q = queue(store, clock=lambda: now[0], max_pending=10_000)
+    for i in range(1_000):
+        await q.aadd({"n": i}, id=f"a{i:04d}", key="k", due=now[0] + 60)  # not due yet
+    for i in range(3):
+        await q.aadd({"n": i}, id=f"b{i}", key="k")
+    await q.aadd({"n": 9}, id="b9", key="other")
+    store.updates = store.gets = 0
+    leased = await q.alease("me", limit=10, key="k", exclude={"b1"})
+    assert [r.id for r in leased] == ["b0", "b2"]
+    assert (store.updates, store.gets) == (4 + 2, 0)  # 1,003 read in 4, then 2 leases
+    now[0] += 61  # every record is due: the first batch fills the limit
+    store.updates = 0
+    leased = await q.alease("me", limit=5)
+    assert [r.id for r in leased] == [f"a{i:04d}" for i in range(5)]
+    assert store.updates == 1 + 5
+
+
+async def test_open_records_are_read_by_id_in_batches() -> None:
+    store = CountingUpdates()
+    q = queue(store, max_pending=10_000)
+    ids = [(await q.aadd({"n": i})).id for i in range(600)]
+    done = await q.aadd({"n": -1}, status="acknowledged")
+    store.updates = 0
+    found = await q.aget_open([*ids, done.id, "unknown"])
+    assert sorted(r.id for r in found) == sorted(ids)
+    assert store.updates == 3  # 602 ids, 256 per store call
+    with pytest.raises(UsageError):
+        await q.aget_open([""])
+
+
 async def test_listing_reads_in_batches_and_returns_the_newest_records() -> None:
     store = CountingUpdates()
     now = [1000.0]

@@ -414,6 +414,25 @@ def read_values(current: dict[str, Any]) -> tuple[Changes, dict[str, Any]]:
     return {}, current
 
 
+def leasable_keys(
+    now: float, key: str | None
+) -> Callable[[Mapping[str, Any]], tuple[Changes, list[str]]]:
+    """An update function that only reads: the store keys of the records in ``current``
+    a lease may take at ``now`` (of ``key`` only, when given), in ``current``'s order."""
+
+    def due(current: Mapping[str, Any]) -> tuple[Changes, list[str]]:
+        found = []
+        for store_key, value in current.items():
+            record = read_record(value)
+            if record is None or not Transitions.leasable(record, now):
+                continue
+            if key is None or record.key == key:
+                found.append(store_key)
+        return {}, found
+
+    return due
+
+
 #: One record of a listing by its sort key: ``(created, id, store key)``. A listing
 #: keeps these, not the values, and reads the records it returns again: holding (and
 #: then freeing) 10,000 decoded records took tens of ms of the event loop.

@@ -6,7 +6,7 @@ import heapq
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio.lowlevel
@@ -18,6 +18,7 @@ from converge.durable.core import (
     Transitions,
     delete_unchanged,
     finished_stamps,
+    leasable_keys,
     listed,
     oldest,
     read_record,
@@ -312,22 +313,18 @@ class DurableQueue:
             raise UsageError("limit must be an integer >= 1")
         prefix = self.keys.open_prefix
         now = await self.anow()
+        names = [k for k in await self.store.alist(prefix) if k[len(prefix) :] not in exclude]
+        due = leasable_keys(now, key)
         leased: list[Record] = []
-        for store_key in await self.store.alist(prefix):
-            record_id = store_key[len(prefix) :]
-            if record_id in exclude:
-                continue
-            # A plain read first: only records worth leasing cost a write transaction.
-            found = read_record(await self.store.aget(store_key))
-            if found is None or not Transitions.leasable(found, now):
-                continue
-            if key is not None and found.key != key:
-                continue
-            record = await self._lease(record_id, owner, now, now + seconds)
-            if record is not None:
-                leased.append(record)
-                if len(leased) >= limit:
-                    break
+        for start in range(0, len(names), _BATCH):
+            # A plain read of 256 records first: only those worth leasing cost a write.
+            for store_key in await self.store.aupdate(names[start : start + _BATCH], due):
+                record = await self._lease(store_key[len(prefix) :], owner, now, now + seconds)
+                if record is not None:
+                    leased.append(record)
+                    if len(leased) >= limit:
+                        return leased
+            await anyio.lowlevel.checkpoint()
         return leased
 
     async def alease_id(
@@ -470,6 +467,19 @@ class DurableQueue:
             if record is not None:
                 return record
         return None
+
+    async def aget_open(self, ids: Sequence[str]) -> list[Record]:
+        """The open (pending or leased) records among ``ids``, read 256 per store call;
+        an id with no open record is left out."""
+        for record_id in ids:
+            _check_id(record_id)
+        names = [self.keys.open(record_id) for record_id in ids]
+        return [
+            record
+            for values in await self._in_batches(names, read_values)
+            for value in values.values()
+            if (record := read_record(value)) is not None
+        ]
 
     async def alist(
         self,

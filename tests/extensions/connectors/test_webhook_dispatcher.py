@@ -26,6 +26,7 @@ from converge.extensions.connectors import (
     WebhookRetryPolicy,
 )
 from converge.extensions.storage import FileStore, SQLiteStore
+from counting_store import CountingUpdates
 
 pytestmark = pytest.mark.anyio
 
@@ -315,6 +316,21 @@ async def test_actions_submitted_by_another_process_are_found_by_polling(tmp_pat
         await eventually(lambda: len(sender.requests) == 1)
     await store.aclose()
     await other.aclose()
+
+
+async def test_a_dispatcher_started_over_a_backlog_reads_it_in_batches() -> None:
+    # Restarted after an outage with 600 actions waiting: the first scan reads them 256
+    # per store call (one read per action before), then delivers each once.
+    store = CountingUpdates()
+    sender = Sender()
+    c = make(store, outbound_sender=sender)
+    for n in range(600):
+        await c.submit_outbound_action(action(n))
+    store.gets = 0
+    async with dispatching(c):
+        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
+    assert store.gets < 10
+    assert sorted(json.loads(r.content)["n"] for r in sender.requests) == list(range(600))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "file"])

@@ -8,10 +8,10 @@ import random
 import anyio
 import anyio.lowlevel
 import pytest
-from loop_stall import assert_loop_stall_below
 
 from converge.extensions.storage import MemoryStore, _sort
 from converge.extensions.storage._sort import sort_keys
+from loop_stall import assert_loop_stall_below
 
 pytestmark = pytest.mark.anyio
 

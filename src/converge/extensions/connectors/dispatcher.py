@@ -33,6 +33,8 @@ _log = logging.getLogger("converge.connectors")
 _BREAKER_STATE = {"closed": 0, "open": 1, "half_open": 2}
 # Rescans of the store that find nothing back off up to this many poll intervals.
 _MAX_SCAN_BACKOFF = 16
+# Pending actions a scan reads at once (one store call per 256, and no more held).
+_SCAN_BATCH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,20 +302,20 @@ class OutboundDispatcher:
             ids = await self._outbox.pending_ids()
             self._store_backlog = len(ids)
             store_now = await self._outbox.atime()
-            for action_id in ids:
-                if action_id in self._schedule:
-                    continue
-                record = await self._outbox.get(action_id)
-                if record is None:
-                    continue
-                if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
-                    continue  # added leased to us: notify() schedules it (or a later scan)
-                # Record times are on the store's clock; the schedule runs on ours.
-                wait = record.due - store_now
-                if record.lease_owner not in (None, self._owner) and record.lease_until:
-                    wait = max(wait, record.lease_until - store_now)  # leased elsewhere
-                self._schedule.add(record.id, record.action.target, self._clock() + max(0, wait))
-                found += 1
+            unknown = [action_id for action_id in ids if action_id not in self._schedule]
+            for start in range(0, len(unknown), _SCAN_BATCH):
+                for record in await self._outbox.pending(unknown[start : start + _SCAN_BATCH]):
+                    if record.id in self._schedule:
+                        continue  # notified while this scan read
+                    if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
+                        continue  # added leased to us: notify() schedules it (or a later scan)
+                    # Record times are on the store's clock; the schedule runs on ours.
+                    wait = record.due - store_now
+                    if record.lease_owner not in (None, self._owner) and record.lease_until:
+                        wait = max(wait, record.lease_until - store_now)  # leased elsewhere
+                    due = self._clock() + max(0, wait)
+                    self._schedule.add(record.id, record.action.target, due)
+                    found += 1
         except StoreError as exc:
             self._store_failed(exc)
         else:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -361,6 +361,11 @@ class Outbox:
         """The pending (or leased) action, or None."""
         found = _view(await self.queue.aget(record_id))
         return found if found is not None and found.status in ("pending", "leased") else None
+
+    async def pending(self, record_ids: Sequence[str]) -> list[OutboxRecord]:
+        """The pending (or leased) actions among ``record_ids``, read 256 per store call."""
+        found = (_view(record) for record in await self.queue.aget_open(record_ids))
+        return [record for record in found if record is not None]
 
     async def aget(self, record_id: str) -> Record | None:
         """The durable record with this id, in any status (None: unknown or expired)."""
