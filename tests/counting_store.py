@@ -11,10 +11,14 @@ __all__ = ["CountingUpdates"]
 
 class CountingUpdates(MemoryStore):
     """A MemoryStore that counts its ``aupdate`` calls in ``updates`` and its ``aget``
-    calls in ``gets``."""
+    calls in ``gets`` (the keys read in ``got``)."""
 
     updates = 0
     gets = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[str] = []
 
     async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
         self.updates += 1
@@ -22,4 +26,5 @@ class CountingUpdates(MemoryStore):
 
     async def aget(self, key: str) -> Any | None:
         self.gets += 1
+        self.got.append(key)
         return await super().aget(key)

@@ -38,6 +38,7 @@ __all__ = [
     "Transitions",
     "delete_unchanged",
     "finished_stamps",
+    "leasable_keys",
     "listed",
     "oldest",
     "read_record",
