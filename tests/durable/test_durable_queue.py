@@ -11,7 +11,7 @@ import pytest
 
 from converge.core.store import Store
 from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
-from converge.durable.core import delete_unchanged, finished_stamps, listed, oldest
+from converge.durable.core import cutoff, delete_unchanged, finished_stamps, listed, split_at
 from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
@@ -133,10 +133,14 @@ def test_bad_configuration_is_refused() -> None:
 def test_trim_picks_the_oldest_by_update_time_then_id() -> None:
     stamps = [(5.0, "e", "k:e"), (1.0, "b", "k:b"), (3.0, "d", "k:d"), (1.0, "a", "k:a")]
     stamps += [(3.0, "c", "k:c")]
-    assert sorted(s[1] for s in oldest(stamps, 3)) == ["a", "b", "c"]  # the tie at 3.0 by id
-    assert [s[1] for s in oldest(stamps, 1)] == ["a"]
-    assert oldest(stamps, 0) == []
-    assert sorted(oldest(stamps, 9)) == sorted(stamps)
+    times = sorted(s[0] for s in stamps)
+    assert cutoff(times, 3) == (3.0, 1)  # 1.0, 1.0, then one of the two at 3.0
+    assert cutoff(times, 4) == (3.0, 2)
+    assert cutoff(times, 1) == (1.0, 1)
+    assert cutoff(times, 5) == (5.0, 1)
+    older, at_time = split_at(stamps, 3.0)
+    assert sorted(s[1] for s in older) == ["a", "b"]
+    assert sorted(at_time) == [(3.0, "c", "k:c"), (3.0, "d", "k:d")]  # by id: c goes first
 
 
 def test_trim_reads_stamps_and_deletes_only_records_still_as_read() -> None:

@@ -19,6 +19,7 @@ reads the retained history::
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +37,14 @@ __all__ = [
     "QueueKeys",
     "Stamp",
     "Transitions",
+    "cutoff",
     "delete_unchanged",
     "finished_stamps",
     "leasable_keys",
     "listed",
-    "oldest",
     "read_record",
     "read_values",
+    "split_at",
 ]
 
 #: The ``changes`` half of an update function's return value.
@@ -467,20 +469,20 @@ def finished_stamps(current: Mapping[str, Any]) -> tuple[Changes, list[Stamp]]:
     return {}, [stamp for stamp in found if stamp is not None]
 
 
-def oldest(stamps: list[Stamp], count: int) -> list[Stamp]:
-    """The ``count`` oldest of ``stamps`` by ``(updated, id)``.
+def cutoff(times: list[float], count: int) -> tuple[float, int]:
+    """Where the ``count`` oldest of some stamps end, given their times sorted
+    (``1 <= count <= len(times)``): the time of the last of them, and how many of the
+    stamps at exactly that time are among them (those with the smallest ids).
 
-    Only the times are sorted (a list of floats sorts in C, without tuple comparisons):
-    a trim of 100,000 records must not hold the event loop.
+    Only the times are sorted (a list of floats sorts in C, without tuple comparisons).
     """
-    if count <= 0:
-        return []
-    if count >= len(stamps):
-        return list(stamps)
-    cutoff = sorted([stamp[0] for stamp in stamps])[count - 1]
-    older = [stamp for stamp in stamps if stamp[0] < cutoff]
-    ties = sorted(stamp for stamp in stamps if stamp[0] == cutoff)
-    return older + ties[: count - len(older)]
+    time = times[count - 1]
+    return time, count - bisect_left(times, time)
+
+
+def split_at(stamps: list[Stamp], time: float) -> tuple[list[Stamp], list[Stamp]]:
+    """The stamps older than ``time``, and those at exactly ``time``."""
+    return [s for s in stamps if s[0] < time], [s for s in stamps if s[0] == time]
 
 
 def delete_unchanged(stamps: list[Stamp]) -> Callable[[Mapping[str, Any]], tuple[Changes, int]]:

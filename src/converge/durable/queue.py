@@ -11,18 +11,21 @@ from typing import Any, TypeVar
 
 import anyio.lowlevel
 
+from converge._sorting import sort_yielding
 from converge.core.store import Store, UpdateFn
 from converge.durable.core import (
     Listed,
     QueueKeys,
+    Stamp,
     Transitions,
+    cutoff,
     delete_unchanged,
     finished_stamps,
     leasable_keys,
     listed,
-    oldest,
     read_record,
     read_values,
+    split_at,
 )
 from converge.durable.records import STATUSES as _STATUSES
 from converge.durable.records import Attempt, Record
@@ -45,6 +48,8 @@ _CLOCK_REFRESH_SEC = 30.0
 # call per record cost a thread hop each on SQLite (10,000 records: 4 s), and a
 # MemoryStore never yields on its own, so the loop is given back between calls.
 _BATCH = 256
+# Batches of stamps a trim picks from between checkpoints.
+_PARTS_PER_STEP = 32
 
 
 async def _store_time(store: Store) -> float | None:
@@ -564,13 +569,20 @@ class DurableQueue:
         ]
         if len(finished) <= keep:
             return 0
-        stamps = [
-            stamp for part in await self._in_batches(finished, finished_stamps) for stamp in part
-        ]
-        victims = oldest(stamps, len(stamps) - keep)
+        parts = await self._in_batches(finished, finished_stamps)
+        del finished
+        count = sum(map(len, parts)) - keep  # unreadable records were not stamped
+        if count <= 0:
+            return 0
+        victims = await _oldest(parts, count)
+        # Free the stamps as they are done with: freeing 130,000 at once, when the trim
+        # returned, held the loop for 20-25 ms.
+        del parts
+        await anyio.lowlevel.checkpoint()
         deleted = 0
-        for start in range(0, len(victims), _BATCH):  # each update checks its own batch
-            batch = victims[start : start + _BATCH]
+        while victims:  # each update checks its own batch
+            batch = victims[-_BATCH:]
+            del victims[-_BATCH:]
             names = [store_key for _, _, store_key in batch]
             deleted += await self.store.aupdate(names, delete_unchanged(batch))
             await anyio.lowlevel.checkpoint()
@@ -610,3 +622,24 @@ class DurableQueue:
             return Transitions.set_count(current, key, count)
 
         return await self.store.aupdate([key], fix)
+
+
+async def _oldest(parts: list[list[Stamp]], count: int) -> list[Stamp]:
+    """The ``count`` oldest stamps of ``parts`` (the reads of a trim), picked by their
+    times only, in steps that give the loop back (one pass over 130,000 stamps held it
+    for 20-30 ms)."""
+    times: list[float] = []
+    for n, part in enumerate(parts, 1):
+        times += [stamp[0] for stamp in part]
+        if n % _PARTS_PER_STEP == 0:
+            await anyio.lowlevel.checkpoint()
+    time, tied = cutoff(await sort_yielding(times), count)
+    victims: list[Stamp] = []
+    ties: list[Stamp] = []
+    for n, part in enumerate(parts, 1):
+        older, at_time = split_at(part, time)
+        victims += older
+        ties += at_time
+        if n % _PARTS_PER_STEP == 0:
+            await anyio.lowlevel.checkpoint()
+    return victims + sorted(ties)[:tied]

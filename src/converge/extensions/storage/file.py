@@ -38,6 +38,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio.to_thread
 
+from converge._sorting import sort_yielding
 from converge._sync import check_sync_allowed
 from converge.core.store import (
     Store,
@@ -64,7 +65,6 @@ from converge.extensions.storage._codec import (
     key_bytes,
     key_from_bytes,
 )
-from converge.extensions.storage._sort import sort_keys
 
 if sys.platform != "win32":
     import fcntl
@@ -751,7 +751,7 @@ class FileStore(Store):
         validate_prefix(prefix)
         # Sorted on the loop in steps: a sort in the worker thread would hold the GIL.
         unsorted = partial(self._list, prefix, sort=False)
-        return await sort_keys(await anyio.to_thread.run_sync(unsorted))
+        return await sort_yielding(await anyio.to_thread.run_sync(unsorted))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; atomic (see class doc)."""

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from converge._sorting import sort_yielding
 from converge.core.store import (
     Store,
     UpdateFn,
@@ -20,7 +21,6 @@ from converge.core.store import (
 )
 from converge.errors import ClosedError, UsageError
 from converge.extensions.storage._codec import check_keys
-from converge.extensions.storage._sort import sort_keys
 
 __all__ = ["MemoryStore"]
 
@@ -226,7 +226,7 @@ class MemoryStore(Store):
 
         A long listing is sorted in steps that give the event loop back between them.
         """
-        return await sort_keys(self._keys(prefix))
+        return await sort_yielding(self._keys(prefix))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; atomic."""

@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar, cast
 import anyio
 import anyio.to_thread
 
+from converge._sorting import sort_yielding
 from converge._sync import LoopLocal, Portal, check_sync_allowed
 from converge.core.store import (
     Store,
@@ -51,7 +52,6 @@ from converge.extensions.storage._codec import (
     key_bytes,
     key_from_bytes,
 )
-from converge.extensions.storage._sort import sort_keys
 
 try:
     import coredis
@@ -417,7 +417,7 @@ class RedisStore(Store):
                 if not cursor:
                     return found
 
-        return await sort_keys(builtins.list(await self._call(scan)))
+        return await sort_yielding(builtins.list(await self._call(scan)))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); atomic."""
