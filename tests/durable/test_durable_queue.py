@@ -451,8 +451,9 @@ async def test_open_records_are_read_by_id_in_batches() -> None:
     found = await q.aget_open([*ids, done.id, "unknown"])
     assert sorted(r.id for r in found) == sorted(ids)
     assert store.updates == 3  # 602 ids, 256 per store call
-    with pytest.raises(UsageError):
-        await q.aget_open([""])
+    for bad in ([""], "abc", [7], None):
+        with pytest.raises(UsageError):
+            await q.aget_open(bad)  # type: ignore[arg-type]
 
 
 async def test_listing_reads_in_batches_and_returns_the_newest_records() -> None:

@@ -475,10 +475,14 @@ class DurableQueue:
 
     async def aget_open(self, ids: Sequence[str]) -> list[Record]:
         """The open (pending or leased) records among ``ids``, read 256 per store call;
-        an id with no open record is left out."""
-        for record_id in ids:
-            _check_id(record_id)
-        names = [self.keys.open(record_id) for record_id in ids]
+        an id with no open record is left out.
+
+        Raises:
+            UsageError: If ``ids`` is not a sequence of record ids.
+        """
+        if isinstance(ids, str) or not isinstance(ids, Sequence):
+            raise UsageError("ids must be a list of record ids")
+        names = [self.keys.open(_check_id(record_id)) for record_id in ids]
         return [
             record
             for values in await self._in_batches(names, read_values)

@@ -363,7 +363,11 @@ class Outbox:
         return found if found is not None and found.status in ("pending", "leased") else None
 
     async def pending(self, record_ids: Sequence[str]) -> list[OutboxRecord]:
-        """The pending (or leased) actions among ``record_ids``, read 256 per store call."""
+        """The pending (or leased) actions among ``record_ids``, read 256 per store call.
+
+        Raises:
+            UsageError: If ``record_ids`` is not a sequence of record ids.
+        """
         found = (_view(record) for record in await self.queue.aget_open(record_ids))
         return [record for record in found if record is not None]
 
