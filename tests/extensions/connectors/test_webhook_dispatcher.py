@@ -25,6 +25,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
     WebhookRetryPolicy,
 )
+from converge.extensions.connectors.schedule import DispatchSchedule
 from converge.extensions.storage import FileStore, SQLiteStore
 from counting_store import CountingUpdates
 
@@ -232,6 +233,54 @@ async def test_an_open_circuit_defers_actions_and_a_probe_releases_them() -> Non
         await eventually(lambda: c.dispatcher.backlog == 0)
     assert c.breaker("app").state == "closed"
     assert sorted(json.loads(r.content)["n"] for r in sender.requests[2:]) == [0, 1, 2, 3, 4]
+    assert await c.alist_dead_letters() == []
+
+
+async def test_an_open_circuit_holds_a_backlog_without_taking_each_action_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A target down with 300 actions waiting: each probe interval hands out the probe and
+    # the few actions started beside it, not all 300 (each taken, then put back, which
+    # cost the event loop seconds per interval with 100,000 waiting).
+    started = [0]
+    take = DispatchSchedule.take
+
+    def counted(self: DispatchSchedule, now: float) -> list[tuple[str, str]]:
+        out = take(self, now)
+        started[0] += len(out)
+        return out
+
+    monkeypatch.setattr(DispatchSchedule, "take", counted)
+    clock = FakeClock()
+    sender = Sender()
+    sender.default = 503
+    policy = WebhookRetryPolicy(max_attempts=100, base_delay_sec=1, max_delay_sec=1)
+    c = make(
+        outbound_sender=sender,
+        clock=clock,
+        retry_policy=policy,
+        breaker_failure_threshold=2,
+        breaker_recovery_timeout_sec=30,
+        targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=4)],
+    )
+    for n in range(300):
+        await c.submit_outbound_action(action(n))
+    async with dispatching(c):
+        await eventually(lambda: c.breaker("app").state == "open")
+        await anyio.sleep(0.1)
+        before, sent = started[0], len(sender.requests)
+        for probe in range(1, 4):
+            clock.now += 30  # one probe per interval, and it fails
+            await eventually(lambda probe=probe: len(sender.requests) == sent + probe)
+            await eventually(lambda: c.breaker("app").state == "open")
+            await anyio.sleep(0.05)
+        assert started[0] - before <= 3 * (4 + 1)
+        sender.default = 200
+        recovered = len(sender.requests)
+        clock.now += 30
+        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
+    delivered = [json.loads(r.content)["n"] for r in sender.requests[recovered:]]
+    assert sorted(delivered) == list(range(300))  # each once, after the outage
     assert await c.alist_dead_letters() == []
 
 

@@ -34,7 +34,7 @@ _BREAKER_STATE = {"closed": 0, "open": 1, "half_open": 2}
 # Rescans of the store that find nothing back off up to this many poll intervals.
 _MAX_SCAN_BACKOFF = 16
 # Pending actions a scan reads at once (one store call per 256, and no more held).
-_SCAN_BATCH = 1024
+_SCAN_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,25 +302,31 @@ class OutboundDispatcher:
             ids = await self._outbox.pending_ids()
             self._store_backlog = len(ids)
             store_now = await self._outbox.atime()
-            unknown = [action_id for action_id in ids if action_id not in self._schedule]
-            for start in range(0, len(unknown), _SCAN_BATCH):
-                for record in await self._outbox.pending(unknown[start : start + _SCAN_BATCH]):
-                    if record.id in self._schedule:
-                        continue  # notified while this scan read
-                    if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
-                        continue  # added leased to us: notify() schedules it (or a later scan)
-                    # Record times are on the store's clock; the schedule runs on ours.
-                    wait = record.due - store_now
-                    if record.lease_owner not in (None, self._owner) and record.lease_until:
-                        wait = max(wait, record.lease_until - store_now)  # leased elsewhere
-                    due = self._clock() + max(0, wait)
-                    self._schedule.add(record.id, record.action.target, due)
-                    found += 1
+            for start in range(0, len(ids), _SCAN_BATCH):
+                # A batch at a time, the loop given back between: checking 100,000 ids
+                # against the schedule at once held it for 30-50 ms.
+                unknown = [i for i in ids[start : start + _SCAN_BATCH] if i not in self._schedule]
+                for record in await self._outbox.pending(unknown) if unknown else ():
+                    found += self._found(record, store_now)
+                await anyio.lowlevel.checkpoint()
         except StoreError as exc:
             self._store_failed(exc)
         else:
             self.store_ok = True
         return found
+
+    def _found(self, record: OutboxRecord, store_now: float) -> bool:
+        """Schedule a pending action a scan read, unless this dispatcher has it already."""
+        if record.id in self._schedule:
+            return False  # notified while the scan read
+        if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
+            return False  # added leased to us: notify() schedules it (or a later scan)
+        # Record times are on the store's clock; the schedule runs on ours.
+        wait = record.due - store_now
+        if record.lease_owner not in (None, self._owner) and record.lease_until:
+            wait = max(wait, record.lease_until - store_now)  # leased elsewhere
+        self._schedule.add(record.id, record.action.target, self._clock() + max(0, wait))
+        return True
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
@@ -333,8 +339,10 @@ class OutboundDispatcher:
         try:
             now = self._clock()
             if breaker.is_open and breaker.retry_at() > now:
-                # Open, or half-open with the probe out: wait without touching the store.
-                self._defer(action_id, target, breaker.retry_at())
+                # Open, or half-open with the probe out: wait without touching the store,
+                # with every other action of the target (one pause, not one deferral
+                # per action and per probe interval).
+                self._hold(action_id, target, breaker.retry_at())
                 return
             started = anyio.current_time()
             lease = await self._lease(action_id)
@@ -360,7 +368,7 @@ class OutboundDispatcher:
             if not breaker.allow_request():
                 await self._release(record)
                 record = None
-                self._defer(action_id, target, breaker.retry_at())
+                self._hold(action_id, target, breaker.retry_at())
                 return
             was_open = breaker.is_open
             result = await self._attempt(record)
@@ -437,6 +445,11 @@ class OutboundDispatcher:
             help="Transitions refused because another dispatcher had taken the lease over.",
         )
         _log.warning("outbound action %s: lease lost before %s", record.id, step)
+
+    def _hold(self, action_id: str, target: str, until: float) -> None:
+        # Back among the target's ready actions, none of which starts before ``until``.
+        self._schedule.pause(target, until)
+        self._defer(action_id, target, self._clock())
 
     def _defer(self, action_id: str, target: str, due: float) -> None:
         self._schedule.finish(action_id)
