@@ -98,13 +98,18 @@ def test_a_paused_target_starts_nothing_until_its_pause_ends() -> None:
     assert s.next_due() is None
 
 
-def test_hurry_ends_a_pause() -> None:
+def test_resume_and_hurry_end_a_pause() -> None:
     s = schedule()
     s.add("a", "t", 0)
+    s.add("b", "t", 0)
+    s.add("c", "t", 40)
     s.pause("t", 50)
     assert s.take(1) == []
-    s.hurry("t", 1)
-    assert s.take(1) == [("a", "t")]
+    s.resume("t")
+    assert s.take(1) == [("a", "t"), ("b", "t")]
+    s.pause("t", 50)
+    s.hurry("t", 2)  # c was due at 40: now
+    assert s.take(2) == [("c", "t")]
 
 
 def test_a_take_moves_a_bounded_number_of_due_actions() -> None:

@@ -374,6 +374,7 @@ class OutboundDispatcher:
             result = await self._attempt(record)
             if not result.sent:
                 breaker.cancel_probe()  # nothing was sent: nothing learnt about the target
+                self._schedule.resume(target)  # the next action may be the probe
             elif result.breaker_failure:
                 breaker.record_failure()
             else:

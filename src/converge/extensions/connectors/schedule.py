@@ -90,10 +90,14 @@ class DispatchSchedule:
         """Start no action of ``target`` before ``until`` (its circuit is open)."""
         self._paused[target] = until
 
+    def resume(self, target: str) -> None:
+        """End ``target``'s pause (its circuit admits a probe again)."""
+        self._paused.pop(target, None)
+
     def hurry(self, target: str, now: float) -> None:
         """End ``target``'s pause and make its waiting actions due at ``now`` (circuit
         closed again)."""
-        self._paused.pop(target, None)
+        self.resume(target)
         for action_id, (due, _, name) in list(self._waiting.items()):
             if name == target and due > now:
                 self.add(action_id, target, now)
