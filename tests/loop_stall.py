@@ -11,12 +11,14 @@ import gc
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["assert_loop_stall_below", "busy", "max_loop_stall"]
+__all__ = ["assert_loop_stall_below", "busy", "max_loop_stall", "ticks_during"]
+
+T = TypeVar("T")
 
 
 async def max_loop_stall(call: Callable[[], Awaitable[Any]]) -> float:
@@ -89,3 +91,26 @@ async def assert_loop_stall_below(
         f"the loop stalled {stall * 1000:.1f} ms at best (chunked work of the same "
         f"length, {baseline * 1000:.1f} ms)"
     )
+
+
+async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
+    """Await ``work`` while another task counts its turns: (result, turns it had).
+
+    Not timed: a call that never gives the loop back lets the other task run 0 times.
+    """
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        result = await work
+        during = ticks - before
+        tg.cancel_scope.cancel()
+    return result, during

@@ -5,34 +5,13 @@ from __future__ import annotations
 import os
 import random
 
-import anyio
-import anyio.lowlevel
 import pytest
 
 from converge import _sorting
-from converge._sorting import T, sort_yielding
+from converge._sorting import sort_yielding
+from loop_stall import ticks_during
 
 pytestmark = pytest.mark.anyio
-
-
-async def ticks_while_sorting(items: list[T]) -> tuple[list[T], int]:
-    """Sort ``items`` while another task counts its turns."""
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        before = ticks
-        result = await sort_yielding(items)
-        during = ticks - before
-        tg.cancel_scope.cancel()
-    return result, during
 
 
 async def test_sorts_like_python_whatever_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,10 +35,10 @@ async def test_sorts_like_python_whatever_the_runs(monkeypatch: pytest.MonkeyPat
 
 async def test_a_long_sort_gives_the_loop_back() -> None:
     keys = [os.urandom(8).hex() for _ in range(5 * _sorting.PIECE)]
-    result, during = await ticks_while_sorting(list(keys))
+    result, during = await ticks_during(sort_yielding(list(keys)))
     assert result == sorted(keys)
     assert during >= 10  # 5 run sorts, then the merge's steps
     short = keys[: _sorting.PIECE]
-    result, during = await ticks_while_sorting(list(short))
+    result, during = await ticks_during(sort_yielding(list(short)))
     assert result == sorted(short)
     assert during == 0  # one C sort, nothing to give back

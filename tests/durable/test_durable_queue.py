@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -21,10 +20,9 @@ from converge.errors import (
 )
 from converge.extensions.storage import MemoryStore
 from counting_store import CountingUpdates
+from loop_stall import ticks_during
 
 pytestmark = pytest.mark.anyio
-
-T = TypeVar("T")
 
 
 def queue(store: Store, **kw: Any) -> DurableQueue:
@@ -353,26 +351,6 @@ async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
         await q.aack("x", "token")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         await q.alist(status="lost")
-
-
-async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
-    """Await ``work`` while another task counts its turns: (result, turns it had)."""
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        before = ticks
-        result = await work
-        during = ticks - before
-        tg.cancel_scope.cancel()
-    return result, during
 
 
 async def test_listing_many_records_lets_other_tasks_run() -> None:

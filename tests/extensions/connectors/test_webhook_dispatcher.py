@@ -22,6 +22,7 @@ from converge.extensions.connectors import (
     OutboundResponse,
     OutboundTarget,
     Outbox,
+    WebhookConnector,
     WebhookGateway,
     WebhookRetryPolicy,
 )
@@ -205,21 +206,26 @@ async def test_an_expired_action_is_not_attempted() -> None:
     assert len(await c.alist_dead_letters()) == 1
 
 
+def down_target(clock: FakeClock, sender: Sender, max_concurrency: int) -> WebhookConnector:
+    """A connector whose target answers 503 (``sender.default``) until told otherwise: its
+    circuit opens after 2 failures and admits a probe every 30 s of ``clock``."""
+    sender.default = 503
+    return make(
+        outbound_sender=sender,
+        clock=clock,
+        retry_policy=WebhookRetryPolicy(
+            max_attempts=100, base_delay_sec=1, max_delay_sec=1, jitter_ratio=0.0
+        ),
+        breaker_failure_threshold=2,
+        breaker_recovery_timeout_sec=30,
+        targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=max_concurrency)],
+    )
+
+
 async def test_an_open_circuit_defers_actions_and_a_probe_releases_them() -> None:
     clock = FakeClock()
     sender = Sender()
-    sender.default = 503
-    policy = WebhookRetryPolicy(
-        max_attempts=100, base_delay_sec=1, max_delay_sec=1, jitter_ratio=0.0
-    )
-    c = make(
-        outbound_sender=sender,
-        clock=clock,
-        retry_policy=policy,
-        breaker_failure_threshold=2,
-        breaker_recovery_timeout_sec=30,
-        targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=1)],
-    )
+    c = down_target(clock, sender, max_concurrency=1)
     async with dispatching(c):
         for n in range(5):
             await c.submit_outbound_action(action(n))
@@ -253,16 +259,7 @@ async def test_an_open_circuit_holds_a_backlog_without_taking_each_action_again(
     monkeypatch.setattr(DispatchSchedule, "take", counted)
     clock = FakeClock()
     sender = Sender()
-    sender.default = 503
-    policy = WebhookRetryPolicy(max_attempts=100, base_delay_sec=1, max_delay_sec=1)
-    c = make(
-        outbound_sender=sender,
-        clock=clock,
-        retry_policy=policy,
-        breaker_failure_threshold=2,
-        breaker_recovery_timeout_sec=30,
-        targets=[OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=4)],
-    )
+    c = down_target(clock, sender, max_concurrency=4)
     for n in range(300):
         await c.submit_outbound_action(action(n))
     async with dispatching(c):
