@@ -131,3 +131,18 @@ def test_a_backlog_delays_another_target_by_a_few_takes_only() -> None:
     s.add("b", "u", 0)
     started = [item for _ in range(3) for item in s.take(0)]
     assert ("b", "u") in started
+
+
+def test_an_ended_pause_is_not_reported_as_due_again() -> None:
+    # b waits for a's slot (limit 1), not for the pause: next_due must not say 5 again,
+    # or the dispatcher would wake every millisecond until a finishes.
+    s = DispatchSchedule(max_in_flight=10, target_limit=lambda _: 1)
+    s.add("a", "t", 0)
+    s.add("b", "t", 0)
+    assert s.take(0) == [("a", "t")]
+    s.pause("t", 5)
+    assert s.next_due() == 5
+    assert s.take(6) == []
+    assert s.next_due() is None
+    s.finish("a")
+    assert s.take(6) == [("b", "t")]

@@ -126,6 +126,8 @@ class DispatchSchedule:
             ``(action_id, target)`` pairs now counted as running; call :meth:`finish`
             for each when its attempt is over.
         """
+        for target in [t for t, until in self._paused.items() if until <= now]:
+            del self._paused[target]
         moves = 0
         while self._heap and self._heap[0][0] <= now and moves < _MOVES_PER_TAKE:
             moves += 1
@@ -152,7 +154,7 @@ class DispatchSchedule:
                 self._turn.remove(target)
                 idle = 0
                 continue
-            if self._per_target.get(target, 0) >= self._limit(target) or self._held(target, now):
+            if target in self._paused or self._per_target.get(target, 0) >= self._limit(target):
                 idle += 1
                 continue
             idle = 0
@@ -162,15 +164,6 @@ class DispatchSchedule:
             self._per_target[target] = self._per_target.get(target, 0) + 1
             started.append((action_id, target))
         return started
-
-    def _held(self, target: str, now: float) -> bool:
-        until = self._paused.get(target)
-        if until is None:
-            return False
-        if until > now:
-            return True
-        del self._paused[target]
-        return False
 
     def finish(self, action_id: str) -> None:
         """An attempt is over; its slot is free. Re-:meth:`add` it to try again."""
