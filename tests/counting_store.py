@@ -14,17 +14,19 @@ class CountingUpdates(MemoryStore):
     calls in ``gets`` (the keys read in ``got``)."""
 
     updates = 0
-    gets = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.got: list[str] = []
+
+    @property
+    def gets(self) -> int:
+        return len(self.got)
 
     async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
         self.updates += 1
         return await super().aupdate(keys, fn, ttl=ttl)
 
     async def aget(self, key: str) -> Any | None:
-        self.gets += 1
         self.got.append(key)
         return await super().aget(key)

@@ -395,6 +395,7 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     trimmed, during = await ticks_during(q.atrim_finished(100))
     assert trimmed == 900
     assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
+    assert await q.afinished_count() == 100
     assert during >= 4  # the loop is given back between updates (none without)
 
 
@@ -409,7 +410,8 @@ async def test_a_lease_reads_the_open_records_in_batches() -> None:
     for i in range(3):
         await q.aadd({"n": i}, id=f"b{i}", key="k")
     await q.aadd({"n": 9}, id="b9", key="other")
-    store.updates = store.gets = 0
+    store.updates = 0
+    store.got.clear()
     leased = await q.alease("me", limit=10, key="k", exclude={"b1"})
     assert [r.id for r in leased] == ["b0", "b2"]
     assert (store.updates, store.gets) == (4 + 2, 0)  # 1,003 read in 4, then 2 leases

@@ -566,11 +566,7 @@ class DurableQueue:
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise UsageError("keep must be an integer >= 0")
-        keys = self.keys
-        finished = [
-            *await self.store.alist(keys.done_prefix),
-            *await self.store.alist(keys.dead_prefix),
-        ]
+        finished = await self._finished_keys()
         if len(finished) <= keep:
             return 0
         parts = await self._in_batches(finished, finished_stamps)
@@ -603,10 +599,12 @@ class DurableQueue:
 
     async def afinished_count(self) -> int:
         """How many records are done or dead: one key listing each, no record read."""
-        keys = self.keys
-        return len(await self.store.alist(keys.done_prefix)) + len(
-            await self.store.alist(keys.dead_prefix)
-        )
+        return len(await self._finished_keys())
+
+    async def _finished_keys(self) -> list[str]:
+        """The store keys of the done and dead records: one key listing each."""
+        done = await self.store.alist(self.keys.done_prefix)
+        return done + await self.store.alist(self.keys.dead_prefix)
 
     async def apending_count(self) -> int:
         """How many records are open (pending or leased): one read of the counter."""

@@ -33,7 +33,6 @@ import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from functools import partial
 from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio.to_thread
@@ -575,7 +574,8 @@ class FileStore(Store):
                 self._fsync_dir()
         return result
 
-    def _list(self, prefix: str, *, sort: bool = True) -> builtins.list[str]:
+    def _list(self, prefix: str) -> builtins.list[str]:
+        # The live keys starting with ``prefix``, unsorted.
         self._check_open()
         now = time.time()
         keys: builtins.list[str] = []
@@ -597,8 +597,6 @@ class FileStore(Store):
                     keys.append(key)
             elif name.startswith(_TMP_PREFIX):
                 self._sweep_temp(name)
-        if sort:
-            keys.sort()
         return keys
 
     def _live(self, key: str | None, name: str, now: float) -> str | None:
@@ -697,7 +695,9 @@ class FileStore(Store):
         """List keys starting with prefix."""
         validate_prefix(prefix)
         check_sync_allowed("FileStore.alist")
-        return self._list(prefix)
+        keys = self._list(prefix)
+        keys.sort()
+        return keys
 
     def put_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store value only if key is absent. Return True if stored, False if key existed.
@@ -750,8 +750,7 @@ class FileStore(Store):
         """
         validate_prefix(prefix)
         # Sorted on the loop in steps: a sort in the worker thread would hold the GIL.
-        unsorted = partial(self._list, prefix, sort=False)
-        return await sort_yielding(await anyio.to_thread.run_sync(unsorted))
+        return await sort_yielding(await anyio.to_thread.run_sync(self._list, prefix))
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent or expired; atomic (see class doc)."""
