@@ -16,8 +16,9 @@ from outbound_helpers import FakeClock, Sender, action, dispatching, make
 from webhook_helpers import eventually
 
 from converge.core.store import Store
-from converge.extensions.connectors import OutboundRequest, Outbox, RetrySchedule
+from converge.extensions.connectors import OutboundRequest, OutboundTarget, Outbox, RetrySchedule
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
+from counting_store import CountingUpdates
 from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio
@@ -196,6 +197,72 @@ async def test_two_replicas_on_one_store_report_the_true_backlog_and_send_once(
         assert max(samples) <= 60
         assert sorted(sent) == sorted(f"k{n}" for n in range(60))  # each exactly once
         assert await replicas[0].apending_count() == 0
+
+
+# A lease of 0.4 s: request timeout 0.3 s plus a margin of 0.1 s.
+SHORT_LEASE = RetrySchedule(delays_sec=(0.05,), request_timeout_sec=0.3, lease_margin_sec=0.1)
+
+
+async def test_a_replica_leaves_the_actions_another_holds_alone() -> None:
+    # B starts while A holds 20 actions (leased to A since they were added) and reads
+    # them leased. A delivers them; B never tries to lease them when A's leases end
+    # (that cost one store update per action before).
+    store = CountingUpdates()
+    gate = anyio.Event()
+    sent: list[str] = []
+
+    async def sender(request: OutboundRequest) -> int:
+        await gate.wait()
+        sent.append(request.headers["idempotency-key"])
+        return 200
+
+    targets = [OutboundTarget("app", "http://127.0.0.1:9/hook", max_concurrency=32)]
+    a, b = (
+        make(
+            store,
+            outbound_sender=sender,
+            connector_id="gw",
+            retry_policy=SHORT_LEASE,
+            targets=targets,
+            max_in_flight=32,
+        )
+        for _ in range(2)
+    )
+    async with dispatching(a, poll=0.02):
+        for n in range(20):
+            assert (await a.enqueue(action(n, idempotency_key=f"k{n}"))).status == "leased"
+        async with dispatching(b, poll=0.02):
+            await anyio.sleep(0.1)  # B's first scans read A's 20, leased
+            assert b.dispatcher.backlog == 0
+            gate.set()
+            await eventually(lambda: len(sent) == 20 and a.dispatcher.backlog == 0)
+            quiet = store.updates
+            await anyio.sleep(0.7)  # past every lease of A, with many scans of B
+            assert store.updates == quiet
+    assert sorted(sent) == sorted(f"k{n}" for n in range(20))
+
+
+async def test_the_actions_of_a_dead_replica_are_taken_over_when_its_leases_end() -> None:
+    # Added leased to a dispatcher that died at once. The live one reads them leased,
+    # leaves them alone until the leases end (0.4 s), then delivers each once, within
+    # one poll interval although its idle rescans back off to 16 intervals.
+    sender = Sender()
+    c = make(outbound_sender=sender, retry_policy=SHORT_LEASE, max_in_flight=8)
+    started = anyio.current_time()
+    for n in range(10):
+        await c.outbox.add(action(n, idempotency_key=f"k{n}"), lease=("dead", 0.4))
+    async with dispatching(c, poll=0.05):
+        await anyio.sleep(max(0.0, started + 0.3 - anyio.current_time()))
+        assert sender.requests == []
+        assert {r.lease_owner for r in await c.outbox.alist_actions()} == {"dead"}
+        await eventually(lambda: len(sender.requests) == 10, within=5)
+        taken_over = anyio.current_time() - started
+        await eventually(lambda: c.dispatcher.backlog == 0)
+    assert taken_over < 0.4 + 0.05 + 0.15
+    assert sorted(r.headers["idempotency-key"] for r in sender.requests) == [
+        f"k{n}" for n in range(10)
+    ]
+    assert await c.apending_count() == 0
 
 
 async def test_actions_stored_before_the_durable_outbox_are_moved_into_it() -> None:

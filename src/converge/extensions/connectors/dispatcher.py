@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import uuid
@@ -111,6 +112,11 @@ class OutboundDispatcher:
         self._store_backlog = 0
         # Actions added already leased to this dispatcher (see lease_at_add), by id.
         self._held: dict[str, OutboxRecord] = {}
+        # Actions a scan found leased by another dispatcher sharing the store: when each
+        # lease ends (our clock), by id, and the same as a heap. Scans skip them until
+        # then; the first scan after reads them again (most are gone: delivered).
+        self._foreign: dict[str, float] = {}
+        self._foreign_ends: list[tuple[float, str]] = []
         outbox.listener = self.notify  # replays made by operators are scheduled at once
 
     @property
@@ -122,8 +128,9 @@ class OutboundDispatcher:
     def backlog(self) -> int:
         """Actions this dispatcher has scheduled (waiting, ready or in flight), locally.
 
-        Replicas sharing a store each schedule what they have seen; the outbox's true
-        size is :meth:`Outbox.apending_count` (the ``webhook_outbound_backlog`` gauge).
+        Replicas sharing a store each schedule what they have seen, except actions
+        another replica holds a lease on; the outbox's true size is
+        :meth:`Outbox.apending_count` (the ``webhook_outbound_backlog`` gauge).
         """
         return len(self._schedule)
 
@@ -221,6 +228,7 @@ class OutboundDispatcher:
         self._schedule = DispatchSchedule(
             max_in_flight=self._max_in_flight, target_limit=self._target_limit
         )
+        self._foreign, self._foreign_ends = {}, []
         send, receive = anyio.create_memory_object_stream[tuple[str, str]](self._max_in_flight)
         self._work_send = send
         try:
@@ -234,6 +242,11 @@ class OutboundDispatcher:
                 while not self._stopping:
                     self._wake = anyio.Event()
                     self._hand_out()
+                    takeover = self._foreign_ends[0][0] if self._foreign_ends else None
+                    if takeover is not None and takeover <= self._clock():
+                        # Another dispatcher's lease ran out: the next scan (within one
+                        # interval) looks at its action, whatever the back-off.
+                        scan_every = poll_interval_sec
                     if anyio.current_time() - last_count >= poll_interval_sec:
                         # The gauge counts the store's pending records (all replicas):
                         # one key listing per interval, never the local schedule.
@@ -260,6 +273,8 @@ class OutboundDispatcher:
                     )
                     if due is not None:
                         timeout = min(timeout, max(0.0, due - self._clock()))
+                    if takeover is not None and takeover > self._clock():
+                        timeout = min(timeout, takeover - self._clock())
                     with anyio.move_on_after(max(timeout, 0.001)):
                         await self._wake.wait()
                 send.close()  # workers finish what they hold, then exit
@@ -298,6 +313,7 @@ class OutboundDispatcher:
     async def _scan(self) -> int:
         """Schedule pending actions this dispatcher does not know yet; return how many."""
         found = 0
+        self._forget_foreign(self._clock())
         try:
             ids = await self._outbox.pending_ids()
             self._store_backlog = len(ids)
@@ -305,7 +321,8 @@ class OutboundDispatcher:
             for start in range(0, len(ids), _SCAN_BATCH):
                 # A batch at a time, the loop given back between: checking 100,000 ids
                 # against the schedule at once held it for 30-50 ms.
-                unknown = [i for i in ids[start : start + _SCAN_BATCH] if i not in self._schedule]
+                batch = ids[start : start + _SCAN_BATCH]
+                unknown = [i for i in batch if i not in self._schedule and i not in self._foreign]
                 for record in await self._outbox.pending(unknown) if unknown else ():
                     found += self._found(record, store_now)
                 await anyio.lowlevel.checkpoint()
@@ -322,11 +339,26 @@ class OutboundDispatcher:
         if record.lease_owner == self._owner and (record.lease_until or 0) > store_now:
             return False  # added leased to us: notify() schedules it (or a later scan)
         # Record times are on the store's clock; the schedule runs on ours.
-        wait = record.due - store_now
-        if record.lease_owner not in (None, self._owner) and record.lease_until:
-            wait = max(wait, record.lease_until - store_now)  # leased elsewhere
-        self._schedule.add(record.id, record.action.target, self._clock() + max(0, wait))
+        lease_left = (record.lease_until or 0) - store_now
+        if record.lease_owner not in (None, self._owner) and lease_left > 0:
+            # Leased elsewhere: its owner is most likely delivering it. Trying to lease
+            # it when that lease ends would cost a store update per action and replica;
+            # a scan then reads it again, with the others, if it is still pending.
+            end = self._clock() + lease_left
+            self._foreign[record.id] = end
+            heapq.heappush(self._foreign_ends, (end, record.id))
+            return True
+        wait = max(0.0, record.due - store_now)
+        self._schedule.add(record.id, record.action.target, self._clock() + wait)
         return True
+
+    def _forget_foreign(self, now: float) -> None:
+        """Drop the foreign leases that have ended by ``now``: scans read them again."""
+        ends = self._foreign_ends
+        while ends and ends[0][0] <= now:
+            end, record_id = heapq.heappop(ends)
+            if self._foreign.get(record_id) == end:
+                del self._foreign[record_id]
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
