@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from converge.extensions.connectors.schedule import DispatchSchedule
 
 
@@ -69,6 +71,28 @@ def test_hurry_makes_a_targets_waiting_actions_due_now() -> None:
     s.add("b", "u", 100)
     s.hurry("t", 1)
     assert s.take(1) == [("a", "t")]
+
+
+def test_hurry_touches_only_its_targets_waiting_actions() -> None:
+    # A circuit closing must not walk every other target's retries: with 400,000 of
+    # them waiting, hurry held the event loop for 60-70 ms (the bound is 20 ms).
+    s = schedule()
+    for i in range(400_000):
+        s.add(f"b{i}", "busy", 1000)
+    s.add("a", "t", 100)
+    s.add("gone", "t", 100)
+    s.discard("gone")
+    s.add("moved", "elsewhere", 100)
+    s.add("moved", "t", 100)  # re-added for another target: it waits for that one
+    s.add("ran", "t", 0)
+    assert s.take(0) == [("ran", "t")]
+    started = time.perf_counter()
+    s.hurry("t", 1)
+    assert time.perf_counter() - started < 0.02
+    assert sorted(s.take(1)) == [("a", "t"), ("moved", "t")]
+    s.hurry("elsewhere", 1)
+    assert s.take(1) == []
+    assert s.next_due() == 1000
 
 
 def test_discard_forgets_waiting_and_ready_actions() -> None:

@@ -42,6 +42,7 @@ class DispatchSchedule:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[float, int, str]] = {}  # id -> (due, seq, target)
+        self._waiting_of: dict[str, set[str]] = {}  # target -> its waiting ids
         self._ready: dict[str, deque[str]] = {}
         self._ready_ids: set[str] = set()
         self._running: dict[str, str] = {}  # id -> target
@@ -73,12 +74,22 @@ class DispatchSchedule:
         if action_id in self._running or action_id in self._ready_ids:
             return
         entry = (due, next(self._seq), target)
+        old = self._waiting.get(action_id)
+        if old is not None and old[2] != target:
+            self._unwait(action_id, old[2])
         self._waiting[action_id] = entry
         heapq.heappush(self._heap, (entry[0], entry[1], action_id))
+        ids = self._waiting_of.get(target)
+        if ids is None:
+            self._waiting_of[target] = {action_id}
+        else:
+            ids.add(action_id)
 
     def discard(self, action_id: str) -> None:
         """Forget a waiting or ready action (running ones finish normally)."""
-        self._waiting.pop(action_id, None)
+        entry = self._waiting.pop(action_id, None)
+        if entry is not None:
+            self._unwait(action_id, entry[2])
         if action_id in self._ready_ids:
             self._ready_ids.discard(action_id)
             for queue in self._ready.values():
@@ -98,8 +109,8 @@ class DispatchSchedule:
         """End ``target``'s pause and make its waiting actions due at ``now`` (circuit
         closed again)."""
         self.resume(target)
-        for action_id, (due, _, name) in list(self._waiting.items()):
-            if name == target and due > now:
+        for action_id in list(self._waiting_of.get(target, ())):
+            if self._waiting[action_id][0] > now:
                 self.add(action_id, target, now)
 
     def next_due(self) -> float | None:
@@ -137,6 +148,10 @@ class DispatchSchedule:
                 continue
             del self._waiting[action_id]
             target = entry[2]
+            waiting = self._waiting_of[target]  # _unwait, inlined: once per action
+            waiting.discard(action_id)
+            if not waiting:
+                del self._waiting_of[target]
             queue = self._ready.get(target)
             if queue is None:
                 queue = self._ready[target] = deque()
@@ -164,6 +179,12 @@ class DispatchSchedule:
             self._per_target[target] = self._per_target.get(target, 0) + 1
             started.append((action_id, target))
         return started
+
+    def _unwait(self, action_id: str, target: str) -> None:
+        ids = self._waiting_of[target]
+        ids.discard(action_id)
+        if not ids:
+            del self._waiting_of[target]
 
     def finish(self, action_id: str) -> None:
         """An attempt is over; its slot is free. Re-:meth:`add` it to try again."""
