@@ -75,7 +75,7 @@ def test_hurry_makes_a_targets_waiting_actions_due_now() -> None:
 
 def test_hurry_touches_only_its_targets_waiting_actions() -> None:
     # A circuit closing must not walk every other target's retries: with 400,000 of
-    # them waiting, hurry held the event loop for 60-70 ms (the bound is 20 ms).
+    # them waiting, hurry held the event loop for 60-80 ms (the bound is 20 ms).
     s = schedule()
     for i in range(400_000):
         s.add(f"b{i}", "busy", 1000)

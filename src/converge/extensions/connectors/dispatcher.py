@@ -242,8 +242,8 @@ class OutboundDispatcher:
                 while not self._stopping:
                     self._wake = anyio.Event()
                     self._hand_out()
-                    takeover = self._foreign_ends[0][0] if self._foreign_ends else None
-                    if takeover is not None and takeover <= self._clock():
+                    takeover = self._takeover_in()
+                    if takeover is not None and takeover <= 0:
                         # Another dispatcher's lease ran out: the next scan (within one
                         # interval) looks at its action, whatever the back-off.
                         scan_every = poll_interval_sec
@@ -273,8 +273,9 @@ class OutboundDispatcher:
                     )
                     if due is not None:
                         timeout = min(timeout, max(0.0, due - self._clock()))
-                    if takeover is not None and takeover > self._clock():
-                        timeout = min(timeout, takeover - self._clock())
+                    takeover = self._takeover_in()  # the scan may have seen new ones
+                    if takeover is not None and takeover > 0:
+                        timeout = min(timeout, takeover)
                     with anyio.move_on_after(max(timeout, 0.001)):
                         await self._wake.wait()
                 send.close()  # workers finish what they hold, then exit
@@ -351,6 +352,10 @@ class OutboundDispatcher:
         wait = max(0.0, record.due - store_now)
         self._schedule.add(record.id, record.action.target, self._clock() + wait)
         return True
+
+    def _takeover_in(self) -> float | None:
+        """Seconds until the first lease of another dispatcher that a scan saw ends."""
+        return self._foreign_ends[0][0] - self._clock() if self._foreign_ends else None
 
     def _forget_foreign(self, now: float) -> None:
         """Drop the foreign leases that have ended by ``now``: scans read them again."""
