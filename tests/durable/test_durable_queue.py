@@ -422,6 +422,72 @@ async def test_a_lease_reads_the_open_records_in_batches() -> None:
     assert store.updates == 1 + 5
 
 
+async def test_a_lease_poll_reads_a_record_held_elsewhere_again_only_when_it_may_lease_it() -> None:
+    # Another replica holds 600 records for 30 s: the first poll reads them, 256 per
+    # store call; the next polls list the keys and read none of them (they read all
+    # 600 each time before), until their leases end.
+    store = CountingUpdates()
+    now = [1000.0]
+    other = queue(store, clock=lambda: now[0], max_pending=10_000)
+    mine = queue(store, clock=lambda: now[0], max_pending=10_000)
+    held = [
+        await other.aadd({"n": i}, id=f"a{i:04d}", status="leased", lease_owner="o", lease_sec=30)
+        for i in range(600)
+    ]
+    await other.aadd({"n": 0}, id="later", due=now[0] + 10)
+    store.updates = 0
+    assert await mine.alease("me", limit=10) == []
+    assert store.updates == 3
+    now[0] += 5
+    assert await mine.alease("me", limit=10) == []
+    assert store.updates == 3
+    now[0] += 6  # "later" is due, the leases still run
+    (later,) = await mine.alease("me", limit=10)
+    assert (later.id, store.updates) == ("later", 3 + 2)  # one read, one lease
+    # Released here, it is read again at once; released by the other replica, when
+    # the lease it had would have ended.
+    assert await mine.alease("me", limit=10) == []
+    assert await mine.arelease("later", later.lease_token) is not None
+    assert await other.arelease("a0000", held[0].lease_token) is not None
+    assert [r.id for r in await mine.alease("me", limit=10)] == ["later"]
+    now[0] += 20  # every lease of the other replica has run out
+    leased = await mine.alease("me", limit=1_000)
+    assert sorted(r.id for r in leased) == [f"a{i:04d}" for i in range(600)]
+
+
+async def test_a_release_during_a_lease_poll_is_not_hidden_by_what_the_poll_read() -> None:
+    # The poll reads the record still leased; the holder here releases it before the
+    # poll gets its answer. The next poll must lease it, not wait for the old lease.
+    class SlowReads(MemoryStore):
+        gate: anyio.Event | None = None
+        read = anyio.Event()
+
+        async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
+            result = await super().aupdate(keys, fn, ttl=ttl)
+            if self.gate is not None and fn.__name__ == "due":
+                self.read.set()
+                await self.gate.wait()
+            return result
+
+    store = SlowReads()
+    q = queue(store)
+    held = await q.aadd({"n": 1}, id="r", status="leased", lease_owner="a", lease_sec=60)
+    store.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        polled: list[list[Record]] = []
+
+        async def poll() -> None:
+            polled.append(await q.alease("b", limit=10))
+
+        tg.start_soon(poll)
+        await store.read.wait()  # the poll has read, and waits at the gate
+        assert await q.arelease("r", held.lease_token) is not None
+        store.gate.set()
+    assert polled == [[]]
+    store.gate = None
+    assert [r.id for r in await q.alease("b", limit=10)] == ["r"]
+
+
 async def test_open_records_are_read_by_id_in_batches() -> None:
     store = CountingUpdates()
     q = queue(store, max_pending=10_000)

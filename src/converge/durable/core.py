@@ -419,19 +419,28 @@ def read_values(current: dict[str, Any]) -> tuple[Changes, dict[str, Any]]:
 
 def leasable_keys(
     now: float, key: str | None
-) -> Callable[[Mapping[str, Any]], tuple[Changes, list[str]]]:
-    """An update function that only reads: the store keys of the records in ``current``
-    a lease may take at ``now`` (of ``key`` only, when given), in ``current``'s order."""
+) -> Callable[[Mapping[str, Any]], tuple[Changes, tuple[list[str], dict[str, float]]]]:
+    """An update function that only reads. Its result is ``(leasable, later)``:
+    ``leasable`` holds the store keys of the records in ``current`` that a lease may take
+    at ``now`` (of ``key`` only, when given), in ``current``'s order; ``later`` maps the
+    store key of every record that no lease may take before a known time (leased until
+    then, or pending and due then) to that time."""
 
-    def due(current: Mapping[str, Any]) -> tuple[Changes, list[str]]:
+    def due(current: Mapping[str, Any]) -> tuple[Changes, tuple[list[str], dict[str, float]]]:
         found = []
+        later = {}
         for store_key, value in current.items():
             record = read_record(value)
-            if record is None or not Transitions.leasable(record, now):
+            if record is None:
+                continue
+            if not Transitions.leasable(record, now):
+                when = record.due if record.status == "pending" else record.lease_until
+                if when is not None and record.status in _OPEN:
+                    later[store_key] = when
                 continue
             if key is None or record.key == key:
                 found.append(store_key)
-        return {}, found
+        return {}, (found, later)
 
     return due
 

@@ -154,6 +154,11 @@ class DurableQueue:
         self._clock = clock
         self._offset = 0.0
         self._offset_at = -_CLOCK_REFRESH_SEC
+        # Open records a lease poll read that no lease may take before a known time
+        # (leased until then, by anyone, or due then), by id. Later polls skip them until
+        # then: another replica's 5,000 held events were read again at every poll.
+        self._not_before: dict[str, float] = {}
+        self._made_due = 0  # records this queue made leasable sooner (see _forget)
 
     # -- time and ids ------------------------------------------------------------------
 
@@ -283,6 +288,8 @@ class DurableQueue:
             raise QueueFullError(
                 f"the {self.kind} queue holds {self.max_pending} open records (max_pending)"
             )
+        if id is not None:  # an id purged and added again: polls read it again
+            self._not_before.pop(id, None)
         return record
 
     # -- leases ------------------------------------------------------------------------
@@ -299,7 +306,10 @@ class DurableQueue:
         """Lease up to ``limit`` records that are due (or whose lease ran out).
 
         Scans the open records (not the retained ones), oldest id first; each lease is
-        one atomic update with a new fencing token.
+        one atomic update with a new fencing token. A record read leased until later
+        (by anyone) or due later is not read again by this queue's polls before then,
+        unless this queue itself releases, retries or replays it: another process's
+        early release is seen when its lease would have ended.
 
         Args:
             owner: Who takes the leases.
@@ -318,12 +328,22 @@ class DurableQueue:
             raise UsageError("limit must be an integer >= 1")
         prefix = self.keys.open_prefix
         now = await self.anow()
-        names = [k for k in await self.store.alist(prefix) if k[len(prefix) :] not in exclude]
+        waiting = self._not_before = {i: t for i, t in self._not_before.items() if t > now}
+        names = [
+            k
+            for k in await self.store.alist(prefix)
+            if k[len(prefix) :] not in exclude and k[len(prefix) :] not in waiting
+        ]
         due = leasable_keys(now, key)
         leased: list[Record] = []
         for start in range(0, len(names), _BATCH):
             # A plain read of 256 records first: only those worth leasing cost a write.
-            for store_key in await self.store.aupdate(names[start : start + _BATCH], due):
+            made_due = self._made_due
+            found, later = await self.store.aupdate(names[start : start + _BATCH], due)
+            if self._made_due == made_due:  # else ``later`` may predate a release here
+                for store_key, when in later.items():
+                    waiting[store_key[len(prefix) :]] = when
+            for store_key in found:
                 record = await self._lease(store_key[len(prefix) :], owner, now, now + seconds)
                 if record is not None:
                     leased.append(record)
@@ -331,6 +351,12 @@ class DurableQueue:
                         return leased
             await anyio.lowlevel.checkpoint()
         return leased
+
+    def _forget(self, record_id: str) -> None:
+        """``record_id`` was just made leasable sooner than a lease poll may have noted
+        (released, retried, replayed): polls read it again."""
+        self._not_before.pop(record_id, None)
+        self._made_due += 1
 
     async def alease_id(
         self, record_id: str, owner: str, *, lease_sec: float = 30.0
@@ -388,7 +414,10 @@ class DurableQueue:
         def retry(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.retry(current, record_id, token, now, when, attempt)
 
-        return await self.store.aupdate([self.keys.open(record_id)], retry)
+        record = await self.store.aupdate([self.keys.open(record_id)], retry)
+        if record is not None:
+            self._forget(record_id)
+        return record
 
     # -- finishing ---------------------------------------------------------------------
 
@@ -446,7 +475,10 @@ class DurableQueue:
         def replay(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:
             return transitions.replay(current, record_id, now)
 
-        return await self.store.aupdate(transitions.close_keys(record_id), replay)
+        record = await self.store.aupdate(transitions.close_keys(record_id), replay)
+        if record is not None:
+            self._forget(record_id)
+        return record
 
     async def apurge(self, record_id: str) -> Record | None:
         """Delete a record for good, whatever its status.
