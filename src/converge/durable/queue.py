@@ -155,9 +155,11 @@ class DurableQueue:
         self._offset = 0.0
         self._offset_at = -_CLOCK_REFRESH_SEC
         # Open records a lease poll read that no lease may take before a known time
-        # (leased until then, by anyone, or due then), by id. Later polls skip them until
-        # then: another replica's 5,000 held events were read again at every poll.
+        # (leased until then, by anyone, or due then), by id, and the same as a heap.
+        # Later polls skip them until then: another replica's 5,000 held events were
+        # read again at every poll.
         self._not_before: dict[str, float] = {}
+        self._not_before_heap: list[tuple[float, str]] = []
         self._made_due = 0  # records this queue made leasable sooner (see _forget)
 
     # -- time and ids ------------------------------------------------------------------
@@ -328,11 +330,16 @@ class DurableQueue:
             raise UsageError("limit must be an integer >= 1")
         prefix = self.keys.open_prefix
         now = await self.anow()
-        waiting = self._not_before = {i: t for i, t in self._not_before.items() if t > now}
+        waiting, heap = self._not_before, self._not_before_heap
+        while heap and heap[0][0] <= now:  # notes that ended (or were replaced)
+            when, record_id = heapq.heappop(heap)
+            if waiting.get(record_id) == when:
+                del waiting[record_id]
+        cut = len(prefix)
         names = [
             k
             for k in await self.store.alist(prefix)
-            if k[len(prefix) :] not in exclude and k[len(prefix) :] not in waiting
+            if (i := k[cut:]) not in exclude and i not in waiting
         ]
         due = leasable_keys(now, key)
         leased: list[Record] = []
@@ -342,7 +349,8 @@ class DurableQueue:
             found, later = await self.store.aupdate(names[start : start + _BATCH], due)
             if self._made_due == made_due:  # else ``later`` may predate a release here
                 for store_key, when in later.items():
-                    waiting[store_key[len(prefix) :]] = when
+                    waiting[store_key[cut:]] = when
+                    heapq.heappush(heap, (when, store_key[cut:]))
             for store_key in found:
                 record = await self._lease(store_key[len(prefix) :], owner, now, now + seconds)
                 if record is not None:
