@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import anyio.lowlevel
 
+from converge._expiring import ExpiringIds
 from converge._sorting import sort_yielding
 from converge.core.store import Store, UpdateFn
 from converge.durable.core import (
@@ -155,11 +156,9 @@ class DurableQueue:
         self._offset = 0.0
         self._offset_at = -_CLOCK_REFRESH_SEC
         # Open records a lease poll read that no lease may take before a known time
-        # (leased until then, by anyone, or due then), by id, and the same as a heap.
-        # Later polls skip them until then: another replica's 5,000 held events were
-        # read again at every poll.
-        self._not_before: dict[str, float] = {}
-        self._not_before_heap: list[tuple[float, str]] = []
+        # (leased until then, by anyone, or due then). Later polls skip them until then:
+        # another replica's 5,000 held events were read again at every poll.
+        self._not_before = ExpiringIds()
         self._made_due = 0  # records this queue made leasable sooner (see _forget)
 
     # -- time and ids ------------------------------------------------------------------
@@ -291,7 +290,7 @@ class DurableQueue:
                 f"the {self.kind} queue holds {self.max_pending} open records (max_pending)"
             )
         if id is not None:  # an id purged and added again: polls read it again
-            self._not_before.pop(id, None)
+            self._not_before.forget(id)
         return record
 
     # -- leases ------------------------------------------------------------------------
@@ -330,11 +329,8 @@ class DurableQueue:
             raise UsageError("limit must be an integer >= 1")
         prefix = self.keys.open_prefix
         now = await self.anow()
-        waiting, heap = self._not_before, self._not_before_heap
-        while heap and heap[0][0] <= now:  # notes that ended (or were replaced)
-            when, record_id = heapq.heappop(heap)
-            if waiting.get(record_id) == when:
-                del waiting[record_id]
+        waiting = self._not_before
+        waiting.expire(now)
         cut = len(prefix)
         names = [
             k
@@ -349,10 +345,9 @@ class DurableQueue:
             found, later = await self.store.aupdate(names[start : start + _BATCH], due)
             if self._made_due == made_due:  # else ``later`` may predate a release here
                 for store_key, when in later.items():
-                    waiting[store_key[cut:]] = when
-                    heapq.heappush(heap, (when, store_key[cut:]))
+                    waiting.note(store_key[cut:], when)
             for store_key in found:
-                record = await self._lease(store_key[len(prefix) :], owner, now, now + seconds)
+                record = await self._lease(store_key[cut:], owner, now, now + seconds)
                 if record is not None:
                     leased.append(record)
                     if len(leased) >= limit:
@@ -363,7 +358,7 @@ class DurableQueue:
     def _forget(self, record_id: str) -> None:
         """``record_id`` was just made leasable sooner than a lease poll may have noted
         (released, retried, replayed): polls read it again."""
-        self._not_before.pop(record_id, None)
+        self._not_before.forget(record_id)
         self._made_due += 1
 
     async def alease_id(

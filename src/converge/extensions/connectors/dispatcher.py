@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import uuid
@@ -13,6 +12,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from converge._expiring import ExpiringIds
 from converge.core.metrics import MetricsCollector
 from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
@@ -112,11 +112,10 @@ class OutboundDispatcher:
         self._store_backlog = 0
         # Actions added already leased to this dispatcher (see lease_at_add), by id.
         self._held: dict[str, OutboxRecord] = {}
-        # Actions a scan found leased by another dispatcher sharing the store: when each
-        # lease ends (our clock), by id, and the same as a heap. Scans skip them until
-        # then; the first scan after reads them again (most are gone: delivered).
-        self._foreign: dict[str, float] = {}
-        self._foreign_ends: list[tuple[float, str]] = []
+        # Actions a scan found leased by another dispatcher sharing the store, until
+        # that lease ends (our clock). Scans skip them until then; the first scan after
+        # reads them again (most are gone: delivered).
+        self._foreign = ExpiringIds()
         outbox.listener = self.notify  # replays made by operators are scheduled at once
 
     @property
@@ -228,7 +227,7 @@ class OutboundDispatcher:
         self._schedule = DispatchSchedule(
             max_in_flight=self._max_in_flight, target_limit=self._target_limit
         )
-        self._foreign, self._foreign_ends = {}, []
+        self._foreign = ExpiringIds()
         send, receive = anyio.create_memory_object_stream[tuple[str, str]](self._max_in_flight)
         self._work_send = send
         try:
@@ -314,7 +313,7 @@ class OutboundDispatcher:
     async def _scan(self) -> int:
         """Schedule pending actions this dispatcher does not know yet; return how many."""
         found = 0
-        self._forget_foreign(self._clock())
+        self._foreign.expire(self._clock())
         try:
             ids = await self._outbox.pending_ids()
             self._store_backlog = len(ids)
@@ -345,9 +344,7 @@ class OutboundDispatcher:
             # Leased elsewhere: its owner is most likely delivering it. Trying to lease
             # it when that lease ends would cost a store update per action and replica;
             # a scan then reads it again, with the others, if it is still pending.
-            end = self._clock() + lease_left
-            self._foreign[record.id] = end
-            heapq.heappush(self._foreign_ends, (end, record.id))
+            self._foreign.note(record.id, self._clock() + lease_left)
             return True
         wait = max(0.0, record.due - store_now)
         self._schedule.add(record.id, record.action.target, self._clock() + wait)
@@ -355,15 +352,8 @@ class OutboundDispatcher:
 
     def _takeover_in(self) -> float | None:
         """Seconds until the first lease of another dispatcher that a scan saw ends."""
-        return self._foreign_ends[0][0] - self._clock() if self._foreign_ends else None
-
-    def _forget_foreign(self, now: float) -> None:
-        """Drop the foreign leases that have ended by ``now``: scans read them again."""
-        ends = self._foreign_ends
-        while ends and ends[0][0] <= now:
-            end, record_id = heapq.heappop(ends)
-            if self._foreign.get(record_id) == end:
-                del self._foreign[record_id]
+        end = self._foreign.first_end()
+        return None if end is None else end - self._clock()
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
