@@ -374,6 +374,64 @@ async def test_a_cancelled_writer_still_commits_then_sees_the_cancellation(
     assert await store.alist("c") == sorted(f"c{i}" for i in range(8))
 
 
+async def test_writers_cancelled_behind_a_batch_in_flight_commit_and_lead_the_next(
+    store: SQLiteStore,
+) -> None:
+    # The first batch is held in its thread hop (another thread holds the store's write
+    # lock); a second wave queues behind it; everyone is cancelled. The second wave's
+    # first writer must still lead its batch after the cancellation, every write must
+    # commit, and the loop's queue must end idle.
+    await store.aput("warm", 0)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with store._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(30)
+    outcome: dict[str, str] = {}
+    thread = threading.get_ident()
+
+    async def write(key: str) -> None:
+        try:
+            await store.aput(key, key)
+        except anyio.get_cancelled_exc_class():
+            outcome[key] = "cancelled"
+            raise
+        outcome[key] = "returned"
+
+    async def wait_for(ready: Any) -> None:
+        with anyio.fail_after(10):
+            while not ready():  # noqa: ASYNC110 - the store's queue offers no event
+                await anyio.sleep(0.001)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(write, f"a{i}")
+            await wait_for(lambda: thread in store._loop_writes)
+            queue = store._loop_writes[thread]
+            await wait_for(lambda: queue.leading and not queue.pending)  # batch 1 in the hop
+            for i in range(4):
+                tg.start_soon(write, f"b{i}")
+            await wait_for(lambda: len(queue.pending) == 4)
+            tg.cancel_scope.cancel()
+            threading.Timer(0.1, release.set).start()
+    finally:
+        release.set()
+        holder.join(30)
+    assert {key: outcome[key] for key in ("b0", "b1", "b2", "b3")} == dict.fromkeys(
+        ("b0", "b1", "b2", "b3"), "cancelled"
+    )
+    assert len(outcome) == 8
+    assert await store.alist("a") == ["a0", "a1", "a2", "a3"]
+    assert await store.alist("b") == ["b0", "b1", "b2", "b3"]
+    assert store._loop_writes == {}  # nothing left waiting for a leader
+
+
 async def test_a_value_that_does_not_encode_fails_alone_in_its_batch(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "json.db", serializer="json")
     errors: list[BaseException] = []

@@ -382,9 +382,11 @@ class SQLiteStore(Store):
         The loop's writers queue their writes on the loop side; one of them leads: it
         lets the loop's other ready tasks queue theirs (one checkpoint), then takes the
         whole queue to the worker thread in one hop and wakes every writer of the batch.
-        Writes queued meanwhile form the next batch, led by the first of them. Waiting is
-        shielded, as a thread hop is: a cancelled caller's write still commits, and the
-        caller sees the cancellation once it has.
+        Writes queued meanwhile form the next batch, led by the first of them. A
+        cancelled caller's write still commits, as a thread hop's would, and the caller
+        sees the cancellation once it has: the wait is shielded only after a
+        cancellation arrives (a shield around every write cost the loop about 5 µs),
+        and leading a batch is always shielded.
         """
         thread = threading.get_ident()
         writes = self._loop_writes.get(thread)
@@ -392,37 +394,46 @@ class SQLiteStore(Store):
             writes = self._loop_writes[thread] = _LoopWrites()
         write.event = anyio.Event()
         writes.pending.append(write)
-        with anyio.CancelScope(shield=True):
-            if not writes.leading:
-                await self._lead(thread, writes)
-            while not write.done:
-                await write.event.wait()
-                if write.lead:
-                    await self._lead(thread, writes)
+        try:
+            await self._until_committed(thread, writes, write)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._until_committed(thread, writes, write)
+            raise
         return write.outcome()
 
+    async def _until_committed(self, thread: int, writes: _LoopWrites, write: _Write) -> None:
+        assert write.event is not None
+        while not write.done:
+            if write.lead or not writes.leading:
+                await self._lead(thread, writes)
+            else:
+                await write.event.wait()  # set once done, or once asked to lead
+
     async def _lead(self, thread: int, writes: _LoopWrites) -> None:
+        # Shielded: a batch taken is always committed and its writers woken.
         writes.leading = True
         batch: builtins.list[_Write] = []
-        try:
-            await anyio.lowlevel.checkpoint()  # the loop's other ready writers join
-            batch, writes.pending = writes.pending, []
-            await anyio.to_thread.run_sync(self._run_locked_batch, batch)
-        finally:
-            for write in batch:
-                if not write.done:  # the hop itself failed
-                    write.error = StoreError(f"SQLite write to {self._path!r} did not run")
-                    write.done = True
-                if write.event is not None:
-                    write.event.set()
-            if writes.pending:  # the next batch: its first writer leads
-                first = writes.pending[0]
-                first.lead = True
-                if first.event is not None:
-                    first.event.set()
-            else:  # idle: forget this loop's queue (threads come and go)
-                writes.leading = False
-                self._loop_writes.pop(thread, None)
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.lowlevel.checkpoint()  # the loop's other ready writers join
+                batch, writes.pending = writes.pending, []
+                await anyio.to_thread.run_sync(self._run_locked_batch, batch)
+            finally:
+                for write in batch:
+                    if not write.done:  # the hop itself failed
+                        write.error = StoreError(f"SQLite write to {self._path!r} did not run")
+                        write.done = True
+                    if write.event is not None:
+                        write.event.set()
+                if writes.pending:  # the next batch: its first writer leads
+                    first = writes.pending[0]
+                    first.lead = True
+                    if first.event is not None:
+                        first.event.set()
+                else:  # idle: forget this loop's queue (threads come and go)
+                    writes.leading = False
+                    self._loop_writes.pop(thread, None)
 
     def _take_pending(self) -> builtins.list[_Write]:
         batch: builtins.list[_Write] = []
