@@ -1,4 +1,5 @@
-"""Measure how long an awaited call keeps the event loop from running other tasks.
+"""Measure how long an awaited call keeps the event loop from running other tasks, and
+wait for a state the loop offers no event for.
 
 ``tests/`` is on ``sys.path`` under pytest, so ``from loop_stall import max_loop_stall``.
 A ticker task sleeps 1 ms in a loop and records the largest gap between its wake-ups
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-__all__ = ["assert_loop_stall_below", "busy", "max_loop_stall", "ticks_during"]
+__all__ = ["assert_loop_stall_below", "busy", "eventually", "max_loop_stall", "ticks_during"]
 
 T = TypeVar("T")
 
@@ -114,3 +115,12 @@ async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
         during = ticks - before
         tg.cancel_scope.cancel()
     return result, during
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait (polling) until ``predicate()`` is true; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        # Polling on purpose: the state lives on another thread or loop, or in an object
+        # that offers no event to await.
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from webhook_helpers import HMAC_SECRET, eventually
+from webhook_helpers import HMAC_SECRET
 
 from converge.core.store import Store
 from converge.extensions.connectors import (
@@ -22,6 +22,7 @@ from converge.extensions.connectors import (
     WebhookRetryPolicy,
 )
 from converge.extensions.storage import MemoryStore
+from loop_stall import eventually
 
 FAST = WebhookRetryPolicy(
     max_attempts=5,

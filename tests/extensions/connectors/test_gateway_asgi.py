@@ -20,7 +20,6 @@ from webhook_helpers import (
     SLACK_SECRET,
     TOKEN,
     event_body,
-    eventually,
     github_request,
     hmac_request,
     slack_request,
@@ -36,6 +35,7 @@ from converge.extensions.connectors import (
     WebhookSecurityPolicy,
 )
 from converge.extensions.storage import MemoryStore
+from loop_stall import eventually
 
 pytestmark = pytest.mark.anyio
 

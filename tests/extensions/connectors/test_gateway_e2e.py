@@ -23,7 +23,6 @@ from webhook_helpers import (
     TOKEN,
     Receiver,
     ServerThread,
-    eventually,
     github_request,
     hmac_request,
     slack_request,
@@ -40,6 +39,7 @@ from converge.extensions.connectors import (
 )
 from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, SQLiteStore
+from loop_stall import eventually
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,6 @@ from webhook_helpers import (
     Receiver,
     count_outbox_writes,
     event_body,
-    eventually,
     github_request,
     hmac_request,
 )
@@ -41,6 +40,7 @@ from converge.extensions.connectors.connector import OUTBOUND_TOPIC
 from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, RedisStore
 from converge.runtime import AgentRunner, MessageBus
+from loop_stall import eventually
 from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ import anyio
 import httpx
 import pytest
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
-from webhook_helpers import Receiver, eventually
+from webhook_helpers import Receiver
 
 from converge.cli.config import GatewayConfig
 from converge.extensions.connectors import (
@@ -20,6 +20,7 @@ from converge.extensions.connectors import (
     WebhookRetryPolicy,
 )
 from converge.extensions.storage import SQLiteStore
+from loop_stall import eventually
 from loopback import UvicornThread
 
 pytestmark = pytest.mark.anyio

@@ -13,12 +13,12 @@ from pathlib import Path
 import anyio
 import pytest
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
-from webhook_helpers import eventually
 
 from converge.core.store import Store
 from converge.extensions.connectors import OutboundRequest, OutboundTarget, Outbox, RetrySchedule
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from counting_store import CountingUpdates
+from loop_stall import eventually
 from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio

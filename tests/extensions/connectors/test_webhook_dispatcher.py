@@ -12,7 +12,7 @@ import anyio
 import pytest
 import standardwebhooks
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
-from webhook_helpers import TARGET_SECRET, Receiver, count_outbox_writes, eventually
+from webhook_helpers import TARGET_SECRET, Receiver, count_outbox_writes
 
 from converge.core.message import Message
 from converge.core.store import Store
@@ -29,6 +29,7 @@ from converge.extensions.connectors import (
 from converge.extensions.connectors.schedule import DispatchSchedule
 from converge.extensions.storage import FileStore, SQLiteStore
 from counting_store import CountingUpdates
+from loop_stall import eventually
 
 pytestmark = pytest.mark.anyio
 

@@ -246,14 +246,6 @@ class ServerThread:
             self._thread.join(timeout=10)
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait (polling) until ``predicate()`` is true; fail after ``within`` seconds."""
-    with anyio.fail_after(within):
-        # Polling on purpose: the state lives on another thread's loop, no event to await.
-        while not predicate():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
 def count_outbox_writes(store: Any) -> list[list[str]]:
     """From now on, list the keys of each update of ``store`` that writes outbox keys."""
     writes: list[list[str]] = []

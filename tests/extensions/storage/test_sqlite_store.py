@@ -29,6 +29,7 @@ from converge.errors import (
 from converge.extensions.storage import SQLiteStore
 from converge.extensions.storage.sqlite import _LIST_FROM
 from converge.extensions.storage.testing import VALUES, StoreContract
+from loop_stall import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -403,21 +404,16 @@ async def test_writers_cancelled_behind_a_batch_in_flight_commit_and_lead_the_ne
             raise
         outcome[key] = "returned"
 
-    async def wait_for(ready: Any) -> None:
-        with anyio.fail_after(10):
-            while not ready():  # noqa: ASYNC110 - the store's queue offers no event
-                await anyio.sleep(0.001)
-
     try:
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(write, f"a{i}")
-            await wait_for(lambda: thread in store._loop_writes)
+            await eventually(lambda: thread in store._loop_writes)
             queue = store._loop_writes[thread]
-            await wait_for(lambda: queue.leading and not queue.pending)  # batch 1 in the hop
+            await eventually(lambda: queue.leading and not queue.pending)  # batch 1 in the hop
             for i in range(4):
                 tg.start_soon(write, f"b{i}")
-            await wait_for(lambda: len(queue.pending) == 4)
+            await eventually(lambda: len(queue.pending) == 4)
             tg.cancel_scope.cancel()
             threading.Timer(0.1, release.set).start()
     finally:
