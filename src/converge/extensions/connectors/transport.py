@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import httpx2
 
 from converge import _sync
 from converge.core.metrics import MetricsCollector
+from converge.extensions.connectors.connections import ConnectionStack
 from converge.extensions.connectors.dispatcher import AttemptResult
 from converge.extensions.connectors.outbox import OutboxRecord
 from converge.extensions.connectors.retry import (
@@ -104,7 +106,8 @@ class _ClientBox:
 
 class OutboundTransport:
     """Sends outbound attempts: over HTTP (one ``httpx2.AsyncClient`` per event loop,
-    redirects not followed), or through an ``outbound_sender``.
+    redirects not followed, on a :class:`ConnectionStack` unless the environment sets a
+    proxy), or through an ``outbound_sender``.
 
     Args:
         retry_policy: Supplies ``request_timeout_sec``, the limit of each attempt.
@@ -136,11 +139,19 @@ class OutboundTransport:
         self._timeouts = httpx2.Timeout(retry_policy.request_timeout_sec).as_dict()
 
     def _new_client(self) -> httpx2.AsyncClient:
-        limits = httpx2.Limits(
-            max_connections=self._max_connections, max_keepalive_connections=self._max_connections
-        )
+        timeout = self._policy.request_timeout_sec
+        if urllib.request.getproxies():
+            # A proxy set in the environment: httpx2's own transport honours it (a client
+            # given a transport ignores the environment).
+            limits = httpx2.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+            )
+            return httpx2.AsyncClient(follow_redirects=False, limits=limits, timeout=timeout)
         return httpx2.AsyncClient(
-            follow_redirects=False, limits=limits, timeout=self._policy.request_timeout_sec
+            follow_redirects=False,
+            timeout=timeout,
+            transport=ConnectionStack(max_connections=self._max_connections),
         )
 
     def build_request(self, record: OutboxRecord) -> OutboundRequest:

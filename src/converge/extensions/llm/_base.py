@@ -13,7 +13,6 @@ import importlib
 import json
 import math
 import os
-import ssl
 import threading
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
+from converge._tls import shared_ssl_context
 from converge.core import MetricsCollector
 from converge.errors import (
     ClosedError,
@@ -63,25 +63,6 @@ def import_sdk(module: str, extra: str) -> ModuleType:
             f"the {module!r} package is needed for this provider; "
             f"install it with: pip install -e '.[{extra}]' (from a converge checkout)"
         ) from exc
-
-
-_ssl_lock = threading.Lock()
-_ssl_context: ssl.SSLContext | None = None
-
-
-def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context for every HTTP client the providers create.
-
-    Building a context (loading the trust store) costs tens of milliseconds; httpx
-    recommends sharing one, and it is safe across threads and loops.
-    """
-    global _ssl_context
-    with _ssl_lock:
-        if _ssl_context is None:
-            import httpx2  # every supported SDK's HTTP dependency
-
-            _ssl_context = httpx2.create_ssl_context()
-        return _ssl_context
 
 
 def count(value: Any) -> int | None:

@@ -1,0 +1,193 @@
+"""The outbound connection stack: reuse, limits, expiry and failures over real sockets."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import httpx2
+import pytest
+from outbound_helpers import action, dispatching, make
+
+from converge.extensions.connectors import OutboundTarget
+from converge.extensions.connectors.connections import ConnectionStack
+from loop_stall import eventually
+
+pytestmark = pytest.mark.anyio
+
+_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
+
+
+class RawServer:
+    """HTTP/1.1 in the test's own loop: answers ``200 {}``, counts connections."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.connections = 0
+        self.open = 0
+        self.max_open = 0
+        self.closed_by_client = 0
+        self.request_lines: list[bytes] = []
+        self.delay = 0.0
+        self.say_close = False  # answer "connection: close", then close
+        self.hang_up = False  # close right after answering, without saying so
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await stream.receive()
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                found = _LENGTH.search(head)
+                length = int(found.group(1)) if found else 0
+                while len(buffer) < length:
+                    buffer += await stream.receive()
+                buffer = buffer[length:]
+                self.request_lines.append(head.split(b"\r\n", 1)[0])
+                if self.delay:
+                    await anyio.sleep(self.delay)
+                close = b"connection: close\r\n" if self.say_close else b""
+                await stream.send(b"HTTP/1.1 200 OK\r\n" + close + b"content-length: 2\r\n\r\n{}")
+                if self.say_close or self.hang_up:
+                    return
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.closed_by_client += 1
+        finally:
+            self.open -= 1
+            await stream.aclose()
+
+
+@asynccontextmanager
+async def raw_servers(count: int = 1) -> AsyncIterator[list[RawServer]]:
+    servers = [RawServer() for _ in range(count)]
+    async with anyio.create_task_group() as tg:
+        for server in servers:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            server.url = f"http://127.0.0.1:{port}"
+            tg.start_soon(listener.serve, server.handle)
+        try:
+            yield servers
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def post(client: httpx2.AsyncClient, url: str) -> int:
+    response = await client.post(f"{url}/hook", content=b'{"n":1}')
+    return response.status_code
+
+
+def stack_client(**kw: float) -> httpx2.AsyncClient:
+    transport = ConnectionStack(
+        max_connections=int(kw.pop("max_connections", 8)), keepalive_expiry=kw.pop("keep", 5.0)
+    )
+    return httpx2.AsyncClient(transport=transport, timeout=5.0)
+
+
+async def test_sequential_requests_share_one_connection() -> None:
+    async with raw_servers() as (server,), stack_client() as client:
+        assert [await post(client, server.url) for _ in range(20)] == [200] * 20
+    assert server.connections == 1
+    assert len(server.request_lines) == 20
+
+
+async def test_concurrent_requests_never_hold_more_than_max_connections() -> None:
+    async with raw_servers() as (server,), stack_client(max_connections=4) as client:
+        server.delay = 0.02
+        statuses: list[int] = []
+
+        async def one() -> None:
+            statuses.append(await post(client, server.url))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(24):
+                tg.start_soon(one)
+    assert statuses == [200] * 24
+    assert server.max_open <= 4
+    assert server.connections <= 4  # the four are reused, never replaced
+
+
+async def test_a_connection_the_server_closed_is_never_reused() -> None:
+    async with raw_servers() as (server,), stack_client() as client:
+        server.say_close = True
+        assert [await post(client, server.url) for _ in range(3)] == [200] * 3
+        assert server.connections == 3
+        # Closed without a word, after the answer: the probe before reuse sees it.
+        server.say_close, server.hang_up = False, True
+        for expected in (4, 5, 6):
+            assert await post(client, server.url) == 200
+            await eventually(lambda: server.open == 0)
+            assert server.connections == expected
+
+
+async def test_connections_idle_past_the_keepalive_are_closed() -> None:
+    async with raw_servers(2) as (first, second), stack_client(keep=0.2) as client:
+        assert await post(client, first.url) == 200
+        await anyio.sleep(0.3)
+        # Giving back the second origin's connection sweeps the first's, idle too long.
+        assert await post(client, second.url) == 200
+        await eventually(lambda: first.open == 0)
+        assert (first.closed_by_client, second.open) == (1, 1)
+
+
+async def test_a_new_origin_closes_the_oldest_idle_connection_at_the_limit() -> None:
+    async with raw_servers(2) as (first, second), stack_client(max_connections=1) as client:
+        assert await post(client, first.url) == 200
+        assert await post(client, second.url) == 200
+        await eventually(lambda: first.open == 0)
+        assert (first.closed_by_client, second.open) == (1, 1)
+
+
+async def test_a_cancelled_request_closes_its_connection_and_frees_its_slot() -> None:
+    async with raw_servers() as (server,), stack_client(max_connections=1) as client:
+        server.delay = 0.5
+        with anyio.move_on_after(0.1):
+            await post(client, server.url)
+        server.delay = 0.0
+        with anyio.fail_after(2):
+            assert await post(client, server.url) == 200
+        assert server.connections == 2
+        await eventually(lambda: server.closed_by_client == 1)
+
+
+async def test_errors_are_raised_as_httpx_errors() -> None:
+    with socket.socket() as unused:  # a free port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    async with stack_client() as client:
+        with pytest.raises(httpx2.ConnectError):
+            await post(client, f"http://127.0.0.1:{port}")
+
+
+async def test_closing_the_client_closes_its_idle_connections() -> None:
+    async with raw_servers() as (server,):
+        client = stack_client()
+        assert await post(client, server.url) == 200
+        assert server.open == 1
+        await client.aclose()
+        await eventually(lambda: server.open == 0)
+        assert server.closed_by_client == 1
+
+
+async def test_deliveries_go_through_a_proxy_set_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with raw_servers() as (proxy,):
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        url = "http://hooks.example.invalid/hook"
+        c = make(targets=[OutboundTarget("app", url)])
+        async with dispatching(c):
+            await c.submit_outbound_action(action(1, url=url))
+            await eventually(lambda: c.dispatcher.backlog == 0)
+        await c.aclose()
+    assert proxy.request_lines == [b"POST http://hooks.example.invalid/hook HTTP/1.1"]
