@@ -11,10 +11,12 @@ A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
   delivery.
 * ``httpx2`` and ``httpx``: the same N POSTs (same body and ``Idempotency-Key`` header)
   with one ``AsyncClient`` and as many worker tasks as the concurrency: what you would
-  write without an outbox. converge sends with ``httpx2`` (the client the LLM SDKs use
-  too), so ``httpx2`` is the like-for-like peer: the ratio is what the outbox costs.
-  ``httpx`` is the older client, whose connection pool scans every connection on each
-  request (at 64 connections it spends several times longer per request).
+  write without an outbox. converge sends with an ``httpx2`` client too (the client the
+  LLM SDKs use), on its own connection stack instead of httpx2's pool
+  (``converge.extensions.connectors.connections``), so the ratio against ``httpx2`` is
+  what the outbox costs less what the stack saves. ``httpx`` is the older client, whose
+  connection pool scans every connection on each request (at 64 connections it spends
+  several times longer per request).
 
 All use the same connection limits and run on asyncio. Warm-up, then the best of
 several rounds (alternating). One JSON line per case and implementation, then a table

@@ -1,20 +1,29 @@
-"""The outbound connection stack: reuse, limits, expiry and failures over real sockets."""
+"""The outbound connection stack: reuse, limits, expiry, coalesced writes, TLS and
+failures, over real sockets."""
 
 from __future__ import annotations
 
+import datetime
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import httpx2
 import pytest
+from anyio.streams.tls import TLSListener
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from outbound_helpers import action, dispatching, make
 
 from converge.extensions.connectors import OutboundTarget
-from converge.extensions.connectors.connections import ConnectionStack
+from converge.extensions.connectors.connections import ConnectionStack, _CoalescingBackend
 from loop_stall import eventually
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +184,90 @@ async def test_closing_the_client_closes_its_idle_connections() -> None:
         await client.aclose()
         await eventually(lambda: server.open == 0)
         assert server.closed_by_client == 1
+
+
+async def test_a_request_head_and_small_body_leave_in_one_write() -> None:
+    received: list[bytes] = []
+    got_more = anyio.Event()
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            while True:
+                received.append(await stream.receive())
+                got_more.set()
+
+    head, body = b"POST /hook HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\r\n", b'{"n":1}'
+    big = b"x" * 100_000
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handle)
+            stream = await _CoalescingBackend().connect_tcp("127.0.0.1", port)
+            await stream.write(head)
+            await anyio.sleep(0.05)
+            assert received == []  # the head waits for its body
+            await stream.write(body)
+            with anyio.fail_after(5):
+                await got_more.wait()
+            assert received == [head + body]  # one segment, read at once
+            # A large body is not copied onto its head: both still arrive, in order.
+            await stream.write(head)
+            await stream.write(big)
+            await eventually(
+                lambda: sum(map(len, received)) == len(head + body) * 2 + len(big) - len(body)
+            )
+            assert b"".join(received) == head + body + head + big
+            await stream.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def test_https_targets_are_reached_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    server = RawServer()
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+    listener = TLSListener(tcp, server_context, standard_compatible=False)
+    transport = ConnectionStack(max_connections=2, ssl_context=client_context)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server.handle)
+        async with httpx2.AsyncClient(transport=transport, timeout=5.0) as client:
+            statuses = [await post(client, f"https://localhost:{port}") for _ in range(3)]
+        tg.cancel_scope.cancel()
+    assert statuses == [200] * 3
+    assert server.connections == 1
+    assert server.request_lines == [b"POST /hook HTTP/1.1"] * 3
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for ``localhost`` signed by its own key: (certificate, key) PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 async def test_deliveries_go_through_a_proxy_set_in_the_environment(

@@ -7,6 +7,11 @@ idle socket). With 16 connections to one receiver, that was about a third of the
 gives a request the most recently used idle connection of its origin, probes only that
 one, and takes it back once the response is read: constant work per request.
 
+Its connections also send a request's head and a small body in one write, as
+``http.client`` does: one TCP segment instead of two, which on loopback saved another
+30-80 µs of CPU per delivery (the kernel's receive path runs in the sender's system
+call) and on a network avoids a delayed-ACK wait where Nagle's algorithm is on.
+
 It serves the outbound transport's ``AsyncClient`` (which reads every response whole),
 not general use: it reads each response body before returning it.
 """
@@ -14,8 +19,9 @@ not general use: it reads each response body before returning it.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import anyio
 import httpcore2
@@ -26,6 +32,8 @@ from converge._tls import shared_ssl_context
 __all__ = ["ConnectionStack"]
 
 _Key = tuple[bytes, bytes, int | None]
+# A request's head and body are sent in one write up to this size.
+_COALESCED_MAX = 64 * 1024
 
 
 class ConnectionStack(httpx2.AsyncBaseTransport):
@@ -35,9 +43,19 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
         max_connections: Open connections at most (busy and idle, every origin); a
             request beyond it waits for one to be free.
         keepalive_expiry: Seconds an idle connection is kept.
+        ssl_context: For ``https`` origins; None: the process's shared one (the system's
+            trust store).
     """
 
-    def __init__(self, *, max_connections: int, keepalive_expiry: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        keepalive_expiry: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._backend = _CoalescingBackend()
         self._max = max_connections
         self._keepalive = keepalive_expiry
         self._slots = anyio.Semaphore(max_connections)
@@ -94,9 +112,15 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
             await self._close_oldest()
         return httpcore2.AsyncHTTPConnection(
             origin,
-            ssl_context=_tls(key),
+            ssl_context=self._tls(key),
             keepalive_expiry=self._keepalive,
+            network_backend=self._backend,
         )
+
+    def _tls(self, key: _Key) -> ssl.SSLContext | None:
+        if key[0] != b"https":
+            return None
+        return self._ssl_context or shared_ssl_context()
 
     async def _give_back(self, key: _Key, connection: httpcore2.AsyncHTTPConnection) -> None:
         if self._closed or not connection.is_idle():  # e.g. the server said close
@@ -138,8 +162,69 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
                 await _close(connection)
 
 
-def _tls(key: _Key) -> ssl.SSLContext | None:
-    return shared_ssl_context() if key[0] == b"https" else None
+class _CoalescingStream(httpcore2.AsyncNetworkStream):
+    # Holds the first write after each read (a request's head) until the next write
+    # (its body) or read (a request without one), and sends both at once when small.
+    # (httpcore2's network interface takes timeouts as arguments: ASYNC109.)
+    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._hold = True
+        self._held: bytes | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        if self._hold:
+            self._hold = False
+            self._held = buffer
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            if len(held) + len(buffer) <= _COALESCED_MAX:
+                buffer = held + buffer
+            else:  # no full-size copy of a large body
+                await self._inner.write(held, timeout)
+        await self._inner.write(buffer, timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        held, self._held = self._held, None
+        if held is not None:
+            await self._inner.write(held, timeout)
+        self._hold = True
+        return await self._inner.read(max_bytes, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore2.AsyncNetworkStream:
+        return _CoalescingStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore2.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _CoalescingStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 async def _close(connection: httpcore2.AsyncHTTPConnection) -> None:
