@@ -12,8 +12,8 @@ Its connections also send a request's head and a small body in one write, as
 30-80 µs of CPU per delivery (the kernel's receive path runs in the sender's system
 call) and on a network avoids a delayed-ACK wait where Nagle's algorithm is on.
 
-It serves the outbound transport's ``AsyncClient`` (which reads every response whole),
-not general use: it reads each response body before returning it.
+It is an httpx2 transport (an ``AsyncClient`` can use it), but made for the outbound
+transport, which calls it directly: it reads each response body before returning it.
 """
 
 from __future__ import annotations
