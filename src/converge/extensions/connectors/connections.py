@@ -3,13 +3,13 @@
 httpx2's own pool (httpcore2's ``AsyncConnectionPool``) walks every connection it holds
 twice per request, and probes each idle one for a close by the server (a ``poll`` per
 idle socket). With 16 connections to one receiver, that was about a third of the
-650-700 µs of client CPU per delivery (perf, issue 17.5). :class:`ConnectionStack`
+600-730 µs of client CPU per delivery (perf, issue 17.5). :class:`ConnectionStack`
 gives a request the most recently used idle connection of its origin, probes only that
 one, and takes it back once the response is read: constant work per request.
 
 Its connections also send a request's head and a small body in one write, as
 ``http.client`` does: one TCP segment instead of two, which on loopback saved another
-30-80 µs of CPU per delivery (the kernel's receive path runs in the sender's system
+60 µs or so of CPU per delivery (the kernel's receive path runs in the sender's system
 call) and on a network avoids a delayed-ACK wait where Nagle's algorithm is on.
 
 It is an httpx2 transport (an ``AsyncClient`` can use it), but made for the outbound
