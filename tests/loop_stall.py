@@ -1,5 +1,5 @@
-"""Measure how long an awaited call keeps the event loop from running other tasks, and
-wait for a state the loop offers no event for.
+"""Measure how long an awaited call keeps the event loop from running other tasks, see
+where blocking work ran, and wait for a state the loop offers no event for.
 
 ``tests/`` is on ``sys.path`` under pytest, so ``from loop_stall import max_loop_stall``.
 A ticker task sleeps 1 ms in a loop and records the largest gap between its wake-ups
@@ -9,6 +9,7 @@ while the call runs: the longest the loop was blocked (plus the timer's own slac
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -17,7 +18,14 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-__all__ = ["assert_loop_stall_below", "busy", "eventually", "max_loop_stall", "ticks_during"]
+__all__ = [
+    "assert_loop_stall_below",
+    "busy",
+    "eventually",
+    "max_loop_stall",
+    "spy_on_tls_builds",
+    "ticks_during",
+]
 
 T = TypeVar("T")
 
@@ -124,3 +132,22 @@ async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> Non
         # that offers no event to await.
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.01)
+
+
+def spy_on_tls_builds(monkeypatch: Any) -> list[threading.Thread]:
+    """Forget the process's shared TLS context (``converge._tls``) for this test, and
+    list the thread that builds it each time it is built again."""
+    import httpx2
+
+    import converge._tls
+
+    built_on: list[threading.Thread] = []
+    build = httpx2.create_ssl_context
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        built_on.append(threading.current_thread())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(httpx2, "create_ssl_context", spy)
+    monkeypatch.setattr(converge._tls, "_context", None)
+    return built_on

@@ -7,6 +7,7 @@ import datetime
 import re
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from outbound_helpers import action, dispatching, make
 
 from converge.extensions.connectors import OutboundTarget
 from converge.extensions.connectors.connections import ConnectionStack, _CoalescingBackend
-from loop_stall import eventually
+from loop_stall import eventually, spy_on_tls_builds
 
 pytestmark = pytest.mark.anyio
 
@@ -241,6 +242,34 @@ async def test_https_targets_are_reached_over_tls(tmp_path: Path) -> None:
     assert server.request_lines == [b"POST /hook HTTP/1.1"] * 3
 
 
+async def test_the_shared_tls_context_is_built_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a context of its own, the stack uses the process's shared one (the
+    # system's trust store, which does not know the test's certificate), built in a
+    # worker thread the first time: 20-130 ms that must not stall the loop.
+    built_on = spy_on_tls_builds(monkeypatch)
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+    listener = TLSListener(tcp, server_context, standard_compatible=False)
+
+    async def handle(stream: anyio.abc.ByteStream) -> None:
+        await stream.aclose()
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        transport = ConnectionStack(max_connections=2)
+        async with httpx2.AsyncClient(transport=transport, timeout=5.0) as client:
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await post(client, f"https://localhost:{port}")
+        tg.cancel_scope.cancel()
+    assert len(built_on) == 1
+    assert built_on[0] is not threading.current_thread()
+
+
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     """A certificate for ``localhost`` signed by its own key: (certificate, key) PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -273,6 +302,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 async def test_deliveries_go_through_a_proxy_set_in_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    built_on = spy_on_tls_builds(monkeypatch)
     async with raw_servers() as (proxy,):
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         monkeypatch.delenv("NO_PROXY", raising=False)
@@ -284,3 +314,6 @@ async def test_deliveries_go_through_a_proxy_set_in_the_environment(
             await eventually(lambda: c.dispatcher.backlog == 0)
         await c.aclose()
     assert proxy.request_lines == [b"POST http://hooks.example.invalid/hook HTTP/1.1"]
+    # httpx2's client (for https targets) took the shared TLS context, built off the loop.
+    assert len(built_on) == 1
+    assert built_on[0] is not threading.current_thread()

@@ -6,6 +6,7 @@ import email.utils
 import gc
 import json
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from converge.errors import (
 )
 from converge.extensions.llm import RetryPolicy, Usage
 from converge.extensions.llm._base import SDKProvider
+from loop_stall import spy_on_tls_builds
 
 pytestmark = pytest.mark.anyio
 
@@ -61,6 +63,18 @@ async def test_achat_returns_reply_text_and_records_usage(
     assert {"authorization": "Bearer test-key"}.items() <= request.headers.items() or (
         request.headers.get("x-api-key") == "test-key"
     )
+
+
+async def test_the_first_client_builds_its_tls_context_off_the_event_loop(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading the trust store takes 20-130 ms: a fresh process's first call must not
+    # spend it on the event loop.
+    built_on = spy_on_tls_builds(monkeypatch)
+    server.push(wire.chat("Hi there"))
+    assert await provider.achat(MESSAGES) == "Hi there"
+    assert len(built_on) == 1
+    assert built_on[0] is not threading.current_thread()
 
 
 async def test_achat_with_usage_returns_text_and_usage_of_that_call(

@@ -27,7 +27,7 @@ import anyio
 import httpcore2
 import httpx2
 
-from converge._tls import shared_ssl_context
+from converge._tls import ashared_ssl_context
 
 __all__ = ["ConnectionStack"]
 
@@ -112,15 +112,15 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
             await self._close_oldest()
         return httpcore2.AsyncHTTPConnection(
             origin,
-            ssl_context=self._tls(key),
+            ssl_context=await self._tls(key),
             keepalive_expiry=self._keepalive,
             network_backend=self._backend,
         )
 
-    def _tls(self, key: _Key) -> ssl.SSLContext | None:
+    async def _tls(self, key: _Key) -> ssl.SSLContext | None:
         if key[0] != b"https":
             return None
-        return self._ssl_context or shared_ssl_context()
+        return self._ssl_context or await ashared_ssl_context()
 
     async def _give_back(self, key: _Key, connection: httpcore2.AsyncHTTPConnection) -> None:
         if self._closed or not connection.is_idle():  # e.g. the server said close

@@ -12,6 +12,7 @@ import anyio
 import httpx2
 
 from converge import _sync
+from converge._tls import ashared_ssl_context
 from converge.core.metrics import MetricsCollector
 from converge.extensions.connectors.connections import ConnectionStack
 from converge.extensions.connectors.dispatcher import AttemptResult
@@ -168,19 +169,22 @@ class OutboundTransport:
             attempt=record.attempts + 1,
         )
 
-    def _box(self) -> _ClientBox:
+    async def _box(self) -> _ClientBox:
         box = self._clients.get()
         if box.stack is None and box.client is None:
             if urllib.request.getproxies():
-                limits = httpx2.Limits(
-                    max_connections=self._max_connections,
-                    max_keepalive_connections=self._max_connections,
-                )
-                box.client = httpx2.AsyncClient(
-                    follow_redirects=False,
-                    limits=limits,
-                    timeout=self._policy.request_timeout_sec,
-                )
+                verify = await ashared_ssl_context()  # not built on the loop
+                if box.client is None:  # another first send may have made it meanwhile
+                    limits = httpx2.Limits(
+                        max_connections=self._max_connections,
+                        max_keepalive_connections=self._max_connections,
+                    )
+                    box.client = httpx2.AsyncClient(
+                        follow_redirects=False,
+                        limits=limits,
+                        timeout=self._policy.request_timeout_sec,
+                        verify=verify,
+                    )
             else:
                 box.stack = ConnectionStack(max_connections=self._max_connections)
         return box
@@ -196,7 +200,7 @@ class OutboundTransport:
             if not isinstance(answer, OutboundResponse):
                 raise TypeError("outbound_sender must return OutboundResponse or int")
             return answer
-        box = self._box()
+        box = await self._box()
         if box.stack is not None:
             # The requests are built whole here, redirects are never followed and no
             # cookie is ever sent back: nothing the client layer adds is needed (it cost

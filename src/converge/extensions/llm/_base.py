@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
-from converge._tls import shared_ssl_context
+from converge._tls import ashared_ssl_context, shared_ssl_context
 from converge.core import MetricsCollector
 from converge.errors import (
     ClosedError,
@@ -316,12 +316,18 @@ class SDKProvider:
         self._check_request(request)
         return request
 
-    def _current_client(self) -> Any:
+    async def _current_client(self) -> Any:
         if self._closed:
             raise ClosedError(f"this {type(self).__name__} was closed")
         if self._client is not None:
             return self._client
-        return self._clients.get().get()
+        slot = self._clients.get()
+        if slot.value is None:
+            # The new client's TLS context: built off the loop the first time.
+            await ashared_ssl_context()
+            if self._closed:
+                raise ClosedError(f"this {type(self).__name__} was closed")
+        return slot.get()
 
     def _start_call(self, request: ChatRequest) -> CallRecord:
         return self.telemetry.start_call(
@@ -338,7 +344,7 @@ class SDKProvider:
         )
 
     async def _acomplete(self, request: ChatRequest, allow_partial: bool) -> ChatResult:
-        client = self._current_client()
+        client = await self._current_client()
         record = self._start_call(request)
         try:
             with self.telemetry.current(record):
@@ -543,7 +549,7 @@ class SDKProvider:
     async def _stream(
         self, out: ChatStream, request: ChatRequest, allow_partial: bool
     ) -> AsyncGenerator[str, None]:
-        client = self._current_client()
+        client = await self._current_client()
         record = self._start_call(request)
         try:
             stream, events, state, first = await acall_with_retry(
