@@ -8,9 +8,10 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -223,20 +224,12 @@ async def test_a_request_head_and_small_body_leave_in_one_write() -> None:
 
 
 async def test_https_targets_are_reached_over_tls(tmp_path: Path) -> None:
-    cert, key = self_signed_certificate(tmp_path)
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
     server = RawServer()
-    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-    listener = TLSListener(tcp, server_context, standard_compatible=False)
-    transport = ConnectionStack(max_connections=2, ssl_context=client_context)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, server.handle)
+    async with tls_server(tmp_path, server.handle) as (url, cert):
+        trusting = ssl.create_default_context(cafile=str(cert))
+        transport = ConnectionStack(max_connections=2, ssl_context=trusting)
         async with httpx2.AsyncClient(transport=transport, timeout=5.0) as client:
-            statuses = [await post(client, f"https://localhost:{port}") for _ in range(3)]
-        tg.cancel_scope.cancel()
+            statuses = [await post(client, url) for _ in range(3)]
     assert statuses == [200] * 3
     assert server.connections == 1
     assert server.request_lines == [b"POST /hook HTTP/1.1"] * 3
@@ -249,25 +242,37 @@ async def test_the_shared_tls_context_is_built_off_the_event_loop(
     # system's trust store, which does not know the test's certificate), built in a
     # worker thread the first time: 20-130 ms that must not stall the loop.
     built_on = spy_on_tls_builds(monkeypatch)
-    cert, key = self_signed_certificate(tmp_path)
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-    listener = TLSListener(tcp, server_context, standard_compatible=False)
 
-    async def handle(stream: anyio.abc.ByteStream) -> None:
+    async def hang_up(stream: anyio.abc.ByteStream) -> None:
         await stream.aclose()
 
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, handle)
+    async with tls_server(tmp_path, hang_up) as (url, _):
         transport = ConnectionStack(max_connections=2)
         async with httpx2.AsyncClient(transport=transport, timeout=5.0) as client:
             with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-                await post(client, f"https://localhost:{port}")
-        tg.cancel_scope.cancel()
+                await post(client, url)
     assert len(built_on) == 1
     assert built_on[0] is not threading.current_thread()
+
+
+@asynccontextmanager
+async def tls_server(
+    directory: Path, handler: Callable[[Any], Awaitable[None]]
+) -> AsyncIterator[tuple[str, Path]]:
+    """``handler`` serving TLS on 127.0.0.1 with a self-signed certificate for
+    ``localhost``: (its ``https://localhost:port`` URL, the certificate's PEM file)."""
+    cert, key = self_signed_certificate(directory)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+    listener = TLSListener(tcp, context, standard_compatible=False)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        try:
+            yield f"https://localhost:{port}", cert
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
