@@ -61,7 +61,6 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
         self._slots = anyio.Semaphore(max_connections)
         # Per origin, (idle since, connection), the oldest first.
         self._idle: dict[_Key, list[tuple[float, httpcore2.AsyncHTTPConnection]]] = {}
-        self._idle_count = 0
         self._next_sweep = 0.0
         self._closed = False
 
@@ -102,13 +101,13 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
         stack = self._idle.get(key)
         while stack:
             _, connection = stack.pop()
-            self._idle_count -= 1
             # One probe: the keep-alive ran out, or the server closed it meanwhile.
             if not connection.has_expired() and connection.is_idle():
                 return connection
             await _close(connection)
+        # Only when a new connection opens: the idle ones of every origin, counted.
         busy = self._max - self._slots.value  # this request included
-        while self._idle_count and busy + self._idle_count > self._max:
+        while busy + sum(map(len, self._idle.values())) > self._max:
             await self._close_oldest()
         return httpcore2.AsyncHTTPConnection(
             origin,
@@ -128,7 +127,6 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
             return
         now = anyio.current_time()
         self._idle.setdefault(key, []).append((now, connection))
-        self._idle_count += 1
         if now >= self._next_sweep:
             self._next_sweep = now + self._keepalive
             await self._sweep(now)
@@ -139,7 +137,6 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
         for key, stack in list(self._idle.items()):
             while stack and now - stack[0][0] >= self._keepalive:
                 _, connection = stack.pop(0)
-                self._idle_count -= 1
                 await _close(connection)
             if not stack:
                 del self._idle[key]
@@ -150,13 +147,12 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
             key=lambda key: self._idle[key][0][0],
         )
         _, connection = self._idle[oldest].pop(0)
-        self._idle_count -= 1
         await _close(connection)
 
     async def aclose(self) -> None:
         """Close every idle connection; busy ones close when their response is read."""
         self._closed = True
-        stacks, self._idle, self._idle_count = self._idle, {}, 0
+        stacks, self._idle = self._idle, {}
         for stack in stacks.values():
             for _, connection in stack:
                 await _close(connection)

@@ -317,17 +317,11 @@ class SDKProvider:
         return request
 
     async def _current_client(self) -> Any:
-        if self._closed:
+        if self._client is None and not self._closed and self._clients.get().value is None:
+            await ashared_ssl_context()  # the new client's, built off the loop the first time
+        if self._closed:  # before or during that wait
             raise ClosedError(f"this {type(self).__name__} was closed")
-        if self._client is not None:
-            return self._client
-        slot = self._clients.get()
-        if slot.value is None:
-            # The new client's TLS context: built off the loop the first time.
-            await ashared_ssl_context()
-            if self._closed:
-                raise ClosedError(f"this {type(self).__name__} was closed")
-        return slot.get()
+        return self._client if self._client is not None else self._clients.get().get()
 
     def _start_call(self, request: ChatRequest) -> CallRecord:
         return self.telemetry.start_call(
