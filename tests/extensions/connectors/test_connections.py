@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +77,29 @@ class RawServer:
 
 
 @asynccontextmanager
-async def raw_servers(count: int = 1) -> AsyncIterator[list[RawServer]]:
-    servers = [RawServer() for _ in range(count)]
-    async with anyio.create_task_group() as tg:
-        for server in servers:
-            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-            port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            server.url = f"http://127.0.0.1:{port}"
-            tg.start_soon(listener.serve, server.handle)
+async def serving(
+    handler: Callable[[Any], Awaitable[None]], tls: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """``handler`` serving each connection on 127.0.0.1 (over TLS with ``tls``): its port."""
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+    listener = tcp if tls is None else TLSListener(tcp, tls, standard_compatible=False)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
         try:
-            yield servers
+            yield port
         finally:
             tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def raw_servers(count: int = 1) -> AsyncIterator[list[RawServer]]:
+    servers = [RawServer() for _ in range(count)]
+    async with AsyncExitStack() as stack:
+        for server in servers:
+            port = await stack.enter_async_context(serving(server.handle))
+            server.url = f"http://127.0.0.1:{port}"
+        yield servers
 
 
 async def post(client: httpx2.AsyncClient, url: str) -> int:
@@ -200,27 +211,22 @@ async def test_a_request_head_and_small_body_leave_in_one_write() -> None:
 
     head, body = b"POST /hook HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\r\n", b'{"n":1}'
     big = b"x" * 100_000
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, handle)
-            stream = await _CoalescingBackend().connect_tcp("127.0.0.1", port)
-            await stream.write(head)
-            await anyio.sleep(0.05)
-            assert received == []  # the head waits for its body
-            await stream.write(body)
-            with anyio.fail_after(5):
-                await got_more.wait()
-            assert received == [head + body]  # one segment, read at once
-            # A large body is not copied onto its head: both still arrive, in order.
-            await stream.write(head)
-            await stream.write(big)
-            await eventually(
-                lambda: sum(map(len, received)) == len(head + body) * 2 + len(big) - len(body)
-            )
-            assert b"".join(received) == head + body + head + big
-            await stream.aclose()
-            tg.cancel_scope.cancel()
+    async with serving(handle) as port:
+        stream = await _CoalescingBackend().connect_tcp("127.0.0.1", port)
+        await stream.write(head)
+        await anyio.sleep(0.05)
+        assert received == []  # the head waits for its body
+        await stream.write(body)
+        with anyio.fail_after(5):
+            await got_more.wait()
+        assert received == [head + body]  # one segment, read at once
+        # A large body is not copied onto its head: both still arrive, in order.
+        await stream.write(head)
+        await stream.write(big)
+        total = len(head + body + head + big)
+        await eventually(lambda: sum(map(len, received)) == total)
+        assert b"".join(received) == head + body + head + big
+        await stream.aclose()
 
 
 async def test_https_targets_are_reached_over_tls(tmp_path: Path) -> None:
@@ -264,15 +270,8 @@ async def tls_server(
     cert, key = self_signed_certificate(directory)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-    listener = TLSListener(tcp, context, standard_compatible=False)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, handler)
-        try:
-            yield f"https://localhost:{port}", cert
-        finally:
-            tg.cancel_scope.cancel()
+    async with serving(handler, context) as port:
+        yield f"https://localhost:{port}", cert
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
