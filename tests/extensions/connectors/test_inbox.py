@@ -36,6 +36,7 @@ from converge.extensions.connectors import (
     WebhookConnector,
     WebhookRetryPolicy,
 )
+from converge.extensions.connectors import connector as connector_module
 from converge.extensions.connectors.connector import OUTBOUND_TOPIC
 from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, RedisStore
@@ -264,6 +265,62 @@ async def test_released_items_wait_for_their_delay_and_record_the_error() -> Non
         1,
     )
     with anyio.fail_after(5):
+        again = await c.receive_inbound()
+    assert again.id == item.id
+    assert await c.aack_inbound(again)
+
+
+class ListCounting(MemoryStore):
+    """A MemoryStore that counts the listings of each prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings: dict[str, int] = {}
+
+    async def alist(self, prefix: str = "") -> list[str]:
+        self.listings[prefix] = self.listings.get(prefix, 0) + 1
+        return await super().alist(prefix)
+
+
+async def test_receivers_list_the_store_once_per_poll_interval_not_once_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Listing the open records costs O(open records), and O(every key) on Redis: a
+    # trickle of events, each received as it arrives, must not cost a listing apiece.
+    monkeypatch.setattr(connector_module, "_RECEIVE_POLL_SEC", 60.0)
+    store = ListCounting()
+    c = connector(store)
+    received: list[str] = []
+
+    async def consume() -> None:
+        while len(received) < 20:
+            item = await c.receive_inbound()
+            received.append(item.id)
+            assert await c.aack_inbound(item)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            for _ in range(20):
+                await anyio.sleep(0.01)  # the consumer waits for each event
+                body = event_body()
+                assert (await post(c, "shop", body, hmac_request(body)))[0] == 202
+    assert len(set(received)) == 20
+    # The first receive looked for records to take over; the events came from accepts.
+    assert store.listings[c.inbox.keys.open_prefix] == 1
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+async def test_a_released_item_comes_back_when_due_without_waiting_for_the_poll(
+    monkeypatch: pytest.MonkeyPatch, delay: float
+) -> None:
+    monkeypatch.setattr(connector_module, "_RECEIVE_POLL_SEC", 60.0)
+    c = connector(MemoryStore())
+    body = event_body()
+    assert (await post(c, "shop", body, hmac_request(body)))[0] == 202
+    item = await c.receive_inbound()
+    assert await c.arelease_inbound(item, delay_sec=delay)
+    with anyio.fail_after(5):  # the poll interval is 60 s
         again = await c.receive_inbound()
     assert again.id == item.id
     assert await c.aack_inbound(again)

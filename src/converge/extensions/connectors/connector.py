@@ -83,7 +83,8 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 _INLINE_VERIFY_BYTES = 64 * 1024
 # Seconds a sender is asked to wait when the inbox is full or the store is down.
 _RETRY_AFTER = "1"
-# How often a waiting receive_inbound() looks in the store for records to take over.
+# How often receive_inbound() looks in the store for records to take over (at most once
+# per interval, however many events arrive meanwhile).
 _RECEIVE_POLL_SEC = 0.5
 # Records leased per pass of the inbox pump.
 _PUMP_BATCH = 64
@@ -902,8 +903,13 @@ class WebhookConnector:
                 except FormatError as exc:
                     await self._bury(record.id, f"unreadable: {exc}")
                     continue
-            if await self._take_over() == 0:
-                await holds.wait(_RECEIVE_POLL_SEC)
+            started = holds.poll_start()
+            if started is not None:
+                found = await self._take_over()
+                holds.polled(started, found, _RECEIVE_POLL_SEC)
+                if found:
+                    continue
+            await holds.wait(holds.until_poll())
 
     async def _take_over(self) -> int:
         """Lease open records nobody holds (left by a dead consumer or process)."""
@@ -962,7 +968,10 @@ class WebhookConnector:
             return False
         now = await self.inbox.anow()
         attempt = None if error is None else Attempt(at=now, error=error, outcome="released")
-        return await self.inbox.aretry(item.id, token, now + delay_sec, attempt) is not None
+        released = await self.inbox.aretry(item.id, token, now + delay_sec, attempt) is not None
+        if released:
+            self._holds.poll_within(delay_sec)
+        return released
 
     @property
     def inbound_events(self) -> AsyncIterator[Message | Task]:

@@ -14,6 +14,9 @@ and the conversions between a record and the item consumers see.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -147,6 +150,11 @@ class InboxHolds:
         self._holds: dict[str, _Hold] = {}
         self._ready: dict[str, tuple[Record, Message | Task | None]] = {}
         self._wake: anyio.Event | None = None
+        # When receive_inbound() may next list the store's open records (monotonic
+        # seconds): a listing costs O(open records), O(every key) on Redis, so waiting
+        # receivers share one per poll interval instead of making one per event.
+        self._poll_at = 0.0
+        self._released: list[float] = []  # heap: when records given back here fall due
 
     def hold(self, record: Record, consumer: Consumer) -> None:
         """Remember that this process holds ``record`` for ``consumer``."""
@@ -207,6 +215,33 @@ class InboxHolds:
         for record_id in self._ready:
             return self._ready.pop(record_id)
         return None
+
+    def poll_start(self) -> float | None:
+        """Now, if ``receive_inbound`` should look in the store for records to take
+        over; None if it should wait (see :meth:`until_poll`)."""
+        now = time.monotonic()
+        return now if now >= self._poll_at else None
+
+    def polled(self, started: float, found: int, interval: float) -> None:
+        """The store poll begun at ``started`` found ``found`` records: poll again at
+        once if any, else after ``interval`` or when a record given back falls due."""
+        released = self._released
+        while released and released[0] <= started:
+            heapq.heappop(released)  # due before the listing: it saw them
+        if found:
+            self._poll_at = 0.0
+        else:
+            self._poll_at = min(started + interval, released[0] if released else math.inf)
+
+    def poll_within(self, seconds: float) -> None:
+        """A record this process gave back falls due in ``seconds``: poll by then."""
+        at = time.monotonic() + seconds
+        heapq.heappush(self._released, at)
+        self._poll_at = min(self._poll_at, at)
+
+    def until_poll(self) -> float:
+        """Seconds until the next store poll is due (0 if it is)."""
+        return max(0.0, self._poll_at - time.monotonic())
 
     async def wait(self, seconds: float) -> None:
         """Wait until woken or ``seconds`` passed."""
