@@ -6,7 +6,11 @@ limiter case adds ``retries``) and a table of ratios on stderr. Everything talks
 measured in the same run, taking turns with converge:
 
 * ``redis-py``: ``redis.asyncio.Redis`` sending the same commands RedisStore sends
-  (``GET``; ``SET``; ``SET NX PX``) with values of the same size, one pooled client each.
+  (``GET``; ``SET``; ``SET NX PX``: RedisStore sends its writes inside a script that also
+  keeps its prefix index) with values of the same size, one pooled client each.
+* ``redis-py-scan``: listing 10 open records among a million other keys (100,000 with
+  ``--quick``): ``RedisStore.alist`` (read from the prefix's index) against redis-py's
+  ``scan_iter`` with ``MATCH`` on the prefix, which is what a listing costs without one.
 * ``limits-fixed`` / ``limits-sliding``: ``limits``' async ``FixedWindowRateLimiter``
   and ``SlidingWindowCounterRateLimiter`` over its async Redis storage (its redis-py
   implementation: its coredis one fails on coredis 6), one ``hit`` per decision,
@@ -122,6 +126,38 @@ def store_cases(url: str, ops: int, repeats: int) -> list[tuple[str, dict[str, f
             ]
         await peer.aclose()
         return results
+
+    return anyio.run(main)
+
+
+def list_case(url: str, others: int, repeats: int) -> dict[str, float]:
+    """Listing 10 open records among ``others`` keys: the store's index against a
+    redis-py ``SCAN MATCH`` of the prefix (what a listing costs without an index)."""
+    namespace = uuid.uuid4().hex
+    prefix = "app:inbox:open:"
+
+    async def main() -> dict[str, float]:
+        peer = redis_py.Redis.from_url(url)
+        for start in range(0, others, 10_000):
+            async with peer.pipeline(transaction=False) as pipe:
+                for i in range(start, min(others, start + 10_000)):
+                    pipe.set(f"{namespace}:app:inbox:done:{i:012d}", b"J1")
+                await pipe.execute()
+        pattern = f"{namespace}:{prefix}*"
+
+        async def scan() -> list[bytes]:
+            return sorted([key async for key in peer.scan_iter(match=pattern, count=1000)])
+
+        async with RedisStore(url, namespace=namespace) as store:
+            for i in range(10):
+                await store.aput(f"{prefix}{i}", i)
+            assert len(await store.alist(prefix)) == len(await scan()) == 10
+            rates = await compare_running(
+                {"converge": lambda: store.alist(prefix), "redis-py-scan": scan}, 3, repeats
+            )
+        await peer.flushdb()
+        await peer.aclose()
+        return rates
 
     return anyio.run(main)
 
@@ -317,6 +353,8 @@ def main() -> None:
         ops, repeats = (200, 2) if quick else (3000, 5)
         for case, rates in store_cases(server.url, ops, repeats):
             results.add_rates(case, rates)
+        others, label = (100_000, "100k") if quick else (1_000_000, "1m")
+        results.add_rates(f"list_open_{label}_keys", list_case(server.url, others, repeats))
         results.add_rates("limiter_one_bucket", limiter_case(server.url, ops, repeats))
         seconds, rounds = (0.5, 1) if quick else (3.0, 3)
         rates, fields = contended_case(server.url, seconds, rounds)

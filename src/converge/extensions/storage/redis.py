@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from converge._sorting import sort_yielding
@@ -44,6 +45,7 @@ from converge.errors import (
     StoreUnavailableError,
     UsageError,
 )
+from converge.extensions.storage import _redis_index
 from converge.extensions.storage._codec import (
     SerializerName,
     check_keys,
@@ -158,6 +160,7 @@ class RedisStore(Store):
         self._url = url
         self._name = namespace
         self._namespace = key_bytes(namespace) + _DELIMITER.encode()
+        self._scripts = _redis_index.index_scripts(self._namespace)
         self._serializer = get_serializer(serializer)
         self._connect_timeout = check_timeout(connect_timeout, "connect_timeout")
         self._timeout = check_timeout(timeout, "timeout")
@@ -389,45 +392,78 @@ class RedisStore(Store):
         name = self._redis_key(validate_key(key))
         px = _milliseconds(validate_ttl(ttl))
         blob = self._encode(key, value)
-        await self._call(lambda c: c.set(name, blob, px=px), write_key=key)
+        script = self._scripts.put
+        args = [blob, "" if px is None else str(px), ""]
+        await self._call(lambda c: _eval(c, script, [name], args), write_key=key)
 
     async def adelete(self, key: str) -> None:
         """Delete ``key``; deleting an absent key is not an error."""
         name = self._redis_key(validate_key(key))
-        await self._call(lambda c: c.delete([name]), write_key=key)
+        script = self._scripts.delete
+        await self._call(lambda c: _eval(c, script, [name], []), write_key=key)
 
     async def alist(self, prefix: str = "") -> builtins.list[str]:
-        """Return the live keys starting with ``prefix``, sorted (``SCAN MATCH``)."""
-        raw_prefix = self._namespace + key_bytes(validate_prefix(prefix))
-        pattern = _GLOB_SPECIAL.sub(rb"\\\1", raw_prefix) + b"*"
+        """Return the live keys starting with ``prefix``, sorted.
 
-        strip = len(self._namespace)
+        A prefix listed before is read from its index: O(keys under it), however many
+        keys the database holds. Its first listing, a check once an hour, the empty
+        prefix and prefixes past the watch limit (32 per namespace) scan the database
+        (``SCAN MATCH``): O(every key). See :mod:`~converge.extensions.storage._redis_index`.
+        """
+        rel = key_bytes(validate_prefix(prefix))
+        scripts = self._scripts
 
-        async def scan(client: _Client) -> set[str]:
-            # Each batch is decoded as it arrives, so no one step decodes every key.
-            found: set[str] = set()  # SCAN may return a key more than once
-            cursor: int | None = 0
-            while True:
-                cursor, batch = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
-                for raw in batch:
-                    try:
-                        found.add(key_from_bytes(raw[strip:]))
-                    except UnicodeDecodeError:
-                        continue  # not a key this store wrote
-                if not cursor:
-                    return found
+        async def listing(client: _Client) -> builtins.list[str]:
+            mode = _redis_index.SCAN
+            if rel:  # the empty prefix is every key: never watched
+                args = [rel, _redis_index.WATCH_LIMIT, _redis_index.REFRESH_MS]
+                reply = await _eval(client, scripts.list, [], args)
+                mode = int(reply[0])
+                if mode == _redis_index.LISTED:
+                    return await self._decoded(reply[1:], 0)
+            found = await self._scan(client, rel, index=mode == _redis_index.BUILD)
+            if mode == _redis_index.BUILD:  # every key under the prefix is indexed now
+                await _eval(client, scripts.ready, [], [rel])
+            return await self._decoded(found, len(self._namespace))
 
-        return await sort_yielding(builtins.list(await self._call(scan)))
+        return await sort_yielding(await self._call(listing))
+
+    async def _scan(self, client: _Client, rel: bytes, *, index: bool) -> builtins.list[bytes]:
+        """Every Redis key of this namespace starting with ``rel`` (``SCAN MATCH``);
+        with ``index``, each batch is indexed as it arrives."""
+        pattern = _GLOB_SPECIAL.sub(rb"\\\1", self._namespace + rel) + b"*"
+        found: set[bytes] = set()  # SCAN may return a key more than once
+        cursor: int | None = 0
+        while True:
+            cursor, batch = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+            if batch and index:
+                await _eval(client, self._scripts.reindex, batch, [])
+            found.update(batch)
+            if not cursor:
+                return builtins.list(found)
+
+    @staticmethod
+    async def _decoded(raws: Sequence[bytes], strip: int) -> builtins.list[str]:
+        # A batch at a time, the loop given back between: no one step decodes every key.
+        keys: builtins.list[str] = []
+        for start in range(0, len(raws), _SCAN_COUNT):
+            for raw in raws[start : start + _SCAN_COUNT]:
+                try:
+                    keys.append(key_from_bytes(raw[strip:]))
+                except UnicodeDecodeError:
+                    continue  # not a key this store wrote (the index's own keys, too)
+            await anyio.lowlevel.checkpoint()
+        return keys
 
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); atomic."""
         name = self._redis_key(validate_key(key))
         px = _milliseconds(validate_ttl(ttl))
         blob = self._encode(key, value)
-        stored = await self._call(
-            lambda c: c.set(name, blob, condition=coredis.PureToken.NX, px=px), write_key=key
-        )
-        return bool(stored)
+        script = self._scripts.put
+        args = [blob, "" if px is None else str(px), "nx"]
+        stored = await self._call(lambda c: _eval(c, script, [name], args), write_key=key)
+        return bool(stored == 1)
 
     async def arun_script(
         self,
@@ -452,15 +488,11 @@ class RedisStore(Store):
             StoreError: If the script failed.
         """
         names = [self._redis_key(validate_key(key)) for key in keys]
-        sha = _script_sha(source)
-
-        async def run(client: _Client) -> Any:
-            try:
-                return await client.evalsha(sha, names, list(args))
-            except coredis.exceptions.NoScriptError:
-                return await client.eval(source, names, list(args))
-
-        return await self._call(run, write_key=keys[0] if keys else "<script>")
+        script = _redis_index.wrap_script(source, self._namespace)
+        return await self._call(
+            lambda c: _eval(c, script, names, list(args)),
+            write_key=keys[0] if keys else "<script>",
+        )
 
     def run_script(
         self,
@@ -543,10 +575,7 @@ class RedisStore(Store):
                     px = _milliseconds(key_ttl)
                     args += ("s", self._encode(key, value), "" if px is None else str(px))
             committing[0] = True  # from here a timeout leaves the outcome unknown
-            try:
-                applied = await client.evalsha(_CAS_SHA, redis_keys, args)
-            except coredis.exceptions.NoScriptError:
-                applied = await client.eval(_CAS_SCRIPT, redis_keys, args)
+            applied = await _eval(client, self._scripts.cas, redis_keys, args)
             if not applied:
                 self.update_conflicts += 1
                 return False, None  # a key changed since it was read: run again
@@ -642,6 +671,15 @@ def _script_sha(source: str) -> str:
     return sha
 
 
+async def _eval(client: _Client, source: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    """Run a Lua script: ``EVALSHA``, or ``EVAL`` (which caches it) if the server does
+    not know it yet (first use, a restart, ``SCRIPT FLUSH``)."""
+    try:
+        return await client.evalsha(_script_sha(source), keys, args)
+    except coredis.exceptions.NoScriptError:
+        return await client.eval(source, keys, args)
+
+
 def _refused(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is a refused connection: nothing was sent."""
     seen: builtins.set[int] = set()
@@ -652,39 +690,6 @@ def _refused(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
-
-
-# aupdate's compare-and-set. KEYS: the keys read. ARGV: per key, whether it existed
-# ("1"/"0") and the value read; then per key an operation ("k" keep, "d" delete, "s" set),
-# the new value and its TTL in milliseconds ("" for none). Returns 1 if applied, 0 if a
-# key no longer holds what was read.
-_CAS_SCRIPT: Final = """
-local n = #KEYS
-for i = 1, n do
-  local current = redis.call('GET', KEYS[i])
-  if ARGV[2 * i - 1] == '0' then
-    if current then return 0 end
-  elseif current ~= ARGV[2 * i] then
-    return 0
-  end
-end
-local base = 2 * n
-for i = 1, n do
-  local op = ARGV[base + 3 * i - 2]
-  if op == 'd' then
-    redis.call('DEL', KEYS[i])
-  elseif op == 's' then
-    local px = ARGV[base + 3 * i]
-    if px == '' then
-      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1])
-    else
-      redis.call('SET', KEYS[i], ARGV[base + 3 * i - 1], 'PX', px)
-    end
-  end
-end
-return 1
-"""
-_CAS_SHA: Final = hashlib.sha1(_CAS_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 def _milliseconds(ttl: float | None) -> int | None:
