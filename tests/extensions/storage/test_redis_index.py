@@ -180,3 +180,33 @@ async def test_writes_racing_the_first_listing_are_all_indexed(
     await raw.config_resetstat()
     assert await store.alist(OPEN) == sorted(live)
     assert await scans(raw) == 0
+
+
+async def test_a_listing_read_in_pages_returns_every_key_that_stayed(
+    store: RedisStore, raw: coredis.Redis[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staying = [f"{OPEN}{i:03d}" for i in range(0, 120, 2)]
+    leaving = [f"{OPEN}{i:03d}" for i in range(1, 120, 2)]
+    for key in staying + leaving:
+        await store.aput(key, 1)
+    assert len(await store.alist(OPEN)) == 120
+    monkeypatch.setattr(_redis_index, "PAGE", 7)  # 18 pages, writes between them
+    await raw.config_resetstat()
+
+    async def churn() -> None:
+        for i, key in enumerate(leaving):
+            await store.adelete(key)
+            await store.aput(f"{OPEN}new{i:03d}", 1)
+
+    listed: list[str] = []
+
+    async def listing() -> None:
+        listed.extend(await store.alist(OPEN))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(churn)
+        tg.start_soon(listing)
+    assert set(staying) <= set(listed)
+    assert listed == sorted(set(listed))
+    assert await scans(raw) == 0
+    assert await store.alist(OPEN) == sorted(staying + [f"{OPEN}new{i:03d}" for i in range(60)])

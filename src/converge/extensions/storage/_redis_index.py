@@ -11,14 +11,15 @@ a prefix that is listed becomes *watched*:
   its state: ``"0"`` while its index is being built, else the server time (ms) it was
   last checked against a full scan;
 * each watched prefix has a sorted set (``<namespace>:\\xffidx:<prefix>``) of the keys
-  under it, scored by their expiry (ms, server clock; ``inf`` for none), plus a
-  sentinel member (``\\xff``) that tells an index from a lost one;
+  under it, all scored 0 (so ordered by their bytes: listed a page at a time, by a
+  cursor that concurrent writes cannot shift), plus a sentinel member (``\\xff``, last)
+  that tells an index from a lost one;
 * every script that writes a key (the store's own writes, and ``arun_script``'s
-  scripts, wrapped) re-reads that key's state (``PTTL``) and adds it to, or removes it
+  scripts, wrapped) checks whether that key exists now and adds it to, or removes it
   from, the index of every watched prefix it falls under, atomically with the write;
-* a listing of a watched prefix reads its index: members expired by score are dropped,
-  and each remaining member is checked with ``EXISTS`` (a key deleted behind the
-  store's back is not listed);
+* a listing of a watched prefix reads its index a page (one short script) at a time,
+  and checks each member with ``EXISTS``: members whose key expired or was deleted
+  behind the store's back are dropped, not listed;
 * the first listing of a prefix (and, once an hour, a later one) scans the database
   instead, and indexes what it finds: keys written before the prefix was watched, or
   by a process that does not keep the index (an older converge), are found then.
@@ -37,6 +38,7 @@ __all__ = [
     "BUILD",
     "IndexScripts",
     "LISTED",
+    "PAGE",
     "REFRESH_MS",
     "SCAN",
     "WATCH_LIMIT",
@@ -44,6 +46,8 @@ __all__ = [
     "wrap_script",
 ]
 
+PAGE: Final = 1000
+"""Most index members one listing script reads (a short step for the server)."""
 WATCH_LIMIT: Final = 32
 """Most watched prefixes per namespace: each costs every write a comparison; listings
 of further prefixes scan the database."""
@@ -51,7 +55,7 @@ REFRESH_MS: Final = 3_600_000
 """How often (ms) a watched prefix's listing is checked against a full scan."""
 
 # The first element of a listing's reply.
-LISTED: Final = 1  # the rest is the live keys under the prefix (relative to the namespace)
+LISTED: Final = 1  # then the next cursor, then live keys under the prefix (relative)
 SCAN: Final = 0  # not watched (too many watched prefixes): scan, index nothing
 BUILD: Final = -1  # watched, but the index is not built (or was lost): scan, then index
 
@@ -79,21 +83,12 @@ local function cv_reindex(key)
   if cv_watched == nil then cv_watched = redis.call('HKEYS', cv_meta) end
   if #cv_watched == 0 then return end
   local rel = string.sub(key, #cv_ns + 1)
-  local score
+  local exists
   for _, prefix in ipairs(cv_watched) do
     if string.sub(rel, 1, #prefix) == prefix then
-      if score == nil then
-        local pttl = redis.call('PTTL', key)
-        if pttl == -2 then
-          score = false
-        elseif pttl == -1 then
-          score = 'inf'
-        else
-          score = string.format('%.0f', cv_now() + pttl)
-        end
-      end
-      if score then
-        redis.call('ZADD', cv_idx .. prefix, score, rel)
+      if exists == nil then exists = redis.call('EXISTS', key) == 1 end
+      if exists then
+        redis.call('ZADD', cv_idx .. prefix, 0, rel)
       else
         redis.call('ZREM', cv_idx .. prefix, rel)
       end
@@ -168,26 +163,33 @@ for i = 1, #KEYS do cv_reindex(KEYS[i]) end
 return 0
 """
 
-# ARGV: the prefix (relative to the namespace), WATCH_LIMIT, REFRESH_MS.
+# ARGV: the prefix (relative to the namespace), WATCH_LIMIT, REFRESH_MS, the cursor (the
+# last member of the previous page; "" for the first page), PAGE. Reply: LISTED, the
+# next cursor ("" after the last page), then this page's live keys; or SCAN, or BUILD.
 _LIST: Final = """
-local prefix = ARGV[1]
+local prefix, cursor = ARGV[1], ARGV[4]
 local idx = cv_idx .. prefix
-local state = redis.call('HGET', cv_meta, prefix)
-if not state then
-  if redis.call('HLEN', cv_meta) >= tonumber(ARGV[2]) then return {0} end
-  redis.call('HSET', cv_meta, prefix, '0')
-  return {-1}
+if cursor == '' then
+  local state = redis.call('HGET', cv_meta, prefix)
+  if not state then
+    if redis.call('HLEN', cv_meta) >= tonumber(ARGV[2]) then return {0} end
+    redis.call('HSET', cv_meta, prefix, '0')
+    return {-1}
+  end
+  if state == '0' then return {-1} end
+  if cv_now() - tonumber(state) > tonumber(ARGV[3]) then
+    redis.call('HSET', cv_meta, prefix, '0')
+    return {-1}
+  end
+  cursor = '-'
+else
+  cursor = '(' .. cursor
 end
-if state == '0' or redis.call('EXISTS', idx) == 0 then return {-1} end
-local now = cv_now()
-if now - tonumber(state) > tonumber(ARGV[3]) then
-  redis.call('HSET', cv_meta, prefix, '0')
-  return {-1}
-end
-local floor = string.format('%.0f', now)
-redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. floor)
-local out = {1}
-for _, rel in ipairs(redis.call('ZRANGEBYSCORE', idx, floor, '+inf')) do
+if redis.call('EXISTS', idx) == 0 then return {-1} end
+local page = redis.call('ZRANGEBYLEX', idx, cursor, '+', 'LIMIT', 0, tonumber(ARGV[5]))
+local out = {1, ''}
+if #page == tonumber(ARGV[5]) then out[2] = page[#page] end
+for _, rel in ipairs(page) do
   if rel ~= "\\255" then
     if redis.call('EXISTS', cv_ns .. rel) == 1 then
       out[#out + 1] = rel
@@ -203,7 +205,7 @@ return out
 _READY: Final = """
 local prefix = ARGV[1]
 if redis.call('HGET', cv_meta, prefix) ~= '0' then return 0 end
-redis.call('ZADD', cv_idx .. prefix, 'inf', "\\255")
+redis.call('ZADD', cv_idx .. prefix, 0, "\\255")
 redis.call('HSET', cv_meta, prefix, string.format('%.0f', cv_now()))
 return 1
 """

@@ -414,13 +414,17 @@ class RedisStore(Store):
         scripts = self._scripts
 
         async def listing(client: _Client) -> builtins.list[str]:
-            mode = _redis_index.SCAN
-            if rel:  # the empty prefix is every key: never watched
-                args = [rel, _redis_index.WATCH_LIMIT, _redis_index.REFRESH_MS]
-                reply = await _eval(client, scripts.list, [], args)
+            mode, keys, cursor = _redis_index.SCAN, [], b""
+            while rel:  # the empty prefix is every key: never watched
+                args = [rel, _redis_index.WATCH_LIMIT, _redis_index.REFRESH_MS, cursor]
+                reply = await _eval(client, scripts.list, [], [*args, _redis_index.PAGE])
                 mode = int(reply[0])
-                if mode == _redis_index.LISTED:
-                    return await self._decoded(reply[1:], 0)
+                if mode != _redis_index.LISTED:
+                    break  # not watched, or its index is not built (or was lost)
+                keys += await self._decoded(reply[2:], 0)
+                cursor = reply[1]
+                if not cursor:
+                    return keys
             found = await self._scan(client, rel, index=mode == _redis_index.BUILD)
             if mode == _redis_index.BUILD:  # every key under the prefix is indexed now
                 await _eval(client, scripts.ready, [], [rel])
