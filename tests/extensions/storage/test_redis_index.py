@@ -15,6 +15,7 @@ import anyio
 import coredis
 import pytest
 
+from converge.errors import StoreError
 from converge.extensions.storage import RedisStore, _redis_index
 from redis_server import RedisServer
 
@@ -210,3 +211,11 @@ async def test_a_listing_read_in_pages_returns_every_key_that_stayed(
     assert listed == sorted(set(listed))
     assert await scans(raw) == 0
     assert await store.alist(OPEN) == sorted(staying + [f"{OPEN}new{i:03d}" for i in range(60)])
+
+
+async def test_a_failing_script_keeps_its_writes_indexed(store: RedisStore) -> None:
+    assert await store.alist(OPEN) == []
+    source = "redis.call('SET', KEYS[1], 'J1') return redis.call('INCR', KEYS[1])"
+    with pytest.raises(StoreError, match="not an integer"):
+        await store.arun_script(source, [OPEN + "half"])
+    assert await store.alist(OPEN) == [OPEN + "half"]

@@ -234,7 +234,8 @@ def index_scripts(namespace: bytes) -> IndexScripts:
 
 @functools.lru_cache(maxsize=256)
 def wrap_script(source: str, namespace: bytes) -> str:
-    """``source`` run as a function, then every key in ``KEYS`` indexed as it is now.
+    """``source`` run as a function, then every key in ``KEYS`` indexed as it is now
+    (whether the function returned or failed: its error is raised after).
 
     A first line of flags (``#!lua ...``) stays the first line; a script flagged
     ``no-writes`` changes no key, and runs as it is.
@@ -248,7 +249,9 @@ def wrap_script(source: str, namespace: bytes) -> str:
     return (
         f"{shebang}{_prelude(namespace)}"
         f"local function cv_user()\n{source}\nend\n"
-        "local cv_result = cv_user()\n"
+        # A script that fails keeps the writes it made before failing: index them too.
+        "local cv_ok, cv_result = pcall(cv_user)\n"
         "for i = 1, #KEYS do cv_reindex(KEYS[i]) end\n"
+        "if not cv_ok then error(cv_result) end\n"
         "return cv_result\n"
     )

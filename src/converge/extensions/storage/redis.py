@@ -480,8 +480,10 @@ class RedisStore(Store):
         ``EVALSHA`` with the script's SHA-1; if the server does not know the script yet
         (``NOSCRIPT``: first use, a restart, ``SCRIPT FLUSH``), ``EVAL`` sends it whole,
         which also caches it. The script sees the store's Redis key names in ``KEYS``
-        (namespace included) and must touch only those. Replies come back as coredis
-        returns them (strings as ``bytes``).
+        (namespace included) and must touch only those: after it (even if it fails),
+        the store re-reads each of them for its prefix index (see :meth:`alist`). A
+        script whose first line declares ``#!lua flags=no-writes`` runs as it is.
+        Replies come back as coredis returns them (strings as ``bytes``).
 
         Used by :class:`~converge.extensions.rate_limit.RateLimiter` for one-round-trip
         decisions on the server's clock.
