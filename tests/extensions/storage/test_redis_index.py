@@ -121,6 +121,17 @@ async def test_a_lost_index_is_rebuilt(store: RedisStore, raw: coredis.Redis[byt
     assert await scans(raw) == 0
 
 
+async def test_the_lost_index_of_an_empty_prefix_is_rebuilt_once(
+    store: RedisStore, raw: coredis.Redis[bytes]
+) -> None:
+    assert await store.alist(OPEN) == []
+    await raw.delete([b"ns:\xffidx:" + OPEN.encode()])
+    await raw.config_resetstat()
+    assert await store.alist(OPEN) == []  # scans, and marks the index built again
+    assert await store.alist(OPEN) == []
+    assert await scans(raw) == 1
+
+
 async def test_the_periodic_check_finds_writes_the_index_missed(
     store: RedisStore, raw: coredis.Redis[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,9 +20,10 @@ a prefix that is listed becomes *watched*:
 * a listing of a watched prefix reads its index a page (one short script) at a time,
   and checks each member with ``EXISTS``: members whose key expired or was deleted
   behind the store's back are dropped, not listed;
-* the first listing of a prefix (and, once an hour, a later one) scans the database
-  instead, and indexes what it finds: keys written before the prefix was watched, or
-  by a process that does not keep the index (an older converge), are found then.
+* the first listing of a prefix, a listing that finds its index lost, and once an
+  hour one listing (the others go on reading the index meanwhile) scan the database
+  instead, and index what they find: keys written before the prefix was watched, or by
+  a process that does not keep the index (an older converge), are found then.
 
 Keys of the form ``<namespace>:<key>`` never hold the byte ``0xff`` (store keys are
 UTF-8), so the index's keys can never be store keys, in any namespace.
@@ -177,15 +178,20 @@ if cursor == '' then
     return {-1}
   end
   if state == '0' then return {-1} end
-  if cv_now() - tonumber(state) > tonumber(ARGV[3]) then
+  if redis.call('EXISTS', idx) == 0 then  -- lost (evicted, deleted): build it again
     redis.call('HSET', cv_meta, prefix, '0')
+    return {-1}
+  end
+  if cv_now() - tonumber(state) > tonumber(ARGV[3]) then
+    -- this caller checks the index against a scan; the others go on reading it
+    redis.call('HSET', cv_meta, prefix, string.format('%.0f', cv_now()))
     return {-1}
   end
   cursor = '-'
 else
+  if redis.call('EXISTS', idx) == 0 then return {-1} end  -- lost since the first page
   cursor = '(' .. cursor
 end
-if redis.call('EXISTS', idx) == 0 then return {-1} end
 local page = redis.call('ZRANGEBYLEX', idx, cursor, '+', 'LIMIT', 0, tonumber(ARGV[5]))
 local out = {1, ''}
 if #page == tonumber(ARGV[5]) then out[2] = page[#page] end
