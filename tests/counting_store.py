@@ -10,14 +10,16 @@ __all__ = ["CountingUpdates"]
 
 
 class CountingUpdates(MemoryStore):
-    """A MemoryStore that counts its ``aupdate`` calls in ``updates`` and its ``aget``
-    calls in ``gets`` (the keys read in ``got``)."""
+    """A MemoryStore that counts its ``aupdate`` calls in ``updates``, its ``aget``
+    calls in ``gets`` (the keys read in ``got``) and its ``alist`` calls by prefix in
+    ``listings``."""
 
     updates = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.got: list[str] = []
+        self.listings: dict[str, int] = {}
 
     @property
     def gets(self) -> int:
@@ -30,3 +32,7 @@ class CountingUpdates(MemoryStore):
     async def aget(self, key: str) -> Any | None:
         self.got.append(key)
         return await super().aget(key)
+
+    async def alist(self, prefix: str = "") -> list[str]:
+        self.listings[prefix] = self.listings.get(prefix, 0) + 1
+        return await super().alist(prefix)

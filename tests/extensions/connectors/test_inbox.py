@@ -41,6 +41,7 @@ from converge.extensions.connectors.connector import OUTBOUND_TOPIC
 from converge.extensions.connectors.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, RedisStore
 from converge.runtime import AgentRunner, MessageBus
+from counting_store import CountingUpdates
 from loop_stall import eventually
 from redis_server import shared_redis_url
 
@@ -270,25 +271,13 @@ async def test_released_items_wait_for_their_delay_and_record_the_error() -> Non
     assert await c.aack_inbound(again)
 
 
-class ListCounting(MemoryStore):
-    """A MemoryStore that counts the listings of each prefix."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.listings: dict[str, int] = {}
-
-    async def alist(self, prefix: str = "") -> list[str]:
-        self.listings[prefix] = self.listings.get(prefix, 0) + 1
-        return await super().alist(prefix)
-
-
 async def test_receivers_list_the_store_once_per_poll_interval_not_once_per_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Listing the open records costs O(open records), and O(every key) on Redis: a
     # trickle of events, each received as it arrives, must not cost a listing apiece.
     monkeypatch.setattr(connector_module, "_RECEIVE_POLL_SEC", 60.0)
-    store = ListCounting()
+    store = CountingUpdates()
     c = connector(store)
     received: list[str] = []
 
