@@ -230,3 +230,13 @@ async def test_a_failing_script_keeps_its_writes_indexed(store: RedisStore) -> N
     with pytest.raises(StoreError, match="not an integer"):
         await store.arun_script(source, [OPEN + "half"])
     assert await store.alist(OPEN) == [OPEN + "half"]
+
+
+async def test_an_index_lists_prefixes_literally_and_any_key(store: RedisStore) -> None:
+    keys = ["a*b", "a?c", "a[x]", "a\\y", "ab", "aXc", "é:1", "é:2", "\ud800:lone"]
+    for key in keys:
+        await store.aput(key, 1)
+    for prefix in ["a*", "a?", "a[", "a\\", "a", "é:", "\ud800"]:
+        expected = [k for k in sorted(keys) if k.startswith(prefix)]
+        assert await store.alist(prefix) == expected  # scanned
+        assert await store.alist(prefix) == expected  # from the index

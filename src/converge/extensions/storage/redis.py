@@ -99,10 +99,11 @@ def _leaves(exc: BaseException) -> builtins.list[BaseException]:
 class RedisStore(Store):
     """A Store on a Redis server (via coredis, on asyncio and trio).
 
-    * ``put_if_absent`` is ``SET key value NX PX ttl``: one atomic command, so at most one
-      caller wins across every process and machine sharing the server.
+    * ``put_if_absent`` is ``SET key value NX PX ttl`` in one script: atomic, so at most
+      one caller wins across every process and machine sharing the server.
     * TTLs are Redis expiries (``PX``, milliseconds, server clock).
-    * ``list(prefix)`` is a ``SCAN`` with ``MATCH`` on the glob-escaped prefix, sorted.
+    * ``list(prefix)`` reads the prefix's index, which every write script keeps; the
+      first listing of a prefix builds it with a ``SCAN`` (see :meth:`alist`).
     * Keys are stored as ``<namespace>:<key>``; a namespace may not contain ``:``, so
       stores (or applications) with different namespaces share one database and never
       see each other's keys (namespace ``"app"`` does not see ``"app2"``'s).
