@@ -285,5 +285,7 @@ def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None
     in_scripts = {"get", "set", "del", "info", "hkeys", "hget", "hset", "hlen", "time"}
     in_scripts |= {"exists", "zadd", "zrem", "zrangebylex"}
     round_trips = sum(n for c, n in ran.items() if c not in in_scripts)
-    assert ran.get("mget") == ran.get("evalsha") == 50, ran
-    assert round_trips - 100 <= 5, ran  # at most a background scan or two besides
+    # Besides: the replica's own polls meanwhile, one listing script (EVALSHA) each.
+    assert ran.get("mget") == 50, ran
+    assert 50 <= ran.get("evalsha", 0) <= 60, ran
+    assert round_trips - 100 <= 10, ran
