@@ -391,10 +391,10 @@ class RedisStore(Store):
     async def aput(self, key: str, value: Any, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (``SET``, with ``PX`` for a TTL)."""
         name = self._redis_key(validate_key(key))
-        px = _milliseconds(validate_ttl(ttl))
+        px = _px(validate_ttl(ttl))
         blob = self._encode(key, value)
         script = self._scripts.put
-        args = [blob, "" if px is None else str(px), ""]
+        args = [blob, px, ""]
         await self._call(lambda c: _eval(c, script, [name], args), write_key=key)
 
     async def adelete(self, key: str) -> None:
@@ -463,10 +463,10 @@ class RedisStore(Store):
     async def aput_if_absent(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); atomic."""
         name = self._redis_key(validate_key(key))
-        px = _milliseconds(validate_ttl(ttl))
+        px = _px(validate_ttl(ttl))
         blob = self._encode(key, value)
         script = self._scripts.put
-        args = [blob, "" if px is None else str(px), "nx"]
+        args = [blob, px, "nx"]
         stored = await self._call(lambda c: _eval(c, script, [name], args), write_key=key)
         return bool(stored == 1)
 
@@ -579,8 +579,7 @@ class RedisStore(Store):
                 if value is None:
                     args += ("d", "", "")
                 else:
-                    px = _milliseconds(key_ttl)
-                    args += ("s", self._encode(key, value), "" if px is None else str(px))
+                    args += ("s", self._encode(key, value), _px(key_ttl))
             committing[0] = True  # from here a timeout leaves the outcome unknown
             applied = await _eval(client, self._scripts.cas, redis_keys, args)
             if not applied:
@@ -699,8 +698,9 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
-def _milliseconds(ttl: float | None) -> int | None:
-    return None if ttl is None else max(1, math.ceil(ttl * 1000))
+def _px(ttl: float | None) -> str:
+    """A TTL as the scripts' ``PX`` argument: milliseconds, or "" for none."""
+    return "" if ttl is None else str(max(1, math.ceil(ttl * 1000)))
 
 
 async def _set_event(event: anyio.Event) -> None:
