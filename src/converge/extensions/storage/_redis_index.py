@@ -72,13 +72,10 @@ def _prelude(namespace: bytes) -> str:
 local cv_ns = {_lua_string(namespace)}
 local cv_meta = cv_ns .. "\\255watch"
 local cv_idx = cv_ns .. "\\255idx:"
-local cv_watched, cv_clock
+local cv_watched
 local function cv_now()
-  if cv_clock == nil then
-    local t = redis.call('TIME')
-    cv_clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return cv_clock
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function cv_reindex(key)
   if cv_watched == nil then cv_watched = redis.call('HKEYS', cv_meta) end
@@ -182,9 +179,10 @@ if cursor == '' then
     redis.call('HSET', cv_meta, prefix, '0')
     return {-1}
   end
-  if cv_now() - tonumber(state) > tonumber(ARGV[3]) then
+  local now = cv_now()
+  if now - tonumber(state) > tonumber(ARGV[3]) then
     -- this caller checks the index against a scan; the others go on reading it
-    redis.call('HSET', cv_meta, prefix, string.format('%.0f', cv_now()))
+    redis.call('HSET', cv_meta, prefix, string.format('%.0f', now))
     return {-1}
   end
   cursor = '-'
