@@ -3,7 +3,8 @@
 Benchmarks are scripts, not tests (see ``benchmarks/``), but they must never rot: each
 one prints one JSON object per case and implementation, with ``case``, ``impl`` and a
 positive ``ops_per_s`` (crypto adds ``mb_per_s``), and measures converge against at
-least one peer.
+least one peer. The scripts only have to run, not to run fast, so the selected ones run
+two at a time, slowest first, while their tests wait for them in turn.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks/_*.py`` are the scripts' shared helpers, not benchmarks.
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+# The slowest scripts (about 26, 10, 9, 8 and 7 s alone) start first; the rest take 2-6 s.
+SLOWEST = ("redis", "outbound", "rate_limit", "llm_overhead", "storage")
+
+
+def run_quick(script: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    return subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_runs(
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[Path, Future[subprocess.CompletedProcess[str]]]]:
+    """Every selected script's ``--quick`` run, started at once two at a time."""
+    selected = {
+        item.callspec.params["script"]
+        for item in request.session.items
+        if item.path == Path(__file__) and hasattr(item, "callspec")
+    }
+    rank = {name: i for i, name in enumerate(SLOWEST)}
+    order = sorted(selected, key=lambda script: rank.get(script.stem, len(rank)))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {script: pool.submit(run_quick, script) for script in order}
+        try:
+            yield runs
+        finally:
+            for run in runs.values():
+                run.cancel()
 
 
 def result_lines(stdout: str) -> list[dict[str, Any]]:
@@ -33,16 +71,10 @@ def result_lines(stdout: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
-def test_benchmark_runs_quick_and_prints_json_lines(script: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def test_benchmark_runs_quick_and_prints_json_lines(
+    script: Path, quick_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]
+) -> None:
+    proc = quick_runs[script].result()
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = result_lines(proc.stdout)
     assert rows, f"{script.name} printed no JSON result lines"
