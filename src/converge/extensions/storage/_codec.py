@@ -29,6 +29,10 @@ PICKLE_TAG: Final = 0x50  # "P"
 JSON_TAG: Final = 0x4A  # "J"
 
 
+# One encoder for every write: json.dumps builds a new one per call when given options.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Serializer:
     """Turns values into tagged bytes and back, with converge's errors."""
@@ -48,7 +52,7 @@ class Serializer:
             except Exception as exc:  # PicklingError, TypeError, AttributeError, Recursion
                 raise UsageError(f"value for key {key!r} cannot be pickled: {exc}") from exc
         try:
-            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+            return _JSON.encode(value).encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise UsageError(
                 f"value for key {key!r} is not JSON-serializable ({exc}); store "
