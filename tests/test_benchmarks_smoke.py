@@ -52,13 +52,11 @@ def quick_runs(
     }
     rank = {name: i for i, name in enumerate(SLOWEST)}
     order = sorted(selected, key=lambda script: rank.get(script.stem, len(rank)))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {script: pool.submit(run_quick, script) for script in order}
-        try:
-            yield runs
-        finally:
-            for run in runs.values():
-                run.cancel()
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {script: pool.submit(run_quick, script) for script in order}
+    finally:
+        pool.shutdown(cancel_futures=True)  # runs not started yet when the module stops early
 
 
 def result_lines(stdout: str) -> list[dict[str, Any]]:
