@@ -17,6 +17,7 @@ from converge.extensions.connectors import (
     OutboundTarget,
     OutboundWebhookAction,
     RetrySchedule,
+    WebhookConnector,
     WebhookRetryPolicy,
 )
 from converge.extensions.storage import SQLiteStore
@@ -49,6 +50,18 @@ async def _advance(clock: FakeClock, seconds: float, step: float) -> None:
     while clock.now < end:
         clock.now = min(end, clock.now + step)
         await anyio.sleep(0.005)
+
+
+async def _settle(c: WebhookConnector, clock: FakeClock) -> None:
+    """Wait (real time) until the dispatcher has started and finished every attempt due
+    by the virtual ``clock``: virtual time then never runs ahead of a slow machine."""
+    schedule = c.dispatcher._schedule
+
+    def settled() -> bool:
+        due = schedule.next_due()
+        return not schedule.running and (due is None or due > clock.now)
+
+    await eventually(settled)
 
 
 async def test_gateway_defaults_dead_letter_nothing_in_an_hour_long_outage() -> None:
@@ -84,6 +97,7 @@ async def test_gateway_defaults_dead_letter_nothing_in_an_hour_long_outage() -> 
         limit = defaults.breaker_recovery_timeout_sec + defaults.retry.delays_sec[0]
         while await c.apending_count() and clock.now - recovered <= limit:
             await _advance(clock, 1, step=1)
+            await _settle(c, clock)
         assert await c.apending_count() == 0
         assert clock.now - recovered <= limit
     assert await c.alist_dead_letters() == []
