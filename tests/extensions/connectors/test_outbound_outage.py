@@ -44,24 +44,21 @@ class DownSender(Sender):
         return 200
 
 
-async def _advance(clock: FakeClock, seconds: float, step: float) -> None:
-    """Move virtual time on by ``seconds`` in ``step``s, letting the dispatcher run."""
-    end = clock.now + seconds
-    while clock.now < end:
-        clock.now = min(end, clock.now + step)
-        await anyio.sleep(0.005)
-
-
-async def _settle(c: WebhookConnector, clock: FakeClock) -> None:
-    """Wait (real time) until the dispatcher has started and finished every attempt due
-    by the virtual ``clock``: virtual time then never runs ahead of a slow machine."""
+async def _advance(c: WebhookConnector, clock: FakeClock, seconds: float, step: float) -> None:
+    """Move virtual time on by ``seconds`` in ``step``s; after each step, wait (real
+    time) until the dispatcher has started and finished every attempt due by then, so
+    that virtual time never runs ahead of a slow machine."""
     schedule = c.dispatcher._schedule
 
     def settled() -> bool:
         due = schedule.next_due()
         return not schedule.running and (due is None or due > clock.now)
 
-    await eventually(settled)
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now = min(end, clock.now + step)
+        await anyio.lowlevel.checkpoint()
+        await eventually(settled)
 
 
 async def test_gateway_defaults_dead_letter_nothing_in_an_hour_long_outage() -> None:
@@ -81,7 +78,7 @@ async def test_gateway_defaults_dead_letter_nothing_in_an_hour_long_outage() -> 
             await c.submit_outbound_action(action(n))
         for minute in range(60):  # and one a minute while it lasts
             await c.submit_outbound_action(action(100 + minute))
-            await _advance(clock, 60, step=20)
+            await _advance(c, clock, 60, step=20)
             assert await c.alist_dead_letters() == []
         assert c.breaker("app").state != "closed"
         records = {r.id: r for r in await c.outbox.alist_actions(limit=1000)}
@@ -96,8 +93,7 @@ async def test_gateway_defaults_dead_letter_nothing_in_an_hour_long_outage() -> 
         # Within one breaker recovery period plus one backoff step, everything arrives.
         limit = defaults.breaker_recovery_timeout_sec + defaults.retry.delays_sec[0]
         while await c.apending_count() and clock.now - recovered <= limit:
-            await _advance(clock, 1, step=1)
-            await _settle(c, clock)
+            await _advance(c, clock, 1, step=1)
         assert await c.apending_count() == 0
         assert clock.now - recovered <= limit
     assert await c.alist_dead_letters() == []
@@ -120,13 +116,13 @@ async def test_the_seed_policy_does_not_dead_letter_the_first_action_of_an_outag
     )
     async with dispatching(c):
         await c.submit_outbound_action(action(1))
-        await _advance(clock, 600, step=1)
+        await _advance(c, clock, 600, step=1)
         assert await c.alist_dead_letters() == []
         (record,) = await c.outbox.alist_actions()
         assert record.attempts == 4  # the fifth failure opened the circuit: not counted
         assert len(sender.requests) > 10  # probed every recovery period meanwhile
         sender.down = False
-        await _advance(clock, 31, step=1)
+        await _advance(c, clock, 31, step=1)
         await eventually(lambda: c.dispatcher.backlog == 0)
     assert await c.alist_dead_letters() == []
     assert (await c.outbox.aget(record.id)).status == "delivered"  # type: ignore[union-attr]
