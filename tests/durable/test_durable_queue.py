@@ -382,6 +382,13 @@ async def test_trim_finished_keeps_the_newest_and_never_an_open_record(backend: 
     assert await q.aget(open_one.id) is not None
     assert await q.apending_count() == 1
     assert await q.atrim_finished(10) == 0
+    newer = []
+    for i in range(5):  # the next trim reads these alone; the oldest 5 kept go
+        now[0] += 1.0
+        newer.append(await q.aadd({"later": i}, status="acknowledged"))
+    assert await q.atrim_finished(10) == 5
+    kept = {r.id for r in await q.alist(limit=1_000) if not r.is_open}
+    assert kept == {*(r.id for r in done[-4:]), dead.id, *(r.id for r in newer)}
     with pytest.raises(UsageError):
         await q.atrim_finished(-1)
 
@@ -397,6 +404,35 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
     assert await q.afinished_count() == 100
     assert during >= 4  # the loop is given back between updates (none without)
+    for i in range(512):
+        await q.aadd({"n": 1_000 + i}, status="acknowledged")
+    store.updates = 0
+    assert await q.atrim_finished(600) == 12
+    assert store.updates == 2 + 1  # the 512 finished since the last trim read, not 612
+
+
+async def test_a_trim_never_deletes_a_record_finished_again_since_it_was_read() -> None:
+    # A trim remembers what it read; a record replayed and finished again since then
+    # looks older there than it is. Its delete checks the record as stored, so it stays,
+    # and the next trim reads it again and deletes the oldest as it really is.
+    now = [1000.0]
+    q = queue(MemoryStore(), clock=lambda: now[0])
+    done = []
+    for i in range(4):
+        now[0] += 1.0
+        done.append(await q.aadd({"i": i}, status="acknowledged"))
+    assert await q.atrim_finished(3) == 1  # done[0]; the stamps of done[1:] are read
+    now[0] += 10.0
+    assert await q.areplay(done[1].id) is not None
+    [again] = await q.alease("w")
+    assert await q.aack(again.id, again.lease_token) is not None  # now the newest
+    now[0] += 1.0
+    newest = await q.aadd({"i": 9}, status="acknowledged")
+    assert await q.atrim_finished(3) == 0  # done[1] as read is the oldest: changed, kept
+    assert await q.aget(done[1].id) is not None
+    assert await q.atrim_finished(3) == 1  # read again: done[2] is the oldest
+    kept = {r.id for r in await q.alist(limit=10)}
+    assert kept == {done[1].id, done[3].id, newest.id}
 
 
 async def test_a_lease_reads_the_open_records_in_batches() -> None:

@@ -160,6 +160,10 @@ class DurableQueue:
         # another replica's 5,000 held events were read again at every poll.
         self._not_before = ExpiringIds()
         self._made_due = 0  # records this queue made leasable sooner (see _forget)
+        # The stamps of the finished records the last trim read, by store key: a trim
+        # reads only the records it has not seen. Reading every finished record at
+        # every trim cost about 0.4 s of CPU per trim on SQLite with 10,000 kept.
+        self._stamps: dict[str, Stamp] = {}
 
     # -- time and ids ------------------------------------------------------------------
 
@@ -590,11 +594,13 @@ class DurableQueue:
         """Delete the oldest finished records (done and dead) beyond the newest ``keep``.
 
         Newest means latest ``updated``, then greatest id. Within ``keep`` this costs two
-        key listings. Beyond it, the finished records are read, then the oldest deleted,
-        256 keys per store update, with a checkpoint between updates: trimming 100,000
-        records takes a few hundred store calls, not one per record, and does not hold
-        the event loop. A record replayed or finished again since it was read is left
-        alone.
+        key listings. Beyond it, the finished records this queue has not read at an
+        earlier trim are read (a trim that runs now and then reads those finished since
+        the last one; the queue keeps one stamp, about 300 bytes, per finished record),
+        then the oldest deleted, 256 keys per store update, with a checkpoint between
+        updates: trimming 100,000 records takes a few hundred store calls, not one per
+        record, and does not hold the event loop. A record replayed or finished again
+        since it was read is left alone, and read again at the next trim.
 
         Returns:
             How many records were deleted.
@@ -604,7 +610,7 @@ class DurableQueue:
         finished = await self._finished_keys()
         if len(finished) <= keep:
             return 0
-        parts = await self._in_batches(finished, finished_stamps)
+        parts = await self._stamp_parts(finished)
         del finished
         count = sum(map(len, parts)) - keep  # unreadable records were not stamped
         if count <= 0:
@@ -614,14 +620,45 @@ class DurableQueue:
         # returned, held the loop for 20-25 ms.
         del parts
         await anyio.lowlevel.checkpoint()
+        stamps = self._stamps
         deleted = 0
         while victims:  # each update checks its own batch
             batch = victims[-_BATCH:]
             del victims[-_BATCH:]
             names = [store_key for _, _, store_key in batch]
             deleted += await self.store.aupdate(names, delete_unchanged(batch))
+            for name in names:  # deleted, or changed since read: not to be reused
+                stamps.pop(name, None)
             await anyio.lowlevel.checkpoint()
         return deleted
+
+    async def _stamp_parts(self, finished: list[str]) -> list[list[Stamp]]:
+        """The stamps of the records ``finished`` names (store keys), in parts of up to
+        256: those an earlier trim read, then those read now. Becomes the stamps this
+        queue remembers (the keys no longer listed are forgotten)."""
+        known = self._stamps
+        stamps: dict[str, Stamp] = {}
+        self._stamps = stamps
+        parts: list[list[Stamp]] = []
+        unread: list[str] = []
+        for n, start in enumerate(range(0, len(finished), _BATCH), 1):
+            part = []
+            for store_key in finished[start : start + _BATCH]:
+                stamp = known.get(store_key)
+                if stamp is None:
+                    unread.append(store_key)
+                else:
+                    part.append(stamp)
+                    stamps[store_key] = stamp
+            if part:
+                parts.append(part)
+            if n % _PARTS_PER_STEP == 0:
+                await anyio.lowlevel.checkpoint()
+        del known
+        for part in await self._in_batches(unread, finished_stamps):
+            parts.append(part)
+            stamps.update((stamp[2], stamp) for stamp in part)
+        return parts
 
     async def _in_batches(self, keys: list[str], fn: UpdateFn[R]) -> list[R]:
         """``fn`` over ``keys`` in store updates of 256 keys, the loop given back between
