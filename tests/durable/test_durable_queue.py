@@ -404,28 +404,35 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     assert store.updates == 4 + 4  # 1,000 read and 900 deleted, 256 keys per update
     assert await q.afinished_count() == 100
     assert during >= 4  # the loop is given back between updates (none without)
-    for i in range(512):
+    other = queue(store, max_pending=10_000)  # another process on the same store
+    for i in range(256):
         await q.aadd({"n": 1_000 + i}, status="acknowledged")
+        await other.aadd({"n": 2_000 + i}, status="acknowledged")
     store.updates = 0
     assert await q.atrim_finished(600) == 12
-    assert store.updates == 2 + 1  # the 512 finished since the last trim read, not 612
+    # Read: the 256 the other queue finished since the last trim; this queue's own 256
+    # are stamped as it wrote them, and the 100 kept as the last trim read them.
+    assert store.updates == 1 + 1
 
 
 async def test_a_trim_never_deletes_a_record_finished_again_since_it_was_read() -> None:
-    # A trim remembers what it read; a record replayed and finished again since then
-    # looks older there than it is. Its delete checks the record as stored, so it stays,
-    # and the next trim reads it again and deletes the oldest as it really is.
+    # A trim remembers what it read; a record replayed and finished again since then,
+    # by another process, looks older there than it is. Its delete checks the record as
+    # stored, so it stays, and the next trim reads it again and deletes the oldest as
+    # it really is.
     now = [1000.0]
-    q = queue(MemoryStore(), clock=lambda: now[0])
+    store = MemoryStore()
+    q = queue(store, clock=lambda: now[0])
+    elsewhere = queue(store, clock=lambda: now[0])
     done = []
     for i in range(4):
         now[0] += 1.0
         done.append(await q.aadd({"i": i}, status="acknowledged"))
     assert await q.atrim_finished(3) == 1  # done[0]; the stamps of done[1:] are read
     now[0] += 10.0
-    assert await q.areplay(done[1].id) is not None
-    [again] = await q.alease("w")
-    assert await q.aack(again.id, again.lease_token) is not None  # now the newest
+    assert await elsewhere.areplay(done[1].id) is not None
+    [again] = await elsewhere.alease("w")
+    assert await elsewhere.aack(again.id, again.lease_token) is not None  # the newest
     now[0] += 1.0
     newest = await q.aadd({"i": 9}, status="acknowledged")
     assert await q.atrim_finished(3) == 0  # done[1] as read is the oldest: changed, kept
@@ -433,6 +440,43 @@ async def test_a_trim_never_deletes_a_record_finished_again_since_it_was_read() 
     assert await q.atrim_finished(3) == 1  # read again: done[2] is the oldest
     kept = {r.id for r in await q.alist(limit=10)}
     assert kept == {done[1].id, done[3].id, newest.id}
+
+
+async def test_a_queue_remembers_what_it_finished_once_trims_run_and_no_more() -> None:
+    # What a queue finishes itself (added done, acknowledged, buried) is stamped as it
+    # writes it, so its trims read none of it; only once a trim has run (a queue that
+    # is never trimmed keeps nothing), and only what is still listed.
+    store = CountingUpdates()
+    now = [1000.0]
+    q = queue(store, clock=lambda: now[0], max_pending=10_000)
+    for i in range(250):
+        await q.aadd({"n": i}, status="acknowledged")
+    assert q._stamps == {}  # never trimmed: nothing kept
+    assert await q.atrim_finished(250) == 0
+    for i in range(20):
+        now[0] += 1.0
+        await q.aadd({"n": i}, id=f"x{i}")
+    held = await q.alease("w", limit=20)
+    for record in held[:10]:
+        assert await q.aack(record.id, record.lease_token) is not None
+    for record in held[10:]:
+        assert await q.abury(record.id, record.lease_token, "gave up") is not None
+    now[0] += 1.0
+    newest = await q.aadd({"n": -1}, status="acknowledged")
+    store.updates = 0
+    assert await q.atrim_finished(11) == 260  # the first 250 read, not the 21 since
+    assert store.updates == 1 + 2  # 250 read in 1, 260 deleted in 2
+    kept = {r.id for r in await q.alist(limit=100)}
+    assert kept == {*(r.id for r in held[10:]), newest.id}
+    # Records deleted behind the queue's back (expired, purged by hand) are forgotten
+    # at the next trim, even within the bound: the stamps never outgrow the log.
+    for i in range(600):
+        await q.aadd({"n": i}, status="acknowledged")
+    for key in await store.alist(q.keys.done_prefix):
+        await store.adelete(key)
+    assert len(q._stamps) > 600
+    assert await q.atrim_finished(100) == 0
+    assert set(q._stamps) == set(await store.alist(q.keys.dead_prefix))
 
 
 async def test_a_lease_reads_the_open_records_in_batches() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Transitions",
     "cutoff",
     "delete_unchanged",
+    "finished_stamp",
     "finished_stamps",
     "leasable_keys",
     "listed",
@@ -409,6 +410,15 @@ def _time_and_id(value: Any, field: str) -> tuple[float, str] | None:
 def _stamp(key: str, value: Any) -> Stamp | None:
     found = _time_and_id(value, "updated")
     return None if found is None else (*found, key)
+
+
+def finished_stamp(keys: QueueKeys, record: Record) -> Stamp | None:
+    """The stamp of ``record`` as stored, if it is finished (done or dead); else None."""
+    if record.status in _DONE:
+        return float(record.updated), record.id, keys.done(record.id)
+    if record.status == "dead":
+        return float(record.updated), record.id, keys.dead(record.id)
+    return None
 
 
 def read_values(current: dict[str, Any]) -> tuple[Changes, dict[str, Any]]:

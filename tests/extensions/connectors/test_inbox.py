@@ -509,6 +509,37 @@ async def test_acknowledge_on_accept_records_every_event_and_never_sheds_load() 
     assert {r.status for r in records} == {"acknowledged"}
 
 
+@pytest.mark.parametrize("consumer", ["record", "forward"])
+async def test_the_event_log_trim_reads_none_of_the_events_accepted_here(
+    consumer: str, receiver: tuple[Receiver, str]
+) -> None:
+    # An event recorded at accept (acknowledged, or with its forward) is stamped as it
+    # is written: the gateway's trim deletes the oldest without reading a record.
+    store = CountingUpdates()
+    if consumer == "record":
+        c = connector(store, acknowledge_on_accept=True)
+    else:
+        c = forwarding(store, receiver[1])
+    assert await c.inbox.atrim_finished(100) == 0  # the gateway's trimmer starts with it
+    uids = []
+    for _ in range(12):
+        if consumer == "record":
+            body = event_body()
+            status, _ = await post(c, "shop", body, hmac_request(body))
+            uids.append(event_uid("shop", json.loads(body)["event_id"]))
+        else:
+            body, headers, delivery = github_event()
+            status, _ = await post(c, "github", body, headers)
+            uids.append(event_uid("github", delivery))
+        assert status == 202
+    store.updates = 0
+    assert await c.inbox.atrim_finished(2) == 10
+    assert store.updates == 1  # the delete alone
+    kept = {r.id for r in await c.inbox.alist(limit=100)}
+    assert len(kept) == 2
+    assert kept <= set(uids)
+
+
 async def test_a_recorded_event_holds_exactly_the_message_a_consumer_gets() -> None:
     # The hot path writes the record's item without building the Message: it must be
     # what Message.to_dict() gives, for the recorded, queued and forwarded paths alike.

@@ -811,6 +811,7 @@ class WebhookConnector:
             raise DuplicateRecordError(f"inbound event {uid!r} or one of its claims exists")
         if outcome != "added":
             return None
+        inbox.note_finished(record)
         return record, OutboxRecord.of(out)
 
     async def _publish(self, record: Record, item: Message | Task) -> None:

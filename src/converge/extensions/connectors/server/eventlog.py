@@ -473,7 +473,7 @@ class EventLog:
 
         On a durable queue (the connector's inbox and outbox) this is
         :meth:`DurableQueue.atrim_finished`: two key listings while within the bound,
-        else batched reads of the records finished since its last trim, and deletes.
+        else batched deletes (and reads of the records finished elsewhere since).
         Another :class:`RecordQueue` has every record read and each old one purged on
         its own. Run it now and then (:meth:`run_trimmer`), never per request.
 
