@@ -29,6 +29,13 @@ implementation, then a table of ratios on stderr: best against best, and ``paire
 the median over rounds of the ratio within each round (the steadier of the two on a
 shared machine).
 
+The rounds add up to about 12,500 events per server, so the event log only reaches its
+bound (``event_log_max``, 10,000) near the end. The ``*_sustained`` cases then load each
+of ``memory``, ``sqlite`` and ``starlette`` alone, freshly started, with 60,000 events
+in one go (twice, taking turns): past the bound, every trim (each 10 s) deletes what
+arrived since the last, as in service. ``ops_per_s`` is the better of the two runs'
+events/s, and ``paired_ratio`` the median of the ratios within each turn.
+
 Usage: ``python benchmarks/gateway.py [--quick]``
 """
 
@@ -44,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +63,7 @@ SECRET = "bench-secret"
 CONCURRENCY = 32
 CASES = {"memory": "converge", "sqlite": "converge", "sqlite_forward": "converge"}
 SERVERS = ("memory", "sqlite", "sqlite_forward", "starlette")
+SUSTAINED = ("memory", "sqlite")  # measured alone, with as many events as a trim bound 6 times
 
 # -- servers (run in child processes) -------------------------------------------------
 
@@ -261,6 +270,20 @@ def measure(server: str, port: int, receiver: int, n: int) -> tuple[float, list[
     return n / elapsed, latencies
 
 
+def sustained(events: int, turns: int) -> dict[str, list[tuple[float, list[float]]]]:
+    """Each server alone and fresh, ``events`` events in one go, ``turns`` times in turn:
+    {server: [(events/s, latencies)]}."""
+    servers = (*SUSTAINED, "starlette")
+    runs: dict[str, list[tuple[float, list[float]]]] = {s: [] for s in servers}
+    for _ in range(turns):
+        for server in servers:
+            argv = {server: ["--serve", server, "--receiver-port", "0"]}
+            with child_servers(__file__, argv, timeout=60) as ports:
+                measure(server, ports[server], 0, 500)  # warm-up
+                runs[server].append(measure(server, ports[server], 0, events))
+    return runs
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -281,8 +304,22 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 for server, port in ports.items():
                     rates[server].append(measure(server, port, receiver, per_round))
     results = Results()
+    add_rows(results, rates, CASES, "")
+    add_rows(
+        results, sustained(1_000 if quick else 60_000, 1 if quick else 2), SUSTAINED, "_sustained"
+    )
+    return results.rows
+
+
+def add_rows(
+    results: Results,
+    rates: dict[str, list[tuple[float, list[float]]]],
+    cases: Iterable[str],
+    suffix: str,
+) -> None:
+    """A row per case and implementation, from each server's rounds in ``rates``."""
     bare = [rate for rate, _ in rates["starlette"]]
-    for case in CASES:
+    for case in cases:
         # Every server runs once per round, one after another: the ratio within each
         # round, then its median over rounds, is what a drifting shared machine disturbs
         # least (a best round can come from a quiet moment the other server missed).
@@ -291,7 +328,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             ops = max(r[0] for r in rates[server])
             everything = [lat for _, lats in rates[server] for lat in lats]
             results.add(
-                f"{case}_c{CONCURRENCY}",
+                f"{case}{suffix}_c{CONCURRENCY}",
                 impl,
                 ops,
                 min_ops_per_s=round(min(r[0] for r in rates[server]), 1),
@@ -301,7 +338,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 p50_ms=round(percentile(everything, 0.50) * 1000, 2),
                 p99_ms=round(percentile(everything, 0.99) * 1000, 2),
             )
-    return results.rows
 
 
 def table(rows: list[dict[str, Any]]) -> None:
