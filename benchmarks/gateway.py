@@ -63,7 +63,7 @@ SECRET = "bench-secret"
 CONCURRENCY = 32
 CASES = {"memory": "converge", "sqlite": "converge", "sqlite_forward": "converge"}
 SERVERS = ("memory", "sqlite", "sqlite_forward", "starlette")
-SUSTAINED = ("memory", "sqlite")  # measured alone, with as many events as a trim bound 6 times
+SUSTAINED = ("memory", "sqlite")  # also measured alone under sustained load
 
 # -- servers (run in child processes) -------------------------------------------------
 
