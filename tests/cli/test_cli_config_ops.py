@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from converge.cli.config import build_gateway, open_store, parse_config
-from converge.errors import ConfigurationError
+from converge.errors import ConfigurationError, UsageError
 from converge.extensions.storage import MemoryStore, RedisStore
 
 PROVIDER = {"scheme": "github", "secret": "s"}
@@ -69,6 +69,23 @@ def test_raw_forward_format_reaches_the_connector() -> None:
     parsed = parse_config(config(forward_to="app", forward_format="raw"))
     connector = build_gateway(parsed, MemoryStore()).connector
     assert connector._raw_forward == frozenset({"gh"})
+
+
+def test_the_memory_stores_of_the_gateway_and_a_default_connector_keep_copies(
+    tmp_path: Path,
+) -> None:
+    # Serialized: retained events are bytes the garbage collector never walks.
+    from converge.extensions.connectors import WebhookConnector
+
+    connector = WebhookConnector(provider_profiles={}, secrets={})
+    for store in (open_store("memory", tmp_path), connector.store):
+        assert isinstance(store, MemoryStore)
+        value = {"a": [1]}
+        store.put("k", value)
+        value["a"].append(2)
+        assert store.get("k") == {"a": [1]}
+        with pytest.raises(UsageError, match="not JSON-serializable"):
+            store.put("k", {1, 2})
 
 
 def test_a_redis_store_spec_opens_a_redis_store(tmp_path: Path) -> None:

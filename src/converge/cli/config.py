@@ -571,7 +571,8 @@ def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Sto
         return _open_redis(spec, password)
     kind, _, path = spec.partition(":")
     if kind == "memory":
-        return MemoryStore()
+        # Serialized, so retained events are bytes the garbage collector never walks.
+        return MemoryStore(serializer="json")
     location = Path(path).expanduser()
     if not location.is_absolute():
         location = base_dir / location

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Iterator
@@ -27,9 +28,9 @@ class FakeClock:
 
 
 class TestMemoryStoreContract(StoreContract):
-    @pytest.fixture
-    def store(self) -> Iterator[MemoryStore]:
-        store = MemoryStore()
+    @pytest.fixture(params=[None, "json", "pickle"])
+    def store(self, request: pytest.FixtureRequest) -> Iterator[MemoryStore]:
+        store = MemoryStore(serializer=request.param)
         yield store
         store.close()
 
@@ -72,9 +73,70 @@ async def test_async_methods_take_no_thread_hop(monkeypatch: pytest.MonkeyPatch)
 
 def test_values_are_kept_by_reference() -> None:
     store = MemoryStore()
+    assert store.serializer is None
     value = {"a": [1]}
     store.put("k", value)
     assert store.get("k") is value
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_a_serializing_store_keeps_copies(serializer: str) -> None:
+    store = MemoryStore(serializer=serializer)  # type: ignore[arg-type]
+    assert store.serializer == serializer
+    value = {"a": [1]}
+    store.put("k", value)
+    store.put_if_absent("j", value)
+    store.update(["u"], lambda current: ({"u": value}, None))
+    value["a"].append(2)  # mutating after the write changes nothing stored
+    first = store.get("k")
+    assert first == {"a": [1]}
+    assert store.get("j") == {"a": [1]}
+    first["a"].append(3)  # nor does mutating what a read returned
+    assert store.get("k") == {"a": [1]}
+    seen: list[Any] = []
+    store.update(["u"], lambda current: (seen.append(current["u"]) or {}, None))
+    assert seen == [{"a": [1]}]
+
+
+def test_a_json_store_refuses_what_json_cannot_hold_and_changes_nothing() -> None:
+    store = MemoryStore(serializer="json")
+    store.put("k", 1)
+    for bad in (object(), float("nan"), {"set": {1}}):
+        with pytest.raises(UsageError, match="not JSON-serializable"):
+            store.put("k", bad)
+        with pytest.raises(UsageError):
+            store.put_if_absent("new", bad)
+        changes = {"a": 1, "k": None, "z": bad}
+        with pytest.raises(UsageError):  # one bad value of several: none is written
+            store.update(["k", "a", "z"], lambda current, c=changes: (c, None))
+    assert store.get("k") == 1
+    assert store.list() == ["k"]
+    assert MemoryStore(serializer="pickle").put("k", {1, 2}) is None  # pickle takes a set
+
+
+@pytest.mark.parametrize("bad", ["xml", "", 1, True])
+def test_an_unknown_serializer_is_a_usage_error(bad: Any) -> None:
+    with pytest.raises(UsageError, match="serializer must be"):
+        MemoryStore(serializer=bad)
+
+
+@pytest.mark.parametrize("serializer", [None, "json"])
+def test_serialized_values_are_out_of_the_collectors_reach(serializer: Any) -> None:
+    # What a busy gateway's event log holds: thousands of nested JSON objects. Kept by
+    # reference, each is several containers every full collection walks; serialized,
+    # none (which is why ``store = "memory"`` in the CLI serializes).
+    store = MemoryStore(serializer=serializer)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(3_000):
+        store.put(f"log:{i}", {"id": i, "data": {"items": [1, 2, 3]}, "attempts": []}, ttl=60)
+    gc.collect()
+    added = len(gc.get_objects()) - before
+    if serializer is None:
+        assert added >= 4 * 3_000
+    else:
+        assert added < 100
+    assert store.get("log:7") == {"id": 7, "data": {"items": [1, 2, 3]}, "attempts": []}
 
 
 def test_ttl_follows_the_injected_clock() -> None:
