@@ -158,8 +158,30 @@ def test_expired_entries_are_freed_without_being_read() -> None:
     clock.now += 2
     store.put("other", 0)  # any call sweeps
     assert len(store._data) == 1
-    assert len(store._heap) == 0
+    assert (store._heap, store._due, store._expires) == ([], {}, {})
     assert store._groups == {"": {"other"}}
+
+
+@pytest.mark.parametrize("serializer", [None, "json"])
+def test_writes_give_the_garbage_collector_nothing_to_walk(serializer: Any) -> None:
+    # Each write used to add two tuples (the entry and its expiry): a gateway's young
+    # generation filled with them, and a young collection took 25-45 ms. gc.get_count()
+    # counts the container objects created and not freed since the last collection.
+    store = MemoryStore(serializer=serializer)
+    store.put("log:warm", "x", ttl=60)
+    gc.disable()
+    try:
+        gc.collect()
+        before = gc.get_count()[0]
+        for i in range(3_000):
+            store.put(f"log:{i}", "value", ttl=60 + i)
+            store.update([f"claim:{i}"], lambda current, i=i: ({f"claim:{i}": i}, None), ttl=60)
+        store.delete("log:7")
+        created = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert created < 30
+    assert (store.get("log:8"), store.get("claim:8")) == ("value", 8)
 
 
 _SEGMENT = st.sampled_from(["", "a", "ab", "b", ":", "a:", "a:b", "é"])
@@ -206,8 +228,12 @@ def test_rewriting_a_ttl_key_keeps_the_expiry_heap_bounded() -> None:
     store = MemoryStore(clock=clock)
     for i in range(10_000):
         store.put("same", i, ttl=3600)
+        clock.now += 0.001  # a new expiry time each write
     assert len(store._heap) <= 2 * len(store._data) + 65
     assert store.get("same") == 9_999
+    clock.now += 3600
+    assert store.get("same") is None
+    assert (store._data, store._expires) == ({}, {})
 
 
 def test_put_if_absent_has_one_winner_among_threads() -> None:
