@@ -571,8 +571,10 @@ def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Sto
         return _open_redis(spec, password)
     kind, _, path = spec.partition(":")
     if kind == "memory":
-        # Serialized, so retained events are bytes the garbage collector never walks.
-        return MemoryStore(serializer="json")
+        # Serialized, so retained events are bytes the garbage collector never walks;
+        # pickle, because it is several times faster than JSON and nobody else writes
+        # this process's memory.
+        return MemoryStore(serializer="pickle")
     location = Path(path).expanduser()
     if not location.is_absolute():
         location = base_dir / location

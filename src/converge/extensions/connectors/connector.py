@@ -175,9 +175,9 @@ class WebhookConnector:
         secrets: Secret value(s) by ``secret_ref``; a sequence of values allows rotation.
         security_policy: Inbound limits; defaults to :class:`WebhookSecurityPolicy()`.
         retry_policy: Outbound retries; defaults to :class:`WebhookRetryPolicy()`.
-        store: Idempotency claims, outbox and dead letters; a JSON-serializing
-            ``MemoryStore`` when None (records stay out of the garbage collector's way;
-            nothing survives a restart: use ``SQLiteStore``/``FileStore`` for that).
+        store: Idempotency claims, outbox and dead letters; a pickling ``MemoryStore``
+            when None (records stay out of the garbage collector's way; nothing
+            survives a restart: use ``SQLiteStore``/``FileStore`` for that).
         metrics_collector: Where counters and gauges go; a private one when None.
         connector_id: Names this connector in store keys and as message sender.
         outbound_sender: ``async (OutboundRequest) -> OutboundResponse | int`` replacing
@@ -269,7 +269,7 @@ class WebhookConnector:
         if store is None:
             from converge.extensions.storage import MemoryStore
 
-            store = MemoryStore(serializer="json")
+            store = MemoryStore(serializer="pickle")
         self.connector_id = connector_id
         self.store = store
         self.metrics = metrics_collector or MetricsCollector()
