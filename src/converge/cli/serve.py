@@ -144,6 +144,8 @@ def make_app(config: GatewayConfig, *, server_timeouts: bool = False) -> tuple[W
 # is mostly retained records, and a middle collection walks ten young ones' survivors.
 # With a MemoryStore gateway at 50,000 the young pauses reached 25 ms and the middle ones
 # 250-320 ms; at 10,000 they stay under 6 ms and 53 ms, for less collector time per event.
+# (Measured when the memory store kept records by reference; it now keeps them pickled,
+# out of the collector's reach, see docs/gateway.md.)
 _GC_THRESHOLDS = (10_000, 10, 10)
 
 
