@@ -32,18 +32,16 @@ def _group(key: str) -> str:
     return key[: key.rfind(":") + 1]
 
 
-def _schedule(due: dict[float, str | list[str]], key: str, at: float) -> bool:
-    """Note ``key`` as due at ``at``; True if ``at`` is a new time (to push on the heap)."""
+def _schedule(due: dict[float, str | list[str]], key: str, at: float) -> None:
+    """Note ``key`` as due at ``at``."""
     keys = due.get(at)
     if keys is None:
         due[at] = key
-        return True
-    if isinstance(keys, str):
+    elif isinstance(keys, str):
         if keys != key:
             due[at] = [keys, key]
     elif keys[-1] != key:  # a key listed twice is only skipped the second time
         keys.append(key)
-    return False
 
 
 class MemoryStore(Store):
@@ -61,10 +59,10 @@ class MemoryStore(Store):
     part up to the last ``:``, so ``list("app:inbox:open:")`` reads only the keys under
     that prefix, however many others the store holds.
 
-    A serializer costs an encode per write and a decode per read (about 10 and 7 µs for
-    a 1 KB JSON object), and buys what a long-running process holding many nested values
-    needs: the garbage collector never walks stored values, so tens of thousands of them
-    cause no collection pauses.
+    A serializer costs an encode per write and a decode per read (for a 700-byte webhook
+    record, 1.4 and 2.6 µs with pickle, 9.4 and 8.1 µs with JSON), and buys what a
+    long-running process holding many nested values needs: the garbage collector never
+    walks stored values, so tens of thousands of them cause no collection pauses.
 
     Args:
         clock: Monotonic clock in seconds, used for TTLs (inject a fake one in tests).
@@ -180,11 +178,7 @@ class MemoryStore(Store):
         validate_key(key)
         with self._lock:
             self._sweep()
-            value = self._data.get(key)
-        serializer = self._serializer
-        if serializer is None or value is None:
-            return value
-        return serializer.loads(key, serializer.tag, value)
+            return self._read(key)
 
     def put(self, key: str, value: Any, *, ttl: float | None = None) -> None:
         """Store a value."""
