@@ -245,21 +245,15 @@ class MemoryStore(Store):
         seconds = validate_ttl(ttl)
         with self._lock:
             now = self._sweep()
-            if self._serializer is None:
-                data = self._data
-                current = {key: data.get(key) for key in names}
-            else:
-                current = {key: self._read(key) for key in names}
+            current = {key: self._read(key) for key in names}
             changes, result = fn(current)
             check_changes(names, changes)
-            # Split (and encode) first: a bad change (WithTTL validates itself) or a value
+            # Split and encode first: a bad change (WithTTL validates itself) or a value
             # the serializer refuses changes nothing.
-            writes = [(key, *split_change(change, seconds)) for key, change in changes.items()]
-            if self._serializer is not None:
-                writes = [
-                    (key, None if value is None else self._encode(key, value), key_ttl)
-                    for key, value, key_ttl in writes
-                ]
+            writes = []
+            for key, change in changes.items():
+                value, key_ttl = split_change(change, seconds)
+                writes.append((key, None if value is None else self._encode(key, value), key_ttl))
             for key, value, key_ttl in writes:
                 if value is None:
                     self._drop(key)
