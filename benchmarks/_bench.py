@@ -185,7 +185,7 @@ def print_ratio_table(
     peer/s columns."""
     case_w, peer_w, ours_w, theirs_w = widths
     header = f"\n{'case':<{case_w}}{'peer':<{peer_w}}{'converge/s':>{ours_w}}"
-    header += f"{'peer/s':>{theirs_w}}{'ratio':>8}"
+    header += f"{'peer/s':>{theirs_w}}{'ratio':>9}"
     if extra is not None:
         header += f"{extra.title:>{extra.width}}"
     print(header, file=sys.stderr)
@@ -198,7 +198,7 @@ def print_ratio_table(
                 continue
             rate = row["ops_per_s"]
             line = f"{case:<{case_w}}{impl:<{peer_w}}{ours:>{ours_w},.0f}{rate:>{theirs_w},.0f}"
-            line += f"{ours / rate:>7.2f}x"
+            line += f" {ours / rate:>7.2f}x"
             if extra is not None:
                 line += f"{extra.cell(ours, rate):>{extra.width}}"
             print(line, file=sys.stderr)

@@ -13,6 +13,9 @@ on stderr. Peers, measured in the same run, taking turns with converge:
   the SQLiteStore it races.
 * ``dict``: a plain dict, the floor for MemoryStore; ``dict scan``: listing a prefix by
   scanning every key of a dict (what MemoryStore did before it grouped its keys).
+* ``dict+pickle``: a plain dict holding ``pickle.dumps`` of each value and answering
+  ``pickle.loads``, the floor for ``MemoryStore(serializer="pickle")`` (what the gateway's
+  memory store is), on an inbox-shaped record of about 600 bytes pickled.
 * ``per-write``: SQLiteStore's previous write path, one worker-thread hop and one
   transaction (and one sync) per write, against its group commit, with 32 tasks writing
   at once (``diskcache`` too, each call in a worker thread, as an async caller must).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -66,6 +70,40 @@ def writer(put: Callable[[str, bytes], object]) -> Callable[[], object]:
 def async_writer(put: Callable[[str, bytes], Awaitable[object]]) -> Callable[[], Awaitable[object]]:
     values = itertools.cycle(VALUES)
     return lambda: put("key", next(values))
+
+
+def inbox_record() -> dict[str, Any]:
+    """A record shaped like the gateway's inbox record of one webhook (nested dicts)."""
+    event_id = uuid.uuid4().hex
+    event = {
+        "provider": "bench",
+        "source": "bench",
+        "event_id": event_id,
+        "occurred_at": 1764000000.0,
+        "subject": "order.paid",
+        "payload": {
+            "event_id": event_id,
+            "subject": "order.paid",
+            "data": {"amount": 1299, "currency": "eur", "items": [1, 2, 3]},
+        },
+        "headers": {
+            "content-type": "application/json",
+            "x-webhook-timestamp": "1764000000",
+            "x-webhook-signature": "sha256=" + "0" * 64,
+        },
+        "trace_id": None,
+    }
+    item = {"id": event_id, "sender": "gateway", "topics": ["webhook.inbound"], "payload": event}
+    return {
+        "id": event_id,
+        "kind": "inbox",
+        "status": "acknowledged",
+        "key": "bench",
+        "data": {"emit": "message", "item": item},
+        "created": 1764000000.0,
+        "updated": 1764000000.0,
+        "attempts": [],
+    }
 
 
 def in_thread(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:
@@ -345,6 +383,38 @@ def run(quick: bool, base: str) -> list[dict[str, Any]]:
             repeats,
         ),
     )
+    # The serialized store (the gateway's memory store) on an inbox-shaped record: a copy
+    # in and a copy out each time, against a dict doing just that with pickle.
+    pickled = MemoryStore(serializer="pickle")
+    blobs: dict[str, bytes] = {}
+    record = inbox_record()
+    pickled.put("key", record)
+    blobs["key"] = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
+    emit(
+        "memory_pickle_get",
+        compare(
+            {
+                "converge": partial(pickled.get, "key"),
+                "dict+pickle": lambda: pickle.loads(blobs["key"]),
+            },
+            ops,
+            repeats,
+        ),
+    )
+    emit(
+        "memory_pickle_put",
+        compare(
+            {
+                "converge": partial(pickled.put, "key", record),
+                "dict+pickle": lambda: blobs.__setitem__(
+                    "key", pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
+                ),
+            },
+            ops,
+            repeats,
+        ),
+    )
+    pickled.close()
     # A prefix listing among many other keys (the inbox pump lists its open records
     # every second while claims and done records pile up): the store's key groups
     # against a scan of every key of a dict.
