@@ -75,6 +75,8 @@ def validate_ttl(ttl: object) -> float | None:
     """
     if ttl is None:
         return None
+    if type(ttl) is float and 0.0 < ttl <= MAX_TTL:  # the common case (NaN fails it)
+        return ttl
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise UsageError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
     try:
@@ -129,10 +131,10 @@ def split_change(value: Any, ttl: float | None) -> tuple[Any, float | None]:
 
 def check_changes(keys: Sequence[str], changes: Mapping[str, Any]) -> None:
     """Raise ``UsageError`` unless ``changes`` is a mapping over a subset of ``keys``."""
-    if not isinstance(changes, Mapping):
+    if type(changes) is not dict and not isinstance(changes, Mapping):
         raise UsageError("an update function must return (changes_mapping, result)")
-    stray = set(changes) - set(keys)
-    if stray:
+    if changes and not changes.keys() <= set(keys):
+        stray = set(changes) - set(keys)
         raise UsageError(f"update function changed keys it did not read: {sorted(stray)}")
 
 

@@ -158,10 +158,10 @@ class Transitions:
             or the record id is taken: nothing written) or ``"full"`` (the record is
             open and ``max_pending`` records are open already: nothing written).
         """
-        if any(current.get(k) is not None for k in claims):
-            return {}, "duplicate"
-        if any(current.get(k) is not None for k in self.keys.all(record.id)):
-            return {}, "duplicate"
+        get = current.get
+        for key in (*claims, *self.keys.all(record.id)):
+            if get(key) is not None:
+                return {}, "duplicate"
         # Order matters for stores whose multi-key updates are atomic against other
         # writers but not against a crash (FileStore writes key by key, in this order):
         # the record first, then the counter, then the claims, so a crash in between
