@@ -133,8 +133,8 @@ def check_changes(keys: Sequence[str], changes: Mapping[str, Any]) -> None:
     """Raise ``UsageError`` unless ``changes`` is a mapping over a subset of ``keys``."""
     if type(changes) is not dict and not isinstance(changes, Mapping):
         raise UsageError("an update function must return (changes_mapping, result)")
-    if changes and not changes.keys() <= set(keys):
-        stray = set(changes) - set(keys)
+    stray = changes.keys() - set(keys) if changes else None
+    if stray:
         raise UsageError(f"update function changed keys it did not read: {sorted(stray)}")
 
 
