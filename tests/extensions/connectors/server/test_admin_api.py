@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import anyio
 import httpx
 import pytest
 from eventlog_helpers import Filled, fill
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converge.extensions.connectors import WebhookConnector, WebhookGateway
 from converge.extensions.connectors.server import AdminApp
@@ -181,3 +184,145 @@ def test_the_session_cookie_is_not_the_token_and_cross_site_forms_are_refused(
     assert api.json()["status"] == "pending"
     out = httpx.post(f"{url}/admin/logout", headers={"cookie": session})
     assert "Max-Age=0" in out.headers["set-cookie"]
+
+
+# -- fuzzing: whatever an operator's client sends, never a 5xx --------------------------
+
+_IDS = ["evt_ok", "evt_dead", "evt_open", "dlv_ok", "dlv_dead", "replay", "..", "%2e%2e", "x" * 300]
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_SEGMENT = st.one_of(st.sampled_from(_IDS), _TEXT)
+_VALUES = st.one_of(
+    st.sampled_from(
+        ["1", "0", "-1", "1000000", "x", "15m", "1h", "0s", "-5m", "2026-12-01T00:00:00Z"]
+    ),
+    st.sampled_from(["pending", "dead", "delivered", "stripe", "/admin/", "//evil.example/"]),
+    _TEXT,
+)
+# Each filter present or not, with a value valid or not: the checks behind a route are
+# reached in most examples, not in one of thousands.
+_QUERY = st.fixed_dictionaries(
+    {},
+    optional={
+        name: _VALUES
+        for name in ("since", "limit", "provider", "target", "key", "status", "view", "back")
+    },
+)
+_METHODS = st.sampled_from(["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"])
+_BODIES = st.one_of(
+    st.none(),
+    st.binary(max_size=64),
+    st.fixed_dictionaries({}, optional={n: _VALUES for n in ("token", "id", "section", "back")}),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A served admin API over a filled SQLite log, and a signed-in session cookie."""
+    store = SQLiteStore(tmp_path_factory.mktemp("fuzz") / "log.sqlite3", serializer="json")
+    filled = anyio.run(fill, store)
+    server = UvicornThread(gateway_app(AdminApp(filled.log, token=TOKEN))).start()
+    try:
+        login = httpx.post(f"{server.url}/admin/login", data={"token": TOKEN})
+        yield server.url, login.headers["set-cookie"].split(";", 1)[0]
+    finally:
+        server.stop()
+        store.close()
+
+
+def send(
+    url: str,
+    method: str,
+    segments: list[str],
+    query: dict[str, str],
+    headers: dict[str, str],
+    body: bytes | dict[str, str] | None,
+) -> httpx.Response:
+    """The request, answered under 500; an API error carries a JSON reason."""
+    path = "/admin/" + "/".join(urllib.parse.quote(s, safe="%") for s in segments)
+    form = body if isinstance(body, dict) else None
+    raw = body if isinstance(body, bytes) else None
+    response = httpx.request(
+        method, url + path, params=query, headers=headers, data=form, content=raw
+    )
+    assert response.status_code < 500, (method, path, query, response.text)
+    if path.startswith("/admin/api") and response.status_code >= 400 and method != "HEAD":
+        assert isinstance(response.json()["reason"], str)
+    return response
+
+
+_FUZZ = settings(max_examples=150, deadline=None)
+
+
+@_FUZZ
+@given(
+    method=st.sampled_from(["GET", "GET", "POST", "POST", "DELETE", "HEAD", "PUT"]),
+    section=st.sampled_from(["events", "deliveries", "dead-letters", "nope"]),
+    rest=st.one_of(st.just([]), st.lists(_SEGMENT, min_size=1, max_size=2)),
+    query=_QUERY,
+    body=_BODIES,
+)
+def test_random_api_requests_never_5xx_and_errors_are_json(
+    fuzzed: tuple[str, str],
+    method: str,
+    section: str,
+    rest: list[str],
+    query: dict[str, str],
+    body: bytes | dict[str, str] | None,
+) -> None:
+    url, _ = fuzzed
+    send(url, method, ["api", section, *rest], query, auth(), body)
+
+
+@_FUZZ
+@given(query=_QUERY)
+def test_random_inspector_filters_never_5xx(fuzzed: tuple[str, str], query: dict[str, str]) -> None:
+    url, session = fuzzed
+    send(url, "GET", [""], query, {"cookie": session}, None)
+
+
+@_FUZZ
+@given(
+    action=st.sampled_from(["replay", "purge"]),
+    body=_BODIES,
+    content_type=st.sampled_from(
+        [None, "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]
+    ),
+)
+def test_random_inspector_forms_never_5xx(
+    fuzzed: tuple[str, str],
+    action: str,
+    body: bytes | dict[str, str] | None,
+    content_type: str | None,
+) -> None:
+    url, session = fuzzed
+    headers = {"cookie": session, "origin": url}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    send(url, "POST", [action], {}, headers, body)
+
+
+@_FUZZ
+@given(
+    method=_METHODS,
+    segments=st.lists(_SEGMENT, max_size=4),
+    query=_QUERY,
+    credential=st.sampled_from(["bearer", "cookie", "cross-site cookie", "wrong", "none"]),
+    body=_BODIES,
+)
+def test_random_admin_requests_never_5xx(
+    fuzzed: tuple[str, str],
+    method: str,
+    segments: list[str],
+    query: dict[str, str],
+    credential: str,
+    body: bytes | dict[str, str] | None,
+) -> None:
+    url, session = fuzzed
+    headers = {
+        "bearer": auth(),
+        "cookie": {"cookie": session, "origin": url},
+        "cross-site cookie": {"cookie": session, "origin": "http://evil.example"},
+        "wrong": auth("wrong-token-0123456789"),
+        "none": {},
+    }[credential]
+    send(url, method, segments, query, headers, body)
