@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import EXAMPLE
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converge.cli.config import build_gateway, open_store, parse_config
 from converge.errors import ConfigurationError
@@ -100,3 +106,64 @@ def test_the_admin_app_is_mounted_only_with_a_token() -> None:
         app = with_operations(core, core, parsed)
         assert (core.admin is not None) is mounted
         assert isinstance(app, EventLogTrimmer)
+
+
+@pytest.mark.parametrize("fields", ["event_id", 5, True, [1], {"a": 1}])
+def test_required_payload_fields_must_be_a_list_of_names(fields: object) -> None:
+    # A string was split into one-letter fields, a number raised TypeError.
+    with pytest.raises(ConfigurationError, match=r"\[providers\.gh\] .*required_payload_fields"):
+        parse_config(config(required_payload_fields=fields))
+    parsed = parse_config(config(required_payload_fields=["event_id", "type"]))
+    assert parsed.providers["gh"].profile.required_payload_fields == ("event_id", "type")
+
+
+EXAMPLE_DATA = tomllib.loads(EXAMPLE.read_text())
+
+
+def _paths(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for key, value in table.items():
+        found.append((*prefix, key))
+        if isinstance(value, dict):
+            found += _paths(value, (*prefix, key))
+    return found
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "x", "5s", "-5s", "1d", "memory", "sqlite:", "http://x", "ftp://x"]),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    changes=st.lists(
+        st.tuples(st.sampled_from(_paths(EXAMPLE_DATA)), st.one_of(st.just(None), _VALUES)),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_any_wrong_value_in_the_example_config_is_a_configuration_error(
+    changes: list[tuple[tuple[str, ...], object]],
+) -> None:
+    """The example config with a key or two given another value (None: the key removed)
+    either parses or raises ConfigurationError, never anything else."""
+    data = copy.deepcopy(EXAMPLE_DATA)
+    for path, value in changes:
+        node: Any = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue  # an earlier change replaced a table on this path
+        if value is None:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    with contextlib.suppress(ConfigurationError):
+        parse_config(data, env={}, warn=False)

@@ -332,8 +332,6 @@ def parse_config(
         if forward_to is not None and forward_to not in targets:
             raise ConfigurationError(f"[{where}] forward_to names an unknown target {forward_to!r}")
         options = {k: v for k, v in table.items() if k in _PROFILE_KEYS}
-        if "required_payload_fields" in options:
-            options["required_payload_fields"] = tuple(options["required_payload_fields"])
         with _section(where):
             profile = ProviderProfile(name=name, secret_ref=name, **options)
         forward_format = table.get("forward_format", "envelope")
