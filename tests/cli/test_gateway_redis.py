@@ -122,6 +122,25 @@ def test_redis_store_url_takes_its_password_from_the_environment(tmp_path: Path)
     assert masked_store("rediss://app:hunter2@h:1/0") == "rediss://app:***@h:1/0"
 
 
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("redis://:badport", "Port could not be cast"),
+        ("redis://h:1/zero", "database number"),
+        ("redis://[::1", "Invalid IPv6 URL"),
+        ("sqlite:no/such/dir/events.db", "no existing directory"),
+        ("sqlite:.", "is a directory"),
+    ],
+)
+def test_a_store_that_cannot_work_is_a_configuration_error(
+    tmp_path: Path, store: str, message: str
+) -> None:
+    # Each was accepted before: the Redis ones crashed the inbox pump or read as a store
+    # that is down, the SQLite ones served 503s and logged a warning per poll.
+    with pytest.raises(ConfigurationError, match=message):
+        open_store(store, tmp_path)
+
+
 def test_check_shows_the_redis_store_without_its_password(
     tmp_path: Path, redis: RedisServer
 ) -> None:

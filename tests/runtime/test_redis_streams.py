@@ -140,6 +140,8 @@ async def test_invalid_arguments_are_usage_errors(redis_url: str) -> None:
     bus = MessageBus()
     with pytest.raises(UsageError):
         RedisStreamsBridge(bus, "http://x")
+    with pytest.raises(UsageError, match="no host"):
+        RedisStreamsBridge(bus, "redis://:6379/0")
     with pytest.raises(UsageError):
         RedisStreamsBridge(bus, redis_url, import_topics=["work"])  # no group
     with pytest.raises(UsageError):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from converge._redis_url import check_redis_url, masked_url
 from converge.core.store import Store
 from converge.errors import ConfigurationError
 from converge.extensions.connectors import (
@@ -544,12 +545,7 @@ def load_config(
 
 def masked_store(spec: str) -> str:
     """``spec`` with any password in a Redis URL replaced by ``***`` (for printing)."""
-    parts = urllib.parse.urlsplit(spec)
-    if parts.scheme not in _REDIS_SCHEMES or parts.password is None:
-        return spec
-    user = urllib.parse.quote(parts.username or "", safe="")
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return masked_url(spec)
 
 
 def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Store:
@@ -561,7 +557,8 @@ def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Sto
         password: The Redis password (from ``store_password_env``), put into the URL.
 
     Raises:
-        ConfigurationError: For an unknown kind or a malformed Redis URL.
+        ConfigurationError: For an unknown kind, a malformed Redis URL, or an SQLite
+            path that is a directory or whose directory does not exist.
     """
     from converge.extensions.storage import FileStore, MemoryStore, SQLiteStore
 
@@ -579,6 +576,11 @@ def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Sto
     if kind == "file":
         return FileStore(str(location), locking=True)
     if kind == "sqlite":
+        # SQLite creates the file, not its directory: a path that cannot work is refused
+        # here, not answered with a 503 per request and a warning per poll.
+        if location.is_dir() or not location.parent.is_dir():
+            problem = "is a directory" if location.is_dir() else "is in no existing directory"
+            raise ConfigurationError(f"[gateway] store {spec!r}: {str(location)!r} {problem}")
         return SQLiteStore(location, serializer="json")
     raise ConfigurationError(f"unknown store kind {kind!r}")
 
@@ -587,6 +589,10 @@ def _open_redis(spec: str, password: str | None) -> Store:
     from converge.errors import UsageError
     from converge.extensions.storage import RedisStore
 
+    try:
+        check_redis_url(spec)
+    except UsageError as exc:
+        raise ConfigurationError(f"[gateway] store: {exc}") from None
     parts = urllib.parse.urlsplit(spec)
     if parts.password is not None:
         raise ConfigurationError(

@@ -21,6 +21,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from converge._redis_url import check_redis_url
 from converge.core.message import Message, Topic
 from converge.errors import BusFullError, MissingDependencyError, UsageError
 from converge.runtime.bus import MessageBus
@@ -145,8 +146,7 @@ class RedisStreamsBridge:
     ) -> None:
         if not isinstance(bus, MessageBus):
             raise UsageError("bus must be a MessageBus")
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise UsageError("url must be a redis://, rediss:// or unix:// URL")
+        check_redis_url(url)
         self.bus = bus
         self.export_topics = _check_topics("export_topics", export_topics)
         self.import_topics = _check_topics("import_topics", import_topics)

@@ -310,6 +310,13 @@ async def test_foreign_value_reads_as_corrupt(store: RedisStore, redis_url: str)
         {"url": "http://localhost"},
         {"url": 5},
         {"url": "redis://localhost:notaport/0"},
+        {"url": "redis://:notaport"},  # no host: failed in the first call, AssertionError
+        {"url": "redis://"},
+        {"url": "rediss://"},
+        {"url": "redis://[::1"},
+        {"url": "redis://localhost:6379/zero"},  # read as unreachable before
+        {"url": "redis://localhost:6379/0/1"},
+        {"url": "unix://"},
         {"namespace": 3},
         {"serializer": "marshal"},
         {"timeout": 0},
@@ -318,6 +325,29 @@ async def test_foreign_value_reads_as_corrupt(store: RedisStore, redis_url: str)
 def test_invalid_arguments_raise_usage_error(kwargs: dict[str, Any]) -> None:
     with pytest.raises(UsageError):
         RedisStore(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://app:s3cret@:notaport/0", "redis://app:s3cret@localhost/x", "http://u:s3cret@h"]
+)
+def test_an_invalid_url_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        RedisStore(url)
+    assert "s3cret" not in str(caught.value)
+    assert ":***@" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://localhost:6379/",
+        "rediss://[::1]:6380/15",
+        "unix:///tmp/r.sock",
+    ],
+)
+def test_valid_urls_are_accepted_without_connecting(url: str) -> None:
+    RedisStore(url).close()
 
 
 def test_repr_hides_the_password() -> None:

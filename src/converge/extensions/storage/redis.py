@@ -14,7 +14,6 @@ import os
 import random
 import re
 import threading
-import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -25,6 +24,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from converge._redis_url import check_redis_url, masked_url
 from converge._sorting import sort_yielding
 from converge._sync import LoopLocal, Portal, check_sync_allowed
 from converge.core.store import (
@@ -147,8 +147,7 @@ class RedisStore(Store):
         connect_timeout: float = 5.0,
         timeout: float = 10.0,
     ) -> None:
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise UsageError(f"url must be a redis://, rediss:// or unix:// URL, not {url!r}")
+        check_redis_url(url)
         if not isinstance(namespace, str):
             raise UsageError(f"namespace must be str, not {type(namespace).__name__}")
         if _DELIMITER in namespace:
@@ -194,11 +193,7 @@ class RedisStore(Store):
 
     @property
     def _safe_url(self) -> str:
-        parts = urllib.parse.urlsplit(self._url)
-        if parts.password is None:
-            return repr(self._url)
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return repr(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+        return repr(masked_url(self._url))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url}, namespace={self.namespace!r})"
