@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cli_helpers import GatewayProcess
+from cli_helpers import GatewayProcess, free_port
 
 from converge.cli._server import RepeatFilter, fit_open_files, guarded_protocol
 from converge.cli.config import parse_config
@@ -141,6 +141,23 @@ def test_slow_and_idle_clients_do_not_stop_a_legitimate_webhook(tmp_path: Path) 
     log = gateway.log.read_text()
     assert "Traceback" not in log
     assert len(log) < 20_000, log[-2000:]
+
+
+def test_a_store_that_is_down_is_logged_once_per_interval_not_per_poll(tmp_path: Path) -> None:
+    config = tmp_path / "down.toml"
+    config.write_text(
+        f'[gateway]\nstore = "redis://127.0.0.1:{free_port()}/0"\n'
+        f'[providers.demo]\nscheme = "standard-webhooks"\nsecret = "{SECRET}"\n'
+    )
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        assert httpx.get(f"{gateway.url}/readyz").status_code == 503
+        time.sleep(3.0)  # the inbox pump polls twice a second, failing each time
+    finally:
+        gateway.stop()
+    log = gateway.log.read_text()
+    # Before: a warning per poll, about 7 in these 3 s (1,200 in a 10-minute outage).
+    assert 1 <= log.count("inbox pump: store failed") <= 2, log
 
 
 def test_repeated_log_records_are_held_back_and_counted() -> None:

@@ -261,10 +261,24 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+# The loggers a server in trouble floods: the event loop's and uvicorn's (a full
+# descriptor table fails every accept()) and converge's background tasks' (a store that
+# is down fails every poll, a few times a second). Not ``converge.events``: one line per
+# event, each its own.
+_FLOODED = (
+    "asyncio",
+    "uvicorn.error",
+    "converge.connectors",
+    "converge.gateway",
+    "converge.runtime",
+    "converge.storage",
+)
+
+
 def install_repeat_filter(interval_sec: float = 10.0) -> RepeatFilter:
     """Attach one :class:`RepeatFilter` to the loggers a flooded server writes to."""
     repeat = RepeatFilter(interval_sec)
-    for name in ("asyncio", "uvicorn.error"):
+    for name in _FLOODED:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RepeatFilter) for f in logger.filters):
             logger.addFilter(repeat)
