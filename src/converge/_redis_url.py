@@ -35,10 +35,9 @@ def check_redis_url(url: object) -> str:
             0-65535, no host (no socket path for ``unix://``), or a path other than a
             database number (``/0``).
     """
+    shown = masked_url(url) if isinstance(url, str) else url
     if not isinstance(url, str) or not url.startswith(_SCHEMES):
-        shown = masked_url(url) if isinstance(url, str) else url
         raise UsageError(f"url must be a redis://, rediss:// or unix:// URL, not {shown!r}")
-    shown = masked_url(url)
     try:
         parts = urllib.parse.urlsplit(url)
         _ = parts.port  # parsed on access: raises for a bad port
