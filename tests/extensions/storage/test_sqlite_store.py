@@ -228,6 +228,7 @@ def test_forked_child_opens_its_own_connection(store: SQLiteStore) -> None:
     [
         {"path": ""},
         {"path": 3},
+        {"path": "a\x00b"},  # raised ValueError from the first call
         {"path": "x", "serializer": "xml"},
         {"path": "x", "timeout": -1},
         {"path": "x", "durable": 1},

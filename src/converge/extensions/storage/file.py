@@ -277,8 +277,8 @@ class FileStore(Store):
         if not isinstance(base_path, str | os.PathLike):
             raise UsageError(f"base_path must be a path, not {type(base_path).__name__}")
         path = os.fspath(base_path)
-        if not isinstance(path, str) or not path:
-            raise UsageError("base_path must be a non-empty str path")
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise UsageError("base_path must be a non-empty str path (no NUL character)")
         self._locking = check_bool(locking, "locking")
         if self._locking and sys.platform == "win32":
             raise UsageError("FileStore(locking=True) needs POSIX file locks (not Windows)")

@@ -219,8 +219,8 @@ class SQLiteStore(Store):
         if not isinstance(path, str | os.PathLike):
             raise UsageError(f"path must be a path, not {type(path).__name__}")
         location = os.fspath(path)
-        if not isinstance(location, str) or not location:
-            raise UsageError("path must be a non-empty str path or ':memory:'")
+        if not isinstance(location, str) or not location or "\x00" in location:
+            raise UsageError("path must be a non-empty str path (no NUL character) or ':memory:'")
         self._path = location if location == ":memory:" else os.path.abspath(location)
         self._serializer = get_serializer(serializer)
         self._timeout = check_timeout(timeout, "timeout")
