@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from converge.errors import ProviderRateLimitError, UsageError
-from converge.extensions.llm import ChatStream, LLMProvider, Usage
+from converge.extensions.llm import ChatResult, ChatStream, LLMProvider, Usage
 from converge.extensions.llm.testing import FunctionProvider, ProviderCall, ScriptedProvider
 
 pytestmark = pytest.mark.anyio
@@ -44,6 +44,15 @@ async def test_running_out_of_replies_is_a_clear_usage_error() -> None:
 def test_scripted_provider_rejects_odd_script_items() -> None:
     with pytest.raises(UsageError):
         ScriptedProvider([42])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("reason", [{}, ["stop"], None, "bogus"])
+def test_a_stop_reason_that_is_not_one_of_the_names_is_a_usage_error(reason: Any) -> None:
+    # A dict or a list raised TypeError (unhashable) from the membership test.
+    with pytest.raises(UsageError, match="stop_reason must be one of"):
+        ChatResult(text="", stop_reason=reason)
+    with pytest.raises(UsageError, match="stop_reason must be one of"):
+        FunctionProvider(lambda messages: "", stop_reason=reason)
 
 
 async def test_usage_is_estimated_when_not_scripted() -> None:

@@ -150,7 +150,7 @@ class ChatResult:
             raise UsageError("ChatResult.text must be a string")
         if not isinstance(self.usage, Usage):
             raise UsageError("ChatResult.usage must be a Usage")
-        if self.stop_reason not in STOP_REASONS:
+        if not isinstance(self.stop_reason, str) or self.stop_reason not in STOP_REASONS:
             raise UsageError(
                 f"ChatResult.stop_reason must be one of {sorted(STOP_REASONS)}, "
                 f"not {self.stop_reason!r}"

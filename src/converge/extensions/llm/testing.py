@@ -119,7 +119,7 @@ class FunctionProvider:
     ) -> None:
         if not callable(func):
             raise UsageError("func must be callable")
-        if stop_reason not in STOP_REASONS:
+        if not isinstance(stop_reason, str) or stop_reason not in STOP_REASONS:
             raise UsageError(f"stop_reason must be one of {sorted(STOP_REASONS)}")
         if not isinstance(model, str) or not model:
             raise UsageError("model must be a non-empty string")
