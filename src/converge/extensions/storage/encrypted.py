@@ -60,7 +60,7 @@ from converge.extensions.crypto._impl import (
 from converge.extensions.storage._codec import PICKLE_TAG as _PICKLE_TAG
 from converge.extensions.storage._codec import (
     SerializerName,
-    check_keys,
+    check_update,
     get_serializer,
     key_bytes,
 )
@@ -413,7 +413,7 @@ class EncryptedStore(Store):
         ``fn`` sees decrypted values; its changes are sealed before they are written, all
         inside the inner store's atomic step.
         """
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         return await self._inner.aupdate(names, self._sealing(names, fn, seconds), ttl=seconds)
 
@@ -497,7 +497,7 @@ class EncryptedStore(Store):
 
     def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         with self._named("aupdate"):
             return self._inner.update(names, self._sealing(names, fn, seconds), ttl=seconds)

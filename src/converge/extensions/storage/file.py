@@ -58,8 +58,8 @@ from converge.errors import (
 from converge.extensions.storage._codec import (
     SerializerName,
     check_bool,
-    check_keys,
     check_timeout,
+    check_update,
     get_serializer,
     key_bytes,
     key_from_bytes,
@@ -712,7 +712,7 @@ class FileStore(Store):
 
     def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         check_sync_allowed("FileStore.aupdate")
         return self._update(names, fn, seconds)
@@ -770,7 +770,7 @@ class FileStore(Store):
         Returns:
             The ``result`` part of ``fn``'s return value.
         """
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         return await anyio.to_thread.run_sync(self._update, names, fn, seconds)
 

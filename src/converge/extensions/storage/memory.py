@@ -20,7 +20,7 @@ from converge.core.store import (
     validate_ttl,
 )
 from converge.errors import ClosedError, UsageError
-from converge.extensions.storage._codec import SerializerName, check_keys, get_serializer
+from converge.extensions.storage._codec import SerializerName, check_update, get_serializer
 
 __all__ = ["MemoryStore"]
 
@@ -241,7 +241,7 @@ class MemoryStore(Store):
         Returns:
             The ``result`` part of ``fn``'s return value.
         """
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         with self._lock:
             now = self._sweep()

@@ -48,8 +48,8 @@ from converge.errors import (
 from converge.extensions.storage import _redis_index
 from converge.extensions.storage._codec import (
     SerializerName,
-    check_keys,
     check_timeout,
+    check_update,
     get_serializer,
     key_bytes,
     key_from_bytes,
@@ -540,7 +540,7 @@ class RedisStore(Store):
         Raises:
             StoreError: If the keys stayed contended for 100 attempts.
         """
-        names = check_keys(keys)
+        names = check_update(keys, fn)
         seconds = validate_ttl(ttl)
         if not names:  # nothing to read or write
             self._check_open()
@@ -649,7 +649,9 @@ class RedisStore(Store):
 
     def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
-        result: R = self._sync("aupdate", self.aupdate, check_keys(keys), fn, ttl=validate_ttl(ttl))
+        result: R = self._sync(
+            "aupdate", self.aupdate, check_update(keys, fn), fn, ttl=validate_ttl(ttl)
+        )
         return result
 
     def close(self) -> None:

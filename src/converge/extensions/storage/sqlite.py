@@ -38,8 +38,8 @@ from converge.errors import (
 from converge.extensions.storage._codec import (
     SerializerName,
     check_bool,
-    check_keys,
     check_timeout,
+    check_update,
     get_serializer,
     key_bytes,
     key_from_bytes,
@@ -651,7 +651,7 @@ class SQLiteStore(Store):
 
     def update(self, keys: Sequence[str], fn: UpdateFn[R], *, ttl: float | None = None) -> R:
         """Atomic read-modify-write (sync form of :meth:`aupdate`)."""
-        write = self._update_write(check_keys(keys), fn, validate_ttl(ttl))
+        write = self._update_write(check_update(keys, fn), fn, validate_ttl(ttl))
         result: R = self._sync("aupdate", self._commit, write)
         return result
 
@@ -691,7 +691,7 @@ class SQLiteStore(Store):
         Returns:
             The ``result`` part of ``fn``'s return value.
         """
-        write = self._update_write(check_keys(keys), fn, validate_ttl(ttl))
+        write = self._update_write(check_update(keys, fn), fn, validate_ttl(ttl))
         result: R = await self._acommit(write)
         return result
 

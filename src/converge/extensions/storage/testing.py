@@ -261,6 +261,15 @@ class StoreContract:
             await store.aupdate(["a"], lambda cur: ({"other": 1}, None))
         assert await store.aget("other") is None
 
+    async def test_update_with_a_function_that_is_not_callable_is_a_usage_error(
+        self, store: Store
+    ) -> None:
+        with pytest.raises(UsageError, match="fn must be a function"):
+            await store.aupdate(["a"], {"a": 1})  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="fn must be a function"):
+            await anyio.to_thread.run_sync(lambda: store.update(["a"], None))  # type: ignore[arg-type]
+        assert await store.aget("a") is None
+
     async def test_update_with_ttl_gives_a_key_its_own_ttl(self, store: Store) -> None:
         def write(current: dict[str, Any]) -> tuple[dict[str, Any], None]:
             return {
