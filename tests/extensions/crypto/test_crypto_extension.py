@@ -335,6 +335,8 @@ def test_secure_random_bytes_argument_errors() -> None:
     with pytest.raises(CryptoValueError) as info:
         secure_random_bytes(-1)
     assert isinstance(info.value, ValueError)
+    with pytest.raises(CryptoValueError, match=r"sys\.maxsize"):
+        secure_random_bytes(2**70)  # raised OverflowError from os.urandom
     for bad in [1.5, "8", None, True]:
         with pytest.raises(CryptoTypeError):
             secure_random_bytes(bad)  # type: ignore[arg-type]

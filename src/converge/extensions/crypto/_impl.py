@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Final
@@ -456,9 +457,12 @@ def secure_random_bytes(n: int) -> bytes:
 
     Raises:
         CryptoTypeError: If ``n`` is not an int.
-        CryptoValueError: If ``n`` is negative.
+        CryptoValueError: If ``n`` is negative or larger than any buffer can be
+            (``sys.maxsize``).
     """
     n = _check_int(n, "n")
     if n < 0:
         raise CryptoValueError(f"n must not be negative, got {n}")
+    if n > sys.maxsize:  # os.urandom would raise OverflowError
+        raise CryptoValueError(f"n must be at most sys.maxsize ({sys.maxsize}), got {n}")
     return os.urandom(n)
