@@ -248,6 +248,13 @@ async def test_async_twins_validate_like_the_sync_ones() -> None:
         await adecrypt("nope", KEY)  # type: ignore[arg-type]
     with pytest.raises(CryptoValueError):
         await aderive_key("pw", b"salt", iterations=0)
+    with pytest.raises(CryptoValueError, match="between 1 and 2147483647"):
+        await aderive_key("pw", b"salt", iterations=2**31)  # hashlib raised OverflowError
+
+
+def test_an_iteration_count_beyond_openssls_limit_is_a_value_error() -> None:
+    with pytest.raises(CryptoValueError, match="between 1 and 2147483647"):
+        derive_key("pw", b"salt", iterations=2**70)
 
 
 # -- PBKDF2 --------------------------------------------------------------------------------

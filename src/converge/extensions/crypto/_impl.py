@@ -55,6 +55,8 @@ CHUNK_SIZE: Final = 256 * 1024
 
 # RFC 8018 caps dkLen at (2**32 - 1) * hLen; SHA-256 gives 32-byte blocks.
 _MAX_DERIVED_LENGTH: Final = (2**32 - 1) * 32
+# hashlib's PBKDF2 (OpenSSL's) takes at most INT_MAX iterations, else OverflowError.
+_MAX_ITERATIONS: Final = 2**31 - 1
 
 # Building an AESGCM object costs about as much as sealing 1 KiB, so recently used keys
 # keep theirs. The cache holds nothing the caller's own key variable does not.
@@ -397,8 +399,10 @@ def _kdf_args(
     if not 1 <= length <= _MAX_DERIVED_LENGTH:
         raise CryptoValueError(f"length must be between 1 and {_MAX_DERIVED_LENGTH}, got {length}")
     iterations = _check_int(iterations, "iterations")
-    if iterations < 1:
-        raise CryptoValueError(f"iterations must be at least 1, got {iterations}")
+    if not 1 <= iterations <= _MAX_ITERATIONS:
+        raise CryptoValueError(
+            f"iterations must be between 1 and {_MAX_ITERATIONS}, got {iterations}"
+        )
     return secret, salt_bytes, length, iterations
 
 
@@ -427,7 +431,7 @@ def derive_key(password: str, salt: bytes, length: int = 32, iterations: int = 1
     Raises:
         CryptoTypeError: If an argument has the wrong type.
         CryptoValueError: For an empty salt, a length below 1 or an iteration count
-            below 1.
+            outside 1 to 2,147,483,647 (OpenSSL's limit).
     """
     return _pbkdf2(*_kdf_args(password, salt, length, iterations))
 
