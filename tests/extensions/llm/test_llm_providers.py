@@ -406,6 +406,10 @@ async def test_missing_sdk_names_the_extra_to_install(
         ([{"role": "wizard", "content": "x"}], {}),
         ([{"role": "user", "content": 5}], {}),
         ([{"role": "user"}], {}),
+        # A lone surrogate has no UTF-8 form: the SDKs raised UnicodeEncodeError.
+        ([{"role": "user", "content": "caf\ud800"}], {}),
+        ([{"role": "user", "content": [{"type": "text", "text": "\udc80"}]}], {}),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\ud800"}], {}),
         (MESSAGES, {"temperature": "hot"}),
         (MESSAGES, {"temperature": 7}),
         (MESSAGES, {"max_tokens": 0}),

@@ -154,9 +154,22 @@ def _base64(where: str, value: Any) -> str:
     return value
 
 
+def _text(where: str, text: str) -> str:
+    """``text`` if it can be sent: a lone surrogate has no UTF-8 form (the SDKs would
+    fail to encode the request, or send JSON the API refuses)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(
+                f"{where} holds a lone surrogate at position {exc.start}: not valid Unicode"
+            ) from None
+    return text
+
+
 def _part(where: str, part: Any) -> dict[str, Any]:
     if isinstance(part, str):
-        return {"type": "text", "text": part}
+        return {"type": "text", "text": _text(where, part)}
     if not isinstance(part, Mapping):
         raise UsageError(f"{where} must be a dict or a string")
     kind = part.get("type")
@@ -166,7 +179,7 @@ def _part(where: str, part: Any) -> dict[str, Any]:
         text = part.get("text")
         if not isinstance(text, str):
             raise UsageError(f"{where}['text'] must be a string")
-        return {"type": "text", "text": text}
+        return {"type": "text", "text": _text(f"{where}['text']", text)}
     url, data = part.get("url"), part.get("data")
     if (url is None) == (data is None):
         raise UsageError(f"{where} needs exactly one of 'url' or 'data' (base64)")
@@ -196,7 +209,7 @@ def _content(where: str, content: Any, *, rich: bool, optional: bool = False) ->
     if content is None and optional:
         return None
     if isinstance(content, str):
-        return content
+        return _text(where, content)
     if not isinstance(content, list | tuple):
         raise UsageError(f"{where} must be a string or a list of content parts")
     parts = tuple(_part(f"{where}[{i}]", p) for i, p in enumerate(content))
@@ -237,7 +250,8 @@ def _message(i: int, message: Any) -> dict[str, Any]:
         raise UsageError(f"{where}['role'] must be one of {sorted(ROLES)}, not {role!r}")
     content = message.get("content")
     if type(content) is str and role in ("system", "user") and len(message) == 2:
-        return {"role": role, "content": content}  # the common case, without the detours
+        # the common case, without the detours
+        return {"role": role, "content": _text(f"{where}['content']", content)}
     if role == "system":
         return {"role": role, "content": _content(f"{where}['content']", content, rich=False)}
     if role == "user":
