@@ -32,16 +32,18 @@ def _group(key: str) -> str:
     return key[: key.rfind(":") + 1]
 
 
-def _schedule(due: dict[float, str | list[str]], key: str, at: float) -> None:
-    """Note ``key`` as due at ``at``."""
+def _schedule(due: dict[float, str | list[str]], key: str, at: float) -> bool:
+    """Note ``key`` as due at ``at``; True when no key was due at that time before."""
     keys = due.get(at)
     if keys is None:
         due[at] = key
-    elif isinstance(keys, str):
+        return True
+    if isinstance(keys, str):
         if keys != key:
             due[at] = [keys, key]
     elif keys[-1] != key:  # a key listed twice is only skipped the second time
         keys.append(key)
+    return False
 
 
 class MemoryStore(Store):
@@ -141,10 +143,7 @@ class MemoryStore(Store):
             return
         at = now + ttl
         self._expires[key] = at
-        if at in self._due:  # another key (or this one) is due at the very same time
-            _schedule(self._due, key, at)
-        else:
-            self._due[at] = key
+        if _schedule(self._due, key, at):  # a new time: onto the heap
             heapq.heappush(self._heap, at)
             if len(self._heap) > 2 * len(self._expires) + 64:
                 # Keys rewritten with new expiry times leave stale times behind.
