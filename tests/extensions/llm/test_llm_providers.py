@@ -419,6 +419,7 @@ async def test_missing_sdk_names_the_extra_to_install(
         (MESSAGES, {"frobnicate": True}),
         (MESSAGES, {"use_structured_output": True, "emit_decisions_tool": {"name": "x"}}),
         (MESSAGES, {"use_structured_output": "yes"}),
+        (MESSAGES, {"tools": [TOOL], "tool_choice": {"function": "emit_decisions"}}),
     ],
 )
 async def test_bad_arguments_raise_usage_error_before_any_network_call(
@@ -428,6 +429,84 @@ async def test_bad_arguments_raise_usage_error_before_any_network_call(
         await provider.achat(messages, **kwargs)
     with pytest.raises(UsageError):
         provider.chat_stream(messages, **kwargs)
+    assert server.requests == []
+
+
+LONE = "a\ud800b"
+CALLED = [
+    {"role": "user", "content": "x"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "name": "f"}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "done"},
+]
+
+
+def _with(path: tuple[Any, ...], value: Any) -> list[dict[str, Any]]:
+    """CALLED with the value at ``path`` (message index, then keys) replaced."""
+    messages = json.loads(json.dumps(CALLED))
+    *keys, last = path
+    target = messages
+    for key in keys:
+        target = target[key]
+    target[last] = value
+    return messages
+
+
+# Values the SDKs could not encode (UnicodeEncodeError, TypeError, ValueError) or that
+# h11 refuses on the wire: each must be a UsageError naming the field, before any request.
+UNSENDABLE: list[tuple[str, list[dict[str, Any]], dict[str, Any], str]] = [
+    ("model", MESSAGES, {"model": LONE}, "model holds a lone surrogate"),
+    ("stop", MESSAGES, {"stop": ["ok", LONE]}, r"stop\[1\] holds a lone surrogate"),
+    ("tool name", MESSAGES, {"tools": [{**TOOL, "name": LONE}]}, r"\['name'\] holds"),
+    ("tool text", MESSAGES, {"tools": [{**TOOL, "description": LONE}]}, "description'] holds"),
+    (
+        "tool schema",
+        MESSAGES,
+        {"tools": [{**TOOL, "parameters": {"type": "object", "title": LONE}}]},
+        r"tools\[0\]\['parameters'\] holds a lone surrogate",
+    ),
+    (
+        "schema NaN",
+        MESSAGES,
+        {"tools": [{**TOOL, "parameters": {"type": "object", "maximum": float("nan")}}]},
+        "cannot be sent as JSON",
+    ),
+    ("extra_body", MESSAGES, {"extra_body": {LONE: 1}}, "extra_body holds a lone surrogate"),
+    ("extra_body object", MESSAGES, {"extra_body": {"x": object()}}, "cannot be sent as JSON"),
+    ("header value", MESSAGES, {"extra_headers": {"x-a": "caf\u00e9"}}, "printable ASCII"),
+    ("header break", MESSAGES, {"extra_headers": {"x-a": "v\r\nx-b: c"}}, "printable ASCII"),
+    ("header name", MESSAGES, {"extra_headers": {"x a": "v"}}, "not a valid HTTP header"),
+    ("call id", _with((1, "tool_calls", 0, "id"), LONE), {}, r"\['id'\] holds"),
+    ("call name", _with((1, "tool_calls", 0, "name"), LONE), {}, r"\['name'\] holds"),
+    ("arguments", _with((1, "tool_calls", 0, "arguments"), {"q": LONE}), {}, "arguments'] holds"),
+    (
+        "arguments object",
+        _with((1, "tool_calls", 0, "arguments"), {"q": object()}),
+        {},
+        "cannot be sent as JSON",
+    ),
+    ("result id", _with((2, "tool_call_id"), LONE), {}, "tool_call_id'] holds"),
+    (
+        "part url",
+        [{"role": "user", "content": [{"type": "image", "url": "https://x/" + LONE}]}],
+        {},
+        "url'] holds",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "reason"),
+    [pytest.param(*case[1:], id=case[0]) for case in UNSENDABLE],
+)
+async def test_values_no_request_can_carry_raise_usage_error_before_any_network_call(
+    provider: SDKProvider,
+    server: FakeLLMServer,
+    messages: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+    reason: str,
+) -> None:
+    with pytest.raises(UsageError, match=reason):
+        await provider.achat(messages, **kwargs)
     assert server.requests == []
 
 

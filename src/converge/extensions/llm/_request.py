@@ -11,6 +11,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,10 @@ OPTIONS: Mapping[str, str] = {
 _TOOL_CHOICES = frozenset({"auto", "none", "required"})
 _IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _PART_TYPES = frozenset({"text", "image", "document"})
+# RFC 9110: a header name is a token; a value is visible ASCII, spaces and tabs (we leave
+# out obs-text: the SDKs encode header values as ASCII).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,18 @@ def _text(where: str, text: str) -> str:
     return text
 
 
+def _json(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
+    """``value`` as a dict if it can be sent as JSON: nothing ``json`` cannot encode, no
+    NaN or infinity, no lone surrogate (the SDKs would fail to encode the request)."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where} holds a lone surrogate: not valid Unicode") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where} cannot be sent as JSON: {exc}") from None
+    return dict(value)
+
+
 def _part(where: str, part: Any) -> dict[str, Any]:
     if isinstance(part, str):
         return {"type": "text", "text": _text(where, part)}
@@ -187,7 +204,7 @@ def _part(where: str, part: Any) -> dict[str, Any]:
     if url is not None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise UsageError(f"{where}['url'] must be an http:// or https:// URL")
-        out["url"] = url
+        out["url"] = _text(f"{where}['url']", url)
     else:
         out["data"] = _base64(where, data)
         media_type = part.get("media_type")
@@ -200,7 +217,7 @@ def _part(where: str, part: Any) -> dict[str, Any]:
     if name is not None:
         if not isinstance(name, str) or not name:
             raise UsageError(f"{where}['name'] must be a non-empty string")
-        out["name"] = name
+        out["name"] = _text(f"{where}['name']", name)
     return out
 
 
@@ -225,19 +242,25 @@ def _tool_calls(where: str, calls: Any) -> tuple[ToolCall, ...]:
         raise UsageError(f"{where} must be a list of {{'id', 'name', 'arguments'}} dicts")
     out = []
     for i, call in enumerate(calls):
-        if isinstance(call, ToolCall):
-            out.append(call)
-            continue
-        if not isinstance(call, Mapping):
-            raise UsageError(f"{where}[{i}] must be a dict or a ToolCall")
-        call_id, name, arguments = call.get("id"), call.get("name"), call.get("arguments", {})
-        if not isinstance(call_id, str) or not call_id:
-            raise UsageError(f"{where}[{i}]['id'] must be a non-empty string")
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"{where}[{i}]['name'] must be a non-empty string")
-        if not isinstance(arguments, Mapping):
-            raise UsageError(f"{where}[{i}]['arguments'] must be a dict")
-        out.append(ToolCall(call_id, name, dict(arguments)))
+        at = f"{where}[{i}]"
+        if not isinstance(call, ToolCall):
+            if not isinstance(call, Mapping):
+                raise UsageError(f"{at} must be a dict or a ToolCall")
+            call_id, name = call.get("id"), call.get("name")
+            arguments = call.get("arguments", {})
+            if not isinstance(call_id, str) or not call_id:
+                raise UsageError(f"{at}['id'] must be a non-empty string")
+            if not isinstance(name, str) or not name:
+                raise UsageError(f"{at}['name'] must be a non-empty string")
+            if not isinstance(arguments, Mapping):
+                raise UsageError(f"{at}['arguments'] must be a dict")
+            call = ToolCall(call_id, name, dict(arguments))
+        _text(f"{at}['id']", call.id)
+        _text(f"{at}['name']", call.name)
+        _json(f"{at}['arguments']", call.arguments)
+        if call.raw_arguments is not None:
+            _text(f"{at}['raw_arguments']", call.raw_arguments)
+        out.append(call)
     return tuple(out)
 
 
@@ -262,8 +285,12 @@ def _message(i: int, message: Any) -> dict[str, Any]:
             raise UsageError(f"{where}['tool_call_id'] must be a non-empty string")
         if name is not None and (not isinstance(name, str) or not name):
             raise UsageError(f"{where}['name'] must be a non-empty string or absent")
-        text = _content(f"{where}['content']", content, rich=False)
-        return {"role": role, "tool_call_id": call_id, "name": name, "content": text}
+        return {
+            "role": role,
+            "tool_call_id": _text(f"{where}['tool_call_id']", call_id),
+            "name": name if name is None else _text(f"{where}['name']", name),
+            "content": _content(f"{where}['content']", content, rich=False),
+        }
     raw_calls = message.get("tool_calls")
     calls = _tool_calls(f"{where}['tool_calls']", raw_calls) if raw_calls else ()
     text = _content(f"{where}['content']", content, rich=False, optional=bool(calls))
@@ -297,7 +324,11 @@ def _tool(value: Any, what: str = "emit_decisions_tool") -> ToolSpec:
         raise UsageError(f"{what}['parameters'] must be a JSON object schema")
     if not isinstance(description, str):
         raise UsageError(f"{what}['description'] must be a string")
-    return ToolSpec(name, description, dict(params))
+    return ToolSpec(
+        _text(f"{what}['name']", name),
+        _text(f"{what}['description']", description),
+        _json(f"{what}['parameters']", params),
+    )
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -321,16 +352,24 @@ def _dict(name: str, value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, Mapping):
         raise UsageError(f"{name} must be a dict")
-    return dict(value)
+    return _json(name, value)
 
 
 def _headers(value: Any) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise UsageError("extra_headers must be a dict of header name -> string value")
+    for name, text in value.items():
+        if _HEADER_NAME.fullmatch(name) is None:
+            raise UsageError(f"extra_headers: {name!r} is not a valid HTTP header name")
+        if _HEADER_VALUE.fullmatch(text) is None:
+            raise UsageError(
+                f"extra_headers[{name!r}] must be printable ASCII (no line breaks or "
+                "control characters)"
+            )
     return dict(value)
 
 
@@ -350,7 +389,10 @@ def _tool_choice(value: Any, tools: tuple[ToolSpec, ...]) -> str | None:
     if value is None:
         return None
     if isinstance(value, Mapping):  # OpenAI's {"type": "function", "function": {"name"}}
-        value = (value.get("function") or {}).get("name") or value.get("name")
+        function = value.get("function")
+        value = (function.get("name") if isinstance(function, Mapping) else None) or value.get(
+            "name"
+        )
     if not isinstance(value, str) or not value:
         raise UsageError("tool_choice must be 'auto', 'none', 'required' or a tool name")
     if value not in _TOOL_CHOICES and value not in {t.name for t in tools}:
@@ -399,6 +441,7 @@ def build_request(
     model = kwargs.get("model", default_model)
     if not isinstance(model, str) or not model:
         raise UsageError("model must be a non-empty string")
+    _text("model", model)
     temperature = kwargs.get("temperature")
     if temperature is not None:
         temperature = _number("temperature", temperature, 0.0, 2.0)
@@ -410,7 +453,7 @@ def build_request(
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
             raise UsageError("stop must be a string or a list of strings")
-        stop = tuple(stop)
+        stop = tuple(_text(f"stop[{i}]", s) for i, s in enumerate(stop))
     seed = kwargs.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise UsageError("seed must be an integer")
@@ -418,8 +461,10 @@ def build_request(
     if parallel is not None and not isinstance(parallel, bool):
         raise UsageError("parallel_tool_calls must be a bool")
     effort = kwargs.get("reasoning_effort")
-    if effort is not None and (not isinstance(effort, str) or not effort):
-        raise UsageError("reasoning_effort must be a string such as 'low', 'medium', 'high'")
+    if effort is not None:
+        if not isinstance(effort, str) or not effort:
+            raise UsageError("reasoning_effort must be a string such as 'low', 'medium', 'high'")
+        _text("reasoning_effort", effort)
     structured = kwargs.get("use_structured_output", False)
     if not isinstance(structured, bool):
         raise UsageError("use_structured_output must be a bool")
