@@ -162,9 +162,19 @@ async def test_chat_stream_validates_messages_before_streaming() -> None:
     assert provider.remaining == 1
 
 
+async def _no_yield(stream: ChatStream) -> str:
+    return "x"
+
+
 def test_chat_stream_arguments_are_validated() -> None:
     with pytest.raises(UsageError):
         ChatStream("not callable")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="one argument"):
+        ChatStream(lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="not list"):
+        ChatStream(lambda stream: ["x"])  # type: ignore[arg-type,return-value]
+    with pytest.raises(UsageError, match="not coroutine"):
+        ChatStream(_no_yield)  # type: ignore[arg-type]
     stream = ScriptedProvider(["x"]).chat_stream(MESSAGES)
     with pytest.raises(UsageError):
         stream.on_finish(42)  # type: ignore[arg-type]

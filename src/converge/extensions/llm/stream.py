@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 
@@ -35,12 +36,23 @@ class ChatStream:
     def __init__(self, source: Callable[[ChatStream], AsyncGenerator[str, None]]) -> None:
         if not callable(source):
             raise UsageError("source must be a callable returning an async generator")
+        try:
+            inspect.signature(source).bind(self)
+        except TypeError:
+            raise UsageError("source must take one argument: the ChatStream") from None
+        except ValueError:  # a callable with no signature to read: the call will tell
+            pass
         self.usage: Usage | None = None
         self.result: ChatResult | None = None
         self._parts: list[str] = []
         self._done = False
         self._on_finish: list[Callable[[Usage], None]] = []
-        self._gen = source(self)
+        gen = source(self)
+        if not isinstance(gen, AsyncGenerator):
+            if inspect.iscoroutine(gen):
+                gen.close()  # an ``async def`` without ``yield``: never awaited, no warning
+            raise UsageError(f"source must return an async generator, not {type(gen).__name__}")
+        self._gen = gen
 
     @property
     def text(self) -> str:
