@@ -93,6 +93,8 @@ def test_misuse_is_refused() -> None:
         m.gauge("g", "3")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         m.observe("h", float("nan"))
+    with pytest.raises(UsageError, match="namespace"):
+        MetricsCollector(namespace=5)  # type: ignore[arg-type]  # raised TypeError
 
 
 def test_counters_are_exact_under_thread_contention() -> None:

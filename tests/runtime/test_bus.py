@@ -9,7 +9,7 @@ import pytest
 
 from converge.core import Message, MessageHook, MetricsCollector
 from converge.errors import BusFullError, ClosedError, UsageError
-from converge.runtime import MessageBus
+from converge.runtime import MessageBus, Subscription
 
 pytestmark = pytest.mark.anyio
 
@@ -442,6 +442,11 @@ def test_invalid_subscribe_arguments_are_usage_errors(
 def test_invalid_bus_arguments_are_usage_errors(kwargs: dict[str, Any]) -> None:
     with pytest.raises(UsageError):
         MessageBus(**kwargs)
+
+
+def test_a_subscription_is_made_by_the_bus_only() -> None:
+    with pytest.raises(UsageError, match=r"MessageBus\.subscribe"):
+        Subscription("bus", None, 5, 1)  # type: ignore[arg-type]  # raised TypeError
 
 
 async def test_publishing_a_non_message_is_a_usage_error() -> None:

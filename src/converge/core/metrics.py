@@ -113,7 +113,7 @@ class MetricsCollector:
     """
 
     def __init__(self, namespace: str = "") -> None:
-        if namespace and not _NAME_RE.match(namespace):
+        if not isinstance(namespace, str) or (namespace and not _NAME_RE.match(namespace)):
             raise UsageError(f"invalid metrics namespace {namespace!r}")
         self._namespace = namespace
         self._lock = threading.Lock()

@@ -93,6 +93,8 @@ class Subscription:
         ack: bool = False,
         consumer: str | None = None,
     ) -> None:
+        if not isinstance(bus, MessageBus):  # its arguments are checked there
+            raise UsageError("a Subscription is made by MessageBus.subscribe")
         self._bus = bus
         self.recipient = recipient
         self.topics = topics

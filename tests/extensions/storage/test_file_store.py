@@ -353,6 +353,7 @@ def test_unserializable_values_raise_usage_error_and_write_nothing(tmp_path: Pat
         {"base_path": ""},
         {"base_path": 5},
         {"base_path": "a\x00b"},  # raised ValueError
+        {"base_path": "a\ud800b"},  # raised UnicodeEncodeError
         {"base_path": "x", "locking": "yes"},
         {"base_path": "x", "serializer": "yaml"},
         {"base_path": "x", "lock_timeout": 0},

@@ -229,6 +229,7 @@ def test_forked_child_opens_its_own_connection(store: SQLiteStore) -> None:
         {"path": ""},
         {"path": 3},
         {"path": "a\x00b"},  # raised ValueError from the first call
+        {"path": "a\ud800b"},  # raised UnicodeEncodeError from the first call
         {"path": "x", "serializer": "xml"},
         {"path": "x", "timeout": -1},
         {"path": "x", "durable": 1},
@@ -237,6 +238,18 @@ def test_forked_child_opens_its_own_connection(store: SQLiteStore) -> None:
 def test_invalid_arguments_raise_usage_error(kwargs: dict[str, Any]) -> None:
     with pytest.raises(UsageError):
         SQLiteStore(**kwargs)
+
+
+def test_a_path_of_undecodable_bytes_works(tmp_path: Path) -> None:
+    # os.fsdecode turns a byte that is not UTF-8 into a lone surrogate (U+DC80-U+DCFF):
+    # such a path is one the file system holds, unlike U+D800, and must not be refused.
+    store = SQLiteStore(tmp_path / os.fsdecode(b"caf\xe9.db"), serializer="json")
+    try:
+        store.put("k", 1)
+        assert store.get("k") == 1
+    finally:
+        store.close()
+    assert b"caf\xe9.db" in os.listdir(os.fsencode(tmp_path))
 
 
 def test_update_rejects_a_single_string_as_keys(store: SQLiteStore) -> None:

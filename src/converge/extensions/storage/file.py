@@ -58,6 +58,7 @@ from converge.errors import (
 from converge.extensions.storage._codec import (
     SerializerName,
     check_bool,
+    check_path,
     check_timeout,
     check_update,
     get_serializer,
@@ -274,11 +275,7 @@ class FileStore(Store):
         serializer: SerializerName = "pickle",
         lock_timeout: float = 10.0,
     ) -> None:
-        if not isinstance(base_path, str | os.PathLike):
-            raise UsageError(f"base_path must be a path, not {type(base_path).__name__}")
-        path = os.fspath(base_path)
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise UsageError("base_path must be a non-empty str path (no NUL character)")
+        path = check_path(base_path, "base_path")
         self._locking = check_bool(locking, "locking")
         if self._locking and sys.platform == "win32":
             raise UsageError("FileStore(locking=True) needs POSIX file locks (not Windows)")

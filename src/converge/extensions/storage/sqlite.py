@@ -33,11 +33,11 @@ from converge.errors import (
     StoreError,
     StoreLockTimeoutError,
     StoreUnavailableError,
-    UsageError,
 )
 from converge.extensions.storage._codec import (
     SerializerName,
     check_bool,
+    check_path,
     check_timeout,
     check_update,
     get_serializer,
@@ -216,11 +216,7 @@ class SQLiteStore(Store):
         timeout: float = 10.0,
         durable: bool = True,
     ) -> None:
-        if not isinstance(path, str | os.PathLike):
-            raise UsageError(f"path must be a path, not {type(path).__name__}")
-        location = os.fspath(path)
-        if not isinstance(location, str) or not location or "\x00" in location:
-            raise UsageError("path must be a non-empty str path (no NUL character) or ':memory:'")
+        location = check_path(path, "path")
         self._path = location if location == ":memory:" else os.path.abspath(location)
         self._serializer = get_serializer(serializer)
         self._timeout = check_timeout(timeout, "timeout")
