@@ -69,6 +69,42 @@ def test_non_bytes_to_sign_is_refused() -> None:
         Identity().sign("text")  # type: ignore[arg-type]
 
 
+def test_non_bytes_to_verify_are_refused() -> None:
+    ident = Identity()
+    signature = ident.sign(bytes(5))
+    with pytest.raises(UsageError):
+        ident.verify(5, signature)  # type: ignore[arg-type]  # read as 5 zero bytes: True
+    with pytest.raises(UsageError):
+        ident.verify(b"x", 10**30)  # type: ignore[arg-type]  # raised OverflowError
+    with pytest.raises(UsageError):
+        Identity.from_pem(ident.to_pem("pw").decode(), "pw")  # type: ignore[arg-type]
+
+
+def test_a_password_with_a_lone_surrogate_is_refused() -> None:
+    with pytest.raises(UsageError, match="surrogate"):
+        Identity().to_pem("pw\ud800")  # raised UnicodeEncodeError
+
+
+BAD_PATHS = [5, "", "a\x00b", "a\ud800b"]  # TypeError, ..., ValueError, UnicodeEncodeError
+
+
+@pytest.mark.parametrize("path", BAD_PATHS)
+def test_a_path_that_is_no_file_name_is_refused(path: object) -> None:
+    with pytest.raises(UsageError, match="path"):
+        Identity().save(path, "pw")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="path"):
+        Identity.load(path, "pw")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", BAD_PATHS)
+async def test_a_path_that_is_no_file_name_is_refused_before_the_thread_hop(path: object) -> None:
+    with pytest.raises(UsageError, match="path"):
+        await Identity().asave(path, "pw")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="path"):
+        await Identity.aload(path, "pw")  # type: ignore[arg-type]
+
+
 @pytest.mark.anyio
 async def test_async_save_and_load_round_trip(tmp_path: Path) -> None:
     ident = Identity()

@@ -106,6 +106,8 @@ def test_invalid_role_or_content_is_refused() -> None:
     with pytest.raises(UsageError):
         mem.append("robot", "x")
     with pytest.raises(UsageError):
+        mem.append(["user"], "x")  # type: ignore[arg-type]  # raised TypeError
+    with pytest.raises(UsageError):
         mem.append("user", 5)  # type: ignore[arg-type]
 
 

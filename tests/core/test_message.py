@@ -93,6 +93,11 @@ def test_signature_survives_serialization() -> None:
     assert Message.from_bytes(wire).verify(alice.public_key)
 
 
+def test_sign_rejects_a_non_identity() -> None:
+    with pytest.raises(UsageError, match="Identity"):
+        make().sign("alice")  # type: ignore[arg-type]  # raised AttributeError
+
+
 def test_verify_rejects_a_non_key() -> None:
     with pytest.raises(UsageError):
         make().verify(b"short")

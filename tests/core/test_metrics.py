@@ -95,6 +95,10 @@ def test_misuse_is_refused() -> None:
         m.observe("h", float("nan"))
     with pytest.raises(UsageError, match="namespace"):
         MetricsCollector(namespace=5)  # type: ignore[arg-type]  # raised TypeError
+    with pytest.raises(UsageError, match="labels"):
+        m.inc("x_total", labels=[("a", "b")])  # type: ignore[arg-type]  # AttributeError
+    with pytest.raises(UsageError):
+        m.get(["x_total"])  # type: ignore[arg-type]  # raised TypeError
 
 
 def test_counters_are_exact_under_thread_contention() -> None:

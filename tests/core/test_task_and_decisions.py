@@ -39,6 +39,8 @@ def test_malformed_task_dict_raises_format_error(data: Any) -> None:
 def test_unknown_task_state_is_usage_error() -> None:
     with pytest.raises(UsageError):
         Task(objective="x", state="flying")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="unknown task state"):
+        Task(objective="x").with_state("flying")  # raised ValueError
 
 
 def test_decisions_round_trip_through_json_form() -> None:

@@ -16,9 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from converge import _sync
+from converge._paths import check_path
 from converge.errors import IdentityError, UsageError, WrongPasswordError
 
 __all__ = ["Identity"]
+
+_BYTES = (bytes, bytearray, memoryview)
 
 
 class Identity:
@@ -62,12 +65,19 @@ class Identity:
 
     def sign(self, data: bytes) -> bytes:
         """Return the 64-byte Ed25519 signature of ``data``."""
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, _BYTES):
             raise UsageError(f"sign() takes bytes, not {type(data).__name__}")
         return self._private_key.sign(bytes(data))
 
     def verify(self, data: bytes, signature: bytes) -> bool:
-        """Return True if ``signature`` is this identity's signature of ``data``."""
+        """Return True if ``signature`` is this identity's signature of ``data``.
+
+        Raises:
+            UsageError: If ``data`` or ``signature`` is not bytes (an int would have read
+                as that many zero bytes).
+        """
+        if not isinstance(data, _BYTES) or not isinstance(signature, _BYTES):
+            raise UsageError("verify() takes bytes for data and signature")
         try:
             self.public_key.verify(bytes(signature), bytes(data))
         except (InvalidSignature, TypeError, ValueError):
@@ -91,7 +101,10 @@ class Identity:
         Raises:
             WrongPasswordError: If the password is wrong or the data is damaged.
             IdentityError: If the key is not an Ed25519 key.
+            UsageError: If ``pem`` is not bytes.
         """
+        if not isinstance(pem, _BYTES):
+            raise UsageError(f"pem must be bytes, not {type(pem).__name__}")
         try:
             key = serialization.load_pem_private_key(pem, password=_password_bytes(password))
         except (ValueError, TypeError) as exc:
@@ -109,11 +122,11 @@ class Identity:
             SyncInEventLoopError: On an event-loop thread; ``await`` :meth:`asave`.
         """
         _sync.check_sync_allowed("Identity.asave")
-        self._save(path, password)
+        self._save(check_path(path, "path"), password)
 
     async def asave(self, path: str | os.PathLike[str], password: str | bytes) -> None:
         """Async form of :meth:`save` (key encryption and the file write leave the loop)."""
-        await anyio.to_thread.run_sync(self._save, path, password)
+        await anyio.to_thread.run_sync(self._save, check_path(path, "path"), password)
 
     def _save(self, path: str | os.PathLike[str], password: str | bytes) -> None:
         target = Path(path)
@@ -140,12 +153,12 @@ class Identity:
             SyncInEventLoopError: On an event-loop thread; ``await`` :meth:`aload`.
         """
         _sync.check_sync_allowed("Identity.aload")
-        return cls._load(path, password)
+        return cls._load(check_path(path, "path"), password)
 
     @classmethod
     async def aload(cls, path: str | os.PathLike[str], password: str | bytes) -> Identity:
         """Async form of :meth:`load` (the read and key decryption leave the loop)."""
-        return await anyio.to_thread.run_sync(cls._load, path, password)
+        return await anyio.to_thread.run_sync(cls._load, check_path(path, "path"), password)
 
     @classmethod
     def _load(cls, path: str | os.PathLike[str], password: str | bytes) -> Identity:
@@ -161,7 +174,10 @@ class Identity:
 
 def _password_bytes(password: str | bytes) -> bytes:
     if isinstance(password, str):
-        password = password.encode()
+        try:
+            password = password.encode()
+        except UnicodeEncodeError:
+            raise UsageError("password holds a lone surrogate: not valid Unicode") from None
     if not isinstance(password, bytes) or not password:
         raise UsageError("password must be a non-empty str or bytes")
     return password

@@ -60,7 +60,7 @@ class ShortTermMemory:
         Raises:
             UsageError: For an unknown role or non-string content.
         """
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise UsageError(f"unknown role {role!r}; one of {sorted(_ROLES)}")
         if not isinstance(content, str):
             raise UsageError("content must be a string")

@@ -12,15 +12,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from converge.core.identity import Identity
 from converge.errors import MessageFormatError, UsageError
-
-if TYPE_CHECKING:
-    from converge.core.identity import Identity
 
 __all__ = ["Message", "Topic", "canonical_json", "new_id", "now_ms"]
 
@@ -235,6 +233,8 @@ class Message:
 
     def sign(self, identity: Identity) -> Message:
         """Return a copy of this message signed by ``identity`` (Ed25519)."""
+        if not isinstance(identity, Identity):
+            raise UsageError(f"identity must be an Identity, not {type(identity).__name__}")
         return replace(self, signature=identity.sign(self.signing_bytes()))
 
     def verify(self, public_key: Ed25519PublicKey | bytes) -> bool:

@@ -68,8 +68,10 @@ def _label_key(labels: Mapping[str, Any] | None) -> LabelKey:
     try:
         raw = tuple(labels.items())
         return _LABEL_CACHE[raw]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         pass
+    if not isinstance(labels, Mapping):
+        raise UsageError(f"labels must be a dict of names to values, not {type(labels).__name__}")
     for name in labels:
         if not isinstance(name, str) or not _LABEL_RE.match(name) or name.startswith("__"):
             raise UsageError(f"invalid metric label name {name!r}")
@@ -203,6 +205,8 @@ class MetricsCollector:
 
     def get(self, name: str, *, labels: Mapping[str, Any] | None = None) -> float:
         """Current value of a counter or gauge series (0 when never set)."""
+        if not isinstance(name, str):
+            raise UsageError(f"invalid metric name {name!r}")
         full = f"{self._namespace}_{name}" if self._namespace else name
         key = _label_key(labels)
         with self._lock:

@@ -23,6 +23,15 @@ class TaskState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+def _state(value: TaskState | str) -> TaskState:
+    try:
+        return TaskState(value)
+    except ValueError:
+        raise UsageError(
+            f"unknown task state {value!r}; one of {[s.value for s in TaskState]}"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Task:
     """An immutable task record; use :meth:`with_state` to move it along.
@@ -48,17 +57,12 @@ class Task:
             raise UsageError("id must be a non-empty string")
         if not isinstance(self.inputs, Mapping):
             raise UsageError("inputs must be a mapping")
-        try:
-            object.__setattr__(self, "state", TaskState(self.state))
-        except ValueError as exc:
-            raise UsageError(
-                f"unknown task state {self.state!r}; one of {[s.value for s in TaskState]}"
-            ) from exc
+        object.__setattr__(self, "state", _state(self.state))
 
     def with_state(self, state: TaskState | str, result: Any = None) -> Task:
         """Return a copy in ``state`` (with ``result``, when given)."""
         new_result = self.result if result is None else result
-        return replace(self, state=TaskState(state), result=new_result)
+        return replace(self, state=_state(state), result=new_result)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict."""

@@ -15,7 +15,6 @@ unpickles: a pickle-tagged value in it reads as corrupt.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,18 +158,3 @@ def check_timeout(value: object, name: str) -> float:
     ):
         raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
-
-
-def check_path(value: object, name: str) -> str:
-    """Return ``value`` as a ``str`` path the file system can take: non-empty, no NUL,
-    encodable (a lone surrogate outside ``surrogateescape``'s range is not)."""
-    if not isinstance(value, str | os.PathLike):
-        raise UsageError(f"{name} must be a path, not {type(value).__name__}")
-    path = os.fspath(value)
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise UsageError(f"{name} must be a non-empty str path (no NUL character)")
-    try:
-        os.fsencode(path)
-    except UnicodeEncodeError as exc:
-        raise UsageError(f"{name} {path!r} has no file-system encoding: {exc.reason}") from None
-    return path

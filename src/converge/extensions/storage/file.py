@@ -37,6 +37,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio.to_thread
 
+from converge._paths import check_path
 from converge._sorting import sort_yielding
 from converge._sync import check_sync_allowed
 from converge.core.store import (
@@ -58,7 +59,6 @@ from converge.errors import (
 from converge.extensions.storage._codec import (
     SerializerName,
     check_bool,
-    check_path,
     check_timeout,
     check_update,
     get_serializer,
