@@ -351,6 +351,21 @@ async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
         await q.aack("x", "token")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         await q.alist(status="lost")
+    # Each of these raised TypeError or ValueError, or (NaN) was taken.
+    for due in ("soon", float("nan"), [1]):
+        with pytest.raises(UsageError, match="due"):
+            await q.aadd({}, due=due)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="due"):
+            await q.anew_record({}, due=due)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="claims"):
+        await q.aadd({}, claims=True)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="since"):
+        await q.alist(since="yesterday")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="now"):
+        q.new_id("")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="Record"):
+        q.note_finished({"status": "acknowledged"})  # type: ignore[arg-type]
+    assert await q.alist() == []
 
 
 async def test_listing_many_records_lets_other_tasks_run() -> None:

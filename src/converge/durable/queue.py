@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import re
 import time
@@ -69,6 +70,12 @@ def _positive(name: str, value: object) -> float:
         raise ConfigurationError(f"{name} must be a positive number of seconds")
     if value == float("inf"):
         raise ConfigurationError(f"{name} must be finite")
+    return float(value)
+
+
+def _time(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a Unix time in seconds, not {value!r}")
     return float(value)
 
 
@@ -189,7 +196,7 @@ class DurableQueue:
     @staticmethod
     def new_id(now: float | None = None) -> str:
         """A fresh record id: time-ordered (so listings sort by age), then random."""
-        stamp = int((time.time() if now is None else now) * 1_000_000)
+        stamp = int((time.time() if now is None else _time("now", now)) * 1_000_000)
         return f"{stamp:014x}{os.urandom(6).hex()}"
 
     # -- adding ------------------------------------------------------------------------
@@ -234,7 +241,7 @@ class DurableQueue:
             data=dict(data),
             created=now,
             updated=now,
-            due=now if due is None else float(due),
+            due=now if due is None else _time("due", due),
             lease_owner=owner,
             lease_token=token,
             lease_until=until,
@@ -287,6 +294,8 @@ class DurableQueue:
             lease_sec=lease_sec,
             due=due,
         )
+        if claims is not None and not isinstance(claims, Mapping):
+            raise UsageError("claims must be a mapping of store keys to values")
         claims = dict(claims or {})
         transitions = self.transitions
 
@@ -561,6 +570,8 @@ class DurableQueue:
             raise UsageError(f"status must be one of {_STATUSES}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UsageError("limit must be an integer >= 1")
+        if since is not None:
+            since = _time("since", since)
         prefixes = {
             None: (self.keys.open_prefix, self.keys.done_prefix, self.keys.dead_prefix),
             "pending": (self.keys.open_prefix,),
@@ -611,6 +622,8 @@ class DurableQueue:
         Returns:
             ``record``, unchanged.
         """
+        if record is not None and not isinstance(record, Record):
+            raise UsageError(f"record must be a Record or None, not {type(record).__name__}")
         if record is not None and self._trimmed:
             stamp = finished_stamp(self.keys, record)
             if stamp is not None:
