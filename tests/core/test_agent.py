@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
-from converge.core import Agent, Decision, Identity, InvokeTool, Message, Task
+from converge.core import Agent, Decision, Identity, InvokeTool, Message, Task, ToolRegistry
 from converge.errors import SyncInEventLoopError, UsageError
 
 
@@ -51,6 +51,21 @@ async def test_adecide_of_sync_agent() -> None:
     [decision] = await SyncAgent(Identity()).adecide([msg, msg], [])
     assert isinstance(decision, InvokeTool)
     assert decision.params == {"n": 2}
+
+
+@pytest.mark.anyio
+async def test_ainvoke_tool_runs_an_invoke_tool_and_refuses_anything_else() -> None:
+    registry = ToolRegistry()
+
+    @registry.tool
+    def echo(n: int) -> int:
+        """Echo n."""
+        return n
+
+    agent = Agent(Identity(), registry)
+    assert await agent.ainvoke_tool(InvokeTool("echo", {"n": 3})) == 3
+    with pytest.raises(UsageError, match="InvokeTool"):
+        await agent.ainvoke_tool({"tool_name": "echo"})  # type: ignore[arg-type]  # AttributeError
 
 
 @pytest.mark.anyio

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from converge import _sync
+from converge.core.decisions import Decision, InvokeTool
 from converge.core.identity import Identity
 from converge.errors import UsageError
 
 if TYPE_CHECKING:
-    from converge.core.decisions import Decision, InvokeTool
     from converge.core.message import Message
     from converge.core.task import Task
     from converge.core.tools import ToolRegistry
@@ -65,9 +65,12 @@ class Agent:
         wrap it (``LLMAgent`` records an OpenTelemetry ``execute_tool`` span).
 
         Raises:
-            UsageError: If the agent has no tool registry.
+            UsageError: If ``decision`` is not an ``InvokeTool``, or the agent has no tool
+                registry.
             ToolError: If the tool is unknown, its arguments are invalid, or it failed.
         """
+        if not isinstance(decision, InvokeTool):
+            raise UsageError(f"ainvoke_tool takes an InvokeTool, not {type(decision).__name__}")
         if self.tool_registry is None:
             raise UsageError(f"agent {self.name!r} has no tool registry")
         return await self.tool_registry.ainvoke(decision.tool_name, decision.params)

@@ -253,6 +253,11 @@ async def test_rejections_are_json_with_a_reason_and_counted() -> None:
         )
         == 1
     )
+    # Called with anything else, these raised AttributeError or TypeError.
+    with pytest.raises(UsageError, match="WebhookSecurityError"):
+        c.rejection("shop", ValueError("no"))  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="target name"):
+        c.breaker(["app"])  # type: ignore[arg-type]
 
 
 async def test_preset_subjects_come_from_the_senders_event_type() -> None:

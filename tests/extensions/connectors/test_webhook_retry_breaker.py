@@ -52,6 +52,12 @@ def test_compute_delay_refuses_bad_attempt_numbers(attempt: object) -> None:
         WebhookRetryPolicy().compute_delay(attempt)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("policy", [WebhookRetryPolicy(), RetrySchedule()])
+def test_compute_delay_refuses_a_rand_it_cannot_call(policy: object) -> None:
+    with pytest.raises(UsageError, match="rand"):
+        policy.compute_delay(1, rand=0.5)  # type: ignore[attr-defined]  # raised TypeError
+
+
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [

@@ -399,6 +399,13 @@ async def test_releasing_a_claim_lets_the_retry_through_but_only_with_its_token(
         await sec.aclaim(verified)
     await sec.arelease(verified, token)
     assert await sec.aclaim(verified)
+    # What is not a VerifiedWebhook or a token raised AttributeError.
+    with pytest.raises(UsageError, match="VerifiedWebhook"):
+        await sec.aclaim({"event_id": "e1"})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="token"):
+        await sec.arelease(verified, 7)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="VerifiedWebhook"):
+        sec.claim_record("e1", token)  # type: ignore[arg-type]
 
 
 @pytest.mark.anyio

@@ -95,6 +95,15 @@ def test_identity_must_be_an_identity() -> None:
         LLMAgent("me", ScriptedProvider([]))  # type: ignore[arg-type]
 
 
+async def test_ainvoke_tool_runs_an_invoke_tool_and_refuses_anything_else(
+    registry: ToolRegistry,
+) -> None:
+    agent = LLMAgent(IDENTITY, ScriptedProvider([]), tool_registry=registry)
+    assert await agent.ainvoke_tool(InvokeTool("add", {"a": 1, "b": 2})) == 3
+    with pytest.raises(UsageError, match="InvokeTool"):
+        await agent.ainvoke_tool({"tool_name": "add"})  # type: ignore[arg-type]  # AttributeError
+
+
 # -- deciding --------------------------------------------------------------------------
 
 

@@ -374,6 +374,8 @@ class WebhookConnector:
 
     def breaker(self, target: str) -> CircuitBreaker:
         """The circuit breaker of ``target`` (created on first use)."""
+        if not isinstance(target, str):
+            raise UsageError(f"target must be a target name, not {type(target).__name__}")
         found = self._breakers.get(target)
         if found is None:
             found = self._breakers[target] = CircuitBreaker(
@@ -431,6 +433,8 @@ class WebhookConnector:
         self, provider: str, exc: WebhookSecurityError
     ) -> tuple[int, dict[str, str], bytes]:
         """The JSON response for a rejected request (and count it by reason)."""
+        if not isinstance(provider, str) or not isinstance(exc, WebhookSecurityError):
+            raise UsageError("rejection takes a provider name and a WebhookSecurityError")
         label = provider if provider in self.security.profiles else "_unknown"
         self.metrics.inc(
             "webhook_inbound_rejected_total",

@@ -95,13 +95,19 @@ class WebhookRetryPolicy:
                 schedules in tests.
 
         Raises:
-            UsageError: If ``attempt`` is not a positive integer.
+            UsageError: If ``attempt`` is not a positive integer, or ``rand`` not callable.
         """
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise UsageError(f"attempt must be an integer >= 1, got {attempt!r}")
+        _check_attempt(attempt, rand)
         raw = min(self.max_delay_sec, self.base_delay_sec * 2.0 ** min(attempt - 1, 64))
         spread = 1.0 + self.jitter_ratio * (2.0 * rand() - 1.0)
         return max(0.0, min(self.max_delay_sec, raw * spread))
+
+
+def _check_attempt(attempt: object, rand: object) -> None:
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise UsageError(f"attempt must be an integer >= 1, got {attempt!r}")
+    if not callable(rand):
+        raise UsageError(f"rand must be a function returning a float in [0, 1), not {rand!r}")
 
 
 def _check_number(owner: str, name: str, value: object, *, positive: bool = False) -> float:
@@ -173,10 +179,9 @@ class RetrySchedule:
             rand: Source of uniform numbers in ``[0, 1)``.
 
         Raises:
-            UsageError: If ``attempt`` is not a positive integer.
+            UsageError: If ``attempt`` is not a positive integer, or ``rand`` not callable.
         """
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise UsageError(f"attempt must be an integer >= 1, got {attempt!r}")
+        _check_attempt(attempt, rand)
         raw = self.delays_sec[min(attempt, len(self.delays_sec)) - 1]
         return max(0.0, raw * (1.0 + self.jitter_ratio * (2.0 * rand() - 1.0)))
 

@@ -535,7 +535,12 @@ class WebhookSecurity:
         writes every one of these keys, with TTL :attr:`claim_ttl_sec`, in one
         ``Store.aupdate`` that first checks they are all absent; the request is a replay
         when any of them exists.
+
+        Raises:
+            UsageError: If ``verified`` is not a :class:`VerifiedWebhook`.
         """
+        if not isinstance(verified, VerifiedWebhook):
+            raise UsageError(f"verified must be a VerifiedWebhook, not {type(verified).__name__}")
         if verified.challenge is not None:
             return ()
         provider = verified.profile.name
@@ -547,6 +552,8 @@ class WebhookSecurity:
 
     def claim_record(self, verified: VerifiedWebhook, token: str) -> dict[str, Any]:
         """The value :meth:`aclaim` stores under each claim key (JSON-compatible)."""
+        if not isinstance(verified, VerifiedWebhook) or not isinstance(token, str):
+            raise UsageError("claim_record takes a VerifiedWebhook and a str token")
         return {"event_id": verified.event_id, "at": self._clock(), "token": token}
 
     async def aclaim(self, verified: VerifiedWebhook) -> str:
@@ -588,6 +595,8 @@ class WebhookSecurity:
 
     async def arelease(self, verified: VerifiedWebhook, token: str) -> None:
         """Drop the claim made with ``token`` (only that one), so a retry can succeed."""
+        if not isinstance(token, str):
+            raise UsageError(f"token must be the str aclaim returned, not {type(token).__name__}")
         keys = self.claim_keys(verified)
         if not keys:
             return

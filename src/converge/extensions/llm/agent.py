@@ -443,6 +443,8 @@ class LLMAgent(Agent):
     async def ainvoke_tool(self, decision: InvokeTool) -> Any:
         """Run one tool this agent decided to invoke, in an ``execute_tool`` span (on
         the provider's telemetry when it has one), as the ReAct loop does."""
+        if not isinstance(decision, InvokeTool):
+            return await super().ainvoke_tool(decision)  # which refuses it
         telemetry = getattr(self.provider, "telemetry", None)
         with tool_span(
             decision.tool_name,
