@@ -150,6 +150,11 @@ async def test_invalid_arguments_are_usage_errors(redis_url: str) -> None:
         RedisStreamsBridge(bus, redis_url, export_topics=["a.*"])  # a pattern, not a stream
     with pytest.raises(UsageError):
         RedisStreamsBridge(bus, redis_url, maxlen=0)
+    bridge = RedisStreamsBridge(bus, redis_url)
+    with pytest.raises(UsageError, match="Message"):
+        await bridge.on_settled("m1")  # type: ignore[arg-type]  # raised AttributeError
+    with pytest.raises(UsageError, match="Message"):
+        await bridge.on_dead({"id": "m1"}, "c", "gave up")  # type: ignore[arg-type]
 
 
 WORKER = textwrap.dedent(

@@ -432,7 +432,7 @@ class DurableQueue:
         if attempt is not None and not isinstance(attempt, Attempt):
             raise UsageError("attempt must be an Attempt or None")
         now = await self.anow()
-        when = now if due is None else float(due)
+        when = now if due is None else _time("due", due)
         transitions = self.transitions
 
         def retry(current: dict[str, Any]) -> tuple[dict[str, Any], Record | None]:

@@ -313,15 +313,22 @@ class RedisStreamsBridge:
 
     async def on_settled(self, message: Message) -> None:
         """Every local acking subscriber is done with ``message``: ``XACK`` its entries."""
+        _check_message(message)
         for entry in self._inflight.pop(message.id, ()):
             await self._client.xack(entry.stream, self.group, [entry.entry_id])
 
     async def on_dead(self, message: Message, consumer: str, reason: str) -> None:
         """A local subscriber gave ``message`` up: keep it in ``{prefix}:dead``, ``XACK``."""
+        _check_message(message)
         for entry in self._inflight.pop(message.id, ()):
             await self._bury(
                 entry, {"message": message.to_dict(), "consumer": consumer, "reason": reason}
             )
+
+
+def _check_message(message: object) -> None:
+    if not isinstance(message, Message):  # the bus calls these with the settled Message
+        raise UsageError(f"message must be a Message, not {type(message).__name__}")
 
 
 def _maxlen_token() -> Any:

@@ -15,6 +15,7 @@ import pytest
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
 
 from converge.core.store import Store
+from converge.errors import UsageError
 from converge.extensions.connectors import OutboundRequest, OutboundTarget, Outbox, RetrySchedule
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from counting_store import CountingUpdates
@@ -114,6 +115,32 @@ async def test_a_lease_taken_over_fences_out_its_old_holder() -> None:
     assert (current.status, current.lease_owner, current.attempts) == ("leased", "two", ())
     assert await two.complete(theirs)
     assert (await one.aget(record.id)).status == "delivered"  # type: ignore[union-attr]
+
+
+async def test_wrong_arguments_are_usage_errors_and_change_nothing() -> None:
+    clock = FakeClock()
+    box = Outbox(MemoryStore(), prefix="p", clock=clock, dead_letter_ttl_sec=60)
+    record = await box.add(action(1))
+    held = await box.lease(record.id, "me", 10.0)
+    assert held is not None
+    assert not isinstance(held, float)
+    with pytest.raises(UsageError, match="OutboundWebhookAction"):
+        await box.add({"target": "t"})  # type: ignore[arg-type]  # raised AttributeError
+    for call in (box.release, box.complete, functools.partial(box.bury, reason="x")):
+        with pytest.raises(UsageError, match="OutboxRecord"):
+            await call(held.id)  # type: ignore[operator]  # raised AttributeError
+    # A NaN delay made the action due at NaN: never due again, so never sent.
+    for delay in (float("nan"), -1, "1"):
+        with pytest.raises(UsageError, match="delay"):
+            await box.reschedule(held, delay=delay, attempt=_attempt(clock))  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="Attempt"):
+        await box.reschedule(held, delay=1, attempt="503")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="due"):
+        await box.queue.arelease(held.id, held.lease_token, due=float("nan"))
+    current = await box.aget(record.id)
+    assert current is not None
+    assert (current.status, current.attempts) == ("leased", ())
+    assert await box.release(held)
 
 
 def _attempt(clock: FakeClock):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ import anyio
 import coredis
 import pytest
 
-from converge.errors import StoreError
+from converge.errors import StoreError, UsageError
 from converge.extensions.storage import RedisStore, _redis_index
 from redis_server import RedisServer
 
@@ -108,6 +108,11 @@ async def test_script_writes_are_indexed(store: RedisStore, raw: coredis.Redis[b
     flagged = "#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])"
     assert await store.arun_script(flagged, [OPEN + "y"]) == b"J2"
     assert await scans(raw) == 0
+    # Each raised AttributeError or TypeError, or (one str key) ran on its characters.
+    for args in ((7, [OPEN + "y"]), (source, OPEN + "y"), (source, [OPEN + "y"], [None])):
+        with pytest.raises(UsageError):
+            await store.arun_script(*args)  # type: ignore[arg-type]
+    assert await store.aget(OPEN + "y") == 2  # as the script stored it
 
 
 async def test_a_lost_index_is_rebuilt(store: RedisStore, raw: coredis.Redis[bytes]) -> None:

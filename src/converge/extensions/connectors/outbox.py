@@ -64,6 +64,8 @@ def _addition(
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """What adding ``action`` writes: its record id and data, and the lease arguments
     of :meth:`DurableQueue.aadd` (none: added pending)."""
+    if not isinstance(action, OutboundWebhookAction):
+        raise UsageError(f"action must be an OutboundWebhookAction, not {type(action).__name__}")
     record_id = action_id(action, namespace)
     stored = action.to_dict()
     data = {"action": stored, "namespace": namespace, "fingerprint": _fingerprint(stored)}
@@ -97,6 +99,13 @@ _ACTION_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("deadline", (int, float, type(None))),
     ("raw_body", (str, type(None))),  # forward_format = "raw" (absent in older records)
 )
+
+
+def _held(record: object) -> OutboxRecord:
+    """``record`` if it is an :class:`OutboxRecord` (what :meth:`Outbox.lease` returns)."""
+    if not isinstance(record, OutboxRecord):
+        raise UsageError(f"record must be the OutboxRecord a lease returned, not {record!r}")
+    return record
 
 
 def _num(value: Any) -> float | None:
@@ -427,6 +436,7 @@ class Outbox:
         Returns:
             False if the lease was no longer ours (nothing changed).
         """
+        record = _held(record)
         return await self.queue.arelease(record.id, record.lease_token) is not None
 
     async def complete(self, record: OutboxRecord, attempt: Attempt | None = None) -> bool:
@@ -435,6 +445,7 @@ class Outbox:
         Returns:
             False if the lease was no longer ours (nothing changed).
         """
+        record = _held(record)
         return await self.queue.aack(record.id, record.lease_token, attempt=attempt) is not None
 
     async def reschedule(
@@ -457,6 +468,11 @@ class Outbox:
         Returns:
             The updated record, or None if the lease was no longer ours (nothing changed).
         """
+        record = _held(record)
+        if _num(delay) is None or delay < 0:
+            raise UsageError(f"delay must be a number of seconds >= 0, not {delay!r}")
+        if not isinstance(attempt, Attempt):
+            raise UsageError(f"attempt must be an Attempt, not {type(attempt).__name__}")
         queue = self.queue
         now = await queue.anow()
         key = queue.keys.open(record.id)
@@ -481,6 +497,7 @@ class Outbox:
         Returns:
             The dead letter, or None if the lease was no longer ours (nothing changed).
         """
+        record = _held(record)
         dead = _view(await self.queue.abury(record.id, record.lease_token, reason, attempt))
         return DeadLetter.of(dead) if dead is not None else None
 

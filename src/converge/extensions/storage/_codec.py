@@ -128,18 +128,28 @@ def prefix_upper_bound(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+def check_keys(keys: object) -> list[str]:
+    """Return ``keys`` as a list if it is a sequence of valid keys.
+
+    Raises:
+        UsageError: For keys that are a single ``str`` (a common slip), a non-sequence
+            or hold an invalid key.
+    """
+    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
+        raise UsageError("keys must be a sequence of str keys, such as a list")
+    return [validate_key(key) for key in keys]
+
+
 def check_update(keys: object, fn: object) -> list[str]:
     """Validate the ``keys`` and ``fn`` arguments of ``update``; return the keys.
 
     Raises:
-        UsageError: For keys that are a single ``str`` (a common slip), a non-sequence
-            or hold an invalid key, or an ``fn`` that is not callable.
+        UsageError: For invalid keys (see :func:`check_keys`), or an ``fn`` that is not
+            callable.
     """
-    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
-        raise UsageError("keys must be a sequence of str keys, such as a list")
     if not callable(fn):
         raise UsageError(f"fn must be a function of the current values, not {type(fn).__name__}")
-    return [validate_key(key) for key in keys]
+    return check_keys(keys)
 
 
 def check_bool(value: object, name: str) -> bool:

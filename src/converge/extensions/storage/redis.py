@@ -48,6 +48,7 @@ from converge.errors import (
 from converge.extensions.storage import _redis_index
 from converge.extensions.storage._codec import (
     SerializerName,
+    check_keys,
     check_timeout,
     check_update,
     get_serializer,
@@ -488,8 +489,16 @@ class RedisStore(Store):
             StoreOutcomeUnknownError: If no answer came within ``timeout`` (the script may
                 have run).
             StoreError: If the script failed.
+            UsageError: For a ``source``, ``keys`` or ``args`` of the wrong kind.
         """
-        names = [self._redis_key(validate_key(key)) for key in keys]
+        if not isinstance(source, str) or not source.strip():
+            raise UsageError("source must be a Lua script (a non-empty str)")
+        names = [self._redis_key(key) for key in check_keys(keys)]
+        if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+            raise UsageError("args must be a sequence, such as a list")
+        for arg in args:
+            if isinstance(arg, bool) or not isinstance(arg, str | bytes | int | float):
+                raise UsageError(f"a script argument is a str, bytes or number, not {arg!r}")
         script = _redis_index.wrap_script(source, self._namespace)
         return await self._call(
             lambda c: _eval(c, script, names, list(args)),
