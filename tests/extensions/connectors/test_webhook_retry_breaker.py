@@ -180,11 +180,25 @@ def test_a_lost_probe_is_replaced_after_the_timeout() -> None:
         {"failure_threshold": 1.5},
         {"recovery_timeout_sec": -1},
         {"recovery_timeout_sec": float("nan")},
+        # The seed's signature takes a saved state too; these were taken as they came.
+        {"_failures": -1},
+        {"_failures": float("nan")},
+        {"_opened_at": float("nan")},
+        {"_opened_at": "yesterday"},
     ],
 )
 def test_breaker_refuses_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         CircuitBreaker(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_breaker_can_start_in_a_saved_state() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(2, 10.0, _failures=1, _opened_at=clock.now, clock=clock)
+    assert breaker.state == "open"
+    clock.now += 10
+    assert breaker.allow_request()  # the probe
+    assert not breaker.allow_request()
 
 
 def test_the_default_schedule_is_svixs() -> None:

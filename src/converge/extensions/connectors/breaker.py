@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class CircuitBreaker:
     recovery_timeout_sec: float = 30.0
     _failures: int = 0
     _opened_at: float | None = None
-    _probe_started_at: float | None = field(default=None, repr=False)
+    _probe_started_at: float | None = field(default=None, repr=False, init=False)
     clock: Callable[[], float] = field(
         default=time.monotonic, repr=False, compare=False, kw_only=True
     )
@@ -58,6 +59,16 @@ class CircuitBreaker:
             raise ConfigurationError("CircuitBreaker.recovery_timeout_sec must be finite, >= 0")
         if not callable(self.clock):
             raise ConfigurationError("CircuitBreaker.clock must be callable")
+        # The seed's signature lets a breaker start in a saved state: it must be one.
+        failures, opened_at = self._failures, self._opened_at
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            raise ConfigurationError("CircuitBreaker._failures must be an integer >= 0")
+        if opened_at is not None and (
+            isinstance(opened_at, bool)
+            or not isinstance(opened_at, int | float)
+            or not math.isfinite(opened_at)
+        ):
+            raise ConfigurationError("CircuitBreaker._opened_at must be a clock reading or None")
 
     @property
     def state(self) -> BreakerState:
