@@ -287,6 +287,26 @@ async def test_the_lifespan_runs_and_stops_the_dispatcher() -> None:
     assert not gw.connector.dispatcher.running
 
 
+async def test_a_shutdown_right_after_startup_completes() -> None:
+    # The dispatcher task had not begun when the shutdown asked it to stop; its run
+    # then forgot the stop and the shutdown waited forever.
+    gw = gateway()
+    app = gw.asgi_app()
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    with anyio.fail_after(5):
+        await app({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert not gw.connector.dispatcher.running
+
+
 async def test_the_app_mounts_inside_starlette() -> None:
     gw = gateway()
     outer = Starlette(routes=[Mount("/hooks", app=gw.asgi_app(run_dispatcher=False))])

@@ -527,6 +527,19 @@ async def test_the_dispatcher_refuses_a_second_run_and_bad_intervals() -> None:
             await c.run_outbound_dispatcher()
 
 
+async def test_a_stop_asked_before_the_run_begins_is_kept() -> None:
+    sender = Sender()
+    c = make(outbound_sender=sender)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(c.run_outbound_dispatcher)
+            c.stop_dispatcher()  # the run has not started yet
+    assert not c.dispatcher.running
+    await c.submit_outbound_action(action(1))
+    async with dispatching(c):  # the stop was used up: the next run delivers
+        await eventually(lambda: len(sender.requests) == 1)
+
+
 async def test_submitting_while_the_dispatcher_stops_keeps_the_action_for_the_next_run() -> None:
     gate = anyio.Event()
     sent: list[OutboundRequest] = []

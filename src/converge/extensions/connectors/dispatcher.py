@@ -139,7 +139,11 @@ class OutboundDispatcher:
         return self._policy.request_timeout_sec + lease_margin(self._policy)
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return once in-flight attempts finish."""
+        """Ask :meth:`run` to return once in-flight attempts finish.
+
+        Asked before a run has begun (one just scheduled, say), the next run returns as
+        soon as it starts: a stop is never lost to the start it raced with.
+        """
         self._stopping = True
         if self._on_loop():
             assert self._wake is not None
@@ -221,7 +225,7 @@ class OutboundDispatcher:
             raise UsageError("poll_interval_sec must be a positive finite number")
         if self._running:
             raise UsageError("the outbound dispatcher is already running")
-        self._running, self._stopping, self.failed = True, False, None
+        self._running, self.failed = True, None  # a stop asked already holds (see stop)
         self._token = anyio.lowlevel.current_token().native_token
         self._wake = anyio.Event()
         self._schedule = DispatchSchedule(
@@ -286,7 +290,7 @@ class OutboundDispatcher:
             send.close()
             self._work_send = None
             await self._give_back()
-            self._running = False
+            self._running = self._stopping = False
             self._wake = self._token = None
             self._gauges()
 
