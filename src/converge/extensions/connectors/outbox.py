@@ -104,7 +104,9 @@ _ACTION_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
 def _held(record: object) -> OutboxRecord:
     """``record`` if it is an :class:`OutboxRecord` (what :meth:`Outbox.lease` returns)."""
     if not isinstance(record, OutboxRecord):
-        raise UsageError(f"record must be the OutboxRecord a lease returned, not {record!r}")
+        raise UsageError(
+            f"record must be the OutboxRecord a lease returned, not {type(record).__name__}"
+        )
     return record
 
 

@@ -390,9 +390,8 @@ def _tool_choice(value: Any, tools: tuple[ToolSpec, ...]) -> str | None:
         return None
     if isinstance(value, Mapping):  # OpenAI's {"type": "function", "function": {"name"}}
         function = value.get("function")
-        value = (function.get("name") if isinstance(function, Mapping) else None) or value.get(
-            "name"
-        )
+        named = function.get("name") if isinstance(function, Mapping) else None
+        value = named or value.get("name")
     if not isinstance(value, str) or not value:
         raise UsageError("tool_choice must be 'auto', 'none', 'required' or a tool name")
     if value not in _TOOL_CHOICES and value not in {t.name for t in tools}:
