@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import gc
 import json
@@ -30,7 +31,7 @@ from converge.errors import (
 )
 from converge.extensions.llm import RetryPolicy, Usage
 from converge.extensions.llm._base import SDKProvider
-from loop_stall import spy_on_tls_builds
+from loop_stall import eventually, spy_on_tls_builds
 
 pytestmark = pytest.mark.anyio
 
@@ -549,6 +550,29 @@ async def test_calls_after_aclose_raise_closed_error(
     with pytest.raises(ClosedError):
         await provider.achat(MESSAGES)
     assert server.requests == []
+
+
+async def test_a_call_cut_short_by_aclose_raises_closed_error_and_is_not_retried(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    # It was retried on the closed client: httpx's RuntimeError escaped (OpenAI,
+    # Mistral), or the retries ran out into a ProviderConnectionError (Anthropic).
+    server.default = dataclasses.replace(wire.chat("late"), delay=1.0)
+    raised: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await provider.achat(MESSAGES)
+        except Exception as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await eventually(lambda: len(server.requests) == 1)
+            await provider.aclose()
+    assert [type(exc) for exc in raised] == [ClosedError]
+    assert len(server.requests) == 1
 
 
 async def test_max_retries_overrides_the_policy(

@@ -300,7 +300,12 @@ class SDKProvider:
 
     # -- shared machinery --------------------------------------------------------------
 
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(f"this {type(self).__name__} was closed")
+
     def _classify(self, exc: Exception, now: float) -> Failure | None:
+        if self._closed:  # closed during the call: its client is gone, retry nothing
+            raise self._closed_error() from exc
         if isinstance(exc, ProviderError):  # raised by our own response parsing
             return Failure(exc, False)
         return self._classify_sdk(exc, now)
@@ -320,7 +325,7 @@ class SDKProvider:
         if self._client is None and not self._closed and self._clients.get().value is None:
             await ashared_ssl_context()  # the new client's, built off the loop the first time
         if self._closed:  # before or during that wait
-            raise ClosedError(f"this {type(self).__name__} was closed")
+            raise self._closed_error()
         return self._client if self._client is not None else self._clients.get().get()
 
     def _start_call(self, request: ChatRequest) -> CallRecord:
@@ -564,8 +569,11 @@ class SDKProvider:
                     if delta:
                         yield delta
         except Exception as exc:
-            failure = self._classify(exc, time.time())
-            error = exc if failure is None else failure.error
+            if self._closed:
+                error: Exception = self._closed_error()
+            else:
+                failure = self._classify(exc, time.time())
+                error = exc if failure is None else failure.error
             record.end(error=error)
             if error is exc:
                 raise
@@ -593,7 +601,7 @@ class SDKProvider:
     def _sync_portal(self) -> _sync.Portal:
         with self._portal_lock:
             if self._closed:
-                raise ClosedError(f"this {type(self).__name__} was closed")
+                raise self._closed_error()
             if self._portal is None:
                 self._portal = _sync.Portal()
             return self._portal
@@ -657,7 +665,8 @@ class SDKProvider:
     async def aclose(self) -> None:
         """Close the clients this provider created for the current loop and its sync
         surface. An injected ``client`` is left open (its owner closes it). Idempotent;
-        later calls raise :class:`~converge.errors.ClosedError`."""
+        later calls raise :class:`~converge.errors.ClosedError`, and so do calls it cuts
+        short (they are not retried)."""
         if self._closed:
             return
         self._closed = True
