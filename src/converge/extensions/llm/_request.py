@@ -358,11 +358,11 @@ def _dict(name: str, value: Any) -> dict[str, Any] | None:
 def _headers(value: Any) -> dict[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, Mapping):
         raise UsageError("extra_headers must be a dict of header name -> string value")
     for name, text in value.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise UsageError("extra_headers must be a dict of header name -> string value")
         if _HEADER_NAME.fullmatch(name) is None:
             raise UsageError(f"extra_headers: {name!r} is not a valid HTTP header name")
         if _HEADER_VALUE.fullmatch(text) is None:
