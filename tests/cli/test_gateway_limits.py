@@ -316,3 +316,134 @@ def test_the_server_answers_408_to_a_body_slower_than_the_body_timeout() -> None
         steady.close()
     finally:
         server.stop()
+
+
+def _head(size: int, path: bytes = b"/") -> bytes:
+    """A GET request whose head (request line and headers, blank line included) is
+    exactly ``size`` bytes."""
+    start = b"GET " + path + b" HTTP/1.1\r\nhost: x\r\nx-padding: "
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def _answers(sock: socket.socket, data: list[bytes], within: float = 2.0) -> list[bytes]:
+    """Send each piece of ``data`` in its own write; the status lines answered until the
+    server closes the connection or ``within`` seconds pass."""
+    for piece in data:
+        sock.sendall(piece)
+        time.sleep(0.05)
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (TimeoutError, OSError):
+        pass
+    sock.close()
+    return [b"HTTP/1.1 " + part.split(b"\r\n", 1)[0] for part in received.split(b"HTTP/1.1 ")[1:]]
+
+
+_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large"
+
+
+def test_a_head_over_max_header_bytes_is_answered_431_however_it_arrives() -> None:
+    # h11's limit counts a head still arriving only: before, a longer head that came
+    # in one read (or whose last read completed it) was served.
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=16, max_header_bytes=2048)
+    server = UvicornThread(Slow(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port))
+
+    try:
+        fits, over = _head(2048), _head(2049)
+        ok = [b"HTTP/1.1 200 OK"]
+        assert _answers(connect(), [fits], within=0.5) == ok
+        assert _answers(connect(), [fits[:1500], fits[1500:]], within=0.5) == ok
+        assert _answers(connect(), [over]) == [_TOO_LARGE]
+        assert _answers(connect(), [over[:1500], over[1500:]]) == [_TOO_LARGE]
+        assert _answers(connect(), [over * 4]) == [_TOO_LARGE]
+        # Pipelined behind a request that is served: read while that one was.
+        assert _answers(connect(), [fits + over]) == [*ok, _TOO_LARGE]
+        assert _answers(connect(), [fits + fits], within=0.5) == ok * 2
+
+        sock = connect()
+        sock.sendall(over)
+        answer = _closed_by_server(sock, within=2.0)
+        assert answer is not None
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(_TOO_LARGE)
+        assert b"content-type: application/json" in head
+        assert body == b'{"status":"rejected","reason":"headers_too_large"}'
+        sock.close()
+    finally:
+        server.stop()
+
+
+class Early:
+    """An ASGI app that answers 413 without reading the body."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_body_left_unread_is_not_taken_for_a_head() -> None:
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=16, max_header_bytes=1024)
+    server = UvicornThread(Early(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    body = b"{" + b"a" * 200_000
+    request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        assert _answers(sock, [request]) == [b"HTTP/1.1 413 Request Entity Too Large"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # no host
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",  # a TLS hello
+    ],
+)
+def test_a_request_h11_cannot_read_is_answered_400_with_a_json_reason(
+    request_bytes: bytes,
+) -> None:
+    protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=16)
+    server = UvicornThread(Slow(), http=protocol).start()
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(request_bytes)
+        answer = _closed_by_server(sock, within=2.0)
+        assert answer is not None
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json")
+        assert body == b'{"status":"rejected","reason":"malformed_request"}'
+        sock.close()
+    finally:
+        server.stop()
+
+
+def test_the_gateway_holds_heads_to_max_header_bytes(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config.write_text(config.read_text().replace("[gateway]", "[gateway]\nmax_header_bytes = 4096"))
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gateway.port))
+        assert _answers(sock, [_head(4097, b"/healthz")]) == [_TOO_LARGE]
+        assert httpx.get(f"{gateway.url}/healthz", headers={"x-a": "a" * 3000}).status_code == 200
+        sock = socket.create_connection(("127.0.0.1", gateway.port))
+        answer = _answers(sock, [b"GET /healthz HTTP/1.1\r\n\r\n"])  # no host
+        assert answer == [b"HTTP/1.1 400 Bad Request"]
+    finally:
+        gateway.stop()

@@ -11,6 +11,8 @@ second). This module adds what is missing:
   timeout** (the rest of the request must follow within it, else ``408``) and a
   **connection cap** that evicts the connection waiting longest for a request (idle or
   half-sent) when a new one arrives, so idle clients cannot crowd out a complete request;
+  it also holds every request head to ``max_header_bytes`` (``431``) and answers a
+  request h11 cannot read with a JSON ``400``, as the app answers;
 * :func:`fit_open_files`: raises the soft open-file limit where allowed and otherwise
   lowers the connection cap and backlog, so accepting never fails for lack of
   descriptors;
@@ -25,6 +27,7 @@ An app served elsewhere keeps its own (``GatewayApp(body_timeout_sec=...)``).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,19 +42,26 @@ _log = logging.getLogger("converge.gateway")
 # Descriptors kept free for everything but inbound connections (listening socket, store
 # files, logs), on top of one per outbound connection.
 _RESERVED_FILES = 64
-_BUSY = b'{"status":"unavailable","reason":"server_busy"}'
-_REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-    + str(len(_BUSY)).encode()
-    + b"\r\n\r\n"
-    + _BUSY
+# A blank line ends a request's head (h11 accepts a bare LF as a line end too).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def _answer(status: str, reason: str, *, kind: str = "rejected", extra: str = "") -> bytes:
+    """A whole HTTP/1.1 response, closing its connection, whose body is the JSON
+    ``{"status": kind, "reason": reason}`` the app answers with."""
+    body = f'{{"status":"{kind}","reason":"{reason}"}}'
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra}"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+_REFUSAL = _answer(
+    "503 Service Unavailable", "server_busy", kind="unavailable", extra="retry-after: 1\r\n"
 )
-_SLOW = b'{"status":"rejected","reason":"body_timeout"}'
-_TIMED_OUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: " + str(len(_SLOW)).encode() + b"\r\n\r\n" + _SLOW
-)
+_TIMED_OUT = _answer("408 Request Timeout", "body_timeout")
+_MALFORMED = _answer("400 Bad Request", "malformed_request")
+_HEAD_TOO_LARGE = _answer("431 Request Header Fields Too Large", "headers_too_large")
 
 
 class _Timer(Protocol):
@@ -62,9 +72,14 @@ class _Timer(Protocol):
 
 
 def guarded_protocol(
-    *, header_timeout_sec: float, max_connections: int, body_timeout_sec: float | None = None
+    *,
+    header_timeout_sec: float,
+    max_connections: int,
+    body_timeout_sec: float | None = None,
+    max_header_bytes: int | None = None,
 ) -> type[H11Protocol]:
-    """uvicorn's h11 protocol class with header and body timeouts and a connection cap.
+    """uvicorn's h11 protocol class with header and body timeouts, a connection cap, a
+    head size limit and JSON answers to requests h11 cannot read.
 
     Args:
         header_timeout_sec: Seconds from connection (or from the end of the previous
@@ -77,6 +92,15 @@ def guarded_protocol(
         max_connections: Open connections at most. A new connection beyond it closes
             the one that has waited longest for a request; if every connection is busy
             with a request, the new one is answered ``503`` with ``Retry-After``.
+        max_header_bytes: Largest request head (request line and headers, up to the
+            blank line): a longer one is answered ``431`` (JSON reason
+            ``headers_too_large``) and its connection closed. h11's own limit
+            (``h11_max_incomplete_event_size``) only counts a head still arriving, so a
+            longer head that came in one read passed it. None: h11's limit only.
+
+    A request h11 cannot read (a malformed request line or header, conflicting
+    ``Content-Length`` values, ...) is answered ``400`` with the JSON reason
+    ``malformed_request``, where uvicorn answers plain text.
 
     Returns:
         A protocol class for ``uvicorn.Config(http=...)`` (one per server: the set of
@@ -107,9 +131,32 @@ def guarded_protocol(
                 oldest.transport.close()
                 return
             # Every other connection is serving a request: refuse this one politely.
+            self._refuse(_REFUSAL)
+
+        def _refuse(self, answer: bytes) -> None:
             self._stop_waiting()
-            self.transport.write(_REFUSAL)
+            self.transport.write(answer)
             self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer when h11 cannot read the request (uvicorn has logged it);
+            # once the app's answer has begun, there is no second one: only the close.
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                self.transport.write(_MALFORMED)
+            self._stop_waiting()
+            self.transport.close()
+
+        def _head_too_large(self, data: bytes) -> bool:
+            # Called with what arrives while no request head has been read, or with b""
+            # for what arrived meanwhile (a pipelined request): h11 holds the start of
+            # the next head, if any. A head ends at its blank line, and that must come
+            # within max_header_bytes of its start.
+            if max_header_bytes is None:
+                return False
+            held = self.conn.trailing_data[0]
+            if len(held) + len(data) <= max_header_bytes:
+                return False
+            return _HEAD_END.search(held + data if held else data, 0, max_header_bytes) is None
 
         def _wait(self) -> None:
             waiting[self] = None
@@ -156,10 +203,18 @@ def guarded_protocol(
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+                self.logger.warning("Request head over max_header_bytes: answered 431.")
+                self._refuse(_HEAD_TOO_LARGE)
+                return
             super().data_received(data)
             self._track()
 
         def on_response_complete(self) -> None:
+            # A pipelined request's head, read while the last one was served.
+            if self.conn.their_state is h11.DONE and self._head_too_large(b""):
+                self.logger.warning("Request head over max_header_bytes: answered 431.")
+                self._refuse(_HEAD_TOO_LARGE)
             super().on_response_complete()
             if self.transport.is_closing():
                 return

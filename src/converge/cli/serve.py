@@ -204,6 +204,7 @@ def serve(config: GatewayConfig) -> None:
             header_timeout_sec=config.header_timeout_sec,
             body_timeout_sec=config.body_timeout_sec,
             max_connections=max_connections,
+            max_header_bytes=config.max_header_bytes,
         ),
         timeout_keep_alive=config.keep_alive_timeout_sec,
         backlog=backlog,
