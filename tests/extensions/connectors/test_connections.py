@@ -25,7 +25,11 @@ from cryptography.x509.oid import NameOID
 from outbound_helpers import action, dispatching, make
 
 from converge.extensions.connectors import OutboundTarget
-from converge.extensions.connectors.connections import ConnectionStack, _CoalescingBackend
+from converge.extensions.connectors.connections import (
+    BODY_READ_MAX,
+    ConnectionStack,
+    _CoalescingBackend,
+)
 from loop_stall import eventually, spy_on_tls_builds
 
 pytestmark = pytest.mark.anyio
@@ -321,3 +325,65 @@ async def test_deliveries_go_through_a_proxy_set_in_the_environment(
     # httpx2's client (for https targets) took the shared TLS context, built off the loop.
     assert len(built_on) == 1
     assert built_on[0] is not threading.current_thread()
+
+
+class EndlessServer:
+    """Answers every request ``200`` and a body that never ends (a megabyte at a time,
+    until the client closes); counts connections and the bytes it sent."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.sent = 0
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        chunk = b"x" * (1 << 20)
+        try:
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                buffer += await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n")
+            while True:
+                await stream.send(chunk)
+                self.sent += len(chunk)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+async def test_a_body_past_the_read_limit_is_cut_and_its_connection_closed() -> None:
+    # Before, the whole body was read: a target answering with gigabytes filled the
+    # gateway's memory (1.5 GB held for one answer of 1.5 GB) until the attempt timed out.
+    server = EndlessServer()
+    async with serving(server.handle) as port, stack_client() as client:
+        with anyio.fail_after(5):
+            first = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+            second = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert len(first.content) == len(second.content) == BODY_READ_MAX
+    assert server.connections == 2  # the first was closed, not kept
+    assert server.sent < 64 << 20  # what the socket buffers held, not the body
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+async def test_a_target_answering_an_endless_body_is_delivered_at_once(
+    proxy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = EndlessServer()
+    async with serving(server.handle) as port:
+        url = f"http://127.0.0.1:{port}/hook"
+        if proxy:  # httpx2's client, through the proxy, which answers itself
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            url = "http://hooks.example.invalid/hook"
+        c = make(targets=[OutboundTarget("app", url)])
+        async with dispatching(c):
+            await c.submit_outbound_action(action(1, url=url))
+            # An attempt reading the whole body would time out (after 5 s) and retry.
+            await eventually(lambda: c.dispatcher.backlog == 0, within=4.0)
+        (record,) = await c.outbox.alist_actions()
+        await c.aclose()
+    assert (record.status, record.attempts) == ("delivered", 1)
+    assert server.sent < 64 << 20

@@ -13,14 +13,17 @@ Its connections also send a request's head and a small body in one write, as
 call) and on a network avoids a delayed-ACK wait where Nagle's algorithm is on.
 
 It is an httpx2 transport (an ``AsyncClient`` can use it), but made for the outbound
-transport, which calls it directly: it reads each response body before returning it.
+transport, which calls it directly and needs only a response's status and headers: it
+reads at most :data:`BODY_READ_MAX` bytes of a body before returning the response. A
+longer body is not read on, and its connection is closed rather than kept, so a target
+that answers with gigabytes (or never ends its body) costs neither memory nor time.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Iterable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import anyio
@@ -29,11 +32,30 @@ import httpx2
 
 from converge._tls import ashared_ssl_context
 
-__all__ = ["ConnectionStack"]
+__all__ = ["BODY_READ_MAX", "ConnectionStack", "read_body"]
 
 _Key = tuple[bytes, bytes, int | None]
 # A request's head and body are sent in one write up to this size.
 _COALESCED_MAX = 64 * 1024
+#: The bytes of a response body read at most.
+BODY_READ_MAX = 64 * 1024
+
+
+async def read_body(chunks: AsyncGenerator[bytes]) -> bytes:
+    """The body ``chunks`` make, cut at :data:`BODY_READ_MAX` bytes: no more are read.
+
+    ``chunks`` is closed when this returns (a response left unread past the cut closes
+    its connection when it is closed itself).
+    """
+    parts: list[bytes] = []
+    size = 0
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= BODY_READ_MAX:
+                break
+    return b"".join(parts)[:BODY_READ_MAX]
 
 
 class ConnectionStack(httpx2.AsyncBaseTransport):
@@ -83,7 +105,7 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
                 with _as_httpx_errors():
                     response = await connection.handle_async_request(core)
                     try:
-                        body = await response.aread()
+                        body = await read_body(response.aiter_stream())
                     finally:
                         await response.aclose()
             except BaseException:  # cancelled or failed mid-exchange: its state is unknown
