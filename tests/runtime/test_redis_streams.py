@@ -102,6 +102,38 @@ async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
             await settles(redis_url, f"{prefix}:work", "workers")
 
 
+@pytest.mark.parametrize("loss", ["stream deleted", "group destroyed"])
+async def test_a_bridge_whose_stream_or_group_is_lost_makes_the_group_again_and_carries_on(
+    redis_url: str, prefix: str, loss: str
+) -> None:
+    # What a Redis restarted without persistence (or flushed) does to a bridge reading
+    # in a group. Before, its import task died (UnblockedError, then NOGROUP), and the
+    # error ended the bridge's ``async with`` block.
+    here, there = MessageBus(), MessageBus()
+    inbox = there.subscribe("worker", topics=["work"], ack=True)
+    async with (
+        RedisStreamsBridge(here, redis_url, export_topics=["work"], prefix=prefix),
+        RedisStreamsBridge(there, redis_url, import_topics=["work"], group="w", prefix=prefix),
+    ):
+        await here.publish(work(1))
+        with anyio.fail_after(5):
+            held = await inbox.receive()
+        await anyio.sleep(0.1)  # the bridge is blocked reading again
+        async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
+            if loss == "stream deleted":
+                await client.delete([f"{prefix}:work"])
+            else:
+                await client.xgroup_destroy(f"{prefix}:work", "w")
+        await anyio.sleep(0.2)
+        await inbox.aack(held)  # acknowledging what the lost group held is harmless
+        await here.publish(work(2))
+        with anyio.fail_after(5):
+            got = await inbox.receive()
+        assert got.payload == {"n": 2}
+        await inbox.aack(got)
+        await settles(redis_url, f"{prefix}:work", "w")
+
+
 async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
     redis_url: str, prefix: str
 ) -> None:

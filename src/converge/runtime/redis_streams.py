@@ -249,8 +249,12 @@ class RedisStreamsBridge:
         import coredis.exceptions
 
         next_claim = anyio.current_time()
+        lost = False
         while True:
             try:
+                if lost:
+                    await self._create_group(stream)
+                    lost = False
                 if anyio.current_time() >= next_claim:
                     await self._claim_idle(stream)
                     next_claim = anyio.current_time() + self.claim_idle_ms / 2000
@@ -260,7 +264,18 @@ class RedisStreamsBridge:
                 )
                 for entry in (found or {}).get(stream, ()):
                     await self._deliver(stream, entry.identifier, entry.field_values)
-            except (coredis.exceptions.ConnectionError, OSError, TimeoutError) as exc:
+            except (coredis.exceptions.StreamConsumerGroupError, coredis.exceptions.UnblockedError):
+                # The stream or its group is gone: Redis lost its data (restarted without
+                # persistence, flushed) or someone deleted them. What they held is gone
+                # with them; the group is made again, so what comes next is carried.
+                _log.warning("redis streams: %s lost its consumer group; creating it again", stream)
+                lost = True
+            except (
+                coredis.exceptions.ConnectionError,
+                coredis.exceptions.ReadOnlyError,  # a primary turned replica (failover)
+                OSError,
+                TimeoutError,
+            ) as exc:
                 _log.warning("redis streams: reading %s failed (%s); retrying", stream, exc)
                 await anyio.sleep(1.0)
 
