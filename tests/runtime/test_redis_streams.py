@@ -15,10 +15,15 @@ import coredis
 import pytest
 
 from converge.core import Message
-from converge.errors import BusFullError, UsageError
+from converge.errors import (
+    BusFullError,
+    StoreOutcomeUnknownError,
+    StoreUnavailableError,
+    UsageError,
+)
 from converge.runtime import MessageBus
 from converge.runtime.redis_streams import RedisStreamsBridge
-from redis_server import shared_redis_url
+from redis_server import RedisServer, free_port, shared_redis_url
 
 pytestmark = pytest.mark.anyio
 
@@ -134,6 +139,45 @@ async def test_a_bridge_whose_stream_or_group_is_lost_makes_the_group_again_and_
         await settles(redis_url, f"{prefix}:work", "w")
 
 
+async def test_an_export_redis_cannot_take_raises_a_store_error(prefix: str) -> None:
+    # Before: coredis's own ConnectionError reached the publisher, and a stalled Redis
+    # held publish (and the acknowledgements) forever.
+    bus = MessageBus()
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    async with RedisStreamsBridge(bus, nobody, export_topics=["work"], prefix=prefix):
+        with pytest.raises(StoreUnavailableError, match="unreachable"):
+            await bus.publish(work(1))
+
+    with RedisServer() as server:
+        here, there = MessageBus(), MessageBus()
+        inbox = there.subscribe("worker", topics=["work"], ack=True)
+        options = {"prefix": prefix, "timeout_sec": 0.5}
+        async with (
+            RedisStreamsBridge(here, server.url, export_topics=["work"], **options),
+            RedisStreamsBridge(there, server.url, import_topics=["work"], group="w", **options),
+        ):
+            await here.publish(work(1))
+            with anyio.fail_after(5):
+                held = await inbox.receive()
+            server.pause()
+            try:
+                with anyio.fail_after(3):
+                    with pytest.raises(StoreOutcomeUnknownError):
+                        await here.publish(work(2))
+                    await inbox.aack(held)  # its XACK timed out: logged, not raised
+            finally:
+                server.resume()
+            await here.publish(work(3))
+            got = []
+            with anyio.fail_after(5):
+                while len(got) < 2:
+                    message = await inbox.receive()
+                    got.append(message.payload["n"])
+                    await inbox.aack(message)
+            # The export that timed out had reached Redis: an unknown outcome indeed.
+            assert sorted(got) == [2, 3]
+
+
 async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
     redis_url: str, prefix: str
 ) -> None:
@@ -182,6 +226,9 @@ async def test_invalid_arguments_are_usage_errors(redis_url: str) -> None:
         RedisStreamsBridge(bus, redis_url, export_topics=["a.*"])  # a pattern, not a stream
     with pytest.raises(UsageError):
         RedisStreamsBridge(bus, redis_url, maxlen=0)
+    for bad in (0, -1.0, float("nan"), "1", True):
+        with pytest.raises(UsageError, match="timeout_sec"):
+            RedisStreamsBridge(bus, redis_url, timeout_sec=bad)  # type: ignore[arg-type]
     bridge = RedisStreamsBridge(bus, redis_url)
     with pytest.raises(UsageError, match="Message"):
         await bridge.on_settled("m1")  # type: ignore[arg-type]  # raised AttributeError

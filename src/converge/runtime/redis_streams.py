@@ -21,7 +21,8 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from converge._redis_url import check_redis_url
+from converge._redis_errors import redis_error
+from converge._redis_url import check_redis_url, masked_url
 from converge.core.message import Message, Topic
 from converge.errors import BusFullError, MissingDependencyError, UsageError
 from converge.runtime.bus import MessageBus
@@ -123,6 +124,13 @@ class RedisStreamsBridge:
         batch: Most entries read at once.
         block_sec: How long one read waits for new entries.
         claim_idle_sec: Pending entries idle this long are taken from their consumer.
+        timeout_sec: Seconds an export (its ``XADD``) or an acknowledgement may take.
+
+    A ``publish`` whose export fails raises converge's store errors: Redis unreachable,
+    :class:`~converge.errors.StoreUnavailableError` (nothing was added); no answer
+    within ``timeout_sec``, :class:`~converge.errors.StoreOutcomeUnknownError` (the
+    entry may have been added: publishing again is safe, as consumers take a message
+    id once); another Redis error, :class:`~converge.errors.StoreError`.
 
     Raises:
         UsageError: For invalid arguments.
@@ -143,6 +151,7 @@ class RedisStreamsBridge:
         batch: int = 64,
         block_sec: float = 1.0,
         claim_idle_sec: float = 30.0,
+        timeout_sec: float = 10.0,
     ) -> None:
         if not isinstance(bus, MessageBus):
             raise UsageError("bus must be a MessageBus")
@@ -161,6 +170,8 @@ class RedisStreamsBridge:
         self.batch = int(_positive("batch", batch, integer=True))
         self.block_ms = max(1, int(_positive("block_sec", block_sec) * 1000))
         self.claim_idle_ms = max(1, int(_positive("claim_idle_sec", claim_idle_sec) * 1000))
+        self.timeout_sec = _positive("timeout_sec", timeout_sec)
+        self._server = repr(masked_url(url))
         try:
             import coredis
         except ImportError as exc:  # pragma: no cover - the dev extra installs coredis
@@ -236,7 +247,16 @@ class RedisStreamsBridge:
             if topic.name not in self.export_topics:
                 continue
             stream = self.stream(topic.name)
-            added = await self._add(keys=[stream], args=[self.maxlen, data])
+            try:
+                with anyio.fail_after(self.timeout_sec):
+                    added = await self._add(keys=[stream], args=[self.maxlen, data])
+            except Exception as exc:
+                mapped = redis_error(
+                    exc, server=self._server, timeout=self.timeout_sec, write_key=stream
+                )
+                if mapped is None:
+                    raise
+                raise mapped from exc
             if not added:
                 raise BusFullError(
                     f"a consumer group of {stream} has {self.maxlen} messages outstanding; "
@@ -316,13 +336,20 @@ class RedisStreamsBridge:
             await self.on_settled(message)
 
     async def _bury(self, entry: _Entry, record: dict[str, Any]) -> None:
-        await self._client.xadd(
-            f"{self.prefix}:dead",
-            {"m": json.dumps({**record, "stream": entry.stream}, separators=(",", ":"))},
-            trim_strategy=_maxlen_token(),
-            threshold=self.maxlen,
-        )
-        await self._client.xack(entry.stream, self.group, [entry.entry_id])
+        with anyio.fail_after(self.timeout_sec):
+            await self._client.xadd(
+                f"{self.prefix}:dead",
+                {"m": json.dumps({**record, "stream": entry.stream}, separators=(",", ":"))},
+                trim_strategy=_maxlen_token(),
+                threshold=self.maxlen,
+            )
+        await self._ack(entry)
+
+    async def _ack(self, entry: _Entry) -> None:
+        # Not acknowledged (Redis down, no answer in time): the entry stays pending and is
+        # claimed and delivered again, and its consumer takes that message id once.
+        with anyio.fail_after(self.timeout_sec):
+            await self._client.xack(entry.stream, self.group, [entry.entry_id])
 
     # -- the bus's acknowledgements (AckListener) --------------------------------------
 
@@ -330,7 +357,7 @@ class RedisStreamsBridge:
         """Every local acking subscriber is done with ``message``: ``XACK`` its entries."""
         _check_message(message)
         for entry in self._inflight.pop(message.id, ()):
-            await self._client.xack(entry.stream, self.group, [entry.entry_id])
+            await self._ack(entry)
 
     async def on_dead(self, message: Message, consumer: str, reason: str) -> None:
         """A local subscriber gave ``message`` up: keep it in ``{prefix}:dead``, ``XACK``."""

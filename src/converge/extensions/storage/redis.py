@@ -24,6 +24,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from converge._redis_errors import redis_error
 from converge._redis_url import check_redis_url, masked_url
 from converge._sorting import sort_yielding
 from converge._sync import LoopLocal, Portal, check_sync_allowed
@@ -41,8 +42,6 @@ from converge.errors import (
     MissingDependencyError,
     StoreCorruptedError,
     StoreError,
-    StoreOutcomeUnknownError,
-    StoreUnavailableError,
     UsageError,
 )
 from converge.extensions.storage import _redis_index
@@ -89,12 +88,6 @@ class _LoopClient:
     def __init__(self, client: _Client) -> None:
         self.client = client
         self.depth = 0
-
-
-def _leaves(exc: BaseException) -> builtins.list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 class RedisStore(Store):
@@ -219,22 +212,7 @@ class RedisStore(Store):
 
     def _map_error(self, exc: BaseException, write_key: str | None = None) -> BaseException | None:
         """converge's error for ``exc``; a write that got no answer is an unknown outcome."""
-        for leaf in _leaves(exc):
-            if isinstance(
-                leaf, coredis.exceptions.ConnectionError | OSError | TimeoutError
-            ) and not isinstance(leaf, StoreError):
-                if write_key is not None and not _refused(leaf):
-                    return StoreOutcomeUnknownError(
-                        write_key,
-                        f"Redis at {self._safe_url} did not answer within {self._timeout} s "
-                        f"({type(leaf).__name__}: {leaf})",
-                    )
-                return StoreUnavailableError(
-                    f"Redis at {self._safe_url} is unreachable or not answering: {leaf}"
-                )
-            if isinstance(leaf, coredis.exceptions.RedisError):
-                return StoreError(f"Redis at {self._safe_url} failed: {leaf}")
-        return None
+        return redis_error(exc, server=self._safe_url, timeout=self._timeout, write_key=write_key)
 
     async def _call(
         self,
@@ -690,18 +668,6 @@ async def _eval(client: _Client, source: str, keys: Sequence[bytes], args: Seque
         return await client.evalsha(_script_sha(source), keys, args)
     except coredis.exceptions.NoScriptError:
         return await client.eval(source, keys, args)
-
-
-def _refused(exc: BaseException) -> bool:
-    """True when ``exc`` (or what caused it) is a refused connection: nothing was sent."""
-    seen: builtins.set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConnectionRefusedError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _px(ttl: float | None) -> str:
