@@ -135,16 +135,18 @@ def guarded_protocol(
 
         def _refuse(self, answer: bytes) -> None:
             self._stop_waiting()
-            self.transport.write(answer)
+            self.transport.write(answer)  # b"": nothing
             self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's answer when h11 cannot read the request (uvicorn has logged it);
             # once the app's answer has begun, there is no second one: only the close.
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self.transport.write(_MALFORMED)
-            self._stop_waiting()
-            self.transport.close()
+            began = self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+            self._refuse(b"" if began else _MALFORMED)
+
+        def _refuse_head(self) -> None:
+            self.logger.warning("Request head over max_header_bytes: answered 431.")
+            self._refuse(_HEAD_TOO_LARGE)
 
         def _head_too_large(self, data: bytes) -> bool:
             # Called with what arrives while no request head has been read, or with b""
@@ -204,8 +206,7 @@ def guarded_protocol(
 
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE and self._head_too_large(data):
-                self.logger.warning("Request head over max_header_bytes: answered 431.")
-                self._refuse(_HEAD_TOO_LARGE)
+                self._refuse_head()
                 return
             super().data_received(data)
             self._track()
@@ -213,8 +214,7 @@ def guarded_protocol(
         def on_response_complete(self) -> None:
             # A pipelined request's head, read while the last one was served.
             if self.conn.their_state is h11.DONE and self._head_too_large(b""):
-                self.logger.warning("Request head over max_header_bytes: answered 431.")
-                self._refuse(_HEAD_TOO_LARGE)
+                self._refuse_head()
             super().on_response_complete()
             if self.transport.is_closing():
                 return
