@@ -7,7 +7,8 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -21,7 +22,7 @@ from converge.errors import (
     StoreUnavailableError,
     UsageError,
 )
-from converge.runtime import MessageBus
+from converge.runtime import MessageBus, Subscription
 from converge.runtime.redis_streams import RedisStreamsBridge
 from redis_server import RedisServer, free_port, shared_redis_url
 
@@ -53,6 +54,21 @@ async def settles(url: str, stream: str, group: str) -> None:
             return
         await anyio.sleep(0.01)
     raise AssertionError(f"{group} still has entries pending on {stream}")
+
+
+@asynccontextmanager
+async def bridged(
+    url: str, prefix: str, **options: float
+) -> AsyncIterator[tuple[MessageBus, Subscription]]:
+    """A bus exporting ``work`` and another importing it in group ``w``: the first, and
+    the second's acking subscription."""
+    here, there = MessageBus(), MessageBus()
+    inbox = there.subscribe("worker", topics=["work"], ack=True)
+    async with (
+        RedisStreamsBridge(here, url, export_topics=["work"], prefix=prefix, **options),
+        RedisStreamsBridge(there, url, import_topics=["work"], group="w", prefix=prefix, **options),
+    ):
+        yield here, inbox
 
 
 def work(n: int) -> Message:
@@ -114,12 +130,7 @@ async def test_a_bridge_whose_stream_or_group_is_lost_makes_the_group_again_and_
     # What a Redis restarted without persistence (or flushed) does to a bridge reading
     # in a group. Before, its import task died (UnblockedError, then NOGROUP), and the
     # error ended the bridge's ``async with`` block.
-    here, there = MessageBus(), MessageBus()
-    inbox = there.subscribe("worker", topics=["work"], ack=True)
-    async with (
-        RedisStreamsBridge(here, redis_url, export_topics=["work"], prefix=prefix),
-        RedisStreamsBridge(there, redis_url, import_topics=["work"], group="w", prefix=prefix),
-    ):
+    async with bridged(redis_url, prefix) as (here, inbox):
         await here.publish(work(1))
         with anyio.fail_after(5):
             held = await inbox.receive()
@@ -149,13 +160,7 @@ async def test_an_export_redis_cannot_take_raises_a_store_error(prefix: str) -> 
             await bus.publish(work(1))
 
     with RedisServer() as server:
-        here, there = MessageBus(), MessageBus()
-        inbox = there.subscribe("worker", topics=["work"], ack=True)
-        options = {"prefix": prefix, "timeout_sec": 0.5}
-        async with (
-            RedisStreamsBridge(here, server.url, export_topics=["work"], **options),
-            RedisStreamsBridge(there, server.url, import_topics=["work"], group="w", **options),
-        ):
+        async with bridged(server.url, prefix, timeout_sec=0.5) as (here, inbox):
             await here.publish(work(1))
             with anyio.fail_after(5):
                 held = await inbox.receive()
@@ -168,7 +173,7 @@ async def test_an_export_redis_cannot_take_raises_a_store_error(prefix: str) -> 
             finally:
                 server.resume()
             await here.publish(work(3))
-            got = []
+            got: list[int] = []
             with anyio.fail_after(5):
                 while len(got) < 2:
                     message = await inbox.receive()
@@ -194,12 +199,7 @@ async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
 async def test_a_dead_lettered_message_is_kept_and_acknowledged(
     redis_url: str, prefix: str
 ) -> None:
-    here, there = MessageBus(), MessageBus()
-    inbox = there.subscribe("worker", topics=["work"], ack=True)
-    async with (
-        RedisStreamsBridge(here, redis_url, export_topics=["work"], prefix=prefix),
-        RedisStreamsBridge(there, redis_url, import_topics=["work"], group="w", prefix=prefix),
-    ):
+    async with bridged(redis_url, prefix) as (here, inbox):
         sent = work(9)
         await here.publish(sent)
         with anyio.fail_after(5):

@@ -307,14 +307,19 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def send_through_proxy(monkeypatch: pytest.MonkeyPatch, proxy_url: str) -> None:
+    """Set the environment's HTTP proxy for this test (and no exceptions to it)."""
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
 async def test_deliveries_go_through_a_proxy_set_in_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     built_on = spy_on_tls_builds(monkeypatch)
     async with raw_servers() as (proxy,):
-        monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
+        send_through_proxy(monkeypatch, proxy.url)
         url = "http://hooks.example.invalid/hook"
         c = make(targets=[OutboundTarget("app", url)])
         async with dispatching(c):
@@ -374,9 +379,7 @@ async def test_a_target_answering_an_endless_body_is_delivered_at_once(
     async with serving(server.handle) as port:
         url = f"http://127.0.0.1:{port}/hook"
         if proxy:  # httpx2's client, through the proxy, which answers itself
-            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-            monkeypatch.delenv("NO_PROXY", raising=False)
-            monkeypatch.delenv("no_proxy", raising=False)
+            send_through_proxy(monkeypatch, f"http://127.0.0.1:{port}")
             url = "http://hooks.example.invalid/hook"
         c = make(targets=[OutboundTarget("app", url)])
         async with dispatching(c):
