@@ -27,6 +27,7 @@ from outbound_helpers import action, dispatching, make
 from converge.extensions.connectors import OutboundTarget
 from converge.extensions.connectors.connections import (
     BODY_READ_MAX,
+    BODY_READ_SEC,
     ConnectionStack,
     _CoalescingBackend,
 )
@@ -334,15 +335,17 @@ async def test_deliveries_go_through_a_proxy_set_in_the_environment(
 
 class EndlessServer:
     """Answers every request ``200`` and a body that never ends (a megabyte at a time,
-    until the client closes); counts connections and the bytes it sent."""
+    until the client closes, or with ``trickle`` a byte every 50 ms); counts
+    connections and the bytes it sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trickle: bool = False) -> None:
         self.connections = 0
         self.sent = 0
+        self.trickle = trickle
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         self.connections += 1
-        chunk = b"x" * (1 << 20)
+        chunk = b"x" if self.trickle else b"x" * (1 << 20)
         try:
             buffer = b""
             while b"\r\n\r\n" not in buffer:
@@ -351,6 +354,8 @@ class EndlessServer:
             while True:
                 await stream.send(chunk)
                 self.sent += len(chunk)
+                if self.trickle:
+                    await anyio.sleep(0.05)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
@@ -371,11 +376,26 @@ async def test_a_body_past_the_read_limit_is_cut_and_its_connection_closed() -> 
     assert server.sent < 64 << 20  # what the socket buffers held, not the body
 
 
+async def test_a_body_slower_than_the_read_time_is_cut_and_its_connection_closed() -> None:
+    server = EndlessServer(trickle=True)
+    async with serving(server.handle) as port, stack_client() as client:
+        with anyio.fail_after(5):  # the client's timeout: it would have run out first
+            started = anyio.current_time()
+            first = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+            took = anyio.current_time() - started
+            second = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert BODY_READ_SEC <= took < BODY_READ_SEC + 1.0
+    assert 0 < len(first.content) < 100
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("trickle", [False, True])
 @pytest.mark.parametrize("proxy", [False, True])
 async def test_a_target_answering_an_endless_body_is_delivered_at_once(
-    proxy: bool, monkeypatch: pytest.MonkeyPatch
+    proxy: bool, trickle: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = EndlessServer()
+    server = EndlessServer(trickle=trickle)
     async with serving(server.handle) as port:
         url = f"http://127.0.0.1:{port}/hook"
         if proxy:  # httpx2's client, through the proxy, which answers itself

@@ -14,9 +14,10 @@ call) and on a network avoids a delayed-ACK wait where Nagle's algorithm is on.
 
 It is an httpx2 transport (an ``AsyncClient`` can use it), but made for the outbound
 transport, which calls it directly and needs only a response's status and headers: it
-reads at most :data:`BODY_READ_MAX` bytes of a body before returning the response. A
-longer body is not read on, and its connection is closed rather than kept, so a target
-that answers with gigabytes (or never ends its body) costs neither memory nor time.
+reads at most :data:`BODY_READ_MAX` bytes of a body, for at most :data:`BODY_READ_SEC`,
+before returning the response. The rest of a longer or slower body is not read, and its
+connection is closed rather than kept, so a target that answers with gigabytes, or
+trickles its body, or never ends it, costs neither memory nor time.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ import httpx2
 
 from converge._tls import ashared_ssl_context
 
-__all__ = ["BODY_READ_MAX", "ConnectionStack", "read_body"]
+__all__ = ["BODY_READ_MAX", "BODY_READ_SEC", "ConnectionStack", "read_body"]
 
 _Key = tuple[bytes, bytes, int | None]
 # A request's head and body are sent in one write up to this size.
 _COALESCED_MAX = 64 * 1024
 #: The bytes of a response body read at most.
 BODY_READ_MAX = 64 * 1024
+#: The seconds a response body is read at most, once its head has come.
+BODY_READ_SEC = 1.0
 
 
 async def read_body(chunks: AsyncGenerator[bytes]) -> bytes:
-    """The body ``chunks`` make, cut at :data:`BODY_READ_MAX` bytes: no more are read.
+    """The body ``chunks`` make, cut at :data:`BODY_READ_MAX` bytes or after
+    :data:`BODY_READ_SEC` seconds: no more is read.
 
     ``chunks`` is closed when this returns (a response left unread past the cut closes
     its connection when it is closed itself).
@@ -50,11 +54,12 @@ async def read_body(chunks: AsyncGenerator[bytes]) -> bytes:
     parts: list[bytes] = []
     size = 0
     async with aclosing(chunks):
-        async for chunk in chunks:
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= BODY_READ_MAX:
-                break
+        with anyio.move_on_after(BODY_READ_SEC):
+            async for chunk in chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= BODY_READ_MAX:
+                    break
     return b"".join(parts)[:BODY_READ_MAX]
 
 
