@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx2
 
-from converge import _sync
+from converge import _http, _sync
 from converge._tls import ashared_ssl_context
 from converge.core.metrics import MetricsCollector
 from converge.extensions.connectors.connections import ConnectionStack, read_body
@@ -40,18 +39,14 @@ _USER_AGENT = "converge-webhook/0.1"
 # are the defaults it would add (no cookies: a target's cookie is never sent back).
 _CLIENT_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "connection": "keep-alive"}
 _PARSED_URLS_KEPT = 1024
-# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs (httpx2
-# sends str values as ASCII, so obs-text cannot be sent either).
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE_RE = re.compile(r"[\t\x20-\x7e]*")
 
 
 def unsendable_reason(request: OutboundRequest) -> str | None:
     """Why ``request`` can never be sent (a header RFC 9110 refuses), or None."""
     for name, value in request.headers.items():
-        if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+        if not isinstance(name, str) or not _http.HEADER_NAME.fullmatch(name):
             return "invalid header name"
-        if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
+        if not isinstance(value, str) or not _http.HEADER_VALUE.fullmatch(value):
             return f"invalid value of header {name}"
     return None
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import binascii
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from converge import _http
 from converge.errors import UsageError
 from converge.extensions.llm.protocol import ToolCall
 
@@ -54,10 +54,6 @@ OPTIONS: Mapping[str, str] = {
 _TOOL_CHOICES = frozenset({"auto", "none", "required"})
 _IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _PART_TYPES = frozenset({"text", "image", "document"})
-# RFC 9110: a header name is a token; a value is visible ASCII, spaces and tabs (we leave
-# out obs-text: the SDKs encode header values as ASCII).
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,9 +359,9 @@ def _headers(value: Any) -> dict[str, str] | None:
     for name, text in value.items():
         if not isinstance(name, str) or not isinstance(text, str):
             raise UsageError("extra_headers must be a dict of header name -> string value")
-        if _HEADER_NAME.fullmatch(name) is None:
+        if _http.HEADER_NAME.fullmatch(name) is None:
             raise UsageError(f"extra_headers: {name!r} is not a valid HTTP header name")
-        if _HEADER_VALUE.fullmatch(text) is None:
+        if _http.HEADER_VALUE.fullmatch(text) is None:
             raise UsageError(
                 f"extra_headers[{name!r}] must be printable ASCII (no line breaks or "
                 "control characters)"
