@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from converge._redis_errors import redis_error
+from converge._redis_eviction import warn_if_evicting
 from converge._redis_url import check_redis_url, masked_url
 from converge.core.message import Message, Topic
 from converge.errors import BusFullError, MissingDependencyError, UsageError
@@ -198,6 +199,12 @@ class RedisStreamsBridge:
             raise UsageError("a RedisStreamsBridge is entered once")
         await self._client.__aenter__()
         try:
+            with anyio.move_on_after(self.timeout_sec):
+                await warn_if_evicting(
+                    self._client,
+                    server=self._server,
+                    holds="stream entries (messages between processes)",
+                )
             self._add = self._client.register_script(_ADD_SCRIPT)
             for topic in self.import_topics:
                 await self._create_group(self.stream(topic))

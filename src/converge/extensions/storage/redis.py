@@ -25,6 +25,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from converge._redis_errors import redis_error
+from converge._redis_eviction import warn_if_evicting
 from converge._redis_url import check_redis_url, masked_url
 from converge._sorting import sort_yielding
 from converge._sync import LoopLocal, Portal, check_sync_allowed
@@ -172,6 +173,7 @@ class RedisStore(Store):
         self._keeper_pid = 0
         self._keeper_stop: anyio.Event | None = None
         self._closed = False
+        self._policy_read = False
         #: How many ``update`` attempts lost to a concurrent writer and ran again.
         self.update_conflicts = 0
 
@@ -264,8 +266,19 @@ class RedisStore(Store):
                 if mapped is None:
                     raise
                 raise mapped from exc
+            await self._check_policy(holder.client)
         holder.depth += 1
         return self
+
+    async def _check_policy(self, client: _Client) -> None:
+        # Once per store, when a pool opens: warn if Redis may evict our keys.
+        if not self._policy_read:
+            with anyio.move_on_after(self._timeout):
+                self._policy_read = await warn_if_evicting(
+                    client,
+                    server=self._safe_url,
+                    holds="RedisStore keys (a gateway's accepted events, replay claims, outbox)",
+                )
 
     async def __aexit__(
         self,
@@ -294,6 +307,7 @@ class RedisStore(Store):
         holder = self._clients.get()
         stop = self._keeper_stop = anyio.Event()
         async with holder.client:
+            await self._check_policy(holder.client)
             holder.depth += 1
             try:
                 ready.set()
