@@ -42,6 +42,7 @@ ConvergeError
 │       └── ProviderResponseError              malformed / unexpected response
 │           ├── ProviderOverloadedError        server overloaded (529, overloaded_error)
 │           ├── ResponseTruncatedError         stopped at the token limit; carries .result
+│           ├── ResponseIncompleteError        a stream ended with no stop reason; .result
 │           ├── ContentFilteredError           cut by a content filter; carries .result
 │           └── ResponseRefusedError           the model refused; carries .result
 ├── RateLimitError
@@ -96,6 +97,7 @@ __all__ = [
     "QueueFullError",
     "RateLimitError",
     "RateLimitTimeoutError",
+    "ResponseIncompleteError",
     "ResponseRefusedError",
     "ResponseTruncatedError",
     "RuntimeBusError",
@@ -353,6 +355,21 @@ class ResponseTruncatedError(_ResultError):
         result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`;
             pass ``allow_partial=True`` to get it returned instead. Raise ``max_tokens``
             (or ``max_completion_tokens``) to get the whole answer.
+    """
+
+
+class ResponseIncompleteError(_ResultError):
+    """A stream ended before the provider said the answer was complete: no stop reason
+    came (no ``finish_reason``, no ``message_delta``), so a proxy, a load balancer or the
+    provider cut it short and the text may stop mid-sentence.
+
+    Retried by the :class:`RetryPolicy <converge.extensions.llm.RetryPolicy>` when it
+    ends a stream before any text; raised at the end of the stream after text.
+
+    Attributes:
+        result: The partial :class:`ChatResult <converge.extensions.llm.ChatResult>`
+            (``stop_reason == "incomplete"``); pass ``allow_partial=True`` to get it
+            returned instead.
     """
 
 

@@ -33,6 +33,7 @@ from converge.errors import (
     ContentFilteredError,
     DecisionParseError,
     ProviderAuthError,
+    ResponseIncompleteError,
     ResponseRefusedError,
     ResponseTruncatedError,
     UsageError,
@@ -281,6 +282,39 @@ async def test_a_streamed_truncated_answer_is_reported_as_truncated() -> None:
     assert await agent.adecide([], tasks()) == []
     (problem,) = errors
     assert isinstance(problem, ResponseTruncatedError)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_an_answer_cut_short_is_a_failed_call_not_decisions(streamed: bool) -> None:
+    # Half a decision list that parses must not be acted on: the call fails, is
+    # reported, and raises, so the runner can take the task again. A custom provider
+    # reports the cut as a result (or a stream's stop reason), not as an error.
+    half = '[{"type": "UpdateTask", "task_id": "t1", "state": "running"}]'
+
+    class CutStream:
+        stop_reason = "incomplete"
+
+        def __aiter__(self) -> AsyncIterator[str]:
+            return self._deltas()
+
+        async def _deltas(self) -> AsyncIterator[str]:
+            yield half
+
+    class Custom:
+        async def acomplete(self, messages: Any, **kwargs: Any) -> ChatResult:
+            return ChatResult(half, stop_reason="incomplete")
+
+        def chat_stream(self, messages: Any, **kwargs: Any) -> CutStream:
+            return CutStream()
+
+    errors: list[Exception | str] = []
+    agent = LLMAgent(IDENTITY, Custom(), on_decide_error=errors.append)
+    if streamed:
+        recorder(agent.events, TextDelta)
+    with pytest.raises(ResponseIncompleteError):
+        await agent.adecide([], tasks())
+    (problem,) = errors
+    assert isinstance(problem, ResponseIncompleteError)
 
 
 async def test_events_stream_to_a_ui_task() -> None:

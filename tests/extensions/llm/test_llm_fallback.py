@@ -19,6 +19,7 @@ from converge.errors import (
     ProviderResponseError,
     ProviderTimeoutError,
     RateLimitTimeoutError,
+    ResponseIncompleteError,
     ResponseTruncatedError,
     UsageError,
 )
@@ -37,6 +38,7 @@ FALLS_BACK = [
     ProviderConnectionError("refused", provider="a"),
     ProviderRateLimitError("429 beyond the cap", provider="a", status_code=429, retry_after=600),
     RateLimitTimeoutError("local limit", retry_after=30),
+    ResponseIncompleteError("cut", provider="a", result=ChatResult("", stop_reason="incomplete")),
 ]
 RAISED = [
     ProviderAuthError("bad key", provider="a", status_code=401),

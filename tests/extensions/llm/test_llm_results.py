@@ -13,6 +13,7 @@ from llm_helpers import Wire
 from converge.errors import (
     ContentFilteredError,
     ProviderResponseError,
+    ResponseIncompleteError,
     ResponseRefusedError,
     ResponseTruncatedError,
 )
@@ -39,6 +40,21 @@ TRUNCATED_STREAM = {
     "anthropic": lambda d: fake.anthropic_stream(d, stop_reason="max_tokens"),
     "mistral": lambda d: fake.mistral_stream(d, finish_reason="length"),
 }
+
+# The frames of each API's stream before its first text delta (role chunk, or
+# message_start + content_block_start + ping): a stream cut after them and ``n`` deltas
+# keeps ``OPENING + n`` frames and has no stop reason.
+OPENING = {"openai": 1, "anthropic": 3, "mistral": 1}
+
+
+def cut_short(wire: Wire, deltas: list[str]) -> Reply:
+    """``wire``'s stream of ``deltas``, ended cleanly after the last one: no stop reason,
+    no closing event, as a proxy or load balancer that cuts a stream leaves it."""
+    reply = wire.stream(deltas)
+    assert reply.events is not None
+    return Reply(
+        events=reply.events[: OPENING[wire.name] + len(deltas)], content_type="text/event-stream"
+    )
 
 
 # -- the result object -------------------------------------------------------------
@@ -137,6 +153,46 @@ async def test_stream_result_holds_the_stop_reason_and_truncation_raises_at_the_
     assert await stream.acollect() == "c"
     assert stream.result is not None
     assert stream.result.truncated
+
+
+async def test_a_stream_cut_short_raises_incomplete_at_the_end_carrying_its_text(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    # It used to end as if complete, with stop reason "other": half an answer as a whole.
+    server.push(cut_short(wire, ["Hel", "lo"]))
+    stream = provider.chat_stream(MESSAGES)
+    assert await stream.__anext__() == "Hel"
+    assert await stream.__anext__() == "lo"
+    with pytest.raises(ResponseIncompleteError) as info:
+        await stream.__anext__()
+    assert isinstance(info.value, ProviderResponseError)
+    assert "no stop reason" in str(info.value)
+    assert info.value.provider == wire.name
+    assert info.value.result.text == "Hello"
+    assert stream.stop_reason == "incomplete"
+    assert stream.result is not None
+    assert stream.result.raw_stop_reason is None
+    assert len(server.requests) == 1  # text was shown: not retried
+    server.push(cut_short(wire, ["Hel", "lo"]))
+    stream = provider.chat_stream(MESSAGES, allow_partial=True)
+    assert await stream.acollect() == "Hello"
+    assert stream.stop_reason == "incomplete"
+
+
+async def test_a_stream_cut_before_any_text_is_retried(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    server.push(cut_short(wire, []), cut_short(wire, []), wire.stream(["whole"]))
+    stream = provider.chat_stream(MESSAGES)
+    assert await stream.acollect() == "whole"
+    assert stream.stop_reason == "stop"
+    assert len(server.requests) == 3
+    server.reset()
+    server.push(*(cut_short(wire, []) for _ in range(3)))  # the policy's 2 retries, spent
+    with pytest.raises(ResponseIncompleteError) as info:
+        await provider.chat_stream(MESSAGES).acollect()
+    assert info.value.result.text == ""
+    assert len(server.requests) == 3
 
 
 async def test_a_complete_stream_reports_stop_model_and_id(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from converge.errors import (
     ContentFilteredError,
     ProviderOverloadedError,
+    ResponseIncompleteError,
     ResponseRefusedError,
     ResponseTruncatedError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "OpenAIProvider",
     "ProviderOverloadedError",
     "ReActResult",
+    "ResponseIncompleteError",
     "ResponseRefusedError",
     "ResponseTruncatedError",
     "RetryPolicy",

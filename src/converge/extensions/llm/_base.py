@@ -31,9 +31,10 @@ from converge.errors import (
     ConfigurationError,
     MissingDependencyError,
     ProviderError,
+    ResponseIncompleteError,
     UsageError,
 )
-from converge.extensions.llm._errors import bad_response, check_result
+from converge.extensions.llm._errors import bad_response, check_result, incomplete
 from converge.extensions.llm._request import ChatRequest, build_request
 from converge.extensions.llm._retry import Failure, RetryPolicy, acall_with_retry
 from converge.extensions.llm.protocol import ChatResult, Usage
@@ -142,8 +143,9 @@ class StreamState:
             self.stop_reason = normalise(raw)
 
     def result(self, text: str) -> ChatResult:
-        """The stream's :class:`ChatResult` once it ended, ``text`` being all deltas."""
-        stop_reason = self.stop_reason or "other"
+        """The stream's :class:`ChatResult` once it ended, ``text`` being all deltas
+        (``"incomplete"`` when no stop reason came: the stream was cut short)."""
+        stop_reason = self.stop_reason or "incomplete"
         if self.refusal:
             stop_reason, text = "refusal", text or "".join(self.refusal)
         return ChatResult(
@@ -306,6 +308,8 @@ class SDKProvider:
     def _classify(self, exc: Exception, now: float) -> Failure | None:
         if self._closed:  # closed during the call: its client is gone, retry nothing
             raise self._closed_error() from exc
+        if isinstance(exc, ResponseIncompleteError):  # cut before any text: call again
+            return Failure(exc, True)
         if isinstance(exc, ProviderError):  # raised by our own response parsing
             return Failure(exc, False)
         return self._classify_sdk(exc, now)
@@ -525,6 +529,8 @@ class SDKProvider:
                 delta = self._parse_event(event, state)
                 if delta:
                     return stream, events, state, delta
+            if state.stop_reason is None and not state.refusal:
+                raise incomplete(self.provider_name, state.result(""))
         except BaseException:
             await self._release(stream, events)
             raise

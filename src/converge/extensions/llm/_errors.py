@@ -21,6 +21,7 @@ from converge.errors import (
     ProviderRateLimitError,
     ProviderResponseError,
     ProviderTimeoutError,
+    ResponseIncompleteError,
     ResponseRefusedError,
     ResponseTruncatedError,
 )
@@ -161,10 +162,13 @@ def check_result(result: ChatResult, provider: str, *, allow_partial: bool) -> C
         ResponseTruncatedError: ``stop_reason == "length"``.
         ContentFilteredError: ``stop_reason == "content_filter"``.
         ResponseRefusedError: ``stop_reason == "refusal"``.
+        ResponseIncompleteError: ``stop_reason == "incomplete"``.
     """
     reason = result.stop_reason
-    if allow_partial or reason not in ("length", "content_filter", "refusal"):
+    if allow_partial or reason not in ("length", "content_filter", "refusal", "incomplete"):
         return result
+    if reason == "incomplete":
+        raise incomplete(provider, result)
     raw = f" ({result.raw_stop_reason})" if result.raw_stop_reason else ""
     if reason == "length":
         raise ResponseTruncatedError(
@@ -184,6 +188,18 @@ def check_result(result: ChatResult, provider: str, *, allow_partial: bool) -> C
     detail = f": {result.text[:_DETAIL_CAP]}" if result.text else ""
     raise ResponseRefusedError(
         f"{provider}: the model refused to answer{raw}{detail}", provider=provider, result=result
+    )
+
+
+def incomplete(provider: str, result: ChatResult) -> ResponseIncompleteError:
+    """The error for a stream that ended with no stop reason (``result``: its text)."""
+    return ResponseIncompleteError(
+        f"{provider}: the stream ended before the provider said the answer was complete "
+        f"(no stop reason), after {len(result.text)} characters of text: a proxy, a load "
+        "balancer or the provider cut it short; call again, or pass allow_partial=True to "
+        "accept the partial text",
+        provider=provider,
+        result=result,
     )
 
 

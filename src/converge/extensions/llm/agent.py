@@ -43,6 +43,7 @@ from converge.extensions.llm._conversation import (
     reask_turns,
     user_turn,
 )
+from converge.extensions.llm._errors import incomplete
 from converge.extensions.llm.decisions_json import (
     EMIT_DECISIONS_TOOL as _EMIT_DECISIONS_TOOL,
 )
@@ -341,6 +342,8 @@ class LLMAgent(Agent):
         }
 
     def _from_result(self, result: ChatResult) -> _Reply:
+        if result.stop_reason == "incomplete":  # a cut stream: a failure of the call
+            raise incomplete(type(self.provider).__name__, result)
         problem = _STOP_ERRORS.get(result.stop_reason)
         if problem is not None:  # a custom provider returned it instead of raising
             cls, message = problem
@@ -377,7 +380,7 @@ class LLMAgent(Agent):
         usage = usage if isinstance(usage, Usage) else None
         stop = getattr(stream, "stop_reason", None)
         text = "".join(parts)
-        if isinstance(stop, str) and stop in _STOP_ERRORS:
+        if isinstance(stop, str) and (stop in _STOP_ERRORS or stop == "incomplete"):
             return self._from_result(ChatResult(text, usage or Usage(None, None), stop))
         return _Reply(text, usage, stop if isinstance(stop, str) else None)
 

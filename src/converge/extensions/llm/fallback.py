@@ -24,6 +24,7 @@ from converge.errors import (
     ProviderResponseError,
     ProviderTimeoutError,
     RateLimitTimeoutError,
+    ResponseIncompleteError,
     UsageError,
 )
 from converge.extensions.llm._calls import (
@@ -48,7 +49,8 @@ def is_fallback_error(exc: BaseException) -> bool:
     True for :class:`~converge.errors.ProviderOverloadedError`,
     :class:`~converge.errors.ProviderRateLimitError`,
     :class:`~converge.errors.ProviderTimeoutError`,
-    :class:`~converge.errors.ProviderConnectionError`, a
+    :class:`~converge.errors.ProviderConnectionError`,
+    :class:`~converge.errors.ResponseIncompleteError` (a stream cut short), a
     :class:`~converge.errors.ProviderResponseError` with a 5xx status, and
     :class:`~converge.errors.RateLimitTimeoutError` (a local limit's wait too long).
     False for everything else: auth errors, other 4xx, malformed 2xx bodies, truncated,
@@ -60,6 +62,7 @@ def is_fallback_error(exc: BaseException) -> bool:
         | ProviderRateLimitError
         | ProviderTimeoutError
         | ProviderConnectionError
+        | ResponseIncompleteError
         | RateLimitTimeoutError,
     ):
         return True

@@ -12,7 +12,9 @@ from converge.errors import UsageError
 __all__ = ["STOP_REASONS", "ChatResult", "LLMProvider", "ToolCall", "Usage"]
 
 #: The normalised stop reasons of :attr:`ChatResult.stop_reason`.
-STOP_REASONS = frozenset({"stop", "length", "content_filter", "refusal", "tool_calls", "other"})
+STOP_REASONS = frozenset(
+    {"stop", "length", "content_filter", "refusal", "tool_calls", "other", "incomplete"}
+)
 
 _COUNTS = (
     "input_tokens",
@@ -129,7 +131,8 @@ class ChatResult:
         usage: Tokens the call consumed.
         stop_reason: Why the model stopped, normalised: ``"stop"`` (natural end or a stop
             sequence), ``"length"`` (output token limit), ``"content_filter"``,
-            ``"refusal"``, ``"tool_calls"`` or ``"other"``.
+            ``"refusal"``, ``"tool_calls"``, ``"other"`` or ``"incomplete"`` (a stream
+            that ended with no stop reason: cut short).
         raw_stop_reason: The provider's own value (``"end_turn"``, ``"max_tokens"``,
             ``"model_length"``, ...), or None when it sent none.
         model: The model that answered, as the provider named it.

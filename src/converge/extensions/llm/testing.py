@@ -21,9 +21,11 @@ A reply is the text, ``(text, Usage)``, or a full
 :class:`~converge.extensions.llm.ChatResult` (stop reason, usage, tool calls, ...). Like
 the real providers, ``acomplete`` raises
 :class:`~converge.errors.ResponseTruncatedError`,
-:class:`~converge.errors.ContentFilteredError` or
-:class:`~converge.errors.ResponseRefusedError` for a ``"length"``, ``"content_filter"``
-or ``"refusal"`` stop unless ``allow_partial=True``; and with
+:class:`~converge.errors.ContentFilteredError`,
+:class:`~converge.errors.ResponseRefusedError` or
+:class:`~converge.errors.ResponseIncompleteError` for a ``"length"``,
+``"content_filter"``, ``"refusal"`` or ``"incomplete"`` stop unless
+``allow_partial=True``; and with
 ``use_structured_output=True`` plus ``emit_decisions_tool``, a text reply that is a JSON
 object comes back as a native call of that tool (``stop_reason="tool_calls"``).
 """
