@@ -51,6 +51,10 @@ class RawServer:
         self.delay = 0.0
         self.say_close = False  # answer "connection: close", then close
         self.hang_up = False  # close right after answering, without saying so
+        # Requests (by number, from 1) read and then left: the connection is closed
+        # after ``vanish_with`` bytes of an answer (none: a keep-alive closed as it came).
+        self.vanish: set[int] = set()
+        self.vanish_with = b""
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         self.connections += 1
@@ -68,6 +72,10 @@ class RawServer:
                     buffer += await stream.receive()
                 buffer = buffer[length:]
                 self.request_lines.append(head.split(b"\r\n", 1)[0])
+                if len(self.request_lines) in self.vanish:
+                    if self.vanish_with:
+                        await stream.send(self.vanish_with)
+                    return
                 if self.delay:
                     await anyio.sleep(self.delay)
                 close = b"connection: close\r\n" if self.say_close else b""
@@ -153,6 +161,46 @@ async def test_a_connection_the_server_closed_is_never_reused() -> None:
             assert await post(client, server.url) == 200
             await eventually(lambda: server.open == 0)
             assert server.connections == expected
+
+
+async def test_a_kept_connection_closed_as_a_request_came_sends_it_again_on_a_new_one() -> None:
+    # The server's keep-alive ran out as the request arrived: it was never answered, so
+    # it goes once more on a new connection instead of failing the delivery.
+    async with raw_servers() as (server,), stack_client() as client:
+        server.vanish = {2, 4}
+        assert [await post(client, server.url) for _ in range(3)] == [200] * 3
+    assert len(server.request_lines) == 5
+    assert server.connections == 3
+
+
+@pytest.mark.parametrize(
+    ("vanish", "vanish_with", "content"),
+    [
+        ({1}, b"", b"{}"),  # a new connection: the server failed, not a stale keep-alive
+        ({2}, b"HTTP/1.1 2", b"{}"),  # an answer had begun: the request was read
+        ({2}, b"", None),  # a streamed body cannot be sent again
+    ],
+    ids=["new-connection", "answer-begun", "streamed-body"],
+)
+async def test_a_failure_the_request_may_have_caused_is_not_sent_again(
+    vanish: set[int], vanish_with: bytes, content: bytes | None
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"{}"
+
+    async with raw_servers() as (server,), stack_client() as client:
+        server.vanish, server.vanish_with = vanish, vanish_with
+        for number in range(1, max(vanish) + 1):
+            body = content if content is not None else chunks()
+            request = client.post(
+                f"{server.url}/hook", content=body, headers={"content-length": "2"}
+            )
+            if number in vanish:
+                with pytest.raises(httpx2.TransportError):
+                    await request
+            else:
+                assert (await request).status_code == 200
+    assert len(server.request_lines) == max(vanish)
 
 
 async def test_connections_idle_past_the_keepalive_are_closed() -> None:
