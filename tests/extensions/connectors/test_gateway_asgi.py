@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -92,6 +93,40 @@ async def test_unknown_routes_and_methods_are_json_errors() -> None:
         assert unknown.json()["reason"] == "unknown_provider"
         probe = await http.post("/healthz")
         assert probe.status_code == 405
+
+
+async def test_compressed_bodies_are_415_with_the_codings_accepted_before_being_read() -> None:
+    body = gzip.compress(event_body())
+    headers = {**hmac_request(body), "content-encoding": "gzip"}
+    upload = Upload(chunks=4)
+    app = gateway().asgi_app()
+    async with client(app) as http:
+        response = await http.post("/webhook/shop", content=body, headers=headers)
+        assert response.status_code == 415
+        assert response.json() == {"status": "rejected", "reason": "unsupported_content_encoding"}
+        assert response.headers["accept-encoding"] == "identity"
+        auth = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        outbound = await http.post(
+            "/outbound",
+            headers={**auth, "content-encoding": "gzip"},
+            content=gzip.compress(b'{"target": "crm", "body": {}}'),
+        )
+        assert outbound.status_code == 415
+        assert outbound.headers["accept-encoding"] == "identity"
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/webhook/shop",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+    }
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, upload, send)
+    assert sent[0]["status"] == 415
+    assert upload.read == 0  # refused on its head: the body was never read
 
 
 class Upload:

@@ -200,6 +200,28 @@ def test_media_type_must_match_exactly(content_type: str, ok: bool) -> None:
         assert rejected(security(), "gen", headers, body) == (415, "unsupported_media_type")
 
 
+@pytest.mark.parametrize(
+    ("coding", "ok"),
+    [
+        ("identity", True),
+        (" Identity ", True),
+        ("", True),
+        ("gzip", False),
+        ("br", False),
+        ("gzip, identity", False),
+    ],
+)
+def test_a_compressed_body_is_415_naming_the_content_encoding(coding: str, ok: bool) -> None:
+    # Signed over the bytes as sent, a gzip body used to fail as bad_signature or
+    # malformed_json, which named the wrong cause.
+    body = event_body()
+    headers = {**hmac_request(body, ts=int(NOW)), "content-encoding": coding}
+    if ok:
+        security().verify("gen", method="POST", headers=headers, raw_body=body)
+    else:
+        assert rejected(security(), "gen", headers, body) == (415, "unsupported_content_encoding")
+
+
 def test_a_missing_content_type_is_415() -> None:
     body = event_body()
     headers = hmac_request(body, ts=int(NOW))

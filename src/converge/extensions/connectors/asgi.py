@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
-from converge.extensions.connectors.security import parse_json_object
+from converge.extensions.connectors.security import identity_coded, parse_json_object
 
 if TYPE_CHECKING:
     from converge.extensions.connectors.gateway import WebhookGateway
@@ -317,6 +317,14 @@ class GatewayApp:
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != "application/json":
             await self._reply(send, 415, {"status": "rejected", "reason": "unsupported_media_type"})
+            return
+        if not identity_coded(headers):
+            await self._reply(
+                send,
+                415,
+                {"status": "rejected", "reason": "unsupported_content_encoding"},
+                {"accept-encoding": "identity"},
+            )
             return
         body = await self._read_body(receive)
         if len(body) > self._limit:

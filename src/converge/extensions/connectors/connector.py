@@ -88,6 +88,12 @@ _RETRY_AFTER = "1"
 _RECEIVE_POLL_SEC = 0.5
 # Records leased per pass of the inbox pump.
 _PUMP_BATCH = 64
+# Headers a rejection carries besides its JSON body, by reason (RFC 9110: a 405 names the
+# methods allowed, a 415 for a content coding names the codings accepted).
+_REJECTION_HEADERS = {
+    "method_not_allowed": {"allow": "POST"},
+    "unsupported_content_encoding": {"accept-encoding": "identity"},
+}
 
 
 class InboundBus(Protocol):
@@ -442,7 +448,7 @@ class WebhookConnector:
             help="Inbound requests rejected, by reason.",
         )
         log_rejected(label, exc.reason, status_code=exc.status)  # ops: rate-limited INFO line
-        headers = {"allow": "POST"} if exc.status == 405 else None
+        headers = _REJECTION_HEADERS.get(exc.reason)
         return _json_response(exc.status, {"status": "rejected", "reason": exc.reason}, headers)
 
     def precheck_inbound(

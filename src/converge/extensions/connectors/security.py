@@ -38,6 +38,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "VerifiedWebhook",
     "WebhookSecurity",
+    "identity_coded",
     "parse_form",
     "parse_json_object",
 ]
@@ -191,6 +192,17 @@ def _replace_surrogates(value: Any) -> Any:
 def _media_type(headers: Mapping[str, str]) -> str:
     content_type = headers.get("content-type")
     return content_type.split(";", 1)[0].strip().lower() if content_type else ""
+
+
+def identity_coded(headers: Mapping[str, str]) -> bool:
+    """Whether the body of a request with these (lower-cased) ``headers`` is sent as is:
+    no ``Content-Encoding``, or ``identity``.
+
+    A compressed body is refused rather than decoded: signatures cover the bytes as
+    sent, and decoding would let a small request grow into a large one.
+    """
+    coding = headers.get("content-encoding")
+    return coding is None or coding.strip().lower() in ("", "identity")
 
 
 def parse_form(raw_body: bytes, payload_field: bool = True) -> dict[str, Any]:
@@ -355,8 +367,8 @@ class WebhookSecurity:
         Raises:
             WebhookSecurityError: 403 ``ip_not_allowed`` / ``mtls_required``, 404
                 ``unknown_provider``, 405 ``method_not_allowed``, 415
-                ``unsupported_media_type``, 413 ``payload_too_large``, 400
-                ``bad_content_length``.
+                ``unsupported_media_type`` / ``unsupported_content_encoding``, 413
+                ``payload_too_large``, 400 ``bad_content_length``.
             UsageError: If an argument has the wrong type.
         """
         return self._check_request(
@@ -390,6 +402,12 @@ class WebhookSecurity:
                 415,
                 "unsupported_media_type",
                 f"content type must be one of {list(self.policy.allowed_content_types)}",
+            )
+        if not identity_coded(headers):
+            raise _reject(
+                415,
+                "unsupported_content_encoding",
+                "the body must be sent as is, with no Content-Encoding (gzip, ...)",
             )
         declared = headers.get("content-length")
         if declared is not None:
