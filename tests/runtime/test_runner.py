@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import anyio
@@ -20,7 +22,7 @@ from converge.core import (
 )
 from converge.errors import AgentFailedError, BudgetExceededError, UsageError
 from converge.extensions.storage import MemoryStore
-from converge.runtime import AgentRetry, AgentRunner, MessageBus
+from converge.runtime import AgentRetry, AgentRunner, MessageBus, arun_agents
 
 pytestmark = pytest.mark.anyio
 
@@ -103,6 +105,31 @@ async def test_tool_result_is_fed_back_as_an_observation() -> None:
     assert second["tool_observations"] == [
         {"tool_name": "add", "params": {"a": 2, "b": 3}, "call_id": "c1", "result": 5}
     ]
+
+
+async def test_a_tool_stuck_in_a_thread_does_not_hold_a_run_past_its_timeout() -> None:
+    # A sync tool blocked on a call with no timeout used to hold the stopping runner,
+    # and so the run's timeout, until it returned.
+    release = threading.Event()
+    registry = ToolRegistry()
+
+    @registry.tool
+    def stuck() -> str:
+        """Waits on a call that does not come back in time."""
+        release.wait(10)
+        return "late"
+
+    def respond(agent: Agent, messages: list[Message], tasks: Any, obs: Any) -> list[Any]:
+        return [InvokeTool("stuck", call_id="c1")] if obs is None and messages else []
+
+    agent = Scripted("stuck", respond, registry)
+    started = time.monotonic()
+    try:
+        result = await arun_agents([agent], messages=[to(agent)], timeout=0.3, drain_timeout=0.3)
+    finally:
+        release.set()
+    assert result.timed_out
+    assert time.monotonic() - started < 3
 
 
 async def test_tool_failures_become_error_observations_and_the_agent_goes_on() -> None:

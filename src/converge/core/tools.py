@@ -288,6 +288,9 @@ class ToolRegistry:
     async def ainvoke(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         """Validate ``params`` and call the tool; sync tools run in a worker thread.
 
+        Cancelled while a sync tool runs, it returns at once and leaves the thread to
+        finish on its own (Python cannot stop a thread); the tool's result is dropped.
+
         Raises:
             UnknownToolError: For an unknown tool.
             ToolArgumentError: For invalid parameters.
@@ -298,7 +301,11 @@ class ToolRegistry:
         try:
             if tool.is_async:
                 return await tool.func(**params)
-            result = await anyio.to_thread.run_sync(functools.partial(tool.func, **params))
+            # Abandoned when cancelled: a tool stuck in a thread (a call with no timeout)
+            # must not hold a stopping runner, or a script's timeout, until it returns.
+            result = await anyio.to_thread.run_sync(
+                functools.partial(tool.func, **params), abandon_on_cancel=True
+            )
             if inspect.isawaitable(result):
                 return await result
             return result

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 from llm_fake_server import FakeLLMServer
 from llm_helpers import WIRES
@@ -252,3 +255,28 @@ async def test_the_agents_call_finished_event_names_the_model_that_answered() ->
     started, finished = seen
     assert started.model == "primary"
     assert finished.model == "backup"
+
+
+@pytest.mark.parametrize("through", ["agent", "fallback"])
+async def test_a_sync_provider_stuck_in_its_thread_lets_the_caller_go_when_cancelled(
+    through: str,
+) -> None:
+    # chat() of a sync-only provider runs in a worker thread; cancelled, the caller used
+    # to wait for it to return.
+    release = threading.Event()
+
+    class Stuck:
+        def chat(self, messages: Any, **kwargs: Any) -> str:
+            release.wait(10)
+            return "[]"
+
+    started = time.monotonic()
+    try:
+        with anyio.move_on_after(0.3):
+            if through == "agent":
+                await LLMAgent(Identity(), Stuck()).adecide([], [Task(objective="x", id="t1")])
+            else:
+                await FallbackProvider([Stuck()]).achat(MESSAGES)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 3

@@ -71,7 +71,9 @@ async def acomplete_with(
         if inspect.isawaitable(text):
             text = await text
     else:
-        text = await anyio.to_thread.run_sync(functools.partial(provider.chat, messages, **kwargs))
+        text = await anyio.to_thread.run_sync(
+            functools.partial(provider.chat, messages, **kwargs), abandon_on_cancel=True
+        )
     return _wrap(text, getattr(provider, "last_usage", None))
 
 

@@ -417,7 +417,7 @@ class LLMAgent(Agent):
                 text = await text
         else:
             text = await anyio.to_thread.run_sync(
-                functools.partial(provider.chat, prompt, **kwargs)
+                functools.partial(provider.chat, prompt, **kwargs), abandon_on_cancel=True
             )
         usage = getattr(provider, "last_usage", None)
         return _Reply(text, usage if isinstance(usage, Usage) else None)
