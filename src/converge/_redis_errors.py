@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from converge._chain import exception_chain
 from converge.errors import StoreError, StoreOutcomeUnknownError, StoreUnavailableError
 
 __all__ = ["redis_error"]
@@ -45,11 +46,4 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def _refused(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is a refused connection: nothing was sent."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConnectionRefusedError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(cause, ConnectionRefusedError) for cause in exception_chain(exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from converge._chain import exception_chain
 from converge.errors import (
     BudgetExceededError,
     ProviderRateLimitError,
@@ -72,16 +73,12 @@ class AgentRetry:
 
         Looks at ``error`` and its causes (``__cause__``, then ``__context__``).
         """
-        seen: set[int] = set()
-        current: BaseException | None = error
-        while current is not None and id(current) not in seen:
-            seen.add(id(current))
+        for current in exception_chain(error):
             if isinstance(current, ProviderRateLimitError | RateLimitTimeoutError):
                 wait = current.retry_after
                 if isinstance(wait, int | float) and math.isfinite(wait) and wait >= 0:
                     # at least the backoff: "Retry-After: 0" must not spin on the provider
                     return float(min(max(wait, self.backoff), self.max_retry_after))
-            current = current.__cause__ or current.__context__
         return None
 
     def retryable(self, error: BaseException) -> bool:

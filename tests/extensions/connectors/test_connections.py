@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from outbound_helpers import action, dispatching, make
 
-from converge.extensions.connectors import OutboundTarget
+from converge.extensions.connectors import OutboundTarget, WebhookRetryPolicy
 from converge.extensions.connectors.connections import (
     BODY_READ_MAX,
     BODY_READ_SEC,
@@ -312,6 +312,34 @@ async def test_the_shared_tls_context_is_built_off_the_event_loop(
                 await post(client, url)
     assert len(built_on) == 1
     assert built_on[0] is not threading.current_thread()
+
+
+async def test_a_failed_attempt_is_recorded_with_what_the_socket_or_tls_said(
+    tmp_path: Path,
+) -> None:
+    # It used to be the class name alone, "ConnectError", for a refused port and a
+    # certificate that fails alike.
+    with socket.socket() as unused:  # a free port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+
+    async def hang_up(stream: anyio.abc.ByteStream) -> None:
+        await stream.aclose()
+
+    async with tls_server(tmp_path, hang_up) as (tls_url, _):
+        urls = {"refused": f"http://127.0.0.1:{port}/hook", "tls": f"{tls_url}/hook"}
+        c = make(
+            retry_policy=WebhookRetryPolicy(max_attempts=1, request_timeout_sec=5.0),
+            targets=[OutboundTarget(name, url) for name, url in urls.items()],
+        )
+        async with dispatching(c):
+            for name, url in urls.items():
+                await c.submit_outbound_action(action(target=name, url=url))
+            await eventually(lambda: c.dispatcher.backlog == 0)
+    reasons = {d.action.target: d.reason for d in await c.alist_dead_letters()}
+    assert reasons["refused"].startswith("max attempts; last: ConnectError: ")
+    assert "111" in reasons["refused"]
+    assert "CERTIFICATE_VERIFY_FAILED" in reasons["tls"]
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ import anyio
 import httpx2
 
 from converge import _http, _sync
+from converge._chain import exception_chain
 from converge._tls import ashared_ssl_context
 from converge.core.metrics import MetricsCollector
 from converge.extensions.connectors.connections import ConnectionStack, read_body
@@ -276,7 +277,7 @@ class OutboundTransport:
             )
         except (httpx2.HTTPError, OSError) as exc:
             return AttemptResult(
-                "retry", error=type(exc).__name__, breaker_failure=True, latency_ms=took()
+                "retry", error=_failure(exc), breaker_failure=True, latency_ms=took()
             )
         except Exception as exc:  # an outbound_sender may raise anything: no answer
             return AttemptResult(
@@ -330,3 +331,16 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
             if key.lower() == name:
                 return candidate
     return value
+
+
+def _failure(exc: BaseException) -> str:
+    """``ConnectError: [Errno 111] Connection refused``: what an operator needs to tell a
+    refused connection from a name that does not resolve or a certificate that fails.
+
+    httpx2 and anyio wrap what the socket or TLS said in generic messages ("All
+    connection attempts failed"), so the text is the innermost of the exception's chain;
+    at most 200 characters.
+    """
+    texts = [text for text in map(str, exception_chain(exc)) if text]
+    name = type(exc).__name__
+    return f"{name}: {texts[-1]}"[:200] if texts else name
