@@ -246,7 +246,7 @@ async def test_outbound_requires_the_bearer_token_and_a_configured_target() -> N
         )
         assert ok.status_code == 202
         assert ok.json()["status"] == "queued"
-    record = await gw.connector.outbox.get(ok.json()["id"])
+    record = await gw.connector.outbox.aget_pending(ok.json()["id"])
     assert record is not None
     assert record.action.body == {"order": 1}
     assert record.action.url == "http://127.0.0.1:9/crm/orders"

@@ -427,8 +427,8 @@ def test_every_accepted_forward_can_be_delivered(edge: Setup) -> None:
     async def bodies_ok() -> int:
         outbox = edge.gateway.connector.outbox
         count = 0
-        for record_id in await outbox.pending_ids():
-            record = await outbox.get(record_id)
+        for record_id in await outbox.apending_ids():
+            record = await outbox.aget_pending(record_id)
             assert record is not None
             assert sendable(record.action.method, record.action.url, record.action.headers)
             record.action.body_bytes().decode("utf-8")
@@ -535,7 +535,7 @@ def test_outbound_never_5xx_and_what_it_queues_can_be_sent(
         return
 
     async def stored() -> Any:
-        return await edge.gateway.connector.outbox.get(answer.body["id"])
+        return await edge.gateway.connector.outbox.aget_pending(answer.body["id"])
 
     record = edge.portal.call(stored)
     assert record is not None

@@ -94,53 +94,53 @@ async def test_a_lease_taken_over_fences_out_its_old_holder() -> None:
     store = MemoryStore()
     one = Outbox(store, prefix="p", clock=clock, dead_letter_ttl_sec=60)
     two = Outbox(store, prefix="p", clock=clock, dead_letter_ttl_sec=60)
-    record = await one.add(action(1, idempotency_key="x"))
-    mine = await one.lease(record.id, "one", 10.0)
+    record = await one.aadd(action(1, idempotency_key="x"))
+    mine = await one.alease(record.id, "one", 10.0)
     assert not isinstance(mine, float)
     assert mine is not None
-    held = await two.lease(record.id, "two", 10.0)
+    held = await two.alease(record.id, "two", 10.0)
     assert held == pytest.approx(10.0)  # seconds until one's lease ends
     clock.now += 10.5  # one stalls past its lease (a paused process, a slow write)
-    theirs = await two.lease(record.id, "two", 10.0)
+    theirs = await two.alease(record.id, "two", 10.0)
     assert not isinstance(theirs, float)
     assert theirs is not None
     assert theirs.lease_token > mine.lease_token
     # Every transition of the old holder is refused and changes nothing.
-    assert not await one.complete(mine)
-    assert await one.reschedule(mine, delay=1, attempt=_attempt(clock)) is None
-    assert await one.bury(mine, reason="late") is None
-    assert not await one.release(mine)
+    assert not await one.acomplete(mine)
+    assert await one.areschedule(mine, delay=1, attempt=_attempt(clock)) is None
+    assert await one.abury(mine, reason="late") is None
+    assert not await one.arelease(mine)
     current = await one.aget(record.id)
     assert current is not None
     assert (current.status, current.lease_owner, current.attempts) == ("leased", "two", ())
-    assert await two.complete(theirs)
+    assert await two.acomplete(theirs)
     assert (await one.aget(record.id)).status == "delivered"  # type: ignore[union-attr]
 
 
 async def test_wrong_arguments_are_usage_errors_and_change_nothing() -> None:
     clock = FakeClock()
     box = Outbox(MemoryStore(), prefix="p", clock=clock, dead_letter_ttl_sec=60)
-    record = await box.add(action(1))
-    held = await box.lease(record.id, "me", 10.0)
+    record = await box.aadd(action(1))
+    held = await box.alease(record.id, "me", 10.0)
     assert held is not None
     assert not isinstance(held, float)
     with pytest.raises(UsageError, match="OutboundWebhookAction"):
-        await box.add({"target": "t"})  # type: ignore[arg-type]  # raised AttributeError
-    for call in (box.release, box.complete, functools.partial(box.bury, reason="x")):
+        await box.aadd({"target": "t"})  # type: ignore[arg-type]  # raised AttributeError
+    for call in (box.arelease, box.acomplete, functools.partial(box.abury, reason="x")):
         with pytest.raises(UsageError, match="OutboxRecord"):
             await call(held.id)  # type: ignore[operator]  # raised AttributeError
     # A NaN delay made the action due at NaN: never due again, so never sent.
     for delay in (float("nan"), -1, "1"):
         with pytest.raises(UsageError, match="delay"):
-            await box.reschedule(held, delay=delay, attempt=_attempt(clock))  # type: ignore[arg-type]
+            await box.areschedule(held, delay=delay, attempt=_attempt(clock))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="Attempt"):
-        await box.reschedule(held, delay=1, attempt="503")  # type: ignore[arg-type]
+        await box.areschedule(held, delay=1, attempt="503")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="due"):
         await box.queue.arelease(held.id, held.lease_token, due=float("nan"))
     current = await box.aget(record.id)
     assert current is not None
     assert (current.status, current.attempts) == ("leased", ())
-    assert await box.release(held)
+    assert await box.arelease(held)
 
 
 def _attempt(clock: FakeClock):  # type: ignore[no-untyped-def]
@@ -162,7 +162,7 @@ async def test_leases_are_measured_on_the_stores_clock(tmp_path: Path) -> None:
     c = make(store, retry_policy=schedule)
     assert c.dispatcher.lease_sec == 5
     record = await c.enqueue(action(1))
-    leased = await c.outbox.lease(record.id, "me", c.dispatcher.lease_sec)
+    leased = await c.outbox.alease(record.id, "me", c.dispatcher.lease_sec)
     assert not isinstance(leased, float)
     assert leased is not None
     assert leased.lease_until == pytest.approx(time.time() + 1005, abs=1)
@@ -277,7 +277,7 @@ async def test_the_actions_of_a_dead_replica_are_taken_over_when_its_leases_end(
     c = make(outbound_sender=sender, retry_policy=SHORT_LEASE, max_in_flight=8)
     started = anyio.current_time()
     for n in range(10):
-        await c.outbox.add(action(n, idempotency_key=f"k{n}"), lease=("dead", 0.4))
+        await c.outbox.aadd(action(n, idempotency_key=f"k{n}"), lease=("dead", 0.4))
     async with dispatching(c, poll=0.05):
         await anyio.sleep(max(0.0, started + 0.3 - anyio.current_time()))
         assert sender.requests == []
@@ -314,3 +314,27 @@ async def test_actions_stored_before_the_durable_outbox_are_moved_into_it() -> N
     (letter,) = await c.alist_dead_letters()
     assert (letter.id, letter.reason) == ("dead123", "status 404")
     assert await store.alist(f"{prefix}:outbox:") == []
+
+
+async def test_the_names_before_the_a_prefix_still_work_and_say_they_are_deprecated() -> None:
+    outbox = Outbox(MemoryStore(), prefix="t", clock=time.time, dead_letter_ttl_sec=60.0)
+    said = r"Outbox\.add\(\) is deprecated; await Outbox\.aadd\(\) instead"
+    with pytest.warns(DeprecationWarning, match=said):
+        record = await outbox.add(action(1))
+    with pytest.warns(DeprecationWarning, match="aget_pending"):
+        assert await outbox.get(record.id) == record
+    with pytest.warns(DeprecationWarning, match="apending_ids"):
+        assert await outbox.pending_ids() == [record.id]
+    with pytest.warns(DeprecationWarning, match="alease"):
+        leased = await outbox.lease(record.id, "me", 30.0)
+    assert leased is not None
+    assert not isinstance(leased, float)
+    with pytest.warns(DeprecationWarning, match="abury"):
+        assert await outbox.bury(leased, reason="gone") is not None
+    with pytest.warns(DeprecationWarning, match="alist_dead_letters"):
+        assert [d.id for d in await outbox.dead_letters()] == [record.id]
+    with pytest.warns(DeprecationWarning, match="adiscard_dead_letter"):
+        await outbox.discard(record.id)
+    assert await outbox.alist_dead_letters() == []
+    for old in ("pending", "release", "complete", "reschedule", "replay"):
+        assert getattr(Outbox, old).__doc__.startswith("Deprecated: await")

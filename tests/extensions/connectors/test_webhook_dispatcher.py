@@ -38,8 +38,8 @@ async def test_an_action_is_persisted_before_submit_returns(any_store: Store) ->
     c = make(any_store)
     await c.submit_outbound_action(action(1))
     reopened = make(any_store)
-    (record_id,) = await reopened.outbox.pending_ids()
-    record = await reopened.outbox.get(record_id)
+    (record_id,) = await reopened.outbox.apending_ids()
+    record = await reopened.outbox.aget_pending(record_id)
     assert record is not None
     assert record.action.body == {"n": 1}
     assert record.attempts == 0
@@ -130,8 +130,8 @@ async def test_retry_after_is_honoured_on_virtual_time() -> None:
         await c.submit_outbound_action(action())
         await eventually(lambda: len(sender.requests) == 1)
         await eventually(lambda: c.dispatcher.backlog == 1 and c.dispatcher._schedule.running == 0)
-        (record_id,) = await c.outbox.pending_ids()
-        record = await c.outbox.get(record_id)
+        (record_id,) = await c.outbox.apending_ids()
+        record = await c.outbox.aget_pending(record_id)
         assert record is not None
         assert record.due == pytest.approx(clock.now + 120)
         assert (record.attempts, record.last_status) == (1, 429)

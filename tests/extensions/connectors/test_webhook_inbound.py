@@ -196,7 +196,7 @@ async def test_a_forwarded_event_is_in_the_outbox_before_the_202(any_store: Stor
     body = event_body()
     assert (await post(c, "shop", body))[0] == 202
     assert await c.apending_count() == 1
-    records = [await c.outbox.get(i) for i in await c.outbox.pending_ids()]
+    records = [await c.outbox.aget_pending(i) for i in await c.outbox.apending_ids()]
     assert records[0] is not None
     assert records[0].action.body["event_id"] == json.loads(body)["event_id"]
     # The replayed delivery finds the same outbox record: still one.

@@ -1065,7 +1065,7 @@ class WebhookConnector:
         """Like :meth:`submit_outbound_action`, returning the persisted outbox record.
 
         Idempotency keys are unique per ``namespace`` (``"api"``, ``"agent"``,
-        ``"inbound"``; see :meth:`Outbox.add`): the same action again returns the
+        ``"inbound"``; see :meth:`Outbox.aadd`): the same action again returns the
         original record, a different action under a kept key raises
         :class:`~converge.errors.IdempotencyConflictError`.
         """
@@ -1073,7 +1073,7 @@ class WebhookConnector:
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
         lease = self.dispatcher.lease_at_add()  # its attempt then writes no lease
-        record = await self.outbox.add(action, namespace=namespace, lease=lease)
+        record = await self.outbox.aadd(action, namespace=namespace, lease=lease)
         self._submitted(record)
         return record
 
@@ -1191,7 +1191,7 @@ class WebhookConnector:
 
     async def alist_dead_letters(self) -> list[DeadLetter]:
         """Every dead letter still kept, oldest first."""
-        return await self.outbox.dead_letters()
+        return await self.outbox.alist_dead_letters()
 
     async def areplay_dead_letter(self, action_id: str) -> bool:
         """Move a dead letter back to the outbox with a fresh attempt budget.
@@ -1201,7 +1201,7 @@ class WebhookConnector:
         """
         if not isinstance(action_id, str) or not action_id:
             raise UsageError("action_id must be a non-empty string")
-        record = await self.outbox.replay(action_id)
+        record = await self.outbox.areplay_dead_letter(action_id)
         if record is None:
             return False
         self.dispatcher.notify(record)
@@ -1211,7 +1211,7 @@ class WebhookConnector:
         """Delete a dead letter for good."""
         if not isinstance(action_id, str) or not action_id:
             raise UsageError("action_id must be a non-empty string")
-        await self.outbox.discard(action_id)
+        await self.outbox.adiscard_dead_letter(action_id)
 
     async def apending_count(self) -> int:
         """How many actions wait in the outbox (read from the store)."""

@@ -319,7 +319,7 @@ class OutboundDispatcher:
         found = 0
         self._foreign.expire(self._clock())
         try:
-            ids = await self._outbox.pending_ids()
+            ids = await self._outbox.apending_ids()
             self._store_backlog = len(ids)
             store_now = await self._outbox.atime()
             for start in range(0, len(ids), _SCAN_BATCH):
@@ -327,7 +327,7 @@ class OutboundDispatcher:
                 # against the schedule at once held it for 30-50 ms.
                 batch = ids[start : start + _SCAN_BATCH]
                 unknown = [i for i in batch if i not in self._schedule and i not in self._foreign]
-                for record in await self._outbox.pending(unknown) if unknown else ():
+                for record in await self._outbox.apending(unknown) if unknown else ():
                     found += self._found(record, store_now)
                 await anyio.lowlevel.checkpoint()
         except StoreError as exc:
@@ -444,13 +444,13 @@ class OutboundDispatcher:
 
     async def _lease(self, action_id: str) -> OutboxRecord | float | None:
         """The action's lease: the one it was added with, while enough of it is left
-        for a whole attempt, or else a new one (see :meth:`Outbox.lease`)."""
+        for a whole attempt, or else a new one (see :meth:`Outbox.alease`)."""
         held = self._held.pop(action_id, None)
         if held is not None and held.lease_until is not None:
             left = held.lease_until - await self._outbox.atime()
             if left >= self._policy.request_timeout_sec:
                 return held
-        return await self._outbox.lease(action_id, self._owner, self.lease_sec)
+        return await self._outbox.alease(action_id, self._owner, self.lease_sec)
 
     async def _give_back(self) -> None:
         """Release the leases of actions added leased that no attempt used (on stop):
@@ -459,13 +459,13 @@ class OutboundDispatcher:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
             for record in held.values():
                 try:
-                    await self._outbox.release(record)
+                    await self._outbox.arelease(record)
                 except StoreError as exc:
                     self._store_failed(exc)
                     return
 
     async def _release(self, record: OutboxRecord) -> None:
-        if not await self._outbox.release(record):
+        if not await self._outbox.arelease(record):
             self._lease_lost(record, "release")
 
     def _lease_lost(self, record: OutboxRecord, step: str) -> None:
@@ -504,7 +504,7 @@ class OutboundDispatcher:
             outcome=outcome,
         )
         if result.verdict == "delivered":
-            if await self._outbox.complete(record, attempt):
+            if await self._outbox.acomplete(record, attempt):
                 self._store_backlog = max(0, self._store_backlog - 1)
                 self._gauges()
             else:
@@ -535,7 +535,7 @@ class OutboundDispatcher:
         if deadline is not None and due > deadline:
             await self._bury(record, f"deadline; last: {result.error}", attempt)
             return
-        moved = await self._outbox.reschedule(
+        moved = await self._outbox.areschedule(
             record, delay=delay, attempt=attempt, counted=not outage
         )
         if moved is None:
@@ -559,7 +559,7 @@ class OutboundDispatcher:
     async def _bury(
         self, record: OutboxRecord, reason: str, attempt: Attempt | None = None
     ) -> None:
-        letter = await self._outbox.bury(record, reason=reason, attempt=attempt)
+        letter = await self._outbox.abury(record, reason=reason, attempt=attempt)
         if letter is None:
             self._lease_lost(record, "bury")
             return

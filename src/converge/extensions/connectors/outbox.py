@@ -15,7 +15,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,7 +103,7 @@ _ACTION_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
 
 
 def _held(record: object) -> OutboxRecord:
-    """``record`` if it is an :class:`OutboxRecord` (what :meth:`Outbox.lease` returns)."""
+    """``record`` if it is an :class:`OutboxRecord` (what :meth:`Outbox.alease` returns)."""
     if not isinstance(record, OutboxRecord):
         raise UsageError(
             f"record must be the OutboxRecord a lease returned, not {type(record).__name__}"
@@ -232,6 +233,23 @@ def _view(record: Record | None) -> OutboxRecord | None:
         return None
 
 
+def _renamed(old: str, new: str) -> Callable[..., Awaitable[Any]]:
+    """A deprecated alias ``old`` of the coroutine method ``new`` (the names before the
+    ``a`` prefix of every coroutine): it warns, then awaits ``new``."""
+
+    async def alias(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+        warnings.warn(
+            f"Outbox.{old}() is deprecated; await Outbox.{new}() instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return await getattr(self, new)(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated: await :meth:`{new}`."
+    return alias
+
+
 class Outbox:
     """Outbound actions in a durable queue: leased, fenced, inspectable.
 
@@ -292,7 +310,7 @@ class Outbox:
 
     # -- adding --------------------------------------------------------------------------
 
-    async def add(
+    async def aadd(
         self,
         action: OutboundWebhookAction,
         *,
@@ -348,7 +366,7 @@ class Outbox:
         namespace: str = "api",
         lease: tuple[str, float] | None = None,
     ) -> Record:
-        """The record :meth:`add` adds for ``action``, not written: for a caller that
+        """The record :meth:`aadd` adds for ``action``, not written: for a caller that
         writes it in an update of its own (see :meth:`DurableQueue.anew_record`).
 
         Raises:
@@ -359,7 +377,7 @@ class Outbox:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def pending_ids(self) -> list[str]:
+    async def apending_ids(self) -> list[str]:
         """Ids of every pending (or leased) action."""
         return await self.queue.aopen_ids()
 
@@ -368,12 +386,12 @@ class Outbox:
         store: one read of the queue's counter."""
         return await self.queue.apending_count()
 
-    async def get(self, record_id: str) -> OutboxRecord | None:
+    async def aget_pending(self, record_id: str) -> OutboxRecord | None:
         """The pending (or leased) action, or None."""
         found = _view(await self.queue.aget(record_id))
         return found if found is not None and found.status in ("pending", "leased") else None
 
-    async def pending(self, record_ids: Sequence[str]) -> list[OutboxRecord]:
+    async def apending(self, record_ids: Sequence[str]) -> list[OutboxRecord]:
         """The pending (or leased) actions among ``record_ids``, read 256 per store call.
 
         Raises:
@@ -405,14 +423,14 @@ class Outbox:
         found = [_view(r) for r in await self.alist(status=status, key=key, limit=limit)]
         return [r for r in found if r is not None]
 
-    async def dead_letters(self) -> list[DeadLetter]:
+    async def alist_dead_letters(self) -> list[DeadLetter]:
         """Every readable dead letter, oldest first."""
         records = await self.alist_actions(status="dead", limit=2**62)
         return sorted((DeadLetter.of(r) for r in records), key=lambda d: d.dead_at)
 
     # -- leases and transitions ----------------------------------------------------------
 
-    async def lease(
+    async def alease(
         self, record_id: str, owner: str, duration: float
     ) -> OutboxRecord | float | None:
         """Take the lease of a pending action for ``duration`` seconds (store clock).
@@ -432,7 +450,7 @@ class Outbox:
         until = found.lease_until if found.status == "leased" else found.due
         return max(0.001, (until or now) - now)
 
-    async def release(self, record: OutboxRecord) -> bool:
+    async def arelease(self, record: OutboxRecord) -> bool:
         """Give up the lease of ``record`` without counting an attempt.
 
         Returns:
@@ -441,7 +459,7 @@ class Outbox:
         record = _held(record)
         return await self.queue.arelease(record.id, record.lease_token) is not None
 
-    async def complete(self, record: OutboxRecord, attempt: Attempt | None = None) -> bool:
+    async def acomplete(self, record: OutboxRecord, attempt: Attempt | None = None) -> bool:
         """The action was delivered: keep it as ``"delivered"`` for the retention period.
 
         Returns:
@@ -450,7 +468,7 @@ class Outbox:
         record = _held(record)
         return await self.queue.aack(record.id, record.lease_token, attempt=attempt) is not None
 
-    async def reschedule(
+    async def areschedule(
         self,
         record: OutboxRecord,
         *,
@@ -491,7 +509,7 @@ class Outbox:
 
         return _view(await self.store.aupdate([key], retry))
 
-    async def bury(
+    async def abury(
         self, record: OutboxRecord, *, reason: str, attempt: Attempt | None = None
     ) -> DeadLetter | None:
         """Move a leased action to the dead letters (kept for ``dead_letter_ttl_sec``).
@@ -516,7 +534,7 @@ class Outbox:
             self._added(view)
         return record
 
-    async def replay(self, record_id: str) -> OutboxRecord | None:
+    async def areplay_dead_letter(self, record_id: str) -> OutboxRecord | None:
         """Move a dead letter back to the pending actions with a fresh attempt budget.
 
         Returns:
@@ -535,11 +553,26 @@ class Outbox:
         """
         return await self.queue.apurge(record_id)
 
-    async def discard(self, record_id: str) -> None:
+    async def adiscard_dead_letter(self, record_id: str) -> None:
         """Delete a dead letter for good (other statuses are left alone)."""
         found = await self.queue.aget(record_id)
         if found is not None and found.status == "dead":
             await self.queue.apurge(record_id)
+
+    # -- the names before the ``a`` prefix (deprecated) ----------------------------------
+
+    add = _renamed("add", "aadd")
+    pending_ids = _renamed("pending_ids", "apending_ids")
+    get = _renamed("get", "aget_pending")
+    pending = _renamed("pending", "apending")
+    dead_letters = _renamed("dead_letters", "alist_dead_letters")
+    lease = _renamed("lease", "alease")
+    release = _renamed("release", "arelease")
+    complete = _renamed("complete", "acomplete")
+    reschedule = _renamed("reschedule", "areschedule")
+    bury = _renamed("bury", "abury")
+    replay = _renamed("replay", "areplay_dead_letter")
+    discard = _renamed("discard", "adiscard_dead_letter")
 
     # -- upgrade -------------------------------------------------------------------------
 
