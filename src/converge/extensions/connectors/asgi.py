@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
-from converge.extensions.connectors.security import identity_coded, parse_json_object
+from converge.extensions.connectors.security import (
+    _REJECTION_HEADERS,
+    identity_coded,
+    parse_json_object,
+)
 
 if TYPE_CHECKING:
     from converge.extensions.connectors.gateway import WebhookGateway
@@ -304,7 +308,10 @@ class GatewayApp:
     async def _outbound(self, method: str, scope: _Scope, receive: _Receive, send: _Send) -> None:
         if method != "POST":
             await self._reply(
-                send, 405, {"status": "rejected", "reason": "method_not_allowed"}, {"allow": "POST"}
+                send,
+                405,
+                {"status": "rejected", "reason": "method_not_allowed"},
+                _REJECTION_HEADERS["method_not_allowed"],
             )
             return
         headers = self._headers(scope)
@@ -323,7 +330,7 @@ class GatewayApp:
                 send,
                 415,
                 {"status": "rejected", "reason": "unsupported_content_encoding"},
-                {"accept-encoding": "identity"},
+                _REJECTION_HEADERS["unsupported_content_encoding"],
             )
             return
         body = await self._read_body(receive)

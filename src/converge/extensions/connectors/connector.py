@@ -62,6 +62,7 @@ from converge.extensions.connectors.outbox import (
 from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
 from converge.extensions.connectors.schemes import decode_secret
 from converge.extensions.connectors.security import (
+    _REJECTION_HEADERS,
     VerifiedWebhook,
     WebhookSecurity,
     _lower_headers,
@@ -88,12 +89,6 @@ _RETRY_AFTER = "1"
 _RECEIVE_POLL_SEC = 0.5
 # Records leased per pass of the inbox pump.
 _PUMP_BATCH = 64
-# Headers a rejection carries besides its JSON body, by reason (RFC 9110: a 405 names the
-# methods allowed, a 415 for a content coding names the codings accepted).
-_REJECTION_HEADERS = {
-    "method_not_allowed": {"allow": "POST"},
-    "unsupported_content_encoding": {"accept-encoding": "identity"},
-}
 
 
 class InboundBus(Protocol):

@@ -47,6 +47,12 @@ __all__ = [
 MAX_JSON_DEPTH = 32
 
 _EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
+# Headers a rejection carries besides its JSON body, by reason (RFC 9110: a 405 names
+# the methods allowed, a 415 for a content coding names the codings accepted).
+_REJECTION_HEADERS: dict[str, dict[str, str]] = {
+    "method_not_allowed": {"allow": "POST"},
+    "unsupported_content_encoding": {"accept-encoding": "identity"},
+}
 #: The media type of HTML form posts (Slack slash commands and interactivity, GitHub's
 #: "application/x-www-form-urlencoded" content type).
 FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
