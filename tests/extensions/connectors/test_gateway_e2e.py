@@ -232,3 +232,28 @@ async def test_the_app_serves_on_trio_under_hypercorn(receiver: tuple[Receiver, 
             await eventually(lambda: gateway.connector.dispatcher.running)
             assert (await http.get("/readyz")).status_code == 200
             await eventually(lambda: len(forwarded(recv, event_id)) == 1)
+
+
+HANDSHAKE = {
+    "connection": "Upgrade",
+    "upgrade": "websocket",
+    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "sec-websocket-version": "13",
+}
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("path", ["/webhook/github", "/nowhere"])
+async def test_a_websocket_handshake_gets_a_403_with_a_json_reason(
+    receiver: tuple[Receiver, str], server: str, path: str
+) -> None:
+    _, receiver_url = receiver
+    gateway = build(receiver_url, MemoryStore())
+    with ServerThread(gateway.asgi_app(run_dispatcher=False), server=server) as served:
+        async with httpx.AsyncClient(base_url=served.url) as http:
+            response = await http.get(path, headers=HANDSHAKE)
+            assert response.status_code == 403
+            assert response.headers["content-type"] == "application/json"
+            assert response.json() == {"status": "rejected", "reason": "websocket_not_supported"}
+            assert response.headers["connection"] == "close"
+            assert (await http.get("/healthz")).json() == {"status": "ok"}

@@ -77,10 +77,11 @@ class GatewayApp:
     * ``GET /healthz``, ``GET /readyz`` (503 when the store or a required dispatcher is
       not working), ``GET /metrics`` (Prometheus text).
 
-    Every answer is JSON (``/metrics`` aside). The ASGI lifespan runs the outbound
-    dispatcher (restarted if it ever crashes) when ``run_dispatcher`` is true. Mounted
-    inside another app, whose lifespan does not reach mounted apps, run
-    ``connector.run_outbound_dispatcher()`` from that app's lifespan instead.
+    Every answer is JSON (``/metrics`` aside), a refused WebSocket handshake's too. The
+    ASGI lifespan runs the outbound dispatcher (restarted if it ever crashes) when
+    ``run_dispatcher`` is true. Mounted inside another app, whose lifespan does not reach
+    mounted apps, run ``connector.run_outbound_dispatcher()`` from that app's lifespan
+    instead.
 
     Args:
         gateway: The gateway to serve.
@@ -169,7 +170,31 @@ class GatewayApp:
         elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+
+    async def _refuse_websocket(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        """No route takes a WebSocket: answer the handshake ``403`` with a JSON reason.
+
+        The reason rides the ASGI denial-response extension (uvicorn, hypercorn); a server
+        without it gets a close before accept, which it answers with its own bare 403.
+        """
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
             await send({"type": "websocket.close", "code": 1008})
+            return
+
+        async def denial(message: _Message) -> None:
+            message["type"] = f"websocket.{message['type']}"
+            await send(message)
+
+        # The server closes the connection after a denial: say so, so clients do not reuse it.
+        await self._reply(
+            denial,
+            403,
+            {"status": "rejected", "reason": "websocket_not_supported"},
+            {"connection": "close"},
+        )
 
     # -- lifespan --------------------------------------------------------------------
 
