@@ -646,3 +646,22 @@ def test_sync_chat_from_a_script_reuses_one_connection(name: str, server: FakeLL
     assert first.client == second.client  # same loop, same pooled connection
     with pytest.raises(ClosedError):
         provider.chat(MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "cut", [b'{"id": "chatcmpl-1", "cho', b'{"id": "msg_1", "content": [', b""], ids=repr
+)
+async def test_a_body_cut_before_its_json_ends_is_retried(
+    wire: Wire, server: FakeLLMServer, fake_time: FakeTime, cut: bytes
+) -> None:
+    provider = wire.provider(server, retry_policy=fake_time.policy(max_retries=2))
+    server.push(raw(200, cut), wire.chat("whole"))
+    try:
+        assert await provider.achat(MESSAGES) == "whole"
+        server.push(raw(200, cut), raw(200, cut), raw(200, cut))
+        with pytest.raises(ProviderResponseError, match="cut short") as info:
+            await provider.achat(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert info.value.status_code == 200
+    assert len(server.requests) == 5

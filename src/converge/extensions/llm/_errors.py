@@ -106,10 +106,27 @@ def bad_response(provider: str, reason: str, status: int | None = 200) -> Provid
     )
 
 
+def unparsable(provider: str, exc: Exception, status: int | None = 200) -> Failure:
+    """A 2xx body that does not parse (``json`` or, in ``mistralai``, pydantic).
+
+    A body whose JSON runs out mid-document was cut short (by a proxy, or read until the
+    connection closed): it is retried like a dropped connection. Any other is malformed.
+    """
+    if isinstance(exc, json.JSONDecodeError):
+        cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(exc.doc.rstrip())
+        detail = f"body is not JSON ({exc})"
+    else:
+        cut = "EOF while parsing" in str(exc)  # pydantic-core's JSON parser
+        detail = str(exc)[:_DETAIL_CAP]
+    if cut:
+        detail = f"the body ends before its JSON does (cut short): {detail}"
+    return Failure(bad_response(provider, detail, status), cut)
+
+
 def _transport(exc: Exception, provider: str) -> Failure | None:
     """Timeouts, connection failures and undecodable bodies, whatever the SDK."""
     if isinstance(exc, json.JSONDecodeError):
-        return Failure(bad_response(provider, f"body is not JSON ({exc})"), False)
+        return unparsable(provider, exc)
     try:
         import httpx2
     except ImportError:  # pragma: no cover - every supported SDK depends on httpx2
@@ -249,7 +266,7 @@ def classify_mistral(
         now: Epoch seconds, for ``Retry-After`` HTTP dates.
     """
     if isinstance(exc, errors.ResponseValidationError):
-        return Failure(bad_response(provider, str(exc)[:_DETAIL_CAP], exc.status_code), False)
+        return unparsable(provider, exc, exc.status_code)
     if isinstance(exc, errors.MistralError):
         if 200 <= exc.status_code < 300:  # e.g. an unexpected content type
             return Failure(bad_response(provider, str(exc)[:_DETAIL_CAP], exc.status_code), False)
