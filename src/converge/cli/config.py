@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from converge._numbers import positive_float
 from converge._redis_url import check_redis_url, masked_url
 from converge.core.store import Store
 from converge.errors import ConfigurationError
@@ -479,12 +480,7 @@ def check_gateway_settings(config: GatewayConfig) -> None:
 
     if config.log_format not in ("text", "json"):
         raise ConfigurationError('[gateway] log_format must be "text" or "json"')
-    retention = config.event_retention_sec
-    if (
-        isinstance(retention, bool)
-        or not isinstance(retention, int | float)
-        or not 0 < retention < float("inf")
-    ):
+    if positive_float(config.event_retention_sec) is None:
         raise ConfigurationError("[gateway] event_retention_sec must be a positive number")
     count = config.event_log_max
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:

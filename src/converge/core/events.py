@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -49,6 +48,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from converge._numbers import finite_float
 from converge.core.decisions import Decision
 from converge.errors import UsageError
 
@@ -107,11 +107,7 @@ class ProgressEvent:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str):
             raise UsageError("source must be a string")
-        if (
-            isinstance(self.at, bool)
-            or not isinstance(self.at, int | float)
-            or not math.isfinite(self.at)
-        ):
+        if finite_float(self.at) is None:
             raise UsageError("at must be a finite number of Unix seconds")
 
     def to_dict(self) -> dict[str, Any]:

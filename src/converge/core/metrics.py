@@ -141,7 +141,10 @@ class MetricsCollector:
     def _value(value: float) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UsageError(f"metric values are numbers, not {type(value).__name__}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int no float holds
+            raise UsageError("metric value is too large for a float") from None
 
     def inc(
         self,
@@ -191,7 +194,10 @@ class MetricsCollector:
         with self._lock:
             full = self._name(name, "histogram", help)
             if full not in self._buckets:
-                chosen = tuple(sorted(float(b) for b in (buckets or DEFAULT_BUCKETS)))
+                try:
+                    chosen = tuple(sorted(float(b) for b in (buckets or DEFAULT_BUCKETS)))
+                except (TypeError, ValueError, OverflowError):
+                    chosen = ()
                 if not chosen or any(math.isnan(b) for b in chosen):
                     raise UsageError("histogram buckets must be non-empty numbers")
                 if chosen[-1] != math.inf:

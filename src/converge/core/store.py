@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +13,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import anyio
 
 from converge import _sync
+from converge._numbers import positive_float
 from converge.errors import UsageError
 
 __all__ = [
@@ -79,11 +79,8 @@ def validate_ttl(ttl: object) -> float | None:
         return ttl
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise UsageError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    try:
-        seconds = float(ttl)
-    except OverflowError:  # an int too large for a float
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds <= 0:
+    seconds = positive_float(ttl)
+    if seconds is None:
         raise UsageError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
     if seconds > MAX_TTL:
         raise UsageError(

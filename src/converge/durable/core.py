@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from converge._numbers import finite_float
 from converge.core.store import WithTTL
 from converge.durable.records import DONE_STATUSES as _DONE
 from converge.durable.records import MAX_ATTEMPTS_KEPT as _KEPT
@@ -399,12 +400,10 @@ def _time_and_id(value: Any, field: str) -> tuple[float, str] | None:
     # value no Record could be read from (never listed, so never trimmed either).
     if not isinstance(value, Mapping):
         return None
-    time, record_id = value.get(field), value.get("id")
-    if isinstance(time, bool) or not isinstance(time, int | float):
+    time, record_id = finite_float(value.get(field)), value.get("id")
+    if time is None or not isinstance(record_id, str):
         return None
-    if not isinstance(record_id, str):
-        return None
-    return float(time), record_id
+    return time, record_id
 
 
 def _stamp(key: str, value: Any) -> Stamp | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import math
 import os
 import re
 import time
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 import anyio.lowlevel
 
 from converge._expiring import ExpiringIds
+from converge._numbers import finite_float, positive_float
 from converge._sorting import sort_yielding
 from converge.core.store import Store, UpdateFn
 from converge.durable.core import (
@@ -66,17 +66,17 @@ async def _store_time(store: Store) -> float | None:
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds")
-    if value == float("inf"):
-        raise ConfigurationError(f"{name} must be finite")
-    return float(value)
+    seconds = positive_float(value)
+    if seconds is None:
+        raise ConfigurationError(f"{name} must be a positive finite number of seconds")
+    return seconds
 
 
 def _time(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    seconds = finite_float(value)
+    if seconds is None:
         raise UsageError(f"{name} must be a Unix time in seconds, not {value!r}")
-    return float(value)
+    return seconds
 
 
 def _check_id(record_id: object) -> str:

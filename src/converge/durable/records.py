@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from converge._numbers import finite_float
 from converge.errors import FormatError
 
 __all__ = [
@@ -32,9 +32,10 @@ _ERROR_CHARS = 500
 
 
 def _num(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise FormatError(f"record field {name!r} must be a finite number")
-    return float(value)
+    return number
 
 
 def _opt_num(value: Any, name: str) -> float | None:

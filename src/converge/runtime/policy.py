@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from converge._chain import exception_chain
+from converge._numbers import finite_float
 from converge.errors import (
     BudgetExceededError,
     ProviderRateLimitError,
@@ -19,9 +19,10 @@ __all__ = ["AgentRetry"]
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UsageError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0:
+    seconds = finite_float(value)
+    if seconds is None or seconds < 0:
         raise UsageError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,8 @@ class AgentRetry:
         """
         for current in exception_chain(error):
             if isinstance(current, ProviderRateLimitError | RateLimitTimeoutError):
-                wait = current.retry_after
-                if isinstance(wait, int | float) and math.isfinite(wait) and wait >= 0:
+                wait = finite_float(current.retry_after)
+                if wait is not None and wait >= 0:
                     # at least the backoff: "Retry-After: 0" must not spin on the provider
                     return float(min(max(wait, self.backoff), self.max_retry_after))
         return None

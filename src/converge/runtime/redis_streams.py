@@ -21,6 +21,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from converge._numbers import positive_float
 from converge._redis_errors import redis_error
 from converge._redis_eviction import warn_if_evicting
 from converge._redis_url import check_redis_url, masked_url
@@ -69,10 +70,10 @@ def _check_topics(what: str, topics: object) -> tuple[str, ...]:
 
 
 def _positive(what: str, value: object, *, integer: bool = False) -> float:
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+    number = positive_float(value)
+    if number is None or (integer and not isinstance(value, int)):
         raise UsageError(f"{what} must be a positive {'integer' if integer else 'number'}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 
 from converge import _sync
+from converge._numbers import wait_seconds
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool, SendMessage, UpdateTask
 from converge.core.events import DecisionsMade, EventEmitter, ToolInvoked, ToolResult
@@ -719,9 +720,10 @@ class RunResult:
 def _check_timeout(name: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    seconds = wait_seconds(value)
+    if seconds is None:
         raise UsageError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
-    return float(value)
+    return seconds
 
 
 async def arun_agents(

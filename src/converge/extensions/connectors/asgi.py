@@ -5,12 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from converge._numbers import positive_float
 from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
 from converge.extensions.connectors.security import (
     _REJECTION_HEADERS,
@@ -118,12 +118,7 @@ class GatewayApp:
 
         if not isinstance(gateway, WebhookGateway):
             raise ConfigurationError("GatewayApp needs a WebhookGateway")
-        if (
-            isinstance(poll_interval_sec, bool)
-            or not isinstance(poll_interval_sec, int | float)
-            or not math.isfinite(poll_interval_sec)
-            or poll_interval_sec <= 0
-        ):
+        if positive_float(poll_interval_sec) is None:
             raise ConfigurationError("poll_interval_sec must be a positive number")
         if client_cert_header is not None and (
             not isinstance(client_cert_header, str) or not client_cert_header
@@ -144,12 +139,7 @@ class GatewayApp:
                 "client_cert_header is trusted only from trusted_proxies: name the proxy "
                 "addresses (anyone else could send the header)"
             )
-        if body_timeout_sec is not None and (
-            isinstance(body_timeout_sec, bool)
-            or not isinstance(body_timeout_sec, int | float)
-            or not math.isfinite(body_timeout_sec)
-            or body_timeout_sec <= 0
-        ):
+        if body_timeout_sec is not None and positive_float(body_timeout_sec) is None:
             raise ConfigurationError("body_timeout_sec must be a positive number or None")
         self.gateway = gateway
         self.run_dispatcher = bool(run_dispatcher)

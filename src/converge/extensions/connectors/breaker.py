@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from converge._numbers import finite_float
 from converge.errors import ConfigurationError
 
 __all__ = ["BreakerState", "CircuitBreaker"]
@@ -51,11 +51,8 @@ class CircuitBreaker:
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ConfigurationError("CircuitBreaker.failure_threshold must be an integer >= 1")
         timeout = self.recovery_timeout_sec
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not (0 <= timeout < float("inf"))
-        ):
+        seconds = finite_float(timeout)
+        if seconds is None or seconds < 0:
             raise ConfigurationError("CircuitBreaker.recovery_timeout_sec must be finite, >= 0")
         if not callable(self.clock):
             raise ConfigurationError("CircuitBreaker.clock must be callable")
@@ -63,11 +60,7 @@ class CircuitBreaker:
         failures, opened_at = self._failures, self._opened_at
         if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
             raise ConfigurationError("CircuitBreaker._failures must be an integer >= 0")
-        if opened_at is not None and (
-            isinstance(opened_at, bool)
-            or not isinstance(opened_at, int | float)
-            or not math.isfinite(opened_at)
-        ):
+        if opened_at is not None and finite_float(opened_at) is None:
             raise ConfigurationError("CircuitBreaker._opened_at must be a clock reading or None")
 
     @property

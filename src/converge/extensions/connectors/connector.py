@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
+from converge._numbers import finite_float, positive_float
 from converge.core.message import Message, Topic, now_ms
 from converge.core.metrics import MetricsCollector
 from converge.core.store import Store
@@ -117,9 +117,8 @@ class _BusAcks:
 
 
 def _pump_interval(poll_interval_sec: object) -> float:
-    if isinstance(poll_interval_sec, int | float) and math.isfinite(poll_interval_sec):
-        return max(float(poll_interval_sec), 0.5)
-    return 0.5
+    seconds = finite_float(poll_interval_sec)
+    return 0.5 if seconds is None else max(seconds, 0.5)
 
 
 def _json_response(
@@ -258,12 +257,7 @@ class WebhookConnector:
             ("inbox_lease_sec", inbox_lease_sec),
             ("inbox_retention_sec", inbox_retention_sec),
         ):
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not math.isfinite(seconds)
-                or seconds <= 0
-            ):
+            if positive_float(seconds) is None:
                 raise ConfigurationError(f"{name} must be a positive number")
         if not isinstance(acknowledge_on_accept, bool):
             raise ConfigurationError("acknowledge_on_accept must be a bool")
@@ -968,16 +962,17 @@ class WebhookConnector:
         """
         if not isinstance(item, Message | Task):
             raise UsageError("arelease_inbound takes the Message or Task receive_inbound returned")
-        if isinstance(delay_sec, bool) or not isinstance(delay_sec, int | float) or delay_sec < 0:
+        delay = finite_float(delay_sec)
+        if delay is None or delay < 0:
             raise UsageError("delay_sec must be a number >= 0")
         token = self._holds.drop(item.id)
         if token is None:
             return False
         now = await self.inbox.anow()
         attempt = None if error is None else Attempt(at=now, error=error, outcome="released")
-        released = await self.inbox.aretry(item.id, token, now + delay_sec, attempt) is not None
+        released = await self.inbox.aretry(item.id, token, now + delay, attempt) is not None
         if released:
-            self._holds.poll_within(delay_sec)
+            self._holds.poll_within(delay)
         return released
 
     @property
@@ -1008,11 +1003,7 @@ class WebhookConnector:
         Raises:
             UsageError: If the interval is not a positive number.
         """
-        if (
-            isinstance(poll_interval_sec, bool)
-            or not isinstance(poll_interval_sec, int | float)
-            or not poll_interval_sec > 0
-        ):
+        if positive_float(poll_interval_sec) is None:
             raise UsageError("poll_interval_sec must be a positive number")
         self._pump_running = True
         try:

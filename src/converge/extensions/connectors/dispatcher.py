@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge._expiring import ExpiringIds
+from converge._numbers import positive_float
 from converge.core.metrics import MetricsCollector
 from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
@@ -216,12 +216,7 @@ class OutboundDispatcher:
         Raises:
             UsageError: If already running, or for a bad interval.
         """
-        if (
-            isinstance(poll_interval_sec, bool)
-            or not isinstance(poll_interval_sec, int | float)
-            or not math.isfinite(poll_interval_sec)
-            or poll_interval_sec <= 0
-        ):
+        if positive_float(poll_interval_sec) is None:
             raise UsageError("poll_interval_sec must be a positive finite number")
         if self._running:
             raise UsageError("the outbound dispatcher is already running")

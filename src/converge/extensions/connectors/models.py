@@ -6,7 +6,6 @@ import base64
 import functools
 import ipaddress
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 
 import httpx2
 
+from converge._numbers import finite_float
 from converge.errors import ConfigurationError, UsageError
 
 __all__ = [
@@ -72,11 +72,12 @@ def _require_str(owner: str, name: str, value: object, *, empty: bool = False) -
 
 
 def _require_number(owner: str, name: str, value: object, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise ConfigurationError(f"{owner}.{name} must be a finite number, got {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ConfigurationError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
-    return float(value)
+    return number
 
 
 def _require_int(owner: str, name: str, value: object, *, minimum: int) -> int:
@@ -299,7 +300,7 @@ class InboundWebhookEvent:
         occurred = self.occurred_at
         if isinstance(occurred, bool) or not isinstance(occurred, int | float):
             raise UsageError(f"{owner}.occurred_at must be a number")
-        if not math.isfinite(occurred):
+        if finite_float(occurred) is None:
             raise UsageError(f"{owner}.occurred_at must be finite")
         if not isinstance(self.payload, dict) or not isinstance(self.headers, dict):
             raise UsageError(f"{owner}.payload and headers must be dicts")
@@ -494,12 +495,7 @@ class OutboundWebhookAction:
                 f"{owner}.idempotency_key must be 1-255 visible ASCII characters "
                 "(inner spaces allowed)"
             )
-        deadline = self.deadline
-        if deadline is not None and (
-            isinstance(deadline, bool)
-            or not isinstance(deadline, int | float)
-            or not math.isfinite(deadline)
-        ):
+        if self.deadline is not None and finite_float(self.deadline) is None:
             raise UsageError(f"{owner}.deadline must be a finite Unix time or None")
         if self.raw_body is not None:
             try:

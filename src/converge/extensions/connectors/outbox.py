@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from converge._numbers import finite_float
 from converge.core.store import Store, WithTTL
 from converge.durable import Attempt, DurableQueue, Record
 from converge.errors import DuplicateRecordError, IdempotencyConflictError, UsageError
@@ -109,12 +109,6 @@ def _held(record: object) -> OutboxRecord:
             f"record must be the OutboxRecord a lease returned, not {type(record).__name__}"
         )
     return record
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,7 +483,7 @@ class Outbox:
             The updated record, or None if the lease was no longer ours (nothing changed).
         """
         record = _held(record)
-        if _num(delay) is None or delay < 0:
+        if finite_float(delay) is None or delay < 0:
             raise UsageError(f"delay must be a number of seconds >= 0, not {delay!r}")
         if not isinstance(attempt, Attempt):
             raise UsageError(f"attempt must be an Attempt, not {type(attempt).__name__}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import email.utils
-import math
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from converge._numbers import finite_float
 from converge.errors import ConfigurationError, UsageError
 
 __all__ = [
@@ -71,11 +71,7 @@ class WebhookRetryPolicy:
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ConfigurationError(f"{owner}.max_attempts must be an integer >= 1")
         for name in ("base_delay_sec", "max_delay_sec", "jitter_ratio", "request_timeout_sec"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigurationError(f"{owner}.{name} must be a number")
-            if not math.isfinite(value) or value < 0:
-                raise ConfigurationError(f"{owner}.{name} must be finite and >= 0")
+            _check_number(owner, name, getattr(self, name))
         if self.max_delay_sec < self.base_delay_sec:
             raise ConfigurationError(f"{owner}.max_delay_sec must be >= base_delay_sec")
         if self.jitter_ratio > 1:
@@ -113,10 +109,11 @@ def _check_attempt(attempt: object, rand: object) -> None:
 def _check_number(owner: str, name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{owner}.{name} must be a number")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    number = finite_float(value)
+    if number is None or number < 0 or (positive and number == 0):
         bound = "> 0" if positive else ">= 0"
         raise ConfigurationError(f"{owner}.{name} must be finite and {bound}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +206,9 @@ def parse_duration(value: object) -> float:
         ConfigurationError: If ``value`` is not a duration.
     """
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if math.isfinite(value) and value >= 0:
-            return float(value)
+        number = finite_float(value)
+        if number is not None and number >= 0:
+            return number
     elif isinstance(value, str):
         match = _DURATION_RE.fullmatch(value.strip())
         if match is not None:

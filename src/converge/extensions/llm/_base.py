@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import os
 import threading
 import time
@@ -24,6 +23,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
+from converge._numbers import positive_float
 from converge._tls import ashared_ssl_context, shared_ssl_context
 from converge.core import MetricsCollector
 from converge.errors import (
@@ -211,12 +211,7 @@ class SDKProvider:
             not isinstance(base_url, str) or not base_url.startswith(("http://", "https://"))
         ):
             raise UsageError("base_url must be an http:// or https:// URL")
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
+        if timeout is not None and positive_float(timeout) is None:
             raise UsageError("timeout must be a positive number of seconds or None")
         if retry_policy is None:
             retry_policy = RetryPolicy()

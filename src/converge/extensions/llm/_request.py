@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import binascii
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from converge import _http
+from converge._numbers import finite_float
 from converge.errors import UsageError
 from converge.extensions.llm.protocol import ToolCall
 
@@ -328,11 +328,12 @@ def _tool(value: Any, what: str = "emit_decisions_tool") -> ToolSpec:
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise UsageError(f"{name} must be a number")
-    if not low <= value <= high:
+    if not low <= number <= high:
         raise UsageError(f"{name} must be between {low} and {high}")
-    return float(value)
+    return number
 
 
 def _positive_int(name: str, value: Any) -> int | None:

@@ -18,15 +18,12 @@ from typing import TypeVar
 
 import anyio
 
+from converge._numbers import finite_float
 from converge.errors import ConfigurationError, ProviderError, ProviderTimeoutError
 
 __all__ = ["Failure", "RetryPolicy", "acall_with_retry", "parse_retry_after"]
 
 T = TypeVar("T")
-
-
-def _finite(value: float) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +71,18 @@ class RetryPolicy:
         if self.max_retries < 0:
             raise ConfigurationError("max_retries must be >= 0")
         for name in ("initial_delay", "max_delay", "max_retry_after"):
-            value = getattr(self, name)
-            if not _finite(value) or value < 0:
-                raise ConfigurationError(f"{name} must be a finite number >= 0, not {value!r}")
+            value = finite_float(getattr(self, name))
+            if value is None or value < 0:
+                raise ConfigurationError(
+                    f"{name} must be a finite number >= 0, not {getattr(self, name)!r}"
+                )
         if self.initial_delay > self.max_delay:
             raise ConfigurationError("initial_delay must not exceed max_delay")
-        if not _finite(self.jitter) or not 0 <= self.jitter <= 1:
+        jitter = finite_float(self.jitter)
+        if jitter is None or not 0 <= jitter <= 1:
             raise ConfigurationError("jitter must be a number between 0 and 1")
-        if self.deadline is not None and (not _finite(self.deadline) or self.deadline <= 0):
+        deadline = None if self.deadline is None else finite_float(self.deadline)
+        if self.deadline is not None and (deadline is None or deadline <= 0):
             raise ConfigurationError("deadline must be a positive number of seconds or None")
         for name in ("sleep", "clock", "random", "wall_clock"):
             if not callable(getattr(self, name)):

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from converge import _sync
+from converge._numbers import positive_float, wait_seconds
 from converge.core.memory import approximate_tokens
 from converge.errors import RateLimitTimeoutError, UsageError
 from converge.extensions.llm._calls import (
@@ -43,10 +44,7 @@ _NS = 1_000_000_000
 def _positive(name: str, value: Any, *, integer: bool) -> None:
     if value is None:
         return
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-        raise UsageError(f"{name} must be a positive {'integer' if integer else 'number'}")
-    if value <= 0:
+    if positive_float(value) is None or (integer and not isinstance(value, int)):
         raise UsageError(f"{name} must be a positive {'integer' if integer else 'number'}")
 
 
@@ -153,18 +151,14 @@ class LimitedProvider(ResultSurface):
         _positive("max_concurrency", max_concurrency, integer=True)
         _positive("tokens_per_minute", tokens_per_minute, integer=False)
         _positive("requests_per_minute", requests_per_minute, integer=False)
-        if max_wait is not None and (
-            isinstance(max_wait, bool)
-            or not isinstance(max_wait, int | float)
-            or math.isnan(max_wait)
-            or max_wait < 0
-        ):
+        wait = None if max_wait is None else wait_seconds(max_wait)
+        if max_wait is not None and wait is None:
             raise UsageError("max_wait must be a number of seconds >= 0 or None")
         if not callable(clock) or not callable(sleep):
             raise UsageError("clock and sleep must be callable")
         self.provider = provider
         self.max_concurrency = max_concurrency
-        self.max_wait = max_wait
+        self.max_wait = None if wait is None or math.isinf(wait) else wait  # inf: no limit
         self.last_usage: Usage | None = None
         self._clock = clock
         self._sleep = sleep

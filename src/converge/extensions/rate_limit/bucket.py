@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from converge._numbers import finite_float
 from converge.errors import ConfigurationError
 
 __all__ = [
@@ -50,9 +51,10 @@ _NS = 1_000_000_000
 def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise ConfigurationError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from converge._numbers import wait_seconds
 from converge.core.message import Message
 from converge.core.store import Store
 from converge.errors import (
@@ -79,11 +80,12 @@ def _timeout_ns(timeout: object) -> int | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise UsageError(f"timeout must be a number of seconds or None, not {timeout!r}")
-    if math.isnan(timeout) or timeout < 0:
+    seconds = wait_seconds(timeout)
+    if seconds is None:
         raise UsageError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    if math.isinf(timeout):
+    if math.isinf(seconds):
         return None
-    return math.ceil(timeout * _NS)
+    return math.ceil(seconds * _NS)
 
 
 def _seconds(wait: int) -> float:

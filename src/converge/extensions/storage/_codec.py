@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from converge._numbers import positive_float
 from converge.core.store import validate_key
 from converge.errors import StoreCorruptedError, UsageError
 
@@ -161,10 +162,7 @@ def check_bool(value: object, name: str) -> bool:
 
 def check_timeout(value: object, name: str) -> float:
     """Return ``value`` as float seconds if it is a positive finite number."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (0 < value < float("inf"))
-    ):
+    seconds = positive_float(value)
+    if seconds is None:
         raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
+    return seconds

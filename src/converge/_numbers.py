@@ -1,0 +1,41 @@
+"""One test for "a finite number", shared by every validator that takes one."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["finite_float", "positive_float", "wait_seconds"]
+
+
+def finite_float(value: object) -> float | None:
+    """``value`` as a float when it is a finite int or float (never a bool), else None.
+
+    An int too large for a float (``10**400``) is None too: ``math.isfinite`` and
+    ``float`` raise ``OverflowError`` for it, which no validator should let out.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def positive_float(value: object) -> float | None:
+    """``value`` as a float when it is a finite number above zero (see :func:`finite_float`)."""
+    number = finite_float(value)
+    return number if number is not None and number > 0 else None
+
+
+def wait_seconds(value: object) -> float | None:
+    """``value`` as seconds to wait, ``>= 0``, when it is a number (never a bool), else None.
+
+    ``inf`` means no limit, and so does an int too large for a float; NaN is None.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
