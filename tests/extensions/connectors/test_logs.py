@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -155,8 +156,16 @@ def test_httpx_is_quiet_at_info_and_heard_at_debug(capture: io.StringIO) -> None
     assert "HTTP Request" in capture.getvalue()
 
 
-@pytest.mark.parametrize(("level", "fmt"), [("loud", "text"), ("info", "xml")])
-def test_bad_settings_are_configuration_errors(level: str, fmt: str) -> None:
+def test_a_logging_constant_is_a_level(capture: io.StringIO) -> None:
+    configure_logging(logging.WARNING, "text", stream=capture)
+    assert logging.getLogger().level == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("level", "fmt"),
+    [("loud", "text"), ("info", "xml"), (15, "text"), (True, "text"), (None, "text")],
+)
+def test_bad_settings_are_configuration_errors(level: Any, fmt: str) -> None:
     with pytest.raises(ConfigurationError):
         configure_logging(level, fmt)  # type: ignore[arg-type]
 

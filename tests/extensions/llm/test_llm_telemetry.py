@@ -275,6 +275,10 @@ def test_bad_telemetry_arguments_raise_usage_error() -> None:
         Telemetry(metrics_collector=object())  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         Telemetry().tool_span("").__enter__()
+    with pytest.raises(UsageError, match="tracer_provider"):
+        Telemetry(tracer_provider="global")
+    with pytest.raises(UsageError, match="meter_provider"):
+        Telemetry(meter_provider=object())
 
 
 async def test_a_stream_retried_before_its_first_delta_records_the_retry(

@@ -46,6 +46,7 @@ __all__ = [
 EVENT_LOGGER = "converge.events"
 #: The values ``log_format`` accepts.
 LOG_FORMATS = ("text", "json")
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 _log = logging.getLogger(EVENT_LOGGER)
 
@@ -445,7 +446,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(
-    level: str = "info",
+    level: str | int = "info",
     log_format: Literal["text", "json"] = "text",
     *,
     stream: IO[str] | None = None,
@@ -456,7 +457,8 @@ def configure_logging(
     warnings unless ``level`` is ``"debug"``.
 
     Args:
-        level: ``critical``, ``error``, ``warning``, ``info`` or ``debug``.
+        level: ``critical``, ``error``, ``warning``, ``info`` or ``debug``, or the
+            ``logging`` constant (``logging.INFO``).
         log_format: ``"text"`` or ``"json"``.
         stream: Where lines go (stderr by default).
 
@@ -468,7 +470,10 @@ def configure_logging(
     """
     if log_format not in LOG_FORMATS:
         raise ConfigurationError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
-    numeric = logging.getLevelName(level.upper())
+    if isinstance(level, int) and not isinstance(level, bool):  # logging.INFO and the like
+        numeric = level if logging.getLevelName(level) in _LEVELS else None
+    else:
+        numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else None
     if not isinstance(numeric, int):
         raise ConfigurationError(f"unknown log level {level!r}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)

@@ -285,6 +285,15 @@ class Telemetry:
         self._tokens: Any = None
         self._retries: Any = None
         if otel and _otel_trace is not None and _otel_metrics is not None:
+            for name, given, method in (
+                ("tracer_provider", tracer_provider, "get_tracer"),
+                ("meter_provider", meter_provider, "get_meter"),
+            ):
+                if given is not None and not callable(getattr(given, method, None)):
+                    raise UsageError(
+                        f"{name} must be an OpenTelemetry provider (with {method}()) or "
+                        f"None, not {type(given).__name__}"
+                    )
             self._tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
             meter = _otel_metrics.get_meter(_SCOPE, meter_provider=meter_provider)
             self._duration = meter.create_histogram(

@@ -39,6 +39,9 @@ async def test_sections_list_newest_first_with_filters(store: SQLiteStore) -> No
         await log.alist("events", status="nope")
     with pytest.raises(UsageError):
         await log.alist("nope")
+    for keys in ("stripe", {"events": "stripe"}, {"events": [1]}):
+        with pytest.raises(UsageError, match="keys"):
+            EventLog(keys=keys)  # type: ignore[arg-type]
 
 
 async def test_a_record_view_has_its_attempts_and_redacted_headers(store: SQLiteStore) -> None:

@@ -304,6 +304,14 @@ class EventLog:
     ) -> None:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
             raise UsageError("max_records must be an integer >= 1")
+        if keys is not None and (
+            not isinstance(keys, Mapping)
+            or not all(
+                isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)
+                for names in keys.values()
+            )
+        ):
+            raise UsageError("keys must map a section to a list of names, or be None")
         self._queues: dict[str, RecordQueue] = {}
         if events is not None:
             self._queues["events"] = events
