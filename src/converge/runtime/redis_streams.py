@@ -22,8 +22,8 @@ import anyio
 import anyio.abc
 
 from converge._numbers import positive_float
+from converge._redis_durability import warn_if_lossy
 from converge._redis_errors import redis_error
-from converge._redis_eviction import warn_if_evicting
 from converge._redis_url import check_redis_url, masked_url
 from converge.core.message import Message, Topic
 from converge.errors import BusFullError, MissingDependencyError, UsageError
@@ -201,7 +201,7 @@ class RedisStreamsBridge:
         await self._client.__aenter__()
         try:
             with anyio.move_on_after(self.timeout_sec):
-                await warn_if_evicting(
+                await warn_if_lossy(
                     self._client,
                     server=self._server,
                     holds="stream entries (messages between processes)",

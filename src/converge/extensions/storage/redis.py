@@ -24,8 +24,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from converge._redis_durability import warn_if_lossy
 from converge._redis_errors import redis_error
-from converge._redis_eviction import warn_if_evicting
 from converge._redis_url import check_redis_url, masked_url
 from converge._sorting import sort_yielding
 from converge._sync import LoopLocal, Portal, check_sync_allowed
@@ -173,7 +173,7 @@ class RedisStore(Store):
         self._keeper_pid = 0
         self._keeper_stop: anyio.Event | None = None
         self._closed = False
-        self._policy_read = False
+        self._settings_read = False
         #: How many ``update`` attempts lost to a concurrent writer and ran again.
         self.update_conflicts = 0
 
@@ -266,15 +266,15 @@ class RedisStore(Store):
                 if mapped is None:
                     raise
                 raise mapped from exc
-            await self._check_policy(holder.client)
+            await self._check_settings(holder.client)
         holder.depth += 1
         return self
 
-    async def _check_policy(self, client: _Client) -> None:
-        # Once per store, when a pool opens: warn if Redis may evict our keys.
-        if not self._policy_read:
+    async def _check_settings(self, client: _Client) -> None:
+        # Once per store, when a pool opens: warn if Redis may evict or forget our keys.
+        if not self._settings_read:
             with anyio.move_on_after(self._timeout):
-                self._policy_read = await warn_if_evicting(
+                self._settings_read = await warn_if_lossy(
                     client,
                     server=self._safe_url,
                     holds="RedisStore keys (a gateway's accepted events, replay claims, outbox)",
@@ -307,7 +307,7 @@ class RedisStore(Store):
         holder = self._clients.get()
         stop = self._keeper_stop = anyio.Event()
         async with holder.client:
-            await self._check_policy(holder.client)
+            await self._check_settings(holder.client)
             holder.depth += 1
             try:
                 ready.set()

@@ -1,5 +1,6 @@
-"""RedisStore and RedisStreamsBridge warn when their Redis may evict keys to free memory
-(``maxmemory-policy`` other than ``noeviction``): accepted events would vanish silently."""
+"""RedisStore and RedisStreamsBridge warn when their Redis may lose keys without an error:
+evicted to free memory (``maxmemory-policy`` other than ``noeviction``), or forgotten in a
+crash or restart (``appendonly no``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import coredis
@@ -22,8 +24,10 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis that keeps what it is told: ``appendonly yes``, ``noeviction``."""
+    files = tmp_path_factory.mktemp("redis")
+    with RedisServer("--appendonly", "yes", "--dir", str(files)) as server:
         yield server
 
 
@@ -100,6 +104,27 @@ async def test_noeviction_warns_nothing(
     async with RedisStreamsBridge(MessageBus(), server.url, import_topics=["work"], group="w"):
         pass
     assert warnings_of(caplog) == []
+
+
+async def test_a_redis_without_an_append_only_file_warns_once_with_its_snapshots(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "converge.redis")
+    with RedisServer("--save", "60 10000", "--dir", str(tmp_path)) as forgetful:
+        async with RedisStore(forgetful.url, namespace=namespace()) as store:
+            await store.aput("k", 1)
+            async with store:
+                assert await store.aget("k") == 1
+        (message,) = warnings_of(caplog)
+        assert "appendonly no, save '60 10000'" in message
+        assert "RedisStore keys" in message
+        assert "set appendonly yes" in message.lower()
+        caplog.clear()
+        async with RedisStreamsBridge(MessageBus(), forgetful.url, export_topics=["work"]):
+            pass
+    (message,) = warnings_of(caplog)
+    assert "appendonly no" in message
+    assert "stream entries" in message
 
 
 async def test_a_redis_that_refuses_config_is_used_without_a_warning(
