@@ -60,6 +60,12 @@ class _BodyTimeout(Exception):
     pass
 
 
+def _framed_twice(scope: _Scope) -> bool:
+    """Whether a request carries both ``Transfer-Encoding`` and ``Content-Length``."""
+    names = [name for name, _ in scope.get("headers", ())]
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
 def _json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -265,6 +271,17 @@ class GatewayApp:
                 )
 
     async def _route(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if _framed_twice(scope):
+            # RFC 9112 6.3: a request with both may be a smuggling attempt (a proxy that
+            # reads the other length sees a second request in this one's body): refuse
+            # it and close the connection, as Node's and Go's servers do.
+            await self._reply(
+                send,
+                400,
+                {"status": "rejected", "reason": "malformed_request"},
+                {"connection": "close"},
+            )
+            return
         path: str = scope.get("path", "/")
         root = scope.get("root_path", "")
         if root and path.startswith(root) and path != root:
