@@ -10,6 +10,7 @@ import pytest
 from llm_fake_server import FakeLLMServer, Reply
 from llm_helpers import Wire
 
+from converge.core import MetricsCollector
 from converge.errors import (
     ContentFilteredError,
     ProviderResponseError,
@@ -310,6 +311,26 @@ async def test_missing_usage_is_unknown_not_zero(
     assert result.usage.input_tokens is None
     assert result.usage.output_tokens is None
     assert not result.usage.known
+
+
+async def test_an_absurd_token_count_is_unknown_and_the_call_succeeds(
+    wire: Wire, server: FakeLLMServer
+) -> None:
+    # 10**400 parses as a Python int; counted, it would break float metrics afterwards.
+    reply: Reply = wire.chat("x")
+    body = json.loads(reply.body)
+    body["usage"] = {k: 10**400 if isinstance(v, int) else v for k, v in body["usage"].items()}
+    reply.body = json.dumps(body).encode()
+    server.push(reply)
+    collector = MetricsCollector()
+    provider = wire.provider(server, metrics_collector=collector)
+    try:
+        result = await provider.acomplete(MESSAGES)
+    finally:
+        await provider.aclose()
+    assert result.text == "x"
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (None, None)
+    assert collector.get("llm_calls_total", labels={"provider": wire.name, "model": result.model})
 
 
 def test_usage_arithmetic_keeps_unknown_apart_from_zero() -> None:

@@ -66,9 +66,13 @@ def import_sdk(module: str, extra: str) -> ModuleType:
         ) from exc
 
 
+_MAX_COUNT = 2**63 - 1
+
+
 def count(value: Any) -> int | None:
-    """A token count as reported, or None when absent or not a non-negative integer."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A token count as reported, or None when absent or not an integer from 0 to 2**63 - 1
+    (an API's 64-bit counter: a larger number is a broken answer, not a count)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
         return value
     return None
 
