@@ -35,6 +35,8 @@ _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 _RESTART_DELAY_SEC = 1.0
 # Seconds a client is asked to wait after a 503 (store down, closing).
 _RETRY_AFTER = "1"
+# The header of an answer after which the server closes the connection.
+_CLOSE = {"connection": "close"}
 # X-Forwarded-For entries read at most (a proxy chain longer than this is abuse).
 _MAX_FORWARDED = 16
 
@@ -189,7 +191,7 @@ class GatewayApp:
             denial,
             403,
             {"status": "rejected", "reason": "websocket_not_supported"},
-            {"connection": "close"},
+            _CLOSE,
         )
 
     # -- lifespan --------------------------------------------------------------------
@@ -245,7 +247,7 @@ class GatewayApp:
                     send,
                     408,
                     {"status": "rejected", "reason": "body_timeout"},
-                    {"connection": "close"},
+                    _CLOSE,
                 )
         except (ClosedError, StoreError) as exc:
             # A store that fails (or a connector shutting down) is a temporary condition
@@ -279,7 +281,7 @@ class GatewayApp:
                 send,
                 400,
                 {"status": "rejected", "reason": "malformed_request"},
-                {"connection": "close"},
+                _CLOSE,
             )
             return
         path: str = scope.get("path", "/")

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import anyio
 
-from converge._numbers import finite_float
+from converge._numbers import finite_float, positive_float
 from converge.errors import ConfigurationError, ProviderError, ProviderTimeoutError
 
 __all__ = ["Failure", "RetryPolicy", "acall_with_retry", "parse_retry_after"]
@@ -71,18 +71,15 @@ class RetryPolicy:
         if self.max_retries < 0:
             raise ConfigurationError("max_retries must be >= 0")
         for name in ("initial_delay", "max_delay", "max_retry_after"):
-            value = finite_float(getattr(self, name))
-            if value is None or value < 0:
-                raise ConfigurationError(
-                    f"{name} must be a finite number >= 0, not {getattr(self, name)!r}"
-                )
+            value = getattr(self, name)
+            if finite_float(value) is None or value < 0:
+                raise ConfigurationError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.initial_delay > self.max_delay:
             raise ConfigurationError("initial_delay must not exceed max_delay")
         jitter = finite_float(self.jitter)
         if jitter is None or not 0 <= jitter <= 1:
             raise ConfigurationError("jitter must be a number between 0 and 1")
-        deadline = None if self.deadline is None else finite_float(self.deadline)
-        if self.deadline is not None and (deadline is None or deadline <= 0):
+        if self.deadline is not None and positive_float(self.deadline) is None:
             raise ConfigurationError("deadline must be a positive number of seconds or None")
         for name in ("sleep", "clock", "random", "wall_clock"):
             if not callable(getattr(self, name)):
