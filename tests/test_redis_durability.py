@@ -49,6 +49,14 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "converge.redis"]
 
 
+async def bridge_warning(url: str, caplog: pytest.LogCaptureFixture) -> str:
+    """The one warning a bridge logs when it opens on the Redis at ``url``."""
+    async with RedisStreamsBridge(MessageBus(), url, export_topics=["work"]):
+        pass
+    (message,) = warnings_of(caplog)
+    return message
+
+
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
@@ -88,9 +96,7 @@ async def test_a_bridge_on_a_redis_that_evicts_warns(
     server: RedisServer, policy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "converge.redis")
-    async with RedisStreamsBridge(MessageBus(), server.url, export_topics=["work"]):
-        pass
-    (message,) = warnings_of(caplog)
+    message = await bridge_warning(server.url, caplog)
     assert "allkeys-lfu" in message
     assert "stream entries" in message
 
@@ -120,9 +126,7 @@ async def test_a_redis_without_an_append_only_file_warns_once_with_its_snapshots
         assert "RedisStore keys" in message
         assert "set appendonly yes" in message.lower()
         caplog.clear()
-        async with RedisStreamsBridge(MessageBus(), forgetful.url, export_topics=["work"]):
-            pass
-    (message,) = warnings_of(caplog)
+        message = await bridge_warning(forgetful.url, caplog)
     assert "appendonly no" in message
     assert "stream entries" in message
 
