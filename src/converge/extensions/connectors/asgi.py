@@ -276,7 +276,7 @@ class GatewayApp:
         if _framed_twice(scope):
             # RFC 9112 6.3: a request with both may be a smuggling attempt (a proxy that
             # reads the other length sees a second request in this one's body): refuse
-            # it and close the connection, as Node's and Go's servers do.
+            # it and close the connection, as Node's HTTP parser does.
             await self._reply(
                 send,
                 400,
