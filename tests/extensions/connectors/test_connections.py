@@ -486,3 +486,56 @@ async def test_a_target_answering_an_endless_body_is_delivered_at_once(
         await c.aclose()
     assert (record.status, record.attempts) == ("delivered", 1)
     assert server.sent < 64 << 20
+
+
+class NameServer:
+    """``socket.getaddrinfo`` for two made-up names: ``stalled.test`` answers nothing for
+    ``stall`` seconds and then fails, as a name server that does not answer makes it;
+    ``receiver.test`` is 127.0.0.1. The lookups run in the resolver's real threads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, stall: float) -> None:
+        self.stalled_lookups = 0
+        self._stall = stall
+        self._real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self.getaddrinfo)
+
+    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        flags = args[3] if len(args) > 3 else kwargs.get("flags", 0)
+        if flags & socket.AI_NUMERICHOST:  # trio's first try, on the loop: numbers only
+            return self._real(host, port, *args, **kwargs)
+        if host in ("stalled.test", b"stalled.test"):
+            self.stalled_lookups += 1
+            threading.Event().wait(self._stall)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host in ("receiver.test", b"receiver.test"):
+            host = "127.0.0.1"
+        return self._real(host, port, *args, **kwargs)
+
+
+async def test_a_name_server_that_hangs_holds_up_no_other_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On asyncio, lookups run on the loop's default executor (6 threads on 2 cores): 16
+    # connections to a stalled name each held one, and other targets waited behind them.
+    names = NameServer(monkeypatch, stall=1.5)
+    failures: list[BaseException] = []
+
+    async def stalled(client: httpx2.AsyncClient) -> None:
+        try:
+            await post(client, "http://stalled.test:9")
+        except httpx2.ConnectError as exc:
+            failures.append(exc)
+
+    async with raw_servers() as (server,), stack_client(max_connections=64) as client:
+        port = server.url.rsplit(":", 1)[1]
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(stalled, client)
+            await anyio.sleep(0.1)  # every stalled lookup has begun
+            started = anyio.current_time()
+            assert await post(client, f"http://receiver.test:{port}") == 200
+            took = anyio.current_time() - started
+    assert took < 1.0
+    assert names.stalled_lookups == 1
+    assert len(failures) == 16
+    assert "Temporary failure in name resolution" in str(failures[0])

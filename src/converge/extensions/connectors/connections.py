@@ -29,6 +29,8 @@ trickles its body, or never ends it, costs neither memory nor time.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import aclosing, contextmanager
@@ -267,9 +269,25 @@ class _CoalescingStream(httpcore2.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
+class _Lookup:
+    """One name's address lookup, awaited by every connection that needs it meanwhile."""
+
+    __slots__ = ("addresses", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.addresses: list[str] | None = None
+        self.error: OSError | None = None
+
+
 class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
+    # Connections to one name that open at the same time share one lookup. On asyncio a
+    # lookup holds a thread of the loop's default executor (6 on 2 cores) until the name
+    # server answers: a target whose name server hangs, with many deliveries due, held
+    # them all and every other target's connections waited behind it. Now it holds one.
     def __init__(self) -> None:
         self._inner = httpcore2.AnyIOBackend()
+        self._lookups: dict[tuple[str, int], _Lookup] = {}
 
     async def connect_tcp(
         self,
@@ -279,11 +297,56 @@ class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        address = host
+        if not _is_address(host):
+            started = anyio.current_time()
+            try:
+                with anyio.fail_after(timeout):
+                    found = await self._addresses(host, port)
+            except TimeoutError as exc:
+                raise httpcore2.ConnectTimeout(exc) from exc
+            except OSError as exc:
+                raise httpcore2.ConnectError(exc) from exc
+            if timeout is not None:
+                timeout = max(0.0, timeout - (anyio.current_time() - started))
+            if len(found) == 1:
+                address = found[0]  # else anyio tries each (Happy Eyeballs), looking up again
+        stream = await self._inner.connect_tcp(
+            address, port, timeout, local_address, socket_options
+        )
         return _CoalescingStream(stream)
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        key = (host, port)
+        while (lookup := self._lookups.get(key)) is not None:
+            await lookup.done.wait()
+            if lookup.error is not None:
+                raise type(lookup.error)(*lookup.error.args) from lookup.error
+            if lookup.addresses is not None:
+                return lookup.addresses
+            # the task looking it up was cancelled: look it up anew
+        lookup = self._lookups[key] = _Lookup()
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            lookup.addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            return lookup.addresses
+        except OSError as exc:
+            lookup.error = exc
+            raise
+        finally:
+            del self._lookups[key]
+            lookup.done.set()
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _close(connection: httpcore2.AsyncHTTPConnection) -> None:
