@@ -187,12 +187,7 @@ class GatewayApp:
             await send(message)
 
         # The server closes the connection after a denial: say so, so clients do not reuse it.
-        await self._reply(
-            denial,
-            403,
-            {"status": "rejected", "reason": "websocket_not_supported"},
-            _CLOSE,
-        )
+        await self._reject(denial, 403, "websocket_not_supported", _CLOSE)
 
     # -- lifespan --------------------------------------------------------------------
 
@@ -243,12 +238,7 @@ class GatewayApp:
             return
         except _BodyTimeout:
             if not started:
-                await self._reply(
-                    send,
-                    408,
-                    {"status": "rejected", "reason": "body_timeout"},
-                    _CLOSE,
-                )
+                await self._reject(send, 408, "body_timeout", _CLOSE)
         except (ClosedError, StoreError) as exc:
             # A store that fails (or a connector shutting down) is a temporary condition
             # of this server, never the client's fault: 503 + Retry-After, never 500.
@@ -277,12 +267,7 @@ class GatewayApp:
             # RFC 9112 6.3: a request with both may be a smuggling attempt (a proxy that
             # reads the other length sees a second request in this one's body): refuse
             # it and close the connection, as Node's HTTP parser does.
-            await self._reply(
-                send,
-                400,
-                {"status": "rejected", "reason": "malformed_request"},
-                _CLOSE,
-            )
+            await self._reject(send, 400, "malformed_request", _CLOSE)
             return
         path: str = scope.get("path", "/")
         root = scope.get("root_path", "")
@@ -297,19 +282,14 @@ class GatewayApp:
             return
         if path in ("/healthz", "/readyz", "/metrics"):
             if method not in ("GET", "HEAD"):
-                await self._reply(
-                    send,
-                    405,
-                    {"status": "rejected", "reason": "method_not_allowed"},
-                    {"allow": "GET, HEAD"},
-                )
+                await self._reject(send, 405, "method_not_allowed", {"allow": "GET, HEAD"})
                 return
             await self._probe(path, send, head=method == "HEAD")
             return
         if self.admin is not None and (path == "/admin" or path.startswith("/admin/")):
             await self.admin(scope, receive, send)  # ops: admin API + inspector (server/admin.py)
             return
-        await self._reply(send, 404, {"status": "rejected", "reason": "not_found"})
+        await self._reject(send, 404, "not_found")
 
     async def _probe(self, path: str, send: _Send, *, head: bool) -> None:
         gateway = self.gateway
@@ -341,12 +321,7 @@ class GatewayApp:
 
     async def _outbound(self, method: str, scope: _Scope, receive: _Receive, send: _Send) -> None:
         if method != "POST":
-            await self._reply(
-                send,
-                405,
-                {"status": "rejected", "reason": "method_not_allowed"},
-                _REJECTION_HEADERS["method_not_allowed"],
-            )
+            await self._reject(send, 405, "method_not_allowed")
             return
         headers = self._headers(scope)
         refusal = self.gateway.authorize_outbound(headers.get("authorization"))
@@ -357,24 +332,19 @@ class GatewayApp:
             return
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != "application/json":
-            await self._reply(send, 415, {"status": "rejected", "reason": "unsupported_media_type"})
+            await self._reject(send, 415, "unsupported_media_type")
             return
         if not identity_coded(headers):
-            await self._reply(
-                send,
-                415,
-                {"status": "rejected", "reason": "unsupported_content_encoding"},
-                _REJECTION_HEADERS["unsupported_content_encoding"],
-            )
+            await self._reject(send, 415, "unsupported_content_encoding")
             return
         body = await self._read_body(receive)
         if len(body) > self._limit:
-            await self._reply(send, 413, {"status": "rejected", "reason": "payload_too_large"})
+            await self._reject(send, 413, "payload_too_large")
             return
         try:
             payload = parse_json_object(body, lone_surrogates="reject")
         except WebhookSecurityError as exc:
-            await self._reply(send, exc.status, {"status": "rejected", "reason": exc.reason})
+            await self._reject(send, exc.status, exc.reason)
             return
         status, data = await self.gateway.handle_outbound_payload(payload)
         out = {"content-type": "application/json"}
@@ -447,6 +417,15 @@ class GatewayApp:
             size += len(chunk)
             if size > self._limit or not message.get("more_body", False):
                 return b"".join(chunks)
+
+    async def _reject(
+        self, send: _Send, status: int, reason: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """``{"status": "rejected", "reason": reason}``, with the headers the reason carries
+        (``_REJECTION_HEADERS``: ``Allow``, ``Accept-Encoding``) unless given others."""
+        if headers is None:
+            headers = _REJECTION_HEADERS.get(reason)
+        await self._reply(send, status, {"status": "rejected", "reason": reason}, headers)
 
     async def _reply(
         self, send: _Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
