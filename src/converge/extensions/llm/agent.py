@@ -33,6 +33,7 @@ from converge.core.tools import ToolRegistry
 from converge.errors import (
     ContentFilteredError,
     DecisionParseError,
+    ProviderResponseError,
     ResponseRefusedError,
     ResponseTruncatedError,
     UsageError,
@@ -67,16 +68,18 @@ DEFAULT_MAX_REASKS = 1
 """Times ``LLMAgent`` sends invalid output back to the model before giving up."""
 
 _OUTPUT_ERRORS = (ResponseTruncatedError, ContentFilteredError, ResponseRefusedError)
-_STOP_ERRORS: dict[
-    str, tuple[type[ResponseTruncatedError | ContentFilteredError | ResponseRefusedError], str]
-] = {
-    "length": (
+# The error a call's stop reason makes it, built with ``provider=`` and ``result=``.
+_STOP_ERRORS: dict[str, Callable[..., ProviderResponseError]] = {
+    "length": functools.partial(
         ResponseTruncatedError,
         "the model's answer was cut off at the output token limit (stop reason 'length') "
         "before the decisions were complete; raise max_tokens or ask for fewer decisions",
     ),
-    "content_filter": (ContentFilteredError, "the provider's content filter cut the answer"),
-    "refusal": (ResponseRefusedError, "the model refused to answer"),
+    "content_filter": functools.partial(
+        ContentFilteredError, "the provider's content filter cut the answer"
+    ),
+    "refusal": functools.partial(ResponseRefusedError, "the model refused to answer"),
+    "incomplete": incomplete,  # a stream cut short
 }
 
 
@@ -342,12 +345,9 @@ class LLMAgent(Agent):
         }
 
     def _from_result(self, result: ChatResult) -> _Reply:
-        if result.stop_reason == "incomplete":  # a cut stream: a failure of the call
-            raise incomplete(type(self.provider).__name__, result)
-        problem = _STOP_ERRORS.get(result.stop_reason)
-        if problem is not None:  # a custom provider returned it instead of raising
-            cls, message = problem
-            raise cls(message, provider=type(self.provider).__name__, result=result)
+        error = _STOP_ERRORS.get(result.stop_reason)
+        if error is not None:  # a custom provider returned it instead of raising, a cut stream
+            raise error(provider=type(self.provider).__name__, result=result)
         if self.use_structured_output:
             for call in result.tool_calls:
                 if call.name == _EMIT_DECISIONS_TOOL:
@@ -380,7 +380,7 @@ class LLMAgent(Agent):
         usage = usage if isinstance(usage, Usage) else None
         stop = getattr(stream, "stop_reason", None)
         text = "".join(parts)
-        if isinstance(stop, str) and (stop in _STOP_ERRORS or stop == "incomplete"):
+        if isinstance(stop, str) and stop in _STOP_ERRORS:
             return self._from_result(ChatResult(text, usage or Usage(None, None), stop))
         return _Reply(text, usage, stop if isinstance(stop, str) else None)
 
