@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["finite_float", "positive_float", "wait_seconds"]
+from converge.errors import UsageError
+
+__all__ = ["check_positive", "finite_float", "positive_float", "wait_seconds"]
 
 
 def finite_float(value: object) -> float | None:
@@ -26,6 +28,15 @@ def positive_float(value: object) -> float | None:
     """``value`` as a float when it is a finite number above zero (see :func:`finite_float`)."""
     number = finite_float(value)
     return number if number is not None and number > 0 else None
+
+
+def check_positive(name: str, value: object, *, integer: bool = False) -> float:
+    """:func:`positive_float` of ``value`` (an int when ``integer``), else a UsageError
+    naming the argument ``name``."""
+    number = positive_float(value)
+    if number is None or (integer and not isinstance(value, int)):
+        raise UsageError(f"{name} must be a positive {'integer' if integer else 'number'}")
+    return number
 
 
 def wait_seconds(value: object) -> float | None:

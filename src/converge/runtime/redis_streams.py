@@ -21,7 +21,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from converge._numbers import positive_float
+from converge._numbers import check_positive
 from converge._redis_durability import warn_if_lossy
 from converge._redis_errors import redis_error
 from converge._redis_url import check_redis_url, masked_url
@@ -67,13 +67,6 @@ def _check_topics(what: str, topics: object) -> tuple[str, ...]:
             raise UsageError(f"{what} must hold topic names (str)")
         Topic(topic)  # validates; patterns are not streams
     return tuple(topics)
-
-
-def _positive(what: str, value: object, *, integer: bool = False) -> float:
-    number = positive_float(value)
-    if number is None or (integer and not isinstance(value, int)):
-        raise UsageError(f"{what} must be a positive {'integer' if integer else 'number'}")
-    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +161,11 @@ class RedisStreamsBridge:
             "consumer", consumer if consumer is not None else f"{os.uname().nodename}-{os.getpid()}"
         )
         self.prefix = _check_name("prefix", prefix)
-        self.maxlen = int(_positive("maxlen", maxlen, integer=True))
-        self.batch = int(_positive("batch", batch, integer=True))
-        self.block_ms = max(1, int(_positive("block_sec", block_sec) * 1000))
-        self.claim_idle_ms = max(1, int(_positive("claim_idle_sec", claim_idle_sec) * 1000))
-        self.timeout_sec = _positive("timeout_sec", timeout_sec)
+        self.maxlen = int(check_positive("maxlen", maxlen, integer=True))
+        self.batch = int(check_positive("batch", batch, integer=True))
+        self.block_ms = max(1, int(check_positive("block_sec", block_sec) * 1000))
+        self.claim_idle_ms = max(1, int(check_positive("claim_idle_sec", claim_idle_sec) * 1000))
+        self.timeout_sec = check_positive("timeout_sec", timeout_sec)
         self._server = repr(masked_url(url))
         try:
             import coredis

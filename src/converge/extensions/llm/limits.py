@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from converge import _sync
-from converge._numbers import positive_float, wait_seconds
+from converge._numbers import check_positive, wait_seconds
 from converge.core.memory import approximate_tokens
 from converge.errors import RateLimitTimeoutError, UsageError
 from converge.extensions.llm._calls import (
@@ -39,13 +39,6 @@ from converge.extensions.rate_limit.bucket import BucketParams, TokenBucketConfi
 __all__ = ["LimitedProvider", "estimate_tokens"]
 
 _NS = 1_000_000_000
-
-
-def _positive(name: str, value: Any, *, integer: bool) -> None:
-    if value is None:
-        return
-    if positive_float(value) is None or (integer and not isinstance(value, int)):
-        raise UsageError(f"{name} must be a positive {'integer' if integer else 'number'}")
 
 
 def _text_of(content: Any) -> str:
@@ -148,9 +141,13 @@ class LimitedProvider(ResultSurface):
     ) -> None:
         if not any(callable(getattr(provider, m, None)) for m in ("acomplete", "achat", "chat")):
             raise UsageError("provider must have an acomplete(), achat() or chat() method")
-        _positive("max_concurrency", max_concurrency, integer=True)
-        _positive("tokens_per_minute", tokens_per_minute, integer=False)
-        _positive("requests_per_minute", requests_per_minute, integer=False)
+        for name, value, integer in (
+            ("max_concurrency", max_concurrency, True),
+            ("tokens_per_minute", tokens_per_minute, False),
+            ("requests_per_minute", requests_per_minute, False),
+        ):
+            if value is not None:  # None: no bound
+                check_positive(name, value, integer=integer)
         wait = None if max_wait is None else wait_seconds(max_wait)
         if max_wait is not None and wait is None:
             raise UsageError("max_wait must be a number of seconds >= 0 or None")
