@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import httpx
 
 import converge
 from loopback import UvicornThread, read_request, serve_lifespan
+from redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
@@ -80,12 +80,6 @@ def serve_recorder() -> tuple[Recorder, UvicornThread]:
     """A :class:`Recorder` served on a free loopback port."""
     recorder = Recorder()
     return recorder, UvicornThread(recorder, name="recorder").start()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class GatewayProcess:

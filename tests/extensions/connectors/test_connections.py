@@ -32,6 +32,7 @@ from converge.extensions.connectors.connections import (
     _CoalescingBackend,
 )
 from loop_stall import eventually, spy_on_tls_builds
+from redis_server import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -234,9 +235,7 @@ async def test_a_cancelled_request_closes_its_connection_and_frees_its_slot() ->
 
 
 async def test_errors_are_raised_as_httpx_errors() -> None:
-    with socket.socket() as unused:  # a free port nothing listens on
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = free_port()  # nothing listens on it
     async with stack_client() as client:
         with pytest.raises(httpx2.ConnectError):
             await post(client, f"http://127.0.0.1:{port}")
@@ -319,9 +318,7 @@ async def test_a_failed_attempt_is_recorded_with_what_the_socket_or_tls_said(
 ) -> None:
     # It used to be the class name alone, "ConnectError", for a refused port and a
     # certificate that fails alike.
-    with socket.socket() as unused:  # a free port nothing listens on
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = free_port()  # nothing listens on it
 
     async def hang_up(stream: anyio.abc.ByteStream) -> None:
         await stream.aclose()
