@@ -113,19 +113,9 @@ async def test_compressed_bodies_are_415_with_the_codings_accepted_before_being_
         )
         assert outbound.status_code == 415
         assert outbound.headers["accept-encoding"] == "identity"
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/webhook/shop",
-        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-    }
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, upload, send)
-    assert sent[0]["status"] == 415
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    status, answer = await call(app, "/webhook/shop", raw, upload)
+    assert (status, answer["reason"]) == (415, "unsupported_content_encoding")
     assert upload.read == 0  # refused on its head: the body was never read
 
 
