@@ -35,6 +35,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
     WebhookSecurityPolicy,
 )
+from converge.extensions.connectors import connector as connector_module
 from converge.extensions.storage import MemoryStore
 from loop_stall import eventually
 
@@ -590,3 +591,58 @@ async def test_slack_slash_commands_and_github_forms_are_accepted_over_asgi() ->
     }
     second = (await connector.receive_inbound()).to_dict()["payload"]
     assert (second["payload"], second["subject"]) == (event, "push")
+
+
+async def test_readiness_fails_while_accepted_events_cannot_be_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full disk: the readiness probe's small overwrite still fits, the inbox record of a
+    # new event does not. /readyz said "ready" while every event got 503.
+    class Full(MemoryStore):
+        full = False
+
+        async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
+            if self.full:
+                raise StoreUnavailableError("database or disk is full")
+            return await super().aupdate(keys, fn, ttl=ttl)
+
+    store = Full()
+    gw = WebhookGateway(
+        gateway(store=store).connector, outbound_token=TOKEN, require_dispatcher=False
+    )
+    action = {"target": "crm", "body": {"n": 1}}
+    auth = {"authorization": f"Bearer {TOKEN}"}
+
+    async def accept(expected: int) -> None:
+        body = event_body()
+        response = await http.post("/webhook/shop", content=body, headers=hmac_request(body))
+        assert response.status_code == expected
+
+    async def readiness() -> tuple[int, Any]:
+        response = await http.get("/readyz")
+        return response.status_code, response.json()["store"]
+
+    async with client(gw.asgi_app(run_dispatcher=False)) as http:
+        await accept(202)
+        assert await readiness() == (200, True)
+        store.full = True
+        await accept(503)
+        assert await readiness() == (503, False)
+        store.full = False
+        await accept(202)  # one stored event is proof enough
+        assert await readiness() == (200, True)
+        store.full = True
+        queued = await http.post("/outbound", json=action, headers=auth)
+        assert queued.json()["reason"] == "store_unavailable"
+        assert await readiness() == (503, False)
+        store.full = False
+        assert (await http.post("/outbound", json=action, headers=auth)).status_code == 202
+        assert await readiness() == (200, True)
+        # Out of rotation, nothing arrives to prove the store works again: the failure
+        # stops counting after a while, and the next events tell.
+        monkeypatch.setattr(connector_module, "_STORE_FAILURE_HOLD_SEC", 0.05)
+        store.full = True
+        await accept(503)
+        assert await readiness() == (503, False)
+        await anyio.sleep(0.1)
+        assert await readiness() == (200, True)

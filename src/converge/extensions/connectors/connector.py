@@ -87,6 +87,10 @@ _RETRY_AFTER = "1"
 # How often receive_inbound() looks in the store for records to take over (at most once
 # per interval, however many events arrive meanwhile).
 _RECEIVE_POLL_SEC = 0.5
+# After storing an accepted event or action failed, :attr:`WebhookConnector.store_ok` is
+# False until one is stored again, or for this long: a load balancer that took the
+# gateway out of rotation sends nothing that could succeed, so it is let back in to try.
+_STORE_FAILURE_HOLD_SEC = 30.0
 # Records leased per pass of the inbox pump.
 _PUMP_BATCH = 64
 
@@ -340,6 +344,7 @@ class WebhookConnector:
             target_limit=self._target_limit,
         )
         self._closed = False
+        self._store_failed_at: float | None = None  # see store_ok
 
     # -- configuration helpers ---------------------------------------------------------
 
@@ -602,8 +607,10 @@ class WebhookConnector:
         except QueueFullError as exc:
             return self._unavailable(provider, "inbox_full", exc)
         except StoreError as exc:
+            self._store_failed_at = time.monotonic()
             return self._unavailable(provider, "store_unavailable", exc)
         # Stored: from here on the event is accepted whatever happens to its hand-off.
+        self._store_failed_at = None
         self.metrics.inc("webhook_inbound_accepted_total", labels=labels, help="Events accepted.")
         for listener in self._listeners:
             try:
@@ -1059,7 +1066,12 @@ class WebhookConnector:
         if not isinstance(action, OutboundWebhookAction):
             raise UsageError("submit_outbound_action takes an OutboundWebhookAction")
         lease = self.dispatcher.lease_at_add()  # its attempt then writes no lease
-        record = await self.outbox.aadd(action, namespace=namespace, lease=lease)
+        try:
+            record = await self.outbox.aadd(action, namespace=namespace, lease=lease)
+        except StoreError:
+            self._store_failed_at = time.monotonic()
+            raise
+        self._store_failed_at = None
         self._submitted(record)
         return record
 
@@ -1209,6 +1221,14 @@ class WebhookConnector:
     def closed(self) -> bool:
         """True after :meth:`aclose`."""
         return self._closed
+
+    @property
+    def store_ok(self) -> bool:
+        """False when storing the last accepted event or outbound action failed, for
+        30 s or until one is stored: the gateway's readiness (``GET /readyz``) follows it,
+        so a replica whose store takes no more writes (a full disk) leaves rotation."""
+        failed = self._store_failed_at
+        return failed is None or time.monotonic() - failed >= _STORE_FAILURE_HOLD_SEC
 
     def _check_open(self) -> None:
         if self._closed:

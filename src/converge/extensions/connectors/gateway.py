@@ -96,17 +96,21 @@ class WebhookGateway:
         return not self.connector.closed
 
     def is_ready(self) -> bool:
-        """True when the store worked at the last check and the dispatcher runs (if needed).
+        """True when the store works and the dispatcher runs (if needed).
 
-        :meth:`acheck_ready` refreshes the store check; the ASGI app calls it on each
+        The store works when it passed the last check, the dispatcher's last outbox
+        write succeeded and so did the last write of an accepted event or action
+        (:attr:`WebhookConnector.store_ok`): a small probe can still pass on a full disk.
+        :meth:`acheck_ready` refreshes the check; the ASGI app calls it on each
         ``GET /readyz``.
         """
-        if not self.is_healthy() or not self._store_ok:
+        if not self.is_healthy() or not self._store_works():
             return False
-        dispatcher = self.connector.dispatcher
-        if not dispatcher.store_ok:
-            return False
-        return dispatcher.running or not self._require_dispatcher
+        return self.connector.dispatcher.running or not self._require_dispatcher
+
+    def _store_works(self) -> bool:
+        connector = self.connector
+        return self._store_ok and connector.store_ok and connector.dispatcher.store_ok
 
     async def acheck_ready(self) -> bool:
         """Probe the store with a write and a read, then return :meth:`is_ready`.
@@ -137,7 +141,7 @@ class WebhookGateway:
         return _dump(
             {
                 "status": "ready" if self.is_ready() else "not_ready",
-                "store": self._store_ok and dispatcher.store_ok,
+                "store": self._store_works(),
                 "dispatcher": dispatcher.running,
                 "dispatcher_required": self._require_dispatcher,
             }
