@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import warnings
 
 import anyio
 import anyio.lowlevel
@@ -169,6 +171,32 @@ async def test_closed_receiver_unsubscribes_itself() -> None:
     stream.receive.close()
     emitter.emit(TextDelta(call_id="c", text="x"))
     assert len(emitter) == 0
+
+
+@pytest.mark.anyio
+async def test_a_stream_used_as_documented_leaves_no_end_open() -> None:
+    # anyio warns (ResourceWarning) about a memory stream end dropped unclosed: leaving
+    # the with block, reading to the end and a reader that closed its end each left one.
+    emitter = EventEmitter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with emitter.open_stream() as kept:
+            emitter.emit(TextDelta(call_id="c", text="unread"))
+        with pytest.raises(anyio.EndOfStream):  # left unread by the with block
+            await kept.areceive()
+        drained = emitter.open_stream()
+        emitter.emit(TextDelta(call_id="c", text="x"))
+        drained.close()
+        assert [event.text async for event in drained] == ["x"]  # type: ignore[attr-defined]
+        with pytest.raises(anyio.EndOfStream):
+            await drained.areceive()
+        abandoned = emitter.open_stream()
+        abandoned.receive.close()
+        emitter.emit(TextDelta(call_id="c", text="y"))
+        assert len(emitter) == 0
+        del kept, drained, abandoned
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_subscribers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -371,7 +371,8 @@ class Subscription:
 class EventStream(Subscription):
     """A stream subscription: iterate it with ``async for`` to receive events.
 
-    Closing it (or leaving its ``with`` block) unsubscribes and ends the iteration.
+    Closing it unsubscribes and ends the iteration once the buffered events are read;
+    leaving its ``with`` block also closes the receiving end.
     """
 
     def __init__(
@@ -391,7 +392,7 @@ class EventStream(Subscription):
         except anyio.WouldBlock:
             return False
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._emitter._remove(self)
+            self.close()  # the reader closed its end: nobody is left to read
             return True
         return True
 
@@ -403,13 +404,23 @@ class EventStream(Subscription):
     def __enter__(self) -> EventStream:
         return self
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Both ends: anyio warns (ResourceWarning) about a stream end dropped open.
+        self.close()
+        self.receive.close()
+
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> ProgressEvent:
         try:
-            return await self.receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return await self.areceive()
+        except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
     async def areceive(self) -> ProgressEvent:
@@ -418,7 +429,13 @@ class EventStream(Subscription):
         Raises:
             EndOfStream: After :meth:`close`, once the buffered events are read.
         """
-        return await self.receive.receive()
+        try:
+            return await self.receive.receive()
+        except anyio.EndOfStream:
+            self.receive.close()  # read to its end: nothing more can come
+            raise
+        except anyio.ClosedResourceError:  # closed at its end, or by the with block
+            raise anyio.EndOfStream from None
 
 
 class EventEmitter:

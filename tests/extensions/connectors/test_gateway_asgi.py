@@ -302,7 +302,7 @@ async def test_the_lifespan_runs_and_stops_the_dispatcher() -> None:
     app = gw.asgi_app()
     to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
     app_outbox, from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
-    async with anyio.create_task_group() as tg:
+    async with to_app, app_inbox, app_outbox, from_app, anyio.create_task_group() as tg:
         tg.start_soon(app, {"type": "lifespan"}, app_inbox.receive, app_outbox.send)
         await to_app.send({"type": "lifespan.startup"})
         assert (await from_app.receive())["type"] == "lifespan.startup.complete"
