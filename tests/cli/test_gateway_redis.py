@@ -141,6 +141,24 @@ def test_a_store_that_cannot_work_is_a_configuration_error(
         open_store(store, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"\x7fELF" + bytes(range(256)) * 40, b"SQLite format 3\x00" + b"\xff" * 4000],
+)
+def test_a_file_that_is_no_sqlite_database_is_a_configuration_error(
+    tmp_path: Path, content: bytes
+) -> None:
+    # Served before: every webhook got 503 and each poll logged "is damaged".
+    (tmp_path / "events.db").write_bytes(content)
+    with pytest.raises(ConfigurationError, match="not a readable SQLite database"):
+        open_store("sqlite:events.db", tmp_path)
+    assert (tmp_path / "events.db").read_bytes() == content  # left as it was
+    store = open_store("sqlite:fresh.db", tmp_path)  # new, and reopened: both fine
+    store.put("k", 1)
+    store.close()
+    open_store("sqlite:fresh.db", tmp_path).close()
+
+
 def test_check_shows_the_redis_store_without_its_password(
     tmp_path: Path, redis: RedisServer
 ) -> None:

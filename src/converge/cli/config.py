@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sqlite3
 import tomllib
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -577,8 +578,27 @@ def open_store(spec: str, base_dir: Path, *, password: str | None = None) -> Sto
         if location.is_dir() or not location.parent.is_dir():
             problem = "is a directory" if location.is_dir() else "is in no existing directory"
             raise ConfigurationError(f"[gateway] store {spec!r}: {str(location)!r} {problem}")
+        _check_database(spec, location)
         return SQLiteStore(location, serializer="json")
     raise ConfigurationError(f"unknown store kind {kind!r}")
+
+
+def _check_database(spec: str, location: Path) -> None:
+    """Refuse a file SQLite cannot read as a database (damaged, or not one at all):
+    nothing but its owner can repair it, so serving would only answer 503s."""
+    try:
+        if location.stat().st_size == 0:
+            return  # SQLite makes an empty file a database
+        with closing(sqlite3.connect(f"{location.as_uri()}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except OSError:
+        return  # no file yet (or unreadable: the store says so)
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise ConfigurationError(
+                f"[gateway] store {spec!r}: {str(location)!r} is not a readable SQLite "
+                f"database ({exc}); move it aside, or restore it from a backup"
+            ) from None
 
 
 def _open_redis(spec: str, password: str | None) -> Store:
