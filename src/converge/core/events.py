@@ -365,6 +365,10 @@ class Subscription:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        """What leaving the ``with`` block does."""
         self.close()
 
 
@@ -404,12 +408,7 @@ class EventStream(Subscription):
     def __enter__(self) -> EventStream:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _leave(self) -> None:
         # Both ends: anyio warns (ResourceWarning) about a stream end dropped open.
         self.close()
         self.receive.close()
