@@ -21,10 +21,13 @@ run. The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -228,6 +231,15 @@ async def serve_lifespan(
 
 
 # -- servers in child processes -----------------------------------------------------------
+
+
+def scratch_dir(prefix: str, parent: str | None = None) -> str:
+    """A new temporary directory (in ``parent``, else the system's), removed with what
+    it holds when this process exits normally. A server child that ends by its signal
+    skips that: give it a directory inside one its parent made."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def free_port() -> int:

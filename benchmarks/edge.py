@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -37,7 +36,14 @@ from typing import Any
 import anyio
 import uvicorn
 
-from _bench import Results, arg_parser, free_port, print_ratio_table, serve_lifespan
+from _bench import (
+    Results,
+    arg_parser,
+    free_port,
+    print_ratio_table,
+    scratch_dir,
+    serve_lifespan,
+)
 from converge.core import Agent, Identity, Message, SendMessage
 from converge.core.store import Store
 from converge.extensions.connectors import (
@@ -173,7 +179,7 @@ async def edge_round(
 
 def fresh(kind: str) -> Store:
     if kind == "sqlite":
-        path = os.path.join(tempfile.mkdtemp(prefix="converge-edge-bench-"), "edge.sqlite3")
+        path = os.path.join(scratch_dir("converge-edge-bench-"), "edge.sqlite3")
         return SQLiteStore(path, serializer="json")
     return MemoryStore()
 

@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -57,7 +58,15 @@ from typing import Any
 
 import anyio
 
-from _bench import Results, arg_parser, child_servers, serve_lifespan, serve_uvicorn, timed_workers
+from _bench import (
+    Results,
+    arg_parser,
+    child_servers,
+    scratch_dir,
+    serve_lifespan,
+    serve_uvicorn,
+    timed_workers,
+)
 
 SECRET = "bench-secret"
 CONCURRENCY = 32
@@ -375,6 +384,9 @@ def main() -> None:
     elif args.serve:
         serve_cli(args.serve, args.port, args.receiver_port)
     else:
+        # The servers' store files go in here: the children end by their signal (uvicorn
+        # raises it again once shut down), so they cannot remove their own.
+        os.environ["TMPDIR"] = scratch_dir("converge-gateway-bench-")
         table(run(args.quick))
 
 

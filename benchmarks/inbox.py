@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 
 import anyio
 
-from _bench import Results, arg_parser, best_of_rounds, print_ratio_table
+from _bench import Results, arg_parser, best_of_rounds, print_ratio_table, scratch_dir
 from converge.core.store import Store
 from converge.extensions.connectors import ProviderProfile, WebhookConnector
 from converge.extensions.connectors.inbox import event_uid
@@ -69,7 +68,7 @@ def signed(n: int) -> list[tuple[dict[str, str], bytes]]:
 
 def fresh_store(kind: str) -> Store:
     if kind == "sqlite":
-        path = os.path.join(tempfile.mkdtemp(prefix="converge-inbox-bench-"), "inbox.sqlite3")
+        path = os.path.join(scratch_dir("converge-inbox-bench-"), "inbox.sqlite3")
         return SQLiteStore(path, serializer="json")
     return MemoryStore()
 

@@ -28,9 +28,15 @@ SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.sta
 SLOWEST = ("redis", "outbound", "rate_limit", "llm_overhead", "storage")
 
 
-def run_quick(script: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
-    return subprocess.run(
+def run_quick(script: Path, scratch: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The script's ``--quick`` run with its temporary files in ``scratch``, and what it
+    left there (the gateway benchmark left about 100 MB of SQLite files per run)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path]),
+        "TMPDIR": str(scratch),
+    }
+    proc = subprocess.run(
         [sys.executable, str(script), "--quick"],
         cwd=ROOT,
         capture_output=True,
@@ -38,12 +44,16 @@ def run_quick(script: Path) -> subprocess.CompletedProcess[str]:
         env=env,
         timeout=300,
     )
+    return proc, sorted(path.name for path in scratch.iterdir())
+
+
+Run = tuple[subprocess.CompletedProcess[str], list[str]]
 
 
 @pytest.fixture(scope="module")
 def quick_runs(
-    request: pytest.FixtureRequest,
-) -> Iterator[dict[Path, Future[subprocess.CompletedProcess[str]]]]:
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[Path, Future[Run]]]:
     """Every selected script's ``--quick`` run, started at once two at a time."""
     selected = {
         item.callspec.params["script"]
@@ -54,7 +64,10 @@ def quick_runs(
     order = sorted(selected, key=lambda script: rank.get(script.stem, len(rank)))
     pool = ThreadPoolExecutor(max_workers=2)
     try:
-        yield {script: pool.submit(run_quick, script) for script in order}
+        yield {
+            script: pool.submit(run_quick, script, tmp_path_factory.mktemp(script.stem))
+            for script in order
+        }
     finally:
         pool.shutdown(cancel_futures=True)  # runs not started yet when the module stops early
 
@@ -70,10 +83,11 @@ def result_lines(stdout: str) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_benchmark_runs_quick_and_prints_json_lines(
-    script: Path, quick_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]
+    script: Path, quick_runs: dict[Path, Future[Run]]
 ) -> None:
-    proc = quick_runs[script].result()
+    proc, left = quick_runs[script].result()
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert left == [], f"{script.name} left temporary files behind"
     rows = result_lines(proc.stdout)
     assert rows, f"{script.name} printed no JSON result lines"
     for row in rows:
