@@ -399,7 +399,8 @@ def test_a_body_left_unread_is_not_taken_for_a_head() -> None:
     request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
     try:
         sock = socket.create_connection(("127.0.0.1", port))
-        assert _answers(sock, [request]) == [b"HTTP/1.1 413 Request Entity Too Large"]
+        # One answer (uvicorn's reason phrase follows the Python version's HTTPStatus)
+        assert [line[:12] for line in _answers(sock, [request])] == [b"HTTP/1.1 413"]
     finally:
         server.stop()
 

@@ -222,7 +222,10 @@ class ServerThread:
 
         config = hypercorn.config.Config()
         sock.listen(128)
-        config.bind = [f"fd://{sock.fileno()}"]
+        # hypercorn wraps the descriptor in a socket of its own and closes it: ``sock``
+        # lets go of it, or collecting ``sock`` later would close it a second time, by
+        # then perhaps another socket's (seen as trio's wakeup socket on Python 3.13).
+        config.bind = [f"fd://{sock.detach()}"]
         config.loglevel = "WARNING"
         config.accesslog = None
 
