@@ -233,11 +233,11 @@ async def serve_lifespan(
 # -- servers in child processes -----------------------------------------------------------
 
 
-def scratch_dir(prefix: str, parent: str | None = None) -> str:
-    """A new temporary directory (in ``parent``, else the system's), removed with what
-    it holds when this process exits normally. A server child that ends by its signal
-    skips that: give it a directory inside one its parent made."""
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory, removed with what it holds when this process exits
+    normally (a server child that ends by its signal never does: let its files go in
+    one its parent made)."""
+    path = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 

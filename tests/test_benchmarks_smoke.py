@@ -28,7 +28,10 @@ SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.sta
 SLOWEST = ("redis", "outbound", "rate_limit", "llm_overhead", "storage")
 
 
-def run_quick(script: Path, scratch: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+Run = tuple[subprocess.CompletedProcess[str], list[str]]
+
+
+def run_quick(script: Path, scratch: Path) -> Run:
     """The script's ``--quick`` run with its temporary files in ``scratch``, and what it
     left there (the gateway benchmark left about 100 MB of SQLite files per run)."""
     env = {
@@ -45,9 +48,6 @@ def run_quick(script: Path, scratch: Path) -> tuple[subprocess.CompletedProcess[
         timeout=300,
     )
     return proc, sorted(path.name for path in scratch.iterdir())
-
-
-Run = tuple[subprocess.CompletedProcess[str], list[str]]
 
 
 @pytest.fixture(scope="module")

@@ -589,7 +589,7 @@ def _check_database(spec: str, location: Path) -> None:
     try:
         if location.stat().st_size == 0:
             return  # SQLite makes an empty file a database
-        with closing(sqlite3.connect(f"{location.as_uri()}?mode=ro", uri=True)) as conn:
+        with closing(sqlite3.connect(f"{location.absolute().as_uri()}?mode=ro", uri=True)) as conn:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except OSError:
         return  # no file yet (or unreadable: the store says so)
