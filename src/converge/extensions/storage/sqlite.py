@@ -99,6 +99,10 @@ _EXPIRED: Final = f"SELECT key FROM {_TABLE} WHERE expires_at <= ?"
 _LIST_FROM: Final = f"SELECT key FROM {_TABLE} WHERE key >= ? AND key NOT IN ({_EXPIRED})"
 _PURGE: Final = f"DELETE FROM {_TABLE} WHERE key IN ({_EXPIRED} LIMIT 512)"
 _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
+# The write-ahead log is cut back to this when it starts over: a burst (a large trim)
+# grows it, and without a limit its file keeps that size for good. 64 MiB, as Rails
+# sets for SQLite: above what steady writing between checkpoints needs (about 4 MiB).
+_WAL_KEPT_BYTES = 64 << 20
 
 
 # A write, for group commit: ``op(conn, now)`` runs inside the batch's transaction. An
@@ -264,6 +268,7 @@ class SQLiteStore(Store):
             conn.execute(_SYNCHRONOUS[self._durable])
             if self._path != ":memory:":
                 conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _wal.Checkpointer
+                conn.execute(f"PRAGMA journal_size_limit = {_WAL_KEPT_BYTES}")
             for statement in _SCHEMA:
                 conn.execute(statement)
         except BaseException:
