@@ -581,9 +581,10 @@ def test_the_log_grown_by_a_burst_is_cut_back_when_it_starts_over(
     store = SQLiteStore(tmp_path / "kv.db", serializer="json")
     wal = tmp_path / "kv.db-wal"
     try:
+        grown = 0
         for i in range(600):
             store.put(f"k{i}", "x" * 8000)
-        grown = wal.stat().st_size
+            grown = max(grown, wal.stat().st_size)
         for i in range(1_200):  # the log starts over at least twice meanwhile
             store.put("small", i)
             if wal.stat().st_size <= 256 << 10:

@@ -102,7 +102,7 @@ _PURGE_EVERY: Final = 256  # writes between sweeps of expired rows
 # The write-ahead log is cut back to this when it starts over: a burst (a large trim)
 # grows it, and without a limit its file keeps that size for good. 64 MiB, as Rails
 # sets for SQLite: above what steady writing between checkpoints needs (about 4 MiB).
-_WAL_KEPT_BYTES = 64 << 20
+_WAL_KEPT_BYTES: Final = 64 << 20
 
 
 # A write, for group commit: ``op(conn, now)`` runs inside the batch's transaction. An
