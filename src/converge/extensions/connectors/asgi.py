@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from converge._http import ip_literal
 from converge._numbers import positive_float
 from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
 from converge.extensions.connectors.security import (
@@ -45,13 +46,7 @@ _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _address(text: str) -> _IPAddress | None:
-    try:
-        addr = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return ip_literal(text.strip())
 
 
 class _Disconnected(Exception):

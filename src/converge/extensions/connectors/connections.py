@@ -29,7 +29,6 @@ trickles its body, or never ends it, costs neither memory nor time.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Iterator
@@ -41,6 +40,7 @@ import anyio
 import httpcore2
 import httpx2
 
+from converge._http import ip_literal
 from converge._tls import ashared_ssl_context
 
 __all__ = ["BODY_READ_MAX", "BODY_READ_SEC", "ConnectionStack", "read_body"]
@@ -298,7 +298,7 @@ class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         address = host
-        if not _is_address(host):
+        if ip_literal(host) is None:
             started = anyio.current_time()
             try:
                 with anyio.fail_after(timeout):
@@ -339,14 +339,6 @@ class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _close(connection: httpcore2.AsyncHTTPConnection) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converge import _sync
+from converge._http import ip_literal
 from converge.core.store import Store
 from converge.errors import (
     ConfigurationError,
@@ -338,12 +339,9 @@ class WebhookSecurity:
             return True
         if not isinstance(remote_addr, str):
             return False
-        try:
-            addr = ipaddress.ip_address(remote_addr.strip("[]"))
-        except ValueError:
+        addr = ip_literal(remote_addr)
+        if addr is None:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self._networks)
 
     def check_request(
