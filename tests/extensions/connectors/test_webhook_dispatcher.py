@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from converge.extensions.connectors import (
     OutboundResponse,
     OutboundTarget,
     Outbox,
+    OutboxRecord,
     WebhookConnector,
     WebhookGateway,
     WebhookRetryPolicy,
@@ -280,6 +282,76 @@ async def test_an_open_circuit_holds_a_backlog_without_taking_each_action_again(
     delivered = [json.loads(r.content)["n"] for r in sender.requests[recovered:]]
     assert sorted(delivered) == list(range(300))  # each once, after the outage
     assert await c.alist_dead_letters() == []
+
+
+def _records_in_memory() -> int:
+    gc.collect()
+    return sum(isinstance(o, OutboxRecord) for o in gc.get_objects())
+
+
+async def test_actions_waiting_behind_an_open_circuit_are_not_kept_in_memory() -> None:
+    # An action submitted to a running dispatcher is added leased to it and kept in
+    # memory for its first attempt. Behind an open circuit that attempt waits past the
+    # lease, so every action of an outage stayed in memory, payload and all.
+    clock = FakeClock()
+    sender = Sender()
+    c = down_target(clock, sender, max_concurrency=4)
+    async with dispatching(c):
+        for n in range(2):
+            await c.submit_outbound_action(action(n))
+        await eventually(lambda: c.breaker("app").state == "open")
+        for n in range(2, 300):
+            await c.submit_outbound_action(action(n))
+        assert _records_in_memory() <= 10
+        sender.default = 200
+        recovered = len(sender.requests)
+        clock.now += 30
+        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
+    delivered = [json.loads(r.content)["n"] for r in sender.requests[recovered:]]
+    assert sorted(delivered) == list(range(300))  # each once, after the outage
+    assert await c.alist_dead_letters() == []
+
+
+async def test_an_action_is_kept_in_memory_only_while_its_first_lease_lasts() -> None:
+    # One slow attempt holds the only slot: the 300 actions behind it are kept in memory
+    # for their first attempt until their lease could no longer cover one.
+    clock = FakeClock()
+    gate = anyio.Event()
+
+    slow: list[OutboundRequest] = []
+
+    async def sender(request: OutboundRequest) -> int:
+        if request.url.endswith("/slow"):
+            slow.append(request)
+            await gate.wait()
+        return 200
+
+    c = make(
+        outbound_sender=sender,
+        clock=clock,
+        max_in_flight=1,
+        retry_policy=WebhookRetryPolicy(request_timeout_sec=60),  # the slow one is not cut
+        targets=[
+            OutboundTarget("app", "http://127.0.0.1:9/hook"),
+            OutboundTarget("slow", "http://127.0.0.1:9/slow"),
+        ],
+    )
+    received: list[int] = []
+    async with dispatching(c):
+        await c.submit_outbound_action(action(-1, target="slow", url="http://127.0.0.1:9/slow"))
+        await eventually(lambda: len(slow) == 1)
+        for n in range(300):
+            await c.submit_outbound_action(action(n))
+        assert _records_in_memory() >= 300
+        clock.now += c.dispatcher.lease_sec - 1  # less than a request timeout left
+        await eventually(lambda: _records_in_memory() <= 10)
+        gate.set()
+        clock.now += 1  # their leases over: each attempt leases its action anew
+        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
+    for record in await c.outbox.alist(key="app", limit=1000):
+        assert (record.status, len(record.attempts)) == ("delivered", 1)
+        received.append(record.data["action"]["body"]["n"])
+    assert sorted(received) == list(range(300))
 
 
 async def test_concurrency_limits_hold_per_target_and_overall() -> None:
