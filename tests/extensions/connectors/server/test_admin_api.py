@@ -119,6 +119,41 @@ def test_replay_one_and_since(served: tuple[str, Filled]) -> None:
     assert httpx.post(f"{url}/admin/api/events/replay", headers=auth()).status_code == 400
 
 
+def test_replay_since_replays_every_finished_event_unless_a_limit_is_given(
+    tmp_path: Path,
+) -> None:
+    # A page of a listing is 100 records by default; a replay "since" stopped there too,
+    # and silently left the older ones out.
+    store = SQLiteStore(tmp_path / "many.sqlite3", serializer="json")
+
+    async def make() -> Filled:
+        filled = await fill(store)  # evt_ok and evt_dead are finished, evt_open is not
+        for n in range(150):
+            record = await filled.events.aadd(
+                {"n": n},
+                id=f"evt_{n:03d}",
+                key="stripe",
+                status="leased",
+                lease_owner="t",
+                lease_sec=30,
+            )
+            await filled.events.aack(record.id, record.lease_token)
+        return filled
+
+    filled = anyio.run(make)
+    server = UvicornThread(gateway_app(AdminApp(filled.log, token=TOKEN))).start()
+    try:
+        url = f"{server.url}/admin/api/events/replay"
+        newest = httpx.post(url, params={"since": "1h", "limit": "20"}, headers=auth()).json()
+        assert newest["ids"] == [f"evt_{n:03d}" for n in range(130, 150)]  # oldest first
+        rest = httpx.post(url, params={"since": "1h"}, headers=auth()).json()
+        assert rest["count"] == 152 - 20
+        assert {"evt_ok", "evt_dead", "evt_000", "evt_129"} <= set(rest["ids"])
+    finally:
+        server.stop()
+        store.close()
+
+
 def test_purge_a_dead_letter(served: tuple[str, Filled]) -> None:
     url, _ = served
     assert httpx.delete(f"{url}/admin/api/dead-letters/evt_ok", headers=auth()).status_code == 404

@@ -209,8 +209,11 @@ class AdminApp:
             if not query.get("since"):
                 raise _Reply(400, "since_required", "give ?since=15m (or an ISO time)")
             filters = self._filters(query)
+            # Every finished record since, unless a limit is asked for (listings show a
+            # page by default; a replay that left records out would not say which).
+            limit = filters["limit"] if "limit" in query else None
             done = await log.areplay_since(
-                filters["since"], section=section, key=filters["key"], limit=filters["limit"]
+                filters["since"], section=section, key=filters["key"], limit=limit
             )
             for record in done:
                 self._notify(record_view(record)["section"], record.id)

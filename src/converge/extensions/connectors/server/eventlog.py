@@ -446,18 +446,22 @@ class EventLog:
         *,
         section: str = "events",
         key: str | None = None,
-        limit: int = 1000,
+        limit: int | None = None,
     ) -> list[Record]:
         """Replay every finished or dead record of ``section`` created since ``since``.
+
+        Args:
+            since: Unix time.
+            section: ``events``, ``deliveries`` or ``dead-letters``.
+            key: Only records of this provider or target.
+            limit: Only the newest ``limit`` records since ``since`` (None: all of them).
 
         Returns:
             The records replayed (oldest first).
         """
-        records = [
-            r
-            for r in await self.alist(section, key=key, since=since, limit=limit)
-            if r.status in _DONE_OR_DEAD
-        ]
+        every = 2**31 - 1 if limit is None else limit
+        found = await self.alist(section, key=key, since=since, limit=every)
+        records = [r for r in found if r.status in _DONE_OR_DEAD]
         replayed = []
         for record in reversed(records):
             again = await self.areplay(record.id, None if section == "dead-letters" else section)
