@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from inbox_child import PROFILES, SECRETS, connector, open_store
+from inbox_child import LEASE_SEC, PROFILES, SECRETS, connector, open_store
 from outbound_helpers import dispatching
 from webhook_helpers import (
     GITHUB_SECRET,
@@ -332,6 +332,29 @@ async def test_inbound_events_iterates_until_the_connector_closes() -> None:
 
         tg.start_soon(consume)
     assert seen == [json.loads(b)["event_id"] for b in bodies]
+
+
+async def test_a_backlog_left_in_the_inbox_is_handed_on_without_waiting_between_batches() -> None:
+    # The inbox pump takes 64 records per pass. It slept a poll interval after every
+    # pass, so 10,000 events replayed by an operator took 91 s to go out again.
+    store = MemoryStore()
+    first = connector(store)  # nobody consumes: its events stay leased for a second
+    bodies = [event_body() for _ in range(300)]
+    for body in bodies:
+        assert (await post(first, "shop", body, hmac_request(body)))[0] == 202
+    await anyio.sleep(LEASE_SEC + 0.2)
+    async with MessageBus() as bus:
+        sub = bus.subscribe(topics=[INBOUND_TOPIC])
+        second = connector(store, bus=bus)
+        got: list[str] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: second.run_inbox(poll_interval_sec=60))
+            with anyio.fail_after(20):  # the second pass would come after a minute
+                while len(got) < len(bodies):
+                    got.append((await sub.receive()).to_dict()["payload"]["event_id"])
+            tg.cancel_scope.cancel()
+    assert sorted(got) == sorted(json.loads(b)["event_id"] for b in bodies)
+    assert await second.inbox.apending_count() == 0
 
 
 async def test_bus_acknowledgements_settle_and_dead_letters_bury_inbox_records() -> None:

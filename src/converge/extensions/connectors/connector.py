@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from converge._numbers import finite_float, positive_float
@@ -91,8 +92,12 @@ _RECEIVE_POLL_SEC = 0.5
 # False until one is stored again, or for this long: a load balancer that took the
 # gateway out of rotation sends nothing that could succeed, so it is let back in to try.
 _STORE_FAILURE_HOLD_SEC = 30.0
-# Records leased per pass of the inbox pump.
+# Records leased per pass of the inbox pump. A full batch means more are waiting (a
+# backlog after a restart, a bulk replay): the next pass follows at once while this
+# process holds fewer records than the bound (forwarded ones are let go at once; a
+# slow receive_inbound or bus consumer keeps its own and so slows the pump down).
 _PUMP_BATCH = 64
+_PUMP_HOLDS = 4 * _PUMP_BATCH
 
 
 class InboundBus(Protocol):
@@ -1019,12 +1024,16 @@ class WebhookConnector:
             except StoreError as exc:
                 _log.warning("inbox pump: store failed: %s", exc)
             while not self._closed:
+                taken = 0
                 try:
                     await self._renew()
-                    await self._take_over()
+                    taken = await self._take_over()
                 except StoreError as exc:
                     _log.warning("inbox pump: store failed: %s", exc)
-                await anyio.sleep(poll_interval_sec)
+                if taken == _PUMP_BATCH and len(self._holds) < _PUMP_HOLDS:
+                    await anyio.lowlevel.checkpoint()
+                else:
+                    await anyio.sleep(poll_interval_sec)
         finally:
             self._pump_running = False
 

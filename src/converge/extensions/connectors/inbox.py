@@ -156,6 +156,10 @@ class InboxHolds:
         self._poll_at = 0.0
         self._released: list[float] = []  # heap: when records given back here fall due
 
+    def __len__(self) -> int:
+        """Records held (their leases may have run out since)."""
+        return len(self._holds)
+
     def hold(self, record: Record, consumer: Consumer) -> None:
         """Remember that this process holds ``record`` for ``consumer``."""
         self._holds[record.id] = _Hold(record.lease_token, record.lease_until or 0.0, consumer)
