@@ -379,6 +379,51 @@ async def test_listing_many_records_lets_other_tasks_run() -> None:
     assert during >= 1  # none at all without the listing's own checkpoints
 
 
+async def test_a_listing_builds_its_records_a_batch_between_two_turns_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reads gave the loop back every 256 records, but the records were then built
+    # all at once: 10,000 of them (a bulk replay) held the event loop for 100 ms.
+    q = queue(MemoryStore(), max_pending=10_000)
+    for i in range(1_000):
+        await q.aadd({"n": i})
+    built = [0, 0]  # since the other task's last turn, most at once
+    from_dict = Record.from_dict
+
+    def counted(value: dict[str, Any]) -> Record:
+        built[0] += 1
+        built[1] = max(built[1], built[0])
+        return from_dict(value)
+
+    async def other_task() -> None:
+        while True:
+            built[0] = 0
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(Record, "from_dict", counted)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        assert len(await q.alist(limit=2_000)) == 1_000
+        tg.cancel_scope.cancel()
+    assert built[1] <= 2 * 256  # trio runs a batch's tasks in random order: two can meet
+
+
+async def test_alisted_gives_the_ids_alist_would_list_without_building_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    q = queue(MemoryStore(), clock=lambda: now[0])
+    for i in range(300):
+        now[0] += 1.0
+        await q.aadd({"n": i}, id=f"r{i:03d}", key="even" if i % 2 == 0 else "odd")
+    monkeypatch.setattr(Record, "from_dict", None)  # any record built fails the test
+    listed_ids = await q.alisted(key="even", since=1290.0)
+    assert listed_ids == [(1299.0 - 2 * n, f"r{298 - 2 * n}") for n in range(5)]
+    assert await q.alisted(status="dead") == []
+    with pytest.raises(UsageError):
+        await q.alisted(status="finished")
+
+
 async def test_trim_finished_keeps_the_newest_and_never_an_open_record(backend: Store) -> None:
     now = [1000.0]
     q = queue(backend, clock=lambda: now[0], max_pending=10_000)

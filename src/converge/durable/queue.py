@@ -566,10 +566,43 @@ class DurableQueue:
             since: Only records created at or after this Unix time.
             limit: Most records returned.
         """
-        if status is not None and status not in _STATUSES:
-            raise UsageError(f"status must be one of {_STATUSES}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UsageError("limit must be an integer >= 1")
+        found = await self._listed(status, key, since)
+        # Read the newest again, in full: one that changed meanwhile so that it no longer
+        # matches (or was moved to another phase's key) gives its place to the next.
+        records: list[Record] = []
+        taken = 0
+        while len(records) < limit and taken < len(found):
+            window = heapq.nlargest(taken + limit - len(records), found)[taken:]
+            taken += len(window)
+            names = [store_key for _, _, store_key in window]
+            for values in await self._in_batches(names, read_values):
+                for _, _, store_key in listed(values, status, key, since):
+                    record = read_record(values[store_key])
+                    if record is not None:
+                        records.append(record)
+                # Building 10,000 records at once held the event loop for 100 ms.
+                await anyio.lowlevel.checkpoint()
+        records.sort(key=lambda r: (r.created, r.id), reverse=True)
+        return records[:limit]
+
+    async def alisted(
+        self, *, status: str | None = None, key: str | None = None, since: float | None = None
+    ) -> list[tuple[float, str]]:
+        """``(created, id)`` of every record :meth:`alist` would list, newest first,
+        without building the records (a bulk replay of 10,000 needs their ids only)."""
+        found = await self._listed(status, key, since)
+        found.sort(reverse=True)
+        return [(created, record_id) for created, record_id, _ in found]
+
+    async def _listed(
+        self, status: str | None, key: str | None, since: float | None
+    ) -> list[Listed]:
+        """The records of the phases ``status`` asks for that match the filters (every
+        record of those phases is read, 256 per store call, and none is built)."""
+        if status is not None and status not in _STATUSES:
+            raise UsageError(f"status must be one of {_STATUSES}")
         if since is not None:
             since = _time("since", since)
         prefixes = {
@@ -588,21 +621,7 @@ class DurableQueue:
         for prefix in prefixes:
             for part in await self._in_batches(await self.store.alist(prefix), matching):
                 found.extend(part)
-        # Read the newest again, in full: one that changed meanwhile so that it no longer
-        # matches (or was moved to another phase's key) gives its place to the next.
-        records: list[Record] = []
-        taken = 0
-        while len(records) < limit and taken < len(found):
-            window = heapq.nlargest(taken + limit - len(records), found)[taken:]
-            taken += len(window)
-            names = [store_key for _, _, store_key in window]
-            for values in await self._in_batches(names, read_values):
-                for _, _, store_key in listed(values, status, key, since):
-                    record = read_record(values[store_key])
-                    if record is not None:
-                        records.append(record)
-        records.sort(key=lambda r: (r.created, r.id), reverse=True)
-        return records[:limit]
+        return found
 
     async def aopen_ids(self) -> list[str]:
         """Ids of every open (pending or leased) record, oldest id first."""

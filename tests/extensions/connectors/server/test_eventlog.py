@@ -83,6 +83,35 @@ async def test_replay_since_replays_only_finished_records_of_the_key(store: SQLi
     assert future == []
 
 
+class OtherQueue:
+    """A queue of another kind than DurableQueue (the RecordQueue protocol only)."""
+
+    def __init__(self, queue: DurableQueue) -> None:
+        self.aget, self.alist = queue.aget, queue.alist
+        self.areplay, self.apurge = queue.areplay, queue.apurge
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_replay_since_replays_every_finished_record_oldest_first(
+    store: SQLiteStore, durable: bool
+) -> None:
+    filled = await fill(store)
+    events: Any = filled.events if durable else OtherQueue(filled.events)
+    log = EventLog(events=events, deliveries=filled.deliveries)
+    for n in range(120):  # more than a listing's page
+        await filled.events.aadd({"n": n}, id=f"evt_{n:03d}", key="shop", status="acknowledged")
+    newest = await log.areplay_since(0, section="events", limit=2)
+    assert [r.id for r in newest] == ["evt_118", "evt_119"]
+    rest = await log.areplay_since(0, section="events")
+    assert len(rest) == 120  # evt_ok, evt_dead and 118 of the new; evt_open is open
+    assert {"evt_ok", "evt_dead", "evt_000"} <= {r.id for r in rest}
+    assert {r.status for r in rest} == {"pending"}
+    dead = await log.areplay_since(0, section="dead-letters")
+    assert [r.id for r in dead] == ["dlv_dead"]
+    with pytest.raises(UsageError):
+        await log.areplay_since(0, section="events", limit=0)
+
+
 async def test_purge_deletes_dead_letters_only(store: SQLiteStore) -> None:
     filled = await fill(store)
     assert await filled.log.apurge_dead("evt_ok") is None

@@ -32,12 +32,14 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from converge.durable import STATUSES as _STATUSES
+from converge.durable import Record
 from converge.errors import ConfigurationError, StoreError, UsageError
 from converge.extensions.connectors.server import inspector
 from converge.extensions.connectors.server.eventlog import SECTIONS as _SECTIONS
 from converge.extensions.connectors.server.eventlog import (
     EventLog,
     parse_since,
+    record_section,
     record_view,
 )
 
@@ -216,7 +218,7 @@ class AdminApp:
                 filters["since"], section=section, key=filters["key"], limit=limit
             )
             for record in done:
-                self._notify(record_view(record)["section"], record.id)
+                self._notify(record)
             ids = [r.id for r in done]
             await self._send_json(send, 200, {"status": "replayed", "count": len(ids), "ids": ids})
         elif len(parts) == 2:
@@ -237,7 +239,7 @@ class AdminApp:
             again = await log.areplay(parts[1], section)
             if again is None:
                 raise _Reply(404, "not_found", "no finished or dead record with this id")
-            self._notify(record_view(again)["section"], again.id)
+            self._notify(again)
             await self._send_json(send, 200, {"status": "replayed", "record": record_view(again)})
         else:
             raise _Reply(404, "not_found")
@@ -247,10 +249,10 @@ class AdminApp:
         if method not in allowed and not (method == "HEAD" and "GET" in allowed):
             raise _Reply(405, "method_not_allowed")
 
-    def _notify(self, section: str, record_id: str) -> None:
+    def _notify(self, record: Record) -> None:
         if self._on_replay is not None:
             try:
-                self._on_replay(section, record_id)
+                self._on_replay(record_section(record), record.id)
             except Exception:  # a wake-up is an optimisation: the poll finds it anyway
                 _log.exception("admin: on_replay failed")
 
@@ -320,8 +322,6 @@ class AdminApp:
             if record is None:
                 raise _Reply(404, "not_found")
             view = record_view(record, data=True)
-            if section == "dead-letters":
-                view["section"] = record_view(record)["section"]
             await self._html(send, 200, inspector.render_detail(view, base=base))
             return
         raise _Reply(404, "not_found")
@@ -366,7 +366,7 @@ class AdminApp:
             record = await self.event_log.areplay(record_id, section)
             if record is None:
                 raise _Reply(404, "not_found", "no finished or dead record with this id")
-            self._notify(record_view(record)["section"], record.id)
+            self._notify(record)
         else:
             if await self.event_log.apurge_dead(record_id) is None:
                 raise _Reply(404, "not_found", "no dead letter with this id")
