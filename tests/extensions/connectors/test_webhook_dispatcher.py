@@ -275,12 +275,20 @@ async def test_an_open_circuit_holds_a_backlog_without_taking_each_action_again(
             await eventually(lambda: c.breaker("app").state == "open")
             await anyio.sleep(0.05)
         assert started[0] - before <= 3 * (4 + 1)
-        sender.default = 200
-        recovered = len(sender.requests)
-        clock.now += 30
-        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
+        await recovers_with_each_once(c, clock, sender, 300)
+
+
+async def recovers_with_each_once(
+    c: WebhookConnector, clock: FakeClock, sender: Sender, count: int
+) -> None:
+    """The target of ``down_target`` answers again: after the next probe, each of the
+    ``count`` actions arrives once and none is dead."""
+    sender.default = 200
+    recovered = len(sender.requests)
+    clock.now += 30
+    await eventually(lambda: c.dispatcher.backlog == 0, within=20)
     delivered = [json.loads(r.content)["n"] for r in sender.requests[recovered:]]
-    assert sorted(delivered) == list(range(300))  # each once, after the outage
+    assert sorted(delivered) == list(range(count))
     assert await c.alist_dead_letters() == []
 
 
@@ -303,13 +311,7 @@ async def test_actions_waiting_behind_an_open_circuit_are_not_kept_in_memory() -
         for n in range(2, 300):
             await c.submit_outbound_action(action(n))
         assert _records_in_memory() <= 10
-        sender.default = 200
-        recovered = len(sender.requests)
-        clock.now += 30
-        await eventually(lambda: c.dispatcher.backlog == 0, within=20)
-    delivered = [json.loads(r.content)["n"] for r in sender.requests[recovered:]]
-    assert sorted(delivered) == list(range(300))  # each once, after the outage
-    assert await c.alist_dead_letters() == []
+        await recovers_with_each_once(c, clock, sender, 300)
 
 
 async def test_an_action_is_kept_in_memory_only_while_its_first_lease_lasts() -> None:
