@@ -488,9 +488,9 @@ class EventLog:
     async def _finished(
         self, name: str, key: str | None, since: float, section: str
     ) -> list[tuple[float, str]]:
-        """``(created, id)`` of the dead (and, but in ``dead-letters``, done) records
-        of a queue since ``since``: only their ids, of a durable queue (building 10,000
-        records at once held the event loop for 100 ms)."""
+        """``(created, id)`` of a queue's finished records since ``since`` (its dead
+        ones only, for ``dead-letters``); a durable queue's without building them
+        (10,000 records built at once held the event loop for 100 ms)."""
         queue = self._queues[name]
         if not isinstance(queue, DurableQueue):
             every = await queue.alist(key=key, since=since, limit=2**31 - 1)
