@@ -484,7 +484,6 @@ class OutboundDispatcher:
     async def _give_back(self) -> None:
         """Release the leases of actions added leased that no attempt used (on stop):
         the next dispatcher need not wait for them to run out."""
-        self._drop_spent_holds()
         held, self._held = self._held, {}
         self._held_ends.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
