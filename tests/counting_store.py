@@ -10,11 +10,12 @@ __all__ = ["CountingUpdates"]
 
 
 class CountingUpdates(MemoryStore):
-    """A MemoryStore that counts its ``aupdate`` calls in ``updates``, its ``aget``
-    calls in ``gets`` (the keys read in ``got``) and its ``alist`` calls by prefix in
-    ``listings``."""
+    """A MemoryStore that counts its ``aupdate`` calls in ``updates`` (those that
+    changed something in ``writes``), its ``aget`` calls in ``gets`` (the keys read in
+    ``got``) and its ``alist`` calls by prefix in ``listings``."""
 
     updates = 0
+    writes = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,7 +28,13 @@ class CountingUpdates(MemoryStore):
 
     async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
         self.updates += 1
-        return await super().aupdate(keys, fn, ttl=ttl)
+
+        def counted(current: dict[str, Any]) -> Any:
+            changes, result = fn(current)
+            self.writes += bool(changes)
+            return changes, result
+
+        return await super().aupdate(keys, counted, ttl=ttl)
 
     async def aget(self, key: str) -> Any | None:
         self.got.append(key)

@@ -10,7 +10,14 @@ import pytest
 
 from converge.core.store import Store
 from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
-from converge.durable.core import cutoff, delete_unchanged, finished_stamps, listed, split_at
+from converge.durable.core import (
+    COUNT_SHARDS,
+    cutoff,
+    delete_unchanged,
+    finished_stamps,
+    listed,
+    split_at,
+)
 from converge.errors import (
     ConfigurationError,
     DuplicateRecordError,
@@ -49,7 +56,7 @@ def test_transitions_add_lease_ack_keep_the_counter_and_fence_tokens() -> None:
     assert changes["claim"].ttl == 30.0
     assert changes[keys.open("r1")].ttl is None
     state.update(plain(changes))
-    assert state[keys.count] == 1
+    assert state[keys.count_of("r1")] == 1
     assert t.add(state, record, {}, None) == ({}, "duplicate")
     other = Record("r2", "inbound", "pending", "p", {}, created=1.0, updated=1.0)
     assert t.add(state, other, {"claim": "c"}, None) == ({}, "duplicate")
@@ -72,7 +79,73 @@ def test_transitions_add_lease_ack_keep_the_counter_and_fence_tokens() -> None:
     assert changes[keys.open("r1")] is None
     state.update(plain(changes))
     state = {k: v for k, v in state.items() if v is not None}
-    assert state[keys.count] == 0
+    assert state[keys.count_of("r1")] == 0
+
+
+def shard_ids(keys: QueueKeys, count: int) -> list[str]:
+    """``count`` record ids that each fall on a counter of their own."""
+    ids: dict[str, str] = {}
+    n = 0
+    while len(ids) < count:
+        ids.setdefault(keys.count_of(f"r{n}"), f"r{n}")
+        n += 1
+    return list(ids.values())
+
+
+def test_records_on_different_counters_share_no_key() -> None:
+    # One counter for the whole queue put every add and every close of every replica
+    # on one key: Redis replicas' compare-and-sets failed each other, and forwarding
+    # did not scale with replicas.
+    keys = QueueKeys("q")
+    t = Transitions(keys, 60.0, 60.0, max_pending=1_000_000)
+    first, second = (
+        Record(i, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+        for i in shard_ids(keys, 2)
+    )
+    assert not set(t.add_keys(first, {})) & set(t.add_keys(second, {}))
+    assert not set(t.close_keys(first.id)) & set(t.close_keys(second.id))
+    assert len(set(keys.counts)) == COUNT_SHARDS
+
+
+def test_a_large_bound_gives_each_counter_its_share_and_a_small_one_is_exact() -> None:
+    keys = QueueKeys("q")
+    large = Transitions(keys, 60.0, 60.0, max_pending=COUNT_SHARDS * 300)
+    first, second = shard_ids(keys, 2)
+    state: dict[str, Any] = {keys.count_of(first): 300}
+    record = Record(first, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+    assert large.add(state, record, {}, None) == ({}, "full")
+    record = Record(second, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+    changes, outcome = large.add(state, record, {}, None)
+    assert outcome == "added"
+    assert plain(changes)[keys.count_of(second)] == 1
+    small = Transitions(keys, 60.0, 60.0, max_pending=3)
+    state = {}
+    added = []
+    for record_id in shard_ids(keys, 4):
+        record = Record(record_id, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+        changes, outcome = small.add(state, record, {}, None)
+        state.update(plain(changes))
+        added.append(outcome)
+    assert added == ["added", "added", "added", "full"]
+
+
+async def test_the_single_counter_of_earlier_versions_still_counts_until_a_recount(
+    backend: Store,
+) -> None:
+    q = queue(backend, max_pending=100_000)
+    ids = [(await q.aadd({"i": i})).id for i in range(5)]
+    for counter in q.keys.counts:  # as an earlier version left them: one counter
+        await backend.adelete(counter)
+    await backend.aput(q.keys.count, 5)
+    assert await q.apending_count() == 5
+    leased = await q.alease_id(ids[0], "me", lease_sec=30.0)
+    assert leased is not None
+    assert await q.aack(ids[0], leased.lease_token) is not None
+    assert await q.apending_count() == 4  # its shard went below zero
+    assert await q.arecount() == 4
+    assert await backend.aget(q.keys.count) is None
+    assert await q.apending_count() == 4
+    assert min([await backend.aget(key) for key in q.keys.counts]) == 0
 
 
 def test_transitions_keep_a_bounded_attempt_history() -> None:

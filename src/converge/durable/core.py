@@ -13,12 +13,20 @@ reads the retained history::
     {prefix}:open:{id}    pending or leased (no TTL: kept until its consumer is done)
     {prefix}:done:{id}    acknowledged or delivered (TTL = retention: the store sweeps it)
     {prefix}:dead:{id}    dead letters (TTL = dead-letter retention)
-    {prefix}:count        how many records are open (kept in the same transactions)
+    {prefix}:count:{n}    how many open records shard n holds (kept in the same
+                          transactions; n = the record id's CRC-32 mod 16)
+    {prefix}:count        the single counter of earlier versions (folded in by a recount)
+
+One counter for the whole queue made every add and every close of every replica touch
+the same key: on Redis, a replica's updates queued behind each other and the replicas'
+compare-and-sets failed each other, so forwarding did not scale with replicas. Each
+record is counted in one of 16 shards instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +41,7 @@ from converge.durable.records import Attempt, Record, clip_error
 from converge.errors import FormatError
 
 __all__ = [
+    "COUNT_SHARDS",
     "Changes",
     "Listed",
     "QueueKeys",
@@ -44,6 +53,7 @@ __all__ = [
     "finished_stamps",
     "leasable_keys",
     "listed",
+    "open_count",
     "read_record",
     "read_values",
     "split_at",
@@ -52,6 +62,12 @@ __all__ = [
 #: The ``changes`` half of an update function's return value.
 Changes = dict[str, Any]
 
+#: Open-record counters per queue (a record's is its id's CRC-32 modulo this).
+COUNT_SHARDS = 16
+# Below this ``max_pending`` an add reads every counter and checks the exact total;
+# above it, only its own counter, against its share (``max_pending // COUNT_SHARDS``).
+_EXACT_BELOW = COUNT_SHARDS * 256
+
 
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
@@ -59,7 +75,8 @@ class QueueKeys:
 
     Attributes:
         prefix: The queue's key prefix.
-        count: Key of the open-record counter.
+        count: Key of the single open-record counter of earlier versions.
+        counts: Keys of the open-record counters (see :meth:`count_of`).
         open_prefix: Prefix of the open (pending or leased) records.
         done_prefix: Prefix of the acknowledged or delivered records.
         dead_prefix: Prefix of the dead letters.
@@ -68,6 +85,7 @@ class QueueKeys:
     prefix: str
     # Derived once: every transition names several keys.
     count: str = field(init=False)
+    counts: tuple[str, ...] = field(init=False)
     open_prefix: str = field(init=False)
     done_prefix: str = field(init=False)
     dead_prefix: str = field(init=False)
@@ -76,6 +94,12 @@ class QueueKeys:
         for name in ("open", "done", "dead"):
             object.__setattr__(self, f"{name}_prefix", f"{self.prefix}:{name}:")
         object.__setattr__(self, "count", f"{self.prefix}:count")
+        shards = tuple(f"{self.prefix}:count:{n:x}" for n in range(COUNT_SHARDS))
+        object.__setattr__(self, "counts", shards)
+
+    def count_of(self, record_id: str) -> str:
+        """Key of the counter that counts ``record_id`` while it is open."""
+        return self.counts[zlib.crc32(record_id.encode()) % COUNT_SHARDS]
 
     def open(self, record_id: str) -> str:
         """Key of an open record."""
@@ -106,7 +130,14 @@ def read_record(value: Any) -> Record | None:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    # Signed: a record counted by the single counter of earlier versions is taken off
+    # its shard when it closes, so a shard may go below zero until a recount.
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def open_count(values: Mapping[str, Any]) -> int:
+    """The open records counted by ``values`` (counter keys to their values)."""
+    return max(sum(_count(value) for value in values.values()), 0)
 
 
 def _with_attempt(record: Record, attempt: Attempt | None) -> dict[str, Any]:
@@ -138,12 +169,25 @@ class Transitions:
     # -- add ---------------------------------------------------------------------------
 
     def add_keys(self, record: Record, claims: Mapping[str, Any]) -> list[str]:
-        """The keys :meth:`add` reads: the record's three, the claims, and the counter
-        when the record is added open (only open records are counted)."""
+        """The keys :meth:`add` reads: the record's three, the claims, and, when the
+        record is added open (only open records are counted), its counter (every
+        counter when ``max_pending`` is small enough to be checked exactly)."""
         keys = [*self.keys.all(record.id), *claims]
         if record.status in _OPEN:
-            keys.append(self.keys.count)
+            if self.max_pending < _EXACT_BELOW:
+                keys += (self.keys.count, *self.keys.counts)
+            else:
+                keys.append(self.keys.count_of(record.id))
         return keys
+
+    def _full(self, current: Mapping[str, Any], record_id: str) -> bool:
+        if self.max_pending < _EXACT_BELOW:
+            counters = (self.keys.count, *self.keys.counts)
+            return open_count({key: current.get(key) for key in counters}) >= self.max_pending
+        # Each counter takes its share: the queue may refuse a record a little before
+        # max_pending are open (when they are unevenly spread), never after.
+        share = self.max_pending // COUNT_SHARDS
+        return _count(current.get(self.keys.count_of(record_id))) >= share
 
     def add(
         self,
@@ -170,11 +214,11 @@ class Transitions:
         # retry a duplicate) and an undercount (repaired by DurableQueue.arecount).
         changes: Changes = {}
         if record.status in _OPEN:
-            count = _count(current.get(self.keys.count))
-            if count >= self.max_pending:
+            if self._full(current, record.id):
                 return {}, "full"
+            counter = self.keys.count_of(record.id)
             changes[self.keys.open(record.id)] = WithTTL(record.to_dict(), None)
-            changes[self.keys.count] = WithTTL(count + 1, None)
+            changes[counter] = WithTTL(_count(current.get(counter)) + 1, None)
         elif record.status in _DONE:
             changes[self.keys.done(record.id)] = WithTTL(record.to_dict(), self.retention_sec)
         else:
@@ -277,7 +321,7 @@ class Transitions:
 
     def close_keys(self, record_id: str) -> list[str]:
         """The keys :meth:`ack`, :meth:`bury`, :meth:`replay` and :meth:`purge` read."""
-        return [*self.keys.all(record_id), self.keys.count]
+        return [*self.keys.all(record_id), self.keys.count_of(record_id)]
 
     def ack(
         self,
@@ -364,8 +408,8 @@ class Transitions:
                 found = found or read_record(current.get(key))
                 changes[key] = None
         if current.get(self.keys.open(record_id)) is not None:
-            count = _count(current.get(self.keys.count))
-            changes[self.keys.count] = WithTTL(max(count - 1, 0), None)
+            counter = self.keys.count_of(record_id)
+            changes[counter] = WithTTL(_count(current.get(counter)) - 1, None)
         return changes, found
 
     def _move(
@@ -381,14 +425,19 @@ class Transitions:
         for key in self.keys.all(record_id):
             if key != to and current.get(key) is not None:
                 changes[key] = None
-        count = _count(current.get(self.keys.count))
-        changes[self.keys.count] = WithTTL(max(count + delta, 0), None)
+        counter = self.keys.count_of(record_id)
+        changes[counter] = WithTTL(_count(current.get(counter)) + delta, None)
         return changes
 
-    @staticmethod
-    def set_count(current: Mapping[str, Any], key: str, value: int) -> tuple[Changes, int]:
-        """Set the open-record counter (repair after a recount)."""
-        return {key: WithTTL(value, None)}, value
+    def set_counts(self, open_ids: list[str]) -> Changes:
+        """The counters of exactly ``open_ids`` (a recount's repair); the single
+        counter of earlier versions is deleted."""
+        counts = dict.fromkeys(self.keys.counts, 0)
+        for record_id in open_ids:
+            counts[self.keys.count_of(record_id)] += 1
+        changes: Changes = {key: WithTTL(value, None) for key, value in counts.items()}
+        changes[self.keys.count] = None
+        return changes
 
 
 #: One finished record as a trim sees it: ``(updated, id, store key)``.

@@ -26,6 +26,7 @@ from converge.durable.core import (
     finished_stamps,
     leasable_keys,
     listed,
+    open_count,
     read_record,
     read_values,
     split_at,
@@ -745,23 +746,24 @@ class DurableQueue:
         return done + await self.store.alist(self.keys.dead_prefix)
 
     async def apending_count(self) -> int:
-        """How many records are open (pending or leased): one read of the counter."""
-        value = await self.store.aget(self.keys.count)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        """How many records are open (pending or leased): one read of the counters."""
+        counters = [self.keys.count, *self.keys.counts]
+        return open_count(await self.store.aupdate(counters, read_values))
 
     async def arecount(self) -> int:
-        """Recount the open records by listing them and repair the counter (O(open)).
+        """Recount the open records by listing them and repair the counters (O(open)).
 
-        The counter is exact while every change goes through this class; run this
-        after keys were deleted by hand.
+        The counters are exact while every change goes through this class; run this
+        after keys were deleted by hand. Changes that other processes make while it
+        lists are not counted: run it while the queue is quiet.
         """
-        count = len(await self.store.alist(self.keys.open_prefix))
-        key = self.keys.count
+        open_ids = await self.aopen_ids()
+        changes = self.transitions.set_counts(open_ids)
 
         def fix(current: dict[str, Any]) -> tuple[dict[str, Any], int]:
-            return Transitions.set_count(current, key, count)
+            return changes, len(open_ids)
 
-        return await self.store.aupdate([key], fix)
+        return await self.store.aupdate(list(changes), fix)
 
 
 async def _oldest(parts: list[list[Stamp]], count: int) -> list[Stamp]:
