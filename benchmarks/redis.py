@@ -28,6 +28,9 @@ measured in the same run, taking turns with converge:
   events per second, the gateways' CPU milliseconds per event (``cpu_ms_per_event``, from
   ``/proc``) and p50/p99 latency. The peer is the same gateway on the embedded SQLite
   default (one process).
+* ``gateway_forward_1_replica`` / ``gateway_forward_2_replicas``: the same with
+  ``forward_to`` a local receiver (``benchmarks/gateway.py``'s), timed until it has
+  every event once; the peer is the SQLite gateway forwarding to the same receiver.
 
 Usage: ``python benchmarks/redis.py [--quick]``.
 """
@@ -50,7 +53,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from _bench import Results, arg_parser, compare_running, print_ratio_table
+from _bench import Results, arg_parser, child_servers, compare_running, print_ratio_table
 from converge.core.message import Message
 from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
 from converge.extensions.storage import RedisStore
@@ -244,13 +247,16 @@ def contended_case(
 GATEWAY_SECRET = "whsec_" + "YmVuY2htYXJrLXJlZGlzLWdhdGV3YXktc2VjcmV0"
 
 
-def _gateway_config(directory: Path, store: str) -> Path:
+def _gateway_config(directory: Path, store: str, receiver: int | None) -> Path:
     path = directory / "gateway.toml"
-    path.write_text(
+    text = (
         f'[gateway]\nstore = "{store}"\nconnector_id = "bench{uuid.uuid4().hex[:8]}"\n'
         'log_events = false\nlog_level = "warning"\n'
         f'[providers.sw]\nscheme = "standard-webhooks"\nsecret = "{GATEWAY_SECRET}"\n'
     )
+    if receiver is not None:
+        text += f'forward_to = "sink"\n[targets.sink]\nurl = "http://127.0.0.1:{receiver}/e"\n'
+    path.write_text(text)
     return path
 
 
@@ -290,18 +296,23 @@ def _gateways(config: Path, count: int, cwd: Path) -> list[tuple[Any, int]]:
     return started
 
 
-def gateway_case(store: str, replicas: int, events: int, workdir: Path) -> dict[str, Any]:
-    """Accepted events/s, gateway CPU ms per event and latency for ``replicas`` gateways."""
+def gateway_case(
+    store: str, replicas: int, events: int, workdir: Path, receiver: int | None = None
+) -> dict[str, Any]:
+    """Accepted events/s, gateway CPU ms per event and latency for ``replicas`` gateways
+    (with a ``receiver`` port: forwarded there, timed until it has every event once)."""
     import httpx
 
     from converge.extensions.connectors import sign_webhook
+    from gateway import received
 
-    config = _gateway_config(workdir, store)
+    config = _gateway_config(workdir, store, receiver)
     gateways = _gateways(config, replicas, workdir)
     requests = []
+    run_id = uuid.uuid4().hex[:8]  # the receiver counts each event once over all cases
     for n in range(events):
         body = f'{{"type":"bench","n":{n}}}'.encode()
-        headers = sign_webhook("standard-webhooks", GATEWAY_SECRET, body, event_id=f"e{n}")
+        headers = sign_webhook("standard-webhooks", GATEWAY_SECRET, body, event_id=f"e{run_id}-{n}")
         requests.append((body, {**headers, "content-type": "application/json"}))
     latencies: list[float] = []
     accepted = [0]
@@ -320,11 +331,28 @@ def gateway_case(store: str, replicas: int, events: int, workdir: Path) -> dict[
     async def run() -> float:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            before = await received(receiver) if receiver is not None else {}
             start = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for worker in range(32):
                     tg.start_soon(sender, worker, client)
-            return time.perf_counter() - start
+            if receiver is None:
+                return time.perf_counter() - start
+            with anyio.fail_after(120):
+                while True:
+                    counts = await received(receiver)
+                    if counts["unique"] - before["unique"] >= accepted[0]:
+                        break
+                    await anyio.sleep(0.005)
+            elapsed = time.perf_counter() - start
+            await anyio.sleep(0.2)  # a duplicate would show up now
+            counts = await received(receiver)
+            got = (counts["total"] - before["total"], counts["unique"] - before["unique"])
+            if got != (accepted[0], accepted[0]):
+                raise RuntimeError(
+                    f"{accepted[0]} accepted: {got[0]} deliveries, {got[1]} distinct"
+                )
+            return elapsed
 
     try:
         cpu_before = sum(_cpu_seconds(p.pid) for p, _ in gateways)
@@ -370,6 +398,15 @@ def main() -> None:
                 case = f"gateway_{replicas}_replica{'s' if replicas > 1 else ''}"
                 results.add(case, "converge", row.pop("ops_per_s"), **row)
                 results.add(case, "embedded-sqlite", embedded["ops_per_s"])
+            sink = {"receiver": ["--receiver"]}
+            with child_servers(str(ROOT / "benchmarks" / "gateway.py"), sink, timeout=30) as up:
+                port = up["receiver"]
+                embedded = gateway_case("sqlite:forward.sqlite3", 1, events, work, port)
+                for replicas in (1, 2):
+                    row = gateway_case(server.url, replicas, events, work, port)
+                    case = f"gateway_forward_{replicas}_replica{'s' if replicas > 1 else ''}"
+                    results.add(case, "converge", row.pop("ops_per_s"), **row)
+                    results.add(case, "embedded-sqlite", embedded["ops_per_s"])
     print_ratio_table(results.rows, widths=(32, 16, 12, 12))
 
 
