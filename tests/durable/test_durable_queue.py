@@ -58,7 +58,7 @@ def test_transitions_add_lease_ack_keep_the_counter_and_fence_tokens() -> None:
     state.update(plain(changes))
     assert state[keys.count_of("r1")] == 1
     assert t.add(state, record, {}, None) == ({}, "duplicate")
-    other = Record("r2", "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+    other = pending("r2")
     assert t.add(state, other, {"claim": "c"}, None) == ({}, "duplicate")
     assert t.add(state, other, {}, None) == ({}, "full")
     assert t.lease(state, "r1", "a", now=0.5, until=10.0) == ({}, None)  # not due yet
@@ -82,6 +82,11 @@ def test_transitions_add_lease_ack_keep_the_counter_and_fence_tokens() -> None:
     assert state[keys.count_of("r1")] == 0
 
 
+def pending(record_id: str) -> Record:
+    """A pending record with no data, created at 1.0."""
+    return Record(record_id, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
+
+
 def shard_ids(keys: QueueKeys, count: int) -> list[str]:
     """``count`` record ids that each fall on a counter of their own."""
     ids: dict[str, str] = {}
@@ -98,10 +103,7 @@ def test_records_on_different_counters_share_no_key() -> None:
     # did not scale with replicas.
     keys = QueueKeys("q")
     t = Transitions(keys, 60.0, 60.0, max_pending=1_000_000)
-    first, second = (
-        Record(i, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
-        for i in shard_ids(keys, 2)
-    )
+    first, second = (pending(i) for i in shard_ids(keys, 2))
     assert not set(t.add_keys(first, {})) & set(t.add_keys(second, {}))
     assert not set(t.close_keys(first.id)) & set(t.close_keys(second.id))
     assert len(set(keys.counts)) == COUNT_SHARDS
@@ -112,18 +114,15 @@ def test_a_large_bound_gives_each_counter_its_share_and_a_small_one_is_exact() -
     large = Transitions(keys, 60.0, 60.0, max_pending=COUNT_SHARDS * 300)
     first, second = shard_ids(keys, 2)
     state: dict[str, Any] = {keys.count_of(first): 300}
-    record = Record(first, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
-    assert large.add(state, record, {}, None) == ({}, "full")
-    record = Record(second, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
-    changes, outcome = large.add(state, record, {}, None)
+    assert large.add(state, pending(first), {}, None) == ({}, "full")
+    changes, outcome = large.add(state, pending(second), {}, None)
     assert outcome == "added"
     assert plain(changes)[keys.count_of(second)] == 1
     small = Transitions(keys, 60.0, 60.0, max_pending=3)
     state = {}
     added = []
     for record_id in shard_ids(keys, 4):
-        record = Record(record_id, "inbound", "pending", "p", {}, created=1.0, updated=1.0)
-        changes, outcome = small.add(state, record, {}, None)
+        changes, outcome = small.add(state, pending(record_id), {}, None)
         state.update(plain(changes))
         added.append(outcome)
     assert added == ["added", "added", "added", "full"]
