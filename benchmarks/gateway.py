@@ -251,19 +251,25 @@ async def forward_round(
     before = await received(receiver)
     start = time.perf_counter()
     _, latencies = await load(port, requests, CONCURRENCY)
+    return await all_delivered(receiver, before, len(requests)) - start, latencies
+
+
+async def all_delivered(receiver: int, before: dict[str, int], events: int) -> float:
+    """Wait until the receiver has ``events`` more distinct events than ``before``, and
+    return when that was (``time.perf_counter``); raise if one of them arrived twice."""
     with anyio.fail_after(120):
         while True:
             counts = await received(receiver)
-            if counts["unique"] - before["unique"] >= len(requests):
+            if counts["unique"] - before["unique"] >= events:
                 break
             await anyio.sleep(0.005)
-    elapsed = time.perf_counter() - start
+    arrived = time.perf_counter()
     await anyio.sleep(0.2)  # a duplicate delivery would show up now
     counts = await received(receiver)
     got = (counts["total"] - before["total"], counts["unique"] - before["unique"])
-    if got != (len(requests), len(requests)):
-        raise RuntimeError(f"{len(requests)} events: {got[0]} deliveries, {got[1]} distinct")
-    return elapsed, latencies
+    if got != (events, events):
+        raise RuntimeError(f"{events} events: {got[0]} deliveries, {got[1]} distinct")
+    return arrived
 
 
 def measure(server: str, port: int, receiver: int, n: int) -> tuple[float, list[float]]:

@@ -303,7 +303,7 @@ def gateway_case(
     """Accepted events/s, gateway CPU ms per event and latency for ``replicas`` gateways
     (with a ``receiver`` port: forwarded there, timed until it has every event once)."""
     from converge.extensions.connectors import sign_webhook
-    from gateway import load, received
+    from gateway import all_delivered, load, received
 
     config = _gateway_config(workdir, store, receiver)
     gateways = _gateways(config, replicas, workdir)
@@ -332,19 +332,7 @@ def gateway_case(
                 tg.start_soon(replica, port, mine)
         if receiver is None:
             return time.perf_counter() - start
-        with anyio.fail_after(120):
-            while True:
-                counts = await received(receiver)
-                if counts["unique"] - before["unique"] >= events:
-                    break
-                await anyio.sleep(0.005)
-        elapsed = time.perf_counter() - start
-        await anyio.sleep(0.2)  # a duplicate would show up now
-        counts = await received(receiver)
-        got = (counts["total"] - before["total"], counts["unique"] - before["unique"])
-        if got != (events, events):
-            raise RuntimeError(f"{events} accepted: {got[0]} deliveries, {got[1]} distinct")
-        return elapsed
+        return await all_delivered(receiver, before, events) - start
 
     try:
         cpu_before = sum(_cpu_seconds(p.pid) for p, _ in gateways)
@@ -361,6 +349,25 @@ def gateway_case(
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
     }
+
+
+def gateway_rows(
+    results: Results,
+    name: str,
+    url: str,
+    replica_counts: tuple[int, ...],
+    events: int,
+    work: Path,
+    receiver: int | None,
+) -> None:
+    """The gateway cases ``{name}_{n}_replica(s)`` on Redis, each against the SQLite
+    gateway (one process) measured before them."""
+    embedded = gateway_case(f"sqlite:{name}.sqlite3", 1, events, work, receiver)
+    for replicas in replica_counts:
+        row = gateway_case(url, replicas, events, work, receiver)
+        case = f"{name}_{replicas}_replica{'s' if replicas > 1 else ''}"
+        results.add(case, "converge", row.pop("ops_per_s"), **row)
+        results.add(case, "embedded-sqlite", embedded["ops_per_s"])
 
 
 def main() -> None:
@@ -383,21 +390,11 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            embedded = gateway_case("sqlite:gateway.sqlite3", 1, events, work)
-            for replicas in (1, 3):
-                row = gateway_case(server.url, replicas, events, work)
-                case = f"gateway_{replicas}_replica{'s' if replicas > 1 else ''}"
-                results.add(case, "converge", row.pop("ops_per_s"), **row)
-                results.add(case, "embedded-sqlite", embedded["ops_per_s"])
+            gateway_rows(results, "gateway", server.url, (1, 3), events, work, None)
             sink = {"receiver": ["--receiver"]}
             with child_servers(str(ROOT / "benchmarks" / "gateway.py"), sink, timeout=30) as up:
-                port = up["receiver"]
-                embedded = gateway_case("sqlite:forward.sqlite3", 1, events, work, port)
-                for replicas in (1, 2):
-                    row = gateway_case(server.url, replicas, events, work, port)
-                    case = f"gateway_forward_{replicas}_replica{'s' if replicas > 1 else ''}"
-                    results.add(case, "converge", row.pop("ops_per_s"), **row)
-                    results.add(case, "embedded-sqlite", embedded["ops_per_s"])
+                receiver = up["receiver"]
+                gateway_rows(results, "gateway_forward", server.url, (1, 2), events, work, receiver)
     print_ratio_table(results.rows, widths=(32, 16, 12, 12))
 
 
