@@ -28,7 +28,7 @@ from converge.errors import (
     UsageError,
 )
 from converge.extensions.storage import RedisStore
-from converge.extensions.storage.redis import _stripe_locked
+from converge.extensions.storage.redis import _stripes_held
 from converge.extensions.storage.testing import StoreContract
 from redis_server import RedisServer, free_port
 
@@ -390,14 +390,14 @@ async def test_update_locks_are_made_on_demand_and_dropped_once_free() -> None:
     release = anyio.Event()
 
     async def hold(stripe: int, name: str) -> None:
-        async with _stripe_locked(locks, stripe):
+        async with _stripes_held(locks, [stripe]):
             order.append(f"{name} in")
             first_in.set()
             await release.wait()
             order.append(f"{name} out")
 
     async def other(stripe: int, name: str) -> None:
-        async with _stripe_locked(locks, stripe):
+        async with _stripes_held(locks, [stripe]):
             order.append(f"{name} in")
 
     async with anyio.create_task_group() as tg:
@@ -423,3 +423,27 @@ async def test_concurrent_updates_leave_no_lock_behind(store: RedisStore) -> Non
                 tg.start_soon(store.aupdate, ["n", f"k{i}"], bump)
         assert await store.aget("n") == 200
         assert store._update_locks.get() == {}
+
+
+async def test_an_update_cancelled_while_it_waits_gives_back_what_it_took() -> None:
+    locks: dict[int, anyio.Lock] = {}
+    holding = anyio.Event()
+    release = anyio.Event()
+
+    async def hold() -> None:
+        async with _stripes_held(locks, [1, 2]):
+            holding.set()
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await holding.wait()
+        with anyio.move_on_after(0.05) as waited:
+            async with _stripes_held(locks, [2, 3]):
+                pytest.fail("stripe 2 is held")
+        assert waited.cancelled_caught
+        assert set(locks) == {1, 2}  # stripe 3, taken while waiting for 2, is given back
+        async with _stripes_held(locks, [3]):
+            assert set(locks) == {1, 2, 3}
+        release.set()
+    assert locks == {}

