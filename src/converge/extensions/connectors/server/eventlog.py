@@ -413,12 +413,16 @@ class EventLog:
             return found[:limit]
         return await self._queue(section).alist(status=status, key=key, since=since, limit=limit)
 
+    def _names(self, section: str) -> list[str]:
+        """The queues a section reads: every one for ``dead-letters``, else its own
+        (a UsageError for an unknown section, or one this log does not keep)."""
+        if section == "dead-letters":
+            return list(self._queues)
+        self._queue(section)  # validates the section
+        return [section]
+
     async def _find(self, record_id: str, section: str | None) -> _Found | None:
-        if section is None or section == "dead-letters":
-            names = list(self._queues)
-        else:
-            self._queue(section)  # validates the section
-            names = [section]
+        names = list(self._queues) if section is None else self._names(section)
         for name in names:
             record = await self._queues[name].aget(record_id)
             if record is not None:
@@ -469,13 +473,8 @@ class EventLog:
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
             raise UsageError("limit must be an integer >= 1 (or None: all of them)")
-        if section == "dead-letters":
-            names = list(self._queues)
-        else:
-            self._queue(section)  # validates the section
-            names = [section]
         found: list[tuple[float, str, str]] = []
-        for name in names:
+        for name in self._names(section):
             found += [(t, i, name) for t, i in await self._finished(name, key, since, section)]
         found.sort()  # oldest first
         replayed = []
