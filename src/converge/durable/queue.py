@@ -754,8 +754,9 @@ class DurableQueue:
         """Recount the open records by listing them and repair the counters (O(open)).
 
         The counters are exact while every change goes through this class; run this
-        after keys were deleted by hand. Changes that other processes make while it
-        lists are not counted: run it while the queue is quiet.
+        after keys were deleted by hand, or after a crash on a store whose multi-key
+        updates a crash can tear (FileStore). Changes that this or other processes make
+        while it lists are not counted: run it while the queue is quiet.
         """
         open_ids = await self.aopen_ids()
         changes = self.transitions.set_counts(open_ids)
@@ -764,6 +765,21 @@ class DurableQueue:
             return changes, len(open_ids)
 
         return await self.store.aupdate(list(changes), fix)
+
+    async def aupgrade_counts(self) -> int | None:
+        """Fold an earlier version's single counter into the 16 (:meth:`arecount`), if
+        it is still there; otherwise read that one key and change nothing.
+
+        The inbox pump and the dispatcher run this at start. They do not recount
+        otherwise: a recount misses what other writers change while it lists, and a
+        replica starts while its own server and the other replicas accept events.
+
+        Returns:
+            The open records counted, or None when there was nothing to fold in.
+        """
+        if await self.store.aget(self.keys.count) is None:
+            return None
+        return await self.arecount()
 
 
 async def _oldest(parts: list[list[Stamp]], count: int) -> list[Stamp]:

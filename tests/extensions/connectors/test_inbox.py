@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from converge.extensions.connectors import (
 from converge.extensions.connectors import connector as connector_module
 from converge.extensions.connectors.connector import OUTBOUND_TOPIC
 from converge.extensions.connectors.inbox import event_uid, forward_key
-from converge.extensions.storage import MemoryStore, RedisStore
+from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from converge.runtime import AgentRunner, MessageBus
 from counting_store import CountingUpdates
 from loop_stall import eventually
@@ -195,7 +195,7 @@ async def test_a_kill_mid_flood_never_leaves_a_claim_without_its_record(
             assert record is not None, f"claim of {event_id} without its record"
         # ... and the counter agrees with the records. FileStore writes a multi-key
         # update key by key: a kill between the record and the counter leaves an
-        # undercount, which arecount() (run by the inbox pump at start) repairs.
+        # undercount, which arecount() repairs.
         # A kill there can also leave a record without its claims (never the reverse):
         # at most one per writer task.
         open_ids = await c.inbox.aopen_ids()
@@ -233,6 +233,51 @@ async def test_on_redis_a_second_replica_takes_over_what_the_first_left(redis_ur
         record = await second.inbox.aget(taken.id)
         assert record is not None
         assert (record.status, record.lease_token) == ("acknowledged", 2)
+
+
+class ListingStore(SQLiteStore):
+    """Runs ``during`` once, right after its first listing of ``watched``: what another
+    replica does while this one lists."""
+
+    def __init__(self, path: Path, watched: str, during: Callable[[], Awaitable[None]]):
+        super().__init__(path)
+        self.watched, self.during = watched, during
+        self.fired, self.done = False, anyio.Event()
+
+    async def alist(self, prefix: str = "") -> list[str]:
+        keys = await super().alist(prefix)
+        if prefix == self.watched and not self.fired:
+            self.fired = True
+            await self.during()
+            self.done.set()
+        return keys
+
+
+async def test_a_replica_starting_beside_a_busy_one_keeps_the_inbox_count_exact(
+    tmp_path: Path,
+) -> None:
+    # The inbox pump recounted the open records at every start: it listed them, then
+    # wrote the counters. An event another replica accepted in between was not counted,
+    # and the inbox's bound and backlog gauge stayed off from then on.
+    async with SQLiteStore(tmp_path / "db.sqlite3") as busy_store:
+        busy = connector(busy_store)
+        bodies = [event_body() for _ in range(4)]
+        for body in bodies[:3]:
+            assert (await post(busy, "shop", body, hmac_request(body)))[0] == 202
+
+        async def accept() -> None:
+            assert (await post(busy, "shop", bodies[3], hmac_request(bodies[3])))[0] == 202
+
+        watched = busy.inbox.keys.open_prefix
+        async with ListingStore(tmp_path / "db.sqlite3", watched, accept) as starting_store:
+            starting = connector(starting_store)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: starting.run_inbox(poll_interval_sec=60))
+                with anyio.fail_after(10):
+                    await starting_store.done.wait()
+                tg.cancel_scope.cancel()
+            assert len(await starting.inbox.aopen_ids()) == 4
+            assert await starting.inbox.apending_count() == 4
 
 
 # -- consumers: receive_inbound, bus acknowledgements, forward_to -----------------------

@@ -1020,7 +1020,7 @@ class WebhookConnector:
         self._pump_running = True
         try:
             try:
-                await self.inbox.arecount()  # after a crash on a store without atomic updates
+                await self.inbox.aupgrade_counts()
             except StoreError as exc:
                 _log.warning("inbox pump: store failed: %s", exc)
             while not self._closed:

@@ -576,8 +576,8 @@ class Outbox:
         Earlier versions kept pending actions under ``{prefix}:outbox:{id}`` and dead
         letters under ``{prefix}:dead:{id}``; each becomes a record with the same id.
         A single open-record counter of theirs is replaced by the sharded counters
-        (:meth:`DurableQueue.arecount`). Idempotent; the dispatcher runs it when it
-        starts.
+        (:meth:`DurableQueue.aupgrade_counts`). Idempotent; the dispatcher runs it when
+        it starts.
 
         Returns:
             How many actions were moved.
@@ -609,6 +609,5 @@ class Outbox:
                         )
                 await self.store.adelete(name)
                 moved += added is not None
-        if await self.store.aget(self.queue.keys.count) is not None:
-            await self.queue.arecount()
+        await self.queue.aupgrade_counts()
         return moved
