@@ -98,6 +98,16 @@ def add_parsers(commands: Any, command: Callable[..., argparse.ArgumentParser]) 
         replay.add_argument("id", nargs="?", help="record id (or --since)")
         replay.add_argument("--since", help="replay every finished record since this time")
         replay.add_argument(f"--{key}", dest="key", help=f"with --since: only this {key}")
+        recount = command(
+            actions,
+            "recount",
+            f"count the open {noun} again and repair the counters",
+            f"List the open {noun} and set the counters that bound max_pending and feed\n"
+            "the backlog gauge from that listing. A FileStore can leave them low after a\n"
+            "crash. Run it with the gateway stopped: what is accepted or finished while\n"
+            "it lists is not counted.",
+        )
+        _common(recount)
     dead = command(
         commands,
         "dead-letters",
@@ -233,6 +243,14 @@ async def _arun(args: argparse.Namespace) -> int:
                 print(f"error: no finished or dead record {args.id}", file=sys.stderr)
                 return 1
             _print_ids(args, "replayed", [record.id])
+            return 0
+        if what == "recount":
+            queue = connector.inbox if section == "events" else connector.outbox.queue
+            count = await queue.arecount()
+            if args.json:
+                print(json.dumps({"status": "recounted", "open": count}))
+            else:
+                print(f"{count} open {section}")
             return 0
         # purge
         if args.all == bool(args.id):
