@@ -245,8 +245,7 @@ async def _arun(args: argparse.Namespace) -> int:
             _print_ids(args, "replayed", [record.id])
             return 0
         if what == "recount":
-            queue = connector.inbox if section == "events" else connector.outbox.queue
-            count = await queue.arecount()
+            count = await log.arecount(section)
             if args.json:
                 print(json.dumps({"status": "recounted", "open": count}))
             else:

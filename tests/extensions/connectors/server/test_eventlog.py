@@ -219,3 +219,17 @@ async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_que
     assert await log.atrim() == 290
     assert store.updates == 2 + 5  # 300 read, 290 deleted: not an update per record
     assert len(await log.alist("deliveries", limit=1_000)) == 10
+
+
+async def test_recount_repairs_a_sections_counters_and_refuses_dead_letters() -> None:
+    store = MemoryStore()
+    inbox = DurableQueue(store, prefix="in", kind="inbound")
+    for i in range(3):
+        await inbox.aadd({"i": i})
+    for key in inbox.keys.counts:  # as a crash on a FileStore can leave them
+        await store.aput(key, 0)
+    log = EventLog(events=inbox)
+    assert await log.arecount("events") == 3
+    assert await inbox.apending_count() == 3
+    with pytest.raises(UsageError):
+        await log.arecount("dead-letters")

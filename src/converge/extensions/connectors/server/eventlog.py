@@ -278,6 +278,12 @@ class _Adapted:
         return as_record(result, self._kind) if result is not True else before
 
 
+def _durable(queue: RecordQueue) -> DurableQueue | None:
+    """The durable queue behind ``queue``: itself, or the one an adapted outbox holds."""
+    durable = queue if isinstance(queue, DurableQueue) else getattr(queue, "durable", None)
+    return durable if isinstance(durable, DurableQueue) else None
+
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     section: str
@@ -529,8 +535,8 @@ class EventLog:
         """
         deleted = 0
         for queue in self._queues.values():
-            durable = queue if isinstance(queue, DurableQueue) else getattr(queue, "durable", None)
-            if isinstance(durable, DurableQueue):
+            durable = _durable(queue)
+            if durable is not None:
                 deleted += await durable.atrim_finished(self.max_records)
                 continue
             finished = [r for r in await queue.alist(limit=2**31 - 1) if r.status in _DONE_OR_DEAD]
@@ -539,6 +545,22 @@ class EventLog:
                 if await queue.apurge(record.id) is not None:
                     deleted += 1
         return deleted
+
+    async def arecount(self, section: str) -> int:
+        """Recount the open records of ``events`` or ``deliveries`` and repair the
+        counters that bound ``max_pending`` (:meth:`DurableQueue.arecount`): after a
+        crash on a FileStore, with the queue quiet.
+
+        Returns:
+            How many records are open.
+
+        Raises:
+            UsageError: For another section, or a queue that keeps no counters.
+        """
+        durable = _durable(self._queue(section))
+        if durable is None:
+            raise UsageError(f"the {section} queue keeps no counters to recount")
+        return await durable.arecount()
 
     async def run_trimmer(self, interval_sec: float = 60.0) -> None:
         """Call :meth:`atrim` every ``interval_sec`` seconds until cancelled.
