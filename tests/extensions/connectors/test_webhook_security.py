@@ -35,7 +35,7 @@ from converge.extensions.connectors import (
     WebhookSecurity,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.security import parse_json_object
+from converge.extensions.connectors.security import FORM_MEDIA_TYPE, parse_json_object
 from converge.extensions.storage import MemoryStore, SQLiteStore
 
 NOW = 1_700_000_000.0
@@ -522,6 +522,34 @@ async def test_a_github_request_replayed_with_a_new_delivery_id_is_a_duplicate(
         forged = {**headers, "x-github-delivery": f"d-{uuid.uuid4()}", "x-github-event": "x"}
         with pytest.raises(DuplicateEventError):
             await sec.avalidate_and_extract("github", method="POST", headers=forged, raw_body=body)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("json_first", [True, False], ids=["json_first", "form_first"])
+@pytest.mark.parametrize("provider", ["slack", "ts"])
+async def test_signed_bytes_resent_with_the_other_content_type_are_a_duplicate(
+    provider: str, json_first: bool
+) -> None:
+    # Content-Type is not signed, and it decides whether the body is read as JSON (the
+    # id in the body) or as a form (Slack's trigger_id, or the body's digest): the same
+    # signed bytes must not be accepted once under each reading.
+    body = json.dumps({"event_id": f"e-{uuid.uuid4()}", "subject": "s"}).encode()
+    if provider == "slack":  # Slack's forms are taken as they are
+        sec = security()
+        headers = slack_request(body, ts=int(NOW))
+    else:  # a generic profile takes forms when told to, and one without an id if lenient
+        sec = security(
+            allowed_content_types=("application/json", FORM_MEDIA_TYPE), strict_mode=False
+        )
+        headers = hmac_request(body, ts=int(NOW), timestamp_body=True)
+    as_form = {**headers, "content-type": FORM_MEDIA_TYPE}
+    first, again = (headers, as_form) if json_first else (as_form, headers)
+    _, _, event_id, _ = await sec.avalidate_and_extract(
+        provider, method="POST", headers=first, raw_body=body
+    )
+    assert event_id.startswith("e-") is json_first
+    with pytest.raises(DuplicateEventError):
+        await sec.avalidate_and_extract(provider, method="POST", headers=again, raw_body=body)
 
 
 @pytest.mark.anyio

@@ -86,8 +86,10 @@ class VerifiedWebhook:
         body: The exact verified body bytes (forward these to pass the sender's bytes on
             unchanged).
         body_digest: SHA-256 hex digest of the signed bytes when the scheme's event id is
-            not covered by the signature (GitHub, ``"hmac"`` with ``raw_body``): the
-            replay claim then covers the digest too. None otherwise.
+            not covered by the signature (GitHub, ``"hmac"`` with ``raw_body``), or is
+            read from a body that the profile takes as JSON or as a form (Slack, or
+            ``allowed_content_types`` with the form type): the replay claim then covers
+            the digest too. None otherwise.
     """
 
     profile: ProviderProfile
@@ -400,7 +402,7 @@ class WebhookSecurity:
             raise _reject(405, "method_not_allowed", "webhooks are delivered with POST")
         media = _media_type(headers)
         if media not in self.policy.allowed_content_types and not (
-            media == FORM_MEDIA_TYPE and profile.canonical_scheme in _FORM_SCHEMES
+            media == FORM_MEDIA_TYPE and self._takes_forms(profile)
         ):
             raise _reject(
                 415,
@@ -505,8 +507,20 @@ class WebhookSecurity:
             # The event id (a header, or re-datable with an unsigned timestamp) is not
             # what the signature covers: the replay claim covers the signed bytes too.
             digest = hashlib.sha256(body).hexdigest()
+        elif parts.event_id is None and self._takes_forms(profile):
+            # The id comes from the body, read as JSON or as a form by the unsigned
+            # Content-Type: a JSON event's bytes resent as a form would have another id
+            # (a form's trigger_id, or the body's digest). Claim the bytes too.
+            digest = hashlib.sha256(body).hexdigest()
         return VerifiedWebhook(
             profile, payload, event_id, timestamp, _safe(lowered), body=body, body_digest=digest
+        )
+
+    def _takes_forms(self, profile: ProviderProfile) -> bool:
+        """Whether ``profile`` accepts form bodies (beside JSON ones)."""
+        return (
+            FORM_MEDIA_TYPE in self.policy.allowed_content_types
+            or profile.canonical_scheme in _FORM_SCHEMES
         )
 
     def _event_id(
@@ -550,7 +564,9 @@ class WebhookSecurity:
         The first key is derived from the event id. For schemes whose event id is not
         covered by the signature (GitHub, ``"hmac"`` with ``raw_body``) a second key is
         derived from the digest of the signed bytes, so changing the unsigned id header
-        does not make a captured request new. A Slack ``url_verification`` handshake
+        does not make a captured request new; likewise where the id is read from a body
+        the profile takes as JSON or as a form (Slack), so changing the unsigned
+        ``Content-Type`` does not either. A Slack ``url_verification`` handshake
         claims nothing (empty tuple).
 
         A consumer that writes its own record atomically with the claim (an inbox)
