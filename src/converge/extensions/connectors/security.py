@@ -503,14 +503,15 @@ class WebhookSecurity:
                 raise _reject(400, "missing_field", f"the payload lacks the field {name!r}")
         event_id = self._event_id(profile, parts.event_id, payload, body, form)
         digest = None
-        if scheme == "github" or (scheme == "hmac" and profile.canonicalization == "raw_body"):
-            # The event id (a header, or re-datable with an unsigned timestamp) is not
-            # what the signature covers: the replay claim covers the signed bytes too.
-            digest = hashlib.sha256(body).hexdigest()
-        elif parts.event_id is None and self._takes_forms(profile):
-            # The id comes from the body, read as JSON or as a form by the unsigned
-            # Content-Type: a JSON event's bytes resent as a form would have another id
-            # (a form's trigger_id, or the body's digest). Claim the bytes too.
+        if (
+            scheme == "github"
+            or (scheme == "hmac" and profile.canonicalization == "raw_body")
+            or (parts.event_id is None and self._takes_forms(profile))
+        ):
+            # The event id is not what the signature covers (a header, or re-datable with
+            # an unsigned timestamp), or it depends on the unsigned Content-Type (a body
+            # read as JSON or as a form has another id: a form's trigger_id, or the
+            # body's digest): the replay claim covers the signed bytes too.
             digest = hashlib.sha256(body).hexdigest()
         return VerifiedWebhook(
             profile, payload, event_id, timestamp, _safe(lowered), body=body, body_digest=digest
