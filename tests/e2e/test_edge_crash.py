@@ -12,104 +12,25 @@ not called again for an event whose decisions were recorded.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 import pytest
-
-import converge
-from converge.extensions.connectors import ProviderProfile, WebhookConnector
-from converge.extensions.connectors.inbox import item_of
-from converge.extensions.storage import SQLiteStore
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS / "extensions" / "connectors"))  # the connectors' helpers
-
-from webhook_helpers import (  # noqa: E402
-    HMAC_SECRET,
-    Receiver,
-    Recorded,
-    ServerThread,
-    event_body,
-    hmac_request,
+from edge_helpers import (
+    EdgeApp,
+    complete,
+    delivered_keys,
+    inbox_statuses,
+    read_notes,
+    wait_for,
 )
+from webhook_helpers import Receiver, event_body, hmac_request
 
-APP = Path(__file__).with_name("edge_app.py")
 EVENTS = 5
 PAUSED = 2  # the event the first process is killed on
-
-
-def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-class EdgeApp:
-    """One run of ``edge_app.py``; kill -9 it with :meth:`kill`."""
-
-    def __init__(self, backend: str, db: Path, receiver: str, calls: Path, pause: str) -> None:
-        paths = [str(Path(converge.__file__).parents[1]), str(TESTS), str(APP.parent)]
-        paths.append(str(TESTS / "extensions" / "connectors"))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-        args = [sys.executable, str(APP), backend, str(db), receiver, str(calls), pause]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
-        assert self.proc.stdout is not None
-        self.url = self.proc.stdout.readline().strip()
-        assert self.url.startswith("http://"), f"edge_app did not start: {self.url!r}"
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, str]]:
-    rec = Receiver()
-    with ServerThread(rec) as server:
-        yield rec, server.url
-
-
-def complete(rec: Receiver) -> list[Recorded]:
-    """The requests the receiver got whole (the kill may cut a delivery in flight)."""
-    out = []
-    for r in rec.delivered():
-        try:
-            json.loads(r.body)
-        except ValueError:
-            continue
-        out.append(r)
-    return out
-
-
-def read_notes(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-async def inbox_statuses(db: Path) -> dict[str, str]:
-    # the test's own view of the app's inbox (same connector id, same store)
-    async with SQLiteStore(db) as store:
-        connector = WebhookConnector(
-            provider_profiles={"shop": ProviderProfile("shop", "shop")},
-            secrets={"shop": HMAC_SECRET},
-            store=store,
-        )
-        records = await connector.inbox.alist(limit=1000)
-        await connector.aclose()
-    return {item_of(r).payload["event_id"]: r.status for r in records}  # type: ignore[union-attr]
 
 
 # each crash point once, on each backend once: four runs would take ~25 s
@@ -136,15 +57,7 @@ def test_kill_9_during_or_after_adecide_loses_nothing_and_repeats_nothing(
 
     second = EdgeApp(backend, db, receiver_url, calls, "-")
     try:
-
-        def delivered() -> dict[str, set[str]]:
-            keys: dict[str, set[str]] = {}
-            for r in complete(rec):
-                event_id = json.loads(r.body)["event_id"]
-                keys.setdefault(event_id, set()).add(r.headers["idempotency-key"])
-            return keys
-
-        wait_for(lambda: set(delivered()) == set(ids), "every event's action")
+        wait_for(lambda: set(delivered_keys(rec)) == set(ids), "every event's action")
 
         def acknowledged() -> bool:
             statuses = anyio.run(inbox_statuses, db)
@@ -155,7 +68,7 @@ def test_kill_9_during_or_after_adecide_loses_nothing_and_repeats_nothing(
     finally:
         second.kill()
 
-    keys = delivered()
+    keys = delivered_keys(rec)
     assert {event_id: len(k) for event_id, k in keys.items()} == dict.fromkeys(ids, 1)
     requests = complete(rec)
     distinct = {r.headers["idempotency-key"] for r in requests}
