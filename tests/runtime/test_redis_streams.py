@@ -196,6 +196,110 @@ async def test_export_refuses_when_a_group_backlog_reaches_maxlen(
             await bus.publish(work(3))
 
 
+async def publish_through(bus: MessageBus, numbers: range) -> None:
+    """Publish ``work(n)`` for each n, waiting out the bridge's backpressure."""
+    for n in numbers:
+        while True:
+            try:
+                await bus.publish(work(n))
+                break
+            except BusFullError:
+                await anyio.sleep(0.005)
+
+
+async def stream_length(url: str, stream: str) -> int:
+    async with coredis.Redis.from_url(url, decode_responses=True) as client:
+        return int(await client.xlen(stream))
+
+
+async def settles_but_one(url: str, stream: str) -> None:
+    """Wait until group ``g`` has one entry pending (the dead consumer's)."""
+    for _ in range(500):
+        if await pending(url, stream, "g") == 1:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError("the live consumer did not catch up")
+
+
+async def acknowledge_all(sub: Subscription) -> None:
+    async for message in sub:
+        await sub.aack(message)
+
+
+async def test_an_entry_a_dead_consumer_held_is_not_trimmed_by_the_traffic_after_it(
+    redis_url: str, prefix: str
+) -> None:
+    # Before, an export trimmed the stream to about maxlen entries whatever they were:
+    # the entry a dead consumer held went once maxlen more had passed, and the claim
+    # that should have delivered it again found nothing (the message was lost).
+    producer, dead_bus, live_bus = MessageBus(), MessageBus(), MessageBus()
+    dead = dead_bus.subscribe("worker", topics=["work"], ack=True)
+    live = live_bus.subscribe("worker", topics=["work"], ack=True)
+    options = {"import_topics": ["work"], "group": "g", "prefix": prefix, "maxlen": 5}
+    stream = f"{prefix}:work"
+    async with RedisStreamsBridge(
+        producer, redis_url, export_topics=["work"], prefix=prefix, maxlen=5
+    ):
+        async with RedisStreamsBridge(dead_bus, redis_url, consumer="dead", **options):
+            held = work(0)
+            await producer.publish(held)
+            with anyio.fail_after(5):
+                assert (await dead.receive()).id == held.id
+        # "dead" is gone holding it; 400 more pass (Redis trims whole nodes of 100)
+        async with (
+            RedisStreamsBridge(live_bus, redis_url, consumer="live", **options),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(acknowledge_all, live)
+            await publish_through(producer, range(1, 401))
+            assert await stream_length(redis_url, stream) > 400
+            await settles_but_one(redis_url, stream)
+            tg.cancel_scope.cancel()
+        taker_bus = MessageBus()
+        taker = taker_bus.subscribe("worker", topics=["work"], ack=True)
+        async with RedisStreamsBridge(
+            taker_bus, redis_url, consumer="taker", claim_idle_sec=0.2, **options
+        ):
+            with anyio.fail_after(5):
+                again = await taker.receive()
+            assert again.id == held.id
+            await taker.aack(again)
+            await settles(redis_url, stream, "g")
+            # acknowledged at last: the next exports trim the stream back down
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(acknowledge_all, taker)
+                await publish_through(producer, range(401, 501))
+                await settles(redis_url, stream, "g")
+                tg.cancel_scope.cancel()
+            assert await stream_length(redis_url, stream) < 250
+
+
+async def test_an_entry_deleted_before_it_was_acknowledged_is_logged_when_claimed(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer, dead_bus, taker_bus = MessageBus(), MessageBus(), MessageBus()
+    dead = dead_bus.subscribe("worker", topics=["work"], ack=True)
+    options = {"import_topics": ["work"], "group": "g", "prefix": prefix}
+    stream = f"{prefix}:work"
+    async with RedisStreamsBridge(producer, redis_url, export_topics=["work"], prefix=prefix):
+        async with RedisStreamsBridge(dead_bus, redis_url, consumer="dead", **options):
+            await producer.publish(work(0))
+            with anyio.fail_after(5):
+                await dead.receive()
+        async with coredis.Redis.from_url(redis_url, decode_responses=True) as client:
+            (entry,) = await client.xrange(stream)
+            await client.xdel(stream, [entry.identifier])
+        with caplog.at_level("ERROR", logger="converge.runtime"):
+            async with RedisStreamsBridge(
+                taker_bus, redis_url, consumer="taker", claim_idle_sec=0.1, **options
+            ):
+                await settles(redis_url, stream, "g")
+                await anyio.sleep(0.2)
+    (record,) = [r for r in caplog.records if "were deleted" in r.getMessage()]
+    assert entry.identifier in record.getMessage()
+    assert "lost" in record.getMessage()
+
+
 async def test_a_dead_lettered_message_is_kept_and_acknowledged(
     redis_url: str, prefix: str
 ) -> None:

@@ -36,22 +36,46 @@ _log = logging.getLogger("converge.runtime")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 # One round trip: refuse (0) when some consumer group's backlog (entries read but not
-# acknowledged, plus entries not read yet) reached the bound, so that trimming can never
-# drop an entry a group has not acknowledged; otherwise append, trimming acknowledged
-# history down to about the bound.
+# acknowledged, plus entries not read yet) reached the bound; otherwise append. Once the
+# stream holds more than the bound, trim what every group has acknowledged: the entries
+# before the oldest one some group still needs (its oldest pending entry, else the last
+# it read). An entry read and never acknowledged is never trimmed, however much traffic
+# passes it (a dead consumer's, until it is claimed). With no group yet, keep the newest.
 _ADD_SCRIPT: Final = """
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
 local limit = tonumber(ARGV[1])
+local groups = {}
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local info = {}
     for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
     local lag = tonumber(info['lag']) or redis.call('XLEN', KEYS[1])
     if tonumber(info['pending']) + lag >= limit then return 0 end
+    groups[#groups + 1] = info
   end
 end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', limit, '*', 'm', ARGV[2])
+if #groups == 0 then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', limit, '*', 'm', ARGV[2])
+end
+local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+if redis.call('XLEN', KEYS[1]) > limit then
+  local keep = nil
+  for _, info in ipairs(groups) do
+    local need = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then
+      need = redis.call('XPENDING', KEYS[1], info['name'])[2]
+    end
+    if keep == nil or older(need, keep) then keep = need end
+  end
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', keep)
+end
+return id
 """
-
 
 def _check_name(what: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
@@ -82,8 +106,10 @@ class RedisStreamsBridge:
       appended to the stream of each of its exported topics (``{prefix}:{topic}``) before
       ``publish`` returns: a durable hand-off, like an outbox sink. When a consumer group's
       backlog on that stream reaches ``maxlen``, ``publish`` raises
-      :class:`~converge.errors.BusFullError` rather than let Redis trim entries nobody
-      acknowledged (backpressure across processes).
+      :class:`~converge.errors.BusFullError` (backpressure across processes). Once a
+      stream holds more than ``maxlen`` entries, an export trims those every group has
+      acknowledged; an entry some group read and did not acknowledge is kept however
+      much traffic follows it (a dead consumer's, until it is claimed).
     * **Import.** For each of ``import_topics``, the bridge reads the stream in consumer
       group ``group`` (one group per role: processes running the same agents share a group
       and split the work) and publishes each message on the local bus with its original
@@ -95,7 +121,9 @@ class RedisStreamsBridge:
     * **Dead consumers.** Entries read by a consumer that then died stay pending in
       Redis; every ``claim_idle_sec`` the bridge takes over those idle that long
       (``XAUTOCLAIM``) and delivers them again, same message ids: at-least-once, with the
-      runner's decision records making the effects happen once.
+      runner's decision records making the effects happen once. An entry deleted from
+      the stream before it was acknowledged (``XDEL`` by another program) is logged as
+      an error when its claim finds it gone.
 
     Messages keep their hooks' semantics: ``pre_send`` hooks run in the publishing process,
     and the receiving bus runs its own hooks when the bridge publishes there.
@@ -307,6 +335,18 @@ class RedisStreamsBridge:
                 stream, self.group, self.consumer, self.claim_idle_ms, start, count=self.batch
             )
             start, entries = reply[0], reply[1]
+            if len(reply) > 2 and reply[2]:
+                # Redis dropped them from the group's pending list as it answered: only
+                # this log line is left of them.
+                _log.error(
+                    "redis streams: %d entries of %s were deleted (XDEL, or a trim by "
+                    "another program) before group %s acknowledged them; their messages "
+                    "are lost: %s",
+                    len(reply[2]),
+                    stream,
+                    self.group,
+                    ", ".join(reply[2]),
+                )
             for entry in entries:
                 await self._deliver(stream, entry.identifier, entry.field_values)
             if start == "0-0" or not entries:
