@@ -109,7 +109,8 @@ class RedisStreamsBridge:
       :class:`~converge.errors.BusFullError` (backpressure across processes). Once a
       stream holds more than ``maxlen`` entries, an export trims those every group has
       acknowledged; an entry some group read and did not acknowledge is kept however
-      much traffic follows it (a dead consumer's, until it is claimed).
+      much traffic follows it (a dead consumer's, until it is claimed). A stream no
+      group reads yet keeps its newest ``maxlen`` entries.
     * **Import.** For each of ``import_topics``, the bridge reads the stream in consumer
       group ``group`` (one group per role: processes running the same agents share a group
       and split the work) and publishes each message on the local bus with its original
