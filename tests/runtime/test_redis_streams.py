@@ -15,14 +15,14 @@ import anyio
 import coredis
 import pytest
 
-from converge.core import Message
+from converge.core import Message, MessageHook
 from converge.errors import (
     BusFullError,
     StoreOutcomeUnknownError,
     StoreUnavailableError,
     UsageError,
 )
-from converge.runtime import MessageBus, Subscription
+from converge.runtime import MessageBus, Subscription, redis_streams
 from converge.runtime.redis_streams import RedisStreamsBridge
 from redis_server import RedisServer, free_port, shared_redis_url
 
@@ -279,6 +279,7 @@ async def test_an_entry_deleted_before_it_was_acknowledged_is_logged_when_claime
 ) -> None:
     producer, dead_bus, taker_bus = MessageBus(), MessageBus(), MessageBus()
     dead = dead_bus.subscribe("worker", topics=["work"], ack=True)
+    taker_bus.subscribe("worker", topics=["work"], ack=True)
     options = {"import_topics": ["work"], "group": "g", "prefix": prefix}
     stream = f"{prefix}:work"
     async with RedisStreamsBridge(producer, redis_url, export_topics=["work"], prefix=prefix):
@@ -298,6 +299,72 @@ async def test_an_entry_deleted_before_it_was_acknowledged_is_logged_when_claime
     (record,) = [r for r in caplog.records if "were deleted" in r.getMessage()]
     assert entry.identifier in record.getMessage()
     assert "lost" in record.getMessage()
+
+
+async def test_nothing_is_read_until_something_on_the_bus_receives_the_topic(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, an entry read while nothing received its topic (the runner not started
+    # yet, its agent still being set up) was acknowledged: the message was lost.
+    monkeypatch.setattr(redis_streams, "_NOBODY_WARN_SEC", 0.2)
+    producer, there = MessageBus(), MessageBus()
+    stream = f"{prefix}:work"
+    async with (
+        RedisStreamsBridge(producer, redis_url, export_topics=["work"], prefix=prefix),
+        RedisStreamsBridge(there, redis_url, import_topics=["work"], group="g", prefix=prefix),
+    ):
+        sent = work(1)
+        with caplog.at_level("WARNING", logger="converge.runtime"):
+            await producer.publish(sent)
+            await anyio.sleep(0.5)
+        assert await pending(redis_url, stream, "g") == 0  # not taken: others may read it
+        assert [r for r in caplog.records if "nothing on the local bus receives" in r.message]
+        inbox = there.subscribe("worker", topics=["work"], ack=True)
+        with anyio.fail_after(5):
+            got = await inbox.receive()
+        assert got.id == sent.id
+        await inbox.aack(got)
+        await settles(redis_url, stream, "g")
+
+
+class Leaving(MessageHook):
+    """Closes the subscription as a message is published: its receiver stopping."""
+
+    def __init__(self) -> None:
+        self.sub: Subscription | None = None
+        self.left = anyio.Event()
+
+    async def apre_send(self, message: Message) -> Message | None:
+        assert self.sub is not None
+        self.sub.close()
+        self.left.set()
+        return message
+
+
+async def test_a_message_whose_receiver_went_away_stays_pending_for_another_consumer(
+    redis_url: str, prefix: str
+) -> None:
+    hook = Leaving()
+    producer, leaving_bus, other_bus = MessageBus(), MessageBus(hooks=[hook]), MessageBus()
+    hook.sub = leaving_bus.subscribe("worker", topics=["work"], ack=True)
+    other = other_bus.subscribe("worker", topics=["work"], ack=True)
+    options = {"import_topics": ["work"], "group": "g", "prefix": prefix}
+    async with RedisStreamsBridge(producer, redis_url, export_topics=["work"], prefix=prefix):
+        async with RedisStreamsBridge(leaving_bus, redis_url, consumer="leaving", **options):
+            sent = work(1)
+            await producer.publish(sent)
+            with anyio.fail_after(5):
+                await hook.left.wait()
+            await anyio.sleep(0.1)  # the bridge would acknowledge it now
+            assert await pending(redis_url, f"{prefix}:work", "g") == 1  # not acknowledged
+        async with RedisStreamsBridge(
+            other_bus, redis_url, consumer="other", claim_idle_sec=0.2, **options
+        ):
+            with anyio.fail_after(5):
+                got = await other.receive()
+            assert got.id == sent.id
+            await other.aack(got)
+            await settles(redis_url, f"{prefix}:work", "g")
 
 
 async def test_a_dead_lettered_message_is_kept_and_acknowledged(

@@ -77,6 +77,12 @@ end
 return id
 """
 
+# While nothing on the local bus receives an imported topic, look again this often, and
+# warn once when that has lasted this long.
+_NOBODY_POLL_SEC: Final = 0.05
+_NOBODY_WARN_SEC: Final = 10.0
+
+
 def _check_name(what: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise UsageError(f"{what} must be 1-128 letters, digits, '_', '.', ':', '-'")
@@ -118,7 +124,10 @@ class RedisStreamsBridge:
       bus settles the message, that is when every acking subscriber (an
       :class:`~converge.runtime.AgentRunner` acknowledges after its decisions are
       durable) has acknowledged it. A message a subscriber gives up (``adead_letter``) is
-      acknowledged too and copied to ``{prefix}:dead``.
+      acknowledged too and copied to ``{prefix}:dead``. It reads only while something on
+      the local bus receives the topic (a subscription or a sink), so it may be entered
+      before the runner; a message whose receiver went away as it was read (a runner
+      stopping first) stays pending, for another consumer to claim.
     * **Dead consumers.** Entries read by a consumer that then died stay pending in
       Redis; every ``claim_idle_sec`` the bridge takes over those idle that long
       (``XAUTOCLAIM``) and delivers them again, same message ids: at-least-once, with the
@@ -238,7 +247,7 @@ class RedisStreamsBridge:
             await tg.__aenter__()
             self._task_group = tg
             for topic in self.import_topics:
-                tg.start_soon(self._import_loop, self.stream(topic))
+                tg.start_soon(self._import_loop, topic)
         except BaseException:
             await self._client.__aexit__(None, None, None)
             raise
@@ -295,12 +304,19 @@ class RedisStreamsBridge:
 
     # -- import ------------------------------------------------------------------------
 
-    async def _import_loop(self, stream: str) -> None:
+    async def _import_loop(self, topic: str) -> None:
         import coredis.exceptions
 
+        stream = self.stream(topic)
+        # Entries are read only while something on the local bus receives the topic: one
+        # read with nobody to take it would sit in this consumer's pending list until
+        # another claimed it (before, it was acknowledged, and the message lost).
+        probe = Message(sender="converge.redis-streams", topics=(Topic(topic),))
         next_claim = anyio.current_time()
         lost = False
         while True:
+            if not self.bus.has_subscribers(probe):
+                await self._await_receiver(probe, stream)
             try:
                 if lost:
                     await self._create_group(stream)
@@ -328,6 +344,20 @@ class RedisStreamsBridge:
             ) as exc:
                 _log.warning("redis streams: reading %s failed (%s); retrying", stream, exc)
                 await anyio.sleep(1.0)
+
+    async def _await_receiver(self, probe: Message, stream: str) -> None:
+        waited, warned = 0.0, False
+        while not self.bus.has_subscribers(probe):
+            if waited >= _NOBODY_WARN_SEC and not warned:
+                warned = True
+                _log.warning(
+                    "redis streams: nothing on the local bus receives %r; not reading %s "
+                    "until something does",
+                    probe.topics[0].name,
+                    stream,
+                )
+            await anyio.sleep(_NOBODY_POLL_SEC)
+            waited += _NOBODY_POLL_SEC
 
     async def _claim_idle(self, stream: str) -> None:
         start = "0-0"
@@ -372,10 +402,18 @@ class RedisStreamsBridge:
             if not held:
                 del self._inflight[message.id]
             raise
-        if not delivered:
-            # nobody here takes it (no subscriber, or a hook dropped it): the bus settles
-            # nothing for a publish that reached nobody, so acknowledge it now
-            await self.on_settled(message)
+        if delivered:
+            return
+        if not self.bus.has_subscribers(message):
+            # Its receiver went away while it was read (a runner stopping first): leave
+            # it pending; a live consumer claims it after claim_idle_sec.
+            held.remove(entry)
+            if not held:
+                del self._inflight[message.id]
+            return
+        # a hook dropped it: the bus settles nothing for a publish that reached nobody,
+        # so acknowledge it now
+        await self.on_settled(message)
 
     async def _bury(self, entry: _Entry, record: dict[str, Any]) -> None:
         with anyio.fail_after(self.timeout_sec):
