@@ -88,6 +88,29 @@ async def test_log_finds_records_through_pointers_and_leaves_fresh_messages() ->
     assert await log.afind("a", batch[1:2]) == ([], batch[1:2])
 
 
+async def test_the_first_consumer_to_record_a_batch_or_a_step_wins() -> None:
+    # Two consumers handed one batch at once (one claimed it from the other, still
+    # busy) each decide; the second to record gets the first's record, and nothing of
+    # its own is written: the batch has one set of effects.
+    store = MemoryStore()
+    log = DecisionLog(store, retention=60)
+    batch = [Message(sender="u", recipient="a", id=f"m{n}") for n in range(2)]
+    first = await log.acreate("a", batch, [SendMessage(Message(sender="a", topics=["x"]))])
+    second = await log.acreate("a", batch, [SendMessage(Message(sender="a", topics=["x"]))])
+    assert second == first
+    [part], _ = await log.afind("a", batch)
+    assert part.record == first
+    # a different batch starting with the same message is not the same batch
+    other = await log.acreate("a", batch[:1], [])
+    assert other.steps[0].decisions == ()
+    # steps after tool observations: the first to append step 1 wins too
+    record = await log.acreate("a", batch[1:] + batch[:1], sample())
+    mine = await log.aappend(record, [UpdateTask("t1", "completed")])
+    theirs = await log.aappend(record, [UpdateTask("t1", "failed")])
+    assert theirs == mine
+    assert theirs.steps[1].decisions == (UpdateTask("t1", "completed"),)
+
+
 def test_log_needs_a_store_and_a_retention() -> None:
     with pytest.raises(UsageError):
         DecisionLog({}, retention=1)  # type: ignore[arg-type]

@@ -355,6 +355,48 @@ async def test_redelivered_message_reuses_recorded_decisions_without_calling_the
     await store.aclose()
 
 
+async def test_a_message_two_consumers_handle_at_once_has_the_first_recorded_effects(
+    store: Store,
+) -> None:
+    # A Redis Streams consumer still deciding (a long model call) has its entry claimed
+    # by another, which decides too. Before, both recorded (the last write won) and both
+    # executed their own decisions: two different replies to one message.
+    identity = Identity()  # both processes run the same agent
+    inbound = Message(sender="github", topics=["bridge.webhook.inbound"], payload={"n": 1})
+    sent: list[Message] = []
+    second_done = anyio.Event()
+
+    async def outbox(message: Message) -> None:
+        sent.append(message)
+        second_done.set()
+
+    def answer(by: str) -> Any:
+        return [SendMessage(Message(sender="llm", topics=[OUT], payload={"by": by}))]
+
+    async def slow(messages: list[Message], tasks: list[Task], **kw: Any) -> Any:
+        await second_done.wait()  # still deciding when the other consumer has replied
+        return answer("first")
+
+    first = Script(lambda *_: None, name="llm", identity=identity)
+    first.adecide = slow  # type: ignore[method-assign]
+    second = Script(lambda *_: answer("second"), name="llm", identity=identity)
+    buses = [MessageBus(), MessageBus()]
+    for bus in buses:
+        bus.add_sink(OUT, outbox)
+    topics = {"llm": ["bridge.webhook.inbound"]}
+    async with (
+        AgentRunner(buses[0], [first], topics=topics, store=store) as one,
+        AgentRunner(buses[1], [second], topics=topics, store=store) as two,
+    ):
+        await buses[0].publish(inbound)
+        await buses[1].publish(inbound)
+        await idle(one)
+        await idle(two)
+    assert [m.payload for m in sent] == [{"by": "second"}, {"by": "second"}]
+    assert sent[0] == sent[1]  # one reply, twice: the outbox deduplicates by id
+    await store.aclose()
+
+
 async def test_failure_after_recording_retries_without_calling_the_model_again(
     store: Store,
 ) -> None:

@@ -217,7 +217,13 @@ class DecisionLog:
     async def acreate(
         self, agent_id: str, messages: Sequence[Message], decisions: Sequence[Decision]
     ) -> DecisionRecord:
-        """Record the first step of a fresh batch, with a pointer per further message."""
+        """Record the first step of a fresh batch, with a pointer per further message.
+
+        First writer wins: if another process recorded this batch meanwhile (it was
+        handed to two consumers at once: claimed from a slow one), its record is
+        returned, and nothing is written; the caller executes those decisions, not its
+        own, so the batch has one set of effects.
+        """
         if not messages:
             raise UsageError("a decision record covers at least one message")
         key = self.key(agent_id, messages[0])
@@ -226,20 +232,36 @@ class DecisionLog:
         changes: dict[str, Any] = {key: data}
         for message in messages[1:]:
             changes.setdefault(self.key(agent_id, message), {"v": _VERSION, "ref": key})
+        ids = [m.id for m in messages]
 
-        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], None]:
-            return changes, None
+        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
+            earlier = _same_batch(key, current.get(key), ids)
+            return ({}, earlier) if earlier is not None else (changes, None)
 
-        await self.store.aupdate(list(changes), write, ttl=self.retention)
-        return record
+        earlier = await self.store.aupdate(list(changes), write, ttl=self.retention)
+        return record if earlier is None else earlier
 
     async def aappend(
         self, record: DecisionRecord, decisions: Sequence[Decision]
     ) -> DecisionRecord:
-        """Record a further step (decisions after tool observations)."""
+        """Record a further step (decisions after tool observations).
+
+        First writer wins, as in :meth:`acreate`: if the stored record has that step
+        already, it is returned and nothing is written.
+        """
         updated = replace(record, steps=(*record.steps, Step(tuple(decisions))))
-        await self.store.aput(record.key, _checked(updated), ttl=self.retention)
-        return updated
+        data = _checked(updated)
+        ids = [m.id for m in record.messages]
+        step = len(record.steps)
+
+        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
+            earlier = _same_batch(record.key, current.get(record.key), ids)
+            if earlier is not None and len(earlier.steps) > step:
+                return {}, earlier
+            return {record.key: data}, None
+
+        earlier = await self.store.aupdate([record.key], write, ttl=self.retention)
+        return updated if earlier is None else earlier
 
     async def aobserve(
         self, record: DecisionRecord, observations: Sequence[dict[str, Any]]
@@ -250,3 +272,14 @@ class DecisionLog:
         updated = replace(record, steps=steps)
         await self.store.aput(record.key, updated.to_json(), ttl=self.retention)
         return updated
+
+
+def _same_batch(key: str, data: object, ids: list[str]) -> DecisionRecord | None:
+    """The record stored as ``data`` if it covers exactly the batch ``ids``, else None."""
+    if data is None or (isinstance(data, Mapping) and "ref" in data):
+        return None
+    try:
+        record = DecisionRecord.from_json(key, data)
+    except FormatError:
+        return None  # damaged: overwritten, as before
+    return record if [m.id for m in record.messages] == ids else None

@@ -527,6 +527,10 @@ class AgentRunner:
                 decisions = await self._decide(agent, part.messages, observations)
                 known = None
                 await self._record(agent, part, decisions)
+                if part.record is not None:
+                    # ours, or the step another consumer of the batch recorded first
+                    step = part.record.steps[index]
+                    decisions, known = list(step.decisions), step.observations
             calls = [d for d in decisions if isinstance(d, InvokeTool)]
             if calls and index >= self.max_tool_steps:
                 raise BudgetExceededError(
