@@ -10,7 +10,14 @@ from converge.core import InvokeTool, Message, SendMessage, UpdateTask
 from converge.core.decisions import decisions_from_json, decisions_to_json
 from converge.errors import FormatError, UsageError
 from converge.extensions.storage import MemoryStore
-from converge.runtime.records import DecisionLog, DecisionRecord, Step, record_key
+from converge.runtime.records import (
+    DecisionLog,
+    DecisionRecord,
+    Found,
+    RecordedElsewhere,
+    Step,
+    record_key,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -88,25 +95,25 @@ async def test_log_finds_records_through_pointers_and_leaves_fresh_messages() ->
     assert await log.afind("a", batch[1:2]) == ([], batch[1:2])
 
 
-async def test_the_first_consumer_to_record_a_batch_or_a_step_wins() -> None:
-    # Two consumers handed one batch at once (one claimed it from the other, still
-    # busy) each decide; the second to record gets the first's record, and nothing of
-    # its own is written: the batch has one set of effects.
+async def test_the_first_consumer_to_record_a_message_or_a_step_wins() -> None:
+    # Two consumers handed one message at once (one claimed it from the other, still
+    # busy) each decide; the second to record writes nothing and is told, so that it
+    # replays the first's decisions: every message has one set of effects.
     store = MemoryStore()
     log = DecisionLog(store, retention=60)
-    batch = [Message(sender="u", recipient="a", id=f"m{n}") for n in range(2)]
-    first = await log.acreate("a", batch, [SendMessage(Message(sender="a", topics=["x"]))])
-    second = await log.acreate("a", batch, [SendMessage(Message(sender="a", topics=["x"]))])
-    assert second == first
-    [part], _ = await log.afind("a", batch)
-    assert part.record == first
-    # a different batch starting with the same message is not the same batch
-    other = await log.acreate("a", batch[:1], [])
-    assert other.steps[0].decisions == ()
-    # steps after tool observations: the first to append step 1 wins too
-    record = await log.acreate("a", batch[1:] + batch[:1], sample())
-    mine = await log.aappend(record, [UpdateTask("t1", "completed")])
-    theirs = await log.aappend(record, [UpdateTask("t1", "failed")])
+    m = [Message(sender="u", recipient="a", id=f"m{n}") for n in range(4)]
+    first = await log.acreate("a", m[:2], sample())
+    for batch in (m[:2], m[1:3], [m[3], m[0]]):  # the same batch, or any overlap
+        with pytest.raises(RecordedElsewhere):
+            await log.acreate("a", batch, [])
+    assert await log.afind("a", m) == ([Found(first, tuple(m[:2]))], m[2:])
+    # a pointer whose record expired does not count
+    await store.adelete(first.key)
+    again = await log.acreate("a", m[1:3], [])
+    assert await log.afind("a", m[1:3]) == ([Found(again, tuple(m[1:3]))], [])
+    # steps after tool observations: the first to append step 1 wins
+    mine = await log.aappend(again, [UpdateTask("t1", "completed")])
+    theirs = await log.aappend(again, [UpdateTask("t1", "failed")])
     assert theirs == mine
     assert theirs.steps[1].decisions == (UpdateTask("t1", "completed"),)
 

@@ -355,14 +355,15 @@ async def test_redelivered_message_reuses_recorded_decisions_without_calling_the
     await store.aclose()
 
 
-async def test_a_message_two_consumers_handle_at_once_has_the_first_recorded_effects(
+async def test_messages_two_consumers_handle_at_once_have_the_first_recorded_effects(
     store: Store,
 ) -> None:
-    # A Redis Streams consumer still deciding (a long model call) has its entry claimed
-    # by another, which decides too. Before, both recorded (the last write won) and both
-    # executed their own decisions: two different replies to one message.
+    # A Redis Streams consumer still deciding (a long model call) has its entries
+    # claimed by another, which decides too, maybe in another batch. Before, both
+    # recorded (the last write won) and both executed their own decisions: two
+    # different replies to one message.
     identity = Identity()  # both processes run the same agent
-    inbound = Message(sender="github", topics=["bridge.webhook.inbound"], payload={"n": 1})
+    a, b = (Message(sender="github", topics=["in"], payload={"n": n}) for n in "ab")
     sent: list[Message] = []
     second_done = anyio.Event()
 
@@ -370,30 +371,38 @@ async def test_a_message_two_consumers_handle_at_once_has_the_first_recorded_eff
         sent.append(message)
         second_done.set()
 
-    def answer(by: str) -> Any:
-        return [SendMessage(Message(sender="llm", topics=[OUT], payload={"by": by}))]
+    def answer(by: str, messages: list[Message]) -> Any:
+        return [
+            SendMessage(Message(sender="llm", topics=[OUT], payload={"by": by, "of": m.id}))
+            for m in messages
+        ]
 
-    async def slow(messages: list[Message], tasks: list[Task], **kw: Any) -> Any:
-        await second_done.wait()  # still deciding when the other consumer has replied
-        return answer("first")
+    class First(Script):
+        async def adecide(self, messages: list[Message], tasks: list[Task], **kw: Any) -> Any:
+            self.calls.append([m.id for m in messages])
+            if len(self.calls) == 1:
+                await second_done.wait()  # still deciding when the other has replied
+            return answer("first", messages)
 
-    first = Script(lambda *_: None, name="llm", identity=identity)
-    first.adecide = slow  # type: ignore[method-assign]
-    second = Script(lambda *_: answer("second"), name="llm", identity=identity)
+    first = First(None, name="llm", identity=identity)
+    second = Script(
+        lambda _n, messages, _o: answer("second", messages), name="llm", identity=identity
+    )
     buses = [MessageBus(), MessageBus()]
     for bus in buses:
         bus.add_sink(OUT, outbox)
-    topics = {"llm": ["bridge.webhook.inbound"]}
-    async with (
-        AgentRunner(buses[0], [first], topics=topics, store=store) as one,
-        AgentRunner(buses[1], [second], topics=topics, store=store) as two,
-    ):
-        await buses[0].publish(inbound)
-        await buses[1].publish(inbound)
+    one = AgentRunner(buses[0], [first], topics={"llm": ["in"]}, store=store)
+    two = AgentRunner(buses[1], [second], topics={"llm": ["in"]}, store=store)
+    await buses[0].publish(a)
+    await buses[0].publish(b)  # queued before the runner starts: one batch, [a, b]
+    await buses[1].publish(b)  # b alone there, recorded first
+    async with one, two:
         await idle(one)
         await idle(two)
-    assert [m.payload for m in sent] == [{"by": "second"}, {"by": "second"}]
-    assert sent[0] == sent[1]  # one reply, twice: the outbox deduplicates by id
+    replies = {(m.payload["of"], m.payload["by"], m.id) for m in sent}
+    assert {(of, by) for of, by, _ in replies} == {(b.id, "second"), (a.id, "first")}
+    assert len(replies) == 2  # b's one reply sent twice, under one id
+    assert first.calls == [[a.id, b.id], [a.id]]  # a decided again, b replayed
     await store.aclose()
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from converge.core.decisions import Decision, decisions_from_json, decisions_to_json
 from converge.core.message import Message
 from converge.core.store import Store, validate_ttl
-from converge.errors import FormatError, UsageError
+from converge.errors import FormatError, RuntimeBusError, UsageError
 
 __all__ = ["DecisionLog", "DecisionRecord", "Found", "Step", "record_key"]
 
@@ -219,10 +219,15 @@ class DecisionLog:
     ) -> DecisionRecord:
         """Record the first step of a fresh batch, with a pointer per further message.
 
-        First writer wins: if another process recorded this batch meanwhile (it was
-        handed to two consumers at once: claimed from a slow one), its record is
-        returned, and nothing is written; the caller executes those decisions, not its
-        own, so the batch has one set of effects.
+        First writer wins: if another consumer recorded decisions for any of these
+        messages meanwhile (they were handed to two consumers at once: claimed from a
+        slow one), nothing is written and :class:`RecordedElsewhere` is raised; the
+        caller plans the batch again (:meth:`afind`) and executes what was recorded,
+        so every message has one set of effects. A pointer whose record expired does
+        not count.
+
+        Raises:
+            RecordedElsewhere: Some message has decisions recorded already.
         """
         if not messages:
             raise UsageError("a decision record covers at least one message")
@@ -232,14 +237,29 @@ class DecisionLog:
         changes: dict[str, Any] = {key: data}
         for message in messages[1:]:
             changes.setdefault(self.key(agent_id, message), {"v": _VERSION, "ref": key})
-        ids = [m.id for m in messages]
+        stale: dict[str, Any] = {}  # pointers seen whose record had expired
 
-        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
-            earlier = _same_batch(key, current.get(key), ids)
-            return ({}, earlier) if earlier is not None else (changes, None)
+        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], dict[str, Any]]:
+            taken = {}
+            for k in changes:
+                value = current.get(k)
+                if value is None or (stale.get(k) == value and current.get(value["ref"]) is None):
+                    continue
+                taken[k] = value
+            return ({}, taken) if taken else (changes, {})
 
-        earlier = await self.store.aupdate(list(changes), write, ttl=self.retention)
-        return record if earlier is None else earlier
+        while True:
+            targets = [v["ref"] for v in stale.values()]
+            taken = await self.store.aupdate(
+                list(dict.fromkeys([*changes, *targets])), write, ttl=self.retention
+            )
+            if not taken:
+                return record
+            pointers = {k: v for k, v in taken.items() if isinstance(_ref(v), str)}
+            live = len(pointers) < len(taken)  # a record, not a pointer
+            if live or await self._aread([_ref(v) for v in pointers.values()]):
+                raise RecordedElsewhere(f"decisions for part of batch {key!r} exist")
+            stale.update(pointers)  # their records expired: ours may take their place
 
     async def aappend(
         self, record: DecisionRecord, decisions: Sequence[Decision]
@@ -283,3 +303,12 @@ def _same_batch(key: str, data: object, ids: list[str]) -> DecisionRecord | None
     except FormatError:
         return None  # damaged: overwritten, as before
     return record if [m.id for m in record.messages] == ids else None
+
+
+def _ref(value: object) -> Any:
+    return value.get("ref") if isinstance(value, Mapping) else None
+
+
+class RecordedElsewhere(RuntimeBusError):
+    """Another consumer recorded decisions for some message of the batch first (the
+    runner plans the batch again; it never reaches users)."""

@@ -32,7 +32,7 @@ from converge.errors import (
 )
 from converge.runtime.bus import MessageBus, Subscription
 from converge.runtime.policy import AgentRetry
-from converge.runtime.records import DecisionLog, DecisionRecord, Step
+from converge.runtime.records import DecisionLog, DecisionRecord, RecordedElsewhere, Step
 
 __all__ = [
     "AgentErrorHandler",
@@ -139,7 +139,10 @@ class AgentRunner:
     decisions are recorded (:class:`~converge.runtime.records.DecisionLog`) before they
     are executed, and a redelivered message (same id) replays its recorded decisions
     instead of calling the agent again: side effects happen once when receivers
-    deduplicate by message id (the outbox does).
+    deduplicate by message id (the outbox does). The first record of a message wins:
+    a runner that decided messages another consumer recorded meanwhile (both were
+    handed them, one claimed from the other) replays that record instead of executing
+    its own decisions, and decides again only the messages nobody recorded.
 
     A failure is retried (``retry``, an :class:`~converge.runtime.AgentRetry`): a rate
     limit with ``retry_after`` waits and runs the batch again (the agent keeps its queued
@@ -446,11 +449,20 @@ class AgentRunner:
             try:
                 if parts is None:
                     parts = await self._plan(agent, batch)
-                for part in parts:
+                index = 0
+                while index < len(parts):
+                    part = parts[index]
                     if not part.done:
-                        await self._run_part(agent, part)
+                        try:
+                            await self._run_part(agent, part)
+                        except RecordedElsewhere:
+                            # Another consumer recorded some of these messages first:
+                            # replay what it recorded, decide the rest again.
+                            parts[index : index + 1] = await self._plan(agent, list(part.ack))
+                            continue
                         for message in part.ack:
                             await sub.aack(message)
+                    index += 1
                 return
             except Exception as exc:
                 wait = self.retry.retry_after(exc)
@@ -528,7 +540,7 @@ class AgentRunner:
                 known = None
                 await self._record(agent, part, decisions)
                 if part.record is not None:
-                    # ours, or the step another consumer of the batch recorded first
+                    # ours, or the step another consumer of the batch appended first
                     step = part.record.steps[index]
                     decisions, known = list(step.decisions), step.observations
             calls = [d for d in decisions if isinstance(d, InvokeTool)]
