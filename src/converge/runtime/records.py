@@ -22,7 +22,7 @@ from converge.core.message import Message
 from converge.core.store import Store, validate_ttl
 from converge.errors import FormatError, RuntimeBusError, UsageError
 
-__all__ = ["DecisionLog", "DecisionRecord", "Found", "Step", "record_key"]
+__all__ = ["DecisionLog", "DecisionRecord", "Found", "RecordedElsewhere", "Step", "record_key"]
 
 _VERSION = 1
 
