@@ -398,22 +398,25 @@ class RedisStreamsBridge:
         try:
             delivered = await self.bus.publish(message, wait=True)
         except BaseException:
-            held.remove(entry)
-            if not held:
-                del self._inflight[message.id]
+            self._let_go(message.id, entry)
             raise
         if delivered:
             return
         if not self.bus.has_subscribers(message):
             # Its receiver went away while it was read (a runner stopping first): leave
             # it pending; a live consumer claims it after claim_idle_sec.
-            held.remove(entry)
-            if not held:
-                del self._inflight[message.id]
+            self._let_go(message.id, entry)
             return
         # a hook dropped it: the bus settles nothing for a publish that reached nobody,
         # so acknowledge it now
         await self.on_settled(message)
+
+    def _let_go(self, message_id: str, entry: _Entry) -> None:
+        """Forget ``entry`` of a message not handed on: it stays pending in Redis."""
+        held = self._inflight[message_id]
+        held.remove(entry)
+        if not held:
+            del self._inflight[message_id]
 
     async def _bury(self, entry: _Entry, record: dict[str, Any]) -> None:
         with anyio.fail_after(self.timeout_sec):
