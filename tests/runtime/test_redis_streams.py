@@ -97,6 +97,21 @@ async def test_a_message_crosses_to_another_bus_with_its_id_and_is_acked_after_i
         await settles(redis_url, importer.stream("work"), "workers")
 
 
+async def taken_over(
+    url: str, prefix: str, group: str, bus: MessageBus, sub: Subscription
+) -> Message:
+    """What a consumer of ``group`` that claims idle entries at once hands ``sub`` first
+    (acknowledged: the group has nothing pending after)."""
+    async with RedisStreamsBridge(
+        bus, url, import_topics=["work"], group=group, prefix=prefix, claim_idle_sec=0.2
+    ):
+        with anyio.fail_after(5):
+            message = await sub.receive()
+        await sub.aack(message)
+        await settles(url, f"{prefix}:work", group)
+    return message
+
+
 async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
     redis_url: str, prefix: str
 ) -> None:
@@ -112,15 +127,9 @@ async def test_entries_a_dead_consumer_held_are_claimed_and_delivered_again(
             with anyio.fail_after(5):
                 taken = await first.receive()
             assert taken.id == sent.id
-        # consumer "one" is gone without acknowledging: "two" takes its entry over
-        async with RedisStreamsBridge(
-            second_bus, redis_url, consumer="two", claim_idle_sec=0.2, **options
-        ):
-            with anyio.fail_after(5):
-                again = await second.receive()
-            assert again.id == sent.id
-            await second.aack(again)
-            await settles(redis_url, f"{prefix}:work", "workers")
+        # consumer "one" is gone without acknowledging: another takes its entry over
+        again = await taken_over(redis_url, prefix, "workers", second_bus, second)
+        assert again.id == sent.id
 
 
 @pytest.mark.parametrize("loss", ["stream deleted", "group destroyed"])
@@ -348,14 +357,7 @@ async def test_a_message_whose_receiver_went_away_stays_pending_for_another_cons
                 await hook.left.wait()
             await anyio.sleep(0.1)  # the bridge would acknowledge it now
             assert await pending(redis_url, f"{prefix}:work", "g") == 1  # not acknowledged
-        async with RedisStreamsBridge(
-            other_bus, redis_url, consumer="other", claim_idle_sec=0.2, **options
-        ):
-            with anyio.fail_after(5):
-                got = await other.receive()
-            assert got.id == sent.id
-            await other.aack(got)
-            await settles(redis_url, f"{prefix}:work", "g")
+        assert (await taken_over(redis_url, prefix, "g", other_bus, other)).id == sent.id
 
 
 async def test_a_dead_lettered_message_is_kept_and_acknowledged(
