@@ -346,9 +346,9 @@ class RedisStreamsBridge:
                 await anyio.sleep(1.0)
 
     async def _await_receiver(self, probe: Message, stream: str) -> None:
-        waited, warned = 0.0, False
+        since, warned = anyio.current_time(), False
         while not self.bus.has_subscribers(probe):
-            if waited >= _NOBODY_WARN_SEC and not warned:
+            if not warned and anyio.current_time() - since >= _NOBODY_WARN_SEC:
                 warned = True
                 _log.warning(
                     "redis streams: nothing on the local bus receives %r; not reading %s "
@@ -357,7 +357,6 @@ class RedisStreamsBridge:
                     stream,
                 )
             await anyio.sleep(_NOBODY_POLL_SEC)
-            waited += _NOBODY_POLL_SEC
 
     async def _claim_idle(self, stream: str) -> None:
         start = "0-0"
