@@ -315,8 +315,7 @@ class RedisStreamsBridge:
         next_claim = anyio.current_time()
         lost = False
         while True:
-            if not self.bus.has_subscribers(probe):
-                await self._await_receiver(probe, stream)
+            await self._await_receiver(probe, stream)
             try:
                 if lost:
                     await self._create_group(stream)
@@ -346,6 +345,7 @@ class RedisStreamsBridge:
                 await anyio.sleep(1.0)
 
     async def _await_receiver(self, probe: Message, stream: str) -> None:
+        """Return once something on the bus receives ``probe``'s topic (at once, mostly)."""
         since, warned = anyio.current_time(), False
         while not self.bus.has_subscribers(probe):
             if not warned and anyio.current_time() - since >= _NOBODY_WARN_SEC:
