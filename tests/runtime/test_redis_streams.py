@@ -235,8 +235,20 @@ async def test_an_entry_a_dead_consumer_held_is_not_trimmed_by_the_traffic_after
     producer, dead_bus, live_bus = MessageBus(), MessageBus(), MessageBus()
     dead = dead_bus.subscribe("worker", topics=["work"], ack=True)
     live = live_bus.subscribe("worker", topics=["work"], ack=True)
-    options = {"import_topics": ["work"], "group": "g", "prefix": prefix, "maxlen": 5}
+    options = {"import_topics": ["work"], "group": "g", "prefix": prefix}
     stream = f"{prefix}:work"
+
+    async def traffic(numbers: range, *, left: int) -> None:
+        """Publish ``numbers`` through maxlen=5, a live consumer acknowledging them."""
+        async with (
+            RedisStreamsBridge(live_bus, redis_url, consumer="live", **options),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(acknowledge_all, live)
+            await publish_through(producer, numbers)
+            await settles(redis_url, stream, "g", left=left)
+            tg.cancel_scope.cancel()
+
     async with RedisStreamsBridge(
         producer, redis_url, export_topics=["work"], prefix=prefix, maxlen=5
     ):
@@ -246,32 +258,14 @@ async def test_an_entry_a_dead_consumer_held_is_not_trimmed_by_the_traffic_after
             with anyio.fail_after(5):
                 assert (await dead.receive()).id == held.id
         # "dead" is gone holding it; 400 more pass (Redis trims whole nodes of 100)
-        async with (
-            RedisStreamsBridge(live_bus, redis_url, consumer="live", **options),
-            anyio.create_task_group() as tg,
-        ):
-            tg.start_soon(acknowledge_all, live)
-            await publish_through(producer, range(1, 401))
-            assert await stream_length(redis_url, stream) > 400
-            await settles(redis_url, stream, "g", left=1)  # the dead consumer's
-            tg.cancel_scope.cancel()
+        await traffic(range(1, 401), left=1)  # the dead consumer's
+        assert await stream_length(redis_url, stream) > 400
         taker_bus = MessageBus()
         taker = taker_bus.subscribe("worker", topics=["work"], ack=True)
-        async with RedisStreamsBridge(
-            taker_bus, redis_url, consumer="taker", claim_idle_sec=0.2, **options
-        ):
-            with anyio.fail_after(5):
-                again = await taker.receive()
-            assert again.id == held.id
-            await taker.aack(again)
-            await settles(redis_url, stream, "g")
-            # acknowledged at last: the next exports trim the stream back down
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(acknowledge_all, taker)
-                await publish_through(producer, range(401, 501))
-                await settles(redis_url, stream, "g")
-                tg.cancel_scope.cancel()
-            assert await stream_length(redis_url, stream) < 250
+        assert (await taken_over(redis_url, prefix, "g", taker_bus, taker)).id == held.id
+        # acknowledged at last: the next exports trim the stream back down
+        await traffic(range(401, 501), left=0)
+        assert await stream_length(redis_url, stream) < 250
 
 
 async def test_an_entry_deleted_before_it_was_acknowledged_is_logged_when_claimed(
