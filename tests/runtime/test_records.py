@@ -116,6 +116,12 @@ async def test_the_first_consumer_to_record_a_message_or_a_step_wins() -> None:
     theirs = await log.aappend(again, [UpdateTask("t1", "failed")])
     assert theirs == mine
     assert theirs.steps[1].decisions == (UpdateTask("t1", "completed"),)
+    # and observations: a late consumer's never replace a step's, nor drop later steps
+    assert await log.aobserve(again, [{"result": "late"}]) == mine
+    fresh = await log.acreate("a", [m[3]], [InvokeTool("look", {})])
+    observed = await log.aobserve(fresh, [{"result": "first"}])
+    assert await log.aobserve(fresh, [{"result": "second"}]) == observed
+    assert await log.afind("a", m[3:]) == ([Found(observed, (m[3],))], [])
 
 
 def test_log_needs_a_store_and_a_retention() -> None:

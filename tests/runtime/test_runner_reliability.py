@@ -406,6 +406,64 @@ async def test_messages_two_consumers_handle_at_once_have_the_first_recorded_eff
     await store.aclose()
 
 
+async def test_a_consumer_replaying_a_tool_step_keeps_the_steps_recorded_after_it(
+    store: Store,
+) -> None:
+    # The second consumer replays the first's recorded tool call and runs the tool
+    # itself while the first observes, decides its reply and records it. Before, the
+    # second's observations overwrote the whole record, dropping the first's reply step,
+    # so the second decided and sent a reply of its own: two replies to one message.
+    identity = Identity()
+    m = Message(sender="github", topics=["in"], payload={"n": 1})
+    sent: list[Message] = []
+    first_calling, second_calling, replied = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def outbox(message: Message) -> None:
+        sent.append(message)
+        replied.set()
+
+    def steps(by: str) -> Any:
+        def respond(_n: int, messages: list[Message], observations: Any) -> Any:
+            if observations is None:
+                return [InvokeTool("look", {}, call_id="c1")]
+            seen = observations[0]["result"]
+            return [SendMessage(Message(sender="llm", topics=[OUT], payload={by: seen}))]
+
+        return respond
+
+    async def first_look() -> str:
+        first_calling.set()
+        await second_calling.wait()
+        return "first"
+
+    async def second_look() -> str:
+        second_calling.set()
+        await replied.wait()  # the first has recorded and sent its reply meanwhile
+        return "second"
+
+    agents = []
+    for look, by in ((first_look, "first"), (second_look, "second")):
+        registry = ToolRegistry()
+        registry.register(look, name="look")
+        agents.append(Script(steps(by), registry, name="llm", identity=identity))
+    buses = [MessageBus(), MessageBus()]
+    for bus in buses:
+        bus.add_sink(OUT, outbox)
+    one = AgentRunner(buses[0], [agents[0]], topics={"llm": ["in"]}, store=store)
+    two = AgentRunner(buses[1], [agents[1]], topics={"llm": ["in"]}, store=store)
+    async with one, two:
+        await buses[0].publish(m)
+        with anyio.fail_after(5):
+            await first_calling.wait()  # step 0 recorded: the second replays it
+        await buses[1].publish(m)
+        await idle(one)
+        await idle(two)
+    assert {x.id for x in sent} == {sent[0].id}  # one reply, maybe sent twice
+    assert sent[0].payload == {"first": "first"}
+    assert agents[1].calls == []  # the second decided nothing: both steps replayed
+    await store.aclose()
+
+
 async def test_failure_after_recording_retries_without_calling_the_model_again(
     store: Store,
 ) -> None:

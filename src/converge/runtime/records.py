@@ -286,12 +286,30 @@ class DecisionLog:
     async def aobserve(
         self, record: DecisionRecord, observations: Sequence[dict[str, Any]]
     ) -> DecisionRecord:
-        """Record the tool observations of the last step."""
+        """Record the tool observations of the last step.
+
+        First writer wins here too: if the stored record has observations for that step
+        already, or a later step (another consumer ran the same tools and went on), it
+        is returned and nothing is written.
+        """
         last = record.steps[-1]
         steps = (*record.steps[:-1], Step(last.decisions, tuple(_jsonable(list(observations)))))
         updated = replace(record, steps=steps)
-        await self.store.aput(record.key, updated.to_json(), ttl=self.retention)
-        return updated
+        data = _checked(updated)
+        ids = [m.id for m in record.messages]
+        step = len(record.steps) - 1
+
+        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
+            earlier = _same_batch(record.key, current.get(record.key), ids)
+            if earlier is not None and (
+                len(earlier.steps) > step + 1
+                or (len(earlier.steps) == step + 1 and earlier.steps[step].observations is not None)
+            ):
+                return {}, earlier
+            return {record.key: data}, None
+
+        earlier = await self.store.aupdate([record.key], write, ttl=self.retention)
+        return updated if earlier is None else earlier
 
 
 def _same_batch(key: str, data: object, ids: list[str]) -> DecisionRecord | None:

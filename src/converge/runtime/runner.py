@@ -142,7 +142,8 @@ class AgentRunner:
     deduplicate by message id (the outbox does). The first record of a message wins:
     a runner that decided messages another consumer recorded meanwhile (both were
     handed them, one claimed from the other) replays that record instead of executing
-    its own decisions, and decides again only the messages nobody recorded.
+    its own decisions, and decides again only the messages nobody recorded; likewise
+    the first tool observations recorded for a step are the ones the next step sees.
 
     A failure is retried (``retry``, an :class:`~converge.runtime.AgentRetry`): a rate
     limit with ``retry_after`` waits and runs the batch again (the agent keeps its queued
@@ -563,6 +564,8 @@ class AgentRunner:
                 return
             if known is None:
                 await self._observe(part, fresh)
+                if part.record is not None:  # ours, or another consumer's recorded first
+                    fresh = list(part.record.steps[index].observations or fresh)
             observations.extend(fresh)
             index += 1
 
