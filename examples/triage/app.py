@@ -57,6 +57,7 @@ __all__ = [
     "amain",
     "main",
     "parse_args",
+    "process_bus",
 ]
 
 ADMIN_TOKEN_ENV = "TRIAGE_ADMIN_TOKEN"
@@ -184,6 +185,17 @@ async def _signals(stop: anyio.Event) -> None:
             return
 
 
+def process_bus(limiter: RateLimiter, role: str) -> MessageBus:
+    """This process's bus: replies wait for the rate where they are decided, only there.
+
+    A gateway process publishes again on its own bus the replies the agent processes
+    sent it: throttling them there too would take a second token per reply from the
+    deployment's one bucket (half the rate) and stall its outbox import meanwhile.
+    """
+    deciding = role in ("all", "agents")
+    return MessageBus(hooks=[ThrottledReplies(limiter)] if deciding else [])
+
+
 def _bridge(
     bus: MessageBus, url: str | None, role: str, claim_idle_sec: float
 ) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -259,7 +271,7 @@ async def amain(args: argparse.Namespace) -> int:
         store=store if redis_url else None,
         global_config=TokenBucketConfig(capacity=args.burst, refill_tokens_per_sec=args.rate),
     )
-    bus = MessageBus(hooks=[ThrottledReplies(limiter)])
+    bus = process_bus(limiter, args.role)
     stop = anyio.Event()
     async with store, httpx2.AsyncClient() as client:
         await seed_rules(store, DEFAULT_RULES)

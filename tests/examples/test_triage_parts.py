@@ -9,9 +9,11 @@ import json
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from examples.triage.agent import DEFAULT_RULES, build_agent, seed_rules, select_provider
+from examples.triage.app import process_bus
 from examples.triage.hops import Hop, HopDisplay
 from examples.triage.secrets import AGENT_KEY_ENV, KEY_ENV, aload_secrets
 from triage_helpers import CHAT_SECRET, Chat
@@ -24,6 +26,7 @@ from converge.extensions.connectors import sign_webhook
 from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOPIC
 from converge.extensions.llm import AnthropicProvider, MistralProvider, OpenAIProvider
 from converge.extensions.llm.testing import FunctionProvider
+from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
 from converge.extensions.storage import MemoryStore
 
 
@@ -158,3 +161,25 @@ async def test_the_agent_identity_is_sealed_once_and_kept_across_restarts(tmp_pa
     assert (await aload_secrets(tmp_path, env)).agent.fingerprint == (
         await aload_secrets(tmp_path, shared)
     ).agent.fingerprint
+
+
+@pytest.mark.anyio
+async def test_a_reply_takes_one_token_of_the_deployments_rate_not_one_per_process() -> None:
+    # Agents and gateway in processes of their own share one bucket (a store). The
+    # gateway's bus used to throttle again the replies its bridge imported: each reply
+    # took two tokens, so --rate 20 gave 10 replies/s, and the import stalled meanwhile.
+    limiter = RateLimiter(
+        store=MemoryStore(),
+        global_config=TokenBucketConfig(capacity=1, refill_tokens_per_sec=0.001),
+    )
+    agents, gateway = process_bus(limiter, "agents"), process_bus(limiter, "gateway")
+    reply = Message(sender="agent", topics=[OUTBOUND_TOPIC], payload={"text": "hi"})
+    agents_out = agents.subscribe("out", topics=[OUTBOUND_TOPIC])
+    gateway_out = gateway.subscribe("out", topics=[OUTBOUND_TOPIC])
+    with anyio.fail_after(2):
+        assert await agents.publish(reply) == 1  # the bucket's one token
+        assert await gateway.publish(reply) == 1  # imported: no second token
+        assert (await agents_out.receive()).id == (await gateway_out.receive()).id
+    with anyio.move_on_after(0.3) as waited:
+        await process_bus(limiter, "all").publish(reply)  # deciding: waits for a token
+    assert waited.cancelled_caught
