@@ -208,6 +208,26 @@ async def test_sink_is_awaited_before_publish_returns_and_counts_as_a_receiver()
     assert await bus.publish(msg(None, "bridge.webhook.outbound")) == 1
 
 
+async def test_a_sink_added_as_a_bound_method_is_removed_by_the_same_method() -> None:
+    # obj.write is a new object on every access: removing by identity removed nothing,
+    # so a RedisStreamsBridge kept exporting through its closed client after its exit.
+    class Writer:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        async def write(self, message: Message) -> None:
+            self.written.append(message.id)
+
+    bus = MessageBus()
+    writer, other = Writer(), Writer()
+    bus.add_sink("out", writer.write)
+    bus.add_sink("out", other.write)
+    bus.remove_sink(writer.write)
+    m = msg(None, "out")
+    assert await bus.publish(m) == 1
+    assert (writer.written, other.written) == ([], [m.id])
+
+
 async def test_failing_sink_raises_from_publish_and_delivers_nowhere() -> None:
     bus, rec = listening_bus()
 

@@ -95,6 +95,8 @@ async def test_a_message_crosses_to_another_bus_with_its_id_and_is_acked_after_i
         assert await pending(redis_url, importer.stream("work"), "workers") == 1
         await inbox.aack(got)
         await settles(redis_url, importer.stream("work"), "workers")
+    # a bridge that has exited exports nothing (it used to, through its closed client)
+    assert await here.publish(work(2)) == 0
 
 
 async def taken_over(

@@ -407,8 +407,12 @@ class MessageBus:
         self._sinks.append((patterns, handler))
 
     def remove_sink(self, handler: Sink) -> None:
-        """Remove every registration of ``handler`` (no error if there is none)."""
-        self._sinks = [(p, h) for p, h in self._sinks if h is not handler]
+        """Remove every registration of ``handler`` (no error if there is none).
+
+        A bound method matches the same method of the same object: ``obj.write`` makes a
+        new method object on every access.
+        """
+        self._sinks = [(p, h) for p, h in self._sinks if h != handler]
 
     def _match_sinks(self, message: Message) -> list[Sink]:
         if not self._sinks or not message.topics:

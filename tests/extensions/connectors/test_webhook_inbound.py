@@ -27,6 +27,7 @@ from converge.core.task import Task
 from converge.errors import ClosedError, StoreUnavailableError, UsageError
 from converge.extensions.connectors import (
     INBOUND_TOPIC,
+    OUTBOUND_TOPIC,
     InboundWebhookEvent,
     OutboundTarget,
     ProviderProfile,
@@ -158,6 +159,19 @@ async def test_events_go_to_an_attached_bus() -> None:
         assert (await post(c, "jobs", event_body()))[0] == 202
         carried = sub.receive_nowait()
         assert carried.task_id == carried.to_dict()["payload"]["task"]["id"]
+
+
+async def test_a_detached_connector_takes_no_more_outbound_messages_from_the_bus() -> None:
+    async with MessageBus() as bus:
+        c = connector(targets=[OutboundTarget("app", "http://127.0.0.1:9/events")])
+        reply = {"target": "app", "body": {"n": 1}}
+        c.attach_bus(bus)
+        c.attach_bus(bus)  # again: still one hand-off per message
+        assert await bus.publish(Message(sender="a", topics=[OUTBOUND_TOPIC], payload=reply)) == 1
+        assert await c.apending_count() == 1
+        c.attach_bus(None)
+        assert await bus.publish(Message(sender="a", topics=[OUTBOUND_TOPIC], payload=reply)) == 0
+        assert await c.apending_count() == 1
 
 
 async def test_a_full_bus_inbox_keeps_the_event_and_publishes_it_later() -> None:

@@ -414,6 +414,8 @@ class WebhookConnector:
         old = self._bus
         if old is not None and callable(getattr(old, "remove_ack_listener", None)):
             old.remove_ack_listener(self._ack_listener)  # type: ignore[attr-defined]
+        if old is not None and callable(getattr(old, "remove_sink", None)):
+            old.remove_sink(self.submit_outbound_message)  # type: ignore[attr-defined]
         self._bus = bus
         if bus is None:
             return
