@@ -320,7 +320,7 @@ async def amain(args: argparse.Namespace) -> int:
             else contextlib.nullcontext()
         )
         try:
-            async with runner, _bridge(bus, redis_url, args.role, args.claim_idle_sec):
+            async with _bridge(bus, redis_url, args.role, args.claim_idle_sec), runner:
                 if serving:
                     connector.attach_bus(bus)
                 async with anyio.create_task_group() as tg:
