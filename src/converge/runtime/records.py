@@ -269,19 +269,9 @@ class DecisionLog:
         First writer wins, as in :meth:`acreate`: if the stored record has that step
         already, it is returned and nothing is written.
         """
-        updated = replace(record, steps=(*record.steps, Step(tuple(decisions))))
-        data = _checked(updated)
-        ids = [m.id for m in record.messages]
-        step = len(record.steps)
-
-        def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
-            earlier = _same_batch(record.key, current.get(record.key), ids)
-            if earlier is not None and len(earlier.steps) > step:
-                return {}, earlier
-            return {record.key: data}, None
-
-        earlier = await self.store.aupdate([record.key], write, ttl=self.retention)
-        return updated if earlier is None else earlier
+        return await self._write_first(
+            record, replace(record, steps=(*record.steps, Step(tuple(decisions))))
+        )
 
     async def aobserve(
         self, record: DecisionRecord, observations: Sequence[dict[str, Any]]
@@ -294,22 +284,28 @@ class DecisionLog:
         """
         last = record.steps[-1]
         steps = (*record.steps[:-1], Step(last.decisions, tuple(_jsonable(list(observations)))))
-        updated = replace(record, steps=steps)
+        return await self._write_first(record, replace(record, steps=steps))
+
+    async def _write_first(self, record: DecisionRecord, updated: DecisionRecord) -> DecisionRecord:
+        """Store ``updated`` (``record`` one write further) unless the stored record of
+        the batch has got as far already (another consumer wrote first): return that."""
         data = _checked(updated)
         ids = [m.id for m in record.messages]
-        step = len(record.steps) - 1
 
         def write(current: dict[str, Any | None]) -> tuple[dict[str, Any], DecisionRecord | None]:
             earlier = _same_batch(record.key, current.get(record.key), ids)
-            if earlier is not None and (
-                len(earlier.steps) > step + 1
-                or (len(earlier.steps) == step + 1 and earlier.steps[step].observations is not None)
-            ):
+            if earlier is not None and _progress(earlier) >= _progress(updated):
                 return {}, earlier
             return {record.key: data}, None
 
         earlier = await self.store.aupdate([record.key], write, ttl=self.retention)
         return updated if earlier is None else earlier
+
+
+def _progress(record: DecisionRecord) -> tuple[int, bool]:
+    """How far a record has got: its steps, and whether the last has its observations."""
+    last = record.steps[-1] if record.steps else None
+    return len(record.steps), last is not None and last.observations is not None
 
 
 def _same_batch(key: str, data: object, ids: list[str]) -> DecisionRecord | None:
