@@ -125,6 +125,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=20.0, help="replies per second at most")
     parser.add_argument("--burst", type=float, default=10.0, help="replies in one burst at most")
     parser.add_argument("--lease-sec", type=float, default=5.0, help="inbox lease (redelivery)")
+    parser.add_argument(
+        "--stop-grace-sec",
+        type=float,
+        default=5.0,
+        help="on Ctrl-C / SIGTERM, seconds to finish the issues in hand (the rest wait)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--quiet", action="store_true", help="only the status line")
     parser.add_argument("--log-level", default="warning", help="converge log level (info: more)")
@@ -320,23 +326,35 @@ async def amain(args: argparse.Namespace) -> int:
             else contextlib.nullcontext()
         )
         try:
-            async with _bridge(bus, redis_url, args.role, args.claim_idle_sec), runner:
-                if serving:
-                    connector.attach_bus(bus)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_signals, stop)
-                    tg.start_soon(display.run)
-                    if serving and args.issues > 0:
-                        tg.start_soon(_demo, args, gateway_url, sealed.github, display, stop)
-                    async with anyio.create_task_group() as servers:  # until stop is set
-                        if receiver is not None and receiver_sock is not None:
-                            servers.start_soon(_serve, receiver, receiver_sock, stop, args.backend)
-                        if gateway_sock is not None:
-                            servers.start_soon(_serve, app, gateway_sock, stop, args.backend)
-                        else:
-                            await stop.wait()
-                    tg.cancel_scope.cancel()
-                connector.attach_bus(None)
+            async with _bridge(bus, redis_url, args.role, args.claim_idle_sec):
+                with anyio.CancelScope() as stopping:
+                    async with runner:
+                        if serving:
+                            connector.attach_bus(bus)
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(_signals, stop)
+                            tg.start_soon(display.run)
+                            if serving and args.issues > 0:
+                                tg.start_soon(
+                                    _demo, args, gateway_url, sealed.github, display, stop
+                                )
+                            async with anyio.create_task_group() as servers:  # until stop
+                                if receiver is not None and receiver_sock is not None:
+                                    servers.start_soon(
+                                        _serve, receiver, receiver_sock, stop, args.backend
+                                    )
+                                if gateway_sock is not None:
+                                    servers.start_soon(
+                                        _serve, app, gateway_sock, stop, args.backend
+                                    )
+                                else:
+                                    await stop.wait()
+                            tg.cancel_scope.cancel()
+                        connector.attach_bus(None)
+                        # The runner finishes what it holds for at most the grace period;
+                        # the rest is not acknowledged: the inbox (or Redis) hands it out
+                        # again on the next start.
+                        stopping.deadline = anyio.current_time() + args.stop_grace_sec
         finally:
             await connector.aclose()
             display.close()

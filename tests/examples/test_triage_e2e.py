@@ -108,6 +108,42 @@ def test_burst_of_50_with_sigkill_gets_exactly_one_reply_per_issue(
         chat.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sigterm_with_a_backlog_stops_within_the_grace_period_and_loses_nothing(
+    tmp_path: Path, backend: str
+) -> None:
+    # With a slow model the runner's inbox holds more than a stop can finish: it used
+    # to drain all of it (40 issues took over 30 s, past any supervisor's patience).
+    issues = 12
+    chat = Chat()
+    port = free_port()
+    slow = ["--model-delay", "0.3", "--stop-grace-sec", "1"]
+    app = TriageProcess(tmp_path, port, chat.url, backend=backend, options=slow)
+    try:
+        status = anyio.run(
+            lambda: asend_issues(
+                f"{app.url}/webhook/github", GITHUB_SECRET, list(range(1, issues + 1))
+            )
+        )
+        assert set(status.values()) == {202}, status
+        started = time.monotonic()
+        assert app.stop() == 0
+        stopped_in = time.monotonic() - started
+        assert stopped_in < 6, stopped_in  # 1 s of grace, then the servers' own stop
+        app = TriageProcess(tmp_path, port, chat.url, backend=backend, log="2")
+        deadline = time.monotonic() + 30
+        while len(chat.app.messages) < issues and time.monotonic() < deadline:
+            time.sleep(0.05)
+        by_issue = chat.by_issue()
+        assert sorted(by_issue) == list(range(1, issues + 1)), app.log.read_text()
+        assert all(len(keys) == 1 for keys in by_issue.values()), by_issue
+        print(f"\n[{backend}] SIGTERM with {issues} issues queued: stopped in {stopped_in:.1f} s")
+    finally:
+        app.stop()
+        chat.stop()
+
+
 def test_wrong_secret_is_rejected_and_gets_no_reply(tmp_path: Path) -> None:
     chat = Chat()
     app = TriageProcess(tmp_path, free_port(), chat.url)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,7 @@ class TriageProcess:
         log: str = "",
         store: str | None = None,
         role: str = "all",
+        options: Sequence[str] = (),
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"app{log}.log"
@@ -109,6 +111,7 @@ class TriageProcess:
         ]
         if store is not None:
             command += ["--store", store]
+        command += options  # later options win: --model-delay 0.3, ...
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(
             command, cwd=workdir, stdout=self._log_file, stderr=subprocess.STDOUT, env=app_env()
