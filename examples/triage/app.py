@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,19 @@ def process_bus(limiter: RateLimiter, role: str) -> MessageBus:
     return MessageBus(hooks=[ThrottledReplies(limiter)] if deciding else [])
 
 
+@contextlib.asynccontextmanager
+async def _stopping_within(
+    runner: contextlib.AbstractAsyncContextManager[Any], grace_sec: float
+) -> AsyncIterator[None]:
+    """Run ``runner`` for the block; at its end, let it finish what it holds for at most
+    ``grace_sec``, then cancel it: what it did not finish is not acknowledged, and the
+    inbox (or Redis) hands it out again on the next start."""
+    with anyio.CancelScope() as stopping:
+        async with runner:
+            yield
+            stopping.deadline = anyio.current_time() + grace_sec
+
+
 def _bridge(
     bus: MessageBus, url: str | None, role: str, claim_idle_sec: float
 ) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -326,35 +339,26 @@ async def amain(args: argparse.Namespace) -> int:
             else contextlib.nullcontext()
         )
         try:
-            async with _bridge(bus, redis_url, args.role, args.claim_idle_sec):
-                with anyio.CancelScope() as stopping:
-                    async with runner:
-                        if serving:
-                            connector.attach_bus(bus)
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(_signals, stop)
-                            tg.start_soon(display.run)
-                            if serving and args.issues > 0:
-                                tg.start_soon(
-                                    _demo, args, gateway_url, sealed.github, display, stop
-                                )
-                            async with anyio.create_task_group() as servers:  # until stop
-                                if receiver is not None and receiver_sock is not None:
-                                    servers.start_soon(
-                                        _serve, receiver, receiver_sock, stop, args.backend
-                                    )
-                                if gateway_sock is not None:
-                                    servers.start_soon(
-                                        _serve, app, gateway_sock, stop, args.backend
-                                    )
-                                else:
-                                    await stop.wait()
-                            tg.cancel_scope.cancel()
-                        connector.attach_bus(None)
-                        # The runner finishes what it holds for at most the grace period;
-                        # the rest is not acknowledged: the inbox (or Redis) hands it out
-                        # again on the next start.
-                        stopping.deadline = anyio.current_time() + args.stop_grace_sec
+            async with (
+                _bridge(bus, redis_url, args.role, args.claim_idle_sec),
+                _stopping_within(runner, args.stop_grace_sec),
+            ):
+                if serving:
+                    connector.attach_bus(bus)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_signals, stop)
+                    tg.start_soon(display.run)
+                    if serving and args.issues > 0:
+                        tg.start_soon(_demo, args, gateway_url, sealed.github, display, stop)
+                    async with anyio.create_task_group() as servers:  # until stop is set
+                        if receiver is not None and receiver_sock is not None:
+                            servers.start_soon(_serve, receiver, receiver_sock, stop, args.backend)
+                        if gateway_sock is not None:
+                            servers.start_soon(_serve, app, gateway_sock, stop, args.backend)
+                        else:
+                            await stop.wait()
+                    tg.cancel_scope.cancel()
+                connector.attach_bus(None)
         finally:
             await connector.aclose()
             display.close()
