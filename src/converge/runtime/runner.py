@@ -532,18 +532,14 @@ class AgentRunner:
         observations: list[dict[str, Any]] = []
         index = 0
         while True:
-            steps = part.record.steps if part.record is not None else ()
-            if index < len(steps):
-                decisions = list(steps[index].decisions)
-                known = steps[index].observations
-            else:
+            known: tuple[dict[str, Any], ...] | None = None
+            if part.record is None or index >= len(part.record.steps):
                 decisions = await self._decide(agent, part.messages, observations)
-                known = None
                 await self._record(agent, part, decisions)
-                if part.record is not None:
-                    # ours, or the step another consumer of the batch appended first
-                    step = part.record.steps[index]
-                    decisions, known = list(step.decisions), step.observations
+            if part.record is not None:
+                # recorded: a replay, ours, or the step another consumer appended first
+                step = part.record.steps[index]
+                decisions, known = list(step.decisions), step.observations
             calls = [d for d in decisions if isinstance(d, InvokeTool)]
             if calls and index >= self.max_tool_steps:
                 raise BudgetExceededError(
