@@ -310,9 +310,11 @@ def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None
 
                 accept()  # warm: the script is loaded once per server
                 before = redis_commands(server.url)
+                started = time.monotonic()
                 for _ in range(50):
                     accept()
                 after = redis_commands(server.url)
+                window = time.monotonic() - started
         finally:
             gateway.stop()
     # the claim and the inbox record: one read (MGET) and one compare-and-set (EVALSHA)
@@ -322,7 +324,10 @@ def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None
     in_scripts = {"get", "set", "del", "info", "hkeys", "hget", "hset", "hlen", "time"}
     in_scripts |= {"exists", "zadd", "zrem", "zrangebylex"}
     round_trips = sum(n for c, n in ran.items() if c not in in_scripts)
-    # Besides: the replica's own polls meanwhile, one listing script (EVALSHA) each.
-    assert ran.get("mget") == 50, ran
+    # Besides: the replica's own polls meanwhile, one listing script (EVALSHA) each, and
+    # its event-log trims (every 10 s: a counter read, MGET, and two listings), which
+    # CI's run at aed57da caught once inside the window.
+    trims = int(window // 10) + 1
+    assert 50 <= ran.get("mget", 0) <= 50 + trims, (ran, window)
     assert 50 <= ran.get("evalsha", 0) <= 60, ran
     assert round_trips - 100 <= 10, ran
