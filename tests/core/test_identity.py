@@ -85,6 +85,24 @@ def test_a_password_with_a_lone_surrogate_is_refused() -> None:
         Identity().to_pem("pw\ud800")  # raised UnicodeEncodeError
 
 
+def test_a_password_over_openssls_limit_is_refused_and_one_at_it_works() -> None:
+    ident = Identity()
+    with pytest.raises(UsageError, match="1023"):
+        ident.to_pem("p" * 1024)  # raised cryptography's ValueError
+    pem = ident.to_pem(b"p" * 1023)
+    assert Identity.from_pem(pem, b"p" * 1023).fingerprint == ident.fingerprint
+
+
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_a_file_that_cannot_be_written_raises_identity_error_and_leaves_nothing(
+    tmp_path: Path, where: str
+) -> None:
+    target = tmp_path if where == "a directory" else tmp_path / "missing" / "id.pem"
+    with pytest.raises(IdentityError, match="cannot write"):  # raised OSError
+        Identity().save(target, "pw")
+    assert list(tmp_path.iterdir()) == []
+
+
 BAD_PATHS = [5, "", "a\x00b", "a\ud800b"]  # TypeError, ..., ValueError, UnicodeEncodeError
 
 

@@ -50,6 +50,26 @@ def test_damaged_recorded_decisions_are_format_errors(data: Any) -> None:
 def test_decisions_to_json_refuses_non_decisions() -> None:
     with pytest.raises(UsageError):
         decisions_to_json([{"type": "SendMessage"}])  # type: ignore[list-item]
+    with pytest.raises(UsageError):
+        decisions_to_json(5)  # type: ignore[arg-type]  # raised TypeError
+
+
+@pytest.mark.parametrize(
+    ("agent_id", "messages"),
+    [("a", "m"), ("a", [5]), ("a", [None]), (7, [Message(sender="s", recipient="a")])],
+)
+async def test_finding_records_for_what_is_not_an_agent_id_and_messages_is_a_usage_error(
+    agent_id: Any, messages: Any
+) -> None:
+    log = DecisionLog(MemoryStore(), retention=60)
+    with pytest.raises(UsageError):  # raised AttributeError
+        await log.afind(agent_id, messages)
+    with pytest.raises(UsageError):
+        log.key(agent_id, messages[0])
+
+
+def test_a_record_key_takes_any_str_ids_even_lone_surrogates() -> None:
+    assert record_key("p:", "agent\udcff", "m") != record_key("p:", "agent", "m")
 
 
 def test_record_keys_are_hashes_of_agent_and_message_ids() -> None:

@@ -353,6 +353,11 @@ def test_invalid_runner_arguments_are_usage_errors(agents: Any, kwargs: dict[str
         AgentRunner(MessageBus(), agents, **kwargs)
 
 
+def test_a_dead_letter_bound_past_any_deques_length_means_no_bound() -> None:
+    runner = AgentRunner(MessageBus(), [Scripted("one")], max_dead_letters=2**70)  # OverflowError
+    assert runner.dead_letters == []
+
+
 def test_runner_needs_a_bus() -> None:
     with pytest.raises(UsageError):
         AgentRunner("bus", [Scripted("x")])  # type: ignore[arg-type]

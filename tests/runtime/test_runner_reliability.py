@@ -167,6 +167,9 @@ async def test_rate_limit_wait_is_real_time_by_default_and_capped() -> None:
 def test_retry_schedule_math() -> None:
     retry = AgentRetry(backoff=0.5, multiplier=3, max_backoff=5)
     assert [retry.delay(n) for n in (1, 2, 3, 4, 10_000)] == [0.5, 1.5, 4.5, 5, 5]
+    for attempt in ("2", None, 2.0, True):
+        with pytest.raises(UsageError):  # raised TypeError (or read True as 1)
+            retry.delay(attempt)  # type: ignore[arg-type]
     err = ProviderRateLimitError("x", retry_after=None)
     assert retry.retry_after(err) is None
     assert retry.retry_after(ProviderRateLimitError("x", retry_after=7200)) == 3600

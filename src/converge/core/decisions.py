@@ -155,8 +155,10 @@ def decisions_to_json(decisions: Iterable[Decision]) -> list[dict[str, Any]]:
     message ids (which receivers and the outbox deduplicate on).
 
     Raises:
-        UsageError: For something that is not a Decision.
+        UsageError: For something that is not a Decision, or ``decisions`` not iterable.
     """
+    if not isinstance(decisions, Iterable) or isinstance(decisions, str | bytes | Mapping):
+        raise UsageError(f"decisions must be an iterable of Decision, not {decisions!r:.80}")
     out = []
     for decision in decisions:
         if not isinstance(decision, Decision):

@@ -22,6 +22,7 @@ from converge.errors import IdentityError, UsageError, WrongPasswordError
 __all__ = ["Identity"]
 
 _BYTES = (bytes, bytearray, memoryview)
+_MAX_PASSWORD = 1023  # OpenSSL refuses longer passwords for PEM encryption
 
 
 class Identity:
@@ -119,6 +120,9 @@ class Identity:
         """Write the encrypted key to ``path`` atomically, readable by the owner only.
 
         Raises:
+            IdentityError: If the file cannot be written (nothing is left behind).
+            UsageError: For a password that is empty, not str or bytes, or over 1023
+                bytes.
             SyncInEventLoopError: On an event-loop thread; ``await`` :meth:`asave`.
         """
         _sync.check_sync_allowed("Identity.asave")
@@ -131,6 +135,13 @@ class Identity:
     def _save(self, path: str | os.PathLike[str], password: str | bytes) -> None:
         target = Path(path)
         data = self.to_pem(password)
+        try:
+            self._write(target, data)
+        except OSError as exc:
+            raise IdentityError(f"cannot write identity file {str(path)!r}: {exc}") from exc
+
+    @staticmethod
+    def _write(target: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -180,4 +191,6 @@ def _password_bytes(password: str | bytes) -> bytes:
             raise UsageError("password holds a lone surrogate: not valid Unicode") from None
     if not isinstance(password, bytes) or not password:
         raise UsageError("password must be a non-empty str or bytes")
+    if len(password) > _MAX_PASSWORD:
+        raise UsageError(f"password must be at most {_MAX_PASSWORD} bytes (OpenSSL's limit)")
     return password

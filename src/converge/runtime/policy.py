@@ -65,7 +65,13 @@ class AgentRetry:
             raise UsageError(f"multiplier must be >= 1, got {multiplier!r}")
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+        Raises:
+            UsageError: If ``attempt`` is not an integer.
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int):
+            raise UsageError(f"attempt must be an integer, got {attempt!r}")
         exponent = min(max(attempt - 1, 0), 64)  # large attempts: no float overflow
         return float(min(self.backoff * self.multiplier**exponent, self.max_backoff))
 

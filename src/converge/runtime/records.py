@@ -32,8 +32,8 @@ def record_key(prefix: str, agent_id: str, message_id: str) -> str:
 
     Hashed, so client-chosen message ids never reach the store's key space raw.
     """
-    digest = hashlib.sha256(f"{agent_id}\0{message_id}".encode()).hexdigest()[:40]
-    return f"{prefix}{digest}"
+    digest = hashlib.sha256(f"{agent_id}\0{message_id}".encode("utf-8", "surrogatepass"))
+    return f"{prefix}{digest.hexdigest()[:40]}"
 
 
 def _checked(record: DecisionRecord) -> dict[str, Any]:
@@ -167,7 +167,13 @@ class DecisionLog:
         self.retention = ttl
 
     def key(self, agent_id: str, message: Message) -> str:
-        """The key of ``agent_id``'s record or pointer for ``message``."""
+        """The key of ``agent_id``'s record or pointer for ``message``.
+
+        Raises:
+            UsageError: If ``agent_id`` is not a str or ``message`` not a Message.
+        """
+        if not isinstance(agent_id, str) or not isinstance(message, Message):
+            raise UsageError("key takes an agent id (str) and a Message")
         return record_key(self.prefix, agent_id, message.id)
 
     async def afind(
@@ -178,8 +184,17 @@ class DecisionLog:
         Returns:
             ``(found, fresh)``: the records covering some of ``messages`` (with the
             messages they cover), and the messages no record covers, in order.
+
+        Raises:
+            UsageError: If ``agent_id`` is not a str or ``messages`` not a sequence of
+                Message.
+            StoreError: The store failed.
         """
-        keys = {m.id: self.key(agent_id, m) for m in messages}
+        if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+            raise UsageError("messages must be a sequence of Message")
+        keys: dict[str, str] = {}
+        for message in messages:
+            keys[message.id] = self.key(agent_id, message)  # validates both
         values = await self._aread(list(dict.fromkeys(keys.values())))
         by_record: dict[str, list[Message]] = {}
         fresh: list[Message] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -239,7 +240,7 @@ class AgentRunner:
             raise UsageError("events must be a converge.core.events.EventEmitter or None")
         self.events = events
         self._dead: deque[DeadLetter] = deque(
-            maxlen=_check_int("max_dead_letters", max_dead_letters, 1)
+            maxlen=min(_check_int("max_dead_letters", max_dead_letters, 1), sys.maxsize)
         )
         topics = {} if topics is None else topics
         if not isinstance(topics, Mapping):

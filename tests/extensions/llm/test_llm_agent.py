@@ -80,6 +80,7 @@ def test_llm_agent_is_an_agent_named_after_its_identity() -> None:
         ((ScriptedProvider([]),), {"memory": []}),
         ((ScriptedProvider([]),), {"few_shot_examples": [("only one",)]}),
         ((ScriptedProvider([]),), {"few_shot_examples": [("a", 1)]}),
+        ((ScriptedProvider([]),), {"few_shot_examples": 5}),
         ((ScriptedProvider([]),), {"max_output_chars": 0}),
     ],
 )

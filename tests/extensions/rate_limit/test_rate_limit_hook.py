@@ -76,6 +76,18 @@ def test_on_error_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     assert "store down" in caplog.text
 
 
+@pytest.mark.parametrize("context", [None, "message", 7, ["message"]])
+def test_on_error_with_a_context_that_is_not_a_mapping_still_counts_and_logs(
+    context: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = hook_with(1)
+    with caplog.at_level(logging.WARNING, logger="converge.rate_limit"):
+        hook.on_error("post_receive", RuntimeError("store down"), context)
+    labels = {"stage": "post_receive"}
+    assert hook.metrics_collector.get("rate_limit_hook_errors_total", labels=labels) == 1
+    assert "for message ?: RuntimeError('store down')" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [(("limiter",), {}), ((None,), {}), (("ok",), {"metrics_collector": {}})],

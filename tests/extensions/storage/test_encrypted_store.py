@@ -189,6 +189,7 @@ async def test_sync_call_on_event_loop_names_the_wrapper(tmp_path: Path) -> None
         ((MemoryStore(), {"a": b"short"}), {}, CryptoValueError),
         ((MemoryStore(), {"a": K1, "b": K2}), {}, UsageError),
         ((MemoryStore(), {"a": K1}), {"active_key_id": "b"}, UsageError),
+        ((MemoryStore(), {"a": K1}), {"active_key_id": ["a"]}, UsageError),
         ((MemoryStore(), {"a": K1}), {"serializer": "yaml"}, UsageError),
     ],
 )

@@ -7,7 +7,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -190,6 +190,8 @@ class LLMAgent(Agent):
             and callable(getattr(memory, "get_messages", None))
         ):
             raise UsageError("memory must have append(role, content) and get_messages()")
+        if few_shot_examples is not None and not isinstance(few_shot_examples, Iterable):
+            raise UsageError("few_shot_examples must be a list of (user, assistant) pairs")
         examples = list(few_shot_examples or ())
         for pair in examples:
             if (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from converge.core.hooks import MessageHook
@@ -81,12 +82,13 @@ class RateLimitHook(MessageHook):
         """Count the failure in ``rate_limit_hook_errors_total{stage=...}`` and log it.
 
         The runtime drops the message; a limiter whose store is down therefore fails
-        closed.
+        closed. An error handler never raises: a ``context`` that is not a mapping is
+        read as one without a message.
         """
         self.metrics_collector.inc(
             _ERRORS, labels={"stage": stage}, help="RateLimitHook calls that raised."
         )
-        message = context.get("message")
+        message = context.get("message") if isinstance(context, Mapping) else None
         _log.warning(
             "rate-limit hook failed at %s for message %s: %r",
             stage,

@@ -140,7 +140,7 @@ class EncryptedStore(Store):
             if len(checked) != 1:
                 raise UsageError("active_key_id is required when several keys are configured")
             active_key_id = next(iter(checked))
-        elif active_key_id not in checked:
+        elif not isinstance(active_key_id, str) or active_key_id not in checked:
             raise UsageError(f"active_key_id {active_key_id!r} is not one of the keys")
         self._inner = inner
         self._keys = checked
