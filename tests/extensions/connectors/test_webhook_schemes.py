@@ -212,6 +212,9 @@ def test_bad_secrets_and_arguments_are_refused() -> None:
         sign_webhook("github", "s", "text")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         sign_webhook("github", "s", b"{}", timestamp=-1)
+    for event_id in ("id\udcff", "", "has space", "x" * 257, 5):  # the first: UnicodeEncodeError
+        with pytest.raises(UsageError, match="event_id"):
+            sign_webhook("standard-webhooks", "whsec_" + "QUJD" * 8, b"{}", event_id=event_id)  # type: ignore[arg-type]
 
 
 FORM = "application/x-www-form-urlencoded"

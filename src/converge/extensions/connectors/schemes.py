@@ -25,6 +25,7 @@ from converge.extensions.connectors.models import SCHEMES as _SCHEMES
 from converge.extensions.connectors.models import ProviderProfile
 
 __all__ = [
+    "EVENT_ID_RE",
     "SignedParts",
     "compute_signature",
     "decode_secret",
@@ -35,6 +36,8 @@ __all__ = [
     "signature_matches",
 ]
 
+# An event id a receiver accepts (and a sender may send): printable ASCII, 1-256 long.
+EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
 # Several signatures per header are allowed (secret rotation); more than this is abuse.
 _MAX_SIGNATURES = 16
 _TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?\Z")
@@ -325,7 +328,8 @@ def sign_webhook(
         timestamp: Unix seconds; now when None.
         event_id: For header-carried ids (Standard Webhooks ``webhook-id``, GitHub
             ``X-GitHub-Delivery``); a random one when None. Payload-carried ids (Stripe,
-            Slack, generic) live in the body and are ignored here.
+            Slack, generic) live in the body and are ignored here. At most 256
+            printable ASCII characters, as a receiver accepts.
 
     Returns:
         Header names and values to send along with ``Content-Type: application/json``.
@@ -347,6 +351,8 @@ def sign_webhook(
         timestamp = int(time.time())
     if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
         raise UsageError("timestamp must be a non-negative integer of Unix seconds")
+    if event_id is not None and (not isinstance(event_id, str) or not EVENT_ID_RE.match(event_id)):
+        raise UsageError("event_id must be 1-256 printable ASCII characters")
     ts = str(timestamp)
     scheme = profile.canonical_scheme
     key = decode_secret(profile.scheme, secret)

@@ -27,6 +27,7 @@ from converge.errors import (
 )
 from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
 from converge.extensions.connectors.schemes import (
+    EVENT_ID_RE,
     decode_secret,
     hmac_state,
     parse_signed_parts,
@@ -47,7 +48,6 @@ __all__ = [
 #: Deepest JSON nesting an inbound payload may have.
 MAX_JSON_DEPTH = 32
 
-_EVENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,256}\Z")
 # Headers a rejection carries besides its JSON body, by reason (RFC 9110: a 405 names
 # the methods allowed, a 415 for a content coding names the codings accepted).
 _REJECTION_HEADERS: dict[str, dict[str, str]] = {
@@ -548,7 +548,7 @@ class WebhookSecurity:
             return "sha256:" + hashlib.sha256(body).hexdigest()
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        if not isinstance(value, str) or not _EVENT_ID_RE.match(value):
+        if not isinstance(value, str) or not EVENT_ID_RE.match(value):
             raise _reject(400, "bad_event_id", "the event id must be 1-256 printable characters")
         return value
 
