@@ -439,6 +439,9 @@ async def test_bad_arguments_raise_usage_errors(backend: Store) -> None:
         q.new_id("")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="Record"):
         q.note_finished({"status": "acknowledged"})  # type: ignore[arg-type]
+    for exclude in (None, 5, b"id"):  # TypeError
+        with pytest.raises(UsageError, match="exclude"):
+            await q.alease("me", exclude=exclude)  # type: ignore[arg-type]
     assert await q.alist() == []
 
 

@@ -349,6 +349,8 @@ class DurableQueue:
         seconds = _positive("lease_sec", lease_sec)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UsageError("limit must be an integer >= 1")
+        if not isinstance(exclude, Collection) or isinstance(exclude, str | bytes):
+            raise UsageError("exclude must be a collection of record ids")
         prefix = self.keys.open_prefix
         now = await self.anow()
         waiting = self._not_before
