@@ -29,6 +29,20 @@ from converge.core.task import TaskState
 from converge.errors import ProviderRateLimitError, UsageError
 
 
+def deep_list(depth: int = 10000) -> list[object]:
+    deep: list[object] = []
+    for _ in range(depth):
+        deep = [deep]
+    return deep
+
+
+def deep_dict(depth: int = 10000) -> dict[str, object]:
+    deep: dict[str, object] = {}
+    for _ in range(depth):
+        deep = {"a": deep}
+    return deep
+
+
 def test_events_are_frozen_and_serialise_to_json() -> None:
     call = new_call_id()
     message = Message(sender="a", recipient="b", payload={"text": "hi"})
@@ -78,11 +92,46 @@ def test_events_are_frozen_and_serialise_to_json() -> None:
         lambda: CallFailed(error_type="E", error="m", final="yes"),
         lambda: ProgressEvent(at=float("nan")),
         lambda: ProgressEvent(source=3),
+        lambda: CallFailed.from_exception("boom"),
+        lambda: CallFailed.from_exception(deep_list()),  # str(): RecursionError
     ],
 )
 def test_invalid_event_fields_are_usage_errors(build: object) -> None:
     with pytest.raises(UsageError):
         build()  # type: ignore[operator]
+
+
+def test_to_dict_survives_values_too_deep_to_repr() -> None:
+    # json.dumps failed with RecursionError, and so did the repr fallback.
+    result = ToolResult(tool_name="t", tool_call_id="c", result=deep_list()).to_dict()
+    assert result["result"] == "<unrepresentable list>"
+    invoked = ToolInvoked(tool_name="t", arguments=deep_dict(), tool_call_id="c").to_dict()
+    assert invoked["arguments"] == "<unrepresentable dict>"
+    json.dumps([result, invoked])
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize("exc", [BrokenStr(), ValueError(deep_list())])
+def test_from_exception_survives_an_exception_str_cannot_show(exc: Exception) -> None:
+    event = CallFailed.from_exception(exc, call_id="c")
+    assert event.error_type == type(exc).__name__
+    assert "str() failed" in event.error
+
+
+@pytest.mark.parametrize("event_type", [None, "TextDelta", int, TextDelta(call_id="c", text="")])
+def test_wants_and_accepts_refuse_what_is_not_an_event_class(event_type: object) -> None:
+    emitter = EventEmitter()
+    with pytest.raises(UsageError):  # checked even with no subscriber
+        emitter.wants(event_type)  # type: ignore[arg-type]
+    sub = emitter.subscribe(lambda e: None, types=TextDelta)  # issubclass raised TypeError
+    with pytest.raises(UsageError):
+        emitter.wants(event_type)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        sub.accepts(event_type)  # type: ignore[arg-type]
 
 
 def test_emit_without_listeners_is_a_noop() -> None:

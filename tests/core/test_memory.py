@@ -7,7 +7,15 @@ import threading
 import pytest
 
 from converge.core import ShortTermMemory
+from converge.core.memory import approximate_tokens
 from converge.errors import UsageError
+
+
+def deep_list(depth: int = 10000) -> list[object]:
+    deep: list[object] = []
+    for _ in range(depth):
+        deep = [deep]
+    return deep
 
 
 def roles(memory: ShortTermMemory) -> list[str]:
@@ -94,7 +102,15 @@ def test_get_messages_returns_copies() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "kwargs"), [((0,), {}), ((None, -1), {}), (("5",), {}), ((True,), {})]
+    ("args", "kwargs"),
+    [
+        ((0,), {}),
+        ((None, -1), {}),
+        (("5",), {}),
+        ((True,), {}),
+        ((), {"token_counter": None}),  # was accepted; append then raised TypeError
+        ((), {"token_counter": 5}),
+    ],
 )
 def test_invalid_bounds_are_refused(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
     with pytest.raises(UsageError):
@@ -109,6 +125,23 @@ def test_invalid_role_or_content_is_refused() -> None:
         mem.append(["user"], "x")  # type: ignore[arg-type]  # raised TypeError
     with pytest.raises(UsageError):
         mem.append("user", 5)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        mem.append(deep_list(), "x")  # type: ignore[arg-type]  # repr: RecursionError
+
+
+@pytest.mark.parametrize("text", [None, b"bytes", 5, ["x"]])
+def test_approximate_tokens_refuses_non_strings(text: object) -> None:
+    with pytest.raises(UsageError):
+        approximate_tokens(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("result", ["3", None, 1.5, True, -1])
+def test_token_counter_must_return_a_non_negative_int(result: object) -> None:
+    mem = ShortTermMemory(token_counter=lambda text: result)  # type: ignore[arg-type,return-value]
+    with pytest.raises(UsageError, match="token_counter"):
+        mem.append("user", "x")
+    assert len(mem) == 0
+    assert mem.token_count == 0
 
 
 def test_concurrent_appends_respect_the_bound() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from typing import Any, Literal
 
 import anyio
 import pytest
 
 from converge.core import ToolRegistry
+from converge.core.tools import schema_for_function
 from converge.errors import (
     SyncInEventLoopError,
     ToolArgumentError,
@@ -153,3 +156,96 @@ def test_registration_errors() -> None:
         reg.register(odd)
     with pytest.raises(UsageError):
         reg.register("not callable")  # type: ignore[arg-type]
+
+
+def unresolvable(x: Nope) -> None:  # type: ignore[name-defined]  # noqa: F821
+    """A hint that names nothing."""
+
+
+def described(x: int, y: str = "a") -> None:
+    """Do a thing.
+
+    Args:
+        x: The number.
+    """
+
+
+def deep_list(depth: int = 10000) -> list[object]:
+    deep: list[object] = []
+    for _ in range(depth):
+        deep = [deep]
+    return deep
+
+
+@pytest.mark.parametrize(
+    "func",
+    [unresolvable, int, functools.partial(print)],
+    ids=["unresolvable-hint", "no-signature", "partial-with-star-args"],
+)
+@pytest.mark.parametrize(
+    "describe",
+    [schema_for_function, lambda f: ToolRegistry().register(f, name="t")],
+    ids=["schema_for_function", "register"],
+)
+def test_undescribable_callables_are_usage_errors(
+    describe: Callable[[Any], object], func: Any
+) -> None:
+    # Raised NameError, ValueError (no signature) and TypeError (get_type_hints).
+    with pytest.raises(UsageError):
+        describe(func)
+
+
+def test_schema_for_function_refuses_a_non_callable() -> None:
+    with pytest.raises(UsageError, match="callable"):  # raised TypeError
+        schema_for_function(object())  # type: ignore[arg-type]
+
+
+def test_partial_needs_a_name_and_is_described_by_its_remaining_parameters() -> None:
+    reg = ToolRegistry()
+    with pytest.raises(UsageError, match="name="):  # raised AttributeError (__name__)
+        reg.register(functools.partial(described, y="b"))
+    tool = reg.register(functools.partial(described, y="b"), name="part")
+    assert tool.description == "Do a thing."
+    assert tool.parameters["required"] == ["x"]
+    assert tool.parameters["properties"]["x"] == {"type": "integer", "description": "The number."}
+    assert tool.parameters["properties"]["y"]["default"] == "b"
+    assert reg.invoke("part", {"x": 1}) is None
+
+
+def test_contains_takes_any_object() -> None:
+    assert "search" in registry
+    assert "nope" not in registry
+    assert [] not in registry  # raised TypeError (unhashable)
+
+
+class Unprintable(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def fails_unprintably() -> None:
+    """Always fails, with an exception repr cannot show."""
+    raise Unprintable
+
+
+def test_errors_about_unrepresentable_values_keep_their_type() -> None:
+    # Each message repr'd the value: RecursionError, or the RuntimeError of a bad repr.
+    deep = deep_list()
+    reg = ToolRegistry()
+    reg.register(fails_unprintably)
+    with pytest.raises(ToolExecutionError):
+        reg.invoke("fails_unprintably")
+    with pytest.raises(UnknownToolError):
+        reg.get(deep)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        reg.register(described, name=deep)  # type: ignore[arg-type]
+    with pytest.raises(ToolArgumentError):
+        registry.validate("convert", {"value": 1, "unit": deep})
+
+
+@pytest.mark.anyio
+async def test_ainvoke_error_of_an_unrepresentable_exception_keeps_its_type() -> None:
+    reg = ToolRegistry()
+    reg.register(fails_unprintably)
+    with pytest.raises(ToolExecutionError):
+        await reg.ainvoke("fails_unprintably")

@@ -21,10 +21,11 @@ Payload conventions (every event, see :meth:`ProgressEvent.to_dict`):
   ``at`` the wall-clock time in Unix seconds; ``call_id`` ties together every event of
   one model call (``CallStarted`` ... ``CallFinished`` or ``CallFailed``).
 * Values are JSON-ready: tool arguments and results as given (non-JSON values are
-  ``repr``'d by :meth:`~ProgressEvent.to_dict`), usage as a dict of token counts with
-  ``None`` for counts the provider did not report, errors as ``error_type`` (the class
-  name) plus ``error`` (the message), decisions as their :mod:`converge.core.decisions`
-  dicts.
+  ``repr``'d by :meth:`~ProgressEvent.to_dict`, or become ``"<unrepresentable T>"``
+  when even ``repr`` fails, e.g. nested too deep), usage as a dict of token counts
+  with ``None`` for counts the provider did not report, errors as ``error_type`` (the
+  class name) plus ``error`` (the message), decisions as their
+  :mod:`converge.core.decisions` dicts.
 * ``to_dict()`` adds ``"type"``: the event class name (``"TextDelta"``, ...).
 
 Everything here is synchronous and in memory (no I/O). Callbacks run inline in the
@@ -88,7 +89,10 @@ def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        return repr(value)
+        try:
+            return repr(value)
+        except Exception:  # RecursionError for deeply nested values, or a broken __repr__
+            return f"<unrepresentable {type(value).__name__}>"
     return value
 
 
@@ -308,14 +312,29 @@ class CallFailed(ProgressEvent):
             source: The agent's id.
             call_id: The call it ended.
             final: Whether the agent gives up.
+
+        Raises:
+            UsageError: When ``exc`` is not an exception, or for a bad ``source``,
+                ``call_id`` or ``final``.
         """
+        if not isinstance(exc, BaseException):
+            raise UsageError("from_exception takes an exception")
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__, or RecursionError from nested arguments
+            message = f"<{type(exc).__name__}: str() failed>"
         return cls(
             source=source,
             error_type=type(exc).__name__,
-            error=str(exc),
+            error=message,
             call_id=call_id,
             final=final,
         )
+
+
+def _check_event_type(event_type: object) -> None:
+    if not (isinstance(event_type, type) and issubclass(event_type, ProgressEvent)):
+        raise UsageError("event_type must be a ProgressEvent subclass")
 
 
 EventCallback = Callable[[ProgressEvent], object]
@@ -342,11 +361,19 @@ class Subscription:
         self.dropped = 0
 
     def accepts(self, event_type: type[ProgressEvent]) -> bool:
-        """Whether events of ``event_type`` reach this subscriber."""
+        """Whether events of ``event_type`` reach this subscriber.
+
+        Raises:
+            UsageError: When ``event_type`` is not a :class:`ProgressEvent` subclass.
+        """
+        _check_event_type(event_type)
+        return self._accepts(event_type)
+
+    def _accepts(self, event_type: type[ProgressEvent]) -> bool:
         return self.types is None or issubclass(event_type, self.types)
 
     def _offer(self, event: ProgressEvent) -> None:
-        if not self.accepts(type(event)):
+        if not self._accepts(type(event)):
             return
         if not self._deliver(event):
             self.dropped += 1
@@ -553,8 +580,13 @@ class EventEmitter:
         return sub
 
     def wants(self, event_type: type[ProgressEvent]) -> bool:
-        """Whether any subscriber would receive events of ``event_type`` (cheap)."""
-        return any(s.accepts(event_type) for s in self._subs)
+        """Whether any subscriber would receive events of ``event_type`` (cheap).
+
+        Raises:
+            UsageError: When ``event_type`` is not a :class:`ProgressEvent` subclass.
+        """
+        _check_event_type(event_type)
+        return any(s._accepts(event_type) for s in self._subs)
 
     def emit(self, event: ProgressEvent) -> None:
         """Deliver ``event`` to every matching subscriber; never blocks, never raises.

@@ -14,7 +14,13 @@ _ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 def approximate_tokens(text: str) -> int:
-    """A cheap token estimate (about four characters a token)."""
+    """A cheap token estimate (about four characters a token).
+
+    Raises:
+        UsageError: When ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise UsageError("approximate_tokens takes a string")
     return len(text) // 4 + 1
 
 
@@ -31,7 +37,12 @@ class ShortTermMemory:
     Args:
         max_messages: Most non-system messages kept; None for no count bound.
         max_tokens: Token budget for non-system messages; None for no token bound.
-        token_counter: Counts a message's tokens; defaults to :func:`approximate_tokens`.
+        token_counter: Counts a message's tokens (a non-negative int); defaults to
+            :func:`approximate_tokens`.
+
+    Raises:
+        UsageError: For a bound that is not a positive integer or None, or a
+            non-callable ``token_counter``.
     """
 
     def __init__(
@@ -46,6 +57,8 @@ class ShortTermMemory:
                 isinstance(bound, bool) or not isinstance(bound, int) or bound < 1
             ):
                 raise UsageError(f"{label} must be a positive integer or None")
+        if not callable(token_counter):
+            raise UsageError("token_counter must be callable")
         self.max_messages = max_messages
         self.max_tokens = max_tokens
         self._count = token_counter
@@ -58,9 +71,12 @@ class ShortTermMemory:
         """Add a message; ``extra`` (e.g. ``tool_call_id``) is kept on the dict.
 
         Raises:
-            UsageError: For an unknown role or non-string content.
+            UsageError: For an unknown role, non-string content, or a ``token_counter``
+                that did not return a non-negative integer.
         """
-        if not isinstance(role, str) or role not in _ROLES:
+        if not isinstance(role, str):
+            raise UsageError(f"role must be a string, one of {sorted(_ROLES)}")
+        if role not in _ROLES:
             raise UsageError(f"unknown role {role!r}; one of {sorted(_ROLES)}")
         if not isinstance(content, str):
             raise UsageError("content must be a string")
@@ -70,6 +86,9 @@ class ShortTermMemory:
                 self._system.append(message)
                 return
             tokens = self._count(content)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                got = tokens if isinstance(tokens, int) else type(tokens).__name__
+                raise UsageError(f"token_counter must return a non-negative int, got {got}")
             self._turns.append((message, tokens))
             self._tokens += tokens
             self._trim()

@@ -24,6 +24,14 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}\Z")
 _JSON_TYPES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
+def _safe_repr(value: object) -> str:
+    """``repr(value)`` for an error message; a placeholder when repr itself fails."""
+    try:
+        return repr(value)
+    except Exception:  # RecursionError for deeply nested values, or a broken __repr__
+        return f"<{type(value).__name__} object>"
+
+
 @dataclass(frozen=True, slots=True)
 class Tool:
     """A registered tool.
@@ -107,16 +115,31 @@ def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
 def schema_for_function(func: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
     """Derive ``(description, parameters_schema)`` from ``func``'s hints and docstring.
 
+    A :func:`functools.partial` is described by its remaining parameters, with the
+    wrapped function's hints and docstring.
+
     Raises:
-        UsageError: For ``*args``/``**kwargs`` or parameter types with no JSON form.
+        UsageError: For a non-callable, a callable whose signature or type hints cannot
+            be read (no signature, an unresolvable annotation), ``*args``/``**kwargs``,
+            or parameter types with no JSON form.
     """
-    summary, docs = _docstring_parts(func.__doc__)
-    hints = typing.get_type_hints(func)
+    if not callable(func):
+        raise UsageError("a tool must be callable")
+    label = getattr(func, "__name__", None) or type(func).__name__
+    target = func.func if isinstance(func, functools.partial) else func
+    try:
+        signature = inspect.signature(func)
+        hints = typing.get_type_hints(target)
+    except Exception as exc:  # NameError, TypeError, ValueError, ... from user annotations
+        raise UsageError(
+            f"tool {label!r}: cannot read its signature and type hints ({_safe_repr(exc)})"
+        ) from exc
+    summary, docs = _docstring_parts(target.__doc__)
     properties: dict[str, Any] = {}
     required: list[str] = []
-    for name, param in inspect.signature(func).parameters.items():
+    for name, param in signature.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise UsageError(f"tool {func.__name__!r}: *args/**kwargs cannot be described")
+            raise UsageError(f"tool {label!r}: *args/**kwargs cannot be described")
         prop = _type_schema(hints.get(name, Any))
         if name in docs:
             prop["description"] = docs[name]
@@ -146,7 +169,7 @@ def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
                 errors.append(str(exc))
         raise ToolArgumentError(f"{path}: matches none of the allowed types ({'; '.join(errors)})")
     if "enum" in schema and value not in schema["enum"]:
-        raise ToolArgumentError(f"{path}: {value!r} is not one of {schema['enum']}")
+        raise ToolArgumentError(f"{path}: {_safe_repr(value)} is not one of {schema['enum']}")
     kind = schema.get("type")
     ok = {
         None: True,
@@ -178,9 +201,9 @@ def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
             if key in props:
                 _check(item, props[key], f"{path}.{key}")
             elif schema.get("additionalProperties") is False:
-                raise ToolArgumentError(f"{path}: unexpected parameter {key!r}")
+                raise ToolArgumentError(f"{path}: unexpected parameter {_safe_repr(key)}")
             elif isinstance(schema.get("additionalProperties"), Mapping):
-                _check(item, schema["additionalProperties"], f"{path}[{key!r}]")
+                _check(item, schema["additionalProperties"], f"{path}[{_safe_repr(key)}]")
 
 
 class ToolRegistry:
@@ -204,14 +227,19 @@ class ToolRegistry:
         """Register ``func`` and return its :class:`Tool`.
 
         Raises:
-            UsageError: For an invalid or duplicate name, or an undescribable signature.
+            UsageError: For a non-callable, an invalid or duplicate name, no ``name`` for
+                a callable without ``__name__`` (a :func:`functools.partial`), or an
+                undescribable signature.
         """
         if not callable(func):
             raise UsageError("a tool must be callable")
-        tool_name = name or func.__name__
+        tool_name = name or getattr(func, "__name__", None)
+        if tool_name is None:
+            raise UsageError("give name= for a callable without __name__")
         if not isinstance(tool_name, str) or not _NAME_RE.match(tool_name):
             raise UsageError(
-                f"invalid tool name {tool_name!r}: letters, digits, '_' or '-', at most 64"
+                f"invalid tool name {_safe_repr(tool_name)}: "
+                "letters, digits, '_' or '-', at most 64"
             )
         if tool_name in self._tools:
             raise UsageError(f"a tool named {tool_name!r} is already registered")
@@ -253,10 +281,12 @@ class ToolRegistry:
             return self._tools[name]
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._tools)) or "none"
-            raise UnknownToolError(f"unknown tool {name!r} (registered: {known})") from None
+            raise UnknownToolError(
+                f"unknown tool {_safe_repr(name)} (registered: {known})"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tools
+        return isinstance(name, str) and name in self._tools
 
     def __iter__(self) -> Iterator[Tool]:
         return iter(self._tools.values())
@@ -310,7 +340,7 @@ class ToolRegistry:
                 return await result
             return result
         except Exception as exc:
-            raise ToolExecutionError(f"tool {name!r} failed: {exc!r}") from exc
+            raise ToolExecutionError(f"tool {name!r} failed: {_safe_repr(exc)}") from exc
 
     def invoke(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         """Synchronous form of :meth:`ainvoke` (sync tools are called directly)."""
@@ -322,4 +352,4 @@ class ToolRegistry:
         try:
             return tool.func(**params)
         except Exception as exc:
-            raise ToolExecutionError(f"tool {name!r} failed: {exc!r}") from exc
+            raise ToolExecutionError(f"tool {name!r} failed: {_safe_repr(exc)}") from exc
