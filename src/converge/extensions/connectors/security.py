@@ -26,8 +26,8 @@ from converge.errors import (
     WebhookSecurityError,
 )
 from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
+from converge.extensions.connectors.schemes import EVENT_ID_RE as _EVENT_ID_RE
 from converge.extensions.connectors.schemes import (
-    EVENT_ID_RE,
     decode_secret,
     hmac_state,
     parse_signed_parts,
@@ -548,7 +548,7 @@ class WebhookSecurity:
             return "sha256:" + hashlib.sha256(body).hexdigest()
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        if not isinstance(value, str) or not EVENT_ID_RE.match(value):
+        if not isinstance(value, str) or not _EVENT_ID_RE.match(value):
             raise _reject(400, "bad_event_id", "the event id must be 1-256 printable characters")
         return value
 
