@@ -30,7 +30,14 @@ from converge.errors import (
     SyncInEventLoopError,
     UsageError,
 )
-from converge.extensions.llm import LLMAgent, Usage, decisions_tool
+from converge.extensions.llm import (
+    ChatResult,
+    LLMAgent,
+    ToolCall,
+    Usage,
+    arun_react,
+    decisions_tool,
+)
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
 
 pytestmark = pytest.mark.anyio
@@ -306,6 +313,155 @@ async def test_bad_adecide_arguments_raise_usage_error(
     with pytest.raises(UsageError):
         await LLMAgent(IDENTITY, provider).adecide(messages, tasks_, observations)
     assert provider.calls == []
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+DEEP = _nested(10_000)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"params": 5},
+        {"params": "xy"},
+        {"call_id": []},
+        {"call_id": 7},
+        {"tool_name": DEEP},
+        {"tool_name": ""},
+        {"step": "one"},
+        {"step": DEEP},
+    ],
+    ids=[
+        "params-int",
+        "params-str",
+        "call-id-list",
+        "call-id-int",
+        "name-deep",
+        "name-empty",
+        "step-str",
+        "step-deep",
+    ],
+)
+async def test_malformed_tool_observations_raise_usage_error(field: dict[str, Any]) -> None:
+    observation = {"tool_name": "t", "params": {}, "call_id": "c", "result": 1, **field}
+    provider = ScriptedProvider(["[]"])
+    agent = LLMAgent(IDENTITY, provider)
+    with pytest.raises(UsageError, match=rf"tool_observations\[0\]\['{next(iter(field))}'\]"):
+        agent.build_prompt([], [], [observation])
+    with pytest.raises(UsageError):
+        await agent.adecide([], [], [observation])
+    assert provider.calls == []
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("result", DEEP, "[[[[[[[[[...]]]]]]]]]"),
+        ("result", {"a": DEEP}, "{'a': [[[[[[[[...]]]]]]]]}"),
+        ("result", _BadRepr(), "<_BadRepr instance at"),
+        ("result", "half a pair: \ud800", "half a pair: \\ud800"),
+        ("error", DEEP, "Error: [[[[[[[[[...]]]]]]]]]"),
+    ],
+    ids=["deep", "deep-inside", "raising-repr", "lone-surrogate", "deep-error"],
+)
+async def test_tool_results_no_json_or_repr_can_show_are_sent_as_placeholders(
+    key: str, value: Any, shown: str
+) -> None:
+    # Tools return arbitrary data: the observation still reaches the model.
+    provider = ScriptedProvider(["[]"])
+    observation = {"tool_name": "t", "params": {}, "call_id": "c", key: value}
+    assert await LLMAgent(IDENTITY, provider).adecide([], [], [observation]) == []
+    result = provider.calls[0].messages[-1]
+    assert result["role"] == "tool"
+    assert shown in result["content"]
+
+
+async def test_a_react_tool_returning_deeply_nested_data_does_not_break_the_loop() -> None:
+    registry = ToolRegistry()
+
+    @registry.tool
+    def nest() -> list[Any]:
+        """Return something very deep."""
+        return DEEP
+
+    call = '[{"type": "InvokeTool", "tool_name": "nest", "params": {}}]'
+    provider = ScriptedProvider([call, "[]"])
+    agent = LLMAgent(IDENTITY, provider, tool_registry=registry)
+    result = await arun_react(agent, [], [])
+    assert result.steps == 2
+    assert "[[[[[[[[...]]]]]]]]" in provider.calls[1].messages[-1]["content"]
+
+
+async def test_memory_turns_no_provider_could_take_are_left_out() -> None:
+    memory = ShortTermMemory()
+    memory.append("tool", "orphan", tool_call_id=[])
+    memory.append("assistant", "", tool_calls=[{"id": [], "name": "t", "arguments": {}}])
+    memory.append("assistant", "", tool_calls=[{"id": "c2", "name": "t", "arguments": 5}])
+    memory.append("assistant", "", tool_calls=[{"id": "c1", "name": "t", "arguments": {}}])
+    memory.append("tool", "42", tool_call_id="c1", name=DEEP)
+    provider = ScriptedProvider(["[]"])
+    agent = LLMAgent(IDENTITY, provider, memory=memory)
+    history = agent.build_prompt([], [])[1:-1]
+    assert history == [
+        {"role": "user", "content": "Tool result: orphan"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": ""},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "name": "t", "arguments": {}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "name": None, "content": "42"},
+    ]
+    assert await agent.adecide([], []) == []  # and the provider takes them
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"decisions": {(1, 2): 1}}, {"decisions": DEEP}, {"decisions": [_BadRepr()]}],
+    ids=["tuple-keys", "deep", "raising-repr"],
+)
+async def test_structured_tool_arguments_no_json_can_hold_are_a_decision_parse_error(
+    arguments: dict[str, Any],
+) -> None:
+    def reply(call_id: str) -> ChatResult:
+        call = ToolCall(call_id, "emit_decisions", arguments)
+        return ChatResult("", tool_calls=(call,), stop_reason="tool_calls")
+
+    errors: list[Exception | str] = []
+    provider = ScriptedProvider([reply("i1"), reply("i2")])
+    agent = LLMAgent(IDENTITY, provider, use_structured_output=True, on_decide_error=errors.append)
+    assert await agent.adecide([], []) == []
+    assert [type(e) for e in errors] == [DecisionParseError, DecisionParseError]
+    call, answer = provider.calls[1].messages[-2:]  # re-asked as that call's tool result
+    assert call["tool_calls"][0]["id"] == "i1"
+    assert answer["role"] == "tool"
+    assert "not JSON data" in answer["content"]
+
+
+async def test_a_deeply_nested_non_text_reply_is_reported_and_re_asked() -> None:
+    class Deep:
+        async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+            seen.append(messages)
+            return DEEP
+
+    seen: list[list[dict[str, Any]]] = []
+    errors: list[Exception | str] = []
+    agent = LLMAgent(IDENTITY, Deep(), on_decide_error=errors.append)
+    assert await agent.adecide([], []) == []
+    assert [type(e) for e in errors] == [DecisionParseError, DecisionParseError]
+    assert seen[1][-2] == {"role": "assistant", "content": "[[[[[[[[[...]]]]]]]]]"}
 
 
 # -- providers of each shape -----------------------------------------------------------

@@ -419,3 +419,46 @@ def test_tool_call_ids_suit_every_api(registry: ToolRegistry) -> None:
     }
     assert len(ids) == 50
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids)  # Mistral's rule
+
+
+def _deep(depth: int = 10_000) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_render_turn_renders_tool_results_json_cannot_encode_as_their_repr() -> None:
+    # A tool may return anything: the agent keeps working, the model sees the repr.
+    observations = [
+        {"tool_name": "a", "result": {(1, 2): "a"}},
+        {(1, 2): "key", "tool_name": "b"},
+        {"tool_name": "c", "result": _deep()},
+        {"tool_name": "d", "result": {"x": _BadRepr(), (1,): 2}},
+        {"tool_name": "e", "result": {(1,): "x" * 50_000}},
+    ]
+    doc = json.loads(render_turn([], [], observations))
+    first, second, third, fourth, fifth = doc["tool_observations"]
+    assert first["result"] == "{(1, 2): 'a'}"
+    assert second == {"(1, 2)": "key", "tool_name": "b"}
+    assert third["result"].startswith("[[[")
+    assert len(third["result"]) < 100
+    assert fourth["result"].startswith("{")
+    assert fifth["result"].endswith("(truncated)")
+    assert len(fifth["result"]) < 9_000
+
+
+def test_render_turn_renders_task_fields_json_cannot_encode_as_their_repr() -> None:
+    plain = Task(objective="plain", id="t0", result={"ok": [1]})
+    deep = Task(objective="deep", id="t1", result=_deep())
+    keyed = Task(objective="keyed", id="t2", inputs={(1, 2): "a"})
+    doc = json.loads(render_turn([], [plain, deep, keyed]))
+    assert doc["tasks"][0] == plain.to_dict()
+    assert doc["tasks"][1]["objective"] == "deep"
+    assert doc["tasks"][1]["result"].startswith("[[[")
+    assert doc["tasks"][2]["inputs"] == "{(1, 2): 'a'}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,14 @@ from converge.errors import (
     ResponseTruncatedError,
     UsageError,
 )
-from converge.extensions.llm import ChatResult, FallbackProvider, LLMAgent, Usage
+from converge.extensions.llm import (
+    ChatResult,
+    FallbackProvider,
+    LimitedProvider,
+    LLMAgent,
+    ToolCall,
+    Usage,
+)
 from converge.extensions.llm.fallback import is_fallback_error
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
 
@@ -280,3 +288,34 @@ async def test_a_sync_provider_stuck_in_its_thread_lets_the_caller_go_when_cance
     finally:
         release.set()
     assert time.monotonic() - started < 3
+
+
+def _deep(depth: int = 10_000) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value", [math.nan, math.inf, object(), _deep()], ids=["nan", "inf", "object", "deep"]
+)
+async def test_structured_tool_arguments_without_json_are_a_malformed_response(
+    value: Any,
+) -> None:
+    # The arguments are the model's output: an unusable reply, not a Python error.
+    tool = {"name": "emit", "parameters": {"type": "object"}}
+    options = {"use_structured_output": True, "emit_decisions_tool": tool}
+    call = ToolCall("i", "emit", {"a": value})
+    reply = ChatResult("", tool_calls=(call,), stop_reason="tool_calls")
+    provider = FallbackProvider([ScriptedProvider([reply] * 2)])
+    with pytest.raises(ProviderResponseError, match=r"malformed response.*'emit'") as caught:
+        await provider.achat(MESSAGES, **options)
+    assert caught.value.status_code == 200
+    assert caught.value.provider == "FallbackProvider"
+    assert not is_fallback_error(caught.value)
+    with pytest.raises(ProviderResponseError, match="not JSON"):
+        provider.chat(MESSAGES, **options)
+    limited = LimitedProvider(ScriptedProvider([reply]))
+    with pytest.raises(ProviderResponseError, match="not JSON"):
+        await limited.achat(MESSAGES, **options)

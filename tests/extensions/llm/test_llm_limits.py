@@ -252,3 +252,56 @@ async def test_a_provider_that_cannot_stream_streams_its_answer_whole(fake: Fake
     stream = shared.chat_stream(MESSAGES)
     assert [d async for d in stream] == ["all at once"]
     assert stream.usage == Usage(None, None)
+
+
+def _deep(depth: int = 10_000) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("max_wait", [1e300, 2.0**62])
+async def test_a_max_wait_too_long_to_count_means_no_limit(max_wait: float) -> None:
+    # 1e300 s has no nanosecond count a float can hold: every call raised OverflowError.
+    for limits in ({"tokens_per_minute": 1000}, {"requests_per_minute": 10}):
+        shared = LimitedProvider(ScriptedProvider(["x"]), max_wait=max_wait, **limits)
+        assert shared.max_wait is None
+        assert await shared.achat(MESSAGES) == "x"
+    assert LimitedProvider(ScriptedProvider([]), max_wait=1e9).max_wait == 1e9
+
+
+def test_estimate_tokens_refuses_options_that_are_not_a_mapping() -> None:
+    with pytest.raises(UsageError, match="kwargs"):
+        estimate_tokens([], None)  # type: ignore[arg-type]
+
+
+def test_estimate_tokens_never_fails_on_malformed_messages() -> None:
+    deep = _deep()
+    calls = [{"role": "assistant", "content": "", "tool_calls": deep}]
+    assert estimate_tokens(calls, {}) == estimate_tokens([{"role": "assistant", "content": ""}], {})
+    parts = [{"type": "text", "text": deep}, {"type": "text", "text": "a" * 40}, "b" * 40]
+    assert 20 <= estimate_tokens([{"role": "user", "content": parts}], {}) <= 22
+    assert estimate_tokens(None, {"max_tokens": 5}) == 5
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "tool_calls": _deep()},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "name": "f", "arguments": {"a": _deep()}}],
+        },
+        {"role": "user", "content": [{"type": "text", "text": _deep()}]},
+        {"role": [], "content": "x"},
+    ],
+)
+async def test_malformed_messages_get_the_providers_usage_error(message: dict[str, Any]) -> None:
+    with pytest.raises(UsageError) as direct:
+        await ScriptedProvider(["x"]).achat([message])
+    shared = LimitedProvider(ScriptedProvider(["x"]), tokens_per_minute=1000)
+    with pytest.raises(UsageError) as wrapped:
+        await shared.achat([message])
+    assert str(wrapped.value) == str(direct.value)

@@ -118,6 +118,17 @@ async def test_structured_output_returns_tool_arguments_as_json(
     )
 
 
+@pytest.mark.parametrize("wire", [WIRES["anthropic"]], ids=["anthropic"])
+async def test_structured_output_whose_arguments_have_no_json_form_is_a_bad_response(
+    provider: SDKProvider, wire: Wire, server: FakeLLMServer
+) -> None:
+    # Anthropic's SDK parses a tool's input (Python's json reads NaN) and converge encodes
+    # it again: a ValueError escaped. OpenAI and Mistral hand back the text as received.
+    server.push(wire.tool("emit_decisions", '{"decisions": NaN}'))
+    with pytest.raises(ProviderResponseError, match="not JSON"):
+        await provider.achat(MESSAGES, use_structured_output=True, emit_decisions_tool=TOOL)
+
+
 async def test_structured_output_falls_back_to_text_when_model_does_not_call_the_tool(
     provider: SDKProvider, wire: Wire, server: FakeLLMServer
 ) -> None:
@@ -521,6 +532,19 @@ async def test_structured_output_is_not_streamed(provider: SDKProvider) -> None:
     [
         {"model": ""},
         {"base_url": "ftp://example"},
+        {"base_url": "http://127.0.0.1:99999"},
+        {"base_url": "http://h:abc"},
+        {"base_url": "http://h:0/v1"},
+        {"base_url": "http://[::1"},
+        {"base_url": "http:///v1"},
+        {"base_url": "http://999.1.1.1/v1"},
+        {"base_url": "http://\udcff/"},
+        {"base_url": "http://127.0.0.1:9/?q=\udcff"},
+        {"base_url": "http://h/v1\n"},
+        {"api_key": "caf\u00e9"},
+        {"api_key": "\udcff"},
+        {"api_key": "key\n"},
+        {"api_key": "k\r\nx-evil: 1"},
         {"timeout": 0},
         {"timeout": float("nan")},
         {"max_retries": -1},
@@ -535,6 +559,44 @@ async def test_bad_constructor_arguments_raise_usage_error(
     kwargs.setdefault("api_key", "k")
     with pytest.raises(UsageError):
         wire.cls(**kwargs)
+
+
+async def test_a_key_from_the_environment_that_no_header_can_carry_is_a_configuration_error(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(wire.env_var, "secret\u00e9")
+    with pytest.raises(ConfigurationError, match=wire.env_var) as caught:
+        wire.cls()
+    assert "secret" not in str(caught.value)
+
+
+async def test_a_timeout_past_30_days_is_taken_as_30_days(
+    wire: Wire, server: FakeLLMServer
+) -> None:
+    # 2**70 s overflowed the clock of the HTTP library (Mistral's sync client on trio).
+    provider = wire.provider(server, timeout=2**70, max_retries=0)
+    try:
+        assert provider.timeout == 30 * 86_400
+        server.push(wire.chat("Hi there"))
+        assert await provider.achat(MESSAGES) == "Hi there"
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": -1}, {"type": "json_schema", "json_schema": 1}],
+)
+async def test_arguments_the_mistral_sdk_refuses_raise_usage_error_before_any_request(
+    server: FakeLLMServer, response_format: dict[str, Any]
+) -> None:
+    provider = WIRES["mistral"].provider(server, max_retries=3)
+    try:
+        with pytest.raises(UsageError, match="SDK refused the request's arguments"):
+            await provider.achat(MESSAGES, response_format=response_format)
+    finally:
+        await provider.aclose()
+    assert server.requests == []
 
 
 async def test_api_key_is_not_in_the_repr(provider: SDKProvider) -> None:

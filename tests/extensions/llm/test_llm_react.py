@@ -273,3 +273,35 @@ async def test_usage_nobody_reported_stays_unknown(registry: ToolRegistry) -> No
     )
     result = await arun_react(LLMAgent(IDENTITY, provider, tool_registry=registry), [], task())
     assert result.usage == Usage(None, None)
+
+
+@pytest.mark.parametrize(("messages", "tasks"), [(None, []), ([], None), ([], 5)])
+async def test_messages_and_tasks_that_are_not_lists_raise_usage_error(
+    registry: ToolRegistry, messages: Any, tasks: Any
+) -> None:
+    agent = LLMAgent(IDENTITY, ScriptedProvider([FINAL]), tool_registry=registry)
+    with pytest.raises(UsageError, match="must be a list"):
+        await arun_react(agent, messages, tasks)
+    assert agent.provider.remaining == 1  # refused before any step
+
+
+def test_run_react_refuses_messages_that_are_not_a_list(registry: ToolRegistry) -> None:
+    agent = LLMAgent(IDENTITY, ScriptedProvider([FINAL]), tool_registry=registry)
+    try:
+        with pytest.raises(UsageError, match="messages must be a list"):
+            run_react(agent, None, [])  # type: ignore[arg-type]
+    finally:
+        agent.close()
+
+
+async def test_every_step_sees_tasks_given_as_an_iterator(registry: ToolRegistry) -> None:
+    seen: list[str] = []
+
+    def reply(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        seen.append(next(m["content"] for m in messages if m["role"] == "user"))
+        return FINAL if len(seen) > 1 else invoke("add", a=1, b=2)
+
+    agent = LLMAgent(IDENTITY, FunctionProvider(reply), tool_registry=registry)
+    result = await arun_react(agent, [], iter(task()))
+    assert result.steps == 2
+    assert all("compute" in text for text in seen)

@@ -169,3 +169,55 @@ def test_the_property_can_fail() -> None:
         _sendable(ChatRequest(messages=plain, model="m", tools=(nan,)))
     with pytest.raises(h11.LocalProtocolError):
         _sendable(ChatRequest(messages=plain, model="m", extra_headers={"x-a": "v\r\nx: y"}))
+
+
+def _deep(depth: int = 10_000) -> list[Any]:
+    """A list nested ``depth`` deep: past what ``json`` can encode (or Python can recurse)."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": [], "content": "x"},
+        {"role": {}, "content": "x"},
+        {"role": _deep(), "content": "x"},
+        {"role": "user", "content": [{"type": []}]},
+        {"role": "user", "content": [{"type": _deep()}]},
+        {"role": "user", "content": [{"type": "image", "data": "aGk=", "media_type": []}]},
+    ],
+)
+def test_an_unhashable_role_part_type_or_media_type_is_a_usage_error(
+    message: dict[str, Any],
+) -> None:
+    with pytest.raises(UsageError, match="must be"):
+        build_request([message], {}, default_model="m")
+
+
+def test_tool_call_arguments_nested_too_deeply_are_a_usage_error() -> None:
+    call = {"id": "c", "name": "f", "arguments": {"a": _deep()}}
+    for calls in ([call], [ToolCall("c", "f", {"a": _deep()})]):
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        with pytest.raises(UsageError, match=r"tool_calls.*nested too deeply"):
+            build_request([message], {}, default_model="m")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tools": [{"name": "f", "parameters": {"type": "object", "properties": _deep()}}]},
+        {
+            "use_structured_output": True,
+            "emit_decisions_tool": {"name": "e", "parameters": {"type": "object", "x": _deep()}},
+        },
+        {"response_format": {"type": "json_object", "x": _deep()}},
+        {"thinking": {"x": _deep()}},
+        {"extra_body": {"x": _deep()}},
+    ],
+)
+def test_options_nested_too_deeply_are_a_usage_error(options: dict[str, Any]) -> None:
+    with pytest.raises(UsageError, match="nested too deeply"):
+        build_request([{"role": "user", "content": "hi"}], options, default_model="m")

@@ -303,3 +303,33 @@ def test_stop_reason_and_model_are_checked() -> None:
         FunctionProvider(lambda m, **k: "", stop_reason="tired")
     with pytest.raises(UsageError):
         ScriptedProvider([], model="")
+
+
+@pytest.mark.parametrize("replies", [object(), None, 42, "one reply", b"[]"])
+def test_a_script_that_is_not_a_list_of_replies_is_a_usage_error(replies: Any) -> None:
+    with pytest.raises(UsageError, match="replies must be a list"):
+        ScriptedProvider(replies)
+
+
+def _deep(depth: int = 10_000) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [({"a": object()}, "JSON cannot encode"), ({"a": _deep()}, "nested too deeply")],
+)
+async def test_a_scripted_tool_call_whose_arguments_have_no_json_is_a_usage_error(
+    arguments: dict[str, Any], match: str
+) -> None:
+    from converge.extensions.llm import ToolCall
+
+    call = ToolCall("c", "emit", arguments)
+    provider = ScriptedProvider([ChatResult("", tool_calls=(call,), stop_reason="tool_calls")] * 2)
+    with pytest.raises(UsageError, match=match):
+        await provider.achat(MESSAGES)
+    with pytest.raises(UsageError, match=match):
+        provider.chat(MESSAGES)

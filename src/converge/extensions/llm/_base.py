@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+import httpx
 
 from converge import _sync
 from converge._numbers import positive_float
@@ -34,6 +34,7 @@ from converge.errors import (
     ResponseIncompleteError,
     UsageError,
 )
+from converge.extensions.llm._calls import arguments_text
 from converge.extensions.llm._errors import bad_response, check_result, incomplete
 from converge.extensions.llm._request import ChatRequest, build_request
 from converge.extensions.llm._retry import Failure, RetryPolicy, acall_with_retry
@@ -67,6 +68,21 @@ def import_sdk(module: str, extra: str) -> ModuleType:
 
 
 _MAX_COUNT = 2**63 - 1
+
+_MAX_TIMEOUT = 30 * 86_400.0
+"""Longest per-attempt ``timeout``, in seconds (30 days); a longer one is taken as this.
+
+Far longer values overflow the clocks the SDKs' HTTP libraries compute deadlines with.
+"""
+
+_KEY_CHARS = "{} must be printable ASCII without surrounding spaces (it is sent in a header)"
+
+
+def _header_safe(value: str) -> bool:
+    """Whether ``value`` can be an HTTP header value as is: printable ASCII, not starting
+    or ending with a space (a key pasted with its line break is refused here, not by the
+    HTTP library at the first call)."""
+    return value.isascii() and value.isprintable() and value == value.strip()
 
 
 def count(value: Any) -> int | None:
@@ -211,10 +227,8 @@ class SDKProvider:
         self._sdk = import_sdk(self.sdk_module, self.extra)
         if not isinstance(model, str) or not model:
             raise UsageError("model must be a non-empty string")
-        if base_url is not None and (
-            not isinstance(base_url, str) or not base_url.startswith(("http://", "https://"))
-        ):
-            raise UsageError("base_url must be an http:// or https:// URL")
+        if base_url is not None:
+            self._check_base_url(base_url)
         if timeout is not None and positive_float(timeout) is None:
             raise UsageError("timeout must be a positive number of seconds or None")
         if retry_policy is None:
@@ -227,6 +241,8 @@ class SDKProvider:
             retry_policy = dataclasses.replace(retry_policy, max_retries=max_retries)
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise UsageError("api_key must be a non-empty string")
+        if api_key is not None and not _header_safe(api_key):
+            raise UsageError(_KEY_CHARS.format("api_key"))
         if telemetry is not None and not isinstance(telemetry, Telemetry):
             raise UsageError("telemetry must be a converge.extensions.llm.telemetry.Telemetry")
         if metrics_collector is not None and not isinstance(metrics_collector, MetricsCollector):
@@ -238,9 +254,11 @@ class SDKProvider:
                     f"no {self.provider_name} API key: pass api_key=... or set {self.env_var} "
                     "(local servers that ignore keys still need a placeholder)"
                 )
+            if not _header_safe(api_key):
+                raise ConfigurationError(_KEY_CHARS.format(self.env_var))
         self.model = model
         self.base_url = base_url
-        self.timeout = float(timeout) if timeout is not None else None
+        self.timeout = min(float(timeout), _MAX_TIMEOUT) if timeout is not None else None
         self.retry_policy = retry_policy
         self.telemetry = (telemetry or default_telemetry()).with_collector(metrics_collector)
         self.last_usage: Usage | None = None
@@ -260,6 +278,26 @@ class SDKProvider:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
+
+    def _check_base_url(self, base_url: Any) -> None:
+        """Refuse a ``base_url`` no request could be sent to (before any client exists)."""
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise UsageError("base_url must be an http:// or https:// URL")
+        if not base_url.isprintable():  # control characters, lone surrogates
+            raise UsageError("base_url holds a control character or a lone surrogate")
+        try:
+            url = urllib.parse.urlsplit(base_url)
+            port = url.port
+        except ValueError as exc:  # a bad port, an unclosed IPv6 bracket
+            raise UsageError(f"base_url is not a valid URL: {exc}") from None
+        if not url.hostname:
+            raise UsageError("base_url has no host")
+        if port == 0:
+            raise UsageError("base_url's port must be from 1 to 65535")
+        try:  # httpx (the SDKs' HTTP libraries fork it) has the last word: IDNA, IPv4 forms
+            httpx.URL(base_url)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UsageError(f"base_url is not a valid URL: {exc}") from None
 
     # -- hooks for subclasses ----------------------------------------------------------
 
@@ -478,9 +516,7 @@ class SDKProvider:
         if request.tool is not None:
             for call in result.tool_calls:
                 if call.name == request.tool.name:
-                    if call.raw_arguments is not None:
-                        return call.raw_arguments, result.usage
-                    return json.dumps(call.arguments, allow_nan=False), result.usage
+                    return arguments_text(call, self.provider_name), result.usage
         return result.text, result.usage
 
     def chat_stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatStream:

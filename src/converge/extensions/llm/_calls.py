@@ -17,8 +17,8 @@ from typing import Any
 import anyio.to_thread
 
 from converge.errors import UsageError
-from converge.extensions.llm._errors import check_result
-from converge.extensions.llm.protocol import ChatResult, Usage
+from converge.extensions.llm._errors import bad_response, check_result
+from converge.extensions.llm.protocol import ChatResult, ToolCall, Usage
 from converge.extensions.llm.stream import ChatStream
 
 __all__ = [
@@ -97,9 +97,21 @@ def complete_with(
     return _wrap(chat(messages, **kwargs), getattr(provider, "last_usage", None))
 
 
-def result_text(result: ChatResult, kwargs: Mapping[str, Any]) -> str:
+def result_text(
+    result: ChatResult, kwargs: Mapping[str, Any], *, provider: str = "provider"
+) -> str:
     """What ``achat`` returns for ``result``: the forced structured-output tool call's
-    arguments as JSON when there is one, else the text."""
+    arguments as JSON when there is one, else the text.
+
+    Args:
+        result: The call's result.
+        kwargs: The call's options (the structured-output ones are read).
+        provider: Provider name for the error.
+
+    Raises:
+        ProviderResponseError: When the tool call's arguments (the model's output) have
+            no JSON form: NaN or infinity, nesting too deep, or values JSON cannot encode.
+    """
     tool = kwargs.get("emit_decisions_tool")
     if kwargs.get("use_structured_output") and isinstance(tool, Mapping):
         name = tool.get("name")
@@ -107,10 +119,26 @@ def result_text(result: ChatResult, kwargs: Mapping[str, Any]) -> str:
             name = tool["function"].get("name")
         for call in result.tool_calls:
             if call.name == name:
-                if call.raw_arguments is not None:
-                    return call.raw_arguments
-                return json.dumps(call.arguments, allow_nan=False)
+                return arguments_text(call, provider)
     return result.text
+
+
+def arguments_text(call: ToolCall, provider: str) -> str:
+    """A tool call's arguments as JSON text: as received when kept, else encoded.
+
+    Raises:
+        ProviderResponseError: When the arguments (the model's output) have no JSON
+            form: NaN or infinity, nesting too deep, or values JSON cannot encode.
+    """
+    if call.raw_arguments is not None:
+        return call.raw_arguments
+    try:
+        return json.dumps(call.arguments, allow_nan=False)
+    except RecursionError:
+        reason = "nested too deeply"
+    except (TypeError, ValueError) as exc:
+        reason = str(exc)
+    raise bad_response(provider, f"the arguments of tool call {call.name!r} are not JSON: {reason}")
 
 
 def stream_with(provider: Any, messages: Any, kwargs: Mapping[str, Any]) -> Any:
@@ -154,10 +182,14 @@ class ResultSurface:
         Args:
             messages: As for :meth:`acomplete`.
             **kwargs: As for :meth:`acomplete` (``allow_partial`` included).
+
+        Raises:
+            ProviderResponseError: When the structured-output tool call's arguments have
+                no JSON form (see :func:`result_text`).
         """
         allow_partial = pop_allow_partial(kwargs)
         result = await self.acomplete(messages, allow_partial=allow_partial, **kwargs)
-        return result_text(result, kwargs), result.usage
+        return result_text(result, kwargs, provider=type(self).__name__), result.usage
 
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Like :meth:`acomplete`, returning the text (or the structured tool call's

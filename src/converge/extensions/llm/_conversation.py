@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from converge.core.decisions import Decision, InvokeTool, SendMessage
 from converge.core.message import Message
 from converge.core.task import Task
+from converge.errors import UsageError
 from converge.extensions.llm.decisions_json import EMIT_DECISIONS_TOOL, render_turn
 
 __all__ = [
     "PARTS_KEY",
     "assistant_turn",
+    "check_observations",
     "memory_decisions",
     "observation_turns",
     "reask_turns",
+    "safe_repr",
     "user_turn",
 ]
 
@@ -33,8 +37,45 @@ _RESULT_CHARS = 8_000
 _ECHO_CHARS = 4_000
 
 
+# Renders values no JSON or repr() can show (nested thousands deep, a raising __repr__):
+# depth and width bounded, a placeholder for what its repr() cannot give.
+_SAFE_REPR = reprlib.Repr()
+_SAFE_REPR.maxlevel = 8
+_SAFE_REPR.maxstring = _SAFE_REPR.maxother = 200
+_SAFE_REPR.maxlist = _SAFE_REPR.maxtuple = _SAFE_REPR.maxdict = 50
+_SAFE_REPR.maxset = _SAFE_REPR.maxfrozenset = _SAFE_REPR.maxdeque = 50
+
+
 def _clip(text: str, cap: int) -> str:
-    return text if len(text) <= cap else text[:cap] + "...(truncated)"
+    text = text if len(text) <= cap else text[:cap] + "...(truncated)"
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates no request can carry
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def safe_repr(value: Any) -> str:
+    """``repr(value)``, or a bounded rendering when that fails (too deep, a raising
+    ``__repr__``): model output and tool results are arbitrary data."""
+    try:
+        return repr(value)
+    except Exception:  # RecursionError included
+        return _SAFE_REPR.repr(value)
+
+
+def _text(value: Any) -> str:
+    """A tool result (or error) as text: JSON when it is JSON data, else its repr."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except RecursionError:  # repr() would recurse as deep
+        return _SAFE_REPR.repr(value)
+    except (TypeError, ValueError):
+        return safe_repr(value)
 
 
 def memory_decisions(decisions: Sequence[Decision]) -> list[dict[str, Any]]:
@@ -77,22 +118,15 @@ def assistant_turn(decisions: Sequence[Decision]) -> dict[str, Any]:
 
 def _result_text(observation: Mapping[str, Any]) -> str:
     if "error" in observation:
-        return _clip(f"Error: {observation['error']}", _RESULT_CHARS)
-    result = observation.get("result")
-    if isinstance(result, str):
-        return _clip(result, _RESULT_CHARS)
-    try:
-        text = json.dumps(result, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        text = repr(result)
-    return _clip(text, _RESULT_CHARS)
+        return _clip(f"Error: {_text(observation['error'])}", _RESULT_CHARS)
+    return _clip(_text(observation.get("result")), _RESULT_CHARS)
 
 
 def _tool_message(observation: Mapping[str, Any], call_id: str) -> dict[str, Any]:
     return {
         "role": "tool",
         "tool_call_id": call_id,
-        "name": str(observation.get("tool_name", "")),
+        "name": observation.get("tool_name", ""),
         "content": _result_text(observation),
     }
 
@@ -100,6 +134,36 @@ def _tool_message(observation: Mapping[str, Any], call_id: str) -> dict[str, Any
 def _call_id(observation: Mapping[str, Any], index: int) -> str:
     call_id = observation.get("call_id")
     return call_id if isinstance(call_id, str) and call_id else f"call_{index}"
+
+
+def check_observations(observations: Any) -> list[Mapping[str, Any]]:
+    """``tool_observations`` as a list, its fields checked (results and errors are the
+    tools' data, rendered whatever they are).
+
+    Raises:
+        UsageError: For a field of the wrong type.
+    """
+    if observations is None:
+        return []
+    if not isinstance(observations, list | tuple):
+        raise UsageError("tool_observations must be a list of dicts or None")
+    for i, obs in enumerate(observations):
+        where = f"tool_observations[{i}]"
+        if not isinstance(obs, Mapping):
+            raise UsageError("tool_observations must be a list of dicts or None")
+        name = obs.get("tool_name")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"{where}['tool_name'] must be a non-empty string")
+        params = obs.get("params")
+        if params is not None and not isinstance(params, Mapping):
+            raise UsageError(f"{where}['params'] must be a dict or None")
+        call_id = obs.get("call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise UsageError(f"{where}['call_id'] must be a string or None")
+        step = obs.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise UsageError(f"{where}['step'] must be an integer or None")
+    return list(observations)
 
 
 def observation_turns(
@@ -132,7 +196,7 @@ def observation_turns(
         calls = [
             {
                 "id": call_id,
-                "name": str(obs.get("tool_name", "")),
+                "name": obs["tool_name"],
                 "arguments": dict(obs.get("params") or {}),
             }
             for obs, call_id in group

@@ -170,14 +170,23 @@ def _text(where: str, text: str) -> str:
 
 def _json(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
     """``value`` as a dict if it can be sent as JSON: nothing ``json`` cannot encode, no
-    NaN or infinity, no lone surrogate (the SDKs would fail to encode the request)."""
+    NaN or infinity, no lone surrogate (the SDKs would fail to encode the request), no
+    nesting too deep to encode."""
     try:
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError(f"{where} holds a lone surrogate: not valid Unicode") from None
+    except RecursionError:
+        raise UsageError(f"{where} cannot be sent as JSON: nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where} cannot be sent as JSON: {exc}") from None
     return dict(value)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message: a string or None as its repr, anything else by its
+    type's name (its repr may be huge, or fail)."""
+    return repr(value) if value is None or isinstance(value, str) else type(value).__name__
 
 
 def _part(where: str, part: Any) -> dict[str, Any]:
@@ -186,8 +195,10 @@ def _part(where: str, part: Any) -> dict[str, Any]:
     if not isinstance(part, Mapping):
         raise UsageError(f"{where} must be a dict or a string")
     kind = part.get("type")
-    if kind not in _PART_TYPES:
-        raise UsageError(f"{where}['type'] must be one of {sorted(_PART_TYPES)}, not {kind!r}")
+    if not isinstance(kind, str) or kind not in _PART_TYPES:
+        raise UsageError(
+            f"{where}['type'] must be one of {sorted(_PART_TYPES)}, not {_shown(kind)}"
+        )
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
@@ -204,7 +215,7 @@ def _part(where: str, part: Any) -> dict[str, Any]:
     else:
         out["data"] = _base64(where, data)
         media_type = part.get("media_type")
-        if kind == "image" and media_type not in _IMAGE_TYPES:
+        if kind == "image" and (not isinstance(media_type, str) or media_type not in _IMAGE_TYPES):
             raise UsageError(f"{where}['media_type'] must be one of {sorted(_IMAGE_TYPES)}")
         if kind == "document" and media_type != "application/pdf":
             raise UsageError(f"{where}['media_type'] must be 'application/pdf'")
@@ -265,8 +276,8 @@ def _message(i: int, message: Any) -> dict[str, Any]:
     if not isinstance(message, Mapping):
         raise UsageError(f"{where} must be a dict, not {type(message).__name__}")
     role = message.get("role")
-    if role not in ROLES:
-        raise UsageError(f"{where}['role'] must be one of {sorted(ROLES)}, not {role!r}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise UsageError(f"{where}['role'] must be one of {sorted(ROLES)}, not {_shown(role)}")
     content = message.get("content")
     if type(content) is str and role in ("system", "user") and len(message) == 2:
         # the common case, without the detours

@@ -40,8 +40,10 @@ from converge.errors import (
 )
 from converge.extensions.llm._conversation import (
     assistant_turn,
+    check_observations,
     observation_turns,
     reask_turns,
+    safe_repr,
     user_turn,
 )
 from converge.extensions.llm._errors import incomplete
@@ -56,7 +58,7 @@ from converge.extensions.llm.decisions_json import (
     parse_decisions,
     system_prompt,
 )
-from converge.extensions.llm.protocol import ChatResult, Usage
+from converge.extensions.llm.protocol import ChatResult, ToolCall, Usage
 from converge.extensions.llm.telemetry import Telemetry, tool_span
 
 __all__ = ["DEFAULT_MAX_REASKS", "LLMAgent"]
@@ -92,6 +94,8 @@ class _Reply:
     stop_reason: str | None = None
     tool_call_id: str | None = None
     model: str | None = None
+    #: Why the answer is unreadable before parsing (its tool call's arguments).
+    error: DecisionParseError | None = None
 
 
 def _usage_dict(usage: Usage | None) -> dict[str, int | None]:
@@ -100,8 +104,32 @@ def _usage_dict(usage: Usage | None) -> dict[str, int | None]:
     return {f.name: getattr(usage, f.name) for f in fields(usage)}
 
 
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=repr)
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON (``repr`` for what JSON has no form for); None when even that
+    fails (keys that are not strings, nesting too deep, a raising ``__repr__``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=repr)
+    except Exception:  # RecursionError included
+        return None
+
+
+def _well_formed_call(call: Any) -> bool:
+    """Whether a remembered tool call is one a provider can be sent."""
+    if isinstance(call, ToolCall):
+        return all(isinstance(v, str) and v for v in (call.id, call.name))
+    return (
+        isinstance(call, Mapping)
+        and isinstance(call.get("id"), str)
+        and bool(call["id"])
+        and isinstance(call.get("name"), str)
+        and bool(call["name"])
+        and isinstance(call.get("arguments", {}), Mapping)
+    )
+
+
+def _id_of(call: Any) -> str:
+    """The id of a tool call :func:`_well_formed_call` accepted."""
+    return call.id if isinstance(call, ToolCall) else call["id"]
 
 
 def _add(total: Usage | None, usage: Usage | None) -> Usage | None:
@@ -228,27 +256,41 @@ class LLMAgent(Agent):
 
     def _history(self) -> list[dict[str, Any]]:
         """Memory turns as chat messages; a tool result whose call is not in the history
-        goes as user text (providers reject orphan tool messages)."""
+        goes as user text (providers reject orphan tool messages).
+
+        Memory is the caller's: what no provider could take is left out rather than
+        refused (a turn that is not a dict or whose content is not text, a tool call
+        without a string id and name or with arguments that are not a dict, a tool
+        result's id that is not a string; a ``name`` that is not a string is dropped).
+        """
         out: list[dict[str, Any]] = []
         if self.memory is None:
             return out
-        called: set[Any] = set()
+        called: set[str] = set()
         for turn in self.memory.get_messages():
+            if not isinstance(turn, Mapping):
+                continue
             role, content = turn.get("role"), turn.get("content")
-            if not isinstance(content, str):
+            if not isinstance(content, str) or not isinstance(role, str):
                 continue
             calls = turn.get("tool_calls")
             if role == "assistant" and isinstance(calls, list) and calls:
-                called.update(c.get("id") for c in calls if isinstance(c, Mapping))
-                out.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+                calls = [c for c in calls if _well_formed_call(c)]
+                if calls:
+                    called.update(_id_of(c) for c in calls)
+                    out.append(
+                        {"role": "assistant", "content": content or None, "tool_calls": calls}
+                    )
+                else:
+                    out.append({"role": "assistant", "content": content})
             elif role == "tool":
-                call_id = turn.get("tool_call_id")
-                if call_id in called:
+                call_id, name = turn.get("tool_call_id"), turn.get("name")
+                if isinstance(call_id, str) and call_id in called:
                     out.append(
                         {
                             "role": "tool",
                             "tool_call_id": call_id,
-                            "name": str(turn.get("name", "")),
+                            "name": name if isinstance(name, str) and name else None,
                             "content": content,
                         }
                     )
@@ -265,11 +307,7 @@ class LLMAgent(Agent):
         tool_observations: Sequence[Mapping[str, Any]] | None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The prompt, and the new turns to remember (text-only, memory's form)."""
-        if tool_observations is not None and (
-            not isinstance(tool_observations, list | tuple)
-            or not all(isinstance(o, Mapping) for o in tool_observations)
-        ):
-            raise UsageError("tool_observations must be a list of dicts or None")
+        observations = check_observations(tool_observations)
         turn, turn_text = user_turn(messages, tasks)
         prompt: list[dict[str, Any]] = [
             {
@@ -287,14 +325,8 @@ class LLMAgent(Agent):
             prompt.append({"role": "assistant", "content": assistant})
         history = self._history()
         prompt.extend(history)
-        observations = list(tool_observations or ())
         ids = [o.get("call_id") for o in observations]
-        called = {
-            c.get("id")
-            for m in history
-            for c in (m.get("tool_calls") or ())
-            if isinstance(c, Mapping)
-        }
+        called = {_id_of(c) for m in history for c in (m.get("tool_calls") or ())}
         answered = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
         if observations and all(i in called for i in ids):
             # A ReAct step whose calls memory already holds: only the new results.
@@ -321,10 +353,14 @@ class LLMAgent(Agent):
                 (images, documents) is sent as native content parts.
             tasks: Task updates or assignments.
             tool_observations: Results of earlier ``InvokeTool`` decisions, sent as native
-                assistant ``tool_calls`` and ``tool`` messages.
+                assistant ``tool_calls`` and ``tool`` messages. A ``result`` or ``error``
+                may be any data (what neither JSON nor ``repr`` can show, e.g. nesting
+                thousands deep, is sent as a bounded rendering).
 
         Raises:
-            UsageError: For arguments of the wrong type.
+            UsageError: For arguments of the wrong type, or an observation whose
+                ``tool_name`` is not a non-empty string, ``params`` not a dict,
+                ``call_id`` not a string or ``step`` not an integer.
         """
         return self._compose(messages, tasks, tool_observations)[0]
 
@@ -353,11 +389,18 @@ class LLMAgent(Agent):
         if self.use_structured_output:
             for call in result.tool_calls:
                 if call.name == _EMIT_DECISIONS_TOOL:
+                    call_id = call.id if isinstance(call.id, str) and call.id else None
                     text = call.raw_arguments
+                    unreadable = None
                     if text is None:
                         text = _json_text(call.arguments)
+                    if text is None:
+                        text = "{}"
+                        unreadable = DecisionParseError(
+                            f"the {_EMIT_DECISIONS_TOOL} call's arguments are not JSON data"
+                        )
                     return _Reply(
-                        text, result.usage, result.stop_reason, call.id or None, result.model
+                        text, result.usage, result.stop_reason, call_id, result.model, unreadable
                     )
         return _Reply(result.text, result.usage, result.stop_reason, None, result.model)
 
@@ -516,6 +559,8 @@ class LLMAgent(Agent):
                         )
                     )
                 try:
+                    if reply.error is not None:
+                        raise reply.error
                     decisions = parse_decisions(
                         reply.text,
                         sender=self.id,
@@ -529,7 +574,7 @@ class LLMAgent(Agent):
                     if final:
                         break
                     prompt = prompt + reask_turns(
-                        reply.text if isinstance(reply.text, str) else repr(reply.text),
+                        reply.text if isinstance(reply.text, str) else safe_repr(reply.text),
                         exc,
                         tool_call_id=reply.tool_call_id,
                         structured=self.use_structured_output,
@@ -559,7 +604,7 @@ class LLMAgent(Agent):
             if role == "tool":
                 self.memory.append("user", f"Tool result: {content}")
             else:
-                self.memory.append(role, content or _json_text(extra))
+                self.memory.append(role, content or _json_text(extra) or "")
 
     def decide(
         self,

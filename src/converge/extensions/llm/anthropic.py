@@ -227,7 +227,8 @@ class AnthropicProvider(SDKProvider):
         api_key: Anthropic API key. If None, uses the ``ANTHROPIC_API_KEY`` env var.
         model: Model name (e.g. claude-sonnet-4-20250514, claude-3-5-haiku).
         base_url: API root (a proxy or a compatible server).
-        timeout: Seconds per HTTP attempt (None: the SDK's default).
+        timeout: Seconds per HTTP attempt (None: the SDK's default; above 30 days, 30
+            days).
         max_retries: Retries after the first attempt (overrides ``retry_policy``'s).
         client: An ``anthropic.AsyncAnthropic`` to use instead of creating clients (no API
             key needed then; it is used from whatever loop calls, and not closed by us).
@@ -238,7 +239,10 @@ class AnthropicProvider(SDKProvider):
 
     Raises:
         MissingDependencyError: When the ``anthropic`` package is not installed.
-        ConfigurationError: When no API key is given or found (before any network call).
+        ConfigurationError: When no API key is given or found, or the environment's
+            cannot be sent in a header (before any network call).
+        UsageError: For a bad argument: ``base_url`` not an http(s) URL with a valid host
+            and port, ``api_key`` not printable ASCII, ...
     """
 
     provider_name = "anthropic"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -192,17 +193,49 @@ def decisions_tool(tool_registry: ToolRegistry | None = None) -> dict[str, Any]:
     }
 
 
+def _repr(value: Any) -> str:
+    """``repr(value)``, or a shortened one when that fails (nesting too deep, a broken
+    ``__repr__``): rendering arbitrary data never raises."""
+    try:
+        return repr(value)
+    except Exception:
+        try:
+            return reprlib.repr(value)
+        except Exception:
+            return f"<{type(value).__name__} object>"
+
+
+def _dumps(value: Any) -> str | None:
+    """``value`` as JSON text (other objects as their repr), or None when it has none: a
+    key that is not a string or number, nesting too deep."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=repr)
+    except Exception:  # TypeError, ValueError, RecursionError, or a __repr__'s own error
+        return None
+
+
 def _clip(value: Any) -> Any:
-    text = json.dumps(value, ensure_ascii=False, default=repr)
+    text = _dumps(value)
+    if text is None:
+        value = text = _repr(value)
     if len(text) <= _OBSERVATION_CHARS:
         return value if _is_json(value) else text
     return text[:_OBSERVATION_CHARS] + "...(truncated)"
 
 
+def _safe(value: Any) -> Any:
+    """``value`` if it renders as JSON, else its repr (as text)."""
+    return value if _dumps(value) is not None else _repr(value)
+
+
+def _key(key: Any) -> Any:
+    return key if isinstance(key, str | int | float | None) else _repr(key)
+
+
 def _is_json(value: Any) -> bool:
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return True
 
@@ -214,11 +247,18 @@ def render_turn(
 ) -> str:
     """The user turn: this batch's messages, tasks and tool observations as JSON.
 
+    Tool results and task inputs and results are arbitrary data, so rendering them never
+    fails: a value JSON cannot encode (a key that is not a string, nesting too deep) is
+    rendered as its ``repr`` text instead, so the model still sees it.
+
     Args:
         messages: Incoming messages.
         tasks: Task updates or assignments.
         tool_observations: ``{tool_name, params, result}`` (or ``error``) dicts from earlier
             ``InvokeTool`` decisions; long results are truncated.
+
+    Raises:
+        UsageError: If an argument has the wrong type.
     """
     if not isinstance(messages, list | tuple) or not all(isinstance(m, Message) for m in messages):
         raise UsageError("messages must be a list of Message")
@@ -244,8 +284,14 @@ def render_turn(
         "tasks": [t.to_dict() for t in tasks],
     }
     if tool_observations:
-        doc["tool_observations"] = [{k: _clip(v) for k, v in o.items()} for o in tool_observations]
-    return json.dumps(doc, ensure_ascii=False, default=repr)
+        doc["tool_observations"] = [
+            {_key(k): _clip(v) for k, v in o.items()} for o in tool_observations
+        ]
+    text = _dumps(doc)
+    if text is None:  # a task holds what JSON cannot encode: render it field by field
+        doc["tasks"] = [{k: _safe(v) for k, v in t.items()} for t in doc["tasks"]]
+        text = json.dumps(doc, ensure_ascii=False, default=repr)
+    return text
 
 
 def _reject_constant(name: str) -> Any:

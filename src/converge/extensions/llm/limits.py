@@ -41,22 +41,42 @@ __all__ = ["LimitedProvider", "estimate_tokens"]
 _NS = 1_000_000_000
 
 
+#: Longest ``max_wait`` kept as a bound (2**62 ns, about 146 years); longer means none.
+_MAX_WAIT_S = (1 << 62) / _NS
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list | tuple):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+        texts = (p.get("text") if isinstance(p, Mapping) else p for p in content)
+        return " ".join(t for t in texts if isinstance(t, str))
     return ""
+
+
+def _calls_size(calls: Any) -> int:
+    try:
+        return approximate_tokens(repr(calls))
+    except Exception:  # nested too deeply, or a broken __repr__: the provider refuses it
+        return 0
 
 
 def estimate_tokens(messages: Any, kwargs: Mapping[str, Any]) -> int:
     """A call's token cost before it runs: the prompt at about four characters a token
-    (text only; tool calls by their JSON size), plus the output limit asked for.
+    (text only; tool calls by their size as text), plus the output limit asked for.
+
+    Never fails on malformed messages (what it cannot read counts nothing): validating
+    them is the provider's job.
 
     Args:
         messages: The call's messages.
         kwargs: Its options (``max_tokens`` / ``max_completion_tokens`` are read).
+
+    Raises:
+        UsageError: If ``kwargs`` is not a mapping.
     """
+    if not isinstance(kwargs, Mapping):
+        raise UsageError("kwargs must be a mapping of call options")
     total = 0
     for message in messages if isinstance(messages, list | tuple) else ():
         if not isinstance(message, Mapping):
@@ -64,7 +84,7 @@ def estimate_tokens(messages: Any, kwargs: Mapping[str, Any]) -> int:
         total += approximate_tokens(_text_of(message.get("content")))
         calls = message.get("tool_calls")
         if calls:
-            total += approximate_tokens(repr(calls))
+            total += _calls_size(calls)
     for key in ("max_completion_tokens", "max_tokens"):
         limit = kwargs.get(key)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
@@ -119,7 +139,8 @@ class LimitedProvider(ResultSurface):
         tokens_per_minute: Token budget per minute; None for none.
         requests_per_minute: Calls per minute; None for none.
         max_wait: Longest wait for the per-minute buckets, in seconds; None waits as
-            long as needed.
+            long as needed, and so does ``inf`` or any wait over 2**62 ns (about 146
+            years).
         clock: Monotonic seconds (injectable for tests).
         sleep: Async sleep of seconds (injectable for tests).
 
@@ -155,7 +176,8 @@ class LimitedProvider(ResultSurface):
             raise UsageError("clock and sleep must be callable")
         self.provider = provider
         self.max_concurrency = max_concurrency
-        self.max_wait = None if wait is None or math.isinf(wait) else wait  # inf: no limit
+        # inf, or a bound too long to count in nanoseconds: no limit
+        self.max_wait = None if wait is None or wait > _MAX_WAIT_S else wait
         self.last_usage: Usage | None = None
         self._clock = clock
         self._sleep = sleep
@@ -245,7 +267,8 @@ class LimitedProvider(ResultSurface):
     # -- calls ---------------------------------------------------------------------------
 
     async def _admit(self, messages: Any, kwargs: Mapping[str, Any]) -> int:
-        wait, charged = self._reserve(estimate_tokens(messages, kwargs))
+        cost = estimate_tokens(messages, kwargs) if self._tokens is not None else 0
+        wait, charged = self._reserve(cost)
         if wait > 0:
             try:
                 await self._sleep(wait / _NS)

@@ -209,6 +209,18 @@ def _parse_completion(response: Any, provider: str) -> ChatResult:
     )
 
 
+def _refused_arguments(exc: Any) -> str:
+    """The UsageError message for arguments the SDK's request model refused (its first
+    problem, located)."""
+    try:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        detail = f"{where}: {first['msg']}"
+    except Exception:  # pragma: no cover - a pydantic without errors()
+        detail = type(exc).__name__
+    return f"mistral: the SDK refused the request's arguments ({detail[:300]})"
+
+
 class _ExtraBodyHook:
     """SDK before-request hook merging the call's ``extra_body`` into the JSON body."""
 
@@ -264,7 +276,8 @@ class MistralProvider(SDKProvider):
         api_key: Mistral API key. If None, uses the ``MISTRAL_API_KEY`` env var.
         model: Model name (e.g. mistral-small-latest, mistral-large-latest).
         base_url: API root (the SDK's ``server_url``).
-        timeout: Seconds per HTTP attempt (None: the SDK's default).
+        timeout: Seconds per HTTP attempt (None: the SDK's default; above 30 days, 30
+            days).
         max_retries: Retries after the first attempt (overrides ``retry_policy``'s).
         client: A ``mistralai.client.Mistral`` to use instead of creating clients (no API
             key needed then; not closed by us).
@@ -278,7 +291,10 @@ class MistralProvider(SDKProvider):
 
     Raises:
         MissingDependencyError: When the ``mistralai`` package is not installed.
-        ConfigurationError: When no API key is given or found (before any network call).
+        ConfigurationError: When no API key is given or found, or the environment's
+            cannot be sent in a header (before any network call).
+        UsageError: For a bad argument: ``base_url`` not an http(s) URL with a valid host
+            and port, ``api_key`` not printable ASCII, ...
     """
 
     provider_name = "mistral"
@@ -317,6 +333,7 @@ class MistralProvider(SDKProvider):
         )
         self.thread_limit = thread_limit
         self._errors = import_sdk("mistralai.client.errors", self.extra)
+        self._pydantic = import_sdk("pydantic", self.extra)  # the SDK's own dependency
         self._limiters: _sync.LoopLocal[anyio.CapacityLimiter] = _sync.LoopLocal(
             lambda: anyio.CapacityLimiter(self.thread_limit)
         )
@@ -363,6 +380,10 @@ class MistralProvider(SDKProvider):
                 return await chat.complete_async(**kwargs)
             method = chat.stream if stream else chat.complete
             return await self._in_thread(functools.partial(method, **kwargs))
+        except self._pydantic.ValidationError as exc:
+            # The SDK checks the arguments with pydantic before sending; a response it
+            # cannot read is its ResponseValidationError instead, mapped as a bad answer.
+            raise UsageError(_refused_arguments(exc)) from None
         finally:
             _EXTRA_BODY.reset(token)
 

@@ -240,7 +240,8 @@ class OpenAIProvider(SDKProvider):
         api_key: OpenAI API key. If None, uses the ``OPENAI_API_KEY`` env var.
         model: Model name (e.g. gpt-4o-mini, gpt-4o).
         base_url: API root, e.g. ``http://localhost:11434/v1`` for Ollama.
-        timeout: Seconds per HTTP attempt (None: the SDK's default).
+        timeout: Seconds per HTTP attempt (None: the SDK's default; above 30 days, 30
+            days).
         max_retries: Retries after the first attempt (overrides ``retry_policy``'s).
         client: An ``openai.AsyncOpenAI`` to use instead of creating clients (no API key
             needed then; it is used from whatever loop calls, and not closed by us).
@@ -251,7 +252,10 @@ class OpenAIProvider(SDKProvider):
 
     Raises:
         MissingDependencyError: When the ``openai`` package is not installed.
-        ConfigurationError: When no API key is given or found (before any network call).
+        ConfigurationError: When no API key is given or found, or the environment's
+            cannot be sent in a header (before any network call).
+        UsageError: For a bad argument: ``base_url`` not an http(s) URL with a valid host
+            and port, ``api_key`` not printable ASCII, ...
     """
 
     provider_name = "openai"

@@ -11,7 +11,7 @@ agent's progress events (:class:`~converge.core.events.ToolInvoked`, then
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,13 @@ def _check(max_steps: int, max_tokens: int | None) -> None:
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
         raise UsageError("max_tokens must be a positive integer or None")
+
+
+def _listed(name: str, items: Any) -> list[Any]:
+    """``items`` as a list, once (so a generator is not used up by the first step)."""
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise UsageError(f"{name} must be a list, not {type(items).__name__}")
+    return list(items)
 
 
 async def _observe(
@@ -158,6 +165,7 @@ async def arun_react(
         events = getattr(agent, "events", None)
     if events is not None and not isinstance(events, EventEmitter):
         raise UsageError("events must be a converge.core.events.EventEmitter")
+    messages, tasks = _listed("messages", messages), _listed("tasks", tasks)
     decided: list[Decision] = []
     observations: list[dict[str, Any]] = []
     usage = Usage(None, None)

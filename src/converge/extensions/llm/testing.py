@@ -186,7 +186,16 @@ class FunctionProvider:
             call = result.tool_calls[0]
             if call.raw_arguments is not None:
                 return call.raw_arguments
-            return json.dumps(call.arguments)
+            try:
+                return json.dumps(call.arguments)
+            except RecursionError:
+                raise UsageError(
+                    f"the reply's tool call {call.name!r} has arguments nested too deeply for JSON"
+                ) from None
+            except (TypeError, ValueError) as exc:
+                raise UsageError(
+                    f"the reply's tool call {call.name!r} has arguments JSON cannot encode: {exc}"
+                ) from None
         return result.text
 
     @staticmethod
@@ -256,6 +265,10 @@ class FunctionProvider:
 
         Returns:
             ``(text, usage)``.
+
+        Raises:
+            UsageError: For malformed messages, or a reply whose tool call arguments
+                JSON cannot encode (an object, nesting too deep).
         """
         allow_partial = kwargs.pop("allow_partial", False)
         result = self._check_stop(await self._acall(messages, kwargs), allow_partial)
@@ -283,6 +296,10 @@ class FunctionProvider:
 
         Returns:
             ``(text, usage)``.
+
+        Raises:
+            UsageError: For malformed messages, or a reply whose tool call arguments
+                JSON cannot encode (an object, nesting too deep).
         """
         allow_partial = kwargs.pop("allow_partial", False)
         result = self._check_stop(self._call(messages, kwargs), allow_partial)
@@ -334,7 +351,8 @@ class ScriptedProvider(FunctionProvider):
 
     An item is the reply text, ``(text, Usage)``, a
     :class:`~converge.extensions.llm.ChatResult`, or an exception instance to raise for
-    that call. Running out of replies raises :class:`~converge.errors.UsageError`.
+    that call. Running out of replies raises :class:`~converge.errors.UsageError`, and
+    so does a ``replies`` that is not a list (or other iterable) of such items.
 
     Args:
         replies: The script.
@@ -349,6 +367,8 @@ class ScriptedProvider(FunctionProvider):
         stop_reason: str = "stop",
         model: str = "test",
     ) -> None:
+        if isinstance(replies, str | bytes) or not isinstance(replies, Iterable):
+            raise UsageError(f"replies must be a list of replies, not {type(replies).__name__}")
         script = list(replies)
         for item in script:
             if not isinstance(item, str | tuple | ChatResult | BaseException):
