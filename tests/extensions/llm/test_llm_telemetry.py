@@ -251,6 +251,26 @@ def test_tool_span_captures_arguments_only_when_asked() -> None:
     assert (span.attributes or {})["gen_ai.tool.call.arguments"] == '{"a": 1}'
 
 
+def test_arguments_json_cannot_encode_are_recorded_as_text_and_the_tool_still_runs() -> None:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    target = Telemetry(tracer_provider=tracer_provider, capture_content=True)
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    ran = []
+    for arguments in ({(1, 2): "tuple key"}, {"a": deep}):  # TypeError, RecursionError
+        with target.tool_span("add", arguments=arguments):
+            ran.append(True)
+    assert ran == [True, True]
+    first, second = (
+        (s.attributes or {})["gen_ai.tool.call.arguments"] for s in spans.get_finished_spans()
+    )
+    assert first == "{(1, 2): 'tuple key'}"
+    assert str(second).startswith("{'a': [[[")
+
+
 def test_without_opentelemetry_telemetry_is_a_no_op_but_still_counts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,6 +19,7 @@ loops and runtimes::
 from __future__ import annotations
 
 import json
+import reprlib
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -241,6 +242,19 @@ def _set_result(span: Any, result: ChatResult) -> None:
         span.set_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
 
 
+def _arguments_text(arguments: Mapping[str, Any]) -> str:
+    """Tool arguments for a span: JSON (other values as text), or their shortened repr
+    when JSON has no form for them (keys that are not strings, nesting too deep); a
+    span attribute never fails the tool call."""
+    try:
+        return json.dumps(arguments, default=str)
+    except Exception:  # TypeError, RecursionError, or a __str__'s own error
+        try:
+            return reprlib.repr(arguments)
+        except Exception:
+            return f"<{type(arguments).__name__} object>"
+
+
 class Telemetry:
     """Where model calls are reported.
 
@@ -431,7 +445,7 @@ class Telemetry:
         if description:
             attrs["gen_ai.tool.description"] = description
         if arguments is not None and self.capture_content:
-            attrs["gen_ai.tool.call.arguments"] = json.dumps(arguments, default=str)
+            attrs["gen_ai.tool.call.arguments"] = _arguments_text(arguments)
         with self._tracer.start_as_current_span(
             f"execute_tool {name}",
             kind=_otel_trace.SpanKind.INTERNAL,
