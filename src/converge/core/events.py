@@ -21,7 +21,7 @@ Payload conventions (every event, see :meth:`ProgressEvent.to_dict`):
   ``at`` the wall-clock time in Unix seconds; ``call_id`` ties together every event of
   one model call (``CallStarted`` ... ``CallFinished`` or ``CallFailed``).
 * Values are JSON-ready: tool arguments and results as given (non-JSON values are
-  ``repr``'d by :meth:`~ProgressEvent.to_dict`, or become ``"<unrepresentable T>"``
+  ``repr``'d by :meth:`~ProgressEvent.to_dict`, with depth and width bounded
   when even ``repr`` fails, e.g. nested too deep), usage as a dict of token counts
   with ``None`` for counts the provider did not report, errors as ``error_type`` (the
   class name) plus ``error`` (the message), decisions as their
@@ -50,6 +50,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.core.decisions import Decision
 from converge.errors import UsageError
 
@@ -89,10 +90,7 @@ def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        try:
-            return repr(value)
-        except Exception:  # RecursionError for deeply nested values, or a broken __repr__
-            return f"<unrepresentable {type(value).__name__}>"
+        return safe_repr(value)
     return value
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 
 from converge import _sync
+from converge._repr import safe_repr
 from converge.errors import ToolArgumentError, ToolExecutionError, UnknownToolError, UsageError
 
 __all__ = ["Tool", "ToolRegistry", "schema_for_function"]
@@ -22,14 +23,6 @@ __all__ = ["Tool", "ToolRegistry", "schema_for_function"]
 F = TypeVar("F", bound=Callable[..., Any])
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}\Z")
 _JSON_TYPES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-def _safe_repr(value: object) -> str:
-    """``repr(value)`` for an error message; a placeholder when repr itself fails."""
-    try:
-        return repr(value)
-    except Exception:  # RecursionError for deeply nested values, or a broken __repr__
-        return f"<{type(value).__name__} object>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +125,7 @@ def schema_for_function(func: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
         hints = typing.get_type_hints(target)
     except Exception as exc:  # NameError, TypeError, ValueError, ... from user annotations
         raise UsageError(
-            f"tool {label!r}: cannot read its signature and type hints ({_safe_repr(exc)})"
+            f"tool {label!r}: cannot read its signature and type hints ({safe_repr(exc)})"
         ) from exc
     summary, docs = _docstring_parts(target.__doc__)
     properties: dict[str, Any] = {}
@@ -169,7 +162,7 @@ def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
                 errors.append(str(exc))
         raise ToolArgumentError(f"{path}: matches none of the allowed types ({'; '.join(errors)})")
     if "enum" in schema and value not in schema["enum"]:
-        raise ToolArgumentError(f"{path}: {_safe_repr(value)} is not one of {schema['enum']}")
+        raise ToolArgumentError(f"{path}: {safe_repr(value)} is not one of {schema['enum']}")
     kind = schema.get("type")
     ok = {
         None: True,
@@ -201,9 +194,9 @@ def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
             if key in props:
                 _check(item, props[key], f"{path}.{key}")
             elif schema.get("additionalProperties") is False:
-                raise ToolArgumentError(f"{path}: unexpected parameter {_safe_repr(key)}")
+                raise ToolArgumentError(f"{path}: unexpected parameter {safe_repr(key)}")
             elif isinstance(schema.get("additionalProperties"), Mapping):
-                _check(item, schema["additionalProperties"], f"{path}[{_safe_repr(key)}]")
+                _check(item, schema["additionalProperties"], f"{path}[{safe_repr(key)}]")
 
 
 class ToolRegistry:
@@ -238,8 +231,7 @@ class ToolRegistry:
             raise UsageError("give name= for a callable without __name__")
         if not isinstance(tool_name, str) or not _NAME_RE.match(tool_name):
             raise UsageError(
-                f"invalid tool name {_safe_repr(tool_name)}: "
-                "letters, digits, '_' or '-', at most 64"
+                f"invalid tool name {safe_repr(tool_name)}: letters, digits, '_' or '-', at most 64"
             )
         if tool_name in self._tools:
             raise UsageError(f"a tool named {tool_name!r} is already registered")
@@ -282,7 +274,7 @@ class ToolRegistry:
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._tools)) or "none"
             raise UnknownToolError(
-                f"unknown tool {_safe_repr(name)} (registered: {known})"
+                f"unknown tool {safe_repr(name)} (registered: {known})"
             ) from None
 
     def __contains__(self, name: object) -> bool:
@@ -340,7 +332,7 @@ class ToolRegistry:
                 return await result
             return result
         except Exception as exc:
-            raise ToolExecutionError(f"tool {name!r} failed: {_safe_repr(exc)}") from exc
+            raise ToolExecutionError(f"tool {name!r} failed: {safe_repr(exc)}") from exc
 
     def invoke(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         """Synchronous form of :meth:`ainvoke` (sync tools are called directly)."""
@@ -352,4 +344,4 @@ class ToolRegistry:
         try:
             return tool.func(**params)
         except Exception as exc:
-            raise ToolExecutionError(f"tool {name!r} failed: {_safe_repr(exc)}") from exc
+            raise ToolExecutionError(f"tool {name!r} failed: {safe_repr(exc)}") from exc

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.core.decisions import Decision, InvokeTool, SendMessage
 from converge.core.message import Message
 from converge.core.task import Task
@@ -25,7 +25,6 @@ __all__ = [
     "memory_decisions",
     "observation_turns",
     "reask_turns",
-    "safe_repr",
     "user_turn",
 ]
 
@@ -35,15 +34,6 @@ PARTS_KEY = "parts"
 _PART_TYPES = frozenset({"image", "document"})
 _RESULT_CHARS = 8_000
 _ECHO_CHARS = 4_000
-
-
-# Renders values no JSON or repr() can show (nested thousands deep, a raising __repr__):
-# depth and width bounded, a placeholder for what its repr() cannot give.
-_SAFE_REPR = reprlib.Repr()
-_SAFE_REPR.maxlevel = 8
-_SAFE_REPR.maxstring = _SAFE_REPR.maxother = 200
-_SAFE_REPR.maxlist = _SAFE_REPR.maxtuple = _SAFE_REPR.maxdict = 50
-_SAFE_REPR.maxset = _SAFE_REPR.maxfrozenset = _SAFE_REPR.maxdeque = 50
 
 
 def _clip(text: str, cap: int) -> str:
@@ -57,24 +47,13 @@ def _clip(text: str, cap: int) -> str:
     return text
 
 
-def safe_repr(value: Any) -> str:
-    """``repr(value)``, or a bounded rendering when that fails (too deep, a raising
-    ``__repr__``): model output and tool results are arbitrary data."""
-    try:
-        return repr(value)
-    except Exception:  # RecursionError included
-        return _SAFE_REPR.repr(value)
-
-
 def _text(value: Any) -> str:
     """A tool result (or error) as text: JSON when it is JSON data, else its repr."""
     if isinstance(value, str):
         return value
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except RecursionError:  # repr() would recurse as deep
-        return _SAFE_REPR.repr(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return safe_repr(value)
 
 

@@ -15,6 +15,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
+from converge._repr import safe_repr
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool
 from converge.core.events import (
@@ -43,7 +44,6 @@ from converge.extensions.llm._conversation import (
     check_observations,
     observation_turns,
     reask_turns,
-    safe_repr,
     user_turn,
 )
 from converge.extensions.llm._errors import incomplete

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import re
-import reprlib
 import secrets
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.core.decisions import Decision, InvokeTool, decision_from_dict
 from converge.core.message import Message
 from converge.core.task import Task, TaskState
@@ -193,18 +193,6 @@ def decisions_tool(tool_registry: ToolRegistry | None = None) -> dict[str, Any]:
     }
 
 
-def _repr(value: Any) -> str:
-    """``repr(value)``, or a shortened one when that fails (nesting too deep, a broken
-    ``__repr__``): rendering arbitrary data never raises."""
-    try:
-        return repr(value)
-    except Exception:
-        try:
-            return reprlib.repr(value)
-        except Exception:
-            return f"<{type(value).__name__} object>"
-
-
 def _dumps(value: Any) -> str | None:
     """``value`` as JSON text (other objects as their repr), or None when it has none: a
     key that is not a string or number, nesting too deep."""
@@ -217,7 +205,7 @@ def _dumps(value: Any) -> str | None:
 def _clip(value: Any) -> Any:
     text = _dumps(value)
     if text is None:
-        value = text = _repr(value)
+        value = text = safe_repr(value)
     if len(text) <= _OBSERVATION_CHARS:
         return value if _is_json(value) else text
     return text[:_OBSERVATION_CHARS] + "...(truncated)"
@@ -225,11 +213,11 @@ def _clip(value: Any) -> Any:
 
 def _safe(value: Any) -> Any:
     """``value`` if it renders as JSON, else its repr (as text)."""
-    return value if _dumps(value) is not None else _repr(value)
+    return value if _dumps(value) is not None else safe_repr(value)
 
 
 def _key(key: Any) -> Any:
-    return key if isinstance(key, str | int | float | None) else _repr(key)
+    return key if isinstance(key, str | int | float | None) else safe_repr(key)
 
 
 def _is_json(value: Any) -> bool:

@@ -19,12 +19,12 @@ loops and runtimes::
 from __future__ import annotations
 
 import json
-import reprlib
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.core import MetricsCollector
 from converge.errors import UsageError
 from converge.extensions.llm.protocol import ChatResult
@@ -249,10 +249,7 @@ def _arguments_text(arguments: Mapping[str, Any]) -> str:
     try:
         return json.dumps(arguments, default=str)
     except Exception:  # TypeError, RecursionError, or a __str__'s own error
-        try:
-            return reprlib.repr(arguments)
-        except Exception:
-            return f"<{type(arguments).__name__} object>"
+        return safe_repr(arguments)
 
 
 class Telemetry:
