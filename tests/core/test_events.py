@@ -27,20 +27,7 @@ from converge.core.events import (
 from converge.core.message import Message
 from converge.core.task import TaskState
 from converge.errors import ProviderRateLimitError, UsageError
-
-
-def deep_list(depth: int = 10000) -> list[object]:
-    deep: list[object] = []
-    for _ in range(depth):
-        deep = [deep]
-    return deep
-
-
-def deep_dict(depth: int = 10000) -> dict[str, object]:
-    deep: dict[str, object] = {}
-    for _ in range(depth):
-        deep = {"a": deep}
-    return deep
+from nesting import deep_dict, deep_list
 
 
 def test_events_are_frozen_and_serialise_to_json() -> None:

@@ -9,13 +9,7 @@ import pytest
 from converge.core import ShortTermMemory
 from converge.core.memory import approximate_tokens
 from converge.errors import UsageError
-
-
-def deep_list(depth: int = 10000) -> list[object]:
-    deep: list[object] = []
-    for _ in range(depth):
-        deep = [deep]
-    return deep
+from nesting import deep_list
 
 
 def roles(memory: ShortTermMemory) -> list[str]:

@@ -19,6 +19,7 @@ from converge.errors import (
     UnknownToolError,
     UsageError,
 )
+from nesting import deep_list
 
 registry = ToolRegistry()
 
@@ -168,13 +169,6 @@ def described(x: int, y: str = "a") -> None:
     Args:
         x: The number.
     """
-
-
-def deep_list(depth: int = 10000) -> list[object]:
-    deep: list[object] = []
-    for _ in range(depth):
-        deep = [deep]
-    return deep
 
 
 @pytest.mark.parametrize(

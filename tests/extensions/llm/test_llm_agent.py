@@ -39,6 +39,7 @@ from converge.extensions.llm import (
     decisions_tool,
 )
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
+from nesting import deep_list
 
 pytestmark = pytest.mark.anyio
 
@@ -315,14 +316,7 @@ async def test_bad_adecide_arguments_raise_usage_error(
     assert provider.calls == []
 
 
-def _nested(depth: int) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-DEEP = _nested(10_000)
+DEEP = deep_list()
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from converge.extensions.llm.decisions_json import (
     render_turn,
     system_prompt,
 )
+from nesting import deep_list
 
 ME = "agent-me"
 SEND = {"type": "SendMessage", "message": {"recipient": "bob", "payload": {"text": "hi"}}}
@@ -421,13 +422,6 @@ def test_tool_call_ids_suit_every_api(registry: ToolRegistry) -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids)  # Mistral's rule
 
 
-def _deep(depth: int = 10_000) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 class _BadRepr:
     def __repr__(self) -> str:
         raise RuntimeError("no repr")
@@ -438,7 +432,7 @@ def test_render_turn_renders_tool_results_json_cannot_encode_as_their_repr() -> 
     observations = [
         {"tool_name": "a", "result": {(1, 2): "a"}},
         {(1, 2): "key", "tool_name": "b"},
-        {"tool_name": "c", "result": _deep()},
+        {"tool_name": "c", "result": deep_list()},
         {"tool_name": "d", "result": {"x": _BadRepr(), (1,): 2}},
         {"tool_name": "e", "result": {(1,): "x" * 50_000}},
     ]
@@ -455,7 +449,7 @@ def test_render_turn_renders_tool_results_json_cannot_encode_as_their_repr() -> 
 
 def test_render_turn_renders_task_fields_json_cannot_encode_as_their_repr() -> None:
     plain = Task(objective="plain", id="t0", result={"ok": [1]})
-    deep = Task(objective="deep", id="t1", result=_deep())
+    deep = Task(objective="deep", id="t1", result=deep_list())
     keyed = Task(objective="keyed", id="t2", inputs={(1, 2): "a"})
     doc = json.loads(render_turn([], [plain, deep, keyed]))
     assert doc["tasks"][0] == plain.to_dict()

@@ -37,6 +37,7 @@ from converge.extensions.llm import (
 )
 from converge.extensions.llm.fallback import is_fallback_error
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
+from nesting import deep_list
 
 pytestmark = pytest.mark.anyio
 
@@ -290,15 +291,8 @@ async def test_a_sync_provider_stuck_in_its_thread_lets_the_caller_go_when_cance
     assert time.monotonic() - started < 3
 
 
-def _deep(depth: int = 10_000) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize(
-    "value", [math.nan, math.inf, object(), _deep()], ids=["nan", "inf", "object", "deep"]
+    "value", [math.nan, math.inf, object(), deep_list()], ids=["nan", "inf", "object", "deep"]
 )
 async def test_structured_tool_arguments_without_json_are_a_malformed_response(
     value: Any,

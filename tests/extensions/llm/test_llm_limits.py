@@ -22,6 +22,7 @@ from converge.extensions.llm import (
 )
 from converge.extensions.llm.limits import estimate_tokens
 from converge.extensions.llm.testing import FunctionProvider, ScriptedProvider
+from nesting import deep_list
 
 pytestmark = pytest.mark.anyio
 
@@ -254,13 +255,6 @@ async def test_a_provider_that_cannot_stream_streams_its_answer_whole(fake: Fake
     assert stream.usage == Usage(None, None)
 
 
-def _deep(depth: int = 10_000) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize("max_wait", [1e300, 2.0**62])
 async def test_a_max_wait_too_long_to_count_means_no_limit(max_wait: float) -> None:
     # 1e300 s has no nanosecond count a float can hold: every call raised OverflowError.
@@ -277,7 +271,7 @@ def test_estimate_tokens_refuses_options_that_are_not_a_mapping() -> None:
 
 
 def test_estimate_tokens_never_fails_on_malformed_messages() -> None:
-    deep = _deep()
+    deep = deep_list()
     calls = [{"role": "assistant", "content": "", "tool_calls": deep}]
     assert estimate_tokens(calls, {}) == estimate_tokens([{"role": "assistant", "content": ""}], {})
     parts = [{"type": "text", "text": deep}, {"type": "text", "text": "a" * 40}, "b" * 40]
@@ -288,13 +282,13 @@ def test_estimate_tokens_never_fails_on_malformed_messages() -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        {"role": "assistant", "content": None, "tool_calls": _deep()},
+        {"role": "assistant", "content": None, "tool_calls": deep_list()},
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"id": "c", "name": "f", "arguments": {"a": _deep()}}],
+            "tool_calls": [{"id": "c", "name": "f", "arguments": {"a": deep_list()}}],
         },
-        {"role": "user", "content": [{"type": "text", "text": _deep()}]},
+        {"role": "user", "content": [{"type": "text", "text": deep_list()}]},
         {"role": [], "content": "x"},
     ],
 )

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from converge.errors import UsageError
 from converge.extensions.llm._request import ChatRequest, ToolSpec, build_request
 from converge.extensions.llm.protocol import ToolCall
+from nesting import deep_list
 
 # Text that UTF-8 cannot hold (lone surrogates), control characters, and plain words.
 _TEXT = st.one_of(st.text(max_size=6), st.sampled_from(["ok", "a\ud800", "\udc80", "x\r\ny"]))
@@ -171,22 +172,14 @@ def test_the_property_can_fail() -> None:
         _sendable(ChatRequest(messages=plain, model="m", extra_headers={"x-a": "v\r\nx: y"}))
 
 
-def _deep(depth: int = 10_000) -> list[Any]:
-    """A list nested ``depth`` deep: past what ``json`` can encode (or Python can recurse)."""
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize(
     "message",
     [
         {"role": [], "content": "x"},
         {"role": {}, "content": "x"},
-        {"role": _deep(), "content": "x"},
+        {"role": deep_list(), "content": "x"},
         {"role": "user", "content": [{"type": []}]},
-        {"role": "user", "content": [{"type": _deep()}]},
+        {"role": "user", "content": [{"type": deep_list()}]},
         {"role": "user", "content": [{"type": "image", "data": "aGk=", "media_type": []}]},
     ],
 )
@@ -198,8 +191,8 @@ def test_an_unhashable_role_part_type_or_media_type_is_a_usage_error(
 
 
 def test_tool_call_arguments_nested_too_deeply_are_a_usage_error() -> None:
-    call = {"id": "c", "name": "f", "arguments": {"a": _deep()}}
-    for calls in ([call], [ToolCall("c", "f", {"a": _deep()})]):
+    call = {"id": "c", "name": "f", "arguments": {"a": deep_list()}}
+    for calls in ([call], [ToolCall("c", "f", {"a": deep_list()})]):
         message = {"role": "assistant", "content": None, "tool_calls": calls}
         with pytest.raises(UsageError, match=r"tool_calls.*nested too deeply"):
             build_request([message], {}, default_model="m")
@@ -208,14 +201,17 @@ def test_tool_call_arguments_nested_too_deeply_are_a_usage_error() -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        {"tools": [{"name": "f", "parameters": {"type": "object", "properties": _deep()}}]},
+        {"tools": [{"name": "f", "parameters": {"type": "object", "properties": deep_list()}}]},
         {
             "use_structured_output": True,
-            "emit_decisions_tool": {"name": "e", "parameters": {"type": "object", "x": _deep()}},
+            "emit_decisions_tool": {
+                "name": "e",
+                "parameters": {"type": "object", "x": deep_list()},
+            },
         },
-        {"response_format": {"type": "json_object", "x": _deep()}},
-        {"thinking": {"x": _deep()}},
-        {"extra_body": {"x": _deep()}},
+        {"response_format": {"type": "json_object", "x": deep_list()}},
+        {"thinking": {"x": deep_list()}},
+        {"extra_body": {"x": deep_list()}},
     ],
 )
 def test_options_nested_too_deeply_are_a_usage_error(options: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from converge.core import MetricsCollector
 from converge.errors import ProviderAuthError, ResponseTruncatedError, UsageError
 from converge.extensions.llm import telemetry
 from converge.extensions.llm.telemetry import Telemetry, tool_span
+from nesting import deep_list
 
 pytestmark = pytest.mark.anyio
 
@@ -256,11 +257,8 @@ def test_arguments_json_cannot_encode_are_recorded_as_text_and_the_tool_still_ru
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     target = Telemetry(tracer_provider=tracer_provider, capture_content=True)
-    deep: list[Any] = []
-    for _ in range(10_000):
-        deep = [deep]
     ran = []
-    for arguments in ({(1, 2): "tuple key"}, {"a": deep}):  # TypeError, RecursionError
+    for arguments in ({(1, 2): "tuple key"}, {"a": deep_list()}):  # TypeError, RecursionError
         with target.tool_span("add", arguments=arguments):
             ran.append(True)
     assert ran == [True, True]

@@ -12,6 +12,7 @@ import pytest
 from converge.errors import ProviderRateLimitError, UsageError
 from converge.extensions.llm import ChatResult, ChatStream, LLMProvider, Usage
 from converge.extensions.llm.testing import FunctionProvider, ProviderCall, ScriptedProvider
+from nesting import deep_list
 
 pytestmark = pytest.mark.anyio
 
@@ -311,16 +312,9 @@ def test_a_script_that_is_not_a_list_of_replies_is_a_usage_error(replies: Any) -
         ScriptedProvider(replies)
 
 
-def _deep(depth: int = 10_000) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize(
     ("arguments", "match"),
-    [({"a": object()}, "JSON cannot encode"), ({"a": _deep()}, "nested too deeply")],
+    [({"a": object()}, "JSON cannot encode"), ({"a": deep_list()}, "nested too deeply")],
 )
 async def test_a_scripted_tool_call_whose_arguments_have_no_json_is_a_usage_error(
     arguments: dict[str, Any], match: str
