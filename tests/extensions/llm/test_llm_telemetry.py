@@ -420,3 +420,8 @@ async def test_a_tool_the_runner_invokes_for_an_llm_agent_is_an_execute_tool_spa
     collector = recorded.telemetry.metrics_collector
     assert collector is not None
     assert collector.get("llm_tool_calls_total", labels={"tool": "add"}) == 1
+
+
+def test_tool_span_refuses_a_telemetry_that_is_not_one() -> None:
+    with pytest.raises(UsageError, match="telemetry"), tool_span("add", telemetry=object()):  # type: ignore[arg-type]  # AttributeError
+        pass

@@ -494,7 +494,13 @@ def tool_span(
         arguments: The call's arguments (recorded only with ``capture_content``).
         description: The tool's description.
         telemetry: Where to report; None for the global OpenTelemetry providers.
+
+    Raises:
+        UsageError: If ``telemetry`` is not a :class:`Telemetry`, or ``name`` is not a
+            non-empty string.
     """
+    if telemetry is not None and not isinstance(telemetry, Telemetry):
+        raise UsageError(f"telemetry must be a Telemetry or None, not {type(telemetry).__name__}")
     target = telemetry if telemetry is not None else default_telemetry()
     with target.tool_span(
         name, call_id=call_id, arguments=arguments, description=description
