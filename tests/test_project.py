@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -32,6 +33,38 @@ def test_compromised_mistralai_release_is_never_admitted() -> None:
 def test_core_install_stays_light() -> None:
     names = {Requirement(s).name for s in PYPROJECT["project"]["dependencies"]}
     assert names <= {"anyio", "cryptography", "httpx2", "sniffio"}
+
+
+# What src/ may import besides the standard library: its core dependencies, the packages
+# of its extras, and what those bring and converge uses on purpose.
+IMPORTABLE = {
+    "converge",
+    *("anyio", "cryptography", "httpx2", "sniffio"),  # core
+    *("openai", "anthropic", "mistralai", "opentelemetry", "coredis", "uvicorn", "trio"),
+    "httpcore2",  # httpx2's transport (connection errors)
+    "h11",  # uvicorn's HTTP/1.1 parser, which the CLI's server protocol extends
+    "pydantic",  # mistralai's request models (their validation errors)
+    "pytest",  # the fixtures of converge's testing modules
+}
+
+
+def test_src_imports_nothing_only_the_dev_extra_installs() -> None:
+    """httpx, for one, is only the tests' client: an import of it in src/ breaks a user's
+    install (the SDKs and converge send with httpx2)."""
+    found: dict[str, str] = {}
+    for path in (ROOT / "src" / "converge").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in IMPORTABLE:
+                    found[top] = f"{path.relative_to(ROOT)}:{node.lineno}"
+    assert found == {}
 
 
 def test_extras_named_as_documented() -> None:

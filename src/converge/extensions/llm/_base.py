@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
-import httpx
+import httpx2
 
 from converge import _sync
 from converge._numbers import positive_float
@@ -294,9 +294,9 @@ class SDKProvider:
             raise UsageError("base_url has no host")
         if port == 0:
             raise UsageError("base_url's port must be from 1 to 65535")
-        try:  # httpx (the SDKs' HTTP libraries fork it) has the last word: IDNA, IPv4 forms
-            httpx.URL(base_url)
-        except (httpx.InvalidURL, ValueError) as exc:
+        try:  # the HTTP library the SDKs send with has the last word: IDNA, IPv4 forms
+            httpx2.URL(base_url)
+        except (httpx2.InvalidURL, ValueError) as exc:
             raise UsageError(f"base_url is not a valid URL: {exc}") from None
 
     # -- hooks for subclasses ----------------------------------------------------------
