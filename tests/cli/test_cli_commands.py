@@ -178,6 +178,7 @@ def test_secrets_can_come_from_the_environment(
         ["webhook", "sign", "--config", "/nonexistent.toml", "--provider", "demo"],
         ["webhook", "sign", "--scheme", "stripe", "--secret", "s", "--format", "curl"],
         ["webhook", "send", "--scheme", "stripe", "--secret", "s"],
+        ["webhook", "send", "http://[::1", "--scheme", "stripe", "--secret", "s"],  # InvalidURL
         ["webhook", "sign", "--scheme", "hmac", "--secret", "s", "--algorithm", "md5"],
     ],
 )

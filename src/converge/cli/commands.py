@@ -187,6 +187,10 @@ def _webhook(args: argparse.Namespace) -> int:
     import httpx2
 
     try:
+        httpx2.URL(url)
+    except (httpx2.InvalidURL, ValueError) as exc:
+        raise UsageError(f"{url!r} is not a URL to send to: {exc}") from None
+    try:
         response = httpx2.post(
             url, headers=request.headers, content=request.body, timeout=args.timeout
         )
