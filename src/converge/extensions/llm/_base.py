@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
-import httpx2
 
 from converge import _sync
 from converge._numbers import positive_float
@@ -294,6 +293,8 @@ class SDKProvider:
             raise UsageError("base_url has no host")
         if port == 0:
             raise UsageError("base_url's port must be from 1 to 65535")
+        import httpx2  # not at import: importing converge's LLM layer loads no HTTP stack
+
         try:  # the HTTP library the SDKs send with has the last word: IDNA, IPv4 forms
             httpx2.URL(base_url)
         except (httpx2.InvalidURL, ValueError) as exc:
