@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -181,6 +182,24 @@ def test_chat_stream_arguments_are_validated() -> None:
         stream.on_finish(42)  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         stream.finish({"input_tokens": 1})  # type: ignore[arg-type]
+
+
+async def test_a_source_yielding_what_is_not_text_is_refused_and_closed() -> None:
+    closed = []
+
+    async def numbers(stream: ChatStream) -> AsyncIterator[str]:
+        try:
+            yield "a"
+            yield 1  # type: ignore[misc]
+        finally:
+            closed.append(True)
+
+    stream = ChatStream(numbers)
+    with pytest.raises(UsageError, match="str deltas"):  # .text raised TypeError
+        await stream.acollect()
+    assert stream.text == "a"
+    assert stream.done
+    assert closed == [True]
 
 
 # -- results, stop reasons, structured output -------------------------------------------

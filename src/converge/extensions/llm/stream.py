@@ -99,6 +99,9 @@ class ChatStream:
         except BaseException:
             self._done = True
             raise
+        if not isinstance(delta, str):
+            await self.aclose()
+            raise UsageError(f"a stream's source must yield str deltas, not {type(delta).__name__}")
         self._parts.append(delta)
         return delta
 
