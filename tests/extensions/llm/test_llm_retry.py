@@ -14,6 +14,7 @@ from converge.errors import (
     ProviderConnectionError,
     ProviderResponseError,
     ProviderTimeoutError,
+    UsageError,
 )
 from converge.extensions.llm import RetryPolicy
 from converge.extensions.llm._retry import Failure, acall_with_retry, parse_retry_after
@@ -38,6 +39,16 @@ def test_jitter_only_shortens_the_delay_within_its_fraction() -> None:
 
 def test_huge_retry_numbers_do_not_overflow() -> None:
     assert RetryPolicy(jitter=0).backoff(10_000, 0.0) == 8.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"retry": None}, {"retry": -1}, {"rand": 2}, {"rand": "0.5"}, {"elapsed": 10**400}],
+)
+def test_bad_schedule_arguments_are_usage_errors(kwargs: dict[str, Any]) -> None:
+    call = {"retry": 0, "retryable": True, "retry_after": None, "elapsed": 0.0, "rand": 0.5}
+    with pytest.raises(UsageError):  # TypeError or OverflowError
+        RetryPolicy().next_delay(**{**call, **kwargs})
 
 
 def test_non_retryable_failures_are_not_retried() -> None:

@@ -297,6 +297,18 @@ def test_bad_telemetry_arguments_raise_usage_error() -> None:
         Telemetry(tracer_provider="global")
     with pytest.raises(UsageError, match="meter_provider"):
         Telemetry(meter_provider=object())
+    # Each of these raised TypeError, AttributeError or IndexError.
+    for kwargs in (
+        {"provider": [], "model": "m"},
+        {"provider": "openai", "model": "m", "server": ""},
+        {"provider": "openai", "model": "m", "attributes": object()},
+    ):
+        with pytest.raises(UsageError):
+            Telemetry().start_call(**kwargs)
+    with pytest.raises(UsageError):
+        Telemetry().current(None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        Telemetry().start_call(provider="openai", model="m").end(result="x")  # type: ignore[arg-type]
 
 
 async def test_a_stream_retried_before_its_first_delta_records_the_retry(

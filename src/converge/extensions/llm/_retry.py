@@ -19,7 +19,7 @@ from typing import TypeVar
 import anyio
 
 from converge._numbers import finite_float, positive_float
-from converge.errors import ConfigurationError, ProviderError, ProviderTimeoutError
+from converge.errors import ConfigurationError, ProviderError, ProviderTimeoutError, UsageError
 
 __all__ = ["Failure", "RetryPolicy", "acall_with_retry", "parse_retry_after"]
 
@@ -86,7 +86,12 @@ class RetryPolicy:
                 raise ConfigurationError(f"{name} must be callable")
 
     def backoff(self, retry: int, rand: float) -> float:
-        """Backoff delay before retry number ``retry`` (0-based), given ``rand`` in [0, 1)."""
+        """Backoff delay before retry number ``retry`` (0-based), given ``rand`` in [0, 1).
+
+        Raises:
+            UsageError: If ``retry`` is not an integer >= 0 or ``rand`` not in [0, 1].
+        """
+        _check_sample(retry, rand)
         base = min(self.max_delay, self.initial_delay * 2.0 ** min(retry, 64))
         return float(base * (1 - self.jitter * rand))
 
@@ -107,7 +112,16 @@ class RetryPolicy:
             retry_after: Server-requested wait in seconds, if any.
             elapsed: Seconds since the call started.
             rand: Uniform [0, 1) sample for jitter.
+
+        Raises:
+            UsageError: For ``retry`` or ``rand`` as :meth:`backoff` refuses them, or an
+                ``elapsed`` or ``retry_after`` that is not a finite number.
         """
+        if finite_float(elapsed) is None or (
+            retry_after is not None and finite_float(retry_after) is None
+        ):
+            raise UsageError("elapsed and retry_after must be finite numbers of seconds")
+        _check_sample(retry, rand)
         if not retryable or retry >= self.max_retries:
             return None
         if retry_after is not None:
@@ -119,6 +133,14 @@ class RetryPolicy:
         if self.deadline is not None and elapsed + delay >= self.deadline:
             return None
         return delay
+
+
+def _check_sample(retry: object, rand: object) -> None:
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        raise UsageError(f"retry must be an integer >= 0, not {retry!r}")
+    sample = finite_float(rand)
+    if sample is None or not 0 <= sample <= 1:
+        raise UsageError("rand must be a number in [0, 1]")
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:

@@ -151,7 +151,15 @@ class CallRecord:
             )
 
     def end(self, result: ChatResult | None = None, error: BaseException | None = None) -> None:
-        """Finish the record with the call's result or its error (idempotent)."""
+        """Finish the record with the call's result or its error (idempotent).
+
+        Raises:
+            UsageError: If ``result`` is not a ChatResult or ``error`` not an exception.
+        """
+        if (result is not None and not isinstance(result, ChatResult)) or (
+            error is not None and not isinstance(error, BaseException)
+        ):
+            raise UsageError("end takes a ChatResult and/or an exception")
         if self._done:
             return
         self._done = True
@@ -367,7 +375,22 @@ class Telemetry:
             model: The requested model.
             server: ``(host, port)`` of the API, for ``server.address``/``server.port``.
             attributes: Extra request attributes (``gen_ai.request.*``).
+
+        Raises:
+            UsageError: For an argument of the wrong type.
         """
+        if not isinstance(provider, str) or not isinstance(model, str):
+            raise UsageError("provider and model must be strings")
+        if server is not None and not (
+            isinstance(server, tuple)
+            and len(server) == 2
+            and isinstance(server[0], str)
+            and server[0]
+            and (server[1] is None or isinstance(server[1], int))
+        ):
+            raise UsageError("server must be a (host, port or None) tuple, or None")
+        if attributes is not None and not isinstance(attributes, Mapping):
+            raise UsageError("attributes must be a mapping or None")
         name = _PROVIDER_NAMES.get(provider, provider)
         span = None
         if self._tracing():
@@ -389,7 +412,13 @@ class Telemetry:
         return CallRecord(self, name, model, span, provider)
 
     def current(self, record: CallRecord) -> AbstractContextManager[Any]:
-        """Make ``record``'s span the current one (so HTTP client spans nest under it)."""
+        """Make ``record``'s span the current one (so HTTP client spans nest under it).
+
+        Raises:
+            UsageError: If ``record`` is not a CallRecord.
+        """
+        if not isinstance(record, CallRecord):
+            raise UsageError("current takes the CallRecord start_call returned")
         if record.span is None:
             return _NULL
         return _otel_trace.use_span(record.span, end_on_exit=False)
