@@ -299,3 +299,22 @@ async def test_malformed_messages_get_the_providers_usage_error(message: dict[st
     with pytest.raises(UsageError) as wrapped:
         await shared.achat([message])
     assert str(wrapped.value) == str(direct.value)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["achat", "chat_stream"])
+async def test_a_refused_request_gives_its_reservation_back(
+    fake: FakeClock, streamed: bool
+) -> None:
+    provider = ScriptedProvider(["ok"])
+    shared = limited(provider, fake, tokens_per_minute=1000, requests_per_minute=1, max_wait=0)
+    full = shared.tokens_available
+    bad = [{"role": "wizard", "content": "x"}]
+
+    async def call() -> object:
+        return await (shared.chat_stream(bad).acollect() if streamed else shared.achat(bad))
+
+    for _ in range(3):  # each took the minute's only request and its tokens, for nothing
+        with pytest.raises(UsageError):
+            await call()
+        assert shared.tokens_available == full
+    assert await shared.achat(MESSAGES) == "ok"  # RateLimitTimeoutError before

@@ -299,6 +299,9 @@ class LimitedProvider(ResultSurface):
                 result = await acomplete_with(
                     self.provider, messages, allow_partial=allow_partial, kwargs=kwargs
                 )
+            except UsageError:  # refused before any request: the call used nothing
+                self._refund(charged)
+                raise
             except BaseException as exc:
                 self._settle(charged, getattr(getattr(exc, "result", None), "usage", None))
                 raise
@@ -327,25 +330,37 @@ class LimitedProvider(ResultSurface):
         if slots is not None:
             await slots.acquire()
         inner: Any = None
-        charged = 0
+        charged: int | None = None  # None until admitted
+        refused = False
         try:
             charged = await self._admit(messages, kwargs)
-            inner = stream_with(self.provider, messages, kwargs)
-            async for delta in inner:
-                yield delta
+            started = False
+            try:
+                inner = stream_with(self.provider, messages, kwargs)
+                async for delta in inner:
+                    started = True
+                    yield delta
+            except UsageError:
+                refused = not started  # refused before any request: the call used nothing
+                raise
         finally:
+            usage = None
             if inner is not None:
                 close = getattr(inner, "aclose", None)
                 if callable(close):
                     with anyio.CancelScope(shield=True):
                         await close()
                 usage = getattr(inner, "usage", None)
-                result = getattr(inner, "result", None)
                 usage = usage if isinstance(usage, Usage) else None
-                self._settle(charged, usage)
-                if usage is not None:
-                    self.last_usage = usage
-                    out.finish(usage, result if isinstance(result, ChatResult) else None)
+            if charged is not None:
+                if refused:
+                    self._refund(charged)
+                else:
+                    self._settle(charged, usage)
+            if usage is not None:
+                result = getattr(inner, "result", None)
+                self.last_usage = usage
+                out.finish(usage, result if isinstance(result, ChatResult) else None)
             if slots is not None:
                 slots.release()
 
