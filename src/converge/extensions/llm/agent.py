@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -15,7 +14,7 @@ import anyio
 import anyio.to_thread
 
 from converge import _sync
-from converge._repr import safe_repr
+from converge._repr import json_text, safe_repr
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool
 from converge.core.events import (
@@ -102,15 +101,6 @@ def _usage_dict(usage: Usage | None) -> dict[str, int | None]:
     if usage is None:
         return {}
     return {f.name: getattr(usage, f.name) for f in fields(usage)}
-
-
-def _json_text(value: Any) -> str | None:
-    """``value`` as JSON (``repr`` for what JSON has no form for); None when even that
-    fails (keys that are not strings, nesting too deep, a raising ``__repr__``)."""
-    try:
-        return json.dumps(value, ensure_ascii=False, default=repr)
-    except Exception:  # RecursionError included
-        return None
 
 
 def _well_formed_call(call: Any) -> bool:
@@ -393,7 +383,7 @@ class LLMAgent(Agent):
                     text = call.raw_arguments
                     unreadable = None
                     if text is None:
-                        text = _json_text(call.arguments)
+                        text = json_text(call.arguments)
                     if text is None:
                         text = "{}"
                         unreadable = DecisionParseError(
@@ -604,7 +594,7 @@ class LLMAgent(Agent):
             if role == "tool":
                 self.memory.append("user", f"Tool result: {content}")
             else:
-                self.memory.append(role, content or _json_text(extra) or "")
+                self.memory.append(role, content or json_text(extra) or "")
 
     def decide(
         self,

@@ -28,7 +28,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from converge._repr import safe_repr
+from converge._repr import json_text, safe_repr
 from converge.core.decisions import Decision, InvokeTool, decision_from_dict
 from converge.core.message import Message
 from converge.core.task import Task, TaskState
@@ -193,17 +193,8 @@ def decisions_tool(tool_registry: ToolRegistry | None = None) -> dict[str, Any]:
     }
 
 
-def _dumps(value: Any) -> str | None:
-    """``value`` as JSON text (other objects as their repr), or None when it has none: a
-    key that is not a string or number, nesting too deep."""
-    try:
-        return json.dumps(value, ensure_ascii=False, default=repr)
-    except Exception:  # TypeError, ValueError, RecursionError, or a __repr__'s own error
-        return None
-
-
 def _clip(value: Any) -> Any:
-    text = _dumps(value)
+    text = json_text(value)
     if text is None:
         value = text = safe_repr(value)
     if len(text) <= _OBSERVATION_CHARS:
@@ -213,7 +204,7 @@ def _clip(value: Any) -> Any:
 
 def _safe(value: Any) -> Any:
     """``value`` if it renders as JSON, else its repr (as text)."""
-    return value if _dumps(value) is not None else safe_repr(value)
+    return value if json_text(value) is not None else safe_repr(value)
 
 
 def _key(key: Any) -> Any:
@@ -275,7 +266,7 @@ def render_turn(
         doc["tool_observations"] = [
             {_key(k): _clip(v) for k, v in o.items()} for o in tool_observations
         ]
-    text = _dumps(doc)
+    text = json_text(doc)
     if text is None:  # a task holds what JSON cannot encode: render it field by field
         doc["tasks"] = [{k: _safe(v) for k, v in t.items()} for t in doc["tasks"]]
         text = json.dumps(doc, ensure_ascii=False, default=repr)
