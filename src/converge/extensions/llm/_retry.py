@@ -92,6 +92,9 @@ class RetryPolicy:
             UsageError: If ``retry`` is not an integer >= 0 or ``rand`` not in [0, 1].
         """
         _check_sample(retry, rand)
+        return self._backoff(retry, rand)
+
+    def _backoff(self, retry: int, rand: float) -> float:
         base = min(self.max_delay, self.initial_delay * 2.0 ** min(retry, 64))
         return float(base * (1 - self.jitter * rand))
 
@@ -129,7 +132,7 @@ class RetryPolicy:
                 return None
             delay = retry_after
         else:
-            delay = self.backoff(retry, rand)
+            delay = self._backoff(retry, rand)  # checked above
         if self.deadline is not None and elapsed + delay >= self.deadline:
             return None
         return delay
