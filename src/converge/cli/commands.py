@@ -187,13 +187,11 @@ def _webhook(args: argparse.Namespace) -> int:
     import httpx2
 
     try:
-        httpx2.URL(url)
-    except (httpx2.InvalidURL, ValueError) as exc:
-        raise UsageError(f"{url!r} is not a URL to send to: {exc}") from None
-    try:
         response = httpx2.post(
             url, headers=request.headers, content=request.body, timeout=args.timeout
         )
+    except httpx2.InvalidURL as exc:  # not an HTTPError
+        raise UsageError(f"{url!r} is not a URL to send to: {exc}") from None
     except httpx2.HTTPError as exc:
         print(f"error: could not reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
