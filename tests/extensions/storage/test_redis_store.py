@@ -192,7 +192,7 @@ async def test_put_if_absent_through_a_longer_stall_says_the_outcome_is_unknown(
     assert isinstance(result, StoreUnavailableError)  # callers mapping 503 still work
     assert "may or may not" in str(result)
     assert result.key == "claim"
-    assert 1.5 <= elapsed < 1.5 + 0.5
+    assert 1.5 <= elapsed < 1.5 + 1.0  # not 3x the timeout, as it was
     assert ours  # the server ran it after SIGCONT: "unknown" was the truth
 
 
@@ -205,13 +205,13 @@ async def test_reads_through_a_long_stall_fail_within_the_timeout(stallable: Red
             with pytest.raises(StoreUnavailableError) as info:
                 await store.aget("k")
             assert not isinstance(info.value, StoreOutcomeUnknownError)
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < 2.0  # timeout 1.0, plus a busy machine's slack
             started = time.monotonic()
             # The update stalls at WATCH, before anything is written: a known outcome.
             with pytest.raises(StoreUnavailableError) as info:
                 await store.aupdate(["k"], lambda cur: ({"k": cur["k"] + 1}, None))
             assert not isinstance(info.value, StoreOutcomeUnknownError)
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < 2.0  # timeout 1.0, plus a busy machine's slack
         finally:
             stallable.resume()
 
