@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 
+from converge._repr import safe_repr
 from converge.errors import UsageError
 
 __all__ = ["check_redis_url", "masked_url"]
@@ -37,7 +38,9 @@ def check_redis_url(url: object) -> str:
     """
     shown = masked_url(url) if isinstance(url, str) else url
     if not isinstance(url, str) or not url.startswith(_SCHEMES):
-        raise UsageError(f"url must be a redis://, rediss:// or unix:// URL, not {shown!r}")
+        raise UsageError(
+            f"url must be a redis://, rediss:// or unix:// URL, not {safe_repr(shown)}"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         _ = parts.port  # parsed on access: raises for a bad port

@@ -13,8 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from converge._repr import safe_repr
 from converge.core.message import Message, new_id
 from converge.core.task import TaskState
+from converge.core.task import _state as _task_state
 from converge.errors import FormatError, UsageError
 
 __all__ = [
@@ -92,10 +94,7 @@ class UpdateTask(Decision):
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id:
             raise UsageError("UpdateTask.task_id must be a non-empty string")
-        try:
-            object.__setattr__(self, "state", TaskState(self.state))
-        except ValueError as exc:
-            raise UsageError(f"unknown task state {self.state!r}") from exc
+        object.__setattr__(self, "state", _task_state(self.state))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,7 +161,7 @@ def decisions_to_json(decisions: Iterable[Decision]) -> list[dict[str, Any]]:
     out = []
     for decision in decisions:
         if not isinstance(decision, Decision):
-            raise UsageError(f"not a Decision: {decision!r}")
+            raise UsageError(f"not a Decision: {safe_repr(decision)}")
         out.append(decision.to_dict())
     return out
 

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.errors import UsageError
 
 __all__ = ["ShortTermMemory", "approximate_tokens"]
@@ -77,7 +78,7 @@ class ShortTermMemory:
         if not isinstance(role, str):
             raise UsageError(f"role must be a string, one of {sorted(_ROLES)}")
         if role not in _ROLES:
-            raise UsageError(f"unknown role {role!r}; one of {sorted(_ROLES)}")
+            raise UsageError(f"unknown role {safe_repr(role)}; one of {sorted(_ROLES)}")
         if not isinstance(content, str):
             raise UsageError("content must be a string")
         message = {"role": role, "content": content, **extra}

@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from converge._repr import safe_repr
 from converge.core.identity import Identity
 from converge.errors import MessageFormatError, UsageError
 
@@ -65,7 +66,7 @@ class Topic:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOPIC_RE.match(self.name):
             raise UsageError(
-                f"invalid topic {self.name!r}: use dot-separated segments of "
+                f"invalid topic {safe_repr(self.name)}: use dot-separated segments of "
                 "letters, digits, '_' or '-'"
             )
 

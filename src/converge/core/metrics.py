@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.errors import UsageError
 
 __all__ = ["DEFAULT_BUCKETS", "MetricsCollector"]
@@ -74,7 +75,7 @@ def _label_key(labels: Mapping[str, Any] | None) -> LabelKey:
         raise UsageError(f"labels must be a dict of names to values, not {type(labels).__name__}")
     for name in labels:
         if not isinstance(name, str) or not _LABEL_RE.match(name) or name.startswith("__"):
-            raise UsageError(f"invalid metric label name {name!r}")
+            raise UsageError(f"invalid metric label name {safe_repr(name)}")
     key = tuple(sorted((k, str(v)) for k, v in labels.items()))
     try:
         if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
@@ -116,7 +117,7 @@ class MetricsCollector:
 
     def __init__(self, namespace: str = "") -> None:
         if not isinstance(namespace, str) or (namespace and not _NAME_RE.match(namespace)):
-            raise UsageError(f"invalid metrics namespace {namespace!r}")
+            raise UsageError(f"invalid metrics namespace {safe_repr(namespace)}")
         self._namespace = namespace
         self._lock = threading.Lock()
         self._kinds: dict[str, str] = {}
@@ -128,7 +129,7 @@ class MetricsCollector:
 
     def _name(self, name: str, kind: str, help_text: str | None) -> str:
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise UsageError(f"invalid metric name {name!r}")
+            raise UsageError(f"invalid metric name {safe_repr(name)}")
         full = f"{self._namespace}_{name}" if self._namespace else name
         known = self._kinds.setdefault(full, kind)
         if known != kind:
@@ -212,7 +213,7 @@ class MetricsCollector:
     def get(self, name: str, *, labels: Mapping[str, Any] | None = None) -> float:
         """Current value of a counter or gauge series (0 when never set)."""
         if not isinstance(name, str):
-            raise UsageError(f"invalid metric name {name!r}")
+            raise UsageError(f"invalid metric name {safe_repr(name)}")
         full = f"{self._namespace}_{name}" if self._namespace else name
         key = _label_key(labels)
         with self._lock:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from converge._repr import safe_repr
 from converge.core.message import new_id
 from converge.errors import FormatError, UsageError
 
@@ -24,11 +25,14 @@ class TaskState(enum.StrEnum):
 
 
 def _state(value: TaskState | str) -> TaskState:
+    """``value`` as a :class:`TaskState`, or a UsageError naming the valid states."""
+    if not isinstance(value, str):  # Enum's own error would repr it (RecursionError)
+        raise UsageError(f"task state must be a str, not {type(value).__name__}")
     try:
         return TaskState(value)
     except ValueError:
         raise UsageError(
-            f"unknown task state {value!r}; one of {[s.value for s in TaskState]}"
+            f"unknown task state {safe_repr(value)}; one of {[s.value for s in TaskState]}"
         ) from None
 
 

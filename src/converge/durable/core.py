@@ -38,7 +38,7 @@ from converge.durable.records import DONE_STATUSES as _DONE
 from converge.durable.records import MAX_ATTEMPTS_KEPT as _KEPT
 from converge.durable.records import OPEN_STATUSES as _OPEN
 from converge.durable.records import Attempt, Record, clip_error
-from converge.errors import FormatError
+from converge.errors import FormatError, UsageError
 
 __all__ = [
     "COUNT_SHARDS",
@@ -91,6 +91,8 @@ class QueueKeys:
     dead_prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str):
+            raise UsageError(f"prefix must be a str, not {type(self.prefix).__name__}")
         for name in ("open", "done", "dead"):
             object.__setattr__(self, f"{name}_prefix", f"{self.prefix}:{name}:")
         object.__setattr__(self, "count", f"{self.prefix}:count")

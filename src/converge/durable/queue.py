@@ -13,6 +13,7 @@ import anyio.lowlevel
 
 from converge._expiring import ExpiringIds
 from converge._numbers import finite_float, positive_float
+from converge._repr import safe_repr
 from converge._sorting import sort_yielding
 from converge.core.store import Store, UpdateFn
 from converge.durable.core import (
@@ -76,7 +77,7 @@ def _positive(name: str, value: object) -> float:
 def _time(name: str, value: object) -> float:
     seconds = finite_float(value)
     if seconds is None:
-        raise UsageError(f"{name} must be a Unix time in seconds, not {value!r}")
+        raise UsageError(f"{name} must be a Unix time in seconds, not {safe_repr(value)}")
     return seconds
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from converge._repr import safe_repr
 from converge.core.hooks import MessageHook
 from converge.core.message import Message, Topic
 from converge.core.metrics import MetricsCollector
@@ -28,7 +29,7 @@ _log = logging.getLogger("converge.runtime")
 
 def _check_size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= 1, got {safe_repr(value)}")
     return value
 
 
@@ -295,7 +296,7 @@ class MessageBus:
             raise UsageError("hooks must be a sequence of MessageHook")
         for hook in hooks:
             if not isinstance(hook, MessageHook):
-                raise UsageError(f"hooks must be MessageHook instances, not {hook!r}")
+                raise UsageError(f"hooks must be MessageHook instances, not {safe_repr(hook)}")
         if metrics is not None and not isinstance(metrics, MetricsCollector):
             raise UsageError("metrics must be a MetricsCollector or None")
         self.hooks: tuple[MessageHook, ...] = tuple(hooks)

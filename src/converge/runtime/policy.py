@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from converge._chain import exception_chain
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.errors import (
     BudgetExceededError,
     ProviderRateLimitError,
@@ -18,10 +19,10 @@ __all__ = ["AgentRetry"]
 
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{name} must be a number of seconds, got {value!r}")
+        raise UsageError(f"{name} must be a number of seconds, got {safe_repr(value)}")
     seconds = finite_float(value)
     if seconds is None or seconds < 0:
-        raise UsageError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        raise UsageError(f"{name} must be a finite number of seconds >= 0, got {safe_repr(value)}")
     return seconds
 
 
@@ -56,13 +57,13 @@ class AgentRetry:
     def __post_init__(self) -> None:
         attempts = self.max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise UsageError(f"max_attempts must be an integer >= 1, got {attempts!r}")
+            raise UsageError(f"max_attempts must be an integer >= 1, got {safe_repr(attempts)}")
         _seconds("backoff", self.backoff)
         _seconds("max_backoff", self.max_backoff)
         _seconds("max_retry_after", self.max_retry_after)
         multiplier = _seconds("multiplier", self.multiplier)
         if multiplier < 1:
-            raise UsageError(f"multiplier must be >= 1, got {multiplier!r}")
+            raise UsageError(f"multiplier must be >= 1, got {safe_repr(multiplier)}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based).
@@ -71,7 +72,7 @@ class AgentRetry:
             UsageError: If ``attempt`` is not an integer.
         """
         if isinstance(attempt, bool) or not isinstance(attempt, int):
-            raise UsageError(f"attempt must be an integer, got {attempt!r}")
+            raise UsageError(f"attempt must be an integer, got {safe_repr(attempt)}")
         exponent = min(max(attempt - 1, 0), 64)  # large attempts: no float overflow
         return float(min(self.backoff * self.multiplier**exponent, self.max_backoff))
 

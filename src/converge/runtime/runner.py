@@ -17,6 +17,7 @@ import anyio.abc
 
 from converge import _sync
 from converge._numbers import wait_seconds
+from converge._repr import safe_repr
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool, SendMessage, UpdateTask
 from converge.core.events import DecisionsMade, EventEmitter, ToolInvoked, ToolResult
@@ -52,7 +53,7 @@ AgentErrorHandler = Callable[[AgentFailedError], Awaitable[None] | None]
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {safe_repr(value)}")
     return value
 
 
@@ -63,7 +64,7 @@ def _check_agents(agents: object) -> tuple[Agent, ...]:
     seen: set[str] = set()
     for agent in checked:
         if not isinstance(agent, Agent):
-            raise UsageError(f"agents must be Agent instances, not {agent!r}")
+            raise UsageError(f"agents must be Agent instances, not {safe_repr(agent)}")
         if agent.id in seen:
             raise UsageError(f"agent {agent.name!r} is listed twice")
         seen.add(agent.id)
@@ -78,7 +79,7 @@ def _check_tasks(tasks: object) -> dict[str, Task]:
     out: dict[str, Task] = {}
     for task in tasks:
         if not isinstance(task, Task):
-            raise UsageError(f"tasks must be Task instances, not {task!r}")
+            raise UsageError(f"tasks must be Task instances, not {safe_repr(task)}")
         out[task.id] = task
     return out
 
@@ -619,10 +620,10 @@ class AgentRunner:
     @staticmethod
     def _check_decisions(result: object) -> list[Decision]:
         if not isinstance(result, list | tuple):
-            raise UsageError(f"adecide must return a list of decisions, not {result!r}")
+            raise UsageError(f"adecide must return a list of decisions, not {safe_repr(result)}")
         for decision in result:
             if not isinstance(decision, Decision):
-                raise UsageError(f"adecide returned {decision!r}, which is not a Decision")
+                raise UsageError(f"adecide returned {safe_repr(decision)}, which is not a Decision")
         return list(result)
 
     async def _execute(self, agent: Agent, decision: Decision) -> None:
@@ -738,7 +739,7 @@ def _check_timeout(name: str, value: object) -> float | None:
         return None
     seconds = wait_seconds(value)
     if seconds is None:
-        raise UsageError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
+        raise UsageError(f"{name} must be a number of seconds >= 0 or None, got {safe_repr(value)}")
     return seconds
 
 
@@ -793,7 +794,7 @@ async def arun_agents(
         raise UsageError("messages must be a sequence of Message")
     for message in messages:
         if not isinstance(message, Message):
-            raise UsageError(f"messages must be Message instances, not {message!r}")
+            raise UsageError(f"messages must be Message instances, not {safe_repr(message)}")
     predicate: Callable[[AgentRunner], bool] = until if until is not None else _idle
     bus = MessageBus(hooks=hooks, inbox_size=inbox_size)
     runner = AgentRunner(

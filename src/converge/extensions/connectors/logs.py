@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Literal
 
+from converge._repr import safe_repr
 from converge.errors import ConfigurationError
 
 __all__ = [
@@ -469,13 +470,15 @@ def configure_logging(
         ConfigurationError: For an unknown level or format.
     """
     if log_format not in LOG_FORMATS:
-        raise ConfigurationError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
+        raise ConfigurationError(
+            f"log_format must be one of {LOG_FORMATS}, not {safe_repr(log_format)}"
+        )
     if isinstance(level, int) and not isinstance(level, bool):  # logging.INFO and the like
         numeric = level if logging.getLevelName(level) in _LEVELS else None
     else:
         numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else None
     if not isinstance(numeric, int):
-        raise ConfigurationError(f"unknown log level {level!r}")
+        raise ConfigurationError(f"unknown log level {safe_repr(level)}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()

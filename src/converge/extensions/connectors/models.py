@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.errors import ConfigurationError, UsageError
 
 __all__ = [
@@ -67,22 +68,26 @@ _RESERVED_OUTBOUND_HEADERS = frozenset(
 
 def _require_str(owner: str, name: str, value: object, *, empty: bool = False) -> str:
     if not isinstance(value, str) or (not empty and not value):
-        raise ConfigurationError(f"{owner}.{name} must be a non-empty string, got {value!r}")
+        raise ConfigurationError(
+            f"{owner}.{name} must be a non-empty string, got {safe_repr(value)}"
+        )
     return value
 
 
 def _require_number(owner: str, name: str, value: object, *, minimum: float = 0.0) -> float:
     number = finite_float(value)
     if number is None:
-        raise ConfigurationError(f"{owner}.{name} must be a finite number, got {value!r}")
+        raise ConfigurationError(f"{owner}.{name} must be a finite number, got {safe_repr(value)}")
     if number < minimum:
-        raise ConfigurationError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+        raise ConfigurationError(f"{owner}.{name} must be >= {minimum}, got {safe_repr(value)}")
     return number
 
 
 def _require_int(owner: str, name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigurationError(
+            f"{owner}.{name} must be an integer >= {minimum}, got {safe_repr(value)}"
+        )
     return value
 
 
@@ -151,25 +156,27 @@ class ProviderProfile:
         owner = "ProviderProfile"
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise ConfigurationError(
-                f"{owner}.name {self.name!r} must be 1-64 letters, digits, '_', '.' or '-'"
+                f"{owner}.name {safe_repr(self.name)} must be 1-64 letters, digits, '_', '.' or '-'"
             )
         _require_str(owner, "secret_ref", self.secret_ref)
         for attr in ("signature_header", "timestamp_header"):
             value = getattr(self, attr)
             if not isinstance(value, str) or not _HEADER_RE.match(value):
-                raise ConfigurationError(f"{owner}.{attr} {value!r} is not a header name")
+                raise ConfigurationError(f"{owner}.{attr} {safe_repr(value)} is not a header name")
         for attr in ("event_id_field", "subject_field", "source_field"):
             _require_str(owner, attr, getattr(self, attr))
         if self.scheme not in SCHEMES:
-            raise ConfigurationError(f"{owner}.scheme {self.scheme!r} is not one of {SCHEMES}")
+            raise ConfigurationError(
+                f"{owner}.scheme {safe_repr(self.scheme)} is not one of {SCHEMES}"
+            )
         if self.signature_algorithm not in SIGNATURE_ALGORITHMS:
             raise ConfigurationError(
-                f"{owner}.signature_algorithm {self.signature_algorithm!r} is not one of "
+                f"{owner}.signature_algorithm {safe_repr(self.signature_algorithm)} is not one of "
                 f"{SIGNATURE_ALGORITHMS}"
             )
         if self.canonicalization not in CANONICALIZATIONS:
             raise ConfigurationError(
-                f"{owner}.canonicalization {self.canonicalization!r} is not one of "
+                f"{owner}.canonicalization {safe_repr(self.canonicalization)} is not one of "
                 f"{CANONICALIZATIONS}"
             )
         if self.scheme != "hmac" and (
@@ -251,7 +258,7 @@ class WebhookSecurityPolicy:
                 ipaddress.ip_network(_require_str(owner, "ip_allowlist[]", entry), strict=False)
             except ValueError as exc:
                 raise ConfigurationError(
-                    f"{owner}.ip_allowlist: {entry!r} is not an address or CIDR network"
+                    f"{owner}.ip_allowlist: {safe_repr(entry)} is not an address or CIDR network"
                 ) from exc
         object.__setattr__(self, "ip_allowlist", tuple(allow))
 
@@ -350,9 +357,9 @@ def _url_problem(url: str) -> str | None:
     try:
         parsed = httpx2.URL(url)
     except (httpx2.InvalidURL, TypeError, ValueError):
-        return f"url {url!r} is not a URL"
+        return f"url {safe_repr(url)} is not a URL"
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        return f"url must be an absolute http(s) URL, got {url!r}"
+        return f"url must be an absolute http(s) URL, got {safe_repr(url)}"
     if parsed.userinfo:
         return "url must not embed credentials"
     return None
@@ -589,7 +596,9 @@ class OutboundTarget:
     def __post_init__(self) -> None:
         owner = "OutboundTarget"
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ConfigurationError(f"{owner}.name {self.name!r} must be 1-64 name characters")
+            raise ConfigurationError(
+                f"{owner}.name {safe_repr(self.name)} must be 1-64 name characters"
+            )
         try:
             _check_url(owner, self.url)
         except UsageError as exc:

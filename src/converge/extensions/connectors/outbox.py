@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.core.store import Store, WithTTL
 from converge.durable import Attempt, DurableQueue, Record
 from converge.errors import DuplicateRecordError, IdempotencyConflictError, UsageError
@@ -48,7 +49,7 @@ def action_id(action: OutboundWebhookAction, namespace: str = "api") -> str:
     """The outbox id of ``action``: derived from its namespace and idempotency key, else
     random. Equal keys in different namespaces give different ids."""
     if namespace not in NAMESPACES:
-        raise UsageError(f"namespace must be one of {NAMESPACES}, got {namespace!r}")
+        raise UsageError(f"namespace must be one of {NAMESPACES}, got {safe_repr(namespace)}")
     if action.idempotency_key is None:
         return DurableQueue.new_id()
     seed = f"{namespace}\0{action.idempotency_key}"
@@ -484,7 +485,7 @@ class Outbox:
         """
         record = _held(record)
         if finite_float(delay) is None or delay < 0:
-            raise UsageError(f"delay must be a number of seconds >= 0, not {delay!r}")
+            raise UsageError(f"delay must be a number of seconds >= 0, not {safe_repr(delay)}")
         if not isinstance(attempt, Attempt):
             raise UsageError(f"attempt must be an Attempt, not {type(attempt).__name__}")
         queue = self.queue

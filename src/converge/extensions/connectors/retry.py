@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.errors import ConfigurationError, UsageError
 
 __all__ = [
@@ -101,9 +102,11 @@ class WebhookRetryPolicy:
 
 def _check_attempt(attempt: object, rand: object) -> None:
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise UsageError(f"attempt must be an integer >= 1, got {attempt!r}")
+        raise UsageError(f"attempt must be an integer >= 1, got {safe_repr(attempt)}")
     if not callable(rand):
-        raise UsageError(f"rand must be a function returning a float in [0, 1), not {rand!r}")
+        raise UsageError(
+            f"rand must be a function returning a float in [0, 1), not {safe_repr(rand)}"
+        )
 
 
 def _check_number(owner: str, name: str, value: object, *, positive: bool = False) -> float:

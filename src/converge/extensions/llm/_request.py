@@ -16,6 +16,7 @@ from typing import Any
 
 from converge import _http
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.errors import UsageError
 from converge.extensions.llm.protocol import ToolCall
 
@@ -372,10 +373,10 @@ def _headers(value: Any) -> dict[str, str] | None:
         if not isinstance(name, str) or not isinstance(text, str):
             raise UsageError("extra_headers must be a dict of header name -> string value")
         if _http.HEADER_NAME.fullmatch(name) is None:
-            raise UsageError(f"extra_headers: {name!r} is not a valid HTTP header name")
+            raise UsageError(f"extra_headers: {safe_repr(name)} is not a valid HTTP header name")
         if _http.HEADER_VALUE.fullmatch(text) is None:
             raise UsageError(
-                f"extra_headers[{name!r}] must be printable ASCII (no line breaks or "
+                f"extra_headers[{safe_repr(name)}] must be printable ASCII (no line breaks or "
                 "control characters)"
             )
     return dict(value)
@@ -403,7 +404,7 @@ def _tool_choice(value: Any, tools: tuple[ToolSpec, ...]) -> str | None:
     if not isinstance(value, str) or not value:
         raise UsageError("tool_choice must be 'auto', 'none', 'required' or a tool name")
     if value not in _TOOL_CHOICES and value not in {t.name for t in tools}:
-        raise UsageError(f"tool_choice {value!r} names no tool in tools")
+        raise UsageError(f"tool_choice {safe_repr(value)} names no tool in tools")
     return value
 
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 import anyio
 
 from converge._numbers import finite_float, positive_float
+from converge._repr import safe_repr
 from converge.errors import ConfigurationError, ProviderError, ProviderTimeoutError, UsageError
 
 __all__ = ["Failure", "RetryPolicy", "acall_with_retry", "parse_retry_after"]
@@ -73,7 +74,9 @@ class RetryPolicy:
         for name in ("initial_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
             if finite_float(value) is None or value < 0:
-                raise ConfigurationError(f"{name} must be a finite number >= 0, not {value!r}")
+                raise ConfigurationError(
+                    f"{name} must be a finite number >= 0, not {safe_repr(value)}"
+                )
         if self.initial_delay > self.max_delay:
             raise ConfigurationError("initial_delay must not exceed max_delay")
         jitter = finite_float(self.jitter)
@@ -140,7 +143,7 @@ class RetryPolicy:
 
 def _check_sample(retry: object, rand: object) -> None:
     if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
-        raise UsageError(f"retry must be an integer >= 0, not {retry!r}")
+        raise UsageError(f"retry must be an integer >= 0, not {safe_repr(retry)}")
     sample = finite_float(rand)
     if sample is None or not 0 <= sample <= 1:
         raise UsageError("rand must be a number in [0, 1]")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from converge._repr import safe_repr
 from converge.errors import UsageError
 
 __all__ = ["STOP_REASONS", "ChatResult", "LLMProvider", "ToolCall", "Usage"]
@@ -69,7 +70,7 @@ class Usage:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UsageError(
-                    f"Usage.{name} must be a non-negative integer or None, not {value!r}"
+                    f"Usage.{name} must be a non-negative integer or None, not {safe_repr(value)}"
                 )
 
     @property
@@ -156,7 +157,7 @@ class ChatResult:
         if not isinstance(self.stop_reason, str) or self.stop_reason not in STOP_REASONS:
             raise UsageError(
                 f"ChatResult.stop_reason must be one of {sorted(STOP_REASONS)}, "
-                f"not {self.stop_reason!r}"
+                f"not {safe_repr(self.stop_reason)}"
             )
         calls = self.tool_calls
         if type(calls) is not tuple or (calls and not all(isinstance(c, ToolCall) for c in calls)):

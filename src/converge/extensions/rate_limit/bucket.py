@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from converge._numbers import finite_float
+from converge._repr import safe_repr
 from converge.errors import ConfigurationError
 
 __all__ = [
@@ -53,7 +54,7 @@ def _number(name: str, value: object) -> float:
         raise ConfigurationError(f"{name} must be a number, not {type(value).__name__}")
     number = finite_float(value)
     if number is None:
-        raise ConfigurationError(f"{name} must be finite, got {value!r}")
+        raise ConfigurationError(f"{name} must be finite, got {safe_repr(value)}")
     return number
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 
 from converge._numbers import wait_seconds
+from converge._repr import safe_repr
 from converge.core.message import Message
 from converge.core.store import Store
 from converge.errors import (
@@ -79,10 +80,10 @@ def _timeout_ns(timeout: object) -> int | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise UsageError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        raise UsageError(f"timeout must be a number of seconds or None, not {safe_repr(timeout)}")
     seconds = wait_seconds(timeout)
     if seconds is None:
-        raise UsageError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        raise UsageError(f"timeout must be >= 0 seconds, got {safe_repr(timeout)}")
     if math.isinf(seconds):
         return None
     return math.ceil(seconds * _NS)
@@ -196,7 +197,7 @@ class RateLimiter:
         except TypeError:
             lane = None
         if lane is None:
-            raise UsageError(f"direction must be 'egress' or 'ingress', got {direction!r}")
+            raise UsageError(f"direction must be 'egress' or 'ingress', got {safe_repr(direction)}")
         if not isinstance(message, Message):
             raise UsageError(f"expected a converge Message, got {type(message).__name__}")
         result: _Lane = lane

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from converge._numbers import positive_float
+from converge._repr import safe_repr
 from converge.core.store import validate_key
 from converge.errors import StoreCorruptedError, UsageError
 
@@ -102,7 +103,7 @@ def get_serializer(name: object) -> Serializer:
     """
     if isinstance(name, str) and name in _SERIALIZERS:
         return _SERIALIZERS[name]
-    raise UsageError(f"serializer must be 'pickle' or 'json', not {name!r}")
+    raise UsageError(f"serializer must be 'pickle' or 'json', not {safe_repr(name)}")
 
 
 def key_bytes(key: str) -> bytes:
@@ -156,7 +157,7 @@ def check_update(keys: object, fn: object) -> list[str]:
 def check_bool(value: object, name: str) -> bool:
     """Return ``value`` if it is a bool, else raise ``UsageError``."""
     if not isinstance(value, bool):
-        raise UsageError(f"{name} must be True or False, not {value!r}")
+        raise UsageError(f"{name} must be True or False, not {safe_repr(value)}")
     return value
 
 
@@ -164,5 +165,5 @@ def check_timeout(value: object, name: str) -> float:
     """Return ``value`` as float seconds if it is a positive finite number."""
     seconds = positive_float(value)
     if seconds is None:
-        raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+        raise UsageError(f"{name} must be a positive number of seconds, not {safe_repr(value)}")
     return seconds

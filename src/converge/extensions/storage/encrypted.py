@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar, cast
 
 import anyio.to_thread
 
+from converge._repr import safe_repr
 from converge.core.store import (
     Store,
     UpdateFn,
@@ -126,7 +127,7 @@ class EncryptedStore(Store):
         checked: dict[str, bytes] = {}
         for key_id, key in keys.items():
             if not isinstance(key_id, str) or not key_id:
-                raise UsageError(f"key ids must be non-empty str, not {key_id!r}")
+                raise UsageError(f"key ids must be non-empty str, not {safe_repr(key_id)}")
             if len(key_id.encode("utf-8", "surrogatepass")) > 255:
                 raise UsageError(f"key id {key_id[:40]!r}... is longer than 255 bytes")
             if not isinstance(key, bytes | bytearray | memoryview):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from converge._repr import safe_repr
 from converge._sorting import sort_yielding
 from converge.core.store import (
     Store,
@@ -83,7 +84,7 @@ class MemoryStore(Store):
         serializer: SerializerName | None = None,
     ) -> None:
         if not callable(clock):
-            raise UsageError(f"clock must be callable, not {clock!r}")
+            raise UsageError(f"clock must be callable, not {safe_repr(clock)}")
         self._clock = clock
         self._serializer = None if serializer is None else get_serializer(serializer)
         # Re-entrant so that an update function that (against advice) calls the store

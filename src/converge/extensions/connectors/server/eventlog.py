@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
+from converge._repr import safe_repr
 from converge.durable import STATUSES as _STATUSES
 from converge.durable import Attempt, DurableQueue, Record
 from converge.errors import FormatError, UsageError
@@ -380,7 +381,7 @@ class EventLog:
 
     def _queue(self, section: str) -> RecordQueue:
         if section not in SECTIONS:
-            raise UsageError(f"section must be one of {SECTIONS}, not {section!r}")
+            raise UsageError(f"section must be one of {SECTIONS}, not {safe_repr(section)}")
         found = self._queues.get(section)
         if found is None:
             raise UsageError(f"this gateway keeps no {section} (its connector has no such queue)")
@@ -408,7 +409,7 @@ class EventLog:
             UsageError: For an unknown section or status, or a bad limit.
         """
         if status is not None and status not in _STATUSES:
-            raise UsageError(f"status must be one of {_STATUSES}, not {status!r}")
+            raise UsageError(f"status must be one of {_STATUSES}, not {safe_repr(status)}")
         if section == "dead-letters":
             if status not in (None, "dead"):
                 return []
