@@ -326,8 +326,9 @@ def test_an_accepted_webhook_costs_two_redis_round_trips(tmp_path: Path) -> None
     round_trips = sum(n for c, n in ran.items() if c not in in_scripts)
     # Besides: the replica's own polls meanwhile, one listing script (EVALSHA) each, and
     # its event-log trims (every 10 s: a counter read, MGET, and two listings), which
-    # CI's run at aed57da caught once inside the window.
-    trims = int(window // 10) + 1
+    # CI's run at aed57da caught once inside the window; a run on a loaded machine saw two
+    # MGETs more than the events in a 1.1 s window (background work running late).
+    trims = int(window // 10) + 2
     assert 50 <= ran.get("mget", 0) <= 50 + trims, (ran, window)
     assert 50 <= ran.get("evalsha", 0) <= 60, ran
     assert round_trips - 100 <= 10, ran
