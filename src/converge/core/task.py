@@ -25,7 +25,7 @@ class TaskState(enum.StrEnum):
 
 
 def _state(value: TaskState | str) -> TaskState:
-    """``value`` as a :class:`TaskState`, or a UsageError naming the valid states."""
+    """``value`` as a :class:`TaskState`; a UsageError for anything else."""
     if not isinstance(value, str):  # Enum's own error would repr it (RecursionError)
         raise UsageError(f"task state must be a str, not {type(value).__name__}")
     try:
