@@ -63,7 +63,7 @@ class AgentRetry:
         _seconds("max_retry_after", self.max_retry_after)
         multiplier = _seconds("multiplier", self.multiplier)
         if multiplier < 1:
-            raise UsageError(f"multiplier must be >= 1, got {safe_repr(multiplier)}")
+            raise UsageError(f"multiplier must be >= 1, got {multiplier!r}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based).
