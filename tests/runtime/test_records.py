@@ -53,6 +53,13 @@ def test_decisions_to_json_refuses_non_decisions() -> None:
     with pytest.raises(UsageError):
         decisions_to_json(5)  # type: ignore[arg-type]  # raised TypeError
 
+    class Unshowable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    with pytest.raises(UsageError):  # the message's own repr raised RuntimeError
+        decisions_to_json(Unshowable())  # type: ignore[arg-type]
+
 
 @pytest.mark.parametrize(
     ("agent_id", "messages"),

@@ -157,7 +157,9 @@ def decisions_to_json(decisions: Iterable[Decision]) -> list[dict[str, Any]]:
         UsageError: For something that is not a Decision, or ``decisions`` not iterable.
     """
     if not isinstance(decisions, Iterable) or isinstance(decisions, str | bytes | Mapping):
-        raise UsageError(f"decisions must be an iterable of Decision, not {decisions!r:.80}")
+        raise UsageError(
+            f"decisions must be an iterable of Decision, not {safe_repr(decisions):.80}"
+        )
     out = []
     for decision in decisions:
         if not isinstance(decision, Decision):
