@@ -217,6 +217,17 @@ async def test_trim_reads_no_record_while_the_log_is_within_its_bound() -> None:
     assert store.reads <= 300 + 2 * 200  # each record read once, then the purges
 
 
+async def test_trimming_a_queue_of_another_kind_gives_the_loop_back() -> None:
+    # Such a queue is trimmed a purge at a time; on a MemoryStore none of them yields.
+    events = DurableQueue(MemoryStore(), prefix="t:inbox", kind="inbound")
+    for i in range(352):
+        await events.aadd({"n": i}, key="stripe", status="acknowledged")
+    log = EventLog(events=OtherQueue(events), max_records=32)
+    trimmed, during = await ticks_during(log.atrim())
+    assert trimmed == 320
+    assert during >= 320 // 32  # the listing alone gives the loop back a few times
+
+
 async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_queue() -> None:
     import time
     from types import SimpleNamespace

@@ -46,8 +46,9 @@ Section = Literal["events", "deliveries", "dead-letters"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])\Z")
 _UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DONE_OR_DEAD = ("acknowledged", "delivered", "dead")
-# Replays between two turns of the event loop in a bulk replay (about 2 ms on a MemoryStore).
-_REPLAY_STEP = 32
+# Records replayed or purged one by one between two turns of the event loop (about 2 ms
+# on a MemoryStore, which never yields by itself).
+_STEP = 32
 
 
 class RecordQueue(Protocol):
@@ -493,9 +494,7 @@ class EventLog:
             again = await self._queues[name].areplay(record_id)
             if again is not None:
                 replayed.append(again)
-            if n % _REPLAY_STEP == 0:
-                # A store that works inline (a MemoryStore) never gives the loop back:
-                # 10,000 replays in a row held it for 0.7 s.
+            if n % _STEP == 0:  # 10,000 replays in a row held the loop for 0.7 s
                 await anyio.lowlevel.checkpoint()
         return replayed
 
@@ -550,9 +549,11 @@ class EventLog:
                 continue
             finished = [r for r in await queue.alist(limit=2**31 - 1) if r.status in _DONE_OR_DEAD]
             finished.sort(key=lambda r: (r.updated, r.id), reverse=True)
-            for record in finished[self.max_records :]:
+            for n, record in enumerate(finished[self.max_records :], 1):
                 if await queue.apurge(record.id) is not None:
                     deleted += 1
+                if n % _STEP == 0:
+                    await anyio.lowlevel.checkpoint()
         return deleted
 
     async def arecount(self, section: str) -> int:
