@@ -120,6 +120,30 @@ def test_an_unknown_serializer_is_a_usage_error(bad: Any) -> None:
         MemoryStore(serializer=bad)
 
 
+def test_a_call_frees_a_bounded_number_of_expired_entries_and_hides_the_rest() -> None:
+    # Freeing 100,000 expired entries in one call held the event loop for 180 ms.
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    for i in range(2_500):
+        store.put(f"g:t{i}", i, ttl=1 + (i % 2))  # two expiry times, 1,250 keys each
+        store.put(f"g:kept{i}", i)
+    clock.now += 5
+    assert store.get("g:t1") is None
+    assert len(store._data) == 5_000 - 1_000
+    assert store.list("g:t") == []
+    assert store.list("") == sorted(f"g:kept{i}" for i in range(2_500))
+    assert store.put_if_absent("g:t3", "new") is True
+    assert store.update(["g:t5", "g:t7"], lambda current: ({}, current)) == {
+        "g:t5": None,
+        "g:t7": None,
+    }
+    assert store.get("g:t3") == "new"  # written again: not freed when its old time comes
+    for _ in range(3):
+        store.get("x")
+    assert set(store._data) == {"g:t3"} | {f"g:kept{i}" for i in range(2_500)}
+    assert (store._heap, store._due, store._expires, store._lagging) == ([], {}, {}, False)
+
+
 @pytest.mark.parametrize("serializer", [None, "json"])
 def test_serialized_values_are_out_of_the_collectors_reach(serializer: Any) -> None:
     # What a busy gateway's event log holds: thousands of nested JSON objects. Kept by
@@ -156,7 +180,8 @@ def test_expired_entries_are_freed_without_being_read() -> None:
     for i in range(10_000):
         store.put(f"k{i}", i, ttl=1)
     clock.now += 2
-    store.put("other", 0)  # any call sweeps
+    for _ in range(10):
+        store.put("other", 0)  # any call sweeps, 1,000 entries at most
     assert len(store._data) == 1
     assert (store._heap, store._due, store._expires) == ([], {}, {})
     assert store._groups == {"": {"other"}}
