@@ -102,8 +102,9 @@ class MemoryStore(Store):
         # collection after a large trim took 25-45 ms.
         self._data: dict[str, Any] = {}
         self._expires: dict[str, float] = {}  # key -> expiry time, keys with a TTL only
-        # expiry time -> the key (or keys) due then, and a heap of those times. A key
-        # whose expiry moved, or that was deleted, is skipped when its old time comes.
+        # expiry time -> the key (or keys) due then, and a heap of those times. Every key
+        # with a TTL is due at its expiry or before: when an earlier time comes, a key
+        # whose expiry moved on is put under its expiry; a deleted one is skipped.
         self._due: dict[float, str | builtins.list[str]] = {}
         self._heap: builtins.list[float] = []
         # key up to its last ":" -> the keys there (list() reads only matching groups)
@@ -130,8 +131,11 @@ class MemoryStore(Store):
                 keys = keys[:left]
             left -= len(keys)
             for key in keys:
-                if expires.get(key) == at:
+                when = expires.get(key)
+                if when == at:
                     self._drop(key)
+                elif when is not None and when > at and _schedule(due, key, when):
+                    heapq.heappush(heap, when)  # written again since: its time moved on
         self._lagging = bool(heap) and heap[0] <= now
         return now
 
@@ -163,11 +167,18 @@ class MemoryStore(Store):
             self._expires.pop(key, None)
             return
         at = now + ttl
+        earlier = self._expires.get(key)
         self._expires[key] = at
+        if earlier is not None and earlier <= at:
+            # Its earlier time is on the heap already, and the sweep moves it on to this
+            # one then: rewriting a key pushes nothing (a heap of stale times had to be
+            # rebuilt whole, 60 ms for 100,000 keys).
+            return
         if _schedule(self._due, key, at):  # a new time: onto the heap
             heapq.heappush(self._heap, at)
             if len(self._heap) > 2 * len(self._expires) + 64:
-                # Keys rewritten with new expiry times leave stale times behind.
+                # Keys deleted, or rewritten with an earlier expiry or none, leave stale
+                # times behind.
                 due: dict[float, str | builtins.list[str]] = {}
                 for k, when in self._expires.items():
                     _schedule(due, k, when)
