@@ -35,6 +35,10 @@ _NS = 1_000_000_000
 # entries, and then again whenever it doubles; sweeping is O(live buckets), so the
 # amortised cost per decision stays O(1) and memory stays within ~2x the live buckets.
 _SWEEP_MIN = 1024
+# A sweep goes through a snapshot of the table's keys this many at a time, a step each
+# time a new bucket is added meanwhile: sweeping a million buckets at once held the
+# event loop for 30-45 ms, and one step takes about 1 ms.
+_SWEEP_STEP = 2048
 # Store keys expire this long after their bucket is full again: clocks of the limiter and
 # the store differ slightly, and a full bucket lingering a little longer reads the same.
 _TTL_MARGIN_S = 1.0
@@ -50,22 +54,37 @@ _Outcome = tuple[int, list[tuple[Any, Any]] | None]
 class _Lane:
     """The in-memory buckets of one direction, and its store key prefixes."""
 
-    __slots__ = ("glob", "limits", "prefix", "senders", "topics")
+    __slots__ = ("glob", "limits", "prefix", "senders", "sweeping", "topics")
 
     def __init__(self, prefix: str) -> None:
         self.glob: dict[str, int] = {}
         self.senders: dict[str, int] = {}
         self.topics: dict[str, int] = {}
-        # sweep thresholds for senders and topics
+        # sweep thresholds for senders and topics: a sweep step is due when the table
+        # holds more buckets
         self.limits = [_SWEEP_MIN, _SWEEP_MIN]
+        # the keys of senders and topics a sweep has yet to look at (None: no sweep)
+        self.sweeping: list[list[str] | None] = [None, None]
         self.prefix = prefix
 
-
-def _sweep(table: dict[str, int], now: int) -> int:
-    """Forget the full buckets of ``table``; return its next sweep threshold."""
-    for key in [k for k, tat in table.items() if tat <= now]:
-        del table[key]
-    return max(_SWEEP_MIN, 2 * len(table))
+    def sweep(self, which: int, now: int) -> None:
+        """A step of sweeping the senders (``which`` 0) or topics (1): forget the full
+        buckets among the next ``_SWEEP_STEP`` keys, and set the next threshold."""
+        table = self.topics if which else self.senders
+        keys = self.sweeping[which]
+        if keys is None:
+            keys = self.sweeping[which] = list(table)
+        step = keys[-_SWEEP_STEP:]
+        del keys[-_SWEEP_STEP:]
+        for key in step:
+            tat = table.get(key)
+            if tat is not None and tat <= now:
+                del table[key]
+        if keys:
+            self.limits[which] = len(table)  # the next new bucket takes the next step
+        else:
+            self.sweeping[which] = None
+            self.limits[which] = max(_SWEEP_MIN, 2 * len(table))
 
 
 def _check_config(name: str, value: object) -> BucketParams | None:
@@ -292,13 +311,13 @@ class RateLimiter:
                             news[name] = new_t
                     self_topics.update(news)
                 if len(self_topics) > lane.limits[1]:
-                    lane.limits[1] = _sweep(self_topics, now)
+                    lane.sweep(1, now)
             if gp is not None:
                 lane.glob[""] = new_g
             if sp is not None:
                 senders[sender] = new_s
                 if len(senders) > lane.limits[0]:
-                    lane.limits[0] = _sweep(senders, now)
+                    lane.sweep(0, now)
             return True
         finally:
             lock.release()
@@ -353,9 +372,9 @@ class RateLimiter:
             for (table, key), tat in zip(refs, new, strict=True):
                 table[key] = tat
             if len(lane.senders) > lane.limits[0]:
-                lane.limits[0] = _sweep(lane.senders, now)
+                lane.sweep(0, now)
             if len(lane.topics) > lane.limits[1]:
-                lane.limits[1] = _sweep(lane.topics, now)
+                lane.sweep(1, now)
             return wait, list(zip(refs, tats, new, strict=True))
 
     def _release_local(self, taken: list[tuple[_Ref, int, int]]) -> None:
