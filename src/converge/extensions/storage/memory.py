@@ -118,9 +118,20 @@ class MemoryStore(Store):
         if self._closed:
             raise ClosedError("MemoryStore was closed")
         now = self._clock()
+        heap = self._heap
+        if heap and heap[0] <= now:
+            self._lagging = self._free_due(now)
+        elif self._lagging:
+            self._lagging = False
+        return now
+
+    def _free_due(self, now: float) -> bool:
+        """Free up to ``_SWEEP_BATCH`` expired entries; True if more are due."""
         heap, due, expires = self._heap, self._due, self._expires
         left = _SWEEP_BATCH
-        while heap and heap[0] <= now and left > 0:
+        while heap and heap[0] <= now:
+            if left <= 0:
+                return True
             at = heapq.heappop(heap)
             keys = due.pop(at)
             if isinstance(keys, str):
@@ -136,12 +147,12 @@ class MemoryStore(Store):
                     self._drop(key)
                 elif when is not None and when > at and _schedule(due, key, when):
                     heapq.heappush(heap, when)  # written again since: its time moved on
-        self._lagging = bool(heap) and heap[0] <= now
-        return now
+        return False
 
     def _expired(self, key: str, now: float) -> bool:
-        """Whether ``key``'s entry expired but waits for a later sweep."""
-        return self._lagging and self._expires.get(key, now + 1.0) <= now
+        """Whether ``key``'s entry expired but waits for a later sweep (callers ask only
+        while ``_lagging``: a call per read costs the hot path)."""
+        return self._expires.get(key, now + 1.0) <= now
 
     def _drop(self, key: str) -> None:
         if key not in self._data:
@@ -192,7 +203,7 @@ class MemoryStore(Store):
 
     def _read(self, key: str, now: float) -> Any:
         value = self._data.get(key)
-        if value is None or self._expired(key, now):
+        if value is None or (self._lagging and self._expired(key, now)):
             return None
         serializer = self._serializer
         if serializer is None:
@@ -262,7 +273,7 @@ class MemoryStore(Store):
         stored = self._encode(key, value)
         with self._lock:
             now = self._sweep()
-            if key in self._data and not self._expired(key, now):
+            if key in self._data and not (self._lagging and self._expired(key, now)):
                 return False
             self._store(key, stored, seconds, now)
             return True
