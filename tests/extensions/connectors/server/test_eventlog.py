@@ -170,7 +170,11 @@ async def test_the_trimmer_keeps_the_log_bounded_while_it_runs(store: SQLiteStor
 
 def test_the_inspector_escapes_what_it_shows() -> None:
     from converge.durable import Record
-    from converge.extensions.connectors.server.inspector import render_detail, render_list
+    from converge.extensions.connectors.server.inspector import (
+        render_detail,
+        render_list,
+        render_row,
+    )
 
     evil = "<script>alert(1)</script>"
     record = Record(
@@ -186,7 +190,14 @@ def test_the_inspector_escapes_what_it_shows() -> None:
     view = record_view(record, data=True)
     for html in (
         render_detail(view, base="/admin"),
-        render_list("events", [view], base="/admin", keys=[evil], statuses=["dead"], key=evil),
+        render_list(
+            "events",
+            [render_row(view, "events", base="/admin", back="/admin/")],
+            base="/admin",
+            keys=[evil],
+            statuses=["dead"],
+            key=evil,
+        ),
     ):
         assert "<script>" not in html
         assert "&lt;script&gt;" in html

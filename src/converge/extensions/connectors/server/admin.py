@@ -365,9 +365,12 @@ class AdminApp:
             message = f"Purged {query['purged']}."
         back_query = {k: v for k, v in query.items() if k in ("view", "key", "status", "since")}
         back = f"{base}/?{urlencode(back_query or {'view': section})}"
+        rows = await _drain(
+            records, lambda r: inspector.render_row(record_view(r), section, base=base, back=back)
+        )
         html = inspector.render_list(
             section,
-            [record_view(r) for r in records],
+            rows,
             base=base,
             keys=keys,
             statuses=statuses,

@@ -150,9 +150,42 @@ def _action(base: str, action: str, view: Mapping[str, Any], section: str, back:
     )
 
 
+def render_row(view: Mapping[str, Any], section: str, *, base: str, back: str) -> str:
+    """One record's row of :func:`render_list`'s table.
+
+    Args:
+        view: The record (a :func:`~.eventlog.record_view` dict).
+        section: The section listed.
+        base: URL path of the admin root (``/admin``).
+        back: The list page's URL (its forms come back to it).
+    """
+    label = _KEY_LABEL.get(section, "key")
+    record_section = str(view.get("section") or section)
+    detail = f"{base}/{record_section}/{view['id']}"
+    actions = ""
+    if view["status"] in ("acknowledged", "delivered", "dead"):
+        actions += _action(base, "replay", view, record_section, back)
+    if view["status"] == "dead":
+        actions += _action(base, "purge", view, record_section, back)
+    last = str(view.get("last_result") or "")
+    received = escape(str(view.get("created_at") or ""))
+    return (
+        f'<tr class="record" data-id="{escape(str(view["id"]))}">'
+        f'<td class="id" data-label="id"><a href="{escape(detail)}">'
+        f"{escape(str(view['id']))}</a></td>"
+        f'<td class="key" data-label="{escape(label)}">{escape(str(view["key"]))}</td>'
+        f'<td class="status" data-label="status"><span class="badge '
+        f'{escape(str(view["status"]))}">{escape(str(view["status"]))}</span></td>'
+        f'<td class="time" data-label="received">{received}</td>'
+        f'<td class="attempts" data-label="attempts">{_attempts(view)}</td>'
+        f'<td data-label="last">{escape(last)}</td>'
+        f'<td class="actions" data-label="">{actions}</td></tr>'
+    )
+
+
 def render_list(
     section: str,
-    views: Sequence[Mapping[str, Any]],
+    rows: Sequence[str],
     *,
     base: str,
     keys: Sequence[str],
@@ -166,7 +199,8 @@ def render_list(
 
     Args:
         section: ``"events"``, ``"deliveries"`` or ``"dead-letters"``.
-        views: The records (:func:`~.eventlog.record_view` dicts), newest first.
+        rows: The records' rows (:func:`render_row`), newest first: a caller on an event
+            loop renders a long list a slice at a time between turns of the loop.
         base: URL path of the admin root (``/admin``).
         keys: Providers or targets to offer in the filter.
         statuses: Statuses to offer in the filter.
@@ -194,32 +228,9 @@ def render_list(
         '<button id="apply-filters" type="submit">Filter</button></form>'
     )
     flash = f'<p class="flash" id="flash">{escape(message)}</p>' if message else ""
-    if not views:
+    if not rows:
         table = '<p class="empty" id="no-records">No records match.</p>'
     else:
-        rows = []
-        for view in views:
-            record_section = str(view.get("section") or section)
-            detail = f"{base}/{record_section}/{view['id']}"
-            actions = ""
-            if view["status"] in ("acknowledged", "delivered", "dead"):
-                actions += _action(base, "replay", view, record_section, back)
-            if view["status"] == "dead":
-                actions += _action(base, "purge", view, record_section, back)
-            last = str(view.get("last_result") or "")
-            received = escape(str(view.get("created_at") or ""))
-            rows.append(
-                f'<tr class="record" data-id="{escape(str(view["id"]))}">'
-                f'<td class="id" data-label="id"><a href="{escape(detail)}">'
-                f"{escape(str(view['id']))}</a></td>"
-                f'<td class="key" data-label="{escape(label)}">{escape(str(view["key"]))}</td>'
-                f'<td class="status" data-label="status"><span class="badge '
-                f'{escape(str(view["status"]))}">{escape(str(view["status"]))}</span></td>'
-                f'<td class="time" data-label="received">{received}</td>'
-                f'<td class="attempts" data-label="attempts">{_attempts(view)}</td>'
-                f'<td data-label="last">{escape(last)}</td>'
-                f'<td class="actions" data-label="">{actions}</td></tr>'
-            )
         table = (
             f'<table id="records"><thead><tr><th>id</th><th>{escape(label)}</th><th>status</th>'
             "<th>received</th><th>attempts</th><th>last result</th><th></th></tr></thead>"
