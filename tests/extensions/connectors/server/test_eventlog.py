@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio.lowlevel
 import pytest
 from eventlog_helpers import SIGNED_HEADERS, fill
 
@@ -82,6 +83,36 @@ async def test_replay_since_replays_only_finished_records_of_the_key(store: SQLi
     assert [r.id for r in replayed] == ["evt_ok"]
     future = await filled.log.areplay_since(parse_since("0s") + 60, section="events")
     assert future == []
+
+
+class SlowUpdates(MemoryStore):
+    """A MemoryStore whose updates wait a turn of the loop, as a store doing I/O does,
+    noting the most in flight at once."""
+
+    in_flight = 0
+    most = 0
+
+    async def aupdate(self, keys: Any, fn: Any, *, ttl: float | None = None) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await anyio.lowlevel.checkpoint()
+            return await super().aupdate(keys, fn, ttl=ttl)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_bulk_replay_runs_a_step_of_replays_at_once_and_keeps_their_order() -> None:
+    # One by one, each replay waited for a commit of its own: 10,000 took 8.5 s on
+    # SQLite. The replays of a step at once share one (group commit).
+    store = SlowUpdates()
+    filled = await fill(store)
+    for n in range(100):
+        await filled.events.aadd({"n": n}, id=f"evt_{n:03d}", key="shop", status="acknowledged")
+    store.most = 0
+    replayed = await filled.log.areplay_since(0, key="shop")
+    assert [r.id for r in replayed] == [f"evt_{n:03d}" for n in range(100)]
+    assert store.most == 32
 
 
 class OtherQueue:

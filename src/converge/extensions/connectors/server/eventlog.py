@@ -46,8 +46,8 @@ Section = Literal["events", "deliveries", "dead-letters"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])\Z")
 _UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DONE_OR_DEAD = ("acknowledged", "delivered", "dead")
-# Records replayed or purged one by one between two turns of the event loop (about 2 ms
-# on a MemoryStore, which never yields by itself).
+# Records replayed at once, or purged one by one, between two turns of the event loop
+# (about 2 ms on a MemoryStore, which never yields by itself).
 _STEP = 32
 
 
@@ -488,15 +488,33 @@ class EventLog:
         for name in self._names(section):
             found += [(t, i, name) for t, i in await self._finished(name, key, since, section)]
         found.sort()  # oldest first
-        replayed = []
         chosen = found[-limit:] if limit is not None else found
-        for n, (_, record_id, name) in enumerate(chosen, 1):
-            again = await self._queues[name].areplay(record_id)
-            if again is not None:
-                replayed.append(again)
-            if n % _STEP == 0:  # 10,000 replays in a row held the loop for 0.7 s
-                await anyio.lowlevel.checkpoint()
+        replayed: list[Record] = []
+        for start in range(0, len(chosen), _STEP):
+            replayed += await self._replay_step(chosen[start : start + _STEP])
         return replayed
+
+    async def _replay_step(self, step: list[tuple[float, str, str]]) -> list[Record]:
+        """Replay ``step``'s records at once (their order kept in the result): a store
+        with group commit (SQLite) writes them in one transaction and one sync, where
+        10,000 replays one by one took 8.5 s; and the event loop turns between steps on
+        any store (10,000 replays in a row held it for 0.7 s on a MemoryStore). The
+        first error, in order, is raised once every replay of the step has ended."""
+        results: list[Record | Exception | None] = [None] * len(step)
+
+        async def replay(i: int, record_id: str, name: str) -> None:
+            try:
+                results[i] = await self._queues[name].areplay(record_id)
+            except Exception as exc:
+                results[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, (_, record_id, name) in enumerate(step):
+                tg.start_soon(replay, i, record_id, name)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [result for result in results if isinstance(result, Record)]
 
     async def _finished(
         self, name: str, key: str | None, since: float, section: str
