@@ -14,7 +14,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-__all__ = ["render_detail", "render_list", "render_login"]
+__all__ = ["render_detail", "render_list", "render_login", "render_row"]
 
 _TITLES = {"events": "Events", "deliveries": "Deliveries", "dead-letters": "Dead letters"}
 _KEY_LABEL = {"events": "provider", "deliveries": "target", "dead-letters": "provider/target"}
