@@ -183,7 +183,7 @@ class MemoryStore(Store):
         if earlier is not None and earlier <= at:
             # Its earlier time is on the heap already, and the sweep moves it on to this
             # one then: rewriting a key pushes nothing (a heap of stale times had to be
-            # rebuilt whole, 60 ms for 100,000 keys).
+            # rebuilt whole, 37 ms for 100,000 keys).
             return
         if _schedule(self._due, key, at):  # a new time: onto the heap
             heapq.heappush(self._heap, at)
