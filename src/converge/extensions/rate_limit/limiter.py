@@ -311,7 +311,6 @@ class RateLimiter:
                 if new_s - now > sp.tolerance:
                     return False
             if tp is not None and message.topics:
-                topics = lane.topics
                 interval, tolerance = tp.interval, tp.tolerance
                 names = message.topics
                 if len(names) == 1:
@@ -326,7 +325,7 @@ class RateLimiter:
                     if len(named) > lane.topic_limits[index]:
                         lane.topic_limits[index] = _sweep(named, now)
                 else:
-                    news = {}
+                    topics, news = lane.topics, {}
                     for topic in names:
                         name = topic.name
                         if name not in news:
