@@ -460,11 +460,13 @@ async def test_a_lease_of_many_gives_the_loop_back_between_leases() -> None:
     # Each lease is an update of its own; on a MemoryStore (which never yields) the 256
     # of a batch held the event loop for 30 ms.
     q = queue(MemoryStore(), max_pending=10_000)
-    for i in range(256):
+    for i in range(512):
         await q.aadd({"n": i})
-    leased, during = await ticks_during(q.alease("me", limit=256))
-    assert len(leased) == 256
-    assert during >= 256 // 32 - 1  # a turn after every 32 leases (none without)
+    leased, during = await ticks_during(q.alease("me", limit=512))
+    assert len(leased) == 512
+    # A turn after every 32 leases: 15 here (one, between the two batches, without).
+    # Trio's scheduling moves the count by a turn or two.
+    assert during >= 512 // 32 // 2
 
 
 async def test_a_listing_builds_its_records_a_batch_between_two_turns_of_the_loop(
