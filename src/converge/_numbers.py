@@ -1,12 +1,14 @@
-"""One test for "a finite number", shared by every validator that takes one."""
+"""One test for "a finite number" (and for "an integer of at least N"), shared by every
+validator that takes one."""
 
 from __future__ import annotations
 
 import math
 
+from converge._repr import safe_repr
 from converge.errors import UsageError
 
-__all__ = ["check_positive", "finite_float", "positive_float", "wait_seconds"]
+__all__ = ["check_int", "check_positive", "finite_float", "positive_float", "wait_seconds"]
 
 
 def finite_float(value: object) -> float | None:
@@ -37,6 +39,14 @@ def check_positive(name: str, value: object, *, integer: bool = False) -> float:
     if number is None or (integer and not isinstance(value, int)):
         raise UsageError(f"{name} must be a positive {'integer' if integer else 'number'}")
     return number
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` when it is an int (never a bool) of at least ``minimum``, else a
+    UsageError naming the argument ``name`` and showing the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {safe_repr(value)}")
+    return value
 
 
 def wait_seconds(value: object) -> float | None:

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from converge._numbers import check_int
 from converge._repr import safe_repr
 from converge.core.hooks import MessageHook
 from converge.core.message import Message, Topic
@@ -25,12 +26,6 @@ __all__ = ["MessageBus", "Sink", "Subscription"]
 Sink = Callable[[Message], Awaitable[None]]
 
 _log = logging.getLogger("converge.runtime")
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be an integer >= 1, got {safe_repr(value)}")
-    return value
 
 
 def _check_patterns(topics: object) -> tuple[str, ...]:
@@ -300,7 +295,7 @@ class MessageBus:
         if metrics is not None and not isinstance(metrics, MetricsCollector):
             raise UsageError("metrics must be a MetricsCollector or None")
         self.hooks: tuple[MessageHook, ...] = tuple(hooks)
-        self.inbox_size = _check_size("inbox_size", inbox_size)
+        self.inbox_size = check_int("inbox_size", inbox_size, 1)
         self.metrics = metrics if metrics is not None else MetricsCollector()
         # insertion-ordered sets of subscriptions
         self._by_recipient: dict[str, dict[Subscription, None]] = {}
@@ -343,7 +338,7 @@ class MessageBus:
         patterns = _check_patterns(topics)
         if recipient is None and not patterns:
             raise UsageError("subscribe to a recipient, to topics, or to both")
-        size = self.inbox_size if inbox_size is None else _check_size("inbox_size", inbox_size)
+        size = self.inbox_size if inbox_size is None else check_int("inbox_size", inbox_size, 1)
         if not isinstance(ack, bool):
             raise UsageError("ack must be True or False")
         if consumer is not None and (not isinstance(consumer, str) or not consumer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from converge._chain import exception_chain
-from converge._numbers import finite_float
+from converge._numbers import check_int, finite_float
 from converge._repr import safe_repr
 from converge.errors import (
     BudgetExceededError,
@@ -55,9 +55,7 @@ class AgentRetry:
     max_retry_after: float = 3600.0
 
     def __post_init__(self) -> None:
-        attempts = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise UsageError(f"max_attempts must be an integer >= 1, got {safe_repr(attempts)}")
+        check_int("max_attempts", self.max_attempts, 1)
         _seconds("backoff", self.backoff)
         _seconds("max_backoff", self.max_backoff)
         _seconds("max_retry_after", self.max_retry_after)

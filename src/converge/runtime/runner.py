@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 
 from converge import _sync
-from converge._numbers import wait_seconds
+from converge._numbers import check_int, wait_seconds
 from converge._repr import safe_repr
 from converge.core.agent import Agent
 from converge.core.decisions import Decision, InvokeTool, SendMessage, UpdateTask
@@ -49,12 +49,6 @@ _log = logging.getLogger("converge.runtime")
 
 #: ``on_agent_error(error)``; may be a plain function or a coroutine function.
 AgentErrorHandler = Callable[[AgentFailedError], Awaitable[None] | None]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {safe_repr(value)}")
-    return value
 
 
 def _check_agents(agents: object) -> tuple[Agent, ...]:
@@ -223,8 +217,8 @@ class AgentRunner:
         self.bus = bus
         self.agents = _check_agents(agents)
         self._tasks = _check_tasks(tasks)
-        self.max_batch = _check_int("max_batch", max_batch, 1)
-        self.max_tool_steps = _check_int("max_tool_steps", max_tool_steps, 0)
+        self.max_batch = check_int("max_batch", max_batch, 1)
+        self.max_tool_steps = check_int("max_tool_steps", max_tool_steps, 0)
         if on_agent_error is not None and not callable(on_agent_error):
             raise UsageError("on_agent_error must be callable or None")
         self.on_agent_error = on_agent_error
@@ -241,7 +235,7 @@ class AgentRunner:
             raise UsageError("events must be a converge.core.events.EventEmitter or None")
         self.events = events
         self._dead: deque[DeadLetter] = deque(
-            maxlen=min(_check_int("max_dead_letters", max_dead_letters, 1), sys.maxsize)
+            maxlen=min(check_int("max_dead_letters", max_dead_letters, 1), sys.maxsize)
         )
         topics = {} if topics is None else topics
         if not isinstance(topics, Mapping):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from converge._numbers import finite_float
+from converge._numbers import check_int, finite_float
 from converge._repr import safe_repr
 from converge.errors import ConfigurationError, UsageError
 
@@ -101,8 +101,7 @@ class WebhookRetryPolicy:
 
 
 def _check_attempt(attempt: object, rand: object) -> None:
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise UsageError(f"attempt must be an integer >= 1, got {safe_repr(attempt)}")
+    check_int("attempt", attempt, 1)
     if not callable(rand):
         raise UsageError(
             f"rand must be a function returning a float in [0, 1), not {safe_repr(rand)}"
