@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import random
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from converge import _sorting
-from converge._sorting import sort_yielding
+from converge._sorting import in_pieces, sort_yielding
 from loop_stall import ticks_during
 
 pytestmark = pytest.mark.anyio
@@ -42,3 +44,35 @@ async def test_a_long_sort_gives_the_loop_back() -> None:
     result, during = await ticks_during(sort_yielding(list(short)))
     assert result == sorted(short)
     assert during == 0  # one C sort, nothing to give back
+
+
+async def test_sorts_tuples_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listings sort (created, id, key) triples: ties on the time fall to the id.
+    monkeypatch.setattr(_sorting, "PIECE", 8)
+    rng = random.Random(5)
+    items = [(float(rng.randrange(0, 5)), rng.choice("abc"), str(n)) for n in range(200)]
+    assert await sort_yielding(list(items)) == sorted(items)
+
+
+async def test_builds_a_piece_at_a_time_between_turns_of_the_loop() -> None:
+    built = [0, 0]  # since the other task's last turn, most at once
+
+    def double(part: list[int]) -> list[int]:
+        built[0] += len(part)
+        built[1] = max(built[1], built[0])
+        return [2 * n for n in part]
+
+    async def other_task() -> None:
+        while True:
+            built[0] = 0
+            await anyio.lowlevel.checkpoint()
+
+    items = list(range(1_000))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        assert await in_pieces(items, double, 100) == [2 * n for n in items]
+        tg.cancel_scope.cancel()
+    assert built[1] <= 2 * 100  # trio may run the other task's turn late: two can meet
+    result, during = await ticks_during(in_pieces(items, double, 1_000))
+    assert result == [2 * n for n in items]
+    assert during == 0  # one piece: one comprehension, nothing to give back

@@ -12,14 +12,24 @@ there are; the whole costs less than one big sort (the runs fit the CPU's caches
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import anyio.lowlevel
 
-__all__ = ["PIECE", "sort_yielding"]
+__all__ = ["PIECE", "in_pieces", "sort_yielding"]
 
-#: A sortable item (a store key, a time).
-T = TypeVar("T", str, float)
+
+class _Ordered(Protocol):
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+#: A sortable item (a store key, a time, a tuple of them).
+T = TypeVar("T", bound=_Ordered)
+
+#: Any item, and what is built from it.
+Item = TypeVar("Item")
+Built = TypeVar("Built")
 
 #: Items sorted, or merged, per step between checkpoints.
 PIECE = 8_192
@@ -69,3 +79,18 @@ async def _merge(runs: list[list[T]]) -> list[T]:
         piece.sort()
         merged += piece
         await anyio.lowlevel.checkpoint()
+
+
+async def in_pieces(
+    items: list[Item], build: Callable[[list[Item]], list[Built]], piece: int = PIECE
+) -> list[Built]:
+    """``build(items)`` (a comprehension) run on ``piece`` items at a time, giving the
+    loop back between pieces: one over 100,000 tuples holds it for 10-15 ms; where
+    each item costs microseconds (a record read into a view), ``piece`` is smaller."""
+    if len(items) <= piece:
+        return build(items)
+    built: list[Built] = []
+    for start in range(0, len(items), piece):
+        built += build(items[start : start + piece])
+        await anyio.lowlevel.checkpoint()
+    return built

@@ -9,6 +9,7 @@ import anyio.lowlevel
 import pytest
 from eventlog_helpers import SIGNED_HEADERS, fill
 
+from converge import _sorting
 from converge.durable import DurableQueue
 from converge.errors import UsageError
 from converge.extensions.connectors.server import EventLog, parse_since, record_view
@@ -154,6 +155,44 @@ async def test_a_bulk_replay_gives_the_loop_back_on_a_store_that_works_inline() 
     replayed, during = await ticks_during(filled.log.areplay_since(0, key="shop"))
     assert len(replayed) == 320
     assert during >= 320 // 32  # the listing alone gives the loop back once or twice
+
+
+async def test_a_bulk_replay_sorts_its_listing_between_turns_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Between the listing's last read and the first replay, the records listed are
+    # sorted (oldest first): one sort of 100,000 held the loop for 20 ms, and the
+    # listing's own sort as long. Pieces of 128 stand for the 8,192 of a real one.
+    monkeypatch.setattr(_sorting, "PIECE", 128)
+    store = MemoryStore()
+    filled = await fill(store)
+    for n in range(320):
+        await filled.events.aadd({"n": n}, id=f"evt_{n:03d}", key="shop", status="acknowledged")
+    turns, reads, first_replay = [0], [0], []
+    update, replay = store.aupdate, filled.events.areplay
+
+    async def read(keys: Any, fn: Any, **kw: Any) -> Any:
+        reads.append(turns[0])
+        return await update(keys, fn, **kw)
+
+    async def replayed(record_id: str) -> Any:
+        if not first_replay:
+            first_replay.append(turns[0] - reads[-1])
+        return await replay(record_id)
+
+    async def other_task() -> None:
+        while True:
+            turns[0] += 1
+            await anyio.lowlevel.checkpoint()
+
+    store.aupdate = read  # type: ignore[method-assign]
+    filled.events.areplay = replayed  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        done = await filled.log.areplay_since(0, key="shop")
+        tg.cancel_scope.cancel()
+    assert [r.id for r in done] == [f"evt_{n:03d}" for n in range(320)]
+    assert first_replay[0] >= 10  # 1 without the steps (after the listing's last read)
 
 
 async def test_purge_deletes_dead_letters_only(store: SQLiteStore) -> None:
