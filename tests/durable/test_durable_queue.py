@@ -11,6 +11,7 @@ import pytest
 from converge import _sorting
 from converge.core.store import Store
 from converge.durable import Attempt, DurableQueue, QueueKeys, Record, Transitions
+from converge.durable import queue as queue_module
 from converge.durable.core import (
     COUNT_SHARDS,
     cutoff,
@@ -623,6 +624,45 @@ async def test_trim_finished_reads_and_deletes_in_batches_and_lets_other_tasks_r
     # Read: the 256 the other queue finished since the last trim; this queue's own 256
     # are stamped as it wrote them, and the 100 kept as the last trim read them.
     assert store.updates == 1 + 1
+
+
+async def test_a_trim_notes_what_it_read_between_turns_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reads gave the loop back every 256 records, but their stamps were then noted
+    # all at once: 100,000 held the loop for 20-35 ms. Steps of 2 parts (512 stamps)
+    # stand for the 32 of a real trim.
+    monkeypatch.setattr(queue_module, "_PARTS_PER_STEP", 2)
+    walked = [0, 0]  # stamps gone through since the other task's last turn, most at once
+
+    class Walked(list):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            for stamp in list.__iter__(self):
+                walked[0] += 1
+                walked[1] = max(walked[1], walked[0])
+                yield stamp
+
+    def read(current: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        changes, stamps = finished_stamps(current)
+        return changes, Walked(stamps)
+
+    async def other_task() -> None:
+        while True:
+            walked[0] = 0
+            await anyio.lowlevel.checkpoint()
+
+    q = queue(MemoryStore(), max_pending=10_000)
+    for i in range(8_192):
+        await q.aadd({"n": i}, status="acknowledged")
+    monkeypatch.setattr(queue_module, "finished_stamps", read)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        assert await q.atrim_finished(100) == 8_092
+        tg.cancel_scope.cancel()
+    # Before, the 32 parts read were walked at once (8,192 stamps and more). A step of
+    # the oldest's pick walks its 2 parts twice (1,024), and on trio the other task
+    # may come after two steps.
+    assert walked[1] <= 16 * 256
 
 
 async def test_a_trim_never_deletes_a_record_finished_again_since_it_was_read() -> None:

@@ -740,9 +740,11 @@ class DurableQueue:
             if n % _PARTS_PER_STEP == 0:
                 await anyio.lowlevel.checkpoint()
         del known
-        for part in await self._in_batches(unread, finished_stamps):
+        for n, part in enumerate(await self._in_batches(unread, finished_stamps), 1):
             parts.append(part)
             stamps.update((stamp[2], stamp) for stamp in part)
+            if n % _PARTS_PER_STEP == 0:  # 100,000 read at once: 20-35 ms
+                await anyio.lowlevel.checkpoint()
         return parts
 
     async def _in_batches(self, keys: list[str], fn: UpdateFn[R]) -> list[R]:
