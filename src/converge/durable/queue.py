@@ -613,7 +613,7 @@ class DurableQueue:
         without building the records (a bulk replay of 10,000 needs their ids only)."""
         found = await sort_yielding(await self._listed(status, key, since))
         found.reverse()
-        return await in_pieces(found, lambda part: [(created, id) for created, id, _ in part])
+        return await in_pieces(found, lambda part: [(when, rid) for when, rid, _ in part])
 
     async def _listed(
         self, status: str | None, key: str | None, since: float | None

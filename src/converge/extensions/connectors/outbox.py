@@ -237,13 +237,12 @@ def _views(records: list[Record]) -> list[OutboxRecord]:
     return [view for record in records if (view := _view(record)) is not None]
 
 
-def _letters(records: list[OutboxRecord]) -> list[DeadLetter]:
-    return [DeadLetter.of(record) for record in records]
-
-
-def _keyed_by_death(
-    letters: list[tuple[int, DeadLetter]],
+def _dead_letters(
+    numbered: list[tuple[int, OutboxRecord]],
 ) -> list[tuple[float, int, DeadLetter]]:
+    """Dead letters keyed by death, then by their place in the listing (so that a sort
+    of the keys keeps ties in the listing's order)."""
+    letters = [(n, DeadLetter.of(record)) for n, record in numbered]
     return [(letter.dead_at, n, letter) for n, letter in letters]
 
 
@@ -446,11 +445,8 @@ class Outbox:
         # Built and sorted in steps: 20,000 dead letters built at once held the event
         # loop for 250-290 ms.
         actions = await self.alist_actions(status="dead", limit=2**62)
-        letters = await in_pieces(actions, _letters, _VIEWS_PER_STEP)
-        # (dead_at, position) decides, so ties keep the listing's order, as a sort by
-        # dead_at would.
-        keyed = await sort_yielding(await in_pieces(list(enumerate(letters)), _keyed_by_death))
-        return await in_pieces(keyed, _unkeyed)
+        keyed = await in_pieces(list(enumerate(actions)), _dead_letters, _VIEWS_PER_STEP)
+        return await in_pieces(await sort_yielding(keyed), _unkeyed)
 
     # -- leases and transitions ----------------------------------------------------------
 
