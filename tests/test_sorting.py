@@ -76,3 +76,18 @@ async def test_builds_a_piece_at_a_time_between_turns_of_the_loop() -> None:
     result, during = await ticks_during(in_pieces(items, double, 1_000))
     assert result == [2 * n for n in items]
     assert during == 0  # one piece: one comprehension, nothing to give back
+
+
+async def test_consuming_frees_each_piece_once_built() -> None:
+    # What only the list held goes a piece at a time: freeing 20,000 records at once
+    # when a listing returned held the loop for 16 ms.
+    items = list(range(1_000))
+    left: list[int] = []
+
+    def double(part: list[int]) -> list[int]:
+        left.append(len(items))
+        return [2 * n for n in part]
+
+    assert await in_pieces(items, double, 300, consume=True) == [2 * n for n in range(1_000)]
+    assert left == [700, 400, 100, 0]  # taken off the list before each piece is built
+    assert items == []

@@ -438,14 +438,14 @@ class Outbox:
     ) -> list[OutboxRecord]:
         """Like :meth:`alist`, as :class:`OutboxRecord` views."""
         found = await self.alist(status=status, key=key, limit=limit)
-        return await in_pieces(found, _views, _VIEWS_PER_STEP)
+        return await in_pieces(found, _views, _VIEWS_PER_STEP, consume=True)
 
     async def alist_dead_letters(self) -> list[DeadLetter]:
         """Every readable dead letter, oldest first."""
         # Built and sorted in steps: 20,000 dead letters built at once held the event
         # loop for 250-290 ms.
-        actions = await self.alist_actions(status="dead", limit=2**62)
-        keyed = await in_pieces(list(enumerate(actions)), _dead_letters, _VIEWS_PER_STEP)
+        numbered = list(enumerate(await self.alist_actions(status="dead", limit=2**62)))
+        keyed = await in_pieces(numbered, _dead_letters, _VIEWS_PER_STEP, consume=True)
         return await in_pieces(await sort_yielding(keyed), _unkeyed)
 
     # -- leases and transitions ----------------------------------------------------------
