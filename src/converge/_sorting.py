@@ -84,17 +84,19 @@ async def _merge(runs: list[list[T]]) -> list[T]:
 async def in_pieces(
     items: list[Item],
     build: Callable[[list[Item]], list[Built]],
-    piece: int = PIECE,
+    piece: int | None = None,
     *,
     consume: bool = False,
 ) -> list[Built]:
     """``build(items)`` (a comprehension) run on ``piece`` items at a time, giving the
     loop back between pieces: one over 100,000 tuples holds it for 10-15 ms; where
-    each item costs microseconds (a record read into a view), ``piece`` is smaller.
+    each item costs microseconds (a record read into a view), ``piece`` is smaller
+    (None: :data:`PIECE`).
 
     With ``consume``, ``items`` is emptied a piece at a time, so that what only it
     held is freed in steps too (freeing 20,000 records at once held the loop 16 ms).
     """
+    piece = PIECE if piece is None else piece
     if len(items) <= piece and not consume:
         return build(items)
     built: list[Built] = []

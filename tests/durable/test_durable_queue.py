@@ -496,6 +496,55 @@ async def turns_between_reads(q: DurableQueue, store: MemoryStore, work: Any) ->
     return seen
 
 
+async def test_what_goes_through_every_open_record_gives_the_loop_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past the store's listing (which sorts in steps), the open ids were cut out of
+    # their keys, filtered for a lease poll or hashed for a recount in one go: with
+    # 100,000 open records (a raised max_pending; the outbox allows 1,000,000) that
+    # held the loop for 20-65 ms. Pieces of 128 stand for the 8,192 of a real one.
+    monkeypatch.setattr(_sorting, "PIECE", 128)
+    store = MemoryStore()
+    q = queue(store, max_pending=10_000)
+    for i in range(1_000):
+        await q.aadd({"n": i})
+    turns = [0]
+    calls: list[tuple[str, int]] = []
+    listing, update = store.alist, store.aupdate
+
+    async def listed(prefix: str = "") -> list[str]:
+        keys = await listing(prefix)
+        calls.append(("listed", turns[0]))
+        return keys
+
+    async def read(keys: Any, fn: Any, **kw: Any) -> Any:
+        calls.append(("read", turns[0]))
+        return await update(keys, fn, **kw)
+
+    async def other_task() -> None:
+        while True:
+            turns[0] += 1
+            await anyio.lowlevel.checkpoint()
+
+    async def after_listing(work: Any) -> int:
+        """Turns between the store's listing and the next store call (or the end)."""
+        calls.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            await work
+            calls.append(("end", turns[0]))
+            tg.cancel_scope.cancel()
+        at = [kind for kind, _ in calls].index("listed")
+        return calls[at + 1][1] - calls[at][1]
+
+    store.alist = listed  # type: ignore[method-assign]
+    store.aupdate = read  # type: ignore[method-assign]
+    assert await after_listing(q.aopen_ids()) >= 4  # 0 before: 8 pieces of 128
+    assert await after_listing(q.alease("me", limit=1)) >= 4
+    assert await after_listing(q.arecount()) >= 8  # the ids, then their counters
+    assert await q.apending_count() == 1_000
+
+
 async def test_a_long_listing_is_sorted_between_turns_of_the_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -431,12 +431,12 @@ class Transitions:
         changes[counter] = WithTTL(_count(current.get(counter)) + delta, None)
         return changes
 
-    def set_counts(self, open_ids: list[str]) -> Changes:
-        """The counters of exactly ``open_ids`` (a recount's repair); the single
-        counter of earlier versions is deleted."""
+    def set_counts(self, counted: Mapping[str, int]) -> Changes:
+        """Every counter set to what ``counted`` says (counter key to the open records
+        it counts, as :meth:`QueueKeys.count_of` assigns them; 0 for a counter not in
+        it): a recount's repair. The single counter of earlier versions is deleted."""
         counts = dict.fromkeys(self.keys.counts, 0)
-        for record_id in open_ids:
-            counts[self.keys.count_of(record_id)] += 1
+        counts.update((key, counted[key]) for key in counts if key in counted)
         changes: Changes = {key: WithTTL(value, None) for key, value in counts.items()}
         changes[self.keys.count] = None
         return changes

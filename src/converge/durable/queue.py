@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -366,11 +367,12 @@ class DurableQueue:
         waiting = self._not_before
         waiting.expire(now)
         cut = len(prefix)
-        names = [
-            k
-            for k in await self.store.alist(prefix)
-            if (i := k[cut:]) not in exclude and i not in waiting
-        ]
+
+        def worth_reading(keys: list[str]) -> list[str]:
+            return [k for k in keys if (i := k[cut:]) not in exclude and i not in waiting]
+
+        # In steps: the open records of a raised max_pending (100,000) took 20-40 ms.
+        names = await in_pieces(await self.store.alist(prefix), worth_reading, consume=True)
         due = leasable_keys(now, key)
         leased: list[Record] = []
         for start in range(0, len(names), _BATCH):
@@ -648,7 +650,9 @@ class DurableQueue:
     async def aopen_ids(self) -> list[str]:
         """Ids of every open (pending or leased) record, oldest id first."""
         prefix = self.keys.open_prefix
-        return [k[len(prefix) :] for k in await self.store.alist(prefix)]
+        cut = len(prefix)
+        keys = await self.store.alist(prefix)
+        return await in_pieces(keys, lambda part: [k[cut:] for k in part], consume=True)
 
     def note_finished(self, record: Record | None) -> Record | None:
         """Note that ``record``, written by this process, is stored as it is now.
@@ -782,7 +786,10 @@ class DurableQueue:
         while it lists are not counted: run it while the queue is quiet.
         """
         open_ids = await self.aopen_ids()
-        changes = self.transitions.set_counts(open_ids)
+        count_of = self.keys.count_of
+        # Hashed in steps: 100,000 open records (a raised max_pending) took 50 ms.
+        counters = await in_pieces(open_ids, lambda part: [count_of(i) for i in part])
+        changes = self.transitions.set_counts(Counter(counters))
 
         def fix(current: dict[str, Any]) -> tuple[dict[str, Any], int]:
             return changes, len(open_ids)
