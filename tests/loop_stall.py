@@ -19,6 +19,7 @@ import anyio
 import anyio.lowlevel
 
 __all__ = [
+    "BetweenTurns",
     "assert_loop_stall_below",
     "busy",
     "eventually",
@@ -123,6 +124,35 @@ async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
         during = ticks - before
         tg.cancel_scope.cancel()
     return result, during
+
+
+class BetweenTurns:
+    """The most work done between two turns of another task: call :meth:`count` per
+    unit of work (a record built, a stamp walked) and await the work with
+    :meth:`during`; :attr:`most` is then the largest count between two turns.
+
+    Not timed: work done all at once counts all of it.
+    """
+
+    def __init__(self) -> None:
+        self.since = 0
+        self.most = 0
+
+    def count(self, units: int = 1) -> None:
+        self.since += units
+        self.most = max(self.most, self.since)
+
+    async def during(self, work: Awaitable[T]) -> T:
+        async def other_task() -> None:
+            while True:
+                self.since = 0
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            result = await work
+            tg.cancel_scope.cancel()
+        return result
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import random
 
-import anyio
-import anyio.lowlevel
 import pytest
 
 from converge import _sorting
 from converge._sorting import in_pieces, sort_yielding
-from loop_stall import ticks_during
+from loop_stall import BetweenTurns, ticks_during
 
 pytestmark = pytest.mark.anyio
 
@@ -55,24 +53,15 @@ async def test_sorts_tuples_as_python_does(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 async def test_builds_a_piece_at_a_time_between_turns_of_the_loop() -> None:
-    built = [0, 0]  # since the other task's last turn, most at once
+    built = BetweenTurns()
 
     def double(part: list[int]) -> list[int]:
-        built[0] += len(part)
-        built[1] = max(built[1], built[0])
+        built.count(len(part))
         return [2 * n for n in part]
 
-    async def other_task() -> None:
-        while True:
-            built[0] = 0
-            await anyio.lowlevel.checkpoint()
-
     items = list(range(1_000))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other_task)
-        assert await in_pieces(items, double, 100) == [2 * n for n in items]
-        tg.cancel_scope.cancel()
-    assert built[1] <= 2 * 100  # trio may run the other task's turn late: two can meet
+    assert await built.during(in_pieces(items, double, 100)) == [2 * n for n in items]
+    assert built.most <= 2 * 100  # trio may run the other task's turn late: two can meet
     result, during = await ticks_during(in_pieces(items, double, 1_000))
     assert result == [2 * n for n in items]
     assert during == 0  # one piece: one comprehension, nothing to give back

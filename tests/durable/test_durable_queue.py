@@ -29,7 +29,7 @@ from converge.errors import (
 )
 from converge.extensions.storage import MemoryStore
 from counting_store import CountingUpdates
-from loop_stall import ticks_during
+from loop_stall import BetweenTurns, ticks_during
 
 pytestmark = pytest.mark.anyio
 
@@ -471,43 +471,21 @@ async def test_a_lease_of_many_gives_the_loop_back_between_leases() -> None:
     assert during >= 512 // 32 // 2
 
 
-async def turns_between_reads(q: DurableQueue, store: MemoryStore, work: Any) -> list[int]:
-    """Await ``work`` (a listing of ``q``) while another task counts its turns: the
-    count at each of the store's reads, and at the end."""
-    turns = [0]
-    seen: list[int] = []
-    update = store.aupdate
-
-    async def counted(keys: Any, fn: Any, **kw: Any) -> Any:
-        seen.append(turns[0])
-        return await update(keys, fn, **kw)
-
-    async def other_task() -> None:
-        while True:
-            turns[0] += 1
-            await anyio.lowlevel.checkpoint()
-
-    store.aupdate = counted  # type: ignore[method-assign]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other_task)
-        await work
-        seen.append(turns[0])
-        tg.cancel_scope.cancel()
-    return seen
-
-
-async def test_what_goes_through_every_open_record_gives_the_loop_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Past the store's listing (which sorts in steps), the open ids were cut out of
-    # their keys, filtered for a lease poll or hashed for a recount in one go: with
-    # 100,000 open records (a raised max_pending; the outbox allows 1,000,000) that
-    # held the loop for 20-65 ms. Pieces of 128 stand for the 8,192 of a real one.
+async def open_records(monkeypatch: pytest.MonkeyPatch) -> tuple[MemoryStore, DurableQueue]:
+    """1,000 open records, and sorts in pieces of 128 (standing for the 8,192 of a real
+    one), so that going through them takes several steps."""
     monkeypatch.setattr(_sorting, "PIECE", 128)
     store = MemoryStore()
     q = queue(store, max_pending=10_000)
     for i in range(1_000):
         await q.aadd({"n": i})
+    return store, q
+
+
+async def store_calls(store: MemoryStore, work: Any) -> list[tuple[str, int]]:
+    """Await ``work`` while another task counts its turns: ``(call, turns so far)`` once
+    each of the store's listings returns (``"listed"``), at each of its reads
+    (``"read"``), and at the end (``"end"``)."""
     turns = [0]
     calls: list[tuple[str, int]] = []
     listing, update = store.alist, store.aupdate
@@ -526,22 +504,36 @@ async def test_what_goes_through_every_open_record_gives_the_loop_back(
             turns[0] += 1
             await anyio.lowlevel.checkpoint()
 
-    async def after_listing(work: Any) -> int:
-        """Turns between the store's listing and the next store call (or the end)."""
-        calls.clear()
+    store.alist = listed  # type: ignore[method-assign]
+    store.aupdate = read  # type: ignore[method-assign]
+    try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(other_task)
             await work
             calls.append(("end", turns[0]))
             tg.cancel_scope.cancel()
-        at = [kind for kind, _ in calls].index("listed")
-        return calls[at + 1][1] - calls[at][1]
+    finally:
+        del store.alist, store.aupdate
+    return calls
 
-    store.alist = listed  # type: ignore[method-assign]
-    store.aupdate = read  # type: ignore[method-assign]
-    assert await after_listing(q.aopen_ids()) >= 4  # 0 before: 8 pieces of 128
-    assert await after_listing(q.alease("me", limit=1)) >= 4
-    assert await after_listing(q.arecount()) >= 8  # the ids, then their counters
+
+def after_listing(calls: list[tuple[str, int]]) -> int:
+    """Turns between the store's listing and the next store call (or the end)."""
+    at = [call for call, _ in calls].index("listed")
+    return calls[at + 1][1] - calls[at][1]
+
+
+async def test_what_goes_through_every_open_record_gives_the_loop_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past the store's listing (which sorts in steps), the open ids were cut out of
+    # their keys, filtered for a lease poll or hashed for a recount in one go: with
+    # 100,000 open records (a raised max_pending; the outbox allows 1,000,000) that
+    # held the loop for 20-65 ms.
+    store, q = await open_records(monkeypatch)
+    assert after_listing(await store_calls(store, q.aopen_ids())) >= 4  # 0 before; 8
+    assert after_listing(await store_calls(store, q.alease("me", limit=1))) >= 4
+    assert after_listing(await store_calls(store, q.arecount())) >= 8  # ids, counters
     assert await q.apending_count() == 1_000
 
 
@@ -550,19 +542,14 @@ async def test_a_long_listing_is_sorted_between_turns_of_the_loop(
 ) -> None:
     # Between reading the listing (256 records a read) and reading the newest records
     # again, the listing is sorted: heapq.nlargest over 100,000 records listed oldest
-    # first held the loop for 70-95 ms, as did the sort of alisted(). Pieces of 128
-    # here stand for the 8,192 of a real listing.
-    monkeypatch.setattr(_sorting, "PIECE", 128)
-    store = MemoryStore()
-    q = queue(store, max_pending=10_000)
-    for i in range(1_000):
-        await q.aadd({"n": i})
+    # first held the loop for 70-95 ms, as did the sort of alisted().
+    store, q = await open_records(monkeypatch)
     listing: list[Record] = []
 
     async def listed() -> None:
         listing.extend(await q.alist(limit=1_000))
 
-    seen = await turns_between_reads(q, store, listed())
+    seen = [turns for call, turns in await store_calls(store, listed()) if call != "listed"]
     assert len(seen) == 4 + 4 + 1  # 4 reads list the records, 4 read them again
     assert seen[4] - seen[3] >= 8  # 1 without the steps (the listing's last read)
     assert sorted({r.data["n"] for r in listing}) == list(range(1_000))
@@ -573,7 +560,7 @@ async def test_a_long_listing_is_sorted_between_turns_of_the_loop(
     async def ids() -> None:
         found.extend(await q.alisted())
 
-    seen = await turns_between_reads(q, store, ids())
+    seen = [turns for call, turns in await store_calls(store, ids()) if call != "listed"]
     assert len(seen) == 4 + 1
     assert seen[4] - seen[3] >= 8  # 1 without the steps
     assert found == [(r.created, r.id) for r in listing]
@@ -587,25 +574,16 @@ async def test_a_listing_builds_its_records_a_batch_between_two_turns_of_the_loo
     q = queue(MemoryStore(), max_pending=10_000)
     for i in range(1_000):
         await q.aadd({"n": i})
-    built = [0, 0]  # since the other task's last turn, most at once
+    built = BetweenTurns()
     from_dict = Record.from_dict
 
     def counted(value: dict[str, Any]) -> Record:
-        built[0] += 1
-        built[1] = max(built[1], built[0])
+        built.count()
         return from_dict(value)
 
-    async def other_task() -> None:
-        while True:
-            built[0] = 0
-            await anyio.lowlevel.checkpoint()
-
     monkeypatch.setattr(Record, "from_dict", counted)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other_task)
-        assert len(await q.alist(limit=2_000)) == 1_000
-        tg.cancel_scope.cancel()
-    assert built[1] <= 2 * 256  # trio runs a batch's tasks in random order: two can meet
+    assert len(await built.during(q.alist(limit=2_000))) == 1_000
+    assert built.most <= 2 * 256  # trio runs a batch's tasks in random order: two can meet
 
 
 async def test_alisted_gives_the_ids_alist_would_list_without_building_records(
@@ -682,36 +660,27 @@ async def test_a_trim_notes_what_it_read_between_turns_of_the_loop(
     # all at once: 100,000 held the loop for 20-35 ms. Steps of 2 parts (512 stamps)
     # stand for the 32 of a real trim.
     monkeypatch.setattr(queue_module, "_PARTS_PER_STEP", 2)
-    walked = [0, 0]  # stamps gone through since the other task's last turn, most at once
+    walked = BetweenTurns()  # stamps gone through
 
     class Walked(list):  # type: ignore[type-arg]
         def __iter__(self) -> Any:
             for stamp in list.__iter__(self):
-                walked[0] += 1
-                walked[1] = max(walked[1], walked[0])
+                walked.count()
                 yield stamp
 
     def read(current: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         changes, stamps = finished_stamps(current)
         return changes, Walked(stamps)
 
-    async def other_task() -> None:
-        while True:
-            walked[0] = 0
-            await anyio.lowlevel.checkpoint()
-
     q = queue(MemoryStore(), max_pending=10_000)
     for i in range(8_192):
         await q.aadd({"n": i}, status="acknowledged")
     monkeypatch.setattr(queue_module, "finished_stamps", read)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other_task)
-        assert await q.atrim_finished(100) == 8_092
-        tg.cancel_scope.cancel()
+    assert await walked.during(q.atrim_finished(100)) == 8_092
     # Before, the 32 parts read were walked at once (8,192 stamps and more). A step of
     # the oldest's pick walks its 2 parts twice (1,024), and on trio the other task
     # may come after two steps.
-    assert walked[1] <= 16 * 256
+    assert walked.most <= 16 * 256
 
 
 async def test_a_trim_never_deletes_a_record_finished_again_since_it_was_read() -> None:

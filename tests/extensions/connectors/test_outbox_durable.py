@@ -22,7 +22,7 @@ from converge.extensions.connectors import OutboundRequest, OutboundTarget, Outb
 from converge.extensions.connectors import outbox as outbox_module
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from counting_store import CountingUpdates
-from loop_stall import eventually
+from loop_stall import BetweenTurns, eventually
 from redis_server import shared_redis_url
 
 pytestmark = pytest.mark.anyio
@@ -373,25 +373,16 @@ async def test_many_dead_letters_are_read_between_turns_of_the_loop(
     for n, record in enumerate(leased):
         clock.now = 1_800_000_000.0 + (999 - n) // 10  # dead in reverse, ten at a time
         assert await outbox.abury(record, reason="gave up") is not None
-    read = [0, 0]  # since the other task's last turn, most at once
+    read = BetweenTurns()  # records read into views
     view = outbox_module._view
 
     def counted(record: Any) -> Any:
-        read[0] += 1
-        read[1] = max(read[1], read[0])
+        read.count()
         return view(record)
 
-    async def other_task() -> None:
-        while True:
-            read[0] = 0
-            await anyio.lowlevel.checkpoint()
-
     monkeypatch.setattr(outbox_module, "_view", counted)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other_task)
-        letters = await outbox.alist_dead_letters()
-        tg.cancel_scope.cancel()
-    assert read[1] <= 2 * 256  # trio may run the other task's turn late: two can meet
+    letters = await read.during(outbox.alist_dead_letters())
+    assert read.most <= 2 * 256  # trio may run the other task's turn late: two can meet
     # Oldest death first; the ten that died at once in the listing's order (newest
     # created first).
     assert [letter.action.body["n"] for letter in letters] == list(range(999, -1, -1))
