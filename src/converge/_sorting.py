@@ -94,7 +94,9 @@ async def in_pieces(
     (None: :data:`PIECE`).
 
     With ``consume``, ``items`` is emptied a piece at a time, so that what only it
-    held is freed in steps too (freeing 20,000 records at once held the loop 16 ms).
+    held is freed in steps too (freeing 20,000 records at once held the loop 16 ms):
+    only for a list the caller built, never one a :class:`~converge.core.store.Store`
+    (which may be anyone's) returned.
     """
     piece = PIECE if piece is None else piece
     if len(items) <= piece and not consume:

@@ -372,7 +372,7 @@ class DurableQueue:
             return [k for k in keys if (i := k[cut:]) not in exclude and i not in waiting]
 
         # In steps: the open records of a raised max_pending (100,000) took 20-40 ms.
-        names = await in_pieces(await self.store.alist(prefix), worth_reading, consume=True)
+        names = await in_pieces(await self.store.alist(prefix), worth_reading)
         due = leasable_keys(now, key)
         leased: list[Record] = []
         for start in range(0, len(names), _BATCH):
@@ -652,7 +652,7 @@ class DurableQueue:
         prefix = self.keys.open_prefix
         cut = len(prefix)
         keys = await self.store.alist(prefix)
-        return await in_pieces(keys, lambda part: [k[cut:] for k in part], consume=True)
+        return await in_pieces(keys, lambda part: [k[cut:] for k in part])
 
     def note_finished(self, record: Record | None) -> Record | None:
         """Note that ``record``, written by this process, is stored as it is now.
