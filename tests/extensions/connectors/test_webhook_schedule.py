@@ -98,6 +98,35 @@ def test_hurry_touches_only_its_targets_waiting_actions() -> None:
     assert s.next_due() == 1000
 
 
+def test_hurry_makes_a_long_wait_due_a_bounded_number_at_a_time() -> None:
+    # A circuit closing after an outage re-added its target's waiting actions one by
+    # one, in the hurry itself: 60,000 of them held the event loop for 100 ms. Now the
+    # takes make them due, as many per take as a take moves.
+    s = schedule(global_max=10**6, per_target=10**6)
+    for i in range(3_000):
+        s.add(f"a{i:04d}", "t", 1000)
+    s.add("gone", "t", 1000)
+    s.discard("gone")
+    readded: list[str] = []
+    add = s.add
+
+    def counted(action_id: str, target: str, due: float) -> None:
+        readded.append(action_id)
+        add(action_id, target, due)
+
+    s.add = counted  # type: ignore[method-assign]
+    s.hurry("t", 1)
+    assert readded == []  # the hurry itself re-adds nothing
+    assert s.next_due() == 1  # the dispatcher comes back at once
+    started: list[tuple[str, str]] = []
+    for _ in range(10):
+        before = len(readded)
+        started += s.take(1)
+        assert len(readded) - before <= 1024
+    assert sorted(a for a, _ in started) == [f"a{i:04d}" for i in range(3_000)]
+    assert s.next_due() is None
+
+
 def test_discard_forgets_waiting_and_ready_actions() -> None:
     s = schedule(global_max=1)
     s.add("a", "t", 0)

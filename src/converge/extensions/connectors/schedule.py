@@ -49,6 +49,8 @@ class DispatchSchedule:
         self._per_target: dict[str, int] = {}
         self._turn: deque[str] = deque()
         self._paused: dict[str, float] = {}  # target -> no start before this time
+        # Targets hurried, with when and the ids still to make due (see hurry()).
+        self._hurried: deque[tuple[str, float, list[str]]] = deque()
 
     def __len__(self) -> int:
         """Actions known: waiting, ready or running."""
@@ -107,11 +109,28 @@ class DispatchSchedule:
 
     def hurry(self, target: str, now: float) -> None:
         """End ``target``'s pause and make its waiting actions due at ``now`` (circuit
-        closed again)."""
+        closed again): :meth:`take` moves them up, a bounded number per call, and
+        :meth:`next_due` says ``now`` until it has (60,000 re-added in one call held the
+        event loop for 100 ms)."""
         self.resume(target)
-        for action_id in list(self._waiting_of.get(target, ())):
-            if self._waiting[action_id][0] > now:
-                self.add(action_id, target, now)
+        waiting = self._waiting_of.get(target)
+        if waiting:
+            self._hurried.append((target, now, list(waiting)))
+
+    def _hurry_some(self, budget: int) -> int:
+        """Make up to ``budget`` hurried actions due; return how many were looked at."""
+        looked = 0
+        while self._hurried and looked < budget:
+            target, now, ids = self._hurried[0]
+            while ids and looked < budget:
+                looked += 1
+                action_id = ids.pop()
+                entry = self._waiting.get(action_id)  # gone, started or moved meanwhile?
+                if entry is not None and entry[2] == target and entry[0] > now:
+                    self.add(action_id, target, now)
+            if not ids:
+                self._hurried.popleft()
+        return looked
 
     def next_due(self) -> float | None:
         """When :meth:`take` may next start something that is not started yet: the
@@ -125,6 +144,9 @@ class DispatchSchedule:
                 due = first
                 break
             heapq.heappop(self._heap)  # stale entry
+        if self._hurried:
+            hurried = self._hurried[0][1]
+            due = hurried if due is None else min(due, hurried)
         for target, until in self._paused.items():
             if self._ready.get(target) and (due is None or until < due):
                 due = until
@@ -139,7 +161,7 @@ class DispatchSchedule:
         """
         for target in [t for t, until in self._paused.items() if until <= now]:
             del self._paused[target]
-        moves = 0
+        moves = self._hurry_some(_MOVES_PER_TAKE)
         while self._heap and self._heap[0][0] <= now and moves < _MOVES_PER_TAKE:
             moves += 1
             _, seq, action_id = heapq.heappop(self._heap)
