@@ -99,16 +99,20 @@ async def in_pieces(
     (which may be anyone's) returned.
     """
     piece = PIECE if piece is None else piece
-    if len(items) <= piece and not consume:
-        return build(items)
     built: list[Built] = []
-    for start in range(0, len(items), piece):
-        if consume:
-            part = items[:piece]
-            del items[:piece]
+    if consume:
+        items.reverse()  # pieces come off the end: no list is shifted
+        while items:
+            part = items[-piece:]
+            del items[-piece:]
+            part.reverse()
             built += build(part)
             del part
-        else:
-            built += build(items[start : start + piece])
+            await anyio.lowlevel.checkpoint()
+        return built
+    if len(items) <= piece:
+        return build(items)
+    for start in range(0, len(items), piece):
+        built += build(items[start : start + piece])
         await anyio.lowlevel.checkpoint()
     return built
