@@ -5,7 +5,8 @@ twice per request, and probes each idle one for a close by the server (a ``poll`
 idle socket). With 16 connections to one receiver, that was about a third of the
 600-730 µs of client CPU per delivery (perf, issue 17.5). :class:`ConnectionStack`
 gives a request the most recently used idle connection of its origin, probes only that
-one, and takes it back once the response is read: constant work per request.
+one (httpcore2 probes it as the request is about to go out from 2.17 on, before that in
+``has_expired``), and takes it back once the response is read: constant work per request.
 
 A kept connection can be closed by the server just as a request is sent on it (a server
 whose keep-alive ends a moment before ours: Node's and uvicorn's is 5 s, gunicorn's 2 s),
@@ -56,6 +57,9 @@ BODY_READ_SEC = 1.0
 _ANSWERED: ContextVar[list[bool]] = ContextVar("converge_answered")
 # What a request on a connection the server had just closed fails with.
 _STALE = (httpcore2.ReadError, httpcore2.WriteError, httpcore2.RemoteProtocolError)
+# What httpcore2 (2.17 on) raises, having sent nothing, for a kept connection it finds
+# closed by the server as a request is about to go out (it probed in has_expired before).
+_UNSENT = httpcore2.ConnectionNotAvailable
 
 
 async def read_body(chunks: AsyncGenerator[bytes]) -> bytes:
@@ -128,10 +132,11 @@ class ConnectionStack(httpx2.AsyncBaseTransport):
                 with _as_httpx_errors():
                     try:
                         response = await connection.handle_async_request(core)
-                    except _STALE:
-                        if not (reused and resendable) or answered[0]:
+                    except (*_STALE, _UNSENT) as exc:
+                        sent = not isinstance(exc, _UNSENT)
+                        if not reused or (sent and (not resendable or answered[0])):
                             raise
-                        await _close(connection)  # closed by the server as we sent
+                        await _close(connection)  # closed by the server before or as we sent
                         connection = await self._open(key, core.url.origin)
                         response = await connection.handle_async_request(core)
                     try:
