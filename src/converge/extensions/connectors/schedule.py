@@ -11,21 +11,26 @@ from converge.errors import UsageError
 
 __all__ = ["DispatchSchedule"]
 
-# Due actions a take() moves to the ready queues at most: 100,000 actions due at once
-# (a restart over a backlog) took 0.3 s of the event loop in one take. The rest move in
-# the next takes; next_due() says they are due, so the dispatcher comes back at once.
-_MOVES_PER_TAKE = 1024
+# Targets a take() lets join the turn at most (those with an action newly due): 100,000
+# actions due at once, each for a target of its own, would take 0.3 s of the event loop
+# in one take. The rest join in the next takes; next_due() says they are due, so the
+# dispatcher comes back at once.
+_JOINS_PER_TAKE = 1024
+
+_Entry = tuple[float, int, str]  # (due, seq, action id) in a target's heap
 
 
 class DispatchSchedule:
     """Due times and concurrency limits for the dispatcher, with no clock and no I/O.
 
-    An action is *waiting* (due at some time), *ready* (due, held back by a limit or a
-    pause) or *running*. :meth:`take` starts every ready action the global and
-    per-target limits allow, taking targets in turn so one busy target cannot starve the
-    others. A waiting action holds no worker: it is a heap entry. A target whose circuit
-    is open is paused (:meth:`pause`): its ready actions stay where they are, however
-    many, instead of each being taken and put back.
+    An action is *waiting* (until it is due, and while a limit or a pause holds it
+    back) or *running*. Each target keeps its waiting actions in a heap of its own, by
+    due time; a target with an action due joins the *turn*, and :meth:`take` starts
+    every due action the global and per-target limits allow, taking the targets in
+    turn so one busy target cannot starve the others. What a take does grows with what
+    it starts and the targets it looks at, never with a target's backlog: a waiting
+    action holds no worker and is never moved, however many are due. A target whose
+    circuit is open is paused (:meth:`pause`): its due actions stay where they are.
 
     Args:
         max_in_flight: Running actions at most, over all targets.
@@ -39,29 +44,28 @@ class DispatchSchedule:
             raise UsageError("max_in_flight must be an integer >= 1")
         self._max = max_in_flight
         self._limit = target_limit
-        self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[float, int, str]] = {}  # id -> (due, seq, target)
-        self._waiting_of: dict[str, set[str]] = {}  # target -> its waiting ids
-        self._ready: dict[str, deque[str]] = {}
-        self._ready_ids: set[str] = set()
+        # Heap entries whose seq is no longer their action's were started, moved or
+        # discarded since: they are dropped when they come to the top.
+        self._heaps: dict[str, list[_Entry]] = {}  # target -> its waiting actions
+        # Heaps set aside by hurry(), each with its time: all their actions are due then.
+        self._hurried: dict[str, deque[tuple[float, list[_Entry]]]] = {}
+        # (time, seq, target) for targets outside the turn: nothing of the target is due
+        # before the earliest of its entries (an entry may be early, or stale).
+        self._next: list[tuple[float, int, str]] = []
+        self._turn: deque[str] = deque()
+        self._in_turn: set[str] = set()
         self._running: dict[str, str] = {}  # id -> target
         self._per_target: dict[str, int] = {}
-        self._turn: deque[str] = deque()
         self._paused: dict[str, float] = {}  # target -> no start before this time
-        # Targets hurried, with when and the ids still to make due (see hurry()).
-        self._hurried: deque[tuple[str, float, list[str]]] = deque()
 
     def __len__(self) -> int:
-        """Actions known: waiting, ready or running."""
-        return len(self._waiting) + len(self._ready_ids) + len(self._running)
+        """Actions known: waiting or running."""
+        return len(self._waiting) + len(self._running)
 
     def __contains__(self, action_id: object) -> bool:
-        return (
-            action_id in self._waiting
-            or action_id in self._ready_ids
-            or (action_id in self._running)
-        )
+        return action_id in self._waiting or action_id in self._running
 
     @property
     def running(self) -> int:
@@ -71,33 +75,22 @@ class DispatchSchedule:
     def add(self, action_id: str, target: str, due: float) -> None:
         """Make ``action_id`` due at ``due``; a known waiting action is moved to ``due``.
 
-        Ready or running actions are left alone (they are on their way already).
+        Running actions are left alone (they are on their way already).
         """
-        if action_id in self._running or action_id in self._ready_ids:
+        if action_id in self._running:
             return
-        entry = (due, next(self._seq), target)
-        old = self._waiting.get(action_id)
-        if old is not None and old[2] != target:
-            self._unwait(action_id, old[2])
-        self._waiting[action_id] = entry
-        heapq.heappush(self._heap, (entry[0], entry[1], action_id))
-        ids = self._waiting_of.get(target)
-        if ids is None:
-            self._waiting_of[target] = {action_id}
-        else:
-            ids.add(action_id)
+        seq = next(self._seq)
+        self._waiting[action_id] = (due, seq, target)
+        heap = self._heaps.get(target)
+        if heap is None:
+            heap = self._heaps[target] = []
+        if target not in self._in_turn and (not heap or due < heap[0][0]):
+            heapq.heappush(self._next, (due, seq, target))
+        heapq.heappush(heap, (due, seq, action_id))
 
     def discard(self, action_id: str) -> None:
-        """Forget a waiting or ready action (running ones finish normally)."""
-        entry = self._waiting.pop(action_id, None)
-        if entry is not None:
-            self._unwait(action_id, entry[2])
-        if action_id in self._ready_ids:
-            self._ready_ids.discard(action_id)
-            for queue in self._ready.values():
-                if action_id in queue:
-                    queue.remove(action_id)
-                    break
+        """Forget a waiting action (running ones finish normally)."""
+        self._waiting.pop(action_id, None)
 
     def pause(self, target: str, until: float) -> None:
         """Start no action of ``target`` before ``until`` (its circuit is open)."""
@@ -109,46 +102,65 @@ class DispatchSchedule:
 
     def hurry(self, target: str, now: float) -> None:
         """End ``target``'s pause and make its waiting actions due at ``now`` (circuit
-        closed again): :meth:`take` moves them up, a bounded number per call, and
-        :meth:`next_due` says ``now`` until it has (60,000 re-added in one call held the
-        event loop for 100 ms)."""
+        closed again). Their heap is set aside whole, as due at ``now``: a hurry costs
+        the same for 60,000 waiting actions as for one (re-adding each held the event
+        loop for 100 ms)."""
         self.resume(target)
-        waiting = self._waiting_of.get(target)
-        if waiting:
-            self._hurried.append((target, now, list(waiting)))
+        heap = self._heaps.pop(target, None)
+        if heap:
+            self._hurried.setdefault(target, deque()).append((now, heap))
+            if target not in self._in_turn:
+                heapq.heappush(self._next, (min(now, heap[0][0]), next(self._seq), target))
 
-    def _hurry_some(self, budget: int) -> int:
-        """Make up to ``budget`` hurried actions due; return how many were looked at."""
-        looked = 0
-        while self._hurried and looked < budget:
-            target, now, ids = self._hurried[0]
-            while ids and looked < budget:
-                looked += 1
-                action_id = ids.pop()
-                entry = self._waiting.get(action_id)  # gone, started or moved meanwhile?
-                if entry is not None and entry[2] == target and entry[0] > now:
-                    self.add(action_id, target, now)
-            if not ids:
-                self._hurried.popleft()
-        return looked
+    def _clean(self, heap: list[_Entry]) -> bool:
+        """Drop the stale entries at the top of ``heap``; True if it holds an action."""
+        waiting = self._waiting
+        while heap:
+            _, seq, action_id = heap[0]
+            entry = waiting.get(action_id)
+            if entry is not None and entry[1] == seq:
+                return True
+            heapq.heappop(heap)
+        return False
+
+    def _first(self, target: str) -> tuple[float, list[_Entry]] | None:
+        """When ``target``'s first waiting action is due, and the heap it tops; None
+        if the target has none (its empty heaps are dropped)."""
+        first = None
+        hurried = self._hurried.get(target)
+        if hurried is not None:
+            while hurried and not self._clean(hurried[0][1]):
+                hurried.popleft()
+            if hurried:
+                at, heap = hurried[0]
+                first = (min(at, heap[0][0]), heap)
+            else:
+                del self._hurried[target]
+        own = self._heaps.get(target)
+        if own is not None:
+            if not self._clean(own):
+                del self._heaps[target]
+            elif first is None or own[0][0] < first[0]:
+                first = (own[0][0], own)
+        return first
 
     def next_due(self) -> float | None:
         """When :meth:`take` may next start something that is not started yet: the
-        earliest due time of a waiting action, or the end of a pause holding ready
-        actions back; None if neither."""
+        earliest due time of a waiting action outside the turn, or the end of a pause
+        holding a target of the turn back; None if neither."""
         due = None
-        while self._heap:
-            first, seq, action_id = self._heap[0]
-            entry = self._waiting.get(action_id)
-            if entry is not None and entry[1] == seq:
-                due = first
+        nexts = self._next
+        while nexts:
+            at, _, target = nexts[0]
+            first = None if target in self._in_turn else self._first(target)
+            if first is not None and first[0] <= at:
+                due = at
                 break
-            heapq.heappop(self._heap)  # stale entry
-        if self._hurried:
-            hurried = self._hurried[0][1]
-            due = hurried if due is None else min(due, hurried)
+            heapq.heappop(nexts)  # early or stale
+            if first is not None:
+                heapq.heappush(nexts, (first[0], next(self._seq), target))
         for target, until in self._paused.items():
-            if self._ready.get(target) and (due is None or until < due):
+            if target in self._in_turn and (due is None or until < due):
                 due = until
         return due
 
@@ -161,52 +173,42 @@ class DispatchSchedule:
         """
         for target in [t for t, until in self._paused.items() if until <= now]:
             del self._paused[target]
-        moves = self._hurry_some(_MOVES_PER_TAKE)
-        while self._heap and self._heap[0][0] <= now and moves < _MOVES_PER_TAKE:
-            moves += 1
-            _, seq, action_id = heapq.heappop(self._heap)
-            entry = self._waiting.get(action_id)
-            if entry is None or entry[1] != seq:
+        nexts, turn, in_turn = self._next, self._turn, self._in_turn
+        joins = 0
+        while nexts and nexts[0][0] <= now and joins < _JOINS_PER_TAKE:
+            joins += 1
+            target = heapq.heappop(nexts)[2]
+            first = None if target in in_turn else self._first(target)
+            if first is None:
                 continue
-            del self._waiting[action_id]
-            target = entry[2]
-            waiting = self._waiting_of[target]  # _unwait, inlined: once per action
-            waiting.discard(action_id)
-            if not waiting:
-                del self._waiting_of[target]
-            queue = self._ready.get(target)
-            if queue is None:
-                queue = self._ready[target] = deque()
-                self._turn.append(target)
-            queue.append(action_id)
-            self._ready_ids.add(action_id)
+            if first[0] <= now:
+                turn.append(target)
+                in_turn.add(target)
+            else:
+                heapq.heappush(nexts, (first[0], next(self._seq), target))
         started: list[tuple[str, str]] = []
+        running, per_target, paused = self._running, self._per_target, self._paused
         idle = 0
-        while self._turn and len(self._running) < self._max and idle < len(self._turn):
-            target = self._turn[0]
-            self._turn.rotate(-1)
-            queue = self._ready[target]
-            if not queue:
-                del self._ready[target]
-                self._turn.remove(target)
-                idle = 0
-                continue
-            if target in self._paused or self._per_target.get(target, 0) >= self._limit(target):
+        while turn and len(running) < self._max and idle < len(turn):
+            target = turn[0]
+            turn.rotate(-1)
+            if target in paused or per_target.get(target, 0) >= self._limit(target):
                 idle += 1
                 continue
             idle = 0
-            action_id = queue.popleft()
-            self._ready_ids.discard(action_id)
-            self._running[action_id] = target
-            self._per_target[target] = self._per_target.get(target, 0) + 1
+            first = self._first(target)
+            if first is None or first[0] > now:
+                turn.pop()  # nothing due: out of the turn (rotated to its end)
+                in_turn.discard(target)
+                if first is not None:
+                    heapq.heappush(nexts, (first[0], next(self._seq), target))
+                continue
+            action_id = heapq.heappop(first[1])[2]
+            del self._waiting[action_id]
+            running[action_id] = target
+            per_target[target] = per_target.get(target, 0) + 1
             started.append((action_id, target))
         return started
-
-    def _unwait(self, action_id: str, target: str) -> None:
-        ids = self._waiting_of[target]
-        ids.discard(action_id)
-        if not ids:
-            del self._waiting_of[target]
 
     def finish(self, action_id: str) -> None:
         """An attempt is over; its slot is free. Re-:meth:`add` it to try again."""
