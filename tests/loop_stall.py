@@ -9,6 +9,7 @@ while the call runs: the longest the loop was blocked (plus the timer's own slac
 from __future__ import annotations
 
 import gc
+import heapq
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ import anyio.lowlevel
 
 __all__ = [
     "BetweenTurns",
+    "CountedHeaps",
     "assert_loop_stall_below",
     "busy",
     "eventually",
@@ -153,6 +155,29 @@ class BetweenTurns:
             result = await work
             tg.cancel_scope.cancel()
         return result
+
+
+class CountedHeaps:
+    """A stand-in for a module's ``heapq`` that counts the entries pushed and popped:
+    ``monkeypatch.setattr(module, "heapq", CountedHeaps())``. Patch the module's name,
+    never ``heapq`` itself: a thread left by another test (an event loop's timers) would
+    be counted too.
+    """
+
+    def __init__(self) -> None:
+        self.pushes = self.pops = 0
+
+    @property
+    def moves(self) -> int:
+        return self.pushes + self.pops
+
+    def heappush(self, heap: list[Any], item: Any) -> None:
+        self.pushes += 1
+        heapq.heappush(heap, item)
+
+    def heappop(self, heap: list[Any]) -> Any:
+        self.pops += 1
+        return heapq.heappop(heap)
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:

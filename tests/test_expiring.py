@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import heapq
-
 import pytest
 
 from converge import _expiring
 from converge._expiring import ExpiringIds
+from loop_stall import CountedHeaps
 
 
 def test_a_note_holds_until_its_end_is_passed() -> None:
@@ -36,20 +35,14 @@ def test_many_notes_ending_together_go_a_batch_at_a_time(monkeypatch: pytest.Mon
     for n in range(2_500):
         notes.note(f"r{n}", 100.0 + n % 3)
     notes.note("later", 500.0)
-    pops = [0]
-    pop = heapq.heappop
-
-    def counted(heap: list[tuple[float, str]]) -> tuple[float, str]:
-        pops[0] += 1
-        return pop(heap)
-
-    monkeypatch.setattr(_expiring.heapq, "heappop", counted)
+    heaps = CountedHeaps()
+    monkeypatch.setattr(_expiring, "heapq", heaps)
     notes.expire(200.0)
-    assert pops[0] == 1_000
+    assert heaps.pops == 1_000
     # Every ended note reads as gone at once, the others do not.
     assert not any(f"r{n}" in notes for n in range(2_500))
     assert "later" in notes
     notes.expire(200.0)
     notes.expire(200.0)
-    assert pops[0] == 2_500
+    assert heaps.pops == 2_500
     assert notes.first_end() == 500.0  # every ended note dropped
