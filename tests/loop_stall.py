@@ -131,7 +131,8 @@ async def ticks_during(work: Awaitable[T]) -> tuple[T, int]:
 class BetweenTurns:
     """The most work done between two turns of another task: call :meth:`count` per
     unit of work (a record built, a stamp walked) and await the work with
-    :meth:`during`; :attr:`most` is then the largest count between two turns.
+    :meth:`during`; :attr:`most` is then the largest count between two turns, and
+    :attr:`turns` the other task's turns so far (read it at two points of the work).
 
     Not timed: work done all at once counts all of it.
     """
@@ -139,6 +140,7 @@ class BetweenTurns:
     def __init__(self) -> None:
         self.since = 0
         self.most = 0
+        self.turns = 0
 
     def count(self, units: int = 1) -> None:
         self.since += units
@@ -147,6 +149,7 @@ class BetweenTurns:
     async def during(self, work: Awaitable[T]) -> T:
         async def other_task() -> None:
             while True:
+                self.turns += 1
                 self.since = 0
                 await anyio.lowlevel.checkpoint()
 

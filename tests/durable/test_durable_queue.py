@@ -486,32 +486,24 @@ async def store_calls(store: MemoryStore, work: Any) -> list[tuple[str, int]]:
     """Await ``work`` while another task counts its turns: ``(call, turns so far)`` once
     each of the store's listings returns (``"listed"``), at each of its reads
     (``"read"``), and at the end (``"end"``)."""
-    turns = [0]
+    gauge = BetweenTurns()
     calls: list[tuple[str, int]] = []
     listing, update = store.alist, store.aupdate
 
     async def listed(prefix: str = "") -> list[str]:
         keys = await listing(prefix)
-        calls.append(("listed", turns[0]))
+        calls.append(("listed", gauge.turns))
         return keys
 
     async def read(keys: Any, fn: Any, **kw: Any) -> Any:
-        calls.append(("read", turns[0]))
+        calls.append(("read", gauge.turns))
         return await update(keys, fn, **kw)
-
-    async def other_task() -> None:
-        while True:
-            turns[0] += 1
-            await anyio.lowlevel.checkpoint()
 
     store.alist = listed  # type: ignore[method-assign]
     store.aupdate = read  # type: ignore[method-assign]
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(other_task)
-            await work
-            calls.append(("end", turns[0]))
-            tg.cancel_scope.cancel()
+        await gauge.during(work)
+        calls.append(("end", gauge.turns))
     finally:
         del store.alist, store.aupdate
     return calls
