@@ -32,6 +32,7 @@ from converge.extensions.connectors.schedule import DispatchSchedule
 from converge.extensions.storage import FileStore, SQLiteStore
 from counting_store import CountingUpdates
 from loop_stall import eventually
+from loopback import UvicornThread
 
 pytestmark = pytest.mark.anyio
 
@@ -491,6 +492,36 @@ async def test_a_connector_restarted_mid_flight_loses_nothing(
     bodies = {json.loads(r.body)["n"] for r in recv.delivered() if r.body}
     assert bodies == set(range(30))
     await second_store.aclose()
+
+
+async def test_a_receiver_that_closes_idle_connections_sooner_gets_each_action_at_once() -> None:
+    # uvicorn here keeps an idle connection 0.2 s, ours 5 s: httpcore2 2.17 finds the
+    # close only as the next request is about to go out. That request goes on a new
+    # connection, in the same attempt; it used to fail the attempt, as a breaker failure.
+    recv = Receiver()
+    server = UvicornThread(recv, timeout_keep_alive=0.2).start()
+    try:
+        c = make(
+            targets=[OutboundTarget("app", f"{server.url}/hook")],
+            retry_policy=WebhookRetryPolicy(
+                max_attempts=5, base_delay_sec=30, max_delay_sec=30, jitter_ratio=0.0
+            ),
+        )
+        async with dispatching(c):
+            sent = []
+            for n in range(2):
+                if n:
+                    await anyio.sleep(0.4)  # the receiver closes the kept connection
+                sent.append(await c.enqueue(action(n, url=f"{server.url}/hook")))
+                await eventually(lambda: c.dispatcher.backlog == 0)
+        for record in sent:
+            found = await c.outbox.aget(record.id)
+            assert found is not None
+            assert (found.status, found.attempt_count) == ("delivered", 1)
+        assert c.breaker("app").state == "closed"
+        assert len(recv.delivered()) == 2
+    finally:
+        server.stop()
 
 
 async def test_redirects_are_not_followed(receiver: tuple[Receiver, str]) -> None:
