@@ -253,7 +253,11 @@ def test_client_cert_header_needs_trusted_proxies() -> None:
 
 
 class Slow:
-    """An ASGI app that reads the whole body, then answers 200."""
+    """An ASGI app that reads the whole body, then answers 200 (its body ``delay``
+    seconds after its head)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -261,6 +265,8 @@ class Slow:
             return
         await read_request(scope, receive)
         await send({"type": "http.response.start", "status": 200, "headers": []})
+        if self.delay:
+            await anyio.sleep(self.delay)
         await send({"type": "http.response.body", "body": b"{}"})
 
 
@@ -289,23 +295,6 @@ def test_the_connection_cap_evicts_idle_connections_and_refuses_when_all_are_bus
             sock.close()
     finally:
         server.stop()
-
-
-class Later:
-    """An ASGI app that answers 200 with its head at once and its body ``delay`` later."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
-        await read_request(scope, receive)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        if self.delay:
-            await anyio.sleep(self.delay)
-        await send({"type": "http.response.body", "body": b"{}"})
 
 
 def _socket_writes(monkeypatch: pytest.MonkeyPatch, port: int) -> list[bytes]:
@@ -348,7 +337,7 @@ def test_each_response_goes_out_in_one_write(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_head_whose_body_comes_later_is_not_held_back() -> None:
     protocol = guarded_protocol(header_timeout_sec=30.0, max_connections=16)
-    server = UvicornThread(Later(delay=1.0), http=protocol).start()
+    server = UvicornThread(Slow(delay=1.0), http=protocol).start()
     port = int(server.url.rsplit(":", 1)[1])
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:
