@@ -154,7 +154,7 @@ class DispatchSchedule:
             at, _, target = nexts[0]
             first = None if target in self._in_turn else self._first(target)
             if first is not None and first[0] <= at:
-                due = at
+                due = first[0]
                 break
             heapq.heappop(nexts)  # early or stale
             if first is not None:
