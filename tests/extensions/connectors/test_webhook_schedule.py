@@ -179,7 +179,7 @@ def test_a_take_lets_a_bounded_number_of_targets_join_the_turn() -> None:
 def test_a_backlog_costs_a_take_only_what_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     # 16 workers finishing in one turn of the loop each call take(): when each take
     # moved up to 1,024 due actions of a 60,000 backlog to a ready queue, the turn held
-    # the event loop for 46-57 ms. A take now pops what it starts, and stale entries.
+    # the event loop for 46-68 ms. A take now pops what it starts, and stale entries.
     s = DispatchSchedule(max_in_flight=16, target_limit=lambda _: 8)
     for i in range(20_000):
         s.add(f"a{i:05d}", "t", i / 1000)
