@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio.lowlevel
 
 from converge._expiring import ExpiringIds
-from converge._numbers import finite_float, positive_float
+from converge._numbers import check_int, finite_float, positive_float
 from converge._repr import safe_repr
 from converge._sorting import in_pieces, sort_yielding
 from converge.core.store import Store, UpdateFn
@@ -358,8 +358,7 @@ class DurableQueue:
         if not isinstance(owner, str) or not owner:
             raise UsageError("owner must be a non-empty string")
         seconds = _positive("lease_sec", lease_sec)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise UsageError("limit must be an integer >= 1")
+        check_int("limit", limit, 1)
         if not isinstance(exclude, Collection) or isinstance(exclude, str | bytes):
             raise UsageError("exclude must be a collection of record ids")
         prefix = self.keys.open_prefix
@@ -583,8 +582,7 @@ class DurableQueue:
             since: Only records created at or after this Unix time.
             limit: Most records returned.
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise UsageError("limit must be an integer >= 1")
+        check_int("limit", limit, 1)
         # Sorted in steps: heapq.nlargest over 100,000 records listed oldest first
         # (time-ordered ids) held the event loop for 70-95 ms.
         found = await sort_yielding(await self._listed(status, key, since))
@@ -693,8 +691,7 @@ class DurableQueue:
         Returns:
             How many records were deleted.
         """
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise UsageError("keep must be an integer >= 0")
+        check_int("keep", keep, 0)
         self._trimmed = True
         finished = await self._finished_keys()
         if len(finished) <= keep:

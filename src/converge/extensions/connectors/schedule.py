@@ -7,7 +7,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
-from converge.errors import UsageError
+from converge._numbers import check_int
 
 __all__ = ["DispatchSchedule"]
 
@@ -38,11 +38,7 @@ class DispatchSchedule:
     """
 
     def __init__(self, *, max_in_flight: int, target_limit: Callable[[str], int]) -> None:
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
-            raise UsageError("max_in_flight must be an integer >= 1")
-        if max_in_flight < 1:
-            raise UsageError("max_in_flight must be an integer >= 1")
-        self._max = max_in_flight
+        self._max = check_int("max_in_flight", max_in_flight, 1)
         self._limit = target_limit
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[float, int, str]] = {}  # id -> (due, seq, target)
