@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import pytest
 from outbound_helpers import FakeClock, Sender, action, dispatching, make
 
