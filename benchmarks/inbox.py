@@ -38,7 +38,7 @@ import anyio
 from _bench import Results, arg_parser, best_of_rounds, print_ratio_table, scratch_dir
 from converge.core.store import Store
 from converge.extensions.connectors import ProviderProfile, WebhookConnector
-from converge.extensions.connectors.inbox import event_uid
+from converge.extensions.connectors.inbound.inbox import event_uid
 from converge.extensions.storage import MemoryStore, SQLiteStore
 
 SECRET = "bench-secret"

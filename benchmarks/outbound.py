@@ -13,7 +13,7 @@ A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
   with one ``AsyncClient`` and as many worker tasks as the concurrency: what you would
   write without an outbox. converge sends with an ``httpx2`` client too (the client the
   LLM SDKs use), on its own connection stack instead of httpx2's pool
-  (``converge.extensions.connectors.connections``), so the ratio against ``httpx2`` is
+  (``converge.extensions.connectors.outbound.connections``), so the ratio against ``httpx2`` is
   what the outbox costs less what the stack saves. ``httpx`` is the older client, whose
   connection pool scans every connection on each request (at 64 connections it spends
   several times longer per request).

@@ -16,7 +16,7 @@ from converge.cli.config import (
 )
 from converge.errors import ConfigurationError
 from converge.extensions.connectors import RetrySchedule, WebhookRetryPolicy
-from converge.extensions.connectors.retry import SVIX_DELAYS_SEC
+from converge.extensions.connectors.outbound.retry import SVIX_DELAYS_SEC
 from converge.extensions.storage import MemoryStore
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "gateway.toml"

@@ -37,7 +37,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
 )
 from converge.extensions.connectors.connector import OUTBOUND_TOPIC
-from converge.extensions.connectors.retry import RetrySchedule
+from converge.extensions.connectors.outbound.retry import RetrySchedule
 from converge.extensions.storage import SQLiteStore
 from converge.runtime import AgentRetry, AgentRunner, MessageBus
 from loopback import loopback_socket

@@ -14,7 +14,7 @@ from typing import Any
 
 import converge
 from converge.extensions.connectors import ProviderProfile, WebhookConnector
-from converge.extensions.connectors.inbox import item_of
+from converge.extensions.connectors.inbound.inbox import item_of
 from converge.extensions.storage import SQLiteStore
 
 TESTS = Path(__file__).resolve().parents[1]

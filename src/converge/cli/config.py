@@ -27,10 +27,10 @@ from converge.extensions.connectors import (
     WebhookRetryPolicy,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.retry import parse_duration
+from converge.extensions.connectors.outbound.retry import parse_duration
 
 if TYPE_CHECKING:
-    from converge.extensions.connectors.retry import RetryStrategy
+    from converge.extensions.connectors.outbound.retry import RetryStrategy
 
 __all__ = [
     "DEFAULT_RETENTION_SEC",

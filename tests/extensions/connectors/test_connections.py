@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from outbound_helpers import action, dispatching, make
 
 from converge.extensions.connectors import OutboundTarget, WebhookRetryPolicy
-from converge.extensions.connectors.connections import (
+from converge.extensions.connectors.outbound.connections import (
     BODY_READ_MAX,
     BODY_READ_SEC,
     ConnectionStack,

@@ -37,7 +37,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
     WebhookRetryPolicy,
 )
-from converge.extensions.connectors.inbox import event_uid, forward_key
+from converge.extensions.connectors.inbound.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, SQLiteStore
 from loop_stall import eventually
 

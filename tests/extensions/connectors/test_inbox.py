@@ -38,7 +38,7 @@ from converge.extensions.connectors import (
 )
 from converge.extensions.connectors import connector as connector_module
 from converge.extensions.connectors.connector import OUTBOUND_TOPIC
-from converge.extensions.connectors.inbox import event_uid, forward_key
+from converge.extensions.connectors.inbound.inbox import event_uid, forward_key
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from converge.runtime import AgentRunner, MessageBus
 from counting_store import CountingUpdates

@@ -18,7 +18,7 @@ from outbound_helpers import FakeClock, Sender, action, dispatching, make
 from converge.core.store import Store
 from converge.errors import UsageError
 from converge.extensions.connectors import OutboundRequest, OutboundTarget, Outbox, RetrySchedule
-from converge.extensions.connectors import outbox as outbox_module
+from converge.extensions.connectors.outbound import outbox as outbox_module
 from converge.extensions.storage import MemoryStore, RedisStore, SQLiteStore
 from counting_store import CountingUpdates
 from loop_stall import BetweenTurns, eventually

@@ -28,7 +28,7 @@ from converge.extensions.connectors import (
     WebhookGateway,
     WebhookRetryPolicy,
 )
-from converge.extensions.connectors.schedule import DispatchSchedule
+from converge.extensions.connectors.outbound.schedule import DispatchSchedule
 from converge.extensions.storage import FileStore, SQLiteStore
 from counting_store import CountingUpdates
 from loop_stall import eventually

@@ -8,7 +8,7 @@ import pytest
 
 from converge.errors import ConfigurationError, UsageError
 from converge.extensions.connectors import CircuitBreaker, RetrySchedule, WebhookRetryPolicy
-from converge.extensions.connectors.retry import (
+from converge.extensions.connectors.outbound.retry import (
     DEFAULT_LEASE_MARGIN_SEC,
     MAX_RETRY_AFTER_SEC,
     classify_status,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from converge.extensions.connectors import schedule as schedule_module
-from converge.extensions.connectors.schedule import DispatchSchedule
+from converge.extensions.connectors.outbound import schedule as schedule_module
+from converge.extensions.connectors.outbound.schedule import DispatchSchedule
 from loop_stall import CountedHeaps
 
 

@@ -20,7 +20,7 @@ from converge.extensions.connectors import (
     WebhookSecurityPolicy,
     sign_webhook,
 )
-from converge.extensions.connectors.schemes import (
+from converge.extensions.connectors.inbound.schemes import (
     decode_secret,
     hmac_state,
     parse_signed_parts,

@@ -35,7 +35,7 @@ from converge.extensions.connectors import (
     WebhookSecurity,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.security import FORM_MEDIA_TYPE, parse_json_object
+from converge.extensions.connectors.inbound.security import FORM_MEDIA_TYPE, parse_json_object
 from converge.extensions.storage import MemoryStore, SQLiteStore
 
 NOW = 1_700_000_000.0

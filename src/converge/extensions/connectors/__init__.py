@@ -18,10 +18,9 @@ from converge.errors import (
     IdempotencyConflictError,
     WebhookSecurityError,
 )
-from converge.extensions.connectors.asgi import GatewayApp
-from converge.extensions.connectors.breaker import CircuitBreaker
 from converge.extensions.connectors.connector import INBOUND_TOPIC, OUTBOUND_TOPIC, WebhookConnector
-from converge.extensions.connectors.gateway import WebhookGateway
+from converge.extensions.connectors.inbound.schemes import sign_webhook
+from converge.extensions.connectors.inbound.security import VerifiedWebhook, WebhookSecurity
 from converge.extensions.connectors.models import (
     InboundWebhookEvent,
     OutboundTarget,
@@ -29,15 +28,16 @@ from converge.extensions.connectors.models import (
     ProviderProfile,
     WebhookSecurityPolicy,
 )
-from converge.extensions.connectors.outbox import DeadLetter, Outbox, OutboxRecord
-from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
-from converge.extensions.connectors.schemes import sign_webhook
-from converge.extensions.connectors.security import VerifiedWebhook, WebhookSecurity
-from converge.extensions.connectors.transport import (
+from converge.extensions.connectors.outbound.breaker import CircuitBreaker
+from converge.extensions.connectors.outbound.outbox import DeadLetter, Outbox, OutboxRecord
+from converge.extensions.connectors.outbound.retry import RetrySchedule, WebhookRetryPolicy
+from converge.extensions.connectors.outbound.transport import (
     OutboundRequest,
     OutboundResponse,
     OutboundSender,
 )
+from converge.extensions.connectors.server.asgi import GatewayApp
+from converge.extensions.connectors.server.gateway import WebhookGateway
 
 __all__ = [
     "INBOUND_TOPIC",

@@ -33,9 +33,7 @@ from converge.errors import (
     UsageError,
     WebhookSecurityError,
 )
-from converge.extensions.connectors.breaker import CircuitBreaker
-from converge.extensions.connectors.dispatcher import OutboundDispatcher
-from converge.extensions.connectors.inbox import (
+from converge.extensions.connectors.inbound.inbox import (
     INBOUND_TOPIC,
     Consumer,
     InboxHolds,
@@ -46,6 +44,13 @@ from converge.extensions.connectors.inbox import (
     message_of,
     record_event,
 )
+from converge.extensions.connectors.inbound.schemes import decode_secret
+from converge.extensions.connectors.inbound.security import (
+    _REJECTION_HEADERS,
+    VerifiedWebhook,
+    WebhookSecurity,
+    _lower_headers,
+)
 from converge.extensions.connectors.logs import log_accepted, log_dead, log_rejected
 from converge.extensions.connectors.models import (
     OutboundTarget,
@@ -54,21 +59,16 @@ from converge.extensions.connectors.models import (
     WebhookSecurityPolicy,
     forwardable_headers,
 )
-from converge.extensions.connectors.outbox import (
+from converge.extensions.connectors.outbound.breaker import CircuitBreaker
+from converge.extensions.connectors.outbound.dispatcher import OutboundDispatcher
+from converge.extensions.connectors.outbound.outbox import (
     DeadLetter,
     Outbox,
     OutboxRecord,
     action_id,
 )
-from converge.extensions.connectors.retry import RetrySchedule, WebhookRetryPolicy
-from converge.extensions.connectors.schemes import decode_secret
-from converge.extensions.connectors.security import (
-    _REJECTION_HEADERS,
-    VerifiedWebhook,
-    WebhookSecurity,
-    _lower_headers,
-)
-from converge.extensions.connectors.transport import (
+from converge.extensions.connectors.outbound.retry import RetrySchedule, WebhookRetryPolicy
+from converge.extensions.connectors.outbound.transport import (
     OutboundSender,
     OutboundTransport,
 )

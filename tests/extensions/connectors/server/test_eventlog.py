@@ -336,7 +336,7 @@ async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_que
     import time
     from types import SimpleNamespace
 
-    from converge.extensions.connectors.outbox import Outbox
+    from converge.extensions.connectors.outbound.outbox import Outbox
 
     store = CountingUpdates()
     outbox = Outbox(store, prefix="t", clock=time.time, dead_letter_ttl_sec=3600)

@@ -1,5 +1,8 @@
-"""Serving parts of the connectors: the event log, the admin API and the inspector page.
+"""Serving the connectors: the ASGI app, the gateway facade and the operators' tools.
 
+* :class:`~.gateway.WebhookGateway` and its ASGI app (:class:`~.asgi.GatewayApp`):
+  the webhook routes, health, readiness, metrics and the outbound relay (both are
+  importable from :mod:`converge.extensions.connectors`).
 * :class:`EventLog`: inbound events and outbound deliveries (the connector's durable
   queues) as operators see them: list, show, replay, purge dead letters, a count bound.
 * :class:`AdminApp`: the admin JSON API and the inspector page under ``/admin/``,

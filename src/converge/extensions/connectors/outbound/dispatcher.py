@@ -17,16 +17,16 @@ from converge._numbers import positive_float
 from converge.core.metrics import MetricsCollector
 from converge.durable import Attempt
 from converge.errors import StoreError, UsageError
-from converge.extensions.connectors.breaker import CircuitBreaker
 from converge.extensions.connectors.logs import log_dead, log_delivered, log_retried
-from converge.extensions.connectors.outbox import Outbox, OutboxRecord
-from converge.extensions.connectors.retry import (
+from converge.extensions.connectors.outbound.breaker import CircuitBreaker
+from converge.extensions.connectors.outbound.outbox import Outbox, OutboxRecord
+from converge.extensions.connectors.outbound.retry import (
     RetrySchedule,
     Verdict,
     WebhookRetryPolicy,
     lease_margin,
 )
-from converge.extensions.connectors.schedule import DispatchSchedule
+from converge.extensions.connectors.outbound.schedule import DispatchSchedule
 
 __all__ = ["AttemptResult", "OutboundDispatcher"]
 

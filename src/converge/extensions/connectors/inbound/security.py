@@ -25,15 +25,15 @@ from converge.errors import (
     UsageError,
     WebhookSecurityError,
 )
-from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
-from converge.extensions.connectors.schemes import EVENT_ID_RE as _EVENT_ID_RE
-from converge.extensions.connectors.schemes import (
+from converge.extensions.connectors.inbound.schemes import EVENT_ID_RE as _EVENT_ID_RE
+from converge.extensions.connectors.inbound.schemes import (
     decode_secret,
     hmac_state,
     parse_signed_parts,
     parse_timestamp,
     signature_matches,
 )
+from converge.extensions.connectors.models import ProviderProfile, WebhookSecurityPolicy
 
 __all__ = [
     "FORM_MEDIA_TYPE",

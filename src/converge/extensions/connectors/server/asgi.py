@@ -13,14 +13,14 @@ import anyio
 from converge._http import ip_literal
 from converge._numbers import positive_float
 from converge.errors import ClosedError, ConfigurationError, StoreError, WebhookSecurityError
-from converge.extensions.connectors.security import (
+from converge.extensions.connectors.inbound.security import (
     _REJECTION_HEADERS,
     identity_coded,
     parse_json_object,
 )
 
 if TYPE_CHECKING:
-    from converge.extensions.connectors.gateway import WebhookGateway
+    from converge.extensions.connectors.server.gateway import WebhookGateway
 
 __all__ = ["GatewayApp"]
 
@@ -117,7 +117,7 @@ class GatewayApp:
         trusted_proxies: Sequence[str] = (),
         body_timeout_sec: float | None = 30.0,
     ) -> None:
-        from converge.extensions.connectors.gateway import WebhookGateway
+        from converge.extensions.connectors.server.gateway import WebhookGateway
 
         if not isinstance(gateway, WebhookGateway):
             raise ConfigurationError("GatewayApp needs a WebhookGateway")

@@ -14,17 +14,17 @@ from converge import _http, _sync
 from converge._chain import exception_chain
 from converge._tls import ashared_ssl_context
 from converge.core.metrics import MetricsCollector
-from converge.extensions.connectors.connections import ConnectionStack, read_body
-from converge.extensions.connectors.dispatcher import AttemptResult
-from converge.extensions.connectors.outbox import OutboxRecord
-from converge.extensions.connectors.retry import (
+from converge.extensions.connectors.inbound.schemes import compute_signature
+from converge.extensions.connectors.outbound.connections import ConnectionStack, read_body
+from converge.extensions.connectors.outbound.dispatcher import AttemptResult
+from converge.extensions.connectors.outbound.outbox import OutboxRecord
+from converge.extensions.connectors.outbound.retry import (
     RetrySchedule,
     WebhookRetryPolicy,
     classify_status,
     counts_as_breaker_failure,
     parse_retry_after,
 )
-from converge.extensions.connectors.schemes import compute_signature
 
 __all__ = [
     "OutboundRequest",

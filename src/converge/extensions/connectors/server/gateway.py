@@ -19,7 +19,7 @@ from converge.extensions.connectors.connector import WebhookConnector
 from converge.extensions.connectors.models import OutboundWebhookAction
 
 if TYPE_CHECKING:
-    from converge.extensions.connectors.asgi import GatewayApp
+    from converge.extensions.connectors.server.asgi import GatewayApp
 
 __all__ = ["WebhookGateway"]
 
@@ -254,7 +254,7 @@ class WebhookGateway:
         body_timeout_sec: float | None = 30.0,
     ) -> GatewayApp:
         """A pure ASGI app serving this gateway (see :class:`~.asgi.GatewayApp`)."""
-        from converge.extensions.connectors.asgi import GatewayApp
+        from converge.extensions.connectors.server.asgi import GatewayApp
 
         return GatewayApp(
             self,
