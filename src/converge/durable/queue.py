@@ -13,6 +13,7 @@ import anyio.lowlevel
 
 from converge._expiring import ExpiringIds
 from converge._numbers import check_int, finite_float, positive_float
+from converge._pacing import Spread, check_spread
 from converge._repr import safe_repr
 from converge._sorting import in_pieces, sort_yielding
 from converge.core.store import Store, UpdateFn
@@ -673,7 +674,7 @@ class DurableQueue:
                 self._stamps[stamp[2]] = stamp
         return record
 
-    async def atrim_finished(self, keep: int) -> int:
+    async def atrim_finished(self, keep: int, *, spread_sec: float = 0.0) -> int:
         """Delete the oldest finished records (done and dead) beyond the newest ``keep``.
 
         Newest means latest ``updated``, then greatest id. Within ``keep`` this costs two
@@ -688,10 +689,18 @@ class DurableQueue:
         record replayed or finished again since it was stamped is left alone, and read
         again at the next trim.
 
+        Args:
+            keep: How many finished records to keep.
+            spread_sec: Spread the deletes over about this many seconds, the store updates
+                evenly spaced (none waits when they run late): a trim beside live
+                traffic then slows no stretch of it. 0 (the default) deletes at full
+                speed.
+
         Returns:
             How many records were deleted.
         """
         check_int("keep", keep, 0)
+        spread = check_spread(spread_sec)
         self._trimmed = True
         finished = await self._finished_keys()
         if len(finished) <= keep:
@@ -711,6 +720,7 @@ class DurableQueue:
         await anyio.lowlevel.checkpoint()
         stamps = self._stamps
         deleted = 0
+        pace = Spread(-(-len(victims) // _DELETE_BATCH), spread)
         while victims:  # each update checks its own batch
             batch = victims[-_DELETE_BATCH:]
             del victims[-_DELETE_BATCH:]
@@ -718,7 +728,7 @@ class DurableQueue:
             deleted += await self.store.aupdate(names, delete_unchanged(batch))
             for name in names:  # deleted, or changed since read: not to be reused
                 stamps.pop(name, None)
-            await anyio.lowlevel.checkpoint()
+            await pace.step()
         return deleted
 
     async def _stamp_parts(self, finished: list[str]) -> list[list[Stamp]]:

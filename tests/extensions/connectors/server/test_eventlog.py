@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,30 @@ async def test_trimming_a_queue_of_another_kind_sorts_between_turns_of_the_loop(
     assert purged[0][0] >= 8  # 0 before: no turn between the listing and the first purge
     kept = await events.alist(limit=1_000)
     assert sorted(r.data["n"] for r in kept if r.status != "pending") == list(range(320, 352))
+
+
+async def test_a_queue_of_another_kind_is_trimmed_over_the_span_given() -> None:
+    # 320 purges in steps of 32: each step waits for its share (50 ms) of 0.5 s.
+    events = DurableQueue(MemoryStore(), prefix="t:inbox", kind="inbound")
+    for i in range(352):
+        await events.aadd({"n": i}, key="stripe", status="acknowledged")
+    queue, purged = OtherQueue(events), []
+
+    async def purge(record_id: str) -> Any:
+        purged.append(time.monotonic())
+        return await events.apurge(record_id)
+
+    queue.apurge = purge
+    log = EventLog(events=queue, max_records=32)
+    assert await log.atrim(spread_sec=0.5) == 320
+    steps = purged[::32]
+    assert len(steps) == 10
+    for n, at in enumerate(steps):
+        assert at - steps[0] >= n * 0.05 - 0.02
+    with pytest.raises(UsageError, match="spread_sec"):
+        await log.atrim(spread_sec=-1)
+    with pytest.raises(UsageError, match="interval_sec"):
+        await log.run_trimmer(0)
 
 
 async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_queue() -> None:
