@@ -616,10 +616,10 @@ class EventLog:
     async def run_trimmer(self, interval_sec: float = 60.0) -> None:
         """Call :meth:`atrim` every ``interval_sec`` seconds until cancelled.
 
-        Each trim spreads its deletes over half the interval (``spread_sec``): beside a
-        busy SQLite gateway, deletes at full speed raised the requests' p99 by half
-        while they lasted. A failed trim (say, the store is briefly down) is retried at
-        the next interval.
+        Each trim spreads each queue's deletes over half the interval (``spread_sec``):
+        beside a busy SQLite gateway, deletes at full speed raised the requests' p99 by
+        about 40% while they lasted. The next trim starts an interval after one ends. A
+        failed trim (say, the store is briefly down) is retried at the next interval.
 
         Raises:
             UsageError: If ``interval_sec`` is not a finite number above 0.
