@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 
-from converge._numbers import wait_seconds
+from converge._numbers import finite_float
 from converge._repr import safe_repr
 from converge.errors import UsageError
 
@@ -23,8 +23,8 @@ __all__ = ["Spread", "check_spread"]
 
 def check_spread(value: object) -> float:
     """``value`` as a span in seconds: a finite number ``>= 0``, else a UsageError."""
-    seconds = wait_seconds(value)
-    if seconds is None or seconds == float("inf"):
+    seconds = finite_float(value)
+    if seconds is None or seconds < 0:
         raise UsageError(f"spread_sec must be a finite number >= 0, got {safe_repr(value)}")
     return seconds
 
