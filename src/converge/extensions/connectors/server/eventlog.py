@@ -593,7 +593,7 @@ class EventLog:
             for n, (_, record_id) in enumerate(old, 1):
                 if await queue.apurge(record_id) is not None:
                     deleted += 1
-                if n % _STEP == 0 or n == len(old):
+                if n % _STEP == 0:
                     await pace.step()
         return deleted
 
