@@ -15,7 +15,9 @@ run. The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks
 * :func:`print_ratio_table`: converge against each peer, case by case, on stderr.
 * :func:`arg_parser`: the command line (``--quick``).
 * :func:`free_port`, :func:`child_servers`, :func:`serve_uvicorn`: servers run by the
-  script itself in child processes on 127.0.0.1; :func:`serve_lifespan` for their apps.
+  script itself in child processes on 127.0.0.1; :func:`serve_lifespan` for their apps;
+  :func:`cpu_seconds`, the CPU time a child has used (what a server costs per request,
+  however the load generator on the same cores slows or speeds its rounds).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -262,12 +265,36 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float
             time.sleep(0.05)
 
 
+class Ports(dict[str, int]):
+    """``{name: port}`` of the servers :func:`child_servers` runs; ``pids``, their
+    process ids by name."""
+
+    def __init__(self, ports: Mapping[str, int], pids: Mapping[str, int]) -> None:
+        super().__init__(ports)
+        self.pids = dict(pids)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user and system, every thread) process ``pid`` has used so far, in
+    seconds, counted in the kernel's clock ticks (10 ms here); None without Linux's
+    ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # utime and stime are the 14th and 15th fields; the name before ")" may
+            # hold spaces
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def child_servers(
     script: str, argv: Mapping[str, Sequence[str]], timeout: float
-) -> Iterator[dict[str, int]]:
+) -> Iterator[Ports]:
     """Run ``python script *argv[name] --port PORT`` for each name (all at once, each on a
-    free port), wait until they all listen, yield ``{name: port}``; terminate them after.
+    free port), wait until they all listen, yield their :class:`Ports`; terminate them
+    after.
 
     Raises RuntimeError (after killing them all) if one has not started within
     ``timeout`` seconds.
@@ -286,7 +313,10 @@ def child_servers(
                 other.kill()
             raise RuntimeError(f"{name} server did not start")
     try:
-        yield {name: port for name, (_, port) in servers.items()}
+        yield Ports(
+            {name: port for name, (_, port) in servers.items()},
+            {name: process.pid for name, (process, _) in servers.items()},
+        )
     finally:
         for process, _ in servers.values():
             process.terminate()

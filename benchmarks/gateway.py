@@ -24,10 +24,13 @@ requests (generic HMAC over ``"{ts}." + body``) and timing each answer. Servers:
 Warm-up, then rounds that alternate between the servers (the forwarding rounds are a
 quarter the size); each server's best round by throughput is ``ops_per_s``, with the
 median and the worst round (``median_ops_per_s``, ``min_ops_per_s``: a shared machine's
-noise shows there), and p50/p99 latency over every round. One JSON line per case and
-implementation, then a table of ratios on stderr: best against best, and ``paired_ratio``,
-the median over rounds of the ratio within each round (the steadier of the two on a
-shared machine).
+noise shows there), and p50/p99 latency over every round; ``cpu_us_per_event``, the
+server process's CPU time (every thread, from ``/proc``; None elsewhere) per event, the
+median over rounds: what an event costs the server, whichever way the load generator on
+the same cores paced the round (with forwarding, the deliveries included; the receiver's
+own is not). One JSON line per case and implementation, then a table of ratios on
+stderr: best against best, and ``paired_ratio``, the median over rounds of the ratio
+within each round (the steadier of the two on a shared machine).
 
 The rounds add up to about 12,500 events per server, so the event log only reaches its
 bound (``event_log_max``, 10,000) near the end. The ``*_sustained`` cases then load each
@@ -59,9 +62,11 @@ from typing import Any
 import anyio
 
 from _bench import (
+    Ports,
     Results,
     arg_parser,
     child_servers,
+    cpu_seconds,
     scratch_dir,
     serve_lifespan,
     serve_uvicorn,
@@ -275,30 +280,45 @@ async def all_delivered(receiver: int, before: dict[str, int], events: int) -> f
     return arrived
 
 
-def measure(server: str, port: int, receiver: int, n: int) -> tuple[float, list[float]]:
+@dataclasses.dataclass
+class Round:
+    """One round against one server."""
+
+    rate: float  # events/s
+    latencies: list[float]  # seconds, one per request
+    cpu_us: float | None  # the server process's CPU time per event (None: no /proc)
+
+
+def measure(server: str, ports: Ports, receiver: int, n: int) -> Round:
     """One round of ``n`` fresh signed requests (a quarter with forwarding, which is
-    timed until the last delivery): (events/s, latencies)."""
+    timed until the last delivery, and whose CPU time includes the deliveries)."""
     if server == "sqlite_forward":
         n = max(50, n // 4)
+    port, pid = ports[server], ports.pids[server]
     requests = [signed_request(port) for _ in range(n)]
+    cpu_before = cpu_seconds(pid)
     if server == "sqlite_forward":
         elapsed, latencies = anyio.run(forward_round, port, receiver, requests)
     else:
         elapsed, latencies = anyio.run(load, port, requests, CONCURRENCY)
-    return n / elapsed, latencies
+    cpu_after = cpu_seconds(pid)
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None:
+        cpu_us = (cpu_after - cpu_before) / n * 1e6
+    return Round(n / elapsed, latencies, cpu_us)
 
 
-def sustained(events: int, turns: int) -> dict[str, list[tuple[float, list[float]]]]:
+def sustained(events: int, turns: int) -> dict[str, list[Round]]:
     """Each server alone and fresh, ``events`` events in one go, ``turns`` times in turn:
-    {server: [(events/s, latencies)]}."""
+    {server: [one round a turn]}."""
     servers = (*SUSTAINED, "starlette")
-    runs: dict[str, list[tuple[float, list[float]]]] = {s: [] for s in servers}
+    runs: dict[str, list[Round]] = {s: [] for s in servers}
     for _ in range(turns):
         for server in servers:
             argv = {server: ["--serve", server, "--receiver-port", "0"]}
             with child_servers(__file__, argv, timeout=60) as ports:
-                measure(server, ports[server], 0, 500)  # warm-up
-                runs[server].append(measure(server, ports[server], 0, events))
+                measure(server, ports, 0, 500)  # warm-up
+                runs[server].append(measure(server, ports, 0, events))
     return runs
 
 
@@ -315,12 +335,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
         receiver = sink["receiver"]
         argv = {s: ["--serve", s, "--receiver-port", str(receiver)] for s in SERVERS}
         with child_servers(__file__, argv, timeout=60) as ports:
-            for server, port in ports.items():
-                measure(server, port, receiver, warmup)
-            rates: dict[str, list[tuple[float, list[float]]]] = {s: [] for s in SERVERS}
+            for server in ports:
+                measure(server, ports, receiver, warmup)
+            rates: dict[str, list[Round]] = {s: [] for s in SERVERS}
             for _ in range(rounds):
-                for server, port in ports.items():
-                    rates[server].append(measure(server, port, receiver, per_round))
+                for server in ports:
+                    rates[server].append(measure(server, ports, receiver, per_round))
     results = Results()
     add_rows(results, rates, CASES, "")
     add_rows(
@@ -330,28 +350,29 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 
 def add_rows(
-    results: Results,
-    rates: dict[str, list[tuple[float, list[float]]]],
-    cases: Iterable[str],
-    suffix: str,
+    results: Results, rates: dict[str, list[Round]], cases: Iterable[str], suffix: str
 ) -> None:
     """A row per case and implementation, from each server's rounds in ``rates``."""
-    bare = [rate for rate, _ in rates["starlette"]]
+    bare = [r.rate for r in rates["starlette"]]
     for case in cases:
         # Every server runs once per round, one after another: the ratio within each
         # round, then its median over rounds, is what a drifting shared machine disturbs
         # least (a best round can come from a quiet moment the other server missed).
-        paired = statistics.median(rate / b for (rate, _), b in zip(rates[case], bare, strict=True))
+        paired = statistics.median(r.rate / b for r, b in zip(rates[case], bare, strict=True))
         for impl, server in (("converge", case), ("starlette", "starlette")):
-            ops = max(r[0] for r in rates[server])
-            everything = sorted(lat for _, lats in rates[server] for lat in lats)
+            runs = rates[server]
+            everything = sorted(lat for r in runs for lat in r.latencies)
+            cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
             results.add(
                 f"{case}{suffix}_c{CONCURRENCY}",
                 impl,
-                ops,
-                min_ops_per_s=round(min(r[0] for r in rates[server]), 1),
-                median_ops_per_s=round(statistics.median(r[0] for r in rates[server]), 1),
+                max(r.rate for r in runs),
+                min_ops_per_s=round(min(r.rate for r in runs), 1),
+                median_ops_per_s=round(statistics.median(r.rate for r in runs), 1),
                 paired_ratio=round(paired if impl == "converge" else 1.0, 3),
+                # the server's CPU time per event, median over rounds: what an event
+                # costs, however the load generator on the same cores paced the round
+                cpu_us_per_event=round(statistics.median(cpu), 1) if cpu else None,
                 # over every round: the tail of a single best round would hide stalls
                 p50_ms=round(percentile(everything, 0.50) * 1000, 2),
                 p99_ms=round(percentile(everything, 0.99) * 1000, 2),
@@ -364,17 +385,18 @@ def add_rows(
 def table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'case':<22}{'impl':<11}{'best/s':>9}{'median':>9}{'min':>9}{'p50 ms':>9}"
-        f"{'p99 ms':>9}{'p999':>8}{'max':>8}{'vs starlette':>14}{'per round':>11}",
+        f"{'p99 ms':>9}{'p999':>8}{'max':>8}{'cpu us':>8}{'vs starlette':>14}{'per round':>11}",
         file=sys.stderr,
     )
     peer = {r["case"]: r["ops_per_s"] for r in rows if r["impl"] == "starlette"}
     for row in rows:
         ratio = row["ops_per_s"] / peer[row["case"]]
+        cpu = "-" if row["cpu_us_per_event"] is None else f"{row['cpu_us_per_event']:.0f}"
         print(
             f"{row['case']:<22}{row['impl']:<11}{row['ops_per_s']:>9.0f}"
             f"{row['median_ops_per_s']:>9.0f}{row['min_ops_per_s']:>9.0f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['p999_ms']:>8.1f}{row['max_ms']:>8.1f}"
-            f"{ratio:>13.2f}x{row['paired_ratio']:>10.2f}x",
+            f"{cpu:>8}{ratio:>13.2f}x{row['paired_ratio']:>10.2f}x",
             file=sys.stderr,
         )
 
