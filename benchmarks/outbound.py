@@ -19,8 +19,10 @@ A minimal ASGI receiver (answers 200) runs under uvicorn in a child process on
   several times longer per request).
 
 All use the same connection limits and run on asyncio. Warm-up, then the best of
-several rounds (alternating). One JSON line per case and implementation, then a table
-of ratios on stderr.
+several rounds (alternating). One JSON line per case and implementation, with
+``cpu_us_per_delivery``: this process's CPU time per delivery in that round (every
+thread, the receiver excluded: it is another process), what a delivery costs the sender
+however fast the receiver answered. Then a table of ratios on stderr.
 
 Usage: ``python benchmarks/outbound.py [--quick]``
 """
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import httpx
@@ -45,6 +48,7 @@ from _bench import (
     Results,
     arg_parser,
     best_of_rounds,
+    by_case,
     child_servers,
     print_ratio_table,
     serve_lifespan,
@@ -86,7 +90,20 @@ def serve(port: int) -> None:
     serve_uvicorn(receiver, port, backlog=2048)
 
 
-async def converge_round(url: str, n: int, concurrency: int, durable: bool = False) -> float:
+class Round(NamedTuple):
+    """A round's deliveries per second, and this process's CPU µs per delivery."""
+
+    rate: float
+    cpu_us: float
+
+
+def timed(n: int, wall: float, cpu: float) -> Round:
+    """The :class:`Round` of ``n`` deliveries from their start (``time.perf_counter()``
+    and ``time.process_time()`` then)."""
+    return Round(n / (time.perf_counter() - wall), (time.process_time() - cpu) / n * 1e6)
+
+
+async def converge_round(url: str, n: int, concurrency: int, durable: bool = False) -> Round:
     with tempfile.TemporaryDirectory() as tmp:
         # The durable store as the CLI opens it: SQLite file, JSON values, synced commits.
         path = Path(tmp) / "outbox.sqlite3"
@@ -97,7 +114,7 @@ async def converge_round(url: str, n: int, concurrency: int, durable: bool = Fal
             await store.aclose()
 
 
-async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> float:
+async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> Round:
     connector = WebhookConnector(
         provider_profiles={},
         secrets={},
@@ -107,7 +124,7 @@ async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> f
         retry_policy=WebhookRetryPolicy(request_timeout_sec=30),
     )
     delivered = anyio.Event()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(connector.run_outbound_dispatcher)
         for _ in range(n):
@@ -125,15 +142,15 @@ async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> f
 
         tg.start_soon(watch)
         await delivered.wait()
-        elapsed = time.perf_counter() - start
+        result = timed(n, start, cpu)
         connector.stop_dispatcher()
     await connector.aclose()
     if await connector.alist_dead_letters():
         raise RuntimeError("deliveries failed")
-    return n / elapsed
+    return result
 
 
-async def client_round(client_module: Any, url: str, n: int, concurrency: int) -> float:
+async def client_round(client_module: Any, url: str, n: int, concurrency: int) -> Round:
     """``n`` POSTs with one ``client_module.AsyncClient`` (``httpx`` or ``httpx2``)."""
     limits = client_module.Limits(
         max_connections=concurrency, max_keepalive_connections=concurrency
@@ -153,20 +170,33 @@ async def client_round(client_module: Any, url: str, n: int, concurrency: int) -
                 if response.status_code != 200:
                     failures.append(response.status_code)
 
-        elapsed = await timed_workers(worker, concurrency)
+        start, cpu = time.perf_counter(), time.process_time()
+        await timed_workers(worker, concurrency)
+        result = timed(n, start, cpu)
     if failures:
         raise RuntimeError(f"deliveries failed: {set(failures)}")
-    return n / elapsed
+    return result
 
 
 PEERS = {"httpx2": partial(client_round, httpx2), "httpx": partial(client_round, httpx)}
+IMPLS = ("converge", *PEERS)
 
 
 def deliver(
-    round_: Callable[[str, int, int], Awaitable[float]], url: str, concurrency: int, n: int
-) -> float:
+    round_: Callable[[str, int, int], Awaitable[Round]], url: str, concurrency: int, n: int
+) -> Round:
     """One round of ``n`` deliveries (:func:`converge_round` or :func:`client_round`)."""
     return anyio.run(round_, url, n, concurrency)
+
+
+def rate_of(round_: Round) -> float:
+    return round_.rate
+
+
+def add_best(results: Results, case: str, best: dict[str, Round]) -> None:
+    """A row per implementation: its best round's rate, and that round's CPU time."""
+    for impl, round_ in best.items():
+        results.add(case, impl, round_.rate, cpu_us_per_delivery=round(round_.cpu_us, 1))
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -180,15 +210,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 "converge": partial(deliver, converge_round, url, concurrency),
                 **{name: partial(deliver, peer, url, concurrency) for name, peer in PEERS.items()},
             }
-            best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=float)
-            results.add_rates(f"deliveries_c{concurrency}", best)
+            best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=rate_of)
+            add_best(results, f"deliveries_c{concurrency}", best)
         n = 60 if quick else 1000
         impls = {
             "converge": partial(deliver, partial(converge_round, durable=True), url, 16),
             **{name: partial(deliver, peer, url, 16) for name, peer in PEERS.items()},
         }
-        best = best_of_rounds(impls, 20, n, rounds, key=float)
-        results.add_rates("deliveries_sqlite_c16", best)
+        best = best_of_rounds(impls, 20, n, rounds, key=rate_of)
+        add_best(results, "deliveries_sqlite_c16", best)
     return results.rows
 
 
@@ -200,7 +230,12 @@ def main() -> None:
     if args.serve:
         serve(args.port)
         return
-    print_ratio_table(run(args.quick), (24, 8, 12, 10))
+    rows = run(args.quick)
+    print_ratio_table(rows, (24, 8, 12, 10))
+    print(f"\n{'cpu us per delivery':<24}" + "".join(f"{i:>10}" for i in IMPLS), file=sys.stderr)
+    for case, impls in by_case(rows).items():
+        cells = "".join(f"{impls[i]['cpu_us_per_delivery']:>10.0f}" for i in IMPLS)
+        print(f"{case:<24}{cells}", file=sys.stderr)
 
 
 if __name__ == "__main__":

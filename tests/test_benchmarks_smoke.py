@@ -103,6 +103,8 @@ def test_benchmark_runs_quick_and_prints_json_lines(
             assert row["mb_per_s"] >= 0, row
     if script.stem == "gateway" and sys.platform == "linux":  # each server's CPU per event
         assert all(row["cpu_us_per_event"] > 0 for row in rows), rows
+    if script.stem == "outbound":  # the sender's CPU per delivery
+        assert all(row["cpu_us_per_delivery"] > 0 for row in rows), rows
     if script.stem == "crypto":  # throughput cases report MB/s too
         assert all("mb_per_s" in row for row in rows if "crypt" in row["case"]), rows
     impls = {row["impl"] for row in rows}
