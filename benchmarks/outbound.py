@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,10 +98,10 @@ class Round(NamedTuple):
     cpu_us: float
 
 
-def timed(n: int, wall: float, cpu: float) -> Round:
-    """The :class:`Round` of ``n`` deliveries from their start (``time.perf_counter()``
-    and ``time.process_time()`` then)."""
-    return Round(n / (time.perf_counter() - wall), (time.process_time() - cpu) / n * 1e6)
+def per_delivery(n: int, elapsed: float, cpu_from: float) -> Round:
+    """The :class:`Round` of ``n`` deliveries that took ``elapsed`` seconds, begun when
+    ``time.process_time()`` read ``cpu_from``."""
+    return Round(n / elapsed, (time.process_time() - cpu_from) / n * 1e6)
 
 
 async def converge_round(url: str, n: int, concurrency: int, durable: bool = False) -> Round:
@@ -142,7 +143,7 @@ async def _converge_round(store: Store, url: str, n: int, concurrency: int) -> R
 
         tg.start_soon(watch)
         await delivered.wait()
-        result = timed(n, start, cpu)
+        result = per_delivery(n, time.perf_counter() - start, cpu)
         connector.stop_dispatcher()
     await connector.aclose()
     if await connector.alist_dead_letters():
@@ -170,9 +171,8 @@ async def client_round(client_module: Any, url: str, n: int, concurrency: int) -
                 if response.status_code != 200:
                     failures.append(response.status_code)
 
-        start, cpu = time.perf_counter(), time.process_time()
-        await timed_workers(worker, concurrency)
-        result = timed(n, start, cpu)
+        cpu = time.process_time()
+        result = per_delivery(n, await timed_workers(worker, concurrency), cpu)
     if failures:
         raise RuntimeError(f"deliveries failed: {set(failures)}")
     return result
@@ -187,10 +187,6 @@ def deliver(
 ) -> Round:
     """One round of ``n`` deliveries (:func:`converge_round` or :func:`client_round`)."""
     return anyio.run(round_, url, n, concurrency)
-
-
-def rate_of(round_: Round) -> float:
-    return round_.rate
 
 
 def add_best(results: Results, case: str, best: dict[str, Round]) -> None:
@@ -210,14 +206,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 "converge": partial(deliver, converge_round, url, concurrency),
                 **{name: partial(deliver, peer, url, concurrency) for name, peer in PEERS.items()},
             }
-            best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=rate_of)
+            best = best_of_rounds(impls, max(20, n // 10), n, rounds, key=attrgetter("rate"))
             add_best(results, f"deliveries_c{concurrency}", best)
         n = 60 if quick else 1000
         impls = {
             "converge": partial(deliver, partial(converge_round, durable=True), url, 16),
             **{name: partial(deliver, peer, url, 16) for name, peer in PEERS.items()},
         }
-        best = best_of_rounds(impls, 20, n, rounds, key=rate_of)
+        best = best_of_rounds(impls, 20, n, rounds, key=attrgetter("rate"))
         add_best(results, "deliveries_sqlite_c16", best)
     return results.rows
 
