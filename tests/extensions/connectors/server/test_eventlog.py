@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.lowlevel
 import pytest
 from eventlog_helpers import SIGNED_HEADERS, fill
@@ -355,6 +356,38 @@ async def test_a_queue_of_another_kind_is_trimmed_over_the_span_given() -> None:
         await log.atrim(spread_sec=-1)
     with pytest.raises(UsageError, match="interval_sec"):
         await log.run_trimmer(0)
+
+
+async def test_a_trim_of_two_queues_shares_one_span_between_them() -> None:
+    # Each queue spread its deletes over the whole span, one after the other: a
+    # forwarding gateway's trim lasted its whole interval. Now each takes an equal share
+    # of what is left, and a queue with nothing to delete leaves its share to the next.
+    events = DurableQueue(MemoryStore(), prefix="t:inbox", kind="inbound")
+    deliveries = DurableQueue(MemoryStore(), prefix="t:outbox", kind="outbound")
+    given: list[tuple[str, float]] = []
+
+    def trimmed(name: str, uses_its_share: bool) -> Any:
+        async def atrim_finished(keep: int, *, spread_sec: float = 0.0) -> int:
+            given.append((name, spread_sec))
+            if uses_its_share:  # as a queue with many deletes does
+                await anyio.sleep(spread_sec)
+            return 0
+
+        return atrim_finished
+
+    log = EventLog(events=events, deliveries=deliveries, max_records=32)
+    events.atrim_finished = trimmed("events", True)  # type: ignore[method-assign]
+    deliveries.atrim_finished = trimmed("deliveries", True)  # type: ignore[method-assign]
+    await log.atrim(spread_sec=0.6)
+    assert given[0] == ("events", pytest.approx(0.3, abs=0.01))  # half the span
+    assert given[1][0] == "deliveries"
+    assert 0 <= given[1][1] <= 0.3 + 1e-6  # what the first turn left, not 0.6 again
+
+    given.clear()
+    events.atrim_finished = trimmed("events", False)  # type: ignore[method-assign]
+    await log.atrim(spread_sec=0.6)
+    assert given[0] == ("events", pytest.approx(0.3, abs=0.01))
+    assert given[1][1] > 0.4  # nearly all of it: the first turn took no time
 
 
 async def test_a_connectors_outbox_is_trimmed_in_batches_through_its_durable_queue() -> None:

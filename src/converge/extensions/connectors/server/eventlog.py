@@ -571,15 +571,20 @@ class EventLog:
         its own. Run it now and then (:meth:`run_trimmer`), never per request.
 
         Args:
-            spread_sec: Spread each queue's deletes over about this many seconds (see
-                :meth:`DurableQueue.atrim_finished`); 0 (the default): at full speed.
+            spread_sec: Spread the trim's deletes over about this many seconds (see
+                :meth:`DurableQueue.atrim_finished`): the queues take turns, each
+                spreading its own over an equal share of what is left of the span, so
+                that one with nothing to delete leaves its share to the next; 0 (the
+                default): at full speed.
 
         Returns:
             How many records were deleted.
         """
-        spread = check_spread(spread_sec)
+        end = anyio.current_time() + check_spread(spread_sec)
         deleted = 0
-        for queue in self._queues.values():
+        queues = list(self._queues.values())
+        for turn, queue in enumerate(queues):
+            spread = max(0.0, end - anyio.current_time()) / (len(queues) - turn)
             durable = _durable(queue)
             if durable is not None:
                 deleted += await durable.atrim_finished(self.max_records, spread_sec=spread)
@@ -616,9 +621,9 @@ class EventLog:
     async def run_trimmer(self, interval_sec: float = 60.0) -> None:
         """Call :meth:`atrim` every ``interval_sec`` seconds until cancelled.
 
-        Each trim spreads each queue's deletes over half the interval (``spread_sec``):
-        beside a busy SQLite gateway, deletes at full speed raised the requests' p99 by
-        about 40% while they lasted. The next trim starts an interval after one ends. A
+        Each trim spreads its deletes over half the interval (``spread_sec``): beside a
+        busy SQLite gateway, deletes at full speed raised the requests' p99 by about 40%
+        while they lasted. The next trim starts an interval after one ends. A
         failed trim (say, the store is briefly down) is retried at the next interval.
 
         Raises:
