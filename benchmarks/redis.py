@@ -54,7 +54,14 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from _bench import Results, arg_parser, child_servers, compare_running, print_ratio_table
+from _bench import (
+    Results,
+    arg_parser,
+    child_servers,
+    compare_running,
+    cpu_seconds,
+    print_ratio_table,
+)
 from converge.core.message import Message
 from converge.extensions.rate_limit import RateLimiter, TokenBucketConfig
 from converge.extensions.storage import RedisStore
@@ -261,9 +268,12 @@ def _gateway_config(directory: Path, store: str, receiver: int | None) -> Path:
     return path
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(gateways: list[tuple[Any, int]]) -> float:
+    """The CPU time the gateway processes have used so far (Linux's ``/proc``)."""
+    times = [cpu_seconds(process.pid) for process, _ in gateways]
+    if None in times:
+        raise RuntimeError("the gateways' CPU time is read from /proc, which is not here")
+    return sum(t for t in times if t is not None)
 
 
 def _gateways(config: Path, count: int, cwd: Path) -> list[tuple[Any, int]]:
@@ -335,9 +345,9 @@ def gateway_case(
         return await all_delivered(receiver, before, events) - start
 
     try:
-        cpu_before = sum(_cpu_seconds(p.pid) for p, _ in gateways)
+        cpu_before = _cpu_seconds(gateways)
         elapsed = anyio.run(run)
-        cpu = sum(_cpu_seconds(p.pid) for p, _ in gateways) - cpu_before
+        cpu = _cpu_seconds(gateways) - cpu_before
     finally:
         for process, _ in gateways:
             process.terminate()
