@@ -20,6 +20,11 @@ requests (generic HMAC over ``"{ts}." + body``) and timing each answer. Servers:
   event is left out to measure the gateway, not the terminal).
 * ``starlette``: a bare Starlette endpoint that checks the HMAC and parses the JSON,
   then answers 202, served by the very same ``serve`` function (same uvicorn settings).
+* ``floor``: the same ``serve`` function with an app that only reads the body and
+  answers 202 (row ``floor_c32``, impl ``uvicorn``): what the server costs alone. A
+  case's CPU per event less the floor's is what its app adds (the gateway's checks,
+  store and event log; the Starlette endpoint's routing, HMAC and JSON), and no change
+  to the server can move the ratios but through that part.
 
 Warm-up, then rounds that alternate between the servers (the forwarding rounds are a
 quarter the size); each server's best round by throughput is ``ops_per_s``, with the
@@ -55,7 +60,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +80,11 @@ from _bench import (
 
 SECRET = "bench-secret"
 CONCURRENCY = 32
+# case -> the implementation it measures (each against the bare Starlette endpoint)
 CASES = {"memory": "converge", "sqlite": "converge", "sqlite_forward": "converge"}
-SERVERS = ("memory", "sqlite", "sqlite_forward", "starlette")
-SUSTAINED = ("memory", "sqlite")  # also measured alone under sustained load
+CASES["floor"] = "uvicorn"  # the server alone: what the apps above share
+SERVERS = (*CASES, "starlette")
+SUSTAINED = {"memory": "converge", "sqlite": "converge"}  # also alone, under sustained load
 
 # -- servers (run in child processes) -------------------------------------------------
 
@@ -143,14 +150,27 @@ def starlette_app() -> Any:
     return Starlette(routes=[Route("/webhook/bench", webhook, methods=["POST"])])
 
 
-def serve_starlette(port: int) -> None:
-    """The bare endpoint under exactly the CLI's uvicorn settings: the CLI's ``serve``
-    with ``make_app`` swapped for the Starlette app (and its memory store)."""
+async def floor_app(scope: Any, receive: Any, send: Any) -> None:
+    """Reads the body and answers 202: the server's own cost per request."""
+    if scope["type"] == "lifespan":
+        await serve_lifespan(receive, send)
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    body = b'{"status":"accepted"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve_app(app: Any, port: int) -> None:
+    """``app`` under exactly the CLI's uvicorn settings: the CLI's ``serve`` with
+    ``make_app`` swapped for it (and its memory store)."""
     from unittest import mock
 
     from converge.cli import serve as cli_serve
 
-    app = starlette_app()
     with mock.patch.object(cli_serve, "make_app", return_value=(None, app)):
         serve_cli("memory", port, None)
 
@@ -350,7 +370,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 
 def add_rows(
-    results: Results, rates: dict[str, list[Round]], cases: Iterable[str], suffix: str
+    results: Results, rates: dict[str, list[Round]], cases: Mapping[str, str], suffix: str
 ) -> None:
     """A row per case and implementation, from each server's rounds in ``rates``."""
     bare = [r.rate for r in rates["starlette"]]
@@ -359,7 +379,7 @@ def add_rows(
         # round, then its median over rounds, is what a drifting shared machine disturbs
         # least (a best round can come from a quiet moment the other server missed).
         paired = statistics.median(r.rate / b for r, b in zip(rates[case], bare, strict=True))
-        for impl, server in (("converge", case), ("starlette", "starlette")):
+        for impl, server in ((cases[case], case), ("starlette", "starlette")):
             runs = rates[server]
             everything = sorted(lat for r in runs for lat in r.latencies)
             cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
@@ -369,7 +389,7 @@ def add_rows(
                 max(r.rate for r in runs),
                 min_ops_per_s=round(min(r.rate for r in runs), 1),
                 median_ops_per_s=round(statistics.median(r.rate for r in runs), 1),
-                paired_ratio=round(paired if impl == "converge" else 1.0, 3),
+                paired_ratio=round(paired if server == case else 1.0, 3),
                 # the server's CPU time per event, median over rounds: what an event
                 # costs, however the load generator on the same cores paced the round
                 cpu_us_per_event=round(statistics.median(cpu), 1) if cpu else None,
@@ -411,7 +431,9 @@ def main() -> None:
     if args.receiver:
         serve_uvicorn(Receiver(), args.port, backlog=2048)
     elif args.serve == "starlette":
-        serve_starlette(args.port)
+        serve_app(starlette_app(), args.port)
+    elif args.serve == "floor":
+        serve_app(floor_app, args.port)
     elif args.serve:
         serve_cli(args.serve, args.port, args.receiver_port)
     else:
