@@ -119,6 +119,11 @@ class QueueKeys:
         """The three keys a record may live under: open, done, dead."""
         return self.open(record_id), self.done(record_id), self.dead(record_id)
 
+    def finished_id(self, store_key: str) -> str:
+        """The record id in the key of a done record or a dead letter."""
+        dead = store_key.startswith(self.dead_prefix)
+        return store_key[len(self.dead_prefix if dead else self.done_prefix) :]
+
 
 def read_record(value: Any) -> Record | None:
     """The record stored as ``value``, or None if absent or unreadable."""
