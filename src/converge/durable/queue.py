@@ -688,12 +688,13 @@ class DurableQueue:
         earlier trim are read, except those it finished itself since a trim first ran
         (:meth:`note_finished`): a trim that runs now and then reads only the records
         others finished since the last one. The queue keeps one stamp per finished
-        record, its ``updated`` time: about 60 bytes (210 as the tuple it was). Then the oldest are deleted, 64 keys per store update (an
-        update of more held a SQLite store's write lock for long enough to show in the
-        gateway's p99), with a checkpoint between updates: trimming 100,000 records takes
-        about 1,600 store calls, not one per record, and does not hold the event loop. A
-        record replayed or finished again since it was stamped is left alone, and read
-        again at the next trim.
+        record, its ``updated`` time: about 60 bytes (210 as the tuple it was). Then the
+        oldest are deleted, 64 keys per store update (an update of more held a SQLite
+        store's write lock for long enough to show in the gateway's p99), with a
+        checkpoint between updates: trimming 100,000 records takes about 1,600 store
+        calls, not one per record, and does not hold the event loop. A record replayed or
+        finished again since it was stamped is left alone, and read again at the next
+        trim.
 
         Args:
             keep: How many finished records to keep.
