@@ -15,7 +15,8 @@ run. The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks
 * :func:`print_ratio_table`: converge against each peer, case by case, on stderr.
 * :func:`arg_parser`: the command line (``--quick``).
 * :func:`free_port`, :func:`child_servers`, :func:`serve_uvicorn`: servers run by the
-  script itself in child processes on 127.0.0.1; :func:`serve_lifespan` for their apps;
+  script itself in child processes on 127.0.0.1; :func:`read_request`, :func:`respond`
+  and :func:`serve_lifespan` for their apps;
   :func:`cpu_seconds`, the CPU time a child has used (what a server costs per request,
   however the load generator on the same cores slows or speeds its rounds).
 """
@@ -231,6 +232,25 @@ async def serve_lifespan(
         await send({"type": f"lifespan.{kind}.complete"})
         if kind == "shutdown":
             return
+
+
+async def read_request(scope: Any, receive: Callable[[], Awaitable[Any]], send: Any) -> bool:
+    """For the scripts' small ASGI apps: answer a lifespan (False), or read an HTTP
+    request's body to its end (True: answer it with :func:`respond`)."""
+    if scope["type"] == "lifespan":
+        await serve_lifespan(receive, send)
+        return False
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    return True
+
+
+async def respond(send: Callable[[Any], Awaitable[None]], status: int, body: bytes) -> None:
+    """Answer ``status`` with the JSON ``body``."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # -- servers in child processes -----------------------------------------------------------

@@ -72,8 +72,9 @@ from _bench import (
     arg_parser,
     child_servers,
     cpu_seconds,
+    read_request,
+    respond,
     scratch_dir,
-    serve_lifespan,
     serve_uvicorn,
     timed_workers,
 )
@@ -152,16 +153,8 @@ def starlette_app() -> Any:
 
 async def floor_app(scope: Any, receive: Any, send: Any) -> None:
     """Reads the body and answers 202: the server's own cost per request."""
-    if scope["type"] == "lifespan":
-        await serve_lifespan(receive, send)
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    body = b'{"status":"accepted"}'
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 202, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    if await read_request(scope, receive, send):
+        await respond(send, 202, b'{"status":"accepted"}')
 
 
 def serve_app(app: Any, port: int) -> None:
@@ -183,21 +176,15 @@ class Receiver:
         self.keys: set[bytes] = set()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
+        if not await read_request(scope, receive, send):
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
         body = b"{}"
         if scope["method"] == "GET":
             body = json.dumps({"total": self.total, "unique": len(self.keys)}).encode()
         else:
             self.total += 1
             self.keys.add(dict(scope["headers"]).get(b"idempotency-key", b""))
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await respond(send, 200, body)
 
 
 # -- load generator -------------------------------------------------------------------

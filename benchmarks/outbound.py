@@ -52,7 +52,8 @@ from _bench import (
     by_case,
     child_servers,
     print_ratio_table,
-    serve_lifespan,
+    read_request,
+    respond,
     serve_uvicorn,
     timed_workers,
 )
@@ -71,20 +72,8 @@ BODY = {"type": "invoice.paid", "data": {"invoice": "in_123", "amount": 1299, "c
 
 async def receiver(scope: Any, receive: Any, send: Any) -> None:
     """The outside service: reads the request, answers 200."""
-    if scope["type"] == "lifespan":
-        await serve_lifespan(receive, send)
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"{}"})
+    if await read_request(scope, receive, send):
+        await respond(send, 200, b"{}")
 
 
 def serve(port: int) -> None:
