@@ -30,19 +30,21 @@ def check_spread(value: object) -> float:
 
 
 class Spread:
-    """Paces ``steps`` steps over about ``seconds``, from its creation.
+    """Paces work on ``items`` items, ``per_step`` at a time, over about ``seconds``, from
+    its creation.
 
     :meth:`step` is called after each step: it sleeps until that step's share of the span
     has passed, or only lets other tasks run when the steps are late, after the last one,
     or when ``seconds`` is 0 (full speed).
 
     Args:
-        steps: How many steps the work has.
-        seconds: The span to spread them over (checked by :func:`check_spread`).
+        items: How many items the work has.
+        per_step: How many of them a step does (the last step may do fewer).
+        seconds: The span to spread the steps over (checked by :func:`check_spread`).
     """
 
-    def __init__(self, steps: int, seconds: float) -> None:
-        self._steps = steps
+    def __init__(self, items: int, per_step: int, seconds: float) -> None:
+        self._steps = steps = -(-items // per_step)  # the last may be partial
         self._share = seconds / steps if steps > 0 else 0.0
         self._start = anyio.current_time() if self._share > 0 else 0.0
         self._done = 0

@@ -727,7 +727,7 @@ class DurableQueue:
         await anyio.lowlevel.checkpoint()
         stamps = self._stamps
         deleted = 0
-        pace = Spread(-(-len(victims) // _DELETE_BATCH), spread)
+        pace = Spread(len(victims), _DELETE_BATCH, spread)
         while victims:  # each update checks its own batch
             batch = victims[-_DELETE_BATCH:]
             del victims[-_DELETE_BATCH:]

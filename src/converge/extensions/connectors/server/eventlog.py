@@ -594,7 +594,7 @@ class EventLog:
                 await in_pieces(await queue.alist(limit=2**31 - 1), _finished_stamps)
             )
             old = finished[: max(0, len(finished) - self.max_records)]
-            pace = Spread(-(-len(old) // _STEP), spread)
+            pace = Spread(len(old), _STEP, spread)
             for n, (_, record_id) in enumerate(old, 1):
                 if await queue.apurge(record_id) is not None:
                     deleted += 1
